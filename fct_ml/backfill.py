@@ -1,0 +1,115 @@
+"""Backfilling: the gallery in the new space, by transformation (cheap) or re-embedding (images).
+
+`apply_transformation` maps stored (old_embedding, side_info) arrays through h in batches; no
+image is read. A *backfilling curve* (FastFill) measures retrieval while a growing fraction of
+the gallery is re-embedded with the new model, in some order: `random`, `sigma` (most
+uncertain first, FastFill) or `oracle` (largest true error first). Its area is the mean of the
+metric over the curve's points.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fct_ml.retrieval import Metric, retrieve
+from fct_ml.training import Frozen
+
+ORDERS = ("random", "sigma", "oracle")
+
+
+def apply_transformation(
+    h: torch.nn.Module,
+    old_embedding: torch.Tensor,
+    side_info: torch.Tensor | None,
+    *,
+    batch_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h over stored vectors: old (N, old_dim), side (N, side_dim) -> ((N, new_dim), sigma (N,) or None)."""
+    config = h.config
+    if old_embedding.ndim != 2 or old_embedding.shape[1] != config.old_dim:
+        raise ValueError(f"old_embedding: expected (N, {config.old_dim}), got {tuple(old_embedding.shape)}")
+    if config.side_info and (side_info is None or side_info.ndim != 2 or side_info.shape[1] != config.side_info_dim):
+        got = None if side_info is None else tuple(side_info.shape)
+        raise ValueError(f"side_info: expected (N, {config.side_info_dim}), got {got}")
+    if side_info is not None and side_info.shape[0] != old_embedding.shape[0]:
+        raise ValueError(f"side_info: {side_info.shape[0]} rows but old_embedding has {old_embedding.shape[0]}")
+    with_sigma = h.sigma_head is not None
+    frozen = Frozen(h, method="forward_with_sigma" if with_sigma else "forward")
+    outs, sigmas = [], []
+    for start in range(0, old_embedding.shape[0], batch_size):
+        old = old_embedding[start : start + batch_size].float()
+        side = old if side_info is None else side_info[start : start + batch_size].float()
+        out = frozen(old, side)
+        if with_sigma:
+            out, sigma = out
+            sigmas.append(sigma.cpu())
+        outs.append(out.cpu())
+    transformed = torch.cat(outs) if outs else torch.empty(0, config.new_dim)
+    return transformed, (torch.cat(sigmas) if with_sigma else None)
+
+
+def backfill_order(
+    name: str,
+    n: int,
+    *,
+    sigma: torch.Tensor | None = None,
+    error: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The order (n,) in which gallery items are re-embedded: first index first."""
+    if name == "random":
+        return torch.randperm(n, generator=generator)
+    if name == "sigma":
+        if sigma is None:
+            raise ValueError("backfill order 'sigma' needs the transformation's sigma")
+        return torch.argsort(sigma, descending=True, stable=True)
+    if name == "oracle":
+        if error is None:
+            raise ValueError("backfill order 'oracle' needs the true error of each transformed item")
+        return torch.argsort(error, descending=True, stable=True)
+    raise ValueError(f"backfill order: expected one of {ORDERS}, got {name!r}")
+
+
+def backfill_curves(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    transformed: torch.Tensor,
+    reembedded: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    orders: dict[str, torch.Tensor],
+    fractions: Sequence[float],
+    *,
+    leave_one_out: bool = False,
+    metric: Metric = "l2",
+    chunk_size: int = 1024,
+) -> dict[str, list[dict[str, float]]]:
+    """For each order, the metrics at each fraction of the gallery re-embedded.
+
+    query (Q, D) in the new space; transformed / reembedded (G, D): the gallery through h and
+    through the new model. Returns {order: [summary at fractions[0], ...]}. The end points
+    (0 and 1) do not depend on the order and are computed once.
+    """
+    n = transformed.shape[0]
+    cache: dict[int, dict[str, float]] = {}
+
+    def at(order: torch.Tensor, k: int) -> dict[str, float]:
+        if k in (0, n) and k in cache:
+            return cache[k]
+        gallery = transformed.clone()
+        gallery[order[:k]] = reembedded[order[:k]]
+        out = retrieve(query, query_labels, gallery, gallery_labels, leave_one_out=leave_one_out,
+                       metric=metric, chunk_size=chunk_size).summary()
+        if k in (0, n):
+            cache[k] = out
+        return out
+
+    return {name: [at(order, round(f * n)) for f in fractions] for name, order in orders.items()}
+
+
+def curve_area(values: Sequence[float]) -> float:
+    """Area under a backfilling curve sampled at evenly spaced fractions: the mean of its points."""
+    if len(values) == 0:
+        raise ValueError("curve_area: empty curve")
+    return float(sum(values) / len(values))

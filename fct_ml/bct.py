@@ -1,0 +1,84 @@
+"""BCT (Shen et al. 2020), the baseline FCT is measured against.
+
+The new model is trained with an influence loss through the *frozen old classifier*, so its
+embeddings land where the old model's classifier expects old embeddings: comparable with the
+old gallery, at the price of the new model's quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fct_ml.augment import AugmentConfig
+from fct_ml.losses import BCTObjective
+from fct_ml.models import EmbeddingModel, ModelConfig
+from fct_ml.training import EpochRecord, TrainConfig, encode, fit, prepare_model, seed_everything
+from fct_ml.augment import to_float
+
+
+@dataclass(frozen=True)
+class BCTConfig:
+    influence_weight: float = 1.0  # lambda in L = CE(new classifier) + lambda * CE(old classifier)
+
+
+def extended_old_classifier(
+    old_model: EmbeddingModel,
+    old_classes: Sequence[int],
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    *,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """The old classifier over all `num_classes` classes: (num_classes, D).
+
+    Rows of classes the old model saw are its classifier rows (its class i is
+    `old_classes[i]`); a class it never saw gets the mean old embedding of its training
+    items, as the BCT paper does for new classes.
+    """
+    weight = old_model.classifier.weight.detach().float().cpu()  # (len(old_classes), D)
+    rows = torch.zeros(num_classes, weight.shape[1])
+    seen = {c: i for i, c in enumerate(old_classes)}
+    unseen = [c for c in range(num_classes) if c not in seen]
+    if unseen:
+        mask = torch.isin(train_labels, torch.tensor(unseen))
+        emb = encode(old_model, [train_images[mask]], batch_size=batch_size, transform=to_float)
+        labels = train_labels[mask]
+        for c in unseen:
+            members = emb[labels == c]
+            if len(members) == 0:
+                raise ValueError(f"BCT: class {c} has no training items to compute its mean old embedding")
+            rows[c] = members.mean(0)
+    for c, i in seen.items():
+        rows[c] = weight[i]
+    return rows
+
+
+def train_bct_model(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: ModelConfig,
+    train: TrainConfig,
+    bct: BCTConfig,
+    old_classifier: torch.Tensor,
+    aug: AugmentConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    progress: bool = True,
+) -> tuple[EmbeddingModel, list[EpochRecord]]:
+    """Train a BCT model on all classes; `old_classifier` (num_classes, D) from `extended_old_classifier`."""
+    if old_classifier.shape[1] != config.embed_dim:
+        raise ValueError(
+            f"BCT: the new embed_dim ({config.embed_dim}) must equal the old one ({old_classifier.shape[1]})"
+        )
+    generator = seed_everything(seed)
+    model = prepare_model(EmbeddingModel(config), device)
+    objective = BCTObjective(
+        model, old_classifier.to(device), aug, train.label_smoothing, bct.influence_weight, generator
+    )
+    history = fit(model, objective, (images, labels), train, generator=generator, desc="bct_model", progress=progress)
+    return model, history

@@ -1,0 +1,133 @@
+"""Embedding models: a backbone, a non-negative embedding and a bias-free classifier.
+
+As in the paper's official code, the embedding is a 1x1 convolution over the backbone's
+feature map followed by ReLU *before* global average pooling, so every embedding is
+non-negative; the classifier is a linear layer without bias. Features are not
+L2-normalised: retrieval uses raw L2 distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn as nn
+import torchvision
+
+if TYPE_CHECKING:  # only for annotations: training imports models' neighbours
+    from fct_ml.augment import AugmentConfig
+    from fct_ml.training import EpochRecord, TrainConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An embedding model. `in_channels` and `num_classes` come from the dataset."""
+
+    arch: str = "cnn-s"  # a key of BACKBONES
+    embed_dim: int = 128
+    in_channels: int = 1
+    num_classes: int = 10  # 0: no classifier (the side-info model)
+    # Inputs arrive as floats in [0, 1]; the model standardises them itself so that a
+    # checkpoint is all that serving needs.
+    input_mean: float = 0.5
+    input_std: float = 0.25
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def small_cnn(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, int]]:
+    """A VGG-style CNN: three stages of two 3x3 conv-BN-ReLU, 2x2 max-pool between stages."""
+
+    def build(in_channels: int) -> tuple[nn.Module, int]:
+        w1, w2, w3 = widths
+        layers = [
+            *_conv_bn_relu(in_channels, w1), *_conv_bn_relu(w1, w1), nn.MaxPool2d(2),
+            *_conv_bn_relu(w1, w2), *_conv_bn_relu(w2, w2), nn.MaxPool2d(2),
+            *_conv_bn_relu(w2, w3), *_conv_bn_relu(w3, w3),
+        ]  # fmt: skip
+        return nn.Sequential(*layers), w3
+
+    return build
+
+
+def small_image_resnet(name: str) -> Callable[[int], tuple[nn.Module, int]]:
+    """A torchvision ResNet with the CIFAR stem (3x3 stride-1 conv, no max-pool) for 8-64 px images."""
+
+    def build(in_channels: int) -> tuple[nn.Module, int]:
+        net = getattr(torchvision.models, name)(weights=None)
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        body = nn.Sequential(net.conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4)
+        return body, net.fc.in_features
+
+    return build
+
+
+# name -> constructor(in_channels) -> (feature-map module, its channel count)
+BACKBONES: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
+    "cnn-xs": small_cnn((8, 16, 32)),
+    "cnn-s": small_cnn((16, 32, 64)),
+    "cnn-m": small_cnn((32, 64, 128)),
+    "resnet18": small_image_resnet("resnet18"),
+    "resnet50": small_image_resnet("resnet50"),
+}
+
+
+class EmbeddingModel(nn.Module):
+    """x (N, C, H, W) floats in [0, 1] -> embedding (N, embed_dim), non-negative."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch not in BACKBONES:
+            raise ValueError(f"arch: unknown backbone {config.arch!r} (known: {', '.join(BACKBONES)})")
+        self.config = config
+        self.backbone, channels = BACKBONES[config.arch](config.in_channels)
+        self.embed = nn.Conv2d(channels, config.embed_dim, kernel_size=1)
+        self.classifier = (
+            nn.Linear(config.embed_dim, config.num_classes, bias=False) if config.num_classes > 0 else None
+        )
+        self.register_buffer("input_mean", torch.tensor(config.input_mean), persistent=False)
+        self.register_buffer("input_std", torch.tensor(config.input_std), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.input_mean) / self.input_std
+        fmap = torch.relu(self.embed(self.backbone(x)))  # (N, embed_dim, h, w), ReLU before pooling
+        return fmap.mean(dim=(2, 3))  # (N, embed_dim)
+
+    def logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(N, embed_dim) -> (N, num_classes)."""
+        if self.classifier is None:
+            raise ValueError("this model has no classifier (num_classes=0)")
+        return self.classifier(embedding)
+
+
+def build_model(config: ModelConfig) -> EmbeddingModel:
+    return EmbeddingModel(config)
+
+
+def train_embedding_model(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: ModelConfig,
+    train: "TrainConfig",
+    aug: "AugmentConfig",
+    *,
+    device: torch.device,
+    seed: int,
+    progress: bool = True,
+    desc: str = "model",
+) -> tuple[EmbeddingModel, list["EpochRecord"]]:
+    """Supervised training (cross-entropy, label smoothing) on images (N, C, H, W) uint8, labels (N,)
+    in [0, config.num_classes). Used for the old and the new model."""
+    from fct_ml.losses import ClassificationObjective
+    from fct_ml.training import fit, prepare_model, seed_everything
+
+    if labels.numel() and (labels.min() < 0 or labels.max() >= config.num_classes):
+        raise ValueError(f"{desc}: labels must lie in [0, {config.num_classes}), got {labels.min()}..{labels.max()}")
+    generator = seed_everything(seed)
+    model = prepare_model(EmbeddingModel(config), device)
+    objective = ClassificationObjective(model, aug, train.label_smoothing, generator)
+    history = fit(model, objective, (images, labels), train, generator=generator, desc=desc, progress=progress)
+    return model, history

@@ -1,0 +1,104 @@
+"""Presets of the whole experiment: `tiny` (seconds, for tests), `cpu` (this project's 2-core
+machine, ~20 minutes on Fashion-MNIST) and `paper` (ResNet-50-128 and the official
+hyperparameters, for a GPU and CIFAR-100)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from fct_ml.bct import BCTConfig
+from fct_ml.models import ModelConfig
+from fct_ml.side_info import SideInfoConfig
+from fct_ml.training import TrainConfig
+from fct_ml.transformation import TransformationConfig
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything `fct reproduce` trains and evaluates. Model `in_channels`/`num_classes` and h's
+    input/output dims are filled in from the dataset and the models at run time."""
+
+    old_model: ModelConfig = field(default_factory=ModelConfig)
+    new_model: ModelConfig = field(default_factory=ModelConfig)
+    side_info: SideInfoConfig = field(default_factory=SideInfoConfig)
+    transformation: TransformationConfig = field(default_factory=TransformationConfig)
+    bct: BCTConfig = field(default_factory=BCTConfig)
+    old_train: TrainConfig = field(default_factory=TrainConfig)
+    side_info_train: TrainConfig = field(default_factory=TrainConfig)
+    new_train: TrainConfig = field(default_factory=TrainConfig)  # also the BCT model's
+    transformation_train: TrainConfig = field(default_factory=TrainConfig)
+    # h is trained on features of the training set computed once by the frozen models:
+    # one clean pass plus (feature_views - 1) passes over augmented images.
+    feature_views: int = 1
+    backfill_points: int = 11  # fractions 0, 1/(p-1), ..., 1 of the gallery re-embedded
+    metric: Literal["l2", "cosine"] = "l2"
+    eval_chunk_size: int = 1024
+    encode_batch_size: int = 1024
+
+
+def _tiny() -> ExperimentConfig:
+    model = ModelConfig(arch="cnn-xs", embed_dim=16)
+    quick = TrainConfig(epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5)
+    return ExperimentConfig(
+        old_model=model,
+        new_model=model,
+        side_info=SideInfoConfig(model=ModelConfig(arch="cnn-xs", embed_dim=16, num_classes=0), projection_dim=16),
+        transformation=TransformationConfig(branch_width=32, inner_width=64),
+        old_train=quick,
+        side_info_train=quick,
+        new_train=quick,
+        transformation_train=TrainConfig(
+            epochs=4, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, warmup_epochs=0.0, bn_eval_after=0.5
+        ),
+        backfill_points=5,
+    )
+
+
+def _cpu() -> ExperimentConfig:
+    model = ModelConfig(arch="cnn-s", embed_dim=128)
+    supervised = TrainConfig(epochs=10, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0)
+    return ExperimentConfig(
+        old_model=model,
+        new_model=model,
+        side_info=SideInfoConfig(model=ModelConfig(arch="cnn-s", embed_dim=128, num_classes=0), projection_dim=64, temperature=0.2),
+        transformation=TransformationConfig(branch_width=256, inner_width=1024),
+        old_train=supervised,
+        side_info_train=TrainConfig(epochs=12, batch_size=256, lr=0.3, weight_decay=1e-4, warmup_epochs=1.0, label_smoothing=0.0),
+        new_train=supervised,
+        transformation_train=TrainConfig(
+            epochs=30, batch_size=256, optimizer="adam", lr=5e-4, weight_decay=0.0, warmup_epochs=0.0, bn_eval_after=0.5
+        ),
+        feature_views=2,
+        backfill_points=11,
+    )
+
+
+def _paper() -> ExperimentConfig:
+    # ResNet-50 with a 128-d embedding; h 128->256->256 (x2) -> 512->2048->2048->128, Adam 5e-4,
+    # cosine, 80 epochs, BN to eval halfway (apple/ml-fct). Meant for a GPU and CIFAR-100.
+    model = ModelConfig(arch="resnet50", embed_dim=128)
+    supervised = TrainConfig(epochs=100, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=5.0)
+    return ExperimentConfig(
+        old_model=model,
+        new_model=model,
+        side_info=SideInfoConfig(model=ModelConfig(arch="resnet50", embed_dim=128, num_classes=0), projection_dim=128, temperature=0.5),
+        transformation=TransformationConfig(branch_width=256, inner_width=2048),
+        old_train=supervised,
+        side_info_train=TrainConfig(epochs=500, batch_size=512, lr=0.6, weight_decay=1e-6, warmup_epochs=10.0, label_smoothing=0.0),
+        new_train=supervised,
+        transformation_train=TrainConfig(
+            epochs=80, batch_size=256, optimizer="adam", lr=5e-4, weight_decay=0.0, warmup_epochs=0.0, bn_eval_after=0.5
+        ),
+        feature_views=4,
+        backfill_points=21,
+    )
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {"tiny": _tiny, "cpu": _cpu, "paper": _paper}
+
+
+def preset(name: str) -> ExperimentConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESETS[name]()

@@ -1,0 +1,112 @@
+"""The transformation h(old_embedding, side_info) -> new embedding space (FCT), and FastFill's sigma.
+
+Shape as the official apple/ml-fct code: two input branches (old 128->256->256 and side-info
+128->256->256, each Linear-BN-ReLU, the paper's 1x1 convolutions on a 1x1 map), their
+concatenation, then an MLP 512->2048->2048->new_dim whose last layer is plain. FastFill adds
+a linear head new_dim->1 on h's output that predicts the log of the sample's error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fct_ml.losses import FastFillObjective, TransformationObjective
+from fct_ml.training import EpochRecord, TrainConfig, fit, seed_everything
+
+
+@dataclass(frozen=True)
+class TransformationConfig:
+    old_dim: int = 128
+    side_info_dim: int = 128
+    new_dim: int = 128
+    branch_width: int = 256
+    inner_width: int = 2048
+    # False: h(old) without side-info; as the official code, the side branch is fed the old
+    # embedding a second time, so both variants have the same shape and capacity.
+    side_info: bool = True
+    uncertainty: bool = False  # FastFill: add the sigma head
+
+
+def _mlp(dims: list[int], plain_last: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b, bias=last and plain_last))
+        if not (last and plain_last):
+            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class Transformation(nn.Module):
+    """h: old (N, old_dim), side (N, side_info_dim) or None -> (N, new_dim)."""
+
+    def __init__(self, config: TransformationConfig):
+        super().__init__()
+        self.config = config
+        side_in = config.side_info_dim if config.side_info else config.old_dim
+        w = config.branch_width
+        self.old_branch = _mlp([config.old_dim, w, w], plain_last=False)
+        self.side_branch = _mlp([side_in, w, w], plain_last=False)
+        self.inner = _mlp([2 * w, config.inner_width, config.inner_width, config.new_dim], plain_last=True)
+        self.sigma_head = nn.Linear(config.new_dim, 1) if config.uncertainty else None
+
+    def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        if self.config.side_info:
+            if side is None:
+                raise ValueError("this transformation needs side_info")
+            second = side
+        else:
+            second = old
+        return self.inner(torch.cat([self.old_branch(old), self.side_branch(second)], dim=1))
+
+    def forward_with_sigma(self, old: torch.Tensor, side: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (prediction (N, new_dim), sigma (N,)); sigma is the predicted log error (FastFill)."""
+        if self.sigma_head is None:
+            raise ValueError("this transformation has no uncertainty head (uncertainty=False)")
+        pred = self(old, side)
+        return pred, self.sigma_head(pred).squeeze(1)
+
+
+def train_transformation(
+    old_embedding: torch.Tensor,
+    side_info: torch.Tensor,
+    new_embedding: torch.Tensor,
+    labels: torch.Tensor,
+    config: TransformationConfig,
+    train: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    new_classifier: torch.Tensor | None = None,
+    progress: bool = True,
+    desc: str = "transformation",
+) -> tuple[Transformation, list[EpochRecord]]:
+    """Fit h on aligned features of the training set (each (N, dim), labels (N,)).
+
+    With `config.uncertainty` the FastFill loss is used, which needs the frozen new model's
+    classifier weight `new_classifier` (num_classes, new_dim).
+    """
+    for name, t in (("old_embedding", old_embedding), ("side_info", side_info), ("new_embedding", new_embedding)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: contains NaN or Inf; cannot train the transformation on it")
+    if old_embedding.shape[1] != config.old_dim or new_embedding.shape[1] != config.new_dim:
+        raise ValueError(
+            f"transformation dims: expected old {config.old_dim} and new {config.new_dim}, "
+            f"got old {old_embedding.shape[1]} and new {new_embedding.shape[1]}"
+        )
+    if config.side_info and side_info.shape[1] != config.side_info_dim:
+        raise ValueError(f"side_info: expected dim {config.side_info_dim}, got {side_info.shape[1]}")
+    generator = seed_everything(seed)
+    h = Transformation(config).to(device)
+    if config.uncertainty:
+        if new_classifier is None:
+            raise ValueError("FastFill needs the new model's classifier weight")
+        objective = FastFillObjective(h, new_classifier.to(device))
+    else:
+        objective = TransformationObjective(h)
+    data = (old_embedding.float(), side_info.float(), new_embedding.float(), labels)
+    history = fit(h, objective, data, train, generator=generator, desc=desc, progress=progress)
+    return h, history
