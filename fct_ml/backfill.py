@@ -47,7 +47,9 @@ def apply_transformation(
             sigmas.append(sigma.cpu())
         outs.append(out.cpu())
     transformed = torch.cat(outs) if outs else torch.empty(0, config.new_dim)
-    return transformed, (torch.cat(sigmas) if with_sigma else None)
+    if not with_sigma:
+        return transformed, None
+    return transformed, (torch.cat(sigmas) if sigmas else torch.empty(0))
 
 
 def backfill_order(

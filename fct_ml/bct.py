@@ -8,15 +8,14 @@ old gallery, at the price of the new model's quality.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from fct_ml.augment import AugmentConfig
+from fct_ml.augment import AugmentConfig, to_float
 from fct_ml.losses import BCTObjective
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.training import EpochRecord, TrainConfig, encode, fit, prepare_model, seed_everything
-from fct_ml.augment import to_float
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,7 @@ def train_bct_model(
     device: torch.device,
     seed: int,
     progress: bool = True,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """Train a BCT model on all classes; `old_classifier` (num_classes, D) from `extended_old_classifier`."""
     if old_classifier.shape[1] != config.embed_dim:
@@ -80,5 +80,5 @@ def train_bct_model(
     objective = BCTObjective(
         model, old_classifier.to(device), aug, train.label_smoothing, bct.influence_weight, generator
     )
-    history = fit(model, objective, (images, labels), train, generator=generator, desc="bct_model", progress=progress)
+    history = fit(model, objective, (images, labels), train, generator=generator, desc="bct_model", progress=progress, on_epoch=on_epoch)
     return model, history

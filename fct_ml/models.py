@@ -117,6 +117,7 @@ def train_embedding_model(
     device: torch.device,
     seed: int,
     progress: bool = True,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
     desc: str = "model",
 ) -> tuple[EmbeddingModel, list["EpochRecord"]]:
     """Supervised training (cross-entropy, label smoothing) on images (N, C, H, W) uint8, labels (N,)
@@ -129,5 +130,5 @@ def train_embedding_model(
     generator = seed_everything(seed)
     model = prepare_model(EmbeddingModel(config), device)
     objective = ClassificationObjective(model, aug, train.label_smoothing, generator)
-    history = fit(model, objective, (images, labels), train, generator=generator, desc=desc, progress=progress)
+    history = fit(model, objective, (images, labels), train, generator=generator, desc=desc, progress=progress, on_epoch=on_epoch)
     return model, history

@@ -56,21 +56,24 @@ def _tiny() -> ExperimentConfig:
 
 
 def _cpu() -> ExperimentConfig:
+    # Sized so that one seed on Fashion-MNIST fits in ~22 minutes on 2 CPU cores (measured
+    # per stage: benchmarks/results/reproduce_fashion_mnist.json, "timings_s").
     model = ModelConfig(arch="cnn-s", embed_dim=128)
-    supervised = TrainConfig(epochs=10, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0)
+    old = TrainConfig(epochs=10, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0)
+    new = TrainConfig(epochs=8, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0)
     return ExperimentConfig(
         old_model=model,
         new_model=model,
         side_info=SideInfoConfig(model=ModelConfig(arch="cnn-s", embed_dim=128, num_classes=0), projection_dim=64, temperature=0.2),
         transformation=TransformationConfig(branch_width=256, inner_width=1024),
-        old_train=supervised,
-        side_info_train=TrainConfig(epochs=12, batch_size=256, lr=0.3, weight_decay=1e-4, warmup_epochs=1.0, label_smoothing=0.0),
-        new_train=supervised,
+        old_train=old,
+        side_info_train=TrainConfig(epochs=10, batch_size=256, lr=0.3, weight_decay=1e-4, warmup_epochs=1.0, label_smoothing=0.0),
+        new_train=new,
         transformation_train=TrainConfig(
-            epochs=30, batch_size=256, optimizer="adam", lr=5e-4, weight_decay=0.0, warmup_epochs=0.0, bn_eval_after=0.5
+            epochs=10, batch_size=512, optimizer="adam", lr=1e-3, weight_decay=0.0, warmup_epochs=0.0, bn_eval_after=0.5
         ),
         feature_views=2,
-        backfill_points=11,
+        backfill_points=6,
     )
 
 

@@ -122,6 +122,13 @@ def run_experiment(
 
         return _T()
 
+    def epochs(stage: str, total: int) -> Callable[[EpochRecord], None]:
+        def report(r: EpochRecord) -> None:
+            parts = " ".join(f"{k} {v:.4f}" for k, v in r.parts.items())
+            log(f"[{stage}] epoch {r.epoch}/{total} {parts} ({r.seconds:.1f} s)")
+
+        return report
+
     train, test = dataset.train, dataset.test
     old_train = train.with_classes(old_classes)
     remap = torch.full((num_classes,), -1, dtype=torch.long)
@@ -135,18 +142,21 @@ def run_experiment(
         old_model, h_old = train_embedding_model(
             old_train.images, remap[old_train.labels], old_cfg, config.old_train, policy.supervised,
             device=device, seed=_stage_seed(seed, "old"), progress=progress, desc="old_model",
+            on_epoch=epochs("old_model", config.old_train.epochs),
         )  # fmt: skip
         histories["old_model"] = _history(h_old)
     with timed("side_info_model"):
         side_model, h_side = train_side_info_model(
             old_train.images, side_cfg, config.side_info_train, policy.contrastive,
             device=device, seed=_stage_seed(seed, "side_info"), progress=progress,
+            on_epoch=epochs("side_info_model", config.side_info_train.epochs),
         )  # fmt: skip
         histories["side_info_model"] = _history(h_side)
     with timed("new_model"):
         new_model, h_new = train_embedding_model(
             train.images, train.labels, new_cfg, config.new_train, policy.supervised,
             device=device, seed=_stage_seed(seed, "new"), progress=progress, desc="new_model",
+            on_epoch=epochs("new_model", config.new_train.epochs),
         )  # fmt: skip
         histories["new_model"] = _history(h_new)
     with timed("bct_model"):
@@ -156,6 +166,7 @@ def run_experiment(
         bct_model, h_bct = train_bct_model(
             train.images, train.labels, replace(new_cfg, embed_dim=old_cfg.embed_dim), config.new_train, config.bct,
             old_classifier, policy.supervised, device=device, seed=_stage_seed(seed, "bct"), progress=progress,
+            on_epoch=epochs("bct_model", config.new_train.epochs),
         )  # fmt: skip
         histories["bct_model"] = _history(h_bct)
 

@@ -6,9 +6,10 @@ time, so memory is O(chunk x gallery), never O(queries x gallery).
 Ties are broken *against* the query: a gallery item at exactly the same distance as a match
 ranks ahead of it. Collapsed embeddings (e.g. all-zero ReLU outputs) therefore score as
 badly as they retrieve, and the result does not depend on the gallery's storage order.
-This is done without a second sort: queries are processed one label at a time, with the
-gallery columns permuted so that non-matches come first, and a stable sort keeps that order
-among equal distances.
+Both are done by one sort of uint32 keys, (distance bits << 1) | is_match: non-negative
+float32 distances order like their bit patterns (the sign bit is 0, so the shift fits), and the low bit puts non-matches first
+among equal distances and carries the match flag through the sort, so no gather is needed.
+numpy sorts such rows ~10x faster than torch on this project's CPU, so the sort runs there.
 
 With `leave_one_out` the query set *is* the gallery (item i queries with its own row i
 excluded), the paper's protocol when the test set is both.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,8 @@ def pairwise_distance(query: torch.Tensor, gallery: torch.Tensor, metric: Metric
         raise ValueError(f"metric: expected 'l2' or 'cosine', got {metric!r}")
     q2 = query.pow(2).sum(1, keepdim=True)  # (B, 1)
     g2 = gallery.pow(2).sum(1)  # (G,)
-    return (q2 + g2 - 2.0 * query @ gallery.T).clamp_(min=0.0)
+    # One fused (B, G) output instead of three temporaries of that size.
+    return torch.addmm(q2 + g2, query, gallery.T, alpha=-2.0).clamp_(min=0.0)
 
 
 @dataclass(frozen=True)
@@ -89,34 +92,25 @@ def retrieve(
     n_matches = torch.zeros(q_count, dtype=torch.long)
     chunk = max(1, min(chunk_size, max_chunk_elements // max(1, g_count)))
     ranks = torch.arange(1, g_count + 1, dtype=torch.float32)  # (G,)
-    for label in torch.unique(query_labels):
-        q_idx = torch.nonzero(query_labels == label).squeeze(1)
-        is_match = gallery_labels == label
-        # Non-matches first: the stable sort below then breaks distance ties against the query.
-        perm = torch.cat([torch.nonzero(~is_match).squeeze(1), torch.nonzero(is_match).squeeze(1)])
-        base = is_match[perm]  # (G,) bool: False..., True...
-        g_perm = gallery[perm]
-        position = torch.empty(g_count, dtype=torch.long)
-        position[perm] = torch.arange(g_count)  # gallery index -> column in g_perm
-        for start in range(0, len(q_idx), chunk):
-            rows = q_idx[start : start + chunk]
-            dist = pairwise_distance(query[rows], g_perm, metric)  # (B, G)
-            match = base.expand(len(rows), g_count)
-            if leave_one_out:
-                # The query's own row goes to the very end and stops being a match.
-                cols = position[rows]
-                arange = torch.arange(len(rows))
-                dist[arange, cols] = float("inf")
-                match = match.clone()
-                match[arange, cols] = False
-            order = torch.sort(dist, dim=1, stable=True).indices  # (B, G)
-            m = torch.gather(match, 1, order).float()  # (B, G): 1 where the ranked item matches
-            cum = m.cumsum(1)
-            count = cum[:, -1]
-            ap[rows] = (m * cum / ranks).sum(1) / count.clamp(min=1)
-            for j, k in enumerate(topk):
-                hits[rows, j] = m[:, :k].any(1)
-            n_matches[rows] = count.long()
+    for start in range(0, q_count, chunk):
+        rows = torch.arange(start, min(start + chunk, q_count))
+        dist = pairwise_distance(query[rows], gallery, metric).clamp_(min=0.0).add_(0.0)  # (B, G); +0.0 turns -0.0 into 0.0
+        match = query_labels[rows, None] == gallery_labels[None, :]  # (B, G)
+        if leave_one_out:
+            # The query's own row goes to the very end and stops being a match.
+            arange = torch.arange(len(rows))
+            dist[arange, rows] = float("inf")
+            match[arange, rows] = False
+        key = dist.numpy().view(np.uint32) << 1  # (B, G)
+        key |= match.numpy()
+        key.sort(axis=1)
+        m = torch.from_numpy((key & 1).astype(np.float32))  # (B, G): 1 where the ranked item matches
+        cum = m.cumsum(1)
+        count = cum[:, -1]
+        ap[rows] = (m * cum / ranks).sum(1) / count.clamp(min=1)
+        for j, k in enumerate(topk):
+            hits[rows, j] = m[:, :k].any(1)
+        n_matches[rows] = count.long()
     return RetrievalResult(average_precision=ap, hits=hits, has_match=n_matches > 0, topk=topk)
 
 

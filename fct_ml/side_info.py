@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -46,6 +48,7 @@ def train_side_info_model(
     device: torch.device,
     seed: int,
     progress: bool = True,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """Train psi on (N, C, H, W) uint8 images, no labels; returns the encoder (side-info model)."""
     if config.model.num_classes != 0:
@@ -53,5 +56,5 @@ def train_side_info_model(
     generator = seed_everything(seed)
     model = prepare_model(SimCLRModel(config), device)
     objective = SimCLRObjective(model, aug, config.temperature, generator)
-    history = fit(model, objective, (images,), train, generator=generator, desc="side_info_model", progress=progress)
+    history = fit(model, objective, (images,), train, generator=generator, desc="side_info_model", progress=progress, on_epoch=on_epoch)
     return model.encoder.eval(), history

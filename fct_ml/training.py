@@ -65,7 +65,10 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
+    """Move a CPU batch to `device`, through pinned memory on CUDA so the copy can overlap."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -171,10 +174,12 @@ def fit(
     """
     device = next(model.parameters()).device
     n = data[0].shape[0]
+    if n == 0:
+        raise ValueError(f"{desc}: no training data")
+    if config.batch_size < 1:
+        raise ValueError(f"{desc}: batch_size must be >= 1, got {config.batch_size}")
     batch_size = min(config.batch_size, n)
     steps_per_epoch = n // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{desc}: no training data")
     total = steps_per_epoch * config.epochs
     warmup = min(total, max(1, round(config.warmup_epochs * steps_per_epoch))) if config.warmup_epochs > 0 else 0
     params = [p for p in model.parameters() if p.requires_grad]

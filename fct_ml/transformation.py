@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -82,6 +84,7 @@ def train_transformation(
     seed: int,
     new_classifier: torch.Tensor | None = None,
     progress: bool = True,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
     desc: str = "transformation",
 ) -> tuple[Transformation, list[EpochRecord]]:
     """Fit h on aligned features of the training set (each (N, dim), labels (N,)).
@@ -108,5 +111,5 @@ def train_transformation(
     else:
         objective = TransformationObjective(h)
     data = (old_embedding.float(), side_info.float(), new_embedding.float(), labels)
-    history = fit(h, objective, data, train, generator=generator, desc=desc, progress=progress)
+    history = fit(h, objective, data, train, generator=generator, desc=desc, progress=progress, on_epoch=on_epoch)
     return h, history

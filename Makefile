@@ -1,0 +1,40 @@
+# `make demo` and `make test` each create or reuse .venv and install what they need,
+# system packages included (Debian: dataset-fashion-mnist; we run as root).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: venv data demo test reproduce-benchmark clean
+
+# The stamp is remade when the dependencies change.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# pip takes torch 2.14.1 / torchvision 0.29.1 as pinned in pyproject (DESIGN.md §6).
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST comes from Debian's package; on other systems set FCT_DATA_DIR to a folder
+# holding the four IDX files.
+data:
+	@if [ -z "$$FCT_DATA_DIR" ] && [ ! -f $(FASHION_MNIST) ]; then \
+		if command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+		else echo "Fashion-MNIST missing: install dataset-fashion-mnist or set FCT_DATA_DIR" >&2; exit 1; fi; \
+	fi
+
+demo: venv data
+	$(VENV)/bin/fct reproduce --dataset fashion-mnist --preset cpu --seed 0 --out runs/reproduce_seed0.json
+
+test: venv data
+	$(PY) -m pytest -q
+
+# The committed reproduction results: three seeds, their mean and spread (about an hour).
+reproduce-benchmark: venv data
+	$(PY) benchmarks/reproduce.py --dataset fashion-mnist --preset cpu --seeds 0 1 2
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,259 @@
+"""Tests for fct_ml.backfill: orders, curves on a hand-worked gallery, curve area, apply_transformation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fct_ml.backfill import ORDERS, apply_transformation, backfill_curves, backfill_order, curve_area
+from fct_ml.transformation import Transformation, TransformationConfig
+
+# --------------------------------------------------------------------------- #
+# backfill_order
+# --------------------------------------------------------------------------- #
+
+
+def test_sigma_order_is_most_uncertain_first():
+    sigma = torch.tensor([0.1, 0.5, -1.0, 0.3])
+    # descending: 0.5 (item 1), 0.3 (item 3), 0.1 (item 0), -1.0 (item 2)
+    assert backfill_order("sigma", 4, sigma=sigma).tolist() == [1, 3, 0, 2]
+
+
+def test_sigma_order_ties_keep_storage_order():
+    # stable: equal sigmas keep their index order
+    sigma = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    assert backfill_order("sigma", 4, sigma=sigma).tolist() == [1, 3, 0, 2]
+
+
+def test_oracle_order_is_largest_error_first():
+    error = torch.tensor([2.0, 0.0, 5.0, 1.0])
+    # descending: 5 (item 2), 2 (item 0), 1 (item 3), 0 (item 1)
+    assert backfill_order("oracle", 4, error=error).tolist() == [2, 0, 3, 1]
+
+
+def test_random_order_is_a_reproducible_permutation():
+    a = backfill_order("random", 10, generator=torch.Generator().manual_seed(3))
+    b = backfill_order("random", 10, generator=torch.Generator().manual_seed(3))
+    c = backfill_order("random", 10, generator=torch.Generator().manual_seed(4))
+    assert sorted(a.tolist()) == list(range(10))
+    assert torch.equal(a, b)
+    assert sorted(c.tolist()) == list(range(10))
+    assert not torch.equal(a, c)  # a different seed gives a different order (true for these seeds)
+
+
+def test_order_errors():
+    assert set(ORDERS) == {"random", "sigma", "oracle"}
+    with pytest.raises(ValueError, match="sigma"):
+        backfill_order("sigma", 3)
+    with pytest.raises(ValueError, match="oracle"):
+        backfill_order("oracle", 3)
+    with pytest.raises(ValueError, match="backfill order"):
+        backfill_order("greedy", 3)
+
+
+# --------------------------------------------------------------------------- #
+# backfill_curves
+#
+# 1-D new space, 4 classes, one gallery item per class, queries at the true positions:
+#   re-embedded R = 0, 10, 20, 30   (labels 0, 1, 2, 3)
+#   transformed T = 9,  1, 20, 30   (items 0 and 1 are wrong: each sits near the other's class)
+#   queries       = 0, 10, 20, 30   (labels 0, 1, 2, 3)
+# k = 0 (all T): q0 at 0 -> nearest 1 (item 1, label 1) miss; q1 at 10 -> nearest 9 (item 0) miss;
+#                q2, q3 hit.  top1 = 2/4
+# item 0 re-embedded (gallery 0, 1, 20, 30): q0 -> 0 (item 0) hit; q1 at 10 -> |10-1| = 9 beats
+#                |10-0| = 10 and |10-20| = 10 -> item 1 hit; q2, q3 hit.  top1 = 4/4
+# k = 4 (all R): top1 = 1
+# fractions 0, .25, .5, .75, 1 -> k = 0, 1, 2, 3, 4
+# oracle order (error |T-R| = 9, 9, 0, 0) = [0, 1, 2, 3]: item 0 at k=1 -> [1/2, 1, 1, 1, 1]
+# sigma order [2, 3, 0, 1]: k=1, 2 replace the already-right items 2, 3 -> unchanged; item 0
+#   comes in at k=3 -> [1/2, 1/2, 1/2, 1, 1]
+# --------------------------------------------------------------------------- #
+
+R = torch.tensor([[0.0], [10.0], [20.0], [30.0]])
+T = torch.tensor([[9.0], [1.0], [20.0], [30.0]])
+Y = torch.tensor([0, 1, 2, 3])
+FRACTIONS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_backfill_curves_by_hand():
+    oracle = backfill_order("oracle", 4, error=(T - R).pow(2).sum(1))
+    assert oracle.tolist() == [0, 1, 2, 3]
+    sigma = backfill_order("sigma", 4, sigma=torch.tensor([0.2, 0.1, 0.9, 0.5]))
+    assert sigma.tolist() == [2, 3, 0, 1]
+    transformed = T.clone()
+    curves = backfill_curves(R, Y, transformed, R, Y, {"oracle": oracle, "sigma": sigma}, FRACTIONS)
+    assert set(curves) == {"oracle", "sigma"}
+    assert [p["top1"] for p in curves["oracle"]] == pytest.approx([1 / 2, 1, 1, 1, 1])
+    assert [p["top1"] for p in curves["sigma"]] == pytest.approx([1 / 2, 1 / 2, 1 / 2, 1, 1])
+    assert all(p["n_queries"] == 4 for c in curves.values() for p in c)
+    # the caller's transformed gallery is not modified
+    assert torch.equal(transformed, T)
+    # area = mean of points: oracle (1/2 + 1 + 1 + 1 + 1)/5 = 0.9; sigma (3 * 1/2 + 2)/5 = 0.7
+    assert curve_area([p["top1"] for p in curves["oracle"]]) == pytest.approx(0.9)
+    assert curve_area([p["top1"] for p in curves["sigma"]]) == pytest.approx(0.7)
+
+
+def test_backfill_curves_replaces_exactly_the_first_k_items():
+    # Each gallery item is its own class; queries sit exactly on the re-embedded points
+    # r = 0, 10, 20, 30; the transformed items are far away at t = 1000 + i. Order [3, 1, 0, 2]:
+    # k=0 (all t): every query's nearest is t0 = 1000 (label 0) -> only q0 hits: 1/4
+    # k=1 (item 3 = 30): q3 hits; q0, q1, q2 find 30 first -> 1/4
+    # k=2 (items 3, 1 = 30, 10): q1, q3 hit; q0 -> 10 miss; q2 -> 10 and 30 both at 10, both
+    #     non-matches -> miss. 2/4
+    # k=3 (items 3, 1, 0): q0, q1, q3 hit; q2 -> 10 / 30 miss. 3/4
+    # k=4: 1
+    r = torch.tensor([[0.0], [10.0], [20.0], [30.0]])
+    t = torch.tensor([[1000.0], [1001.0], [1002.0], [1003.0]])
+    order = torch.tensor([3, 1, 0, 2])
+    curves = backfill_curves(r, Y, t, r, Y, {"custom": order}, FRACTIONS, metric="l2")
+    assert [p["top1"] for p in curves["custom"]] == pytest.approx([1 / 4, 1 / 4, 2 / 4, 3 / 4, 1])
+    # the end points agree across orders
+    other = backfill_curves(r, Y, t, r, Y, {"a": torch.tensor([0, 1, 2, 3]), "b": order}, [0.0, 1.0])
+    assert other["a"][0] == other["b"][0] == curves["custom"][0]
+    assert other["a"][1] == other["b"][1] == curves["custom"][-1]
+
+
+def test_end_points_do_not_depend_on_order():
+    g = torch.Generator().manual_seed(0)
+    reembedded = torch.randn(12, 3, generator=g)
+    transformed = reembedded + 0.8 * torch.randn(12, 3, generator=g)
+    labels = torch.randint(0, 3, (12,), generator=g)
+    query = reembedded + 0.1 * torch.randn(12, 3, generator=g)
+    orders = {
+        "random": backfill_order("random", 12, generator=torch.Generator().manual_seed(1)),
+        "sigma": backfill_order("sigma", 12, sigma=torch.randn(12, generator=g)),
+        "oracle": backfill_order("oracle", 12, error=(transformed - reembedded).pow(2).sum(1)),
+    }
+    curves = backfill_curves(query, labels, transformed, reembedded, labels, orders, [0.0, 0.5, 1.0], leave_one_out=True)
+    starts = {name: c[0] for name, c in curves.items()}
+    ends = {name: c[-1] for name, c in curves.items()}
+    assert starts["random"] == starts["sigma"] == starts["oracle"]
+    assert ends["random"] == ends["sigma"] == ends["oracle"]
+
+
+def test_end_points_are_all_transformed_and_all_reembedded():
+    # fraction 0 scores the transformed gallery, fraction 1 the re-embedded one (1-D, labels 0, 1):
+    #   transformed = 5, 1 ; re-embedded = 0, 6 ; queries 0 (label 0), 6 (label 1)
+    #   all transformed: q0 -> 1 (label 1) miss; q1 -> 5 (label 0) miss -> top1 0
+    #   all re-embedded: q0 -> 0 hit; q1 -> 6 hit -> top1 1
+    transformed = torch.tensor([[5.0], [1.0]])
+    reembedded = torch.tensor([[0.0], [6.0]])
+    y = torch.tensor([0, 1])
+    curves = backfill_curves(reembedded, y, transformed, reembedded, y, {"o": torch.tensor([1, 0])}, [0.0, 1.0])
+    assert [p["top1"] for p in curves["o"]] == [0.0, 1.0]
+
+
+# --------------------------------------------------------------------------- #
+# curve_area
+# --------------------------------------------------------------------------- #
+
+
+def test_curve_area_is_mean_of_points():
+    # (0.2 + 0.4 + 0.9) / 3 = 1.5 / 3 = 0.5
+    assert curve_area([0.2, 0.4, 0.9]) == pytest.approx(0.5)
+    assert curve_area([0.7]) == pytest.approx(0.7)
+    assert isinstance(curve_area((1, 0)), float)
+    assert curve_area((1, 0)) == 0.5
+
+
+def test_curve_area_empty_raises():
+    with pytest.raises(ValueError, match="empty"):
+        curve_area([])
+
+
+# --------------------------------------------------------------------------- #
+# apply_transformation
+# --------------------------------------------------------------------------- #
+
+
+def small_h(**kwargs) -> Transformation:
+    torch.manual_seed(0)
+    return Transformation(TransformationConfig(old_dim=4, side_info_dim=3, new_dim=5, branch_width=8, inner_width=8, **kwargs))
+
+
+def _inputs(n: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g)
+
+
+def test_apply_transformation_shapes_and_batching():
+    h = small_h()
+    old, side = _inputs()
+    out, sigma = apply_transformation(h, old, side)
+    assert out.shape == (7, 5)
+    assert out.dtype == torch.float32
+    assert sigma is None
+    one, _ = apply_transformation(h, old, side, batch_size=1)
+    many, _ = apply_transformation(h, old, side, batch_size=100)
+    three, _ = apply_transformation(h, old, side, batch_size=3)  # 3 + 3 + 1
+    assert torch.allclose(one, many, atol=1e-6)
+    assert torch.allclose(three, many, atol=1e-6)
+    assert torch.allclose(out, many, atol=1e-6)
+    # the module ends frozen: eval mode, no parameter requires grad, and outputs carry no graph
+    assert not h.training
+    assert not any(p.requires_grad for p in h.parameters())
+    assert not out.requires_grad
+
+
+def test_apply_transformation_matches_eval_forward():
+    # With batch-norm in eval mode (running stats), h is a per-sample function: check against
+    # a direct forward on the whole set.
+    h = small_h()
+    old, side = _inputs()
+    out, _ = apply_transformation(h, old, side, batch_size=2)
+    with torch.no_grad():
+        direct = h.eval()(old, side)
+    assert torch.allclose(out, direct, atol=1e-6)
+
+
+def test_apply_transformation_with_uncertainty():
+    h = small_h(uncertainty=True)
+    old, side = _inputs()
+    out, sigma = apply_transformation(h, old, side)
+    assert out.shape == (7, 5)
+    assert sigma is not None and sigma.shape == (7,)
+    out1, sigma1 = apply_transformation(h, old, side, batch_size=1)
+    assert torch.allclose(out1, out, atol=1e-6)
+    assert torch.allclose(sigma1, sigma, atol=1e-6)
+    # sigma is the head applied to the prediction
+    with torch.no_grad():
+        expected_sigma = h.sigma_head(out).squeeze(1)
+    assert torch.allclose(sigma, expected_sigma, atol=1e-5)
+    assert not h.training
+    assert not any(p.requires_grad for p in h.parameters())
+
+
+def test_apply_transformation_without_side_info_ignores_side_input():
+    h = small_h(side_info=False)
+    old, side = _inputs()
+    with_none, _ = apply_transformation(h, old, None)
+    assert with_none.shape == (7, 5)
+    # side_info=False: the side branch sees the old embedding; a side array passed in is ignored
+    with_side, _ = apply_transformation(h, old, side)
+    with_noise, _ = apply_transformation(h, old, 100 * torch.randn(7, 3))
+    assert torch.allclose(with_none, with_side, atol=1e-6)
+    assert torch.allclose(with_none, with_noise, atol=1e-6)
+
+
+def test_apply_transformation_empty_input():
+    old, side = torch.zeros(0, 4), torch.zeros(0, 3)
+    out, sigma = apply_transformation(small_h(), old, side)
+    assert out.shape == (0, 5) and sigma is None
+    out, sigma = apply_transformation(small_h(uncertainty=True), old, side)
+    assert out.shape == (0, 5)
+    assert sigma is not None and sigma.shape == (0,)
+
+
+def test_apply_transformation_wrong_dims_name_the_field():
+    h = small_h()
+    old, side = _inputs()
+    with pytest.raises(ValueError, match="old_embedding"):
+        apply_transformation(h, torch.zeros(7, 3), side)
+    with pytest.raises(ValueError, match="old_embedding"):
+        apply_transformation(h, torch.zeros(4), side)
+    with pytest.raises(ValueError, match="side_info"):
+        apply_transformation(h, old, torch.zeros(7, 4))
+    with pytest.raises(ValueError, match="side_info"):
+        apply_transformation(h, old, None)  # this h needs side-info
+    with pytest.raises(ValueError, match="side_info"):
+        apply_transformation(h, old, side[:5])  # row count mismatch

@@ -1,0 +1,224 @@
+"""Tests for fct_ml.losses: pure losses worked out by hand, objectives' named parts and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fct_ml.augment import AugmentConfig
+from fct_ml.losses import (
+    BCTObjective,
+    FastFillObjective,
+    TransformationObjective,
+    fastfill_loss,
+    nt_xent,
+    squared_error,
+)
+from fct_ml.models import EmbeddingModel, ModelConfig
+from fct_ml.transformation import Transformation, TransformationConfig
+
+# --------------------------------------------------------------------------- #
+# nt_xent
+# --------------------------------------------------------------------------- #
+
+
+def test_nt_xent_identical_views():
+    # z1 = z2 = [e1, e2]. z = [e1, e2, e1, e2]; similarity / t (diagonal excluded):
+    #        e1   e2   e1   e2
+    #  e1 [ -inf  0   1/t   0 ]   partner: column 2
+    #  e2 [  0  -inf   0   1/t]   partner: column 3
+    #  e1 [ 1/t   0  -inf   0 ]   partner: column 0
+    #  e2 [  0   1/t   0  -inf]   partner: column 1
+    # every row: -log(e^(1/t) / (e^(1/t) + 1 + 1)) = log(1 + 2 e^(-1/t))
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = 0.5
+    expected = math.log(1 + 2 * math.exp(-1 / t))  # log(1 + 2 e^-2) = 0.239...
+    assert nt_xent(z, z.clone(), t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_nt_xent_orthogonal_views_are_normalised():
+    # z1 = [e1, e2], z2 = [3 e2, 2 e1] (norms do not matter: cosine similarity).
+    # z = [e1, e2, e2, e1]; each view's partner is orthogonal to it (similarity 0), while
+    # the other view equal to it scores 1/t and the remaining one 0:
+    # every row: -log(e^0 / (e^0 + e^0 + e^(1/t))) = log(2 + e^(1/t)); t = 1 -> log(2 + e)
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[0.0, 3.0], [2.0, 0.0]])
+    assert nt_xent(z1, z2, 1.0).item() == pytest.approx(math.log(2 + math.e), rel=1e-6)
+
+
+def test_nt_xent_45_degrees():
+    # u = e1, v = (1, 1)/sqrt2, w = e2; z1 = [u, v], z2 = [v, w] -> z = [u, v, v, w], t = 1.
+    # c = cos 45 = 1/sqrt2.  u.v = c, u.w = 0, v.v = 1, v.w = c.
+    # row 0 (u, partner col 2 = v): others [v: c, v: c, w: 0]  -> -log(e^c / (2e^c + 1))
+    # row 1 (v, partner col 3 = w): others [u: c, v: 1, w: c]  -> -log(e^c / (2e^c + e))
+    # row 2 (v, partner col 0 = u): others [u: c, v: 1, w: c]  -> -log(e^c / (2e^c + e))
+    # row 3 (w, partner col 1 = v): others [u: 0, v: c, v: c]  -> -log(e^c / (2e^c + 1))
+    c = 1 / math.sqrt(2)
+    a = math.log((2 * math.exp(c) + 1) / math.exp(c))
+    b = math.log((2 * math.exp(c) + math.e) / math.exp(c))
+    z1 = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    z2 = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    assert nt_xent(z1, z2, 1.0).item() == pytest.approx((2 * a + 2 * b) / 4, rel=1e-6)
+
+
+def test_nt_xent_has_gradient():
+    z1 = torch.tensor([[1.0, 0.5], [0.2, 1.0]], requires_grad=True)
+    z2 = torch.tensor([[0.9, 0.4], [0.0, 1.0]], requires_grad=True)
+    loss = nt_xent(z1, z2, 0.5)
+    assert loss.ndim == 0
+    loss.backward()
+    assert z1.grad is not None and torch.isfinite(z1.grad).all()
+
+
+# --------------------------------------------------------------------------- #
+# squared_error and fastfill_loss
+# --------------------------------------------------------------------------- #
+
+
+def test_squared_error_per_sample_mean_over_dims():
+    pred = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    # row 0: (0^2 + 2^2 + 3^2) / 3 = 13/3 ; row 1: (1 + 1 + 1) / 3 = 1
+    out = squared_error(pred, target)
+    assert out.shape == (2,)
+    assert out.tolist() == pytest.approx([13 / 3, 1.0])
+
+
+def test_fastfill_loss_by_hand():
+    mse = torch.tensor([1.0, 0.5, 3.0])
+    ce = torch.tensor([1.0, 1.5, 0.0])
+    sigma = torch.tensor([0.0, math.log(2.0), -1.0])
+    expected = [
+        0.5 * 1.0 * (1.0 + 1.0) + 0.5 * 0.0,  # = 1
+        0.5 * (1 / 2) * (0.5 + 1.5) + 0.5 * math.log(2.0),  # = 0.5 + 0.5 log 2
+        0.5 * math.e * (3.0 + 0.0) + 0.5 * (-1.0),  # = 1.5 e - 0.5
+    ]
+    out = fastfill_loss(mse, ce, sigma)
+    assert out.shape == (3,)
+    assert out.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("mse,ce", [(0.3, 0.2), (2.0, 1.0), (0.01, 0.0)])
+def test_fastfill_loss_minimised_at_log_error(mse: float, ce: float):
+    best = math.log(mse + ce)
+    # a grid of sigmas: the minimum sits at log(mse + ce) (grid step 1e-3)
+    grid = torch.linspace(best - 2, best + 2, 4001, dtype=torch.float64)
+    values = fastfill_loss(torch.full_like(grid, mse), torch.full_like(grid, ce), grid)
+    assert grid[values.argmin()].item() == pytest.approx(best, abs=2e-3)
+    # derivative there: -0.5 e^-s (mse + ce) + 0.5 = -0.5 + 0.5 = 0
+    s = torch.tensor([best], dtype=torch.float64, requires_grad=True)
+    fastfill_loss(torch.tensor([mse], dtype=torch.float64), torch.tensor([ce], dtype=torch.float64), s).sum().backward()
+    assert s.grad.item() == pytest.approx(0.0, abs=1e-9)
+    # and the value there is 0.5 + 0.5 log(mse + ce)
+    assert values.min().item() == pytest.approx(0.5 + 0.5 * best, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# objectives
+# --------------------------------------------------------------------------- #
+
+
+def small_h(**kwargs) -> Transformation:
+    torch.manual_seed(0)
+    return Transformation(TransformationConfig(old_dim=4, side_info_dim=3, new_dim=5, branch_width=8, inner_width=8, **kwargs))
+
+
+def feature_batch(n: int = 6):
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(n, 4, generator=g)
+    side = torch.randn(n, 3, generator=g)
+    new = torch.randn(n, 5, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return old, side, new, labels
+
+
+def test_transformation_objective():
+    h = small_h()
+    batch = feature_batch()
+    out = TransformationObjective(h)(batch)
+    assert set(out) == {"loss", "mse"}
+    assert out["loss"].ndim == 0 and out["loss"].requires_grad
+    assert not out["mse"].requires_grad
+    old, side, new, _ = batch
+    with torch.no_grad():
+        pred = h(old, side)  # train mode: batch statistics, same batch -> same output
+    # mean over samples and dims of (pred - new)^2
+    expected = ((pred - new) ** 2).sum().item() / (6 * 5)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["mse"].item() == pytest.approx(expected, rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in h.parameters())
+
+
+def test_fastfill_objective():
+    h = small_h(uncertainty=True)
+    classifier = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    batch = feature_batch()
+    out = FastFillObjective(h, classifier)(batch)
+    assert set(out) == {"loss", "mse", "ce", "sigma"}
+    assert out["loss"].ndim == 0 and out["loss"].requires_grad
+    for part in ("mse", "ce", "sigma"):
+        assert not out[part].requires_grad
+    old, side, new, labels = batch
+    with torch.no_grad():
+        pred, sigma = h.forward_with_sigma(old, side)
+    sq = ((pred - new) ** 2).mean(1)
+    logits = pred @ classifier.T
+    ce = torch.logsumexp(logits, 1) - logits[torch.arange(6), labels]  # -log softmax at the label
+    expected = (0.5 * torch.exp(-sigma) * (sq + ce) + 0.5 * sigma).mean()
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["mse"].item() == pytest.approx(sq.mean().item(), rel=1e-5)
+    assert out["ce"].item() == pytest.approx(ce.mean().item(), rel=1e-5)
+    assert out["sigma"].item() == pytest.approx(sigma.mean().item(), rel=1e-5, abs=1e-6)
+    out["loss"].backward()
+    assert h.sigma_head.weight.grad is not None
+    assert classifier.grad is None  # the classifier is frozen
+
+
+def _bct_setup():
+    torch.manual_seed(0)
+    model = EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 1, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    old_classifier = torch.randn(3, 4, generator=g)
+    return model, images, labels, old_classifier
+
+
+def _cross_entropy_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    # mean over samples of -log(exp(l_y) / sum_c exp(l_c)) = logsumexp(l) - l_y
+    return float((torch.logsumexp(logits, 1) - logits[torch.arange(len(labels)), labels]).mean())
+
+
+def test_bct_objective_parts():
+    model, images, labels, old_classifier = _bct_setup()
+    aug = AugmentConfig()  # the defaults do nothing (only clamps to [0, 1])
+    with torch.no_grad():
+        emb = model(images.float() / 255.0)
+        ce_new = _cross_entropy_by_hand(model.logits(emb), labels)
+        influence = _cross_entropy_by_hand(emb @ old_classifier.T, labels)
+
+    out = BCTObjective(model, old_classifier, aug, 0.0, 0.0, torch.Generator().manual_seed(0))((images, labels))
+    assert set(out) == {"loss", "ce_new", "influence"}
+    assert out["loss"].requires_grad
+    # influence_weight = 0: the loss is the plain new-classifier cross-entropy
+    assert out["loss"].item() == pytest.approx(ce_new, rel=1e-4)
+    assert out["ce_new"].item() == pytest.approx(ce_new, rel=1e-4)
+    assert out["influence"].item() == pytest.approx(influence, rel=1e-4)
+
+    weighted = BCTObjective(model, old_classifier, aug, 0.0, 0.5, torch.Generator().manual_seed(0))((images, labels))
+    # loss = ce_new + 0.5 * influence
+    assert weighted["loss"].item() == pytest.approx(ce_new + 0.5 * influence, rel=1e-4)
+
+
+def test_bct_objective_gradients_reach_the_new_model_only():
+    model, images, labels, old_classifier = _bct_setup()
+    old_classifier.requires_grad_(True)
+    out = BCTObjective(model, old_classifier, AugmentConfig(), 0.0, 1.0, torch.Generator().manual_seed(0))((images, labels))
+    out["loss"].backward()
+    assert model.classifier.weight.grad is not None
+    assert model.embed.weight.grad is not None
+    assert old_classifier.grad is None  # the old classifier is detached

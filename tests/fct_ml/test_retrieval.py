@@ -1,0 +1,328 @@
+"""Tests for fct_ml.retrieval: rankings, AP and top-k worked out by hand on tiny galleries."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from fct_ml.retrieval import RetrievalResult, evaluate_retrieval, pairwise_distance, retrieve
+
+
+def col(*values: float) -> torch.Tensor:
+    """1-D points as an (N, 1) embedding."""
+    return torch.tensor(values, dtype=torch.float32).unsqueeze(1)
+
+
+def labels(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- #
+# A hand-ranked 1-D example
+#
+# gallery positions  0   2   5   9   14
+# gallery labels     A   B   A   B   A      (A=0, B=1)
+#
+# q0 = 3, label A: |3-x| = 3, 1, 2, 6, 11 -> ranking 2(B) 5(A) 0(A) 9(B) 14(A)
+#    matches at ranks 2, 3, 5: AP = (1/2 + 2/3 + 3/5) / 3; top1 miss, top2 hit, top5 hit
+# q1 = 10, label B: |10-x| = 10, 8, 5, 1, 4 -> ranking 9(B) 14(A) 5(A) 2(B) 0(A)
+#    matches at ranks 1, 4: AP = (1/1 + 2/4) / 2 = 0.75; top1 hit
+# q2 = 13, label C (=2): no item of C in the gallery -> left out of the averages
+# --------------------------------------------------------------------------- #
+
+GALLERY = col(0, 2, 5, 9, 14)
+GALLERY_LABELS = labels(0, 1, 0, 1, 0)
+QUERY = col(3, 10, 13)
+QUERY_LABELS = labels(0, 1, 2)
+AP_Q0 = (1 / 2 + 2 / 3 + 3 / 5) / 3
+AP_Q1 = (1 / 1 + 2 / 4) / 2
+
+
+def test_hand_ranked_example_per_query():
+    result = retrieve(QUERY, QUERY_LABELS, GALLERY, GALLERY_LABELS, topk=(1, 2, 5))
+    assert isinstance(result, RetrievalResult)
+    assert result.topk == (1, 2, 5)
+    assert result.average_precision.shape == (3,)
+    assert result.average_precision[0].item() == pytest.approx(AP_Q0)
+    assert result.average_precision[1].item() == pytest.approx(AP_Q1)
+    assert result.average_precision[2].item() == 0.0  # no match: AP 0, and excluded below
+    assert result.has_match.tolist() == [True, True, False]
+    #                              top1   top2   top5
+    assert result.hits[0].tolist() == [False, True, True]
+    assert result.hits[1].tolist() == [True, True, True]
+    assert result.hits[2].tolist() == [False, False, False]
+
+
+def test_hand_ranked_example_summary():
+    out = evaluate_retrieval(QUERY, QUERY_LABELS, GALLERY, GALLERY_LABELS)
+    assert set(out) == {"top1", "top5", "mAP", "n_queries"}
+    assert out["n_queries"] == 2  # q2 has no match and is left out
+    assert out["top1"] == pytest.approx(1 / 2)  # q0 miss, q1 hit
+    assert out["top5"] == pytest.approx(1.0)  # both have a match within the 5 items
+    # mAP = ((1/2 + 2/3 + 3/5)/3 + 0.75) / 2 = (0.588888... + 0.75) / 2 = 0.669444...
+    assert out["mAP"] == pytest.approx(((1 / 2 + 2 / 3 + 3 / 5) / 3 + 0.75) / 2)
+    assert out["mAP"] == pytest.approx(0.6694444, abs=1e-6)
+
+
+def test_summary_mask_restricts_queries():
+    result = retrieve(QUERY, QUERY_LABELS, GALLERY, GALLERY_LABELS)
+    only_q1 = result.summary(torch.tensor([False, True, False]))
+    assert only_q1 == {"top1": 1.0, "top5": 1.0, "mAP": pytest.approx(0.75), "n_queries": 1}
+    only_q0 = result.summary(torch.tensor([True, False, False]))
+    assert only_q0["top1"] == 0.0
+    assert only_q0["mAP"] == pytest.approx(AP_Q0)
+    assert only_q0["n_queries"] == 1
+    # q2 has no match: the mask cannot bring it back in
+    q0_and_q2 = result.summary(torch.tensor([True, False, True]))
+    assert q0_and_q2["n_queries"] == 1
+    assert q0_and_q2["mAP"] == pytest.approx(AP_Q0)
+    # nothing selected: NaN metrics, zero queries
+    empty = result.summary(torch.tensor([False, False, True]))
+    assert empty["n_queries"] == 0
+    assert math.isnan(empty["top1"]) and math.isnan(empty["mAP"])
+
+
+# --------------------------------------------------------------------------- #
+# Ties are broken against the query
+# --------------------------------------------------------------------------- #
+
+
+def test_tie_breaks_against_the_query_1d():
+    # query 0 (label 0); gallery +1 (label 0, match) and -1 (label 1): both at distance 1.
+    # Non-match ranks first -> top1 miss, match at rank 2: AP = 1/2.
+    for gallery, gallery_labels in ((col(1, -1), labels(0, 1)), (col(-1, 1), labels(1, 0))):
+        result = retrieve(col(0), labels(0), gallery, gallery_labels, topk=(1, 2))
+        assert result.hits[0].tolist() == [False, True]
+        assert result.average_precision[0].item() == pytest.approx(1 / 2)
+
+
+def test_tie_break_does_not_depend_on_gallery_order():
+    # query (0, 0) label 0. Gallery:
+    #   a = (1, 0) label 0 match,      squared distance 1
+    #   b = (0, 1) label 1 non-match,  squared distance 1  (tie with a: b ranks first)
+    #   c = (0, 2) label 0 match,      squared distance 4
+    #   d = (3, 0) label 1 non-match,  squared distance 9
+    # ranking b a c d: matches at ranks 2, 3 -> AP = (1/2 + 2/3) / 2 = 7/12; top1 miss.
+    items = [((1.0, 0.0), 0), ((0.0, 1.0), 1), ((0.0, 2.0), 0), ((3.0, 0.0), 1)]
+    query = torch.zeros(1, 2)
+    for perm in itertools.permutations(range(4)):
+        gallery = torch.tensor([items[i][0] for i in perm])
+        gallery_labels = torch.tensor([items[i][1] for i in perm])
+        result = retrieve(query, labels(0), gallery, gallery_labels, topk=(1, 2, 3))
+        assert result.average_precision[0].item() == pytest.approx(7 / 12), perm
+        assert result.hits[0].tolist() == [False, True, True], perm
+
+
+def test_collapsed_embeddings_score_worst_case():
+    # All embeddings identical (e.g. all-zero ReLU outputs): every item ties, so the two
+    # non-matches rank ahead of both matches: ranks 3, 4 -> AP = (1/3 + 2/4) / 2 = 5/12.
+    gallery = torch.zeros(4, 3)
+    for gallery_labels in (labels(0, 0, 1, 1), labels(1, 0, 1, 0), labels(0, 1, 1, 0)):
+        out = evaluate_retrieval(torch.zeros(1, 3), labels(0), gallery, gallery_labels, topk=(1, 2, 3))
+        assert out["top1"] == 0.0
+        assert out["top2"] == 0.0
+        assert out["top3"] == 1.0
+        assert out["mAP"] == pytest.approx(5 / 12)
+
+
+# --------------------------------------------------------------------------- #
+# Leave-one-out
+#
+# items  x:     0   3   4   10   20
+#        label: 0   1   0   1    2
+# i=0 (x=0, l0):  others 3(1):3  4(0):4  10(1):10  20(2):20 -> ranking 3 4 10 20, match rank 2: AP 1/2
+# i=1 (x=3, l1):  0(0):3  4(0):1  10(1):7  20(2):17          -> ranking 4 0 10 20, match rank 3: AP 1/3
+# i=2 (x=4, l0):  0(0):4  3(1):1  10(1):6  20(2):16          -> ranking 3 0 10 20, match rank 2: AP 1/2
+# i=3 (x=10, l1): 0(0):10 3(1):7  4(0):6   20(2):10          -> ranking 4 3 {0,20}, match rank 2: AP 1/2
+# i=4 (x=20, l2): its only same-label item is itself -> no match, left out
+# top1 = 0/4, top2 = 3/4 (i=0, 2, 3), top3 = 4/4, mAP = (1/2 + 1/3 + 1/2 + 1/2)/4 = 11/24
+# --------------------------------------------------------------------------- #
+
+LOO_X = col(0, 3, 4, 10, 20)
+LOO_LABELS = labels(0, 1, 0, 1, 2)
+
+
+def test_leave_one_out_by_hand():
+    result = retrieve(LOO_X, LOO_LABELS, LOO_X, LOO_LABELS, leave_one_out=True, topk=(1, 2, 3))
+    assert result.has_match.tolist() == [True, True, True, True, False]
+    expected_ap = [1 / 2, 1 / 3, 1 / 2, 1 / 2]
+    assert result.average_precision[:4].tolist() == pytest.approx(expected_ap)
+    out = result.summary()
+    assert out["n_queries"] == 4
+    assert out["top1"] == 0.0
+    assert out["top2"] == pytest.approx(3 / 4)
+    assert out["top3"] == 1.0
+    assert out["mAP"] == pytest.approx(11 / 24)
+
+
+def test_without_leave_one_out_each_item_finds_itself():
+    # Same data, self included: each query's own row is a match at distance 0 -> rank 1,
+    # and i=4 now has a match (itself), so all 5 queries count and top1 = 1.
+    out = evaluate_retrieval(LOO_X, LOO_LABELS, LOO_X, LOO_LABELS, topk=(1,))
+    assert out["n_queries"] == 5
+    assert out["top1"] == 1.0
+
+
+def test_leave_one_out_excludes_self_even_with_exact_duplicates():
+    # items 0 and 1 are the same point with the same label; item 2 is a non-match at distance 1.
+    # i=0: others are item 1 (dist 0, match) and item 2 (dist 1) -> AP 1; same for i=1.
+    # i=2 (label 1) has no other label-1 item -> left out.
+    x = col(5, 5, 6)
+    y = labels(0, 0, 1)
+    result = retrieve(x, y, x, y, leave_one_out=True, topk=(1,))
+    assert result.has_match.tolist() == [True, True, False]
+    assert result.average_precision[:2].tolist() == [1.0, 1.0]
+    assert result.summary()["n_queries"] == 2
+
+
+# --------------------------------------------------------------------------- #
+# Cosine versus L2
+# --------------------------------------------------------------------------- #
+
+
+def test_cosine_and_l2_rank_differently():
+    # query (1, 0), label 0. Gallery:
+    #   a = (10, 1) label 0: squared L2 81 + 1 = 82; cosine distance 1 - 10/sqrt(101) ~ 0.005
+    #   b = (0, 1)  label 1: squared L2 1 + 1 = 2;   cosine distance 1 - 0 = 1
+    #   c = (-3, 0) label 0: squared L2 16;          cosine distance 1 - (-1) = 2
+    # L2 ranking b c a -> matches at ranks 2, 3: AP = (1/2 + 2/3) / 2 = 7/12, top1 miss
+    # cosine ranking a b c -> matches at ranks 1, 3: AP = (1/1 + 2/3) / 2 = 5/6, top1 hit
+    query = torch.tensor([[1.0, 0.0]])
+    gallery = torch.tensor([[10.0, 1.0], [0.0, 1.0], [-3.0, 0.0]])
+    gallery_labels = labels(0, 1, 0)
+    l2 = retrieve(query, labels(0), gallery, gallery_labels, metric="l2", topk=(1,))
+    cos = retrieve(query, labels(0), gallery, gallery_labels, metric="cosine", topk=(1,))
+    assert l2.average_precision[0].item() == pytest.approx(7 / 12)
+    assert not l2.hits[0, 0]
+    assert cos.average_precision[0].item() == pytest.approx(5 / 6)
+    assert cos.hits[0, 0]
+
+
+def test_cosine_ignores_norm_so_scaled_copies_tie():
+    # (1, 0) and (5, 0) have the same direction: cosine distance 0 from query (2, 0) for both.
+    # The non-match (5, 0) wins the tie -> top1 miss, AP 1/2. Under L2: (1,0) is at 1, (5,0) at 9
+    # -> the match ranks first, AP 1.
+    query = torch.tensor([[2.0, 0.0]])
+    gallery = torch.tensor([[1.0, 0.0], [5.0, 0.0]])
+    gallery_labels = labels(0, 1)
+    cos = retrieve(query, labels(0), gallery, gallery_labels, metric="cosine", topk=(1,))
+    assert cos.average_precision[0].item() == pytest.approx(1 / 2)
+    l2 = retrieve(query, labels(0), gallery, gallery_labels, metric="l2", topk=(1,))
+    assert l2.average_precision[0].item() == 1.0
+
+
+# --------------------------------------------------------------------------- #
+# pairwise_distance
+# --------------------------------------------------------------------------- #
+
+
+def test_pairwise_distance_squared_l2_by_hand():
+    query = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    gallery = torch.tensor([[3.0, 4.0], [1.0, 2.0], [-1.0, 0.0]])
+    # q0=(1,2): (3,4): 2^2+2^2 = 8; (1,2): 0; (-1,0): 2^2+2^2 = 8
+    # q1=(0,0): (3,4): 9+16 = 25; (1,2): 1+4 = 5; (-1,0): 1
+    expected = torch.tensor([[8.0, 0.0, 8.0], [25.0, 5.0, 1.0]])
+    d = pairwise_distance(query, gallery)
+    assert d.shape == (2, 3)
+    assert torch.allclose(d, expected, atol=1e-6)
+    assert torch.allclose(pairwise_distance(query, gallery, "l2"), expected, atol=1e-6)
+    assert (d >= 0).all()  # clamped: never negative from rounding
+
+
+def test_pairwise_distance_cosine_by_hand():
+    query = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    gallery = torch.tensor([[3.0, 4.0], [2.0, 4.0], [-1.0, 0.0]])
+    s5 = math.sqrt(5)
+    # q0 = (1,2)/sqrt5. (3,4)/5: cos = (3 + 8)/(5 sqrt5) -> 1 - 11/(5 sqrt5)
+    #                   (2,4)/(2 sqrt5) = q0: cos 1     -> 0
+    #                   (-1,0): cos = -1/sqrt5           -> 1 + 1/sqrt5
+    # q1 = 0: normalises to the zero vector, cos 0 with everything -> 1
+    expected = torch.tensor([[1 - 11 / (5 * s5), 0.0, 1 + 1 / s5], [1.0, 1.0, 1.0]])
+    d = pairwise_distance(query, gallery, "cosine")
+    assert torch.allclose(d, expected, atol=1e-6)
+
+
+def test_pairwise_distance_unknown_metric():
+    with pytest.raises(ValueError, match="metric"):
+        pairwise_distance(torch.zeros(1, 2), torch.zeros(1, 2), "dot")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- #
+# Chunking
+# --------------------------------------------------------------------------- #
+
+
+def _chunked_runs(query, query_labels, gallery, gallery_labels, **kwargs) -> list[RetrievalResult]:
+    runs = [retrieve(query, query_labels, gallery, gallery_labels, chunk_size=c, topk=(1, 3, 5), **kwargs) for c in (1, 2, 1024)]
+    for elements in (1, 50):  # 1 // G = 0 -> one query at a time; 50 // 23 = 2 queries at a time
+        runs.append(retrieve(query, query_labels, gallery, gallery_labels, max_chunk_elements=elements, topk=(1, 3, 5), **kwargs))
+    return runs
+
+
+def _assert_all_equal(runs: list[RetrievalResult]) -> None:
+    ref = runs[0]
+    assert ref.has_match.any()
+    for r in runs[1:]:
+        assert torch.equal(r.average_precision, ref.average_precision)
+        assert torch.equal(r.hits, ref.hits)
+        assert torch.equal(r.has_match, ref.has_match)
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_chunking_does_not_change_results_l2_with_exact_ties(leave_one_out: bool):
+    g = torch.Generator().manual_seed(0)
+    # Small integer coordinates: squared L2 is exact in float32, so there are many exact ties,
+    # which the tie rule must resolve the same way whatever the chunking.
+    x = torch.randint(-2, 3, (23, 3), generator=g).float()
+    y = torch.randint(0, 4, (23,), generator=g)
+    if leave_one_out:
+        runs = _chunked_runs(x, y, x, y, leave_one_out=True)
+    else:
+        runs = _chunked_runs(x[:9] + 1, y[:9], x, y)
+    _assert_all_equal(runs)
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_chunking_does_not_change_results_cosine(leave_one_out: bool):
+    # Continuous data (no mathematically tied cosines: those are only equal up to float32
+    # rounding, which depends on the matmul's shape).
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(23, 3, generator=g)
+    y = torch.randint(0, 4, (23,), generator=g)
+    if leave_one_out:
+        runs = _chunked_runs(x, y, x, y, leave_one_out=True, metric="cosine")
+    else:
+        runs = _chunked_runs(x[:9] + 0.1, y[:9], x, y, metric="cosine")
+    _assert_all_equal(runs)
+
+
+# --------------------------------------------------------------------------- #
+# Errors
+# --------------------------------------------------------------------------- #
+
+
+def test_nan_in_gallery_names_gallery():
+    gallery = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])
+    with pytest.raises(ValueError, match="gallery"):
+        retrieve(torch.zeros(1, 2), labels(0), gallery, labels(0, 1))
+
+
+def test_inf_in_query_names_query():
+    query = torch.tensor([[float("inf"), 0.0]])
+    with pytest.raises(ValueError, match="query"):
+        retrieve(query, labels(0), torch.zeros(2, 2), labels(0, 1))
+
+
+def test_dimension_mismatch():
+    with pytest.raises(ValueError):
+        retrieve(torch.zeros(2, 3), labels(0, 1), torch.zeros(4, 2), labels(0, 1, 0, 1))
+    with pytest.raises(ValueError):
+        retrieve(torch.zeros(3), labels(0, 1, 0), torch.zeros(4, 3), labels(0, 1, 0, 1))
+
+
+def test_leave_one_out_needs_same_length():
+    with pytest.raises(ValueError, match="leave_one_out"):
+        retrieve(torch.zeros(2, 2), labels(0, 1), torch.zeros(3, 2), labels(0, 1, 0), leave_one_out=True)
