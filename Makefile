@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv data demo test reproduce-benchmark clean
+.PHONY: venv data demo ui test reproduce reproduce-benchmark clean
+export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 # The stamp is remade when the dependencies change.
 $(VENV)/.installed: pyproject.toml
@@ -26,7 +27,17 @@ data:
 		else echo "Fashion-MNIST missing: install dataset-fashion-mnist or set FCT_DATA_DIR" >&2; exit 1; fi; \
 	fi
 
+# The main job: base assets + model version v2 on Fashion-MNIST from an empty instance and
+# LanceDB folder (deletes dagster_home's run storage and data/), promotion, eval table, lineage.
 demo: venv data
+	$(PY) -m fct_assets.demo --fresh
+
+# The Dagster UI on 127.0.0.1:3000 (the code location is workspace.yaml).
+ui: venv data
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# The paper's experiment alone (fct_ml, no orchestration): one seed, ~22 min on 2 cores.
+reproduce: venv data
 	$(VENV)/bin/fct reproduce --dataset fashion-mnist --preset cpu --seed 0 --out runs/reproduce_seed0.json
 
 test: venv data
@@ -37,4 +48,4 @@ reproduce-benchmark: venv data
 	$(PY) benchmarks/reproduce.py --dataset fashion-mnist --preset cpu --seeds 0 1 2
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache data

@@ -1,0 +1,20 @@
+"""fct_ml: forward-compatible embedding training (FCT), BCT and FastFill as a pure library.
+
+Imports torch, torchvision and numpy only: no orchestrator, no database. One file per concept:
+
+    data.py            datasets, class splits, IDX/CIFAR/image-folder loaders
+    augment.py         batched tensor augmentation, per-dataset policies
+    models.py          backbones, EmbeddingModel (non-negative embedding, bias-free classifier)
+    side_info.py       the SimCLR side-info model psi
+    transformation.py  h(old_embedding, side_info) and FastFill's sigma head
+    bct.py             the BCT baseline
+    losses.py          every loss, returning named parts
+    training.py        the one training loop, device policy, seeding, frozen encoders
+    retrieval.py       CMC top-k and mAP in bounded memory
+    backfill.py        applying h to stored vectors; backfilling curves and their area
+    presets.py         tiny / cpu / paper experiment configurations
+    reproduce.py       the paper's experiment end to end (`fct reproduce`)
+    config.py          typed, closed configuration from dicts
+"""
+
+__version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""`fct` command line. `fct reproduce` runs the paper's experiment (fct_ml only)."""
+"""`fct reproduce`: the paper's experiment from the command line (fct_ml only; the full `fct`
+command, with the serving commands, is fct_assets.cli)."""
 
 from __future__ import annotations
 
@@ -41,12 +42,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fct", description="Forward-compatible embedding upgrades.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_reproduce_parser(sub) -> argparse.ArgumentParser:
+    """Add `reproduce` to a subparsers object (the `fct` command of fct_assets reuses it)."""
     rep = sub.add_parser("reproduce", help="train and evaluate old/new/h/BCT/FastFill (the paper's experiment)")
     rep.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | digits | cifar100 | imagefolder:PATH")
-    rep.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "paper"])
+    rep.add_argument("--preset", default="cpu", choices=["tiny", "demo", "cpu", "paper"])
     rep.add_argument("--old-classes", default=None, help="classes the old model sees: ranges or lists, e.g. 0-4 or 1,3,5")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--out", default=None, help="write the result JSON here")
@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N")
     rep.add_argument("--quiet", action="store_true", help="no progress output")
     rep.set_defaults(func=_reproduce)
+    return rep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fct", description="Forward-compatible embedding upgrades.")
+    add_reproduce_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Presets of the whole experiment: `tiny` (seconds, for tests), `cpu` (this project's 2-core
+"""Presets of the whole experiment: `tiny` (seconds, for tests), `demo` (minutes), `cpu` (this project's 2-core
 machine, ~20 minutes on Fashion-MNIST) and `paper` (ResNet-50-128 and the official
 hyperparameters, for a GPU and CIFAR-100)."""
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from fct_ml.bct import BCTConfig
+from fct_ml.config import replace
 from fct_ml.models import ModelConfig
 from fct_ml.side_info import SideInfoConfig
 from fct_ml.training import TrainConfig
@@ -77,6 +78,20 @@ def _cpu() -> ExperimentConfig:
     )
 
 
+def _demo() -> ExperimentConfig:
+    # The cpu preset's models with fewer epochs: `make demo` runs the whole asset graph on
+    # Fashion-MNIST in a few minutes on 2 CPU cores.
+    cpu = _cpu()
+    return replace(
+        cpu,
+        old_train=replace(cpu.old_train, epochs=4),
+        side_info_train=replace(cpu.side_info_train, epochs=4),
+        new_train=replace(cpu.new_train, epochs=4),
+        transformation_train=replace(cpu.transformation_train, epochs=6),
+        feature_views=1,
+    )
+
+
 def _paper() -> ExperimentConfig:
     # ResNet-50 with a 128-d embedding; h 128->256->256 (x2) -> 512->2048->2048->128, Adam 5e-4,
     # cosine, 80 epochs, BN to eval halfway (apple/ml-fct). Meant for a GPU and CIFAR-100.
@@ -98,7 +113,7 @@ def _paper() -> ExperimentConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], ExperimentConfig]] = {"tiny": _tiny, "cpu": _cpu, "paper": _paper}
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {"tiny": _tiny, "demo": _demo, "cpu": _cpu, "paper": _paper}
 
 
 def preset(name: str) -> ExperimentConfig:

@@ -1,0 +1,324 @@
+"""The asset graph: base assets (built once, when the old model is deployed) and the four
+assets of each upgrade, partitioned by model version.
+
+    dataset ──┬─> old_model ────────┐
+              ├─> side_info_model ──┼─> gallery_store
+              └─> new_model[v] ──> transformation[v] ──> backfilled_gallery[v] ──> eval_report[v]
+
+Each asset loads its inputs, calls fct_ml, and returns the value with its provenance as
+metadata. Models carry a data version equal to their content digest, so re-training with
+another config makes everything downstream stale, and nothing upstream.
+"""
+
+
+import json
+import time
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+
+from fct_assets.config import BackfillConfig, DatasetConfig, ModelTrainingConfig, TransformationTrainingConfig
+from fct_assets.io_managers import recorded_metadata
+from fct_assets.partitions import model_version
+from fct_assets.provenance import code_version, epoch_logger, history_metadata
+from fct_assets.resources import FctResource
+from fct_assets import storage
+
+CODE_VERSION = code_version()
+# Upgrades materialise by themselves when a model version is added or an input changes.
+UPGRADE_AUTOMATION = dg.AutomationCondition.eager()
+
+
+def _model_config(base, override: ModelTrainingConfig, **fixed):
+    from fct_ml.config import replace
+
+    changes = {k: getattr(override, k) for k in ("arch", "embed_dim") if getattr(override, k) is not None}
+    return replace(base, **changes, **fixed)
+
+
+def _train_config(base, epochs: int | None):
+    from fct_ml.config import replace
+
+    return base if epochs is None else replace(base, epochs=epochs)
+
+
+def _model_output(model, history, context: dg.AssetExecutionContext, **metadata: Any) -> dg.Output:
+    from fct_ml.checkpoint import content_digest
+
+    digest = content_digest(model)
+    return dg.Output(
+        model.cpu().eval(),
+        data_version=dg.DataVersion(digest[:16]),
+        metadata={"content_digest": digest, "code_version": CODE_VERSION, "run_id": context.run_id,
+                  **history_metadata(history), **metadata},  # fmt: skip
+    )
+
+
+# ---------------------------------------------------------------- base
+
+
+@dg.asset(group_name="base", kinds={"python"}, io_manager_key="json_io_manager", code_version=CODE_VERSION)
+def dataset(context: dg.AssetExecutionContext, config: DatasetConfig, fct: FctResource) -> dg.Output[dict]:
+    """Images and labels with their class split and content fingerprint; the test split is the gallery."""
+    from fct_ml.data import parse_class_list
+
+    data = fct.load_dataset(config.dataset)
+    old_classes = parse_class_list(config.old_classes, data.num_classes, what="old_classes")
+    fingerprint = data.fingerprint()
+    record = {
+        "spec": config.dataset,
+        "name": data.name,
+        "fingerprint": fingerprint,
+        "old_classes": list(old_classes),
+        "class_names": list(data.class_names),
+        "num_classes": data.num_classes,
+        "channels": data.channels,
+        "image_size": list(data.image_size),
+        "train_items": len(data.train),
+        "gallery_items": len(data.test),
+    }
+    version = dg.DataVersion(f"{fingerprint[:12]}-{'.'.join(map(str, old_classes))}")
+    return dg.Output(record, data_version=version, metadata={**record, "class_names": ", ".join(data.class_names)})
+
+
+@dg.asset(group_name="base", kinds={"pytorch"}, io_manager_key="checkpoint_io_manager", code_version=CODE_VERSION)
+def old_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
+    """The deployed embedding model phi_old, trained on the old classes only."""
+    import torch
+
+    from fct_ml.augment import policy_for
+    from fct_ml.models import train_embedding_model
+
+    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    exp, old = fct.experiment(), dataset["old_classes"]
+    train = data.train.with_classes(old)
+    remap = torch.full((data.num_classes,), -1, dtype=torch.long)
+    remap[old] = torch.arange(len(old))
+    model_cfg = _model_config(exp.old_model, config, in_channels=data.channels, num_classes=len(old))
+    train_cfg = _train_config(exp.old_train, config.epochs)
+    model, history = train_embedding_model(
+        train.images, remap[train.labels], model_cfg, train_cfg, policy_for(data.name).supervised,
+        device=fct.torch_device(), seed=config.seed, progress=False, desc="old_model",
+        on_epoch=epoch_logger(context, "old_model", train_cfg.epochs, len(train)),
+    )  # fmt: skip
+    return _model_output(model, history, context, classes=json.dumps(old), items=len(train))
+
+
+@dg.asset(group_name="base", kinds={"pytorch"}, io_manager_key="checkpoint_io_manager", code_version=CODE_VERSION)
+def side_info_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
+    """The side-info model psi: SimCLR without labels on the old classes' images."""
+    from fct_ml.augment import policy_for
+    from fct_ml.side_info import train_side_info_model
+
+    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    exp = fct.experiment()
+    train = data.train.with_classes(dataset["old_classes"])
+    side_cfg = _model_config(exp.side_info.model, config, in_channels=data.channels, num_classes=0)
+    from fct_ml.config import replace
+
+    train_cfg = _train_config(exp.side_info_train, config.epochs)
+    model, history = train_side_info_model(
+        train.images, replace(exp.side_info, model=side_cfg), train_cfg, policy_for(data.name).contrastive,
+        device=fct.torch_device(), seed=config.seed, progress=False,
+        on_epoch=epoch_logger(context, "side_info_model", train_cfg.epochs, len(train)),
+    )  # fmt: skip
+    return _model_output(model, history, context, items=len(train))
+
+
+@dg.asset(group_name="base", kinds={"lancedb"}, io_manager_key="json_io_manager", code_version=CODE_VERSION)
+def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: dict, old_model, side_info_model) -> dg.Output[dict]:
+    """The stored gallery in LanceDB: image, old embedding and side-info of every item."""
+    from fct_ml.augment import to_float
+    from fct_ml.training import encode
+
+    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    gallery = data.test
+    device = fct.torch_device()
+    old = encode(old_model.to(device), [gallery.images], transform=to_float).numpy()  # (N, old_dim)
+    side = encode(side_info_model.to(device), [gallery.images], transform=to_float).numpy()  # (N, side_dim)
+    for name, array in (("old_embedding", old), ("side_info", side)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"gallery_store: {name} holds NaN or Inf; nothing was written")
+    old_space, side_space = old_model.space_id, side_info_model.space_id
+    schema = storage.gallery_store_schema(old.shape[1], side.shape[1], old_space, side_space)
+    images = gallery.images.numpy()
+    labels = gallery.labels.numpy()
+
+    def batches(size: int = 2048):
+        for start in range(0, len(labels), size):
+            stop = min(start + size, len(labels))
+            n = stop - start
+            yield pa.record_batch(
+                [
+                    pa.array(np.arange(start, stop, dtype=np.int64)),
+                    pa.array(labels[start:stop].astype(np.int32)),
+                    pa.array([storage.encode_png(img) for img in images[start:stop]], type=pa.binary()),
+                    pa.FixedSizeListArray.from_arrays(pa.array(old[start:stop].reshape(-1)), old.shape[1]),
+                    pa.FixedSizeListArray.from_arrays(pa.array(side[start:stop].reshape(-1)), side.shape[1]),
+                    pa.array([old_space] * n),
+                    pa.array([side_space] * n),
+                ],
+                schema=schema,
+            )
+            context.log.info(f"gallery_store: {stop}/{len(labels)} items written")
+
+    info = storage.publish(fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run_id[:8]}")
+    record = {
+        **info,
+        "old_space_id": old_space,
+        "side_info_space_id": side_space,
+        "old_model_sha256": old_model.checkpoint_sha256,
+        "side_info_model_sha256": side_info_model.checkpoint_sha256,
+        "dataset_fingerprint": dataset["fingerprint"],
+    }
+    return dg.Output(
+        record,
+        data_version=dg.DataVersion(f"v{info['version']}-{old_space}-{side_space}"),
+        metadata={**record, "dagster/row_count": info["rows"], "lancedb_uri": fct.lancedb_uri, "code_version": CODE_VERSION},
+    )
+
+
+# ---------------------------------------------------------------- upgrade (one partition per model version)
+
+
+@dg.asset(
+    group_name="upgrade", kinds={"pytorch"}, partitions_def=model_version, io_manager_key="checkpoint_io_manager",
+    code_version=CODE_VERSION, automation_condition=UPGRADE_AUTOMATION,
+)  # fmt: skip
+def new_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
+    """The new embedding model phi_new of this version, trained on all classes."""
+    from fct_ml.augment import policy_for
+    from fct_ml.models import train_embedding_model
+
+    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    exp = fct.experiment()
+    model_cfg = _model_config(exp.new_model, config, in_channels=data.channels, num_classes=data.num_classes)
+    train_cfg = _train_config(exp.new_train, config.epochs)
+    model, history = train_embedding_model(
+        data.train.images, data.train.labels, model_cfg, train_cfg, policy_for(data.name).supervised,
+        device=fct.torch_device(), seed=config.seed, progress=False, desc="new_model",
+        on_epoch=epoch_logger(context, f"new_model[{context.partition_key}]", train_cfg.epochs, len(data.train)),
+    )  # fmt: skip
+    return _model_output(model, history, context, arch=model_cfg.arch, embed_dim=model_cfg.embed_dim)
+
+
+@dg.asset(
+    group_name="upgrade", kinds={"pytorch"}, partitions_def=model_version, io_manager_key="checkpoint_io_manager",
+    code_version=CODE_VERSION, automation_condition=UPGRADE_AUTOMATION,
+)  # fmt: skip
+def transformation(
+    context: dg.AssetExecutionContext,
+    config: TransformationTrainingConfig,
+    fct: FctResource,
+    dataset: dict,
+    old_model,
+    side_info_model,
+    new_model,
+) -> dg.Output:
+    """h(old_embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
+    from fct_ml.augment import policy_for
+    from fct_ml.config import replace
+    from fct_ml.reproduce import training_features
+    from fct_ml.transformation import train_transformation
+
+    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    exp, device = fct.experiment(), fct.torch_device()
+    models = [m.to(device) for m in (old_model, side_info_model, new_model)]
+    f_old, f_side, f_new = training_features(
+        models, data.train.images, exp.feature_views, policy_for(data.name).supervised,
+        batch_size=exp.encode_batch_size, seed=config.seed,
+    )  # fmt: skip
+    h_cfg = replace(
+        exp.transformation, old_dim=f_old.shape[1], side_info_dim=f_side.shape[1], new_dim=f_new.shape[1],
+        side_info=config.side_info, uncertainty=True,
+        **({"inner_width": config.inner_width} if config.inner_width else {}),
+    )  # fmt: skip
+    train_cfg = _train_config(exp.transformation_train, config.epochs)
+    labels = data.train.labels.repeat(exp.feature_views)
+    h, history = train_transformation(
+        f_old, f_side, f_new, labels, h_cfg, train_cfg, device=device, seed=config.seed,
+        new_classifier=new_model.classifier.weight.detach(), progress=False,
+        desc=f"transformation[{context.partition_key}]",
+    )  # fmt: skip
+    return _model_output(
+        h, history, context,
+        old_space_id=old_model.space_id, side_info_space_id=side_info_model.space_id, new_space_id=new_model.space_id,
+        old_model_sha256=old_model.checkpoint_sha256, side_info_model_sha256=side_info_model.checkpoint_sha256,
+        new_model_sha256=new_model.checkpoint_sha256, side_info=config.side_info,
+    )  # fmt: skip
+
+
+@dg.asset(
+    group_name="upgrade", kinds={"lancedb"}, partitions_def=model_version, io_manager_key="json_io_manager",
+    code_version=CODE_VERSION, automation_condition=UPGRADE_AUTOMATION,
+)  # fmt: skip
+def backfilled_gallery(
+    context: dg.AssetExecutionContext,
+    config: BackfillConfig,
+    fct: FctResource,
+    gallery_store: dict,
+    transformation,
+    new_model,
+) -> dg.Output[dict]:
+    """The gallery in this version's space, from the stored vectors (no image read) plus an optional
+    re-embedded share, most uncertain first."""
+    from fct_assets.backfill import backfill_version
+
+    version = context.partition_key
+    h_meta = recorded_metadata(context.instance, context.asset_key_for_input("transformation"), version)
+    for column in ("old_space_id", "side_info_space_id"):
+        if h_meta.get(column) != gallery_store[column]:
+            raise storage.SpaceMismatchError(
+                f"gallery_store.{column} is {gallery_store[column]} but transformation[{version}] was trained on "
+                f"{h_meta.get(column)}; re-materialise transformation[{version}]"
+            )
+    record = backfill_version(
+        fct, version, gallery_store, transformation, new_model, config.reembed_fraction, config.batch_size,
+        log=context.log.info, run_id=context.run_id,
+    )  # fmt: skip
+    record.update(transformation_sha256=transformation.checkpoint_sha256, new_model_sha256=new_model.checkpoint_sha256)
+    return dg.Output(
+        record,
+        data_version=dg.DataVersion(f"v{record['version']}-{record['space_id']}"),
+        metadata={**record, "dagster/row_count": record["rows"], "code_version": CODE_VERSION},
+    )
+
+
+@dg.asset(
+    group_name="upgrade", kinds={"python"}, partitions_def=model_version, io_manager_key="json_io_manager",
+    code_version=CODE_VERSION, automation_condition=UPGRADE_AUTOMATION,
+)  # fmt: skip
+def eval_report(
+    context: dg.AssetExecutionContext,
+    fct: FctResource,
+    dataset: dict,
+    gallery_store: dict,
+    backfilled_gallery: dict,
+    transformation,
+    new_model,
+) -> dg.Output[dict]:
+    """The paper's cases for this version and its backfilling curve (markdown, plot, JSON)."""
+    from fct_assets.report import evaluate_version
+
+    started = time.perf_counter()
+    report = evaluate_version(fct, dataset, gallery_store, backfilled_gallery, transformation, new_model)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    cases = report["cases"]
+    return dg.Output(
+        report,
+        metadata={
+            "report": dg.MetadataValue.md(report.pop("markdown")),
+            "json": dg.MetadataValue.json({k: v for k, v in report.items() if k != "plot_png_base64"}),
+            "new/h(old) top1": cases["new/h(old)"]["top1"],
+            "new/h(old) mAP": cases["new/h(old)"]["mAP"],
+            "old/old mAP": cases["old/old"]["mAP"],
+            "new/new mAP": cases["new/new"]["mAP"],
+            "gap closed mAP (%)": report["gap_closed"]["mAP"],
+            "code_version": CODE_VERSION,
+        },
+    )
+
+
+ALL_ASSETS = [dataset, old_model, side_info_model, gallery_store, new_model, transformation, backfilled_gallery, eval_report]

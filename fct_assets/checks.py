@@ -1,0 +1,143 @@
+"""Asset checks that guard publication: pandera schemas on every LanceDB table and a
+great-expectations 1.x suite on the eval report. All blocking: a failure stops downstream
+assets in the run and keeps the version from being promoted. Failing cases go into the
+check's metadata."""
+
+
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from fct_assets import storage
+from fct_assets.assets import backfilled_gallery, eval_report, gallery_store
+from fct_assets.partitions import model_version
+from fct_assets.resources import FctResource
+
+MAX_FAILING_CASES = 20
+
+
+def vector_table_schema(expected_rows: int, dims: dict[str, int], spaces: dict[str, str]):
+    """A pandera schema: unique ids, the gallery's row count, vector dims, all finite, one space_id."""
+    import pandera.pandas as pa
+
+    columns: dict[str, Any] = {"item_id": pa.Column(np.int64, unique=True), "label": pa.Column(np.int32, pa.Check.ge(0))}
+    for name, dim in dims.items():
+        columns[name] = pa.Column(
+            object,
+            [
+                pa.Check(lambda s, d=dim: s.map(len) == d, name=f"dim == {dim}"),
+                pa.Check(lambda s: s.map(lambda v: bool(np.isfinite(v).all())), name="all finite"),
+            ],
+        )
+    for name, space in spaces.items():
+        columns[name] = pa.Column(str, pa.Check.isin([space], name=f"space_id == {space}"))
+    return pa.DataFrameSchema(
+        columns,
+        checks=[pa.Check(lambda df: len(df) == expected_rows, name=f"rows == {expected_rows}")],
+        strict=False,
+    )
+
+
+def validate_table(fct: FctResource, table: str, recorded_version: int, schema, columns: list[str]) -> dg.AssetCheckResult:
+    """Run `schema` over the table as it is now; failing cases go into the metadata.
+
+    The table must also still be at the version its asset recorded: a write after the
+    materialisation (another writer, a hand edit) fails the check, so the version cannot be
+    promoted before it is re-materialised.
+    """
+    import pandera.errors
+
+    t = fct.connect().open_table(table)
+    version = t.version
+    frame: pd.DataFrame = t.search().select(columns).limit(None).to_arrow().to_pandas()
+    meta: dict[str, Any] = {"table": table, "table_version": version, "recorded_version": recorded_version, "rows": len(frame)}
+    failures: list[str] = []
+    try:
+        schema.validate(frame, lazy=True)
+    except pandera.errors.SchemaErrors as err:
+        cases = err.failure_cases.head(MAX_FAILING_CASES)
+        failures = sorted({f"{c}: {k}" for c, k in zip(err.failure_cases["column"], err.failure_cases["check"])})
+        meta["failing_cases"] = dg.MetadataValue.json(cases.astype(str).to_dict(orient="records"))
+        meta["num_failing_cases"] = len(err.failure_cases)
+    if version != recorded_version:
+        failures.append(f"table changed after materialisation (recorded version {recorded_version}, found {version})")
+    if failures:
+        meta["failed_checks"] = "; ".join(map(str, failures))
+    return dg.AssetCheckResult(passed=not failures, metadata=meta)
+
+
+@dg.asset_check(asset=gallery_store, blocking=True, additional_ins={"dataset": dg.AssetIn("dataset")}, description="pandera: ids unique, one row per gallery item, dims, finite, one space_id per column")
+def gallery_store_schema(fct: FctResource, dataset: dict, gallery_store: dict) -> dg.AssetCheckResult:
+    schema = fct.connect().open_table(storage.GALLERY_STORE).schema
+    dims = {c: schema.field(c).type.list_size for c in ("old_embedding", "side_info")}
+    spaces = {"old_space_id": gallery_store["old_space_id"], "side_info_space_id": gallery_store["side_info_space_id"]}
+    return validate_table(
+        fct, storage.GALLERY_STORE, gallery_store["version"], vector_table_schema(dataset["gallery_items"], dims, spaces),
+        ["item_id", "label", "old_embedding", "side_info", "old_space_id", "side_info_space_id"],
+    )  # fmt: skip
+
+
+@dg.asset_check(
+    asset=backfilled_gallery, blocking=True, partitions_def=model_version,
+    description="pandera: ids unique, one row per stored item, dims, finite, the version's space_id only",
+)  # fmt: skip
+def backfilled_gallery_schema(fct: FctResource, backfilled_gallery: dict) -> dg.AssetCheckResult:
+    t = fct.connect().open_table(backfilled_gallery["table"])
+    dims = {"embedding": t.schema.field("embedding").type.list_size}
+    schema = vector_table_schema(backfilled_gallery["gallery_rows"], dims, {"space_id": backfilled_gallery["space_id"]})
+    return validate_table(fct, backfilled_gallery["table"], backfilled_gallery["version"], schema,
+                          ["item_id", "label", "embedding", "space_id"])  # fmt: skip
+
+
+def report_frame(report: dict) -> pd.DataFrame:
+    """One row per (case, metric) of the report, for the expectation suite."""
+    rows = [{"case": c, "metric": m, "value": v} for c, ms in report["cases"].items() for m, v in ms.items()]
+    return pd.DataFrame(rows)
+
+
+def run_report_suite(report: dict) -> tuple[bool, list[dict[str, Any]]]:
+    """great-expectations 1.x suite over the report; returns (success, failing expectations)."""
+    import great_expectations as gx  # ~3.5 s to import: only when a check runs
+
+    frame = report_frame(report)
+    cases = report["cases"]
+    # Derived columns make the cross-case rules ordinary column expectations.
+    frame["fct_minus_old_mAP"] = cases["new/h(old)"]["mAP"] - cases["old/old"]["mAP"]
+    frame["fct_minus_old_top1"] = cases["new/h(old)"]["top1"] - cases["old/old"]["top1"]
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm bars in run logs
+    batch = context.data_sources.add_pandas("fct").add_dataframe_asset("eval_report").add_batch_definition_whole_dataframe("all")
+    suite = context.suites.add(gx.ExpectationSuite(name="eval_report"))
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column="value"))
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="value", min_value=0, max_value=100))
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeInSet(column="metric", value_set=["top1", "top5", "mAP"]))
+    for case in ("old/old", "new/new", "new/h(old)"):
+        suite.add_expectation(gx.expectations.ExpectColumnDistinctValuesToContainSet(column="case", value_set=[case]))
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="fct_minus_old_mAP", min_value=0))
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="fct_minus_old_top1", min_value=0))
+    validation = context.validation_definitions.add(gx.ValidationDefinition(name="eval_report", data=batch, suite=suite))
+    result = validation.run(batch_parameters={"dataframe": frame})
+    failing = [
+        {"expectation": r.expectation_config.type, "kwargs": {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"},
+         "unexpected": (r.result or {}).get("partial_unexpected_list", (r.result or {}).get("observed_value"))}
+        for r in result.results if not r.success
+    ]  # fmt: skip
+    return bool(result.success), failing
+
+
+@dg.asset_check(asset=eval_report, blocking=True, partitions_def=model_version,
+                description="great-expectations: metrics in [0, 100], the paper's cases present, new/h(old) not below old/old")  # fmt: skip
+def eval_report_expectations(eval_report: dict) -> dg.AssetCheckResult:
+    passed, failing = run_report_suite(eval_report)
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"failing_expectations": dg.MetadataValue.json(failing), "num_failing": len(failing),
+                  "new/h(old) mAP": eval_report["cases"]["new/h(old)"]["mAP"], "old/old mAP": eval_report["cases"]["old/old"]["mAP"]},
+    )  # fmt: skip
+
+
+ALL_CHECKS = [gallery_store_schema, backfilled_gallery_schema, eval_report_expectations]

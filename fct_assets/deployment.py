@@ -1,0 +1,138 @@
+"""Serving: which model version answers queries, promotion, rollback, and search.
+
+The deployment record is an append-only LanceDB table (`deployments`): each row names a
+version, its table and the *table version* it serves, so a query always reads one complete,
+pinned snapshot, and history supports rollback. A version is promoted only when the latest
+runs of its blocking checks passed after its latest materialisation.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+
+from fct_assets import storage
+from fct_assets.partitions import check_version
+
+DEPLOYMENT_SCHEMA = pa.schema(
+    [
+        pa.field("seq", pa.int64()),
+        pa.field("action", pa.string()),  # promote | rollback
+        pa.field("version", pa.string()),
+        pa.field("table", pa.string()),
+        pa.field("table_version", pa.int64()),
+        pa.field("space_id", pa.string()),
+        pa.field("at", pa.string()),
+    ]
+)
+GUARDED = ("backfilled_gallery", "eval_report")  # assets whose blocking checks guard promotion
+
+
+class PromotionError(ValueError):
+    """A version cannot be promoted (or rolled back to); one line saying why."""
+
+
+def history(db) -> list[dict[str, Any]]:
+    if storage.DEPLOYMENTS not in db.table_names():
+        return []
+    rows = db.open_table(storage.DEPLOYMENTS).to_arrow().to_pylist()
+    return sorted(rows, key=lambda r: r["seq"])
+
+
+def current(db) -> dict[str, Any] | None:
+    """The deployment serving queries now, or None."""
+    rows = history(db)
+    return rows[-1] if rows else None
+
+
+def _append(db, row: dict[str, Any]) -> dict[str, Any]:
+    # One writer per table (DESIGN.md §6): promotions are rare, issued by one CLI or job at a time.
+    rows = history(db)
+    row = {"seq": (rows[-1]["seq"] + 1) if rows else 1, "at": _dt.datetime.now(_dt.timezone.utc).isoformat(), **row}
+    data = pa.Table.from_pylist([row], schema=DEPLOYMENT_SCHEMA)
+    if storage.DEPLOYMENTS in db.table_names():
+        db.open_table(storage.DEPLOYMENTS).add(data)
+    else:
+        db.create_table(storage.DEPLOYMENTS, data=data, schema=DEPLOYMENT_SCHEMA)
+    return row
+
+
+def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[str, Any]]:
+    """Latest result of every blocking check on the version's guarded assets, and whether it
+    ran after that asset partition's latest materialisation."""
+    from dagster._core.event_api import PartitionKeyFilter
+
+    from fct_assets.checks import ALL_CHECKS
+
+    out: dict[str, dict[str, Any]] = {}
+    for check_key in (key for check in ALL_CHECKS for key in check.check_keys):
+        if check_key.asset_key.to_user_string() not in GUARDED:
+            continue
+        records = instance.event_log_storage.get_asset_check_execution_history(
+            check_key, limit=1, partition_filter=PartitionKeyFilter(key=version)
+        )
+        mats = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=check_key.asset_key, asset_partitions=[version]), limit=1
+        ).records
+        name = f"{check_key.asset_key.to_user_string()}:{check_key.name}"
+        if not records:
+            out[name] = {"passed": False, "why": "never ran"}
+            continue
+        record = records[0]
+        evaluation = record.evaluation
+        # The evaluation's own event, not the record's creation (a check is planned at run start).
+        fresh = bool(mats) and evaluation is not None and record.event.timestamp >= mats[0].timestamp
+        out[name] = {
+            "passed": bool(evaluation and evaluation.passed) and fresh,
+            "why": "passed" if evaluation and evaluation.passed else f"status {record.status.value}",
+            "ran_after_latest_materialization": fresh,
+            "run_id": record.run_id,
+        }
+    return out
+
+
+def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
+    """Serve `version`, if its blocking checks passed on its latest materialisations."""
+    from fct_assets.io_managers import recorded_metadata
+
+    check_version(version)
+    results = check_results(instance, version)
+    failed = {k: v["why"] for k, v in results.items() if not v["passed"]}
+    if not results or failed:
+        raise PromotionError(f"version {version} not promoted: blocking checks not passed ({failed or 'no checks ran'})")
+    meta = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), version)
+    return _append(db, {"action": "promote", "version": version, "table": meta["table"],
+                        "table_version": int(meta["version"]), "space_id": meta["space_id"]})  # fmt: skip
+
+
+def rollback(db) -> dict[str, Any]:
+    """Serve again the deployment before the current one (the table version it served then)."""
+    rows = history(db)
+    if not rows:
+        raise PromotionError("nothing is deployed: no rollback possible")
+    serving = rows[-1]
+    earlier = [r for r in rows if r["version"] != serving["version"] or r["table_version"] != serving["table_version"]]
+    if not earlier:
+        raise PromotionError(f"version {serving['version']} is the only one ever deployed: no rollback possible")
+    target = earlier[-1]
+    return _append(db, {"action": "rollback", "version": target["version"], "table": target["table"],
+                        "table_version": target["table_version"], "space_id": target["space_id"]})  # fmt: skip
+
+
+def search(db, query, *, version: dict[str, Any], k: int = 10) -> list[dict[str, Any]]:
+    """The k nearest items (L2) to `query` (D,) in the pinned table of a deployment record."""
+    import numpy as np
+
+    table = db.open_table(version["table"])
+    table.checkout(int(version["table_version"]))
+    declared = storage.table_space_ids(table).get("space_id")
+    if declared != version["space_id"]:
+        raise storage.SpaceMismatchError(f"{version['table']}: holds space {declared}, the deployment expects {version['space_id']}")
+    hits = (
+        table.search(np.asarray(query, dtype=np.float32), vector_column_name="embedding")
+        .distance_type("l2").select(["item_id", "label", "source"]).limit(k).to_list()
+    )  # fmt: skip
+    return [{"item_id": h["item_id"], "label": h["label"], "distance": float(h["_distance"]), "source": h["source"]} for h in hits]

@@ -1,0 +1,93 @@
+"""IO managers: checkpoints (safetensors + sha256 verified against the event log) and JSON.
+
+Neither pickles anything. A checkpoint is loaded only if its sha256 equals the one recorded
+in the materialisation that wrote it, so a file swapped or edited on disk is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from fct_assets.partitions import check_version
+from fct_assets.resources import DATA_ROOT
+
+
+def _relative_path(context: dg.OutputContext | dg.InputContext, suffix: str) -> Path:
+    key = context.asset_key.path
+    if context.has_asset_partitions:
+        # Partition keys are model versions: checked so that a path never leaves the root.
+        return Path(*key) / f"{check_version(context.asset_partition_key)}{suffix}"
+    return Path(*key[:-1]) / f"{key[-1]}{suffix}"
+
+
+def recorded_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None) -> dict[str, Any]:
+    """The metadata of the latest materialisation of (asset, partition), as plain values."""
+    flt = dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None)
+    records = instance.fetch_materializations(flt, limit=1).records
+    if not records:
+        raise dg.DagsterInvariantViolationError(f"{asset_key.to_user_string()}[{partition}]: never materialised")
+    meta = records[0].asset_materialization.metadata
+    return {k: getattr(v, "value", v) for k, v in meta.items()}
+
+
+class CheckpointIOManager(dg.ConfigurableIOManager):
+    """Model checkpoints under `root`: one safetensors file per asset and partition."""
+
+    root: str = Field(
+        default_factory=lambda: os.environ.get("FCT_CHECKPOINT_ROOT", str(DATA_ROOT / "checkpoints")),
+        description="Folder for checkpoints. Env FCT_CHECKPOINT_ROOT.",
+    )
+
+    def path_for(self, context: dg.OutputContext | dg.InputContext) -> Path:
+        return Path(self.root) / _relative_path(context, ".safetensors")
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        from fct_ml.checkpoint import save_checkpoint
+
+        name = context.asset_key.to_user_string()
+        if context.has_asset_partitions:
+            name = f"{name}:{context.asset_partition_key}"
+        provenance = {"run_id": context.run_id, "asset": name}
+        info = save_checkpoint(self.path_for(context), obj, name=name, metadata=provenance)
+        context.add_output_metadata(
+            {"sha256": info.sha256, "space_id": info.space_id, "path": dg.MetadataValue.path(info.path)}
+        )
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        from fct_ml.checkpoint import load_checkpoint
+
+        upstream = context.upstream_output
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        recorded = recorded_metadata(context.instance, upstream.asset_key, partition)
+        model, meta = load_checkpoint(self.path_for(context), recorded.get("sha256"))
+        model.checkpoint_sha256 = meta["sha256"]  # provenance for the asset that uses it
+        model.space_id = recorded.get("space_id")
+        return model
+
+
+class JsonIOManager(dg.ConfigurableIOManager):
+    """Small JSON records (dataset descriptors, table summaries, reports) under `root`."""
+
+    root: str = Field(
+        default_factory=lambda: os.environ.get("FCT_RECORD_ROOT", str(DATA_ROOT / "records")),
+        description="Folder for JSON records. Env FCT_RECORD_ROOT.",
+    )
+
+    def path_for(self, context: dg.OutputContext | dg.InputContext) -> Path:
+        return Path(self.root) / _relative_path(context, ".json")
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        path = self.path_for(context)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        return json.loads(self.path_for(context).read_text())

@@ -1,0 +1,31 @@
+"""The model version: one upgrade, one key (`v2`, `v3`, ...), a Dagster dynamic partition."""
+
+from __future__ import annotations
+
+import re
+
+import dagster as dg
+
+model_version = dg.DynamicPartitionsDefinition(name="model_version")
+
+# A version names files, tables and partitions: letters, digits, '_' and '-', starting with a
+# letter, so it can never carry a path separator, '..', spaces or shell characters.
+_VERSION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+class VersionError(ValueError):
+    """A model-version name that cannot be used (one line naming it)."""
+
+
+def check_version(version: str) -> str:
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise VersionError(
+            f"model version {version!r}: expected a letter then up to 63 letters, digits, '_' or '-' (e.g. v2)"
+        )
+    return version
+
+
+def add_model_version(instance: dg.DagsterInstance, version: str) -> None:
+    """Register a model version; with automation running, its four assets materialise by themselves."""
+    check_version(version)
+    instance.add_dynamic_partitions(model_version.name, [version])

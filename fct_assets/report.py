@@ -1,0 +1,123 @@
+"""The evaluation report of one version: the paper's cases on the stored gallery (query set =
+gallery, leave-one-out), its backfilling curve, a markdown table and a plot."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from fct_assets import storage
+
+
+def _read(db, name: str, version: int, columns: list[str]):
+    table = db.open_table(name)
+    table.checkout(version)
+    data = table.search().select(columns).limit(None).to_arrow()
+    return data.sort_by("item_id")
+
+
+def curve_plot_png(curves: dict[str, dict[str, list[float]]], title: str) -> bytes:
+    """mAP and top-1 against the fraction re-embedded, one line per order; PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=80)
+    for ax, metric in zip(axes, ("mAP", "top1")):
+        for order, curve in curves.items():
+            ax.plot(curve["fractions"], curve[metric], marker="o", label=order)
+        ax.set_xlabel("fraction of gallery re-embedded")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"### Evaluation of {report['version']} ({report['items']} gallery items, leave-one-out)",
+        "",
+        "| case (query/gallery) | top-1 | top-5 | mAP | unseen-class mAP |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for case, m in report["cases"].items():
+        unseen = report["cases_unseen_classes"].get(case)
+        u = f"{unseen['mAP']:.1f}" if unseen else "–"
+        lines.append(f"| {case} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mAP']:.1f} | {u} |")
+    g = report["gap_closed"]
+    lines += ["", f"Gap closed by new/h(old): top-1 {g['top1']:.1f} %, mAP {g['mAP']:.1f} %.", "",
+              "| backfill order | area top-1 | area mAP |", "| --- | --- | --- |"]  # fmt: skip
+    for order, a in report["backfill_auc"].items():
+        lines.append(f"| {order} | {a['top1']:.1f} | {a['mAP']:.1f} |")
+    lines += ["", f"![backfilling curve](data:image/png;base64,{report['plot_png_base64']})"]
+    return "\n".join(lines)
+
+
+def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, h, new_model) -> dict[str, Any]:
+    """Metrics of one version in percent: cases, unseen-class split, backfilling curves."""
+    from fct_ml.augment import to_float
+    from fct_ml.backfill import apply_transformation, backfill_curves, backfill_order, curve_area
+    from fct_ml.evaluation import evaluate_cases, gap_closed
+    from fct_ml.training import encode
+
+    db = fct.connect()
+    device = fct.torch_device()
+    exp = fct.experiment()
+    store = _read(db, storage.GALLERY_STORE, gallery_store["version"], ["item_id", "label", "image", "old_embedding", "side_info"])
+    served = _read(db, backfilled["table"], backfilled["version"], ["item_id", "embedding", "sigma", "source"])
+    if store.column("item_id").to_pylist() != served.column("item_id").to_pylist():
+        raise ValueError(f"{backfilled['table']}: its item_ids differ from gallery_store's")
+    labels = torch.from_numpy(store.column("label").to_numpy().astype(np.int64))
+    old = torch.from_numpy(storage.vectors(store.column("old_embedding")))
+    side = torch.from_numpy(storage.vectors(store.column("side_info")))
+    channels = new_model.config.in_channels
+    images = torch.from_numpy(np.stack([storage.decode_png(b, channels) for b in store.column("image").to_pylist()]))
+    new = encode(new_model.to(device), [images], transform=to_float)  # (N, new_dim): queries and the full re-embedding
+    transformed, sigma = apply_transformation(h.to(device), old, side if h.config.side_info else None)
+    served_vectors = torch.from_numpy(storage.vectors(served.column("embedding")))
+    unseen = ~torch.isin(labels, torch.tensor(dataset["old_classes"], dtype=labels.dtype))
+    cases = {
+        "old/old": (old, old),
+        "new/new": (new, new),
+        "new/h(old)": (new, transformed),
+        f"new/{backfilled['table']}": (new, served_vectors),
+        "new/old": (new, old),
+    }
+    result = evaluate_cases(cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size)
+    fractions = [i / (exp.backfill_points - 1) for i in range(exp.backfill_points)]
+    error = (transformed - new).pow(2).sum(1)
+    orders = {
+        "random": backfill_order("random", len(labels), generator=torch.Generator().manual_seed(0)),
+        "sigma": backfill_order("sigma", len(labels), sigma=sigma),
+        "oracle": backfill_order("oracle", len(labels), error=error),
+    }
+    points = backfill_curves(new, labels, transformed, new, labels, orders, fractions, leave_one_out=True,
+                             metric=exp.metric, chunk_size=exp.eval_chunk_size)  # fmt: skip
+    curves = {o: {"fractions": fractions, "top1": [100 * p["top1"] for p in pts], "mAP": [100 * p["mAP"] for p in pts]}
+              for o, pts in points.items()}  # fmt: skip
+    report: dict[str, Any] = {
+        "version": backfilled["table"].removeprefix("gallery_"),
+        "items": len(labels),
+        **result,
+        "gap_closed": gap_closed(result["cases"]),
+        "backfill_curves": curves,
+        "backfill_auc": {o: {"top1": curve_area(c["top1"]), "mAP": curve_area(c["mAP"])} for o, c in curves.items()},
+        "reembedded": int(np.sum(np.asarray(served.column("source").to_pylist()) == "re-embedded")),
+        "table": backfilled["table"],
+        "table_version": backfilled["version"],
+        "space_id": backfilled["space_id"],
+    }
+    png = curve_plot_png(curves, f"backfilling curve, {report['version']}")
+    report["plot_png_base64"] = base64.b64encode(png).decode()
+    report["markdown"] = markdown_table(report)
+    return report

@@ -1,0 +1,69 @@
+"""`fct search`: embed a query image with a version's new model and search that version's table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+import numpy as np
+
+from fct_assets import storage
+from fct_assets.io_managers import CheckpointIOManager, recorded_metadata
+from fct_assets.partitions import check_version
+
+
+def _served(instance: dg.DagsterInstance, db, version: str | None) -> dict[str, Any]:
+    from fct_assets.deployment import current
+
+    if version is None:
+        deployed = current(db)
+        if deployed is None:
+            raise LookupError("no version is deployed: pass --version or run `fct promote VERSION`")
+        return deployed
+    meta = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), check_version(version))
+    return {"version": version, "table": meta["table"], "table_version": int(meta["version"]), "space_id": meta["space_id"]}
+
+
+def _query_image(db, *, image: str | None, item_id: int | None, channels: int) -> np.ndarray:
+    """(C, H, W) uint8: a gallery item's stored image, or an image file resized like the gallery's."""
+    store = db.open_table(storage.GALLERY_STORE)
+    if item_id is not None:
+        rows = store.search().where(f"item_id = {int(item_id)}").select(["image"]).limit(1).to_list()
+        if not rows:
+            raise LookupError(f"item_id {item_id}: not in gallery_store")
+        return storage.decode_png(rows[0]["image"], channels)
+    from PIL import Image, UnidentifiedImageError
+
+    first = store.search().select(["image"]).limit(1).to_list()[0]["image"]
+    _, h, w = storage.decode_png(first, channels).shape
+    try:
+        img = Image.open(image)
+        img.load()
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"{image}: not a readable image ({err})") from None
+    array = np.asarray(img.convert("L" if channels == 1 else "RGB").resize((w, h), Image.BILINEAR))
+    return array[None] if channels == 1 else np.transpose(array, (2, 0, 1))
+
+
+def search_command(instance: dg.DagsterInstance, fct, *, image: str | None, item_id: int | None,
+                   version: str | None, k: int = 10) -> list[dict[str, Any]]:  # fmt: skip
+    """The k nearest gallery items to the query, in the version's (or the deployed) table."""
+    import torch
+
+    from fct_assets.deployment import search
+    from fct_ml.augment import to_float
+    from fct_ml.checkpoint import load_checkpoint
+    from fct_ml.training import encode
+
+    db = fct.connect()
+    served = _served(instance, db, version)
+    recorded = recorded_metadata(instance, dg.AssetKey("new_model"), served["version"])
+    model, _ = load_checkpoint(recorded["path"], recorded["sha256"])
+    if f"@{recorded['sha256'][:12]}" not in served["space_id"]:
+        raise storage.SpaceMismatchError(
+            f"{served['table']} holds space {served['space_id']}, but new_model[{served['version']}] is now {recorded['space_id']}; "
+            "re-materialise the version's backfilled_gallery"
+        )
+    x = torch.from_numpy(_query_image(db, image=image, item_id=item_id, channels=model.config.in_channels))[None]
+    query = encode(model, [x], transform=to_float)[0].numpy()
+    return search(db, query, version=served, k=k)

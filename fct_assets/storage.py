@@ -1,0 +1,141 @@
+"""LanceDB tables: the stored gallery and one backfilled table per model version.
+
+`gallery_store`: item_id, label, image (PNG bytes), old_embedding, side_info, old_space_id,
+side_info_space_id. `gallery_<version>`: item_id, label, embedding, sigma, source
+("transformed" | "re-embedded"), space_id.
+
+Every table is published by ONE LanceDB commit (`create_table(mode="overwrite")` over a
+stream of record batches): readers see the previous version or the new one, never a half
+written table, and a writer that dies mid-way publishes nothing. Each table's space_ids are
+also written to its schema metadata, and vectors of another space are refused.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from fct_assets.partitions import check_version
+
+GALLERY_STORE = "gallery_store"
+DEPLOYMENTS = "deployments"
+
+
+class SpaceMismatchError(ValueError):
+    """Vectors of one embedding space offered to a table of another (one line naming both)."""
+
+
+def version_table(version: str) -> str:
+    return f"gallery_{check_version(version)}"
+
+
+def _vector(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def gallery_store_schema(old_dim: int, side_dim: int, old_space_id: str, side_space_id: str) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("label", pa.int32(), nullable=False),
+            pa.field("image", pa.binary(), nullable=False),
+            pa.field("old_embedding", _vector(old_dim), nullable=False),
+            pa.field("side_info", _vector(side_dim), nullable=False),
+            pa.field("old_space_id", pa.string(), nullable=False),
+            pa.field("side_info_space_id", pa.string(), nullable=False),
+        ],
+        metadata={"old_space_id": old_space_id, "side_info_space_id": side_space_id},
+    )
+
+
+def backfilled_schema(dim: int, space_id: str) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("item_id", pa.int64(), nullable=False),
+            pa.field("label", pa.int32(), nullable=False),
+            pa.field("embedding", _vector(dim), nullable=False),
+            pa.field("sigma", pa.float32(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("space_id", pa.string(), nullable=False),
+        ],
+        metadata={"space_id": space_id},
+    )
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(C, H, W) uint8 -> PNG bytes (lossless, so re-embedding from the store is exact)."""
+    from PIL import Image
+
+    array = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(blob: bytes, channels: int) -> np.ndarray:
+    """PNG bytes -> (C, H, W) uint8; a corrupt image raises ValueError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(blob))
+        img.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"stored image is not a readable PNG ({err})") from None
+    array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    return array[None] if channels == 1 else np.transpose(array, (2, 0, 1))
+
+
+def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list column -> (N, D) float32 without a Python loop."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def _checked(batches: Iterable[pa.RecordBatch], schema: pa.Schema, space_columns: dict[str, str]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        batch = batch.cast(schema) if batch.schema != schema else batch
+        for column, expected in space_columns.items():
+            found = set(batch.column(column).to_pylist())
+            if found != {expected}:
+                other = sorted(found - {expected})[:1] or ["(none)"]
+                raise SpaceMismatchError(f"{column}: vectors of space {other[0]} offered to a table of space {expected}")
+        yield batch
+
+
+def publish(db, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *, tag: str | None = None) -> dict:
+    """Write `batches` as table `name` in one commit; returns {"table", "version", "rows"}.
+
+    Space-id columns must hold the space named in the schema metadata, batch after batch;
+    a mismatch aborts the write before anything is published.
+    """
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    space_columns = {c: meta[c] for c in ("old_space_id", "side_info_space_id", "space_id") if c in meta}
+    reader = pa.RecordBatchReader.from_batches(schema, _checked(batches, schema, space_columns))
+    table = db.create_table(name, data=reader, schema=schema, mode="overwrite")
+    if tag:
+        table.tags.create(tag, table.version)
+    return {"table": name, "version": table.version, "rows": table.count_rows()}
+
+
+def table_space_ids(table) -> dict[str, str]:
+    """The space ids a table declares in its schema metadata."""
+    return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+
+
+def append_rows(db, name: str, rows: pa.Table) -> int:
+    """Append rows to an existing table, refusing vectors of a space other than the table's."""
+    table = db.open_table(name)
+    declared = table_space_ids(table)
+    for column, expected in declared.items():
+        if column in rows.column_names:
+            found = set(rows.column(column).to_pylist())
+            if found != {expected}:
+                other = sorted(found - {expected})[:1] or ["(none)"]
+                raise SpaceMismatchError(f"{name}.{column}: refusing vectors of space {other[0]}; the table holds {expected}")
+    table.add(rows)
+    return table.version
