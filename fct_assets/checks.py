@@ -103,9 +103,10 @@ def run_report_suite(report: dict) -> tuple[bool, list[dict[str, Any]]]:
 
     frame = report_frame(report)
     cases = report["cases"]
-    # Derived columns make the cross-case rules ordinary column expectations.
+    # A derived column makes the cross-case rule an ordinary column expectation. The rule is on
+    # mAP (the whole ranking); top-1 of a small gallery moves by several points between
+    # equally good models, so it is reported, not gated.
     frame["fct_minus_old_mAP"] = cases["new/h(old)"]["mAP"] - cases["old/old"]["mAP"]
-    frame["fct_minus_old_top1"] = cases["new/h(old)"]["top1"] - cases["old/old"]["top1"]
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
@@ -118,7 +119,6 @@ def run_report_suite(report: dict) -> tuple[bool, list[dict[str, Any]]]:
     for case in ("old/old", "new/new", "new/h(old)"):
         suite.add_expectation(gx.expectations.ExpectColumnDistinctValuesToContainSet(column="case", value_set=[case]))
     suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="fct_minus_old_mAP", min_value=0))
-    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="fct_minus_old_top1", min_value=0))
     validation = context.validation_definitions.add(gx.ValidationDefinition(name="eval_report", data=batch, suite=suite))
     result = validation.run(batch_parameters={"dataframe": frame})
     failing = [
@@ -130,7 +130,7 @@ def run_report_suite(report: dict) -> tuple[bool, list[dict[str, Any]]]:
 
 
 @dg.asset_check(asset=eval_report, blocking=True, partitions_def=model_version,
-                description="great-expectations: metrics in [0, 100], the paper's cases present, new/h(old) not below old/old")  # fmt: skip
+                description="great-expectations: metrics in [0, 100], the paper's cases present, new/h(old) mAP not below old/old")  # fmt: skip
 def eval_report_expectations(eval_report: dict) -> dg.AssetCheckResult:
     passed, failing = run_report_suite(eval_report)
     return dg.AssetCheckResult(

@@ -31,7 +31,8 @@ def recorded_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, part
     flt = dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None)
     records = instance.fetch_materializations(flt, limit=1).records
     if not records:
-        raise dg.DagsterInvariantViolationError(f"{asset_key.to_user_string()}[{partition}]: never materialised")
+        where = f"[{partition}]" if partition else ""
+        raise LookupError(f"{asset_key.to_user_string()}{where}: never materialised")
     meta = records[0].asset_materialization.metadata
     return {k: getattr(v, "value", v) for k, v in meta.items()}
 

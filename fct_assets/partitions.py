@@ -10,7 +10,7 @@ model_version = dg.DynamicPartitionsDefinition(name="model_version")
 
 # A version names files, tables and partitions: letters, digits, '_' and '-', starting with a
 # letter, so it can never carry a path separator, '..', spaces or shell characters.
-_VERSION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_VERSION = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 class VersionError(ValueError):
@@ -18,7 +18,7 @@ class VersionError(ValueError):
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not _VERSION.match(version):
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):  # fullmatch: `$` would accept a trailing newline
         raise VersionError(
             f"model version {version!r}: expected a letter then up to 63 letters, digits, '_' or '-' (e.g. v2)"
         )

@@ -24,10 +24,10 @@ from fct_ml.config import replace
 from fct_ml.data import Dataset, DataError
 from fct_ml.models import EmbeddingModel, train_embedding_model
 from fct_ml.presets import ExperimentConfig
-from fct_ml.retrieval import retrieve
+from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.side_info import train_side_info_model
 from fct_ml.training import EpochRecord, encode, seed_everything
-from fct_ml.transformation import Transformation, train_transformation
+from fct_ml.transformation import train_transformation
 
 # The cases of the paper's tables, query/gallery.
 CASES = (
@@ -53,10 +53,6 @@ def _stage_seed(seed: int, stage: str) -> int:
 
 def _history(records: list[EpochRecord]) -> list[dict[str, Any]]:
     return [asdict(r) for r in records]
-
-
-def _percent(summary: dict[str, float]) -> dict[str, float]:
-    return {"top1": 100 * summary["top1"], "top5": 100 * summary["top5"], "mAP": 100 * summary["mAP"]}
 
 
 def training_features(
@@ -214,16 +210,10 @@ def run_experiment(
         "bct/bct": (t_bct, t_bct),
         "new/old": (t_new, t_old),
     }
-    cases, cases_unseen, cases_seen = {}, {}, {}
     with timed("evaluation"):
-        for case, (q, g) in galleries.items():
-            if q.shape[1] != g.shape[1]:
-                continue  # e.g. new/old when the new model has another embedding dim
-            result = retrieve(q, labels, g, labels, leave_one_out=True, metric=config.metric,
-                              chunk_size=config.eval_chunk_size)  # fmt: skip
-            cases[case] = _percent(result.summary())
-            cases_unseen[case] = _percent(result.summary(unseen_mask)) if unseen_classes else None
-            cases_seen[case] = _percent(result.summary(~unseen_mask))
+        evaluated = evaluate_cases(galleries, labels, unseen_mask=unseen_mask, metric=config.metric,
+                                   chunk_size=config.eval_chunk_size)  # fmt: skip
+    cases = evaluated["cases"]
 
     fractions = [i / (config.backfill_points - 1) for i in range(config.backfill_points)]
     curves: dict[str, Any] = {}
@@ -248,10 +238,6 @@ def run_experiment(
                 order: {"top1": curve_area(c["top1"]), "mAP": curve_area(c["mAP"])} for order, c in curves[variant].items()
             }
 
-    def gap(metric: str, case: str = "new/h(old)") -> float:
-        lo, hi = cases["old/old"][metric], cases["new/new"][metric]
-        return 100 * (cases[case][metric] - lo) / (hi - lo) if hi != lo else float("nan")
-
     return {
         "dataset": dataset.name,
         "dataset_fingerprint": dataset.fingerprint(),
@@ -259,13 +245,13 @@ def run_experiment(
         "seed": seed,
         "device": str(device),
         "cases": cases,
-        "cases_unseen_classes": cases_unseen,
-        "cases_seen_classes": cases_seen,
+        "cases_unseen_classes": evaluated["cases_unseen_classes"] or {case: None for case in cases},
+        "cases_seen_classes": evaluated["cases_seen_classes"],
         "backfill_auc": auc["backfill_auc"],
         "backfill_auc_no_side_info": auc["backfill_auc_no_side_info"],
         "backfill_curves": curves,
-        "gap_closed": {"top1": gap("top1"), "mAP": gap("mAP")},
-        "gap_closed_no_side_info": {"top1": gap("top1", "new/h(old) no side-info"), "mAP": gap("mAP", "new/h(old) no side-info")},
+        "gap_closed": gap_closed(cases),
+        "gap_closed_no_side_info": gap_closed(cases, "new/h(old) no side-info"),
         "timings_s": timings,
         "config": asdict(config),
         "history": histories,

@@ -1,0 +1,68 @@
+"""Checkpoints: safetensors round trip, sha256 refusal, non-checkpoint files, content digest."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+
+import pytest
+import torch
+
+from fct_ml.checkpoint import CheckpointError, content_digest, load_checkpoint, save_checkpoint, sha256_file, space_id
+from fct_ml.models import EmbeddingModel, ModelConfig
+from fct_ml.transformation import Transformation, TransformationConfig
+
+
+def _model(seed: int = 0) -> EmbeddingModel:
+    torch.manual_seed(seed)
+    return EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)).eval()
+
+
+def test_round_trip_restores_weights_config_and_provenance(tmp_path):
+    model = _model()
+    info = save_checkpoint(tmp_path / "m.safetensors", model, name="old_model", metadata={"run_id": "r1"})
+    assert info.sha256 == sha256_file(info.path) == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
+    assert info.space_id == f"old_model@{info.sha256[:12]}" == space_id("old_model", info.sha256)
+    loaded, meta = load_checkpoint(info.path, info.sha256)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(model(x), loaded(x))
+    assert meta["config"]["embed_dim"] == 4 and meta["provenance"] == {"run_id": "r1"} and meta["kind"] == "embedding_model"
+
+
+def test_transformation_round_trip(tmp_path):
+    h = Transformation(TransformationConfig(old_dim=3, side_info_dim=2, new_dim=4, branch_width=4, inner_width=4, uncertainty=True)).eval()
+    info = save_checkpoint(tmp_path / "h.safetensors", h, name="transformation:v2")
+    loaded, _ = load_checkpoint(info.path, info.sha256)
+    old, side = torch.rand(5, 3), torch.rand(5, 2)
+    assert torch.equal(h(old, side), loaded(old, side))
+    assert loaded.sigma_head is not None
+
+
+def test_sha256_mismatch_is_refused_before_parsing(tmp_path):
+    info = save_checkpoint(tmp_path / "m.safetensors", _model(), name="old_model")
+    with pytest.raises(CheckpointError, match="differs from the recorded") as err:
+        load_checkpoint(info.path, "0" * 64)
+    assert "m.safetensors" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_pickle_is_not_a_checkpoint(tmp_path):
+    # A pickled object (which could run code on load) is refused: nothing is unpickled.
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
+    with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
+        load_checkpoint(path, sha256_file(path))
+
+
+def test_missing_file_and_unknown_module(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors", None)
+    with pytest.raises(CheckpointError, match="cannot checkpoint a Linear"):
+        save_checkpoint(tmp_path / "x.safetensors", torch.nn.Linear(2, 2), name="x")
+
+
+def test_content_digest_tracks_weights_not_files():
+    a, b = _model(0), _model(0)
+    assert content_digest(a) == content_digest(b)
+    with torch.no_grad():
+        b.classifier.weight[0, 0] += 1.0
+    assert content_digest(a) != content_digest(b)

@@ -1,0 +1,49 @@
+"""evaluate_cases and gap_closed on hand-computed examples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fct_ml.evaluation import evaluate_cases, gap_closed
+
+
+def test_evaluate_cases_by_hand():
+    # Four items on a line, labels [0, 0, 1, 1]; leave-one-out.
+    # Gallery "good": 0, 1, 10, 11 -> every item's nearest other item shares its label:
+    #   top-1 = 100 %, AP = 1 for all.
+    # Gallery "bad": 0, 10, 1, 11 (items 1 and 2 swapped places):
+    #   item 0 (at 0): others at 10 (label 0, match), 1 (label 1), 11 (label 1):
+    #     ranking 1(no), 10(match), 11 -> top-1 miss, AP = 1/2
+    #   item 1 (at 10): others 0 (match, d=10), 1 (d=9), 11 (d=1) -> ranking 11, 1, 0 -> AP = 1/3
+    #   item 2 (at 1): others 0 (d=1), 10 (d=9), 11 (match, d=10) -> AP = 1/3
+    #   item 3 (at 11): others 10 (d=1, no), 1 (d=10, match), 0 (d=11) -> AP = 1/2
+    #   mAP = (1/2 + 1/3 + 1/3 + 1/2) / 4 = 5/12; top-1 = 0.
+    labels = torch.tensor([0, 0, 1, 1])
+    good = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+    bad = torch.tensor([[0.0], [10.0], [1.0], [11.0]])
+    unseen = torch.tensor([False, False, True, True])
+    out = evaluate_cases({"good": (good, good), "bad": (bad, bad)}, labels, unseen_mask=unseen)
+    assert out["cases"]["good"] == pytest.approx({"top1": 100.0, "top5": 100.0, "mAP": 100.0})
+    assert out["cases"]["bad"]["top1"] == 0.0
+    assert out["cases"]["bad"]["mAP"] == pytest.approx(100 * 5 / 12)
+    # Unseen-class queries are items 2 and 3: mAP = (1/3 + 1/2) / 2 = 5/12 as well.
+    assert out["cases_unseen_classes"]["bad"]["mAP"] == pytest.approx(100 * 5 / 12)
+    assert out["cases_seen_classes"]["bad"]["mAP"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
+
+
+def test_cases_of_different_dims_are_skipped():
+    labels = torch.tensor([0, 0])
+    out = evaluate_cases({"x": (torch.zeros(2, 3), torch.zeros(2, 4))}, labels)
+    assert out["cases"] == {}
+
+
+def test_gap_closed_by_hand():
+    cases = {"old/old": {"top1": 40.0, "mAP": 20.0}, "new/new": {"top1": 80.0, "mAP": 60.0},
+             "new/h(old)": {"top1": 70.0, "mAP": 50.0}}  # fmt: skip
+    # (70 - 40) / (80 - 40) = 75 %; (50 - 20) / (60 - 20) = 75 %
+    assert gap_closed(cases) == pytest.approx({"top1": 75.0, "mAP": 75.0})
+    cases["new/new"] = cases["old/old"]
+    assert all(math.isnan(v) for v in gap_closed(cases).values())
