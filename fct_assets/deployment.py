@@ -36,7 +36,7 @@ class PromotionError(ValueError):
 
 
 def history(db) -> list[dict[str, Any]]:
-    if storage.DEPLOYMENTS not in db.table_names():
+    if not storage.table_exists(db, storage.DEPLOYMENTS):
         return []
     rows = db.open_table(storage.DEPLOYMENTS).to_arrow().to_pylist()
     return sorted(rows, key=lambda r: r["seq"])
@@ -53,7 +53,7 @@ def _append(db, row: dict[str, Any]) -> dict[str, Any]:
     rows = history(db)
     row = {"seq": (rows[-1]["seq"] + 1) if rows else 1, "at": _dt.datetime.now(_dt.timezone.utc).isoformat(), **row}
     data = pa.Table.from_pylist([row], schema=DEPLOYMENT_SCHEMA)
-    if storage.DEPLOYMENTS in db.table_names():
+    if storage.table_exists(db, storage.DEPLOYMENTS):
         db.open_table(storage.DEPLOYMENTS).add(data)
     else:
         db.create_table(storage.DEPLOYMENTS, data=data, schema=DEPLOYMENT_SCHEMA)

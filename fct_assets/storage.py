@@ -28,6 +28,16 @@ class SpaceMismatchError(ValueError):
     """Vectors of one embedding space offered to a table of another (one line naming both)."""
 
 
+def table_exists(db, name: str) -> bool:
+    """Whether `name` has a committed version. A writer killed before its commit leaves data
+    files (so the folder shows in a listing) but no version: that table does not exist."""
+    try:
+        db.open_table(name)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
 def version_table(version: str) -> str:
     return f"gallery_{check_version(version)}"
 
@@ -115,11 +125,36 @@ def publish(db, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
     """
     meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
     space_columns = {c: meta[c] for c in ("old_space_id", "side_info_space_id", "space_id") if c in meta}
-    reader = pa.RecordBatchReader.from_batches(schema, _checked(batches, schema, space_columns))
-    table = db.create_table(name, data=reader, schema=schema, mode="overwrite")
+    failure: list[Exception] = []
+
+    def produce() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from _checked(batches, schema, space_columns)
+        except Exception as err:  # LanceDB re-raises it as a RuntimeError holding a traceback
+            failure.append(err)
+            raise
+
+    existed = _table_exists(db, name)
+    reader = pa.RecordBatchReader.from_batches(schema, produce())
+    try:
+        table = db.create_table(name, data=reader, schema=schema, mode="overwrite")
+    except Exception:
+        if not existed:  # a first write that failed leaves no half-made table folder behind
+            db.drop_table(name, ignore_missing=True)
+        if failure:  # the producer's own one-line error (SpaceMismatchError, a corrupt image, ...)
+            raise failure[0] from None
+        raise
     if tag:
         table.tags.create(tag, table.version)
     return {"table": name, "version": table.version, "rows": table.count_rows()}
+
+
+def _table_exists(db, name: str) -> bool:
+    try:
+        db.open_table(name)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
 
 
 def table_space_ids(table) -> dict[str, str]:

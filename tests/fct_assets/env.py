@@ -1,0 +1,47 @@
+"""A real Dagster instance and real LanceDB/checkpoint folders in a folder, tiny preset on digits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+from fct_assets.definitions import build_defs
+from fct_assets.io_managers import CheckpointIOManager, JsonIOManager
+from fct_assets.partitions import add_model_version
+from fct_assets.resources import FctResource
+
+DATASET_CONFIG = {"ops": {"dataset": {"config": {"dataset": "digits", "old_classes": "0-4"}}}}
+
+
+@dataclass
+class Env:
+    root: Path
+    instance: dg.DagsterInstance
+    defs: dg.Definitions
+    fct: FctResource
+    checkpoints: CheckpointIOManager
+    records: JsonIOManager
+
+    def upgrade(self, version: str, run_config: dict | None = None, **kwargs) -> dg.ExecuteInProcessResult:
+        if version not in self.instance.get_dynamic_partitions("model_version"):
+            add_model_version(self.instance, version)
+        return self.defs.resolve_job_def("upgrade").execute_in_process(
+            instance=self.instance, partition_key=version, run_config=run_config or {}, **kwargs
+        )
+
+
+def build_env(root: Path) -> Env:
+    """Base assets and model version v2 materialised under `root` (dagster_home, lancedb, checkpoints, records)."""
+    fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
+    checkpoints = CheckpointIOManager(root=str(root / "checkpoints"))
+    records = JsonIOManager(root=str(root / "records"))
+    defs = build_defs({"fct": fct, "checkpoint_io_manager": checkpoints, "json_io_manager": records})
+    (root / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(root / "dagster_home"), overrides={"telemetry": {"enabled": False}})
+    result = defs.resolve_job_def("base").execute_in_process(instance=instance, run_config=DATASET_CONFIG)
+    assert result.success
+    e = Env(root, instance, defs, fct, checkpoints, records)
+    assert e.upgrade("v2").success
+    return e

@@ -1,0 +1,194 @@
+"""Faults: a backfill killed with SIGKILL part-way, searches while a version is backfilled and
+promoted, and the security defaults. Real Dagster instance, real LanceDB, tiny preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fct_assets import storage
+from fct_assets.deployment import current, promote, search
+from fct_ml.backfill import apply_transformation
+from fct_ml.checkpoint import load_checkpoint
+from tests.fct_assets.env import build_env
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("backfill_worker.py")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = build_env(tmp_path_factory.mktemp("reliability"))
+    promote(e.instance, e.fct.connect(), "v2")
+    return e
+
+
+def _served_state(db) -> tuple[dict, int, int]:
+    deployed = current(db)
+    table = db.open_table(deployed["table"])
+    return deployed, table.version, table.count_rows()
+
+
+def _run_worker(root: Path, version: str, kill_after_lines: int | None) -> tuple[int, list[str]]:
+    """Run the backfill worker; with kill_after_lines, SIGKILL it after that many progress lines."""
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(root), version, "64"], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if kill_after_lines is not None and sum(l.startswith("backfill") for l in lines) >= kill_after_lines:
+                proc.send_signal(signal.SIGKILL)
+                break
+        return proc.wait(timeout=300), lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_backfill_killed_part_way_publishes_nothing_and_rerun_is_exact(env, reliability):
+    db = env.fct.connect()
+    # v3's model and transformation exist; its table is written by the worker alone.
+    job = env.defs.resolve_implicit_global_asset_job_def()
+    env.instance.add_dynamic_partitions("model_version", ["v3"])
+    import dagster as dg
+
+    assert job.execute_in_process(instance=env.instance, partition_key="v3",
+                                  asset_selection=[dg.AssetKey("new_model"), dg.AssetKey("transformation")]).success  # fmt: skip
+    before = _served_state(db)
+    n = db.open_table(storage.GALLERY_STORE).count_rows()
+    batches = -(-n // 64)
+    for kill_after in (1, batches // 2, batches - 1):
+        code, lines = _run_worker(env.root, "v3", kill_after)
+        assert code == -signal.SIGKILL, lines
+        assert not storage.table_exists(db, "gallery_v3"), f"killed after {kill_after} batches, a table was published"
+        assert _served_state(db) == before
+        reliability("fault", f"SIGKILL during backfill after {kill_after}/{batches} batches",
+                    "nothing published; deployed version and its table unchanged")  # fmt: skip
+    code, lines = _run_worker(env.root, "v3", None)
+    assert code == 0, lines
+    record = json.loads(lines[-1].removeprefix("DONE "))
+    table = db.open_table("gallery_v3").to_arrow().sort_by("item_id")
+    store = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id")
+    assert table.column("item_id").to_pylist() == store.column("item_id").to_pylist()  # each item once
+    assert record["rows"] == n and record["reembedded"] == round(0.25 * n)
+    # Transformed rows hold exactly h(stored old_embedding, side_info).
+    meta = {name: _recorded(env, name, "v3") for name in ("transformation",)}
+    h, _ = load_checkpoint(meta["transformation"]["path"], meta["transformation"]["sha256"])
+    expected, _ = apply_transformation(h, torch.from_numpy(storage.vectors(store.column("old_embedding"))),
+                                       torch.from_numpy(storage.vectors(store.column("side_info"))))  # fmt: skip
+    got = storage.vectors(table.column("embedding"))
+    transformed = np.asarray(table.column("source").to_pylist()) == "transformed"
+    np.testing.assert_allclose(got[transformed], expected.numpy()[transformed], rtol=1e-5, atol=1e-5)
+    assert _served_state(db) == before
+    reliability("fault", "re-run after the kills", f"table complete: {n} items once each, vectors equal h(stored)")
+
+
+def _recorded(env, asset: str, partition: str) -> dict:
+    from fct_assets.io_managers import recorded_metadata
+    import dagster as dg
+
+    return recorded_metadata(env.instance, dg.AssetKey(asset), partition)
+
+
+def test_searches_during_backfill_and_promotion_see_one_version(env, reliability):
+    db = env.fct.connect()
+    answers: list[dict] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        reader_db = env.fct.connect()
+        deadline = time.monotonic() + 240  # bounded in time and count
+        while not stop.is_set() and time.monotonic() < deadline and len(answers) < 5000:
+            try:
+                deployed = current(reader_db)
+                table = reader_db.open_table(deployed["table"])
+                table.checkout(int(deployed["table_version"]))
+                row = table.search().where("item_id = 11").select(["embedding"]).limit(1).to_list()[0]
+                hits = search(reader_db, row["embedding"], version=deployed, k=5)
+                answers.append({"version": deployed["version"], "table_version": deployed["table_version"],
+                                "hits": [(h["item_id"], h["distance"]) for h in hits]})  # fmt: skip
+            except Exception as err:  # any failure is a finding
+                errors.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert env.upgrade("v4").success
+        promote(env.instance, db, "v4")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors[:3]
+    versions = {a["version"] for a in answers}
+    assert versions == {"v2", "v4"}, versions
+    # Each answer comes from one version: its query vector is item 11's row of that version, so
+    # item 11 is first at distance 0, and the rest match a brute-force search of that version.
+    truth = {}
+    for version in versions:
+        deployed = next(a for a in answers if a["version"] == version)
+        table = db.open_table(f"gallery_{version}")
+        table.checkout(int(deployed["table_version"]))
+        data = table.to_arrow().sort_by("item_id")
+        vectors = storage.vectors(data.column("embedding"))
+        ids = np.asarray(data.column("item_id").to_pylist())
+        d = ((vectors - vectors[ids == 11][0]) ** 2).sum(1)
+        truth[version] = ids[np.argsort(d, kind="stable")[:5]].tolist()
+    for a in answers:
+        assert a["hits"][0] == (11, pytest.approx(0.0, abs=1e-4))
+        assert [i for i, _ in a["hits"]] == truth[a["version"]]
+    reliability("fault", f"{len(answers)} searches while v4 was backfilled and promoted",
+                f"none failed; each answer from one version ({sorted(versions)})")  # fmt: skip
+
+
+def test_security_defaults(reliability):
+    source = {p: p.read_text() for d in ("fct_ml", "fct_assets") for p in (REPO / d).rglob("*.py")}
+    for path, text in source.items():
+        assert "shell=True" not in text and "os.system(" not in text and "os.popen(" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+        # The one unpickler is the restricted CIFAR reader in data.py.
+        if path.name != "data.py":
+            assert "pickle.load" not in text and "pickle.loads" not in text, path
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"dagster dev .*-h 127\.0\.0\.1", makefile)
+    reliability("security", "source scan: shell, os.system, pickle, torch.load", "none unsafe")
+    reliability("security", "make ui binds", "127.0.0.1 only")
+
+
+def test_version_paths_stay_inside_their_root(tmp_path, reliability):
+    from fct_assets.partitions import VersionError, check_version
+
+    for name in ("../../etc", "v2/../../x", "/abs", "v2\x00"):
+        with pytest.raises(VersionError):
+            check_version(name)
+    reliability("security", "version names with path characters", "refused before any path is built")
+
+
+def test_same_seed_same_metrics_on_cpu(reliability):
+    from fct_ml.data import load_dataset
+    from fct_ml.presets import preset
+    from fct_ml.reproduce import run_experiment
+
+    data = load_dataset("digits")
+    runs = [run_experiment(data, (0, 1, 2, 3, 4), preset("tiny"), seed=3, progress=False, log=lambda s: None)
+            for _ in range(2)]  # fmt: skip
+    for key in ("cases", "cases_unseen_classes", "backfill_auc", "gap_closed"):
+        assert runs[0][key] == runs[1][key], key
+    reliability("determinism", "fct reproduce --preset tiny --dataset digits, seed 3, twice",
+                f"identical metrics (new/h(old) mAP {runs[0]['cases']['new/h(old)']['mAP']:.2f} both times)")  # fmt: skip
