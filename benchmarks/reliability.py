@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,11 @@ def main() -> int:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
             return 1
         records = json.loads(records_path.read_text())
+    # Temporary folders differ on every run: show them as <tmp>.
+    tmp_path = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+")
+    for r in records:
+        r["outcome"] = tmp_path.sub("<tmp>", r["outcome"])
+        r["case"] = tmp_path.sub("<tmp>", r["case"])
     counts = Counter(r["category"] for r in records)
     lines = [
         "# Reliability: bad inputs tried, faults injected, outcomes",

@@ -37,9 +37,16 @@ class FctResource(dg.ConfigurableResource):
         """The LanceDB connection (imported lazily: a code location should load fast)."""
         import lancedb
 
-        if "://" not in self.lancedb_uri:
-            Path(self.lancedb_uri).mkdir(parents=True, exist_ok=True)
-        return lancedb.connect(self.lancedb_uri)
+        try:
+            if "://" not in self.lancedb_uri:
+                Path(self.lancedb_uri).mkdir(parents=True, exist_ok=True)
+            return lancedb.connect(self.lancedb_uri)
+        except Exception as err:  # OSError, lancedb's ValueError (multi-line), ...: one line naming the URI
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(
+                f"lancedb_uri {self.lancedb_uri!r}: cannot open ({cause}); "
+                "expected a writable folder or an object-store URI such as s3://bucket/fct"
+            ) from err
 
     def torch_device(self):
         from fct_ml.training import resolve_device

@@ -92,7 +92,11 @@ def decode_png(blob: bytes, channels: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(blob))
         img.load()
-    except (UnidentifiedImageError, OSError) as err:
+    except UnidentifiedImageError:  # PIL's message names an anonymous BytesIO object: say what the bytes are
+        raise ValueError(
+            f"stored image is not a readable PNG (unknown format, starts with {bytes(blob[:8])!r}); expected PNG bytes"
+        ) from None
+    except OSError as err:
         raise ValueError(f"stored image is not a readable PNG ({err})") from None
     array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
     return array[None] if channels == 1 else np.transpose(array, (2, 0, 1))
@@ -103,17 +107,20 @@ def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     dim = column.type.list_size
-    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    # A copy: arrow's buffers are read-only, and torch.from_numpy wants a writable array.
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=True)
 
 
-def _checked(batches: Iterable[pa.RecordBatch], schema: pa.Schema, space_columns: dict[str, str]) -> Iterator[pa.RecordBatch]:
+def _checked(
+    batches: Iterable[pa.RecordBatch], schema: pa.Schema, space_columns: dict[str, str], name: str
+) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         batch = batch.cast(schema) if batch.schema != schema else batch
         for column, expected in space_columns.items():
             found = set(batch.column(column).to_pylist())
             if found != {expected}:
                 other = sorted(found - {expected})[:1] or ["(none)"]
-                raise SpaceMismatchError(f"{column}: vectors of space {other[0]} offered to a table of space {expected}")
+                raise SpaceMismatchError(f"{name}.{column}: vectors of space {other[0]} offered to a table of space {expected}")
         yield batch
 
 
@@ -129,12 +136,12 @@ def publish(db, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
 
     def produce() -> Iterator[pa.RecordBatch]:
         try:
-            yield from _checked(batches, schema, space_columns)
+            yield from _checked(batches, schema, space_columns, name)
         except Exception as err:  # LanceDB re-raises it as a RuntimeError holding a traceback
             failure.append(err)
             raise
 
-    existed = _table_exists(db, name)
+    existed = table_exists(db, name)
     reader = pa.RecordBatchReader.from_batches(schema, produce())
     try:
         table = db.create_table(name, data=reader, schema=schema, mode="overwrite")
@@ -147,14 +154,6 @@ def publish(db, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch],
     if tag:
         table.tags.create(tag, table.version)
     return {"table": name, "version": table.version, "rows": table.count_rows()}
-
-
-def _table_exists(db, name: str) -> bool:
-    try:
-        db.open_table(name)
-    except (ValueError, FileNotFoundError):
-        return False
-    return True
 
 
 def table_space_ids(table) -> dict[str, str]:

@@ -35,6 +35,12 @@ def apply_transformation(
         raise ValueError(f"side_info: expected (N, {config.side_info_dim}), got {got}")
     if side_info is not None and side_info.shape[0] != old_embedding.shape[0]:
         raise ValueError(f"side_info: {side_info.shape[0]} rows but old_embedding has {old_embedding.shape[0]}")
+    # A NaN/Inf input would come out as a NaN vector, silently wrong in every ranking. Side-info
+    # is checked only when h reads it (side_info=False feeds the old embedding twice).
+    for name, t in (("old_embedding", old_embedding), ("side_info", side_info if config.side_info else None)):
+        if t is not None and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0])
+            raise ValueError(f"{name}: row {bad} contains NaN or Inf; expected finite vectors")
     with_sigma = h.sigma_head is not None
     frozen = Frozen(h, method="forward_with_sigma" if with_sigma else "forward")
     outs, sigmas = [], []

@@ -487,7 +487,7 @@ def _read_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
             img = img.convert("L" if gray else "RGB").resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(img, dtype=np.uint8), gray
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e}); expected a readable PNG, JPEG, BMP, GIF or WebP file") from None
 
 
 def load_imagefolder(path: str | os.PathLike[str], image_size: int = 32) -> Dataset:

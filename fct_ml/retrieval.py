@@ -81,7 +81,8 @@ def retrieve(
         raise ValueError(f"retrieval: query {tuple(query.shape)} and gallery {tuple(gallery.shape)} must be (N, D) with one D")
     for name, t in (("query", query), ("gallery", gallery)):
         if not torch.isfinite(t).all():
-            raise ValueError(f"retrieval: {name} embeddings contain NaN or Inf")
+            row = int((~torch.isfinite(t)).any(dim=1).nonzero()[0])
+            raise ValueError(f"retrieval: {name} embeddings contain NaN or Inf (first at row {row}); expected finite vectors")
     if leave_one_out and query.shape[0] != gallery.shape[0]:
         raise ValueError("retrieval: leave_one_out needs the query set to be the gallery (same length)")
     topk = tuple(topk)
