@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: venv data demo ui test reproduce reproduce-benchmark clean
+.PHONY: venv data demo ui test reproduce reproduce-benchmark reliability clean
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 # The stamp is remade when the dependencies change.
@@ -46,6 +46,10 @@ test: venv data
 # The committed reproduction results: three seeds, their mean and spread (about an hour).
 reproduce-benchmark: venv data
 	$(PY) benchmarks/reproduce.py --dataset fashion-mnist --preset cpu --seeds 0 1 2
+
+# Bad inputs and injected faults, and the report of what happened (~1 min).
+reliability: venv data
+	$(PY) benchmarks/reliability.py
 
 clean:
 	rm -rf runs .pytest_cache data
