@@ -1,5 +1,5 @@
 """`fct` command line: `reproduce` (fct_ml), and the serving commands over the Dagster instance
-and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`."""
+and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,14 @@ def _add_version(args) -> int:
     return 0
 
 
+def _estimate(args) -> int:
+    from fct_assets.estimate import estimate, format_estimate
+
+    info = estimate(_instance(), args.version, args.items)
+    print(json.dumps(info, indent=2) if args.json else format_estimate(info))
+    return 0
+
+
 def _search(args) -> int:
     from fct_assets.search import search_command
 
@@ -86,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("add-version", help="register a model version (a Dagster dynamic partition)")
     p.add_argument("version")
     p.set_defaults(func=_add_version)
+    p = sub.add_parser("estimate", help="time a full re-embedding would take against the transformation backfill")
+    p.add_argument("version")
+    p.add_argument("--items", type=int, default=None, help="gallery size to estimate for (default: this gallery's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_estimate)
     p = sub.add_parser("search", help="nearest gallery items, query embedded by the version's new model")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", help="an image file")

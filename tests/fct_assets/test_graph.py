@@ -233,3 +233,20 @@ def test_tampered_checkpoint_is_refused(env):
     assert not run.success
     failure = next(e for e in run.all_events if e.is_step_failure)
     assert "differs from the recorded" in str(failure.event_specific_data.error)
+
+
+def test_estimate_uses_the_costs_measured_on_the_versions_runs(env, monkeypatch, capsys):
+    from fct_assets.estimate import estimate
+
+    e = estimate(env.instance, "v2")
+    backfill = json.loads((env.root / "records" / "backfilled_gallery" / "v2.json").read_text())
+    report = json.loads((env.root / "records" / "eval_report" / "v2.json").read_text())
+    assert e["items"] == backfill["rows"] and e["transform_items_per_s"] == backfill["backfill_items_per_s"]
+    assert e["reembed_items_per_s"] == report["reembed_items_per_s"]
+    assert e["reembed_seconds"] == pytest.approx(e["items"] / e["reembed_items_per_s"])
+    big = estimate(env.instance, "v2", items=10**9)
+    assert big["transform_seconds"] == pytest.approx(10**9 / backfill["backfill_items_per_s"])
+    _cli_env(monkeypatch, env)
+    assert fct_main(["estimate", "v2", "--items", "1000000000"]) == 0
+    out = capsys.readouterr().out
+    assert "1,000,000,000 items" in out and "full re-embedding" in out

@@ -1,0 +1,47 @@
+"""`fct estimate`: what a full re-embedding would cost against the transformation backfill,
+from costs measured on this version's own runs (no guess, no constant)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from fct_assets.io_managers import recorded_metadata
+from fct_assets.partitions import check_version
+
+
+def estimate(instance: dg.DagsterInstance, version: str, items: int | None = None) -> dict[str, Any]:
+    """Seconds to backfill `items` (default: the gallery) by transformation and by re-embedding."""
+    check_version(version)
+    backfill = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), version)
+    report = recorded_metadata(instance, dg.AssetKey("eval_report"), version)["json"]
+    transform_rate, reembed_rate = backfill.get("backfill_items_per_s"), report.get("reembed_items_per_s")
+    if not transform_rate or not reembed_rate:
+        raise LookupError(f"version {version}: its runs recorded no costs; re-materialise backfilled_gallery and eval_report")
+    n = items if items is not None else int(backfill["rows"])
+    return {
+        "version": version,
+        "items": n,
+        "transform_items_per_s": transform_rate,
+        "reembed_items_per_s": reembed_rate,
+        "transform_seconds": n / transform_rate,
+        "reembed_seconds": n / reembed_rate,
+        "speedup": transform_rate / reembed_rate,
+        "measured_on_items": int(backfill["rows"]),
+    }
+
+
+def format_estimate(e: dict[str, Any]) -> str:
+    def human(seconds: float) -> str:
+        for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+            if seconds >= size:
+                return f"{seconds / size:.1f} {unit}"
+        return f"{seconds:.1f} s"
+
+    return (
+        f"{e['version']}: {e['items']:,} items\n"
+        f"  backfill by transformation: {human(e['transform_seconds'])} ({e['transform_items_per_s']:,.0f} items/s)\n"
+        f"  full re-embedding:          {human(e['reembed_seconds'])} ({e['reembed_items_per_s']:,.0f} items/s)\n"
+        f"  transformation is {e['speedup']:.1f}x cheaper (rates measured on this version's runs, {e['measured_on_items']:,} items)"
+    )
