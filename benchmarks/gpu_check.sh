@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# GPU check of fct_ml in a few minutes: bf16 training steps (cnn-s, ResNet-50), embedding and h
+# throughput. Needs only torch + torchvision (no Dagster, no LanceDB), so it runs on a bare GPU box.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi -L || true
+python3 benchmarks/gpu_check.py
