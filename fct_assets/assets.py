@@ -110,14 +110,13 @@ def old_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fc
 def side_info_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
     """The side-info model psi: SimCLR without labels on the old classes' images."""
     from fct_ml.augment import policy_for
+    from fct_ml.config import replace
     from fct_ml.side_info import train_side_info_model
 
     data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
     exp = fct.experiment()
     train = data.train.with_classes(dataset["old_classes"])
     side_cfg = _model_config(exp.side_info.model, config, in_channels=data.channels, num_classes=0)
-    from fct_ml.config import replace
-
     train_cfg = _train_config(exp.side_info_train, config.epochs)
     model, history = train_side_info_model(
         train.images, replace(exp.side_info, model=side_cfg), train_cfg, policy_for(data.name).contrastive,

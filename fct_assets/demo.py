@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
@@ -39,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from fct_assets.deployment import PromotionError, promote
     from fct_assets.lineage import format_lineage, lineage
     from fct_assets.partitions import add_model_version
+    from fct_assets.report import markdown_table
     from fct_assets.resources import FctResource
 
     instance = dg.DagsterInstance.get()
@@ -68,17 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     report = json.loads(report_path.read_text())
-    print(re.sub(r"\n!\[backfilling curve\]\(data:image/png;base64,[^)]*\)", "", report_markdown(report)))
+    print(markdown_table(report, include_plot=False))
     print()
     print(format_lineage(lineage(instance, args.version)))
     print("\nOpen the UI with `make ui` (http://127.0.0.1:3000): asset graph, launchpad, eval report, checks.")
     return 0
-
-
-def report_markdown(report: dict) -> str:
-    from fct_assets.report import markdown_table
-
-    return markdown_table({**report, "plot_png_base64": ""})
 
 
 if __name__ == "__main__":

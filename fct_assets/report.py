@@ -44,7 +44,7 @@ def curve_plot_png(curves: dict[str, dict[str, list[float]]], title: str) -> byt
     return buf.getvalue()
 
 
-def markdown_table(report: dict[str, Any]) -> str:
+def markdown_table(report: dict[str, Any], *, include_plot: bool = True) -> str:
     lines = [
         f"### Evaluation of {report['version']} ({report['items']} gallery items, leave-one-out)",
         "",
@@ -64,7 +64,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines += ["", f"Cost on this run's device: backfill by transformation {report['backfill_items_per_s']:.0f} items/s "
                       f"(LanceDB read + h + write), full re-embedding {report['reembed_items_per_s']:.0f} items/s "
                       f"(decode + new model), {report['backfill_items_per_s'] / report['reembed_items_per_s']:.1f}x."]  # fmt: skip
-    lines += ["", f"![backfilling curve](data:image/png;base64,{report['plot_png_base64']})"]
+    if include_plot:
+        lines += ["", f"![backfilling curve](data:image/png;base64,{report['plot_png_base64']})"]
     return "\n".join(lines)
 
 

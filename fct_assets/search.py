@@ -8,7 +8,7 @@ import dagster as dg
 import numpy as np
 
 from fct_assets import storage
-from fct_assets.io_managers import CheckpointIOManager, recorded_metadata
+from fct_assets.io_managers import recorded_metadata
 from fct_assets.partitions import check_version
 
 

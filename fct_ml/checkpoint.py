@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors

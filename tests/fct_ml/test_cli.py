@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fct_ml.augment import AugmentConfig
 from fct_ml.losses import (
