@@ -88,7 +88,7 @@ class Frozen:
     def __call__(self, *inputs: torch.Tensor):
         device = next(self.module.parameters()).device
         with autocast(device):
-            out = self.fn(*(x.to(device) for x in inputs))
+            out = self.fn(*(to_device(x, device) for x in inputs))  # pinned, non-blocking on CUDA
         if isinstance(out, tuple):
             return tuple(o.float() for o in out)
         return out.float()
