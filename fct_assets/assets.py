@@ -27,8 +27,15 @@ from fct_assets.resources import FctResource
 from fct_assets import storage
 
 CODE_VERSION = code_version()
-# Upgrades materialise by themselves when a model version is added or an input changes.
-UPGRADE_AUTOMATION = dg.AutomationCondition.eager()
+
+
+def upgrade_asset(*, kind: str, io_manager_key: str):
+    """An asset of one upgrade: partitioned by model version, materialised by itself (eager) when
+    a version is added or an input changes."""
+    return dg.asset(
+        group_name="upgrade", kinds={kind}, partitions_def=model_version, io_manager_key=io_manager_key,
+        code_version=CODE_VERSION, automation_condition=dg.AutomationCondition.eager(),
+    )  # fmt: skip
 
 
 def _model_config(base, override: ModelTrainingConfig, **fixed):
@@ -182,10 +189,7 @@ def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: 
 # ---------------------------------------------------------------- upgrade (one partition per model version)
 
 
-@dg.asset(
-    group_name="upgrade", kinds={"pytorch"}, partitions_def=model_version, io_manager_key="checkpoint_io_manager",
-    code_version=CODE_VERSION, automation_condition=UPGRADE_AUTOMATION,
-)  # fmt: skip
+@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
 def new_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
     """The new embedding model phi_new of this version, trained on all classes."""
     from fct_ml.augment import policy_for
@@ -203,10 +207,7 @@ def new_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fc
     return _model_output(model, history, context, arch=model_cfg.arch, embed_dim=model_cfg.embed_dim)
 
 
-@dg.asset(
-    group_name="upgrade", kinds={"pytorch"}, partitions_def=model_version, io_manager_key="checkpoint_io_manager",
-    code_version=CODE_VERSION, automation_condition=UPGRADE_AUTOMATION,
-)  # fmt: skip
+@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
 def transformation(
     context: dg.AssetExecutionContext,
     config: TransformationTrainingConfig,
@@ -219,8 +220,7 @@ def transformation(
     """h(old_embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
     from fct_ml.augment import policy_for
     from fct_ml.config import replace
-    from fct_ml.reproduce import training_features
-    from fct_ml.transformation import train_transformation
+    from fct_ml.transformation import train_transformation, training_features
 
     data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
     exp, device = fct.experiment(), fct.torch_device()
@@ -249,10 +249,7 @@ def transformation(
     )  # fmt: skip
 
 
-@dg.asset(
-    group_name="upgrade", kinds={"lancedb"}, partitions_def=model_version, io_manager_key="json_io_manager",
-    code_version=CODE_VERSION, automation_condition=UPGRADE_AUTOMATION,
-)  # fmt: skip
+@upgrade_asset(kind="lancedb", io_manager_key="json_io_manager")
 def backfilled_gallery(
     context: dg.AssetExecutionContext,
     config: BackfillConfig,
@@ -285,10 +282,7 @@ def backfilled_gallery(
     )
 
 
-@dg.asset(
-    group_name="upgrade", kinds={"python"}, partitions_def=model_version, io_manager_key="json_io_manager",
-    code_version=CODE_VERSION, automation_condition=UPGRADE_AUTOMATION,
-)  # fmt: skip
+@upgrade_asset(kind="python", io_manager_key="json_io_manager")
 def eval_report(
     context: dg.AssetExecutionContext,
     fct: FctResource,
@@ -304,11 +298,12 @@ def eval_report(
     started = time.perf_counter()
     report = evaluate_version(fct, dataset, gallery_store, backfilled_gallery, transformation, new_model)
     report["seconds"] = round(time.perf_counter() - started, 2)
+    markdown = report.pop("markdown")
     cases = report["cases"]
     return dg.Output(
         report,
         metadata={
-            "report": dg.MetadataValue.md(report.pop("markdown")),
+            "report": dg.MetadataValue.md(markdown),
             "json": dg.MetadataValue.json({k: v for k, v in report.items() if k != "plot_png_base64"}),
             "new/h(old) top1": cases["new/h(old)"]["top1"],
             "new/h(old) mAP": cases["new/h(old)"]["mAP"],

@@ -23,8 +23,7 @@ def _store_batches(db, version: int, columns: list[str], batch_size: int):
 
     Pages by offset/limit rather than one streaming scan: the scan reader buffers far ahead
     (measured: +380 MB over 1M rows), a page at a time keeps memory at one batch."""
-    table = db.open_table(storage.GALLERY_STORE)
-    table.checkout(version)
+    table = storage.open_pinned(db, storage.GALLERY_STORE, version)
     for offset in range(0, table.count_rows(), batch_size):
         page = table.search().select(columns).offset(offset).limit(batch_size).to_arrow()
         yield from page.to_batches()

@@ -66,6 +66,7 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
     from dagster._core.event_api import PartitionKeyFilter
 
     from fct_assets.checks import ALL_CHECKS
+    from fct_assets.io_managers import latest_materialization
 
     out: dict[str, dict[str, Any]] = {}
     for check_key in (key for check in ALL_CHECKS for key in check.check_keys):
@@ -74,9 +75,7 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
         records = instance.event_log_storage.get_asset_check_execution_history(
             check_key, limit=1, partition_filter=PartitionKeyFilter(key=version)
         )
-        mats = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=check_key.asset_key, asset_partitions=[version]), limit=1
-        ).records
+        latest = latest_materialization(instance, check_key.asset_key, version)
         name = f"{check_key.asset_key.to_user_string()}:{check_key.name}"
         if not records:
             out[name] = {"passed": False, "why": "never ran"}
@@ -84,7 +83,7 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
         record = records[0]
         evaluation = record.evaluation
         # The evaluation's own event, not the record's creation (a check is planned at run start).
-        fresh = bool(mats) and evaluation is not None and record.event.timestamp >= mats[0].timestamp
+        fresh = latest is not None and evaluation is not None and record.event.timestamp >= latest.timestamp
         out[name] = {
             "passed": bool(evaluation and evaluation.passed) and fresh,
             "why": "passed" if evaluation and evaluation.passed else f"status {record.status.value}",
@@ -126,8 +125,7 @@ def search(db, query, *, version: dict[str, Any], k: int = 10) -> list[dict[str,
     """The k nearest items (L2) to `query` (D,) in the pinned table of a deployment record."""
     import numpy as np
 
-    table = db.open_table(version["table"])
-    table.checkout(int(version["table_version"]))
+    table = storage.open_pinned(db, version["table"], int(version["table_version"]))
     declared = storage.table_space_ids(table).get("space_id")
     if declared != version["space_id"]:
         raise storage.SpaceMismatchError(f"{version['table']}: holds space {declared}, the deployment expects {version['space_id']}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import dagster as dg
 from pydantic import Field
@@ -26,27 +26,45 @@ def _relative_path(context: dg.OutputContext | dg.InputContext, suffix: str) -> 
     return Path(*key[:-1]) / f"{key[-1]}{suffix}"
 
 
-def recorded_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None) -> dict[str, Any]:
-    """The metadata of the latest materialisation of (asset, partition), as plain values."""
+def latest_materialization(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None):
+    """The event-log record of the latest materialisation of (asset, partition), or None."""
     flt = dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None)
     records = instance.fetch_materializations(flt, limit=1).records
-    if not records:
+    return records[0] if records else None
+
+
+def plain_metadata(record) -> dict[str, Any]:
+    """A materialisation record's metadata as plain values."""
+    return {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
+
+
+def recorded_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None) -> dict[str, Any]:
+    """The metadata of the latest materialisation of (asset, partition), as plain values."""
+    record = latest_materialization(instance, asset_key, partition)
+    if record is None:
         where = f"[{partition}]" if partition else ""
         raise LookupError(f"{asset_key.to_user_string()}{where}: never materialised")
-    meta = records[0].asset_materialization.metadata
-    return {k: getattr(v, "value", v) for k, v in meta.items()}
+    return plain_metadata(record)
 
 
-class CheckpointIOManager(dg.ConfigurableIOManager):
+class _FileIOManager(dg.ConfigurableIOManager):
+    """One file per asset (and partition) under `root`, named `<key>/<partition><suffix>`."""
+
+    root: str
+    _suffix: ClassVar[str]
+
+    def path_for(self, context: dg.OutputContext | dg.InputContext) -> Path:
+        return Path(self.root) / _relative_path(context, self._suffix)
+
+
+class CheckpointIOManager(_FileIOManager):
     """Model checkpoints under `root`: one safetensors file per asset and partition."""
 
+    _suffix: ClassVar[str] = ".safetensors"
     root: str = Field(
         default_factory=lambda: os.environ.get("FCT_CHECKPOINT_ROOT", str(DATA_ROOT / "checkpoints")),
         description="Folder for checkpoints. Env FCT_CHECKPOINT_ROOT.",
     )
-
-    def path_for(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        return Path(self.root) / _relative_path(context, ".safetensors")
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         from fct_ml.checkpoint import save_checkpoint
@@ -72,16 +90,14 @@ class CheckpointIOManager(dg.ConfigurableIOManager):
         return model
 
 
-class JsonIOManager(dg.ConfigurableIOManager):
+class JsonIOManager(_FileIOManager):
     """Small JSON records (dataset descriptors, table summaries, reports) under `root`."""
 
+    _suffix: ClassVar[str] = ".json"
     root: str = Field(
         default_factory=lambda: os.environ.get("FCT_RECORD_ROOT", str(DATA_ROOT / "records")),
         description="Folder for JSON records. Env FCT_RECORD_ROOT.",
     )
-
-    def path_for(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        return Path(self.root) / _relative_path(context, ".json")
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         path = self.path_for(context)

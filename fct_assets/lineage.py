@@ -7,6 +7,7 @@ from typing import Any
 
 import dagster as dg
 
+from fct_assets.io_managers import latest_materialization, plain_metadata
 from fct_assets.partitions import check_version
 
 # (asset, partitioned?) in graph order
@@ -14,21 +15,18 @@ _ASSETS = (("dataset", False), ("old_model", False), ("side_info_model", False),
            ("new_model", True), ("transformation", True), ("backfilled_gallery", True), ("eval_report", True))  # fmt: skip
 
 
-def _latest(instance: dg.DagsterInstance, asset: str, partition: str | None):
-    flt = dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None)
-    records = instance.fetch_materializations(flt, limit=1).records
-    return records[0] if records else None
-
-
 def lineage(instance: dg.DagsterInstance, version: str) -> dict[str, Any]:
     """{"version", "assets": {name: {run_id, data_version, sha256?, space_id?, ...}}, "headline": {...}}."""
     check_version(version)
     assets: dict[str, Any] = {}
+    eval_meta: dict[str, Any] = {}
     for name, partitioned in _ASSETS:
-        record = _latest(instance, name, version if partitioned else None)
+        record = latest_materialization(instance, dg.AssetKey(name), version if partitioned else None)
         if record is None:
             raise LookupError(f"lineage of {version}: {name}{f'[{version}]' if partitioned else ''} was never materialised")
-        meta = {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
+        meta = plain_metadata(record)
+        if name == "eval_report":
+            eval_meta = meta
         keep = ("sha256", "space_id", "path", "content_digest", "code_version", "fingerprint", "table", "version", "rows",
                 "old_space_id", "side_info_space_id", "new_space_id", "gallery_store_version", "reembedded", "lancedb_uri")  # fmt: skip
         entry = {k: meta[k] for k in keep if k in meta}
@@ -37,7 +35,6 @@ def lineage(instance: dg.DagsterInstance, version: str) -> dict[str, Any]:
         entry["materialized_at"] = record.timestamp
         assets[name] = entry
     report = assets["eval_report"]
-    eval_meta = {k: getattr(v, "value", v) for k, v in _latest(instance, "eval_report", version).asset_materialization.metadata.items()}
     return {
         "version": version,
         "table": assets["backfilled_gallery"].get("table"),

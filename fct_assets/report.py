@@ -15,9 +15,7 @@ from fct_assets import storage
 
 
 def _read(db, name: str, version: int, columns: list[str]):
-    table = db.open_table(name)
-    table.checkout(version)
-    data = table.search().select(columns).limit(None).to_arrow()
+    data = storage.open_pinned(db, name, version).search().select(columns).limit(None).to_arrow()
     return data.sort_by("item_id")
 
 

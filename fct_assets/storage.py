@@ -38,6 +38,13 @@ def table_exists(db, name: str) -> bool:
     return True
 
 
+def open_pinned(db, name: str, version: int):
+    """Table `name` at one committed version: reads see that snapshot, whatever is written meanwhile."""
+    table = db.open_table(name)
+    table.checkout(version)
+    return table
+
+
 def version_table(version: str) -> str:
     return f"gallery_{check_version(version)}"
 

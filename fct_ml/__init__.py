@@ -6,7 +6,7 @@ Imports torch, torchvision and numpy only: no orchestrator, no database. One fil
     augment.py         batched tensor augmentation, per-dataset policies
     models.py          backbones, EmbeddingModel (non-negative embedding, bias-free classifier)
     side_info.py       the SimCLR side-info model psi
-    transformation.py  h(old_embedding, side_info) and FastFill's sigma head
+    transformation.py  h(old_embedding, side_info), FastFill's sigma head, the features h is trained on
     bct.py             the BCT baseline
     losses.py          every loss, returning named parts
     training.py        the one training loop, device policy, seeding, frozen encoders

@@ -17,30 +17,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fct_ml.augment import AugmentConfig, augment, policy_for, to_float
+from fct_ml.augment import policy_for, to_float
 from fct_ml.backfill import apply_transformation, backfill_curves, backfill_order, curve_area
 from fct_ml.bct import extended_old_classifier, train_bct_model
 from fct_ml.config import replace
 from fct_ml.data import Dataset, DataError
-from fct_ml.models import EmbeddingModel, train_embedding_model
+from fct_ml.models import train_embedding_model
 from fct_ml.presets import ExperimentConfig
 from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.side_info import train_side_info_model
-from fct_ml.training import EpochRecord, encode, seed_everything
-from fct_ml.transformation import train_transformation
+from fct_ml.training import EpochRecord, encode
+from fct_ml.transformation import train_transformation, training_features
 
-# The cases of the paper's tables, query/gallery.
-CASES = (
-    "old/old",
-    "new/new",
-    "new/h(old)",
-    "new/h(old) no side-info",
-    "new/h(old) fastfill",
-    "new/h(old) fastfill no side-info",
-    "bct/old",
-    "bct/bct",
-    "new/old",
-)
 # Stage seeds are offsets of the run's seed, so one stage's randomness never depends on
 # what ran before it.
 _STAGE_SEED = {"old": 1, "side_info": 2, "new": 3, "bct": 4, "features": 5, "h": 6, "h_plain": 7,
@@ -55,34 +43,6 @@ def _history(records: list[EpochRecord]) -> list[dict[str, Any]]:
     return [asdict(r) for r in records]
 
 
-def training_features(
-    models: Sequence[EmbeddingModel],
-    images: torch.Tensor,
-    views: int,
-    aug: AugmentConfig,
-    *,
-    batch_size: int,
-    seed: int,
-) -> list[torch.Tensor]:
-    """Features of `images` by each frozen model, for training h: one clean pass and
-    `views - 1` augmented passes, the *same* augmented image going through every model.
-    Returns one (views * N, D_model) tensor per model."""
-    generator = seed_everything(seed)
-    device = next(models[0].parameters()).device
-    outs: list[list[torch.Tensor]] = [[] for _ in models]
-    for view in range(views):
-        if view == 0:
-            transform: Callable[[torch.Tensor], torch.Tensor] = to_float
-        else:
-            def transform(x: torch.Tensor) -> torch.Tensor:
-                return augment(to_float(x), aug, generator)
-        for start in range(0, images.shape[0], batch_size):
-            x = transform(images[start : start + batch_size].to(device))
-            for i, model in enumerate(models):
-                outs[i].append(encode(model, [x], batch_size=batch_size))
-    return [torch.cat(o) for o in outs]
-
-
 def run_experiment(
     dataset: Dataset,
     old_classes: Sequence[int],
@@ -93,8 +53,8 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train the old, side-info, new and BCT models and four transformations; evaluate all CASES
-    (also restricted to queries of classes the old model never saw) and the backfilling
+    """Train the old, side-info, new and BCT models and four transformations; evaluate the paper's
+    cases, query/gallery (also restricted to queries of classes the old model never saw) and the backfilling
     curves. Returns the `fct reproduce` JSON (metrics in percent)."""
     old_classes = tuple(sorted(set(old_classes)))
     num_classes = dataset.num_classes

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from fct_ml.losses import FastFillObjective, TransformationObjective
-from fct_ml.training import EpochRecord, TrainConfig, fit, seed_everything
+from fct_ml.augment import AugmentConfig, augment, to_float
+from fct_ml.models import EmbeddingModel
+from fct_ml.training import EpochRecord, TrainConfig, encode, fit, seed_everything
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,31 @@ def train_transformation(
     data = (old_embedding.float(), side_info.float(), new_embedding.float(), labels)
     history = fit(h, objective, data, train, generator=generator, desc=desc, progress=progress, on_epoch=on_epoch)
     return h, history
+
+
+def training_features(
+    models: Sequence[EmbeddingModel],
+    images: torch.Tensor,
+    views: int,
+    aug: AugmentConfig,
+    *,
+    batch_size: int,
+    seed: int,
+) -> list[torch.Tensor]:
+    """Features of `images` by each frozen model, for training h: one clean pass and
+    `views - 1` augmented passes, the *same* augmented image going through every model.
+    Returns one (views * N, D_model) tensor per model."""
+    generator = seed_everything(seed)
+    device = next(models[0].parameters()).device
+    outs: list[list[torch.Tensor]] = [[] for _ in models]
+    for view in range(views):
+        if view == 0:
+            transform: Callable[[torch.Tensor], torch.Tensor] = to_float
+        else:
+            def transform(x: torch.Tensor) -> torch.Tensor:
+                return augment(to_float(x), aug, generator)
+        for start in range(0, images.shape[0], batch_size):
+            x = transform(images[start : start + batch_size].to(device))
+            for i, model in enumerate(models):
+                outs[i].append(encode(model, [x], batch_size=batch_size))
+    return [torch.cat(o) for o in outs]
