@@ -4,8 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: venv data demo ui test reproduce reproduce-benchmark reliability clean
+.PHONY: venv data browser demo ui test screenshots reproduce reproduce-benchmark reliability clean
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 # The stamp is remade when the dependencies change.
@@ -27,6 +28,15 @@ data:
 		else echo "Fashion-MNIST missing: install dataset-fashion-mnist or set FCT_DATA_DIR" >&2; exit 1; fi; \
 	fi
 
+# Chromium for the browser test (tests/ui), from Debian's package; on other systems install
+# Chromium and run `make test CHROMIUM=/path/to/chromium`.
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		if command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else echo "Chromium missing: install it and pass CHROMIUM=/path/to/chromium" >&2; exit 1; fi; \
+	fi
+
 # The main job: base assets + model version v2 on Fashion-MNIST from an empty instance and
 # LanceDB folder (deletes dagster_home's run storage and data/), promotion, eval table, lineage.
 demo: venv data
@@ -40,8 +50,13 @@ ui: venv data
 reproduce: venv data
 	$(VENV)/bin/fct reproduce --dataset fashion-mnist --preset cpu --seed 0 --out runs/reproduce_seed0.json
 
-test: venv data
-	$(PY) -m pytest -q
+test: venv data browser
+	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+
+# The README's UI screenshots, as the browser test takes them (test-artifacts/ui -> docs/ui).
+screenshots: venv data browser
+	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q tests/ui
+	mkdir -p docs/ui && cp test-artifacts/ui/asset_graph.png test-artifacts/ui/launchpad.png test-artifacts/ui/eval_report.png docs/ui/
 
 # The committed reproduction results: three seeds, their mean and spread (about an hour).
 reproduce-benchmark: venv data
@@ -52,4 +67,4 @@ reliability: venv data
 	$(PY) benchmarks/reliability.py
 
 clean:
-	rm -rf runs .pytest_cache data
+	rm -rf runs .pytest_cache data test-artifacts

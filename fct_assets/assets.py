@@ -29,12 +29,27 @@ from fct_assets import storage
 CODE_VERSION = code_version()
 
 
+# Who answers for these assets, as the UI shows it (Dagster takes "team:NAME" or an e-mail).
+OWNERS = ["team:retrieval"]
+# The kind of artifact, as a tag: the catalog filters on it ("fct/artifact=model").
+ARTIFACT = {"pytorch": "model", "lancedb": "table", "python": "record"}
+
+
+def base_asset(*, kind: str, io_manager_key: str):
+    """An asset built once per old model (group `base`, unpartitioned)."""
+    return dg.asset(
+        group_name="base", kinds={kind}, io_manager_key=io_manager_key, code_version=CODE_VERSION,
+        owners=OWNERS, tags={"fct/artifact": ARTIFACT[kind]},
+    )  # fmt: skip
+
+
 def upgrade_asset(*, kind: str, io_manager_key: str):
     """An asset of one upgrade: partitioned by model version, materialised by itself (eager) when
     a version is added or an input changes."""
     return dg.asset(
         group_name="upgrade", kinds={kind}, partitions_def=model_version, io_manager_key=io_manager_key,
         code_version=CODE_VERSION, automation_condition=dg.AutomationCondition.eager(),
+        owners=OWNERS, tags={"fct/artifact": ARTIFACT[kind]},
     )  # fmt: skip
 
 
@@ -66,7 +81,7 @@ def _model_output(model, history, context: dg.AssetExecutionContext, **metadata:
 # ---------------------------------------------------------------- base
 
 
-@dg.asset(group_name="base", kinds={"python"}, io_manager_key="json_io_manager", code_version=CODE_VERSION)
+@base_asset(kind="python", io_manager_key="json_io_manager")
 def dataset(context: dg.AssetExecutionContext, config: DatasetConfig, fct: FctResource) -> dg.Output[dict]:
     """Images and labels with their class split and content fingerprint; the test split is the gallery."""
     from fct_ml.data import parse_class_list
@@ -90,7 +105,7 @@ def dataset(context: dg.AssetExecutionContext, config: DatasetConfig, fct: FctRe
     return dg.Output(record, data_version=version, metadata={**record, "class_names": ", ".join(data.class_names)})
 
 
-@dg.asset(group_name="base", kinds={"pytorch"}, io_manager_key="checkpoint_io_manager", code_version=CODE_VERSION)
+@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
 def old_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
     """The deployed embedding model phi_old, trained on the old classes only."""
     import torch
@@ -113,7 +128,7 @@ def old_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fc
     return _model_output(model, history, context, classes=json.dumps(old), items=len(train))
 
 
-@dg.asset(group_name="base", kinds={"pytorch"}, io_manager_key="checkpoint_io_manager", code_version=CODE_VERSION)
+@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
 def side_info_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
     """The side-info model psi: SimCLR without labels on the old classes' images."""
     from fct_ml.augment import policy_for
@@ -133,7 +148,7 @@ def side_info_model(context: dg.AssetExecutionContext, config: ModelTrainingConf
     return _model_output(model, history, context, items=len(train))
 
 
-@dg.asset(group_name="base", kinds={"lancedb"}, io_manager_key="json_io_manager", code_version=CODE_VERSION)
+@base_asset(kind="lancedb", io_manager_key="json_io_manager")
 def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: dict, old_model, side_info_model) -> dg.Output[dict]:
     """The stored gallery in LanceDB: image, old embedding and side-info of every item."""
     from fct_ml.augment import to_float
@@ -182,7 +197,8 @@ def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: 
     return dg.Output(
         record,
         data_version=dg.DataVersion(f"v{info['version']}-{old_space}-{side_space}"),
-        metadata={**record, "dagster/row_count": info["rows"], "lancedb_uri": fct.lancedb_uri, "code_version": CODE_VERSION},
+        metadata={**record, "dagster/row_count": info["rows"], "lancedb_uri": fct.lancedb_uri, "code_version": CODE_VERSION,
+                  **storage.table_metadata(fct.lancedb_uri, storage.GALLERY_STORE, schema)},  # fmt: skip
     )
 
 
@@ -240,6 +256,7 @@ def transformation(
         f_old, f_side, f_new, labels, h_cfg, train_cfg, device=device, seed=config.seed,
         new_classifier=new_model.classifier.weight.detach(), progress=False,
         desc=f"transformation[{context.partition_key}]",
+        on_epoch=epoch_logger(context, f"transformation[{context.partition_key}]", train_cfg.epochs, len(labels)),
     )  # fmt: skip
     return _model_output(
         h, history, context,
@@ -278,7 +295,8 @@ def backfilled_gallery(
     return dg.Output(
         record,
         data_version=dg.DataVersion(f"v{record['version']}-{record['space_id']}"),
-        metadata={**record, "dagster/row_count": record["rows"], "code_version": CODE_VERSION},
+        metadata={**record, "dagster/row_count": record["rows"], "code_version": CODE_VERSION,
+                  **storage.table_metadata(fct.lancedb_uri, record["table"], storage.backfilled_schema(transformation.config.new_dim, record["space_id"]))},  # fmt: skip
     )
 
 

@@ -2,17 +2,34 @@
 re-evaluated daily."""
 
 
+import os
+
 import dagster as dg
 
 from fct_assets.partitions import model_version
 from fct_assets.resources import FctResource
 
-# The assets carry AutomationCondition.eager(); this sensor evaluates them. Declared RUNNING:
-# Dagster's default automation sensor starts STOPPED (DESIGN.md §6).
+
+
+def auto_upgrade_status() -> dg.DefaultSensorStatus:
+    """FCT_AUTO_UPGRADE=on (default) | off: whether the automation sensor starts running.
+
+    On: adding a version upgrades it at once with the preset's config. Off: a person adds the
+    version and launches `upgrade` from the launchpad with their own config, and no automatic
+    run races theirs. Either way the sensor can be toggled in the UI (Automation), which the
+    instance remembers over this default."""
+    value = os.environ.get("FCT_AUTO_UPGRADE", "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"FCT_AUTO_UPGRADE={value!r}: expected on or off")
+    return dg.DefaultSensorStatus.RUNNING if value == "on" else dg.DefaultSensorStatus.STOPPED
+
+
+# The assets carry AutomationCondition.eager(); this sensor evaluates them. Declared RUNNING by
+# default: Dagster's default automation sensor starts STOPPED (DESIGN.md §6).
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "fct_upgrade_automation",
     target=dg.AssetSelection.groups("upgrade"),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=auto_upgrade_status(),
     minimum_interval_seconds=30,
     description="Materialises new_model, transformation, backfilled_gallery and eval_report of each added model version.",
 )

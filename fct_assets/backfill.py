@@ -104,7 +104,11 @@ def backfill_version(
             if not np.isfinite(emb).all():
                 raise ValueError(f"{storage.version_table(version)}: NaN or Inf in backfilled vectors; nothing was published")
             done["rows"] += len(item_ids)
-            log(f"backfill {version}: {done['rows']}/{n} items ({done['reembedded']} re-embedded)")
+            elapsed = time.perf_counter() - started
+            rate = done["rows"] / elapsed if elapsed > 0 else float("nan")
+            eta = (n - done["rows"]) / rate if rate > 0 else float("nan")
+            log(f"backfill {version}: {done['rows']}/{n} items ({done['reembedded']} re-embedded), "
+                f"{rate:,.0f} items/s, ETA {eta:.0f} s")  # fmt: skip
             yield pa.record_batch(
                 [
                     pa.array(item_ids.astype(np.int64)),

@@ -52,3 +52,9 @@ class BackfillConfig(dg.Config):
         "uncertain (highest sigma) first, as FastFill. 0: transformation only (no image read).",
     )
     batch_size: int = Field(4096, gt=0, description="Rows read, transformed and written per batch.")
+
+
+class PromotionConfig(dg.Config):
+    """Which model version to serve."""
+
+    version: str = Field(description="Model version to promote, e.g. v2. Its blocking checks must have passed on its latest materialisations.")

@@ -14,6 +14,7 @@ from fct_assets.automation import (
     verify_job,
 )
 from fct_assets.checks import ALL_CHECKS
+from fct_assets.deployment import promote_job, rollback_job
 from fct_assets.io_managers import CheckpointIOManager, JsonIOManager
 from fct_assets.resources import FctResource
 
@@ -28,7 +29,7 @@ def build_defs(resource_defs: dict[str, object] | None = None) -> dg.Definitions
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
-        jobs=[base_job, upgrade_job, verify_job, scheduled_evaluation_job],
+        jobs=[base_job, upgrade_job, verify_job, scheduled_evaluation_job, promote_job, rollback_job],
         schedules=[daily_evaluation],
         sensors=[automation_sensor],
         resources=resource_defs or resources(),

@@ -6,8 +6,6 @@ pinned snapshot, and history supports rollback. A version is promoted only when 
 runs of its blocking checks passed after its latest materialisation.
 """
 
-from __future__ import annotations
-
 import datetime as _dt
 from typing import Any
 
@@ -15,7 +13,9 @@ import dagster as dg
 import pyarrow as pa
 
 from fct_assets import storage
+from fct_assets.config import PromotionConfig
 from fct_assets.partitions import check_version
+from fct_assets.resources import FctResource
 
 DEPLOYMENT_SCHEMA = pa.schema(
     [
@@ -134,3 +134,39 @@ def search(db, query, *, version: dict[str, Any], k: int = 10) -> list[dict[str,
         .distance_type("l2").select(["item_id", "label", "source"]).limit(k).to_list()
     )  # fmt: skip
     return [{"item_id": h["item_id"], "label": h["label"], "distance": float(h["_distance"]), "source": h["source"]} for h in hits]
+
+
+# ---------------------------------------------------------------- the same, as jobs for the UI
+# Promotion and rollback are actions, not artifacts: ops in two small jobs, so the UI's
+# launchpad offers them (a typed `version` field) next to the upgrade, with the same guards as
+# `fct promote` / `fct rollback`. Each run's output metadata records the deployment row.
+
+
+def _deployment_output(row: dict[str, Any]) -> dg.Output:
+    return dg.Output(row, metadata={k: row[k] for k in ("seq", "action", "version", "table", "table_version", "space_id", "at")})
+
+
+@dg.op(description="Serve a model version if its blocking checks passed (the deployment record gets one row).",
+       tags={"fct/action": "promote"})  # fmt: skip
+def promote_version(context: dg.OpExecutionContext, config: PromotionConfig, fct: FctResource) -> dg.Output:
+    row = promote(context.instance, fct.connect(), config.version)
+    context.log.info(f"promoted {row['version']}: serving {row['table']} @ LanceDB version {row['table_version']}")
+    return _deployment_output(row)
+
+
+@dg.op(description="Serve again the deployment before the current one.", tags={"fct/action": "rollback"})
+def rollback_deployment(context: dg.OpExecutionContext, fct: FctResource) -> dg.Output:
+    row = rollback(fct.connect())
+    context.log.info(f"rolled back: serving {row['version']} ({row['table']} @ LanceDB version {row['table_version']})")
+    return _deployment_output(row)
+
+
+@dg.job(name="promote", description="Promote a model version: set `version` in the launchpad. Refused unless its blocking checks passed.",
+        tags={"fct/action": "promote"})  # fmt: skip
+def promote_job():
+    promote_version()
+
+
+@dg.job(name="rollback", description="Roll back to the deployment before the current one (no config).", tags={"fct/action": "rollback"})
+def rollback_job():
+    rollback_deployment()

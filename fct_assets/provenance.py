@@ -51,6 +51,14 @@ def history_metadata(history) -> dict[str, Any]:
     meta: dict[str, Any] = {f"final_{k}": float(v) for k, v in last.parts.items()}
     meta["train_seconds"] = float(sum(r.seconds for r in history))
     meta["epochs"] = len(history)
-    rows = [{"epoch": r.epoch, "seconds": round(r.seconds, 2), "lr": r.lr, **{k: round(v, 5) for k, v in r.parts.items()}} for r in history]
-    meta["history"] = dg.MetadataValue.json(rows)
+    meta["final_epoch_seconds"] = float(last.seconds)
+    # The per-epoch table, as a typed table the UI renders (losses and durations by epoch).
+    parts = list(last.parts)
+    columns = [dg.TableColumn("epoch", "int"), dg.TableColumn("seconds", "float"), dg.TableColumn("lr", "float")]
+    columns += [dg.TableColumn(k, "float", description="mean over the epoch's batches") for k in parts]
+    rows = [
+        dg.TableRecord({"epoch": r.epoch, "seconds": round(r.seconds, 2), "lr": float(r.lr), **{k: round(float(r.parts[k]), 5) for k in parts}})
+        for r in history
+    ]
+    meta["history"] = dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=columns))
     return meta

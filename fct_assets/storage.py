@@ -82,6 +82,30 @@ def backfilled_schema(dim: int, space_id: str) -> pa.Schema:
     )
 
 
+# What each column holds, for the UI's column view of the LanceDB assets.
+COLUMN_DOCS = {
+    "item_id": "Gallery item id (unique; the same item in every table)",
+    "label": "Class label (evaluation only; retrieval never reads it)",
+    "image": "The item's image, PNG bytes (lossless), for re-embedding",
+    "old_embedding": "phi_old(image), the deployed model's vector",
+    "side_info": "psi(image), the side-info vector h also reads",
+    "old_space_id": "Space of old_embedding (old model's content digest)",
+    "side_info_space_id": "Space of side_info (side-info model's content digest)",
+    "embedding": "The item's vector in this version's space: h(old, side_info) or phi_new(image)",
+    "sigma": "h's predicted uncertainty (FastFill); re-embedding goes to the highest first",
+    "source": "transformed | re-embedded",
+    "space_id": "Space of embedding (new model's content digest)",
+}
+
+
+def table_metadata(db_uri: str, name: str, schema: pa.Schema) -> dict:
+    """Dagster metadata describing a published table: its columns (typed, described) and URI."""
+    import dagster as dg
+
+    columns = [dg.TableColumn(f.name, str(f.type), description=COLUMN_DOCS.get(f.name)) for f in schema]
+    return {"dagster/column_schema": dg.TableSchema(columns=columns), "dagster/uri": f"{db_uri.rstrip('/')}/{name}.lance"}
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """(C, H, W) uint8 -> PNG bytes (lossless, so re-embedding from the store is exact)."""
     from PIL import Image

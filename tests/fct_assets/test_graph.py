@@ -63,6 +63,14 @@ def test_definitions_shape(env):
     for name in BASE:
         assert graph.get(dg.AssetKey(name)).partitions_def is None
     assert {c.asset_key.to_user_string() for c in graph.asset_check_keys} == {"gallery_store", "backfilled_gallery", "eval_report"}
+    # What the UI shows of each asset: a description, a kind, owners, an artifact tag, a code version.
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.description and node.owners == ["team:retrieval"] and node.code_version, key
+        kind = next(iter(node.kinds))
+        assert node.tags["fct/artifact"] == {"pytorch": "model", "lancedb": "table", "python": "record"}[kind], key
+    assert {k: next(iter(graph.get(dg.AssetKey(k)).kinds)) for k in ("old_model", "gallery_store", "backfilled_gallery")} == {
+        "old_model": "pytorch", "gallery_store": "lancedb", "backfilled_gallery": "lancedb"}  # fmt: skip
     sensor = env.defs.resolve_sensor_def("fct_upgrade_automation")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert env.defs.resolve_schedule_def("daily_evaluation").default_status == dg.DefaultScheduleStatus.RUNNING
@@ -81,6 +89,18 @@ def test_full_graph_materialised(env):
     space = new_meta["space_id"].value
     assert storage.table_space_ids(table) == {"space_id": space}
     assert set(table.to_arrow().column("space_id").to_pylist()) == {space}
+    # The UI's column view of the table and the per-epoch training table of a model.
+    table_meta = env.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("backfilled_gallery"), asset_partitions=["v2"]), limit=1
+    ).records[0].asset_materialization.metadata
+    columns = table_meta["dagster/column_schema"].value.columns
+    assert [c.name for c in columns] == table.schema.names and all(c.description for c in columns)
+    assert table_meta["dagster/row_count"].value == gallery_items
+    history = new_meta["history"].value
+    epochs = env.fct.experiment().new_train.epochs
+    assert [r.data["epoch"] for r in history.records] == list(range(1, epochs + 1))
+    assert new_meta["epochs"].value == epochs
+    assert math.isclose(new_meta["train_seconds"].value, sum(r.data["seconds"] for r in history.records), abs_tol=0.05)
     report = json.loads((env.root / "records" / "eval_report" / "v2.json").read_text())
     for case in ("old/old", "new/new", "new/h(old)", "new/old"):
         assert 0 <= report["cases"][case]["mAP"] <= 100
@@ -210,6 +230,25 @@ def test_promote_then_rollback(env):
     row = rollback(db)
     assert row["version"] == "v2" and current(db)["version"] == "v2"
     assert current(db)["table_version"] == db.open_table("gallery_v2").version
+
+
+def test_promotion_and_rollback_as_jobs(env):
+    # The UI's way: the `promote` job with a typed version, the `rollback` job without config.
+    db = env.fct.connect()
+    promoted = env.defs.resolve_job_def("promote").execute_in_process(
+        instance=env.instance, run_config={"ops": {"promote_version": {"config": {"version": "v3"}}}}
+    )
+    assert promoted.success and current(db)["version"] == "v3"
+    assert promoted.output_for_node("promote_version")["table_version"] == db.open_table("gallery_v3").version
+    rolled = env.defs.resolve_job_def("rollback").execute_in_process(instance=env.instance)
+    assert rolled.success and current(db)["version"] == "v2"
+    # v5's blocking check failed (planted NaN): the job fails with the same one-line reason as the CLI.
+    refused = env.defs.resolve_job_def("promote").execute_in_process(
+        instance=env.instance, run_config={"ops": {"promote_version": {"config": {"version": "v5"}}}}, raise_on_error=False
+    )
+    assert not refused.success and current(db)["version"] == "v2"
+    failure = next(e for e in refused.all_events if e.is_step_failure)
+    assert "version v5 not promoted" in str(failure.event_specific_data.error)
 
 
 def test_vectors_of_another_space_are_refused(env):
