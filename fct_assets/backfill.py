@@ -23,7 +23,6 @@ Every read sees the same gallery_store version, pinned by `checkout`.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Iterator
 
@@ -190,26 +189,6 @@ def write_shard(fct, plan: dict, shard_index: int, h, new_model, *, log: Callabl
             "space_id": new_model.space_id, "dim": h.config.new_dim, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
 
 
-def ann_params(rows: int, dim: int) -> dict[str, Any]:
-    """IVF_PQ parameters for a table of `rows` vectors of `dim`, as measured in benchmarks/backfill.py
-    (256 partitions, dim/4 sub-vectors, 1/8 of the partitions probed, refine x10: recall@10 reported there).
-    At least 256 rows per partition: k-means trains poorly on fewer."""
-    partitions = max(1, min(256, rows // 256))
-    sub_vectors = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
-    return {"index_type": "IVF_PQ", "metric": "l2", "num_partitions": partitions, "num_sub_vectors": sub_vectors,
-            "nprobes": max(1, math.ceil(partitions / 8)), "refine_factor": 10}  # fmt: skip
-
-
-def build_ann_index(table, dim: int) -> dict[str, Any]:
-    """Build the IVF_PQ index on `embedding` (a new table version); returns its parameters."""
-    from lancedb.index import IvfPq
-
-    params = ann_params(table.count_rows(), dim)
-    table.create_index("embedding", config=IvfPq(distance_type="l2", num_partitions=params["num_partitions"],
-                                                 num_sub_vectors=params["num_sub_vectors"]))  # fmt: skip
-    return params
-
-
 def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """ONE commit of `gallery_<version>` from the shards' staging tables (in shard order), the staging
     tables dropped, the ANN index above `ann_min_rows`; returns the table's record for the asset."""
@@ -242,7 +221,7 @@ def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str],
     ann: dict[str, Any] = {"ann_index": "none"}
     if plan.get("ann_min_rows") is not None and n >= plan["ann_min_rows"]:
         # After the publish, in its own commit: readers pinned to the data version see no index and search exactly.
-        ann = {"ann_index": "built", "ann_params": build_ann_index(table, dim)}
+        ann = {"ann_index": "built", "ann_params": storage.build_ann_index(table, dim)}
         log(f"backfill {version}: IVF_PQ index built ({ann['ann_params']})")
     if plan["run_id"]:
         table.tags.create(f"run-{plan['run_id'][:8]}", table.version)
