@@ -7,7 +7,9 @@ side_info_space_id. `gallery_<version>`: item_id, label, embedding, sigma, sourc
 Every table is published by ONE LanceDB commit (`create_table(mode="overwrite")` over a
 stream of record batches): readers see the previous version or the new one, never a half
 written table, and a writer that dies mid-way publishes nothing. Each table's space_ids are
-also written to its schema metadata, and vectors of another space are refused.
+also written to its schema metadata, and vectors of another space are refused. A version's
+table of at least `ann_min_rows` rows then gets an IVF_PQ index, in a second commit that changes
+no row (`build_ann_index`); search uses it when present (`ann_params`).
 """
 
 from __future__ import annotations

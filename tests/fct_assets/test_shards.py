@@ -62,19 +62,31 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
         instance=env.instance, partition_key=version, asset_selection=models).success  # fmt: skip
     _point_env_at(monkeypatch, env)
     config = {"reembed_fraction": fraction, "batch_size": 64, "shards": shards, "ann_min_rows": 256}
-    with dg.execute_job(
-        dg.reconstructable(upgrade_job), instance=env.instance, asset_selection=[BACKFILL],
-        run_config={"ops": {"backfilled_gallery": {"config": config}}}, tags={"dagster/partition": version},
-    ) as result:  # fmt: skip
-        assert result.success
-        run_id = result.run_id
+    # The `gpu` pool at one slot, as dagster_home/dagster.yaml sets it (this instance has no yaml).
+    env.instance.event_log_storage.set_concurrency_slots("gpu", 1)
+    try:
+        with dg.execute_job(
+            dg.reconstructable(upgrade_job), instance=env.instance, asset_selection=[BACKFILL],
+            run_config={"ops": {"backfilled_gallery": {"config": config}}}, tags={"dagster/partition": version},
+        ) as result:  # fmt: skip
+            assert result.success
+            run_id = result.run_id
+    finally:
+        env.instance.event_log_storage.delete_concurrency_limit("gpu")
 
     # Each shard ran as its own step, in its own process, none in this (the orchestrating) one.
-    starts = env.instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_START).records
-    pids = {r.event_log_entry.step_key: r.event_log_entry.dagster_event.pid for r in starts}
-    shard_pids = {k: p for k, p in pids.items() if ".backfill_shard[" in k}
-    assert sorted(shard_pids) == [f"backfilled_gallery.backfill_shard[shard_{k}]" for k in range(shards)]
-    assert len(set(shard_pids.values())) == shards and os.getpid() not in shard_pids.values()
+    def events(kind):
+        return {r.event_log_entry.step_key: r.event_log_entry
+                for r in env.instance.get_records_for_run(run_id, of_type=kind).records}  # fmt: skip
+
+    starts, ends = events(dg.DagsterEventType.STEP_START), events(dg.DagsterEventType.STEP_SUCCESS)
+    shard_keys = sorted(k for k in starts if ".backfill_shard[" in k)
+    assert shard_keys == [f"backfilled_gallery.backfill_shard[shard_{k}]" for k in range(shards)]
+    pids = {starts[k].dagster_event.pid for k in shard_keys}
+    assert len(pids) == shards and os.getpid() not in pids
+    # One gpu slot: the model steps (plan, shards) ran one at a time.
+    spans = sorted((starts[k].timestamp, ends[k].timestamp) for k in starts if "backfill_shard[" in k or "plan_backfill" in k)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
 
     db = env.fct.connect()
     store = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id")
