@@ -16,6 +16,10 @@ that fails leaves only its run's staging tables, which no reader opens and the n
 version drops; the published table (and the deployed snapshot) never changes. The copy costs
 one extra write of the vectors (no image is read again), small next to h and re-embedding.
 
+Pass 1 stays in the plan, in one process: the global choice of the most uncertain items needs
+every sigma first; it reads vectors only and runs h (no image, no write), so it costs about one
+transform pass. Sharding it too would take a second fan-out (sigma shards -> choose -> shards).
+
 The plan is plain JSON (ints, lists) so it can travel between processes (Dagster ops) without
 pickling. `backfill_version` runs the three steps in one process (benchmarks, crash tests).
 Every read sees the same gallery_store version, pinned by `checkout`.
