@@ -19,8 +19,8 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
-from fct_assets.config import BackfillConfig, DatasetConfig, ModelTrainingConfig, TransformationTrainingConfig
-from fct_assets.io_managers import recorded_metadata
+from fct_assets.backfill_ops import backfill_config, backfill_shard, plan_backfill, publish_backfill
+from fct_assets.config import DatasetConfig, ModelTrainingConfig, TransformationTrainingConfig
 from fct_assets.partitions import model_version
 from fct_assets.provenance import code_version, epoch_logger, history_metadata
 from fct_assets.resources import FctResource
@@ -266,38 +266,19 @@ def transformation(
     )  # fmt: skip
 
 
-@upgrade_asset(kind="lancedb", io_manager_key="json_io_manager")
-def backfilled_gallery(
-    context: dg.AssetExecutionContext,
-    config: BackfillConfig,
-    fct: FctResource,
-    gallery_store: dict,
-    transformation,
-    new_model,
-) -> dg.Output[dict]:
+@dg.graph_asset(
+    group_name="upgrade", kinds={"lancedb"}, partitions_def=model_version, code_version=CODE_VERSION,
+    automation_condition=dg.AutomationCondition.eager(), config=backfill_config,
+    owners=OWNERS, tags={"fct/artifact": ARTIFACT["lancedb"]},
+)  # fmt: skip
+def backfilled_gallery(gallery_store, transformation, new_model):
     """The gallery in this version's space, from the stored vectors (no image read) plus an optional
-    re-embedded share, most uncertain first."""
-    from fct_assets.backfill import backfill_version
-
-    version = context.partition_key
-    h_meta = recorded_metadata(context.instance, context.asset_key_for_input("transformation"), version)
-    for column in ("old_space_id", "side_info_space_id"):
-        if h_meta.get(column) != gallery_store[column]:
-            raise storage.SpaceMismatchError(
-                f"gallery_store.{column} is {gallery_store[column]} but transformation[{version}] was trained on "
-                f"{h_meta.get(column)}; re-materialise transformation[{version}]"
-            )
-    record = backfill_version(
-        fct, version, gallery_store, transformation, new_model, config.reembed_fraction, config.batch_size,
-        log=context.log.info, run_id=context.run_id,
-    )  # fmt: skip
-    record.update(transformation_sha256=transformation.checkpoint_sha256, new_model_sha256=new_model.checkpoint_sha256)
-    return dg.Output(
-        record,
-        data_version=dg.DataVersion(f"v{record['version']}-{record['space_id']}"),
-        metadata={**record, "dagster/row_count": record["rows"], "code_version": CODE_VERSION,
-                  **storage.table_metadata(fct.lancedb_uri, record["table"], storage.backfilled_schema(transformation.config.new_dim, record["space_id"]))},  # fmt: skip
-    )
+    re-embedded share, most uncertain first; in parallel shards, published in one commit."""
+    # A graph of ops (fct_assets/backfill_ops.py), so that shards run in separate processes; its
+    # config mapping keeps the launchpad config {"reembed_fraction", "batch_size", "shards", ...}.
+    plan, shards = plan_backfill(gallery_store, transformation)
+    done = shards.map(lambda shard: backfill_shard(plan, shard, transformation, new_model))
+    return publish_backfill(plan, done.collect())
 
 
 @upgrade_asset(kind="python", io_manager_key="json_io_manager")

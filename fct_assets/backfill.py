@@ -1,15 +1,34 @@
-"""Backfilling a version's gallery table from the stored vectors, streamed in batches.
+"""Backfilling a version's gallery table from the stored vectors: plan, shards, one publish.
 
-Pass 1 reads (old_embedding, side_info) and computes sigma for every item, so the re-embedding
-budget can go to the most uncertain items (FastFill). Pass 2 reads again, applies h, re-embeds
-the chosen items from their stored images, and streams the rows into ONE LanceDB commit.
-Both passes read the same gallery_store version, pinned by `checkout`.
+    plan_backfill      pass 1: sigma of every item (only when re-embedding), the global choice
+                       of items to re-embed (FastFill: most uncertain first), and N contiguous
+                       row ranges of the pinned gallery_store version (the shards).
+    write_shard        pass 2 over one range: apply h, re-embed the chosen items from their
+                       stored images, write the rows to the shard's staging table (one commit).
+                       A single shard skips staging and writes the version's table directly.
+    publish_shards     ONE commit of `gallery_<version>` streamed from the staged shards in
+                       shard order, then the staging tables are dropped and, above
+                       `ann_min_rows`, an IVF_PQ index is built.
+
+Why staging tables rather than appends to the final table: LanceDB wants one writer per table
+(DESIGN.md §6), and an append per shard would publish partial tables between commits. A shard
+that fails leaves only its run's staging tables, which no reader opens and the next plan of the
+version drops; the published table (and the deployed snapshot) never changes. The copy costs
+one extra write of the vectors (no image is read again), small next to h and re-embedding.
+
+Pass 1 stays in the plan, in one process: the global choice of the most uncertain items needs
+every sigma first; it reads vectors only and runs h (no image, no write), so it costs about one
+transform pass. Sharding it too would take a second fan-out (sigma shards -> choose -> shards).
+
+The plan is plain JSON (ints, lists) so it can travel between processes (Dagster ops) without
+pickling. `backfill_version` runs the three steps in one process (benchmarks, crash tests).
+Every read sees the same gallery_store version, pinned by `checkout`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -17,42 +36,50 @@ import torch
 
 from fct_assets import storage
 
+STAGING_PREFIX = "_staging_"
 
-def _store_batches(db, version: int, columns: list[str], batch_size: int):
-    """The pinned gallery_store version in pages of `batch_size` rows, in storage order.
+
+def staging_table(version: str, run_id: str, shard: int, shards: int) -> str:
+    """`_staging_gallery_<version>_<run8>_<k>of<N>`: one writer (one shard of one run) per table."""
+    return f"{STAGING_PREFIX}{storage.version_table(version)}_{(run_id or 'local')[:8]}_{shard}of{shards}"
+
+
+def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
+    """Drop the version's staging tables (all runs but `keep_run`); returns the names dropped.
+
+    Listed by name because a shard killed before its commit leaves a folder with no version,
+    which `table_exists` would call absent but which still takes disk space."""
+    prefix = f"{STAGING_PREFIX}{storage.version_table(version)}_"
+    keep = f"{prefix}{keep_run[:8]}_" if keep_run else None
+    names, token = [], None
+    while True:
+        page = db.list_tables(page_token=token)
+        names += [n for n in page.tables if n.startswith(prefix) and not (keep and n.startswith(keep))]
+        token = page.page_token
+        if not token:
+            break
+    for name in names:
+        db.drop_table(name, ignore_missing=True)
+    return names
+
+
+def _store_batches(db, version: int, columns: list[str], batch_size: int, start: int = 0, stop: int | None = None):
+    """Rows [start, stop) of the pinned gallery_store version in pages of `batch_size`, in storage order.
 
     Pages by offset/limit rather than one streaming scan: the scan reader buffers far ahead
     (measured: +380 MB over 1M rows), a page at a time keeps memory at one batch."""
     table = storage.open_pinned(db, storage.GALLERY_STORE, version)
-    for offset in range(0, table.count_rows(), batch_size):
-        page = table.search().select(columns).offset(offset).limit(batch_size).to_arrow()
+    stop = table.count_rows() if stop is None else stop
+    for offset in range(start, stop, batch_size):
+        page = table.search().select(columns).offset(offset).limit(min(batch_size, stop - offset)).to_arrow()
         yield from page.to_batches()
 
 
-def backfill_version(
-    fct,
-    version: str,
-    gallery_store: dict,
-    h,
-    new_model,
-    reembed_fraction: float,
-    batch_size: int,
-    *,
-    log: Callable[[str], None] = print,
-    run_id: str = "",
-) -> dict:
-    """Publish `gallery_<version>`; returns {"table", "version", "rows", "space_id", "reembedded", ...}."""
-    from fct_ml.augment import to_float
+def _transformer(h, batch_size: int) -> Callable[[pa.RecordBatch], tuple[torch.Tensor, torch.Tensor]]:
+    """A batch of stored rows -> (h's embeddings (B, new_dim), sigma (B,)), refusing non-finite or mis-sized input."""
     from fct_ml.backfill import apply_transformation
-    from fct_ml.training import encode
 
-    db = fct.connect()
-    device = fct.torch_device()
-    h = h.to(device)
-    new_model = new_model.to(device)
     use_side = h.config.side_info
-    n = gallery_store["rows"]
-    channels = new_model.config.in_channels
 
     def transform(batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
         old = torch.from_numpy(storage.vectors(batch.column("old_embedding")))
@@ -65,66 +92,178 @@ def backfill_version(
         emb, sigma = apply_transformation(h, old, side, batch_size=batch_size)
         return emb, (sigma if sigma is not None else torch.zeros(len(emb)))
 
+    return transform
+
+
+def plan_backfill(
+    fct, version: str, gallery_store: dict, h, *, reembed_fraction: float, batch_size: int, shards: int = 1,
+    ann_min_rows: int | None = None, run_id: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """Pass 1 and the split: {"version", "gallery_store_version", "rows", "reembed_ids", "shards": [{"index",
+    "start", "stop"}], ...}, all JSON. Shards are contiguous row ranges of near-equal size."""
+    if shards < 1:
+        raise ValueError(f"shards: {shards}; expected at least 1")
+    started = time.perf_counter()
+    db = fct.connect()
+    n = int(gallery_store["rows"])
+    store_version = int(gallery_store["version"])
+    h = h.to(fct.torch_device())
     # Pass 1: sigma of every item, to spend the re-embedding budget where h is least sure.
-    reembed_ids: np.ndarray = np.empty(0, dtype=np.int64)
+    reembed_ids: list[int] = []
     budget = int(round(reembed_fraction * n))
     if budget > 0:
+        transform = _transformer(h, batch_size)
         ids, sigmas = [], []
-        for batch in _store_batches(db, gallery_store["version"], ["item_id", "old_embedding", "side_info"], batch_size):
+        for batch in _store_batches(db, store_version, ["item_id", "old_embedding", "side_info"], batch_size):
             ids.append(batch.column("item_id").to_numpy())
             sigmas.append(transform(batch)[1].numpy())
         ids_all, sigma_all = np.concatenate(ids), np.concatenate(sigmas)
-        reembed_ids = ids_all[np.argsort(-sigma_all, kind="stable")[:budget]]
-    reembed = set(reembed_ids.tolist())
+        reembed_ids = ids_all[np.argsort(-sigma_all, kind="stable")[:budget]].tolist()
+    count = min(shards, max(n, 1))  # never an empty shard
+    ranges = [{"index": k, "count": count, "start": k * n // count, "stop": (k + 1) * n // count} for k in range(count)]
+    return {
+        "version": version, "gallery_store_version": store_version, "rows": n, "run_id": run_id,
+        "reembed_fraction": reembed_fraction, "reembed_ids": reembed_ids, "batch_size": batch_size,
+        "ann_min_rows": ann_min_rows, "shards": ranges, "plan_seconds": round(time.perf_counter() - started, 3),
+    }  # fmt: skip
 
-    space_id = new_model.space_id
-    dim = h.config.new_dim
+
+def _shard_rows(db, plan: dict, shard: dict, h, new_model, done: dict, log) -> Iterator[pa.RecordBatch]:
+    """Pass 2 over one shard's rows: h for all, the new model for the chosen ones."""
+    from fct_ml.augment import to_float
+    from fct_ml.training import encode
+
+    transform = _transformer(h, plan["batch_size"])
+    reembed = set(plan["reembed_ids"])
+    space_id, dim, channels = new_model.space_id, h.config.new_dim, new_model.config.in_channels
     schema = storage.backfilled_schema(dim, space_id)
-    done = {"rows": 0, "reembedded": 0}
-
-    def rows():
-        cols = ["item_id", "label", "old_embedding", "side_info"] + (["image"] if reembed else [])
-        for batch in _store_batches(db, gallery_store["version"], cols, batch_size):
-            emb, sigma = transform(batch)
-            emb = emb.numpy()
-            item_ids = batch.column("item_id").to_numpy()
-            pick = np.array([i in reembed for i in item_ids.tolist()], dtype=bool)
-            source = np.where(pick, "re-embedded", "transformed")
-            if pick.any():
-                blobs = batch.column("image").to_pylist()
-                images = []
-                for i in np.nonzero(pick)[0]:
-                    try:
-                        images.append(storage.decode_png(blobs[i], channels))
-                    except ValueError as err:
-                        raise ValueError(f"gallery_store item {item_ids[i]}: {err}") from None
-                x = torch.from_numpy(np.stack(images))
-                emb[pick] = encode(new_model, [x], transform=to_float).numpy()
-                done["reembedded"] += int(pick.sum())
-            if not np.isfinite(emb).all():
-                raise ValueError(f"{storage.version_table(version)}: NaN or Inf in backfilled vectors; nothing was published")
-            done["rows"] += len(item_ids)
-            elapsed = time.perf_counter() - started
-            rate = done["rows"] / elapsed if elapsed > 0 else float("nan")
-            eta = (n - done["rows"]) / rate if rate > 0 else float("nan")
-            log(f"backfill {version}: {done['rows']}/{n} items ({done['reembedded']} re-embedded), "
-                f"{rate:,.0f} items/s, ETA {eta:.0f} s")  # fmt: skip
-            yield pa.record_batch(
-                [
-                    pa.array(item_ids.astype(np.int64)),
-                    batch.column("label"),
-                    pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).reshape(-1)), dim),
-                    pa.array(sigma.numpy().astype(np.float32)),
-                    pa.array(source.tolist()),
-                    pa.array([space_id] * len(item_ids)),
-                ],
-                schema=schema,
-            )
-
+    name = storage.version_table(plan["version"])
+    where = f" shard {shard['index'] + 1}/{shard['count']}" if shard["count"] > 1 else ""
+    total = shard["stop"] - shard["start"]
+    cols = ["item_id", "label", "old_embedding", "side_info"] + (["image"] if reembed else [])
     started = time.perf_counter()
-    info = storage.publish(db, storage.version_table(version), schema, rows(), tag=f"run-{run_id[:8]}" if run_id else None)
-    seconds = time.perf_counter() - started
-    # Measured cost of this backfill (both passes, LanceDB I/O included), for `fct estimate`.
-    return {**info, "space_id": space_id, "reembedded": done["reembedded"], "reembed_fraction": reembed_fraction,
-            "backfill_seconds": round(seconds, 3), "backfill_items_per_s": round(n / seconds, 1) if seconds > 0 else None,
-            "gallery_store_version": gallery_store["version"], "gallery_rows": n}  # fmt: skip
+    for batch in _store_batches(db, plan["gallery_store_version"], cols, plan["batch_size"], shard["start"], shard["stop"]):
+        emb, sigma = transform(batch)
+        emb = emb.numpy()
+        item_ids = batch.column("item_id").to_numpy()
+        pick = np.array([i in reembed for i in item_ids.tolist()], dtype=bool)
+        source = np.where(pick, "re-embedded", "transformed")
+        if pick.any():
+            blobs = batch.column("image").to_pylist()
+            images = []
+            for i in np.nonzero(pick)[0]:
+                try:
+                    images.append(storage.decode_png(blobs[i], channels))
+                except ValueError as err:
+                    raise ValueError(f"gallery_store item {item_ids[i]}: {err}") from None
+            x = torch.from_numpy(np.stack(images))
+            emb[pick] = encode(new_model, [x], transform=to_float).numpy()
+            done["reembedded"] += int(pick.sum())
+        if not np.isfinite(emb).all():
+            raise ValueError(f"{name}: NaN or Inf in backfilled vectors; nothing was published")
+        done["rows"] += len(item_ids)
+        elapsed = time.perf_counter() - started
+        rate = done["rows"] / elapsed if elapsed > 0 else float("nan")
+        eta = (total - done["rows"]) / rate if rate > 0 else float("nan")
+        log(f"backfill {plan['version']}{where}: {done['rows']}/{total} items ({done['reembedded']} re-embedded), "
+            f"{rate:,.0f} items/s, ETA {eta:.0f} s")  # fmt: skip
+        yield pa.record_batch(
+            [
+                pa.array(item_ids.astype(np.int64)),
+                batch.column("label"),
+                pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).reshape(-1)), dim),
+                pa.array(sigma.numpy().astype(np.float32)),
+                pa.array(source.tolist()),
+                pa.array([space_id] * len(item_ids)),
+            ],
+            schema=schema,
+        )
+
+
+def write_shard(fct, plan: dict, shard_index: int, h, new_model, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Backfill one shard into its staging table (or, for a single shard, the version's table);
+    returns {"table", "version", "rows", "reembedded", "staged", "space_id", "dim", "seconds"}."""
+    started = time.perf_counter()
+    shard = plan["shards"][shard_index]
+    db, device = fct.connect(), fct.torch_device()
+    h, new_model = h.to(device), new_model.to(device)
+    staged = shard["count"] > 1
+    name = staging_table(plan["version"], plan["run_id"], shard_index, shard["count"]) if staged else storage.version_table(plan["version"])
+    schema = storage.backfilled_schema(h.config.new_dim, new_model.space_id)
+    done = {"rows": 0, "reembedded": 0}
+    info = storage.publish(db, name, schema, _shard_rows(db, plan, shard, h, new_model, done, log))
+    if info["rows"] != shard["stop"] - shard["start"]:  # offset/limit pages must tile the range exactly
+        raise RuntimeError(f"{name}: {info['rows']} rows written for range [{shard['start']}, {shard['stop']})")
+    return {**info, "index": shard_index, "reembedded": done["reembedded"], "staged": staged,
+            "space_id": new_model.space_id, "dim": h.config.new_dim, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+
+
+def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """ONE commit of `gallery_<version>` from the shards' staging tables (in shard order), the staging
+    tables dropped, the ANN index above `ann_min_rows`; returns the table's record for the asset."""
+    started = time.perf_counter()
+    db = fct.connect()
+    version, n = plan["version"], plan["rows"]
+    name = storage.version_table(version)
+    results = sorted(results, key=lambda r: r["index"])
+    if [r["index"] for r in results] != list(range(len(plan["shards"]))):
+        raise RuntimeError(f"{name}: shards {[r['index'] for r in results]} reported, expected 0..{len(plan['shards']) - 1}")
+    space_id, dim = results[0]["space_id"], results[0]["dim"]
+    if results[0]["staged"]:
+        schema = storage.backfilled_schema(dim, space_id)
+
+        def staged_rows() -> Iterator[pa.RecordBatch]:
+            for r in results:  # pinned to the version each shard committed: a later write is not copied
+                staged = storage.open_pinned(db, r["table"], r["version"])
+                for offset in range(0, r["rows"], plan["batch_size"]):
+                    yield from staged.search().select(schema.names).offset(offset).limit(plan["batch_size"]).to_arrow().to_batches()
+
+        info = storage.publish(db, name, schema, staged_rows())
+        for r in results:
+            db.drop_table(r["table"], ignore_missing=True)
+        log(f"backfill {version}: published {info['rows']} rows from {len(results)} shards; staging tables dropped")
+    else:
+        info = {"table": name, "version": results[0]["version"], "rows": results[0]["rows"]}
+    if info["rows"] != n:
+        raise RuntimeError(f"{name}: {info['rows']} rows published, the gallery holds {n}")
+    table = db.open_table(name)
+    ann: dict[str, Any] = {"ann_index": "none"}
+    if plan.get("ann_min_rows") is not None and n >= plan["ann_min_rows"]:
+        # After the publish, in its own commit: readers pinned to the data version see no index and search exactly.
+        ann = {"ann_index": "built", "ann_params": storage.build_ann_index(table, dim)}
+        log(f"backfill {version}: IVF_PQ index built ({ann['ann_params']})")
+    if plan["run_id"]:
+        table.tags.create(f"run-{plan['run_id'][:8]}", table.version)
+    seconds = plan["plan_seconds"] + sum(r["seconds"] for r in results) + (time.perf_counter() - started)
+    # Measured cost of this backfill on ONE worker (both passes, LanceDB I/O and the staging copy
+    # included, not the waits between processes), for `fct estimate`.
+    return {"table": name, "version": table.version, "rows": info["rows"], "space_id": space_id,
+            "reembedded": sum(r["reembedded"] for r in results), "reembed_fraction": plan["reembed_fraction"],
+            "shards": len(results), "backfill_seconds": round(seconds, 3),
+            "backfill_items_per_s": round(n / seconds, 1) if seconds > 0 else None,
+            "gallery_store_version": plan["gallery_store_version"], "gallery_rows": n, **ann}  # fmt: skip
+
+
+def backfill_version(
+    fct,
+    version: str,
+    gallery_store: dict,
+    h,
+    new_model,
+    reembed_fraction: float,
+    batch_size: int,
+    *,
+    shards: int = 1,
+    ann_min_rows: int | None = None,
+    log: Callable[[str], None] = print,
+    run_id: str = "",
+) -> dict:
+    """Plan, write the shards one after another, publish `gallery_<version>`, in this process; returns the
+    record {"table", "version", "rows", "space_id", "reembedded", ...}. The Dagster asset runs the same
+    three steps as ops, the shards in parallel."""
+    plan = plan_backfill(fct, version, gallery_store, h, reembed_fraction=reembed_fraction, batch_size=batch_size,
+                         shards=shards, ann_min_rows=ann_min_rows, run_id=run_id)  # fmt: skip
+    if shards > 1:
+        drop_staging(fct.connect(), version, keep_run=run_id)
+    results = [write_shard(fct, plan, k, h, new_model, log=log) for k in range(len(plan["shards"]))]
+    return publish_shards(fct, plan, results, log=log)

@@ -52,6 +52,19 @@ class BackfillConfig(dg.Config):
         "uncertain (highest sigma) first, as FastFill. 0: transformation only (no image read).",
     )
     batch_size: int = Field(4096, gt=0, description="Rows read, transformed and written per batch.")
+    shards: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Split the gallery into this many contiguous row ranges, backfilled in parallel (one process "
+        "each, at most `gpu` pool-limit at a time) and published in ONE commit. 1: no staging copy.",
+    )
+    ann_min_rows: int = Field(
+        100_000,
+        ge=256,
+        description="Build an IVF_PQ index on the published table when it holds at least this many rows; "
+        "below, search is exact (brute force is fast there). IVF_PQ trains 256 codes: it needs >= 256 rows.",
+    )
 
 
 class PromotionConfig(dg.Config):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import dagster as dg
 
 from fct_assets.assets import ALL_ASSETS
@@ -24,8 +27,37 @@ def resources() -> dict[str, object]:
     return {"fct": FctResource(), "checkpoint_io_manager": CheckpointIOManager(), "json_io_manager": JsonIOManager()}
 
 
-def build_defs(resource_defs: dict[str, object] | None = None) -> dg.Definitions:
-    """The definitions with the given resources (tests pass temporary folders)."""
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+EXECUTORS = ("multiprocess", "in_process", "k8s")
+
+
+def executor_from_env() -> dg.ExecutorDefinition:
+    """The executor named by FCT_EXECUTOR (default multiprocess), so a deployment picks it without editing code.
+
+    multiprocess: each step in its own process on this machine (shards in parallel, the `gpu` pool
+    limiting the model steps). in_process: one process (debugging). k8s: each step in its own
+    Kubernetes job (dagster-k8s, imported only then), configured from the YAML file FCT_EXECUTOR_CONFIG
+    (default deploy/k8s_executor.yaml)."""
+    name = os.environ.get("FCT_EXECUTOR", "multiprocess")
+    if name == "multiprocess":
+        return dg.multiprocess_executor
+    if name == "in_process":
+        return dg.in_process_executor
+    if name == "k8s":
+        import yaml
+        from dagster_k8s import k8s_job_executor
+
+        path = Path(os.environ.get("FCT_EXECUTOR_CONFIG", DEPLOY / "k8s_executor.yaml"))
+        try:
+            config = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise ValueError(f"FCT_EXECUTOR_CONFIG {str(path)!r}: cannot read ({err.strerror}); expected a YAML file of k8s_job_executor config") from None
+        return k8s_job_executor.configured(config or {}, name="k8s")
+    raise ValueError(f"FCT_EXECUTOR={name!r}: expected one of {' | '.join(EXECUTORS)}")
+
+
+def build_defs(resource_defs: dict[str, object] | None = None, executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
+    """The definitions with the given resources (tests pass temporary folders) and executor (default: FCT_EXECUTOR)."""
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
@@ -33,6 +65,7 @@ def build_defs(resource_defs: dict[str, object] | None = None) -> dg.Definitions
         schedules=[daily_evaluation],
         sensors=[automation_sensor],
         resources=resource_defs or resources(),
+        executor=executor or executor_from_env(),
     )
 
 

@@ -18,7 +18,16 @@ from fct_assets.partitions import check_version
 from fct_assets.resources import DATA_ROOT
 
 
+def _op_output_path(output: dg.OutputContext, suffix: str) -> Path:
+    """An op output inside a graph asset (e.g. the backfill plan): one file per run, step and output."""
+    mapped = f".{output.mapping_key}" if output.mapping_key else ""
+    return Path("_runs") / output.run_id / f"{output.step_key}.{output.name}{mapped}{suffix}"
+
+
 def _relative_path(context: dg.OutputContext | dg.InputContext, suffix: str) -> Path:
+    output = context if isinstance(context, dg.OutputContext) else context.upstream_output
+    if output is not None and not output.has_asset_key:
+        return _op_output_path(output, suffix)
     key = context.asset_key.path
     if context.has_asset_partitions:
         # Partition keys are model versions: checked so that a path never leaves the root.

@@ -1,0 +1,96 @@
+"""deploy/: the same definitions on Kubernetes (k8s_job_executor, K8sRunLauncher, Postgres, LanceDB
+on S3), loaded and validated here without a cluster or a database (nothing is connected to)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster._config import process_config
+from dagster._core.errors import DagsterInvalidConfigError
+from dagster._core.instance.config import dagster_instance_config
+from dagster._core.system_config.objects import ResolvedRunConfig
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+
+def _deploy_env() -> dict[str, str]:
+    """The pods' environment: deploy/fct-env.yaml's ConfigMap, the executor config from this checkout
+    (the image has it at /opt/fct/deploy) and a placeholder password where the secret would be."""
+    data = yaml.safe_load((DEPLOY / "fct-env.yaml").read_text())["data"]
+    return {**data, "FCT_EXECUTOR_CONFIG": str(DEPLOY / "k8s_executor.yaml"), "DAGSTER_PG_PASSWORD": "from-the-secret"}
+
+
+def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
+    from fct_assets.definitions import build_defs, resources
+
+    env = _deploy_env()
+    assert env["FCT_EXECUTOR"] == "k8s" and env["FCT_LANCEDB_URI"].startswith("s3://")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    defs = build_defs()
+    expected = yaml.safe_load((DEPLOY / "k8s_executor.yaml").read_text())
+    jobs = list(defs.resolve_all_job_defs())
+    assert {"base", "upgrade", "verify", "scheduled_evaluation", "promote", "rollback"} <= {j.name for j in jobs}
+    for job in jobs:
+        assert job.executor_def.name == "k8s", job.name
+        # The run config Dagster resolves at launch: the deploy file's executor config, validated
+        # against k8s_job_executor's schema.
+        # (`promote` needs its version; every other job launches with no config.)
+        run_config = {"ops": {"promote_version": {"config": {"version": "v2"}}}} if job.name == "promote" else {}
+        execution = ResolvedRunConfig.build(job, run_config).execution.execution_engine_config
+        assert execution["max_concurrent"] == expected["max_concurrent"] and execution["job_namespace"] == "fct"
+        shard = execution["per_step_k8s_config"]["backfill_shard"]["container_config"]["resources"]["limits"]
+        assert shard["nvidia.com/gpu"] == 1
+    assert resources()["fct"].lancedb_uri == env["FCT_LANCEDB_URI"]  # the resource the code location builds
+
+    # Not vacuous: a key k8s_job_executor does not know is refused when the config is resolved.
+    bad = {**expected, "gpus_per_shard": 1}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    monkeypatch.setenv("FCT_EXECUTOR_CONFIG", str(tmp_path / "bad.yaml"))
+    with pytest.raises(DagsterInvalidConfigError, match="gpus_per_shard"):
+        ResolvedRunConfig.build(build_defs().resolve_job_def("upgrade"), {})
+    monkeypatch.setenv("FCT_EXECUTOR", "spark")
+    with pytest.raises(ValueError, match="FCT_EXECUTOR='spark': expected one of multiprocess | in_process | k8s"):
+        build_defs()
+
+
+def test_code_location_validates_with_the_deploy_environment():
+    # What the code-location pod runs at start (`dagster api grpc -m fct_assets.definitions`), in a
+    # fresh process with the pods' environment.
+    done = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "fct_assets.definitions", "-a", "defs"],
+        cwd=REPO, env={**os.environ, **_deploy_env()}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_deploy_instance_yaml_has_postgres_storage_and_the_k8s_run_launcher(tmp_path, monkeypatch):
+    from dagster_k8s import K8sRunLauncher
+    from dagster_postgres.utils import pg_config
+
+    for key, value in _deploy_env().items():
+        monkeypatch.setenv(key, value)
+    config, _ = dagster_instance_config(str(DEPLOY), "dagster.yaml")  # Dagster's instance schema
+    postgres = process_config(pg_config(), config["storage"]["postgres"])
+    assert postgres.success, postgres.errors
+    db = postgres.value["postgres_db"]
+    assert (db["hostname"], db["username"], db["db_name"], db["password"]) == (
+        os.environ["DAGSTER_PG_HOST"], "dagster", "dagster", "from-the-secret")  # from the environment, not the file
+    assert (config["run_launcher"]["module"], config["run_launcher"]["class"]) == ("dagster_k8s", "K8sRunLauncher")
+    launcher = process_config(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
+    assert launcher.success, launcher.errors
+    assert launcher.value["env_config_maps"] == ["fct-env"]
+    assert config["concurrency"]["pools"]["granularity"] == "op"
+
+    # Not vacuous: a misspelt storage key is refused by the same loader.
+    bad = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
+    bad["storage"]["postgres"]["postgres_db"]["hostnme"] = bad["storage"]["postgres"]["postgres_db"].pop("hostname")
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(DagsterInvalidConfigError):
+        dagster_instance_config(str(tmp_path), "dagster.yaml")

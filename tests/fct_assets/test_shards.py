@@ -1,0 +1,210 @@
+"""Sharded backfill: shards in separate processes (multiprocess executor), one publish, nothing
+published when a shard fails; the IVF_PQ index above ann_min_rows."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from fct_assets import storage
+from fct_assets.backfill import STAGING_PREFIX
+from fct_assets.definitions import build_defs
+from fct_assets.io_managers import CheckpointIOManager, JsonIOManager, recorded_metadata
+from fct_assets.resources import FctResource
+from fct_ml.augment import to_float
+from fct_ml.backfill import apply_transformation
+from fct_ml.checkpoint import load_checkpoint, save_checkpoint
+from fct_ml.models import EmbeddingModel, ModelConfig
+from fct_ml.training import encode
+from fct_ml.transformation import Transformation, TransformationConfig
+
+BACKFILL = dg.AssetKey("backfilled_gallery")
+
+
+def upgrade_job() -> dg.JobDefinition:
+    """The upgrade job with resources and executor from the environment (FCT_LANCEDB_URI, ...,
+    FCT_EXECUTOR): module-level, so `dg.reconstructable` can rebuild it in every step process."""
+    return build_defs().resolve_job_def("upgrade")
+
+
+def _staging_tables(db) -> list[str]:
+    return [n for n in db.list_tables().tables if n.startswith(STAGING_PREFIX)]
+
+
+def _point_env_at(monkeypatch, env) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(env.root / "dagster_home"))
+    monkeypatch.setenv("FCT_LANCEDB_URI", env.fct.lancedb_uri)
+    monkeypatch.setenv("FCT_CHECKPOINT_ROOT", env.checkpoints.root)
+    monkeypatch.setenv("FCT_RECORD_ROOT", env.records.root)
+    monkeypatch.setenv("FCT_PRESET", "tiny")
+    monkeypatch.setenv("FCT_DEVICE", "cpu")
+    monkeypatch.setenv("FCT_EXECUTOR", "multiprocess")
+
+
+def _model(env, name: str, version: str):
+    meta = recorded_metadata(env.instance, dg.AssetKey(name), version)
+    model, _ = load_checkpoint(meta["path"], meta["sha256"])
+    return model
+
+
+@pytest.mark.slow
+def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, monkeypatch):
+    version, shards, fraction = "v7", 3, 0.25
+    env.instance.add_dynamic_partitions("model_version", [version])
+    models = [dg.AssetKey("new_model"), dg.AssetKey("transformation")]
+    assert env.defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=env.instance, partition_key=version, asset_selection=models).success  # fmt: skip
+    _point_env_at(monkeypatch, env)
+    config = {"reembed_fraction": fraction, "batch_size": 64, "shards": shards, "ann_min_rows": 256}
+    # The `gpu` pool at one slot, as dagster_home/dagster.yaml sets it (this instance has no yaml).
+    env.instance.event_log_storage.set_concurrency_slots("gpu", 1)
+    try:
+        with dg.execute_job(
+            dg.reconstructable(upgrade_job), instance=env.instance, asset_selection=[BACKFILL],
+            run_config={"ops": {"backfilled_gallery": {"config": config}}}, tags={"dagster/partition": version},
+        ) as result:  # fmt: skip
+            assert result.success
+            run_id = result.run_id
+    finally:
+        env.instance.event_log_storage.delete_concurrency_limit("gpu")
+
+    # Each shard ran as its own step, in its own process, none in this (the orchestrating) one.
+    def events(kind):
+        return {r.event_log_entry.step_key: r.event_log_entry
+                for r in env.instance.get_records_for_run(run_id, of_type=kind).records}  # fmt: skip
+
+    starts, ends = events(dg.DagsterEventType.STEP_START), events(dg.DagsterEventType.STEP_SUCCESS)
+    shard_keys = sorted(k for k in starts if ".backfill_shard[" in k)
+    assert shard_keys == [f"backfilled_gallery.backfill_shard[shard_{k}]" for k in range(shards)]
+    pids = {starts[k].dagster_event.pid for k in shard_keys}
+    assert len(pids) == shards and os.getpid() not in pids
+    # One gpu slot: the model steps (plan, shards) ran one at a time.
+    spans = sorted((starts[k].timestamp, ends[k].timestamp) for k in starts if "backfill_shard[" in k or "plan_backfill" in k)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
+
+    db = env.fct.connect()
+    store = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id")
+    table = db.open_table(f"gallery_{version}").to_arrow().sort_by("item_id")
+    n = store.num_rows
+    assert table.num_rows == n and table.column("item_id").to_pylist() == store.column("item_id").to_pylist()  # each once
+    record = json.loads((env.root / "records" / "backfilled_gallery" / f"{version}.json").read_text())
+    assert record["rows"] == n and record["shards"] == shards and record["version"] == db.open_table(f"gallery_{version}").version
+    assert _staging_tables(db) == []
+
+    # Expected by hand: h over the stored vectors; the re-embedded items are the round(0.25 n) highest sigma.
+    h, new_model = _model(env, "transformation", version), _model(env, "new_model", version)
+    old = torch.from_numpy(storage.vectors(store.column("old_embedding")))
+    side = torch.from_numpy(storage.vectors(store.column("side_info")))
+    expected, sigma = apply_transformation(h, old, side)
+    ids = np.asarray(store.column("item_id").to_pylist())
+    chosen = set(ids[np.argsort(-sigma.numpy(), kind="stable")[: round(fraction * n)]].tolist())
+    source = np.asarray(table.column("source").to_pylist())
+    assert set(ids[source == "re-embedded"].tolist()) == chosen and record["reembedded"] == len(chosen)
+    got = storage.vectors(table.column("embedding"))
+    transformed = source == "transformed"
+    np.testing.assert_allclose(got[transformed], expected.numpy()[transformed], rtol=1e-5, atol=1e-5)
+    picked = ~transformed
+    images = torch.from_numpy(np.stack([storage.decode_png(b, 1) for b in np.asarray(store.column("image").to_pylist(), dtype=object)[picked]]))
+    np.testing.assert_allclose(got[picked], encode(new_model, [images], transform=to_float).numpy(), rtol=1e-4, atol=1e-4)
+
+    # n >= ann_min_rows: an IVF_PQ index on the published table, recorded; search still finds a
+    # re-embedded item's own image first, at distance ~0 (refine re-ranks exactly).
+    assert record["ann_index"] == "built" and record["ann_params"] == storage.ann_params(n, got.shape[1])
+    assert storage.ann_index_exists(db.open_table(f"gallery_{version}"))
+    from fct_assets.search import search_command
+
+    item = sorted(chosen)[0]
+    hits = search_command(env.instance, env.fct, image=None, item_id=item, version=version, k=3)
+    assert hits[0]["item_id"] == item and hits[0]["distance"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_below_ann_min_rows_no_index(env):
+    # v2 was backfilled with the default ann_min_rows (100,000) over a gallery of a few hundred items.
+    db = env.fct.connect()
+    meta = recorded_metadata(env.instance, BACKFILL, "v2")
+    assert meta["rows"] < 100_000 and meta["ann_index"] == "none"
+    assert not storage.ann_index_exists(db.open_table("gallery_v2"))
+
+
+# --------------------------------------------------------------------------- #
+# A shard fails: a small world of random models (no training) and a gallery_store whose item 10,
+# in the last of 3 shards, holds a corrupt image. In-process: the failure path is the same.
+# --------------------------------------------------------------------------- #
+
+N_ITEMS, CORRUPT_ITEM = 12, 10
+OLD_SPACE, SIDE_SPACE = "old_model@aaaaaaaaaaaa", "side_info_model@bbbbbbbbbbbb"
+
+
+def _small_world(root):
+    fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
+    rng = np.random.default_rng(1)
+    images = [storage.encode_png(rng.integers(0, 256, (1, 8, 8), dtype=np.uint8)) for _ in range(N_ITEMS)]
+    images[CORRUPT_ITEM] = b"\x89PNG\r\n\x1a\n" + b"garbage" * 4
+    vec = lambda: pa.FixedSizeListArray.from_arrays(pa.array(rng.random(N_ITEMS * 4).astype(np.float32)), 4)  # noqa: E731
+    schema = storage.gallery_store_schema(4, 4, OLD_SPACE, SIDE_SPACE)
+    batch = pa.record_batch(
+        [pa.array(np.arange(N_ITEMS, dtype=np.int64)), pa.array((np.arange(N_ITEMS) % 10).astype(np.int32)),
+         pa.array(images, pa.binary()), vec(), vec(), pa.array([OLD_SPACE] * N_ITEMS), pa.array([SIDE_SPACE] * N_ITEMS)],
+        schema=schema,
+    )  # fmt: skip
+    info = storage.publish(fct.connect(), storage.GALLERY_STORE, schema, [batch])
+    (root / "records").mkdir()
+    (root / "records" / "gallery_store.json").write_text(json.dumps({**info, "old_space_id": OLD_SPACE, "side_info_space_id": SIDE_SPACE}))
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    instance = dg.DagsterInstance.from_config(str(home))
+    instance.add_dynamic_partitions("model_version", ["v2"])
+    torch.manual_seed(0)
+    h = Transformation(TransformationConfig(old_dim=4, side_info_dim=4, new_dim=4, branch_width=4, inner_width=4, uncertainty=True))
+    new_model = EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=10))
+    for name, model, extra in (("new_model", new_model, {}),
+                               ("transformation", h, {"old_space_id": OLD_SPACE, "side_info_space_id": SIDE_SPACE})):  # fmt: skip
+        saved = save_checkpoint(root / "checkpoints" / name / "v2.safetensors", model.eval(), name=f"{name}:v2")
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            name, partition="v2", metadata={"path": saved.path, "sha256": saved.sha256, "space_id": saved.space_id, **extra}))  # fmt: skip
+    defs = build_defs({"fct": fct, "checkpoint_io_manager": CheckpointIOManager(root=str(root / "checkpoints")),
+                       "json_io_manager": JsonIOManager(root=str(root / "records"))}, executor=dg.in_process_executor)  # fmt: skip
+    return fct, instance, defs
+
+
+def test_a_failed_shard_publishes_nothing(tmp_path):
+    fct, instance, defs = _small_world(tmp_path)
+    db = fct.connect()
+    job = defs.resolve_implicit_global_asset_job_def()
+
+    def backfill(**config):
+        return job.execute_in_process(instance=instance, partition_key="v2", asset_selection=[BACKFILL], raise_on_error=False,
+                                      run_config={"ops": {"backfilled_gallery": {"config": {"batch_size": 2, **config}}}})  # fmt: skip
+
+    first = backfill(shards=3)
+    assert first.success
+    published = db.open_table("gallery_v2")
+    before = (published.version, published.to_arrow().sort_by("item_id"))
+    assert before[1].column("item_id").to_pylist() == list(range(N_ITEMS))
+
+    # Every item re-embedded: shard 3 (rows 8-11) meets item 10's corrupt image and fails.
+    failed = backfill(shards=3, reembed_fraction=1.0)
+    assert not failed.success
+    failures = [e for e in failed.all_events if e.is_step_failure]
+    assert [e.step_key for e in failures] == ["backfilled_gallery.backfill_shard[shard_2]"]
+    assert f"gallery_store item {CORRUPT_ITEM}: stored image is not a readable PNG" in str(failures[0].event_specific_data.error)
+    succeeded = {e.step_key for e in failed.all_events if e.is_step_success}
+    assert {"backfilled_gallery.backfill_shard[shard_0]", "backfilled_gallery.backfill_shard[shard_1]"} <= succeeded
+    assert "backfilled_gallery.publish_backfill" not in succeeded
+    # Nothing published: the table is at its version, rows as they were; the record is the first run's.
+    table = db.open_table("gallery_v2")
+    assert table.version == before[0] and table.to_arrow().sort_by("item_id").equals(before[1])
+    assert recorded_metadata(instance, BACKFILL, "v2")["version"] == before[0]
+    assert len(_staging_tables(db)) == 2  # shards 1 and 2 of the failed run: never read
+
+    # The next run of the version drops the failed run's staging tables and publishes.
+    again = backfill(shards=2)
+    assert again.success and _staging_tables(db) == []
+    assert db.open_table("gallery_v2").version > before[0]
