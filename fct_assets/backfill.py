@@ -103,11 +103,11 @@ def plan_backfill(
     "start", "stop"}], ...}, all JSON. Shards are contiguous row ranges of near-equal size."""
     if shards < 1:
         raise ValueError(f"shards: {shards}; expected at least 1")
-    started = time.perf_counter()
     db = fct.connect()
     n = int(gallery_store["rows"])
     store_version = int(gallery_store["version"])
     h = h.to(fct.torch_device())
+    started = time.perf_counter()
     # Pass 1: sigma of every item, to spend the re-embedding budget where h is least sure.
     reembed_ids: list[int] = []
     budget = int(round(reembed_fraction * n))
@@ -183,7 +183,6 @@ def _shard_rows(db, plan: dict, shard: dict, h, new_model, done: dict, log) -> I
 def write_shard(fct, plan: dict, shard_index: int, h, new_model, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Backfill one shard into its staging table (or, for a single shard, the version's table);
     returns {"table", "version", "rows", "reembedded", "staged", "space_id", "dim", "seconds"}."""
-    started = time.perf_counter()
     shard = plan["shards"][shard_index]
     db, device = fct.connect(), fct.torch_device()
     h, new_model = h.to(device), new_model.to(device)
@@ -191,6 +190,9 @@ def write_shard(fct, plan: dict, shard_index: int, h, new_model, *, log: Callabl
     name = staging_table(plan["version"], plan["run_id"], shard_index, shard["count"]) if staged else storage.version_table(plan["version"])
     schema = storage.backfilled_schema(h.config.new_dim, new_model.space_id)
     done = {"rows": 0, "reembedded": 0}
+    # Timed from the first read to the commit: the per-item cost `fct estimate` extrapolates, without
+    # this process's fixed start-up (connection, moving the models).
+    started = time.perf_counter()
     info = storage.publish(db, name, schema, _shard_rows(db, plan, shard, h, new_model, done, log))
     if info["rows"] != shard["stop"] - shard["start"]:  # offset/limit pages must tile the range exactly
         raise RuntimeError(f"{name}: {info['rows']} rows written for range [{shard['start']}, {shard['stop']})")
@@ -201,9 +203,9 @@ def write_shard(fct, plan: dict, shard_index: int, h, new_model, *, log: Callabl
 def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """ONE commit of `gallery_<version>` from the shards' staging tables (in shard order), the staging
     tables dropped, the ANN index above `ann_min_rows`; returns the table's record for the asset."""
-    started = time.perf_counter()
     db = fct.connect()
     version, n = plan["version"], plan["rows"]
+    copy_seconds = 0.0  # the staged rows' copy into the version's table: part of a sharded backfill's cost
     name = storage.version_table(version)
     results = sorted(results, key=lambda r: r["index"])
     if [r["index"] for r in results] != list(range(len(plan["shards"]))):
@@ -218,7 +220,9 @@ def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str],
                 for offset in range(0, r["rows"], plan["batch_size"]):
                     yield from staged.search().select(schema.names).offset(offset).limit(plan["batch_size"]).to_arrow().to_batches()
 
+        started = time.perf_counter()
         info = storage.publish(db, name, schema, staged_rows())
+        copy_seconds = time.perf_counter() - started
         for r in results:
             db.drop_table(r["table"], ignore_missing=True)
         log(f"backfill {version}: published {info['rows']} rows from {len(results)} shards; staging tables dropped")
@@ -234,9 +238,9 @@ def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str],
         log(f"backfill {version}: IVF_PQ index built ({ann['ann_params']})")
     if plan["run_id"]:
         table.tags.create(f"run-{plan['run_id'][:8]}", table.version)
-    seconds = plan["plan_seconds"] + sum(r["seconds"] for r in results) + (time.perf_counter() - started)
+    seconds = plan["plan_seconds"] + sum(r["seconds"] for r in results) + copy_seconds
     # Measured cost of this backfill on ONE worker (both passes, LanceDB I/O and the staging copy
-    # included, not the waits between processes), for `fct estimate`.
+    # included; not the processes' start-up nor the waits between them), for `fct estimate`.
     return {"table": name, "version": table.version, "rows": info["rows"], "space_id": space_id,
             "reembedded": sum(r["reembedded"] for r in results), "reembed_fraction": plan["reembed_fraction"],
             "shards": len(results), "backfill_seconds": round(seconds, 3),

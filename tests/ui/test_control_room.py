@@ -17,6 +17,7 @@ from playwright.sync_api import Page, expect
 
 VERSION = "v3"
 REEMBED = 0.25  # typed into the launchpad; the backfilled table must show it took effect
+SHARDS = 2  # likewise: the backfill runs as two shard steps and one publish
 RUN_TIMEOUT_S = 600
 
 
@@ -68,6 +69,7 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
     page.keyboard.press("Enter")
     expect(page.get_by_text(f"partition: {VERSION}")).to_be_visible()
     _set_yaml_value(page, "reembed_fraction", str(REEMBED))
+    _set_yaml_value(page, "shards", str(SHARDS))
     expect(page.get_by_text("No errors")).to_be_visible()
     _shot(page, artifacts, "launchpad")
     page.get_by_role("button", name="Launch Run").click()
@@ -83,7 +85,7 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
     # The launched config reached the run: a quarter of the gallery was re-embedded.
     record = json.loads((root / "records" / "backfilled_gallery" / f"{VERSION}.json").read_text())
     assert record["reembedded"] == round(REEMBED * record["gallery_rows"]) > 0
-    assert record["reembed_fraction"] == REEMBED
+    assert record["reembed_fraction"] == REEMBED and record["shards"] == SHARDS
 
     # 5. The eval report: its markdown table of the paper's cases and the backfilling plot.
     page.goto(f"{base}/assets/eval_report?partition={VERSION}")
@@ -96,6 +98,9 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
     plot = report.locator("img").first
     expect(plot).to_be_visible()
     assert plot.evaluate("img => img.complete && img.naturalWidth") > 100, "the backfilling-curve plot did not decode"
+    # The dialog fades in: wait until it is fully opaque before the picture.
+    page.wait_for_function("() => [...document.querySelectorAll('[role=dialog]')].every(d => getComputedStyle(d.parentElement).opacity === '1' && getComputedStyle(d).opacity === '1')")
+    page.wait_for_timeout(500)
     _shot(page, artifacts, "eval_report")
     report.get_by_role("button", name="Close").click()
 
