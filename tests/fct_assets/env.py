@@ -24,6 +24,17 @@ class Env:
     checkpoints: CheckpointIOManager
     records: JsonIOManager
 
+    def environ(self) -> dict[str, str]:
+        """The environment that points the CLI, `build_defs()` and step processes at this instance and storage."""
+        return {
+            "DAGSTER_HOME": str(self.root / "dagster_home"),
+            "FCT_LANCEDB_URI": self.fct.lancedb_uri,
+            "FCT_CHECKPOINT_ROOT": self.checkpoints.root,
+            "FCT_RECORD_ROOT": self.records.root,
+            "FCT_PRESET": "tiny",
+            "FCT_DEVICE": "cpu",
+        }
+
     def upgrade(self, version: str, run_config: dict | None = None, **kwargs) -> dg.ExecuteInProcessResult:
         if version not in self.instance.get_dynamic_partitions("model_version"):
             add_model_version(self.instance, version)

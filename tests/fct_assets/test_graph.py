@@ -196,12 +196,8 @@ def test_lineage_names_every_checkpoint_and_they_match_the_files(env, monkeypatc
 
 
 def _cli_env(monkeypatch, env) -> None:
-    monkeypatch.setenv("DAGSTER_HOME", str(env.root / "dagster_home"))
-    monkeypatch.setenv("FCT_LANCEDB_URI", env.fct.lancedb_uri)
-    monkeypatch.setenv("FCT_CHECKPOINT_ROOT", env.checkpoints.root)
-    monkeypatch.setenv("FCT_RECORD_ROOT", env.records.root)
-    monkeypatch.setenv("FCT_PRESET", "tiny")
-    monkeypatch.setenv("FCT_DEVICE", "cpu")
+    for key, value in env.environ().items():
+        monkeypatch.setenv(key, value)
 
 
 def test_search_finds_a_gallery_image_itself(env, monkeypatch, capsys, tmp_path):

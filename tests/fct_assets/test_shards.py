@@ -38,13 +38,8 @@ def _staging_tables(db) -> list[str]:
 
 
 def _point_env_at(monkeypatch, env) -> None:
-    monkeypatch.setenv("DAGSTER_HOME", str(env.root / "dagster_home"))
-    monkeypatch.setenv("FCT_LANCEDB_URI", env.fct.lancedb_uri)
-    monkeypatch.setenv("FCT_CHECKPOINT_ROOT", env.checkpoints.root)
-    monkeypatch.setenv("FCT_RECORD_ROOT", env.records.root)
-    monkeypatch.setenv("FCT_PRESET", "tiny")
-    monkeypatch.setenv("FCT_DEVICE", "cpu")
-    monkeypatch.setenv("FCT_EXECUTOR", "multiprocess")
+    for key, value in {**env.environ(), "FCT_EXECUTOR": "multiprocess"}.items():
+        monkeypatch.setenv(key, value)
 
 
 def _model(env, name: str, version: str):
