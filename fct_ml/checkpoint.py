@@ -130,14 +130,23 @@ def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None) -> tup
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
     config_cls, ctor = MODEL_KINDS[kind]
     try:
-        config = from_dict(config_cls, json.loads(meta.get("config", "{}")))
+        config_data = json.loads(meta.get("config", "{}"))
+        config = from_dict(config_cls, config_data)
     except (ConfigError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: bad config in metadata ({err})") from None
     model = ctor(config)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: state dict does not match its config (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    meta["config"] = json.loads(meta["config"])
+    # Strict: missing and unexpected keys AND shape mismatches (which torch raises rather than
+    # returns) all mean the file is not the model its config describes.
+    missing = sorted(set(model.state_dict()) - set(tensors))
+    unexpected = sorted(set(tensors) - set(model.state_dict()))
+    mismatched = [k for k, v in model.state_dict().items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"{path}: state dict does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"other shape {mismatched[:3]})"
+        )
+    model.load_state_dict(tensors)
+    meta["config"] = config_data
     meta["provenance"] = json.loads(meta.get("provenance", "{}"))
     meta["sha256"] = found
     return model.eval(), meta

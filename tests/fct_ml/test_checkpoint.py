@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import pickle
 
 import pytest
@@ -66,3 +68,22 @@ def test_content_digest_tracks_weights_not_files():
     with torch.no_grad():
         b.classifier.weight[0, 0] += 1.0
     assert content_digest(a) != content_digest(b)
+
+
+@pytest.mark.parametrize("change", ["other_shapes", "no_config"])
+def test_weights_that_do_not_fit_the_config_are_refused_in_one_line(tmp_path, change):
+    # A header that describes another model than the tensors: inner width 8 in the header, 4 in
+    # the weights; or no config at all (the default config's widths differ from the weights too).
+    from safetensors.torch import save as save_safetensors
+
+    small = TransformationConfig(old_dim=3, side_info_dim=2, new_dim=4, branch_width=4, inner_width=4)
+    h = Transformation(small)
+    header = {"kind": "transformation", "name": "h", "provenance": "{}"}
+    if change == "other_shapes":
+        header["config"] = json.dumps({**dataclasses.asdict(small), "inner_width": 8})
+    blob = save_safetensors({k: v.contiguous() for k, v in h.state_dict().items()}, metadata=header)
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointError, match=r"state dict does not match its config") as err:
+        load_checkpoint(path, hashlib.sha256(blob).hexdigest())
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
