@@ -110,7 +110,12 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
 
     # n >= ann_min_rows: an IVF_PQ index on the published table, recorded; search still finds a
     # re-embedded item's own image first, at distance ~0 (refine re-ranks exactly).
-    assert record["ann_index"] == "built" and record["ann_params"] == storage.ann_params(n, got.shape[1])
+    # By hand from storage.ann_params' rule for 540 rows of dim 16: partitions max(1, min(256, 540 // 256)) = 2,
+    # sub-vectors the largest divisor of 16 up to 16 // 4 = 4, nprobes ceil(2 / 8) = 1, refine 10.
+    assert (n, got.shape[1]) == (540, 16)
+    assert record["ann_index"] == "built"
+    assert record["ann_params"] == {"index_type": "IVF_PQ", "metric": "l2", "num_partitions": 2, "num_sub_vectors": 4,
+                                    "nprobes": 1, "refine_factor": 10}  # fmt: skip
     assert storage.ann_index_exists(db.open_table(f"gallery_{version}"))
     from fct_assets.search import search_command
 

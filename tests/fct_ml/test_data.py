@@ -360,15 +360,16 @@ def test_parse_class_list(text: str, expected: tuple[int, ...]) -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("", "empty"),
-        ("   ", "empty"),
-        ("1,x", "'x'"),
-        ("1.5", "'1.5'"),
-        ("1,,2", "''"),
-        ("-1", "'-1'"),
-        ("5-2", "'5-2'"),
-        ("0-10", "10"),
-        ("12", "12"),
+        # Each fragment names the reason (and the culprit item), not just the input text.
+        ("", "class list is empty"),
+        ("   ", "class list is empty"),
+        ("1,x", "item 'x' is not an integer or a range"),
+        ("1.5", "item '1.5' is not an integer or a range"),
+        ("1,,2", "item '' is not an integer or a range"),
+        ("-1", "item '-1' is not an integer or a range"),
+        ("5-2", "reversed range '5-2'; write it as 2-5"),
+        ("0-10", "class 10 is out of range [0, 10)"),
+        ("12", "class 12 is out of range [0, 10)"),
     ],
 )
 def test_parse_class_list_errors(text: str, fragment: str) -> None:

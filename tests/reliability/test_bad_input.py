@@ -311,7 +311,7 @@ def test_inf_in_stored_vectors_for_h(field, cwd, reliability):
     reliability(CATEGORY, f"Inf in stored {field} given to h", f"refused: {message}")
 
 
-def test_nan_in_transformation_training_features(tmp_path, cwd, reliability):
+def test_nan_in_transformation_training_features(cwd, reliability):
     old = torch.rand(16, 4)
     old[5, 2] = float("nan")
     h = small_h()
@@ -413,7 +413,9 @@ def test_unknown_preset_or_arch(what, cwd, reliability):
 # --------------------------------------------------------------------------- #
 
 @pytest.mark.parametrize(
-    "version", ["../v2", "v2;rm -rf /", "v2\n", "v2/../../etc", ""], ids=["dotdot", "shell", "newline", "slash", "empty"]
+    "version",
+    ["../v2", "v2;rm -rf /", "v2\n", "v2/../../etc", "", "/abs", "v2\x00"],
+    ids=["dotdot", "shell", "newline", "slash", "empty", "absolute", "nul"],
 )
 def test_version_name_with_path_or_shell_characters(version, cwd, reliability):
     with pytest.raises(VersionError) as err:
