@@ -1,6 +1,7 @@
 """fct_ml: forward-compatible embedding training (FCT), BCT and FastFill as a pure library.
 
-Imports torch, torchvision and numpy only: no orchestrator, no database. One file per concept:
+No orchestrator, no database (torch, torchvision, numpy, PIL, scikit-learn's bundled digits,
+safetensors, tqdm). One file per concept:
 
     data.py            datasets, class splits, IDX/CIFAR/image-folder loaders
     augment.py         batched tensor augmentation, per-dataset policies
@@ -12,8 +13,11 @@ Imports torch, torchvision and numpy only: no orchestrator, no database. One fil
     training.py        the one training loop, device policy, seeding, frozen encoders
     retrieval.py       CMC top-k and mAP in bounded memory
     backfill.py        applying h to stored vectors; backfilling curves and their area
-    presets.py         tiny / cpu / paper experiment configurations
-    reproduce.py       the paper's experiment end to end (`fct reproduce`)
+    evaluation.py      the paper's cases (query/gallery pairs) and the gap closed
+    checkpoint.py      safetensors checkpoints with sha256, content digests, space ids
+    presets.py         tiny / demo / cpu / paper experiment configurations
+    reproduce.py       the paper's experiment end to end
+    cli.py             `fct reproduce`
     config.py          typed, closed configuration from dicts
 """
 

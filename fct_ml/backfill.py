@@ -46,8 +46,8 @@ def apply_transformation(
     outs, sigmas = [], []
     for start in range(0, old_embedding.shape[0], batch_size):
         old = old_embedding[start : start + batch_size].float()
-        side = old if side_info is None else side_info[start : start + batch_size].float()
-        out = frozen(old, side)
+        # Side-info goes to the device only when h reads it (h without side-info ignores it).
+        out = frozen(old, side_info[start : start + batch_size].float()) if config.side_info else frozen(old)
         if with_sigma:
             out, sigma = out
             sigmas.append(sigma.cpu())
@@ -121,3 +121,37 @@ def curve_area(values: Sequence[float]) -> float:
     if len(values) == 0:
         raise ValueError("curve_area: empty curve")
     return float(sum(values) / len(values))
+
+
+def backfill_summary(
+    new_embedding: torch.Tensor,
+    labels: torch.Tensor,
+    transformed: torch.Tensor,
+    sigma: torch.Tensor,
+    points: int,
+    *,
+    generator: torch.Generator,
+    metric: Metric = "l2",
+    chunk_size: int = 1024,
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, float]]]:
+    """FastFill's backfilling curves for the three orders, and their areas, in percent.
+
+    The gallery starts as `transformed` (h's vectors) and items are re-embedded (-> `new_embedding`)
+    in the order of each strategy; queries are the new embeddings, leave-one-out. The oracle
+    knows each item's true error. Returns (curves {order: {"fractions", "top1", "mAP"}},
+    areas {order: {"top1", "mAP"}})."""
+    fractions = [i / (points - 1) for i in range(points)]
+    error = (transformed - new_embedding).pow(2).sum(1)
+    orders = {
+        "random": backfill_order("random", len(labels), generator=generator),
+        "sigma": backfill_order("sigma", len(labels), sigma=sigma),
+        "oracle": backfill_order("oracle", len(labels), error=error),
+    }
+    measured = backfill_curves(new_embedding, labels, transformed, new_embedding, labels, orders, fractions,
+                               leave_one_out=True, metric=metric, chunk_size=chunk_size)  # fmt: skip
+    curves = {
+        order: {"fractions": fractions, "top1": [100 * p["top1"] for p in pts], "mAP": [100 * p["mAP"] for p in pts]}
+        for order, pts in measured.items()
+    }
+    areas = {order: {"top1": curve_area(c["top1"]), "mAP": curve_area(c["mAP"])} for order, c in curves.items()}
+    return curves, areas

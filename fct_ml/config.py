@@ -33,14 +33,13 @@ def _check_value(path: str, annotation: Any, value: Any) -> Any:
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _check_value(path, arg, value)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"{path}: expected {annotation}, got {value!r}")
     if origin is typing.Literal:
         allowed = typing.get_args(annotation)

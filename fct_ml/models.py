@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-if TYPE_CHECKING:  # only for annotations: training imports models' neighbours
+if TYPE_CHECKING:  # annotations only; training.py is imported lazily where a model is trained
     from fct_ml.augment import AugmentConfig
     from fct_ml.training import EpochRecord, TrainConfig
 

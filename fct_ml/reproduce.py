@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fct_ml.augment import policy_for, to_float
-from fct_ml.backfill import apply_transformation, backfill_curves, backfill_order, curve_area
+from fct_ml.backfill import apply_transformation, backfill_summary
 from fct_ml.bct import extended_old_classifier, train_bct_model
 from fct_ml.config import replace
 from fct_ml.data import Dataset, DataError
@@ -155,7 +155,7 @@ def run_experiment(
                 seed=_stage_seed(seed, stage), new_classifier=new_classifier, progress=progress, desc=name,
             )  # fmt: skip
             histories[f"transformation ({name})"] = _history(hist)
-            transformed[name] = apply_transformation(h, t_old, t_side if cfg.side_info else None)
+            transformed[name] = apply_transformation(h, t_old, t_side)
 
     labels = test.labels
     unseen_mask = torch.isin(labels, torch.tensor(unseen_classes, dtype=labels.dtype))
@@ -175,28 +175,16 @@ def run_experiment(
                                    chunk_size=config.eval_chunk_size)  # fmt: skip
     cases = evaluated["cases"]
 
-    fractions = [i / (config.backfill_points - 1) for i in range(config.backfill_points)]
     curves: dict[str, Any] = {}
     auc: dict[str, Any] = {}
     for variant, key in (("fastfill", "backfill_auc"), ("fastfill no side-info", "backfill_auc_no_side_info")):
         with timed(f"backfill curves ({variant})"):
             gallery_h, sigma = transformed[variant]
-            error = (gallery_h - t_new).pow(2).sum(1)  # the oracle knows each item's true error
-            generator = torch.Generator().manual_seed(_stage_seed(seed, "backfill"))
-            orders = {
-                "random": backfill_order("random", len(labels), generator=generator),
-                "sigma": backfill_order("sigma", len(labels), sigma=sigma),
-                "oracle": backfill_order("oracle", len(labels), error=error),
-            }
-            points = backfill_curves(t_new, labels, gallery_h, t_new, labels, orders, fractions, leave_one_out=True,
-                                     metric=config.metric, chunk_size=config.eval_chunk_size)  # fmt: skip
-            curves[variant] = {
-                order: {"fractions": fractions, "top1": [100 * p["top1"] for p in pts], "mAP": [100 * p["mAP"] for p in pts]}
-                for order, pts in points.items()
-            }
-            auc[key] = {
-                order: {"top1": curve_area(c["top1"]), "mAP": curve_area(c["mAP"])} for order, c in curves[variant].items()
-            }
+            curves[variant], auc[key] = backfill_summary(
+                t_new, labels, gallery_h, sigma, config.backfill_points,
+                generator=torch.Generator().manual_seed(_stage_seed(seed, "backfill")),
+                metric=config.metric, chunk_size=config.eval_chunk_size,
+            )  # fmt: skip
 
     return {
         "dataset": dataset.name,

@@ -18,7 +18,7 @@ import torch.nn as nn
 from fct_ml.losses import FastFillObjective, TransformationObjective
 from fct_ml.augment import AugmentConfig, augment, to_float
 from fct_ml.models import EmbeddingModel
-from fct_ml.training import EpochRecord, TrainConfig, encode, fit, seed_everything
+from fct_ml.training import EpochRecord, Frozen, TrainConfig, fit, seed_everything
 
 
 @dataclass(frozen=True)
@@ -131,15 +131,13 @@ def training_features(
     Returns one (views * N, D_model) tensor per model."""
     generator = seed_everything(seed)
     device = next(models[0].parameters()).device
+    frozen = [Frozen(model) for model in models]
     outs: list[list[torch.Tensor]] = [[] for _ in models]
     for view in range(views):
-        if view == 0:
-            transform: Callable[[torch.Tensor], torch.Tensor] = to_float
-        else:
-            def transform(x: torch.Tensor) -> torch.Tensor:
-                return augment(to_float(x), aug, generator)
         for start in range(0, images.shape[0], batch_size):
-            x = transform(images[start : start + batch_size].to(device))
-            for i, model in enumerate(models):
-                outs[i].append(encode(model, [x], batch_size=batch_size))
+            x = to_float(images[start : start + batch_size].to(device))
+            if view > 0:  # view 0 is the clean image
+                x = augment(x, aug, generator)
+            for out, model in zip(outs, frozen):
+                out.append(model(x).cpu())
     return [torch.cat(o) for o in outs]
