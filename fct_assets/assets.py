@@ -82,7 +82,7 @@ def _model_output(model, history, context: dg.AssetExecutionContext, **metadata:
 
 
 @base_asset(kind="python", io_manager_key="json_io_manager")
-def dataset(context: dg.AssetExecutionContext, config: DatasetConfig, fct: FctResource) -> dg.Output[dict]:
+def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[dict]:
     """Images and labels with their class split and content fingerprint; the test split is the gallery."""
     from fct_ml.data import parse_class_list
 
@@ -189,6 +189,8 @@ def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: 
     record = {
         **info,
         "old_space_id": old_space,
+        "old_dim": int(old.shape[1]),
+        "side_info_dim": int(side.shape[1]),
         "side_info_space_id": side_space,
         "old_model_sha256": old_model.checkpoint_sha256,
         "side_info_model_sha256": side_info_model.checkpoint_sha256,
@@ -283,7 +285,6 @@ def backfilled_gallery(gallery_store, transformation, new_model):
 
 @upgrade_asset(kind="python", io_manager_key="json_io_manager")
 def eval_report(
-    context: dg.AssetExecutionContext,
     fct: FctResource,
     dataset: dict,
     gallery_store: dict,

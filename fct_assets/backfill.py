@@ -63,18 +63,6 @@ def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
     return names
 
 
-def _store_batches(db, version: int, columns: list[str], batch_size: int, start: int = 0, stop: int | None = None):
-    """Rows [start, stop) of the pinned gallery_store version in pages of `batch_size`, in storage order.
-
-    Pages by offset/limit rather than one streaming scan: the scan reader buffers far ahead
-    (measured: +380 MB over 1M rows), a page at a time keeps memory at one batch."""
-    table = storage.open_pinned(db, storage.GALLERY_STORE, version)
-    stop = table.count_rows() if stop is None else stop
-    for offset in range(start, stop, batch_size):
-        page = table.search().select(columns).offset(offset).limit(min(batch_size, stop - offset)).to_arrow()
-        yield from page.to_batches()
-
-
 def _transformer(h, batch_size: int) -> Callable[[pa.RecordBatch], tuple[torch.Tensor, torch.Tensor]]:
     """A batch of stored rows -> (h's embeddings (B, new_dim), sigma (B,)), refusing non-finite or mis-sized input."""
     from fct_ml.backfill import apply_transformation
@@ -106,15 +94,15 @@ def plan_backfill(
     db = fct.connect()
     n = int(gallery_store["rows"])
     store_version = int(gallery_store["version"])
-    h = h.to(fct.torch_device())
     started = time.perf_counter()
     # Pass 1: sigma of every item, to spend the re-embedding budget where h is least sure.
     reembed_ids: list[int] = []
     budget = int(round(reembed_fraction * n))
-    if budget > 0:
+    if budget > 0:  # with no budget the plan runs no model (on k8s its pod needs no accelerator time)
+        h = h.to(fct.torch_device())
         transform = _transformer(h, batch_size)
         ids, sigmas = [], []
-        for batch in _store_batches(db, store_version, ["item_id", "old_embedding", "side_info"], batch_size):
+        for batch in storage.pinned_pages(db, storage.GALLERY_STORE, store_version, ["item_id", "old_embedding", "side_info"], batch_size):
             ids.append(batch.column("item_id").to_numpy())
             sigmas.append(transform(batch)[1].numpy())
         ids_all, sigma_all = np.concatenate(ids), np.concatenate(sigmas)
@@ -142,7 +130,7 @@ def _shard_rows(db, plan: dict, shard: dict, h, new_model, done: dict, log) -> I
     total = shard["stop"] - shard["start"]
     cols = ["item_id", "label", "old_embedding", "side_info"] + (["image"] if reembed else [])
     started = time.perf_counter()
-    for batch in _store_batches(db, plan["gallery_store_version"], cols, plan["batch_size"], shard["start"], shard["stop"]):
+    for batch in storage.pinned_pages(db, storage.GALLERY_STORE, plan["gallery_store_version"], cols, plan["batch_size"], shard["start"], shard["stop"]):
         emb, sigma = transform(batch)
         emb = emb.numpy()
         item_ids = batch.column("item_id").to_numpy()
@@ -216,9 +204,7 @@ def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str],
 
         def staged_rows() -> Iterator[pa.RecordBatch]:
             for r in results:  # pinned to the version each shard committed: a later write is not copied
-                staged = storage.open_pinned(db, r["table"], r["version"])
-                for offset in range(0, r["rows"], plan["batch_size"]):
-                    yield from staged.search().select(schema.names).offset(offset).limit(plan["batch_size"]).to_arrow().to_batches()
+                yield from storage.pinned_pages(db, r["table"], r["version"], schema.names, plan["batch_size"], 0, r["rows"])
 
         started = time.perf_counter()
         info = storage.publish(db, name, schema, staged_rows())
@@ -241,7 +227,7 @@ def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str],
     seconds = plan["plan_seconds"] + sum(r["seconds"] for r in results) + copy_seconds
     # Measured cost of this backfill on ONE worker (both passes, LanceDB I/O and the staging copy
     # included; not the processes' start-up nor the waits between them), for `fct estimate`.
-    return {"table": name, "version": table.version, "rows": info["rows"], "space_id": space_id,
+    return {"table": name, "version": table.version, "rows": info["rows"], "space_id": space_id, "dim": dim,
             "reembedded": sum(r["reembedded"] for r in results), "reembed_fraction": plan["reembed_fraction"],
             "shards": len(results), "backfill_seconds": round(seconds, 3),
             "backfill_items_per_s": round(n / seconds, 1) if seconds > 0 else None,

@@ -16,7 +16,6 @@ import dagster as dg
 
 from fct_assets import storage
 from fct_assets.config import BackfillConfig
-from fct_assets.io_managers import recorded_metadata
 from fct_assets.provenance import code_version
 from fct_assets.resources import FctResource
 
@@ -41,7 +40,7 @@ def plan_backfill(context: dg.OpExecutionContext, config: BackfillConfig, fct: F
     from fct_assets.backfill import drop_staging, plan_backfill as plan_fn
 
     version = context.partition_key
-    h_meta = recorded_metadata(context.instance, context.asset_key_for_input("transformation"), version)
+    h_meta = transformation.recorded_metadata  # the record of the checkpoint loaded here
     for column in ("old_space_id", "side_info_space_id"):
         if h_meta.get(column) != gallery_store[column]:
             raise storage.SpaceMismatchError(
@@ -93,5 +92,5 @@ def publish_backfill(context: dg.OpExecutionContext, fct: FctResource, plan: dic
         data_version=dg.DataVersion(f"v{record['version']}-{record['space_id']}"),
         metadata={**{k: v for k, v in record.items() if k != "ann_params"}, "ann_params": dg.MetadataValue.json(record.get("ann_params") or {}),
                   "dagster/row_count": record["rows"], "code_version": code_version(),
-                  **storage.table_metadata(fct.lancedb_uri, record["table"], storage.backfilled_schema(shards[0]["dim"], record["space_id"]))},  # fmt: skip
+                  **storage.table_metadata(fct.lancedb_uri, record["table"], storage.backfilled_schema(record["dim"], record["space_id"]))},  # fmt: skip
     )

@@ -4,22 +4,27 @@ assets in the run and keeps the version from being promoted. Failing cases go in
 check's metadata."""
 
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import numpy as np
-import pandas as pd
 
 from fct_assets import storage
 from fct_assets.assets import backfilled_gallery, eval_report, gallery_store
 from fct_assets.partitions import model_version
 from fct_assets.resources import FctResource
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 MAX_FAILING_CASES = 20
 
 
 def vector_table_schema(expected_rows: int, dims: dict[str, int], spaces: dict[str, str]):
-    """A pandera schema: unique ids, the gallery's row count, vector dims, all finite, one space_id."""
+    """A pandera schema: unique ids, the gallery's row count, vector dims, all finite, one space_id.
+
+    `dims` are the dims the producing asset recorded (its models' outputs), not read from the
+    table: a table rewritten with vectors of another width fails."""
     import pandera.pandas as pa
 
     columns: dict[str, Any] = {"item_id": pa.Column(np.int64, unique=True), "label": pa.Column(np.int32, pa.Check.ge(0))}
@@ -51,7 +56,7 @@ def validate_table(fct: FctResource, table: str, recorded_version: int, schema, 
 
     t = fct.connect().open_table(table)
     version = t.version
-    frame: pd.DataFrame = t.search().select(columns).limit(None).to_arrow().to_pandas()
+    frame = t.search().select(columns).limit(None).to_arrow().to_pandas()
     meta: dict[str, Any] = {"table": table, "table_version": version, "recorded_version": recorded_version, "rows": len(frame)}
     failures: list[str] = []
     try:
@@ -70,8 +75,7 @@ def validate_table(fct: FctResource, table: str, recorded_version: int, schema, 
 
 @dg.asset_check(asset=gallery_store, blocking=True, additional_ins={"dataset": dg.AssetIn("dataset")}, description="pandera: ids unique, one row per gallery item, dims, finite, one space_id per column")
 def gallery_store_schema(fct: FctResource, dataset: dict, gallery_store: dict) -> dg.AssetCheckResult:
-    schema = fct.connect().open_table(storage.GALLERY_STORE).schema
-    dims = {c: schema.field(c).type.list_size for c in ("old_embedding", "side_info")}
+    dims = {"old_embedding": gallery_store["old_dim"], "side_info": gallery_store["side_info_dim"]}
     spaces = {"old_space_id": gallery_store["old_space_id"], "side_info_space_id": gallery_store["side_info_space_id"]}
     return validate_table(
         fct, storage.GALLERY_STORE, gallery_store["version"], vector_table_schema(dataset["gallery_items"], dims, spaces),
@@ -84,22 +88,23 @@ def gallery_store_schema(fct: FctResource, dataset: dict, gallery_store: dict) -
     description="pandera: ids unique, one row per stored item, dims, finite, the version's space_id only",
 )  # fmt: skip
 def backfilled_gallery_schema(fct: FctResource, backfilled_gallery: dict) -> dg.AssetCheckResult:
-    t = fct.connect().open_table(backfilled_gallery["table"])
-    dims = {"embedding": t.schema.field("embedding").type.list_size}
+    dims = {"embedding": backfilled_gallery["dim"]}
     schema = vector_table_schema(backfilled_gallery["gallery_rows"], dims, {"space_id": backfilled_gallery["space_id"]})
     return validate_table(fct, backfilled_gallery["table"], backfilled_gallery["version"], schema,
                           ["item_id", "label", "embedding", "space_id"])  # fmt: skip
 
 
-def report_frame(report: dict) -> pd.DataFrame:
+def report_frame(report: dict) -> "pd.DataFrame":
     """One row per (case, metric) of the report, for the expectation suite."""
+    import pandas as pd  # here, not at import: every step process loads this module (~0.2 s)
+
     rows = [{"case": c, "metric": m, "value": v} for c, ms in report["cases"].items() for m, v in ms.items()]
     return pd.DataFrame(rows)
 
 
 def run_report_suite(report: dict) -> tuple[bool, list[dict[str, Any]]]:
     """great-expectations 1.x suite over the report; returns (success, failing expectations)."""
-    import great_expectations as gx  # ~3.5 s to import: only when a check runs
+    import great_expectations as gx  # 2.8 s to import here: only when a check runs
 
     frame = report_frame(report)
     cases = report["cases"]

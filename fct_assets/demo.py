@@ -62,12 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"promoted {args.version}: serving {row['table']} @ LanceDB version {row['table_version']}\n")
     except PromotionError as err:
         print(f"not promoted: {err}\n")
-    from fct_assets.io_managers import JsonIOManager
+    from fct_assets.io_managers import recorded_metadata
 
-    report_path = Path(JsonIOManager().root) / "eval_report" / f"{args.version}.json"
-    import json
-
-    report = json.loads(report_path.read_text())
+    report = recorded_metadata(instance, dg.AssetKey("eval_report"), args.version)["json"]
     print(markdown_table(report, include_plot=False))
     print()
     print(format_lineage(lineage(instance, args.version)))

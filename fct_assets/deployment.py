@@ -93,18 +93,23 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
     return out
 
 
-def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
-    """Serve `version`, if its blocking checks passed on its latest materialisations."""
+def recorded_table(instance: dg.DagsterInstance, version: str) -> dict[str, Any]:
+    """The table a version's latest backfilled_gallery materialisation published: {"version", "table",
+    "table_version", "space_id"} (a deployment row without its action)."""
     from fct_assets.io_managers import recorded_metadata
 
+    meta = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), check_version(version))
+    return {"version": version, "table": meta["table"], "table_version": int(meta["version"]), "space_id": meta["space_id"]}
+
+
+def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
+    """Serve `version`, if its blocking checks passed on its latest materialisations."""
     check_version(version)
     results = check_results(instance, version)
     failed = {k: v["why"] for k, v in results.items() if not v["passed"]}
     if not results or failed:
         raise PromotionError(f"version {version} not promoted: blocking checks not passed ({failed or 'no checks ran'})")
-    meta = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), version)
-    return _append(db, {"action": "promote", "version": version, "table": meta["table"],
-                        "table_version": int(meta["version"]), "space_id": meta["space_id"]})  # fmt: skip
+    return _append(db, {"action": "promote", **recorded_table(instance, version)})
 
 
 def rollback(db) -> dict[str, Any]:

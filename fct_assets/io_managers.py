@@ -96,6 +96,9 @@ class CheckpointIOManager(_FileIOManager):
         model, meta = load_checkpoint(self.path_for(context), recorded.get("sha256"))
         model.checkpoint_sha256 = meta["sha256"]  # provenance for the asset that uses it
         model.space_id = recorded.get("space_id")
+        # The whole record of the materialisation this checkpoint came from: an asset that checks
+        # it (e.g. the spaces h was trained on) reads the same record, not a later one.
+        model.recorded_metadata = recorded
         return model
 
 

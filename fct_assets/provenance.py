@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from functools import lru_cache
@@ -13,8 +14,14 @@ import dagster as dg
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """Package version plus the git commit of the checkout (and '+dirty' for local changes)."""
+    """Package version plus the git commit of the checkout (and '+dirty' for local changes).
+
+    FCT_CODE_VERSION, when set, wins: an image has no .git (deploy/Dockerfile bakes the commit in
+    at build time), and without it every build would stamp the same bare package version."""
     from fct_ml import __version__
+
+    if os.environ.get("FCT_CODE_VERSION"):
+        return os.environ["FCT_CODE_VERSION"]
 
     root = Path(__file__).resolve().parent.parent
     try:

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from fct_assets import storage
@@ -70,7 +71,7 @@ def markdown_table(report: dict[str, Any], *, include_plot: bool = True) -> str:
 def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, h, new_model) -> dict[str, Any]:
     """Metrics of one version in percent: cases, unseen-class split, backfilling curves."""
     from fct_ml.augment import to_float
-    from fct_ml.backfill import apply_transformation, backfill_curves, backfill_order, curve_area
+    from fct_ml.backfill import apply_transformation, backfill_summary
     from fct_ml.evaluation import evaluate_cases, gap_closed
     from fct_ml.training import encode
 
@@ -79,7 +80,7 @@ def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, 
     exp = fct.experiment()
     store = _read(db, storage.GALLERY_STORE, gallery_store["version"], ["item_id", "label", "image", "old_embedding", "side_info"])
     served = _read(db, backfilled["table"], backfilled["version"], ["item_id", "embedding", "sigma", "source"])
-    if store.column("item_id").to_pylist() != served.column("item_id").to_pylist():
+    if not store.column("item_id").equals(served.column("item_id")):
         raise ValueError(f"{backfilled['table']}: its item_ids differ from gallery_store's")
     labels = torch.from_numpy(store.column("label").to_numpy().astype(np.int64))
     old = torch.from_numpy(storage.vectors(store.column("old_embedding")))
@@ -91,7 +92,7 @@ def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, 
     images = torch.from_numpy(np.stack([storage.decode_png(b, channels) for b in store.column("image").to_pylist()]))
     new = encode(new_model.to(device), [images], transform=to_float)  # (N, new_dim): queries and the full re-embedding
     reembed_seconds = time.perf_counter() - started
-    transformed, sigma = apply_transformation(h.to(device), old, side if h.config.side_info else None)
+    transformed, sigma = apply_transformation(h.to(device), old, side)
     served_vectors = torch.from_numpy(storage.vectors(served.column("embedding")))
     unseen = ~torch.isin(labels, torch.tensor(dataset["old_classes"], dtype=labels.dtype))
     cases = {
@@ -102,25 +103,17 @@ def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, 
         "new/old": (new, old),
     }
     result = evaluate_cases(cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size)
-    fractions = [i / (exp.backfill_points - 1) for i in range(exp.backfill_points)]
-    error = (transformed - new).pow(2).sum(1)
-    orders = {
-        "random": backfill_order("random", len(labels), generator=torch.Generator().manual_seed(0)),
-        "sigma": backfill_order("sigma", len(labels), sigma=sigma),
-        "oracle": backfill_order("oracle", len(labels), error=error),
-    }
-    points = backfill_curves(new, labels, transformed, new, labels, orders, fractions, leave_one_out=True,
-                             metric=exp.metric, chunk_size=exp.eval_chunk_size)  # fmt: skip
-    curves = {o: {"fractions": fractions, "top1": [100 * p["top1"] for p in pts], "mAP": [100 * p["mAP"] for p in pts]}
-              for o, pts in points.items()}  # fmt: skip
+    curves, areas = backfill_summary(new, labels, transformed, sigma, exp.backfill_points,
+                                     generator=torch.Generator().manual_seed(0), metric=exp.metric,
+                                     chunk_size=exp.eval_chunk_size)  # fmt: skip
     report: dict[str, Any] = {
         "version": backfilled["table"].removeprefix("gallery_"),
         "items": len(labels),
         **result,
         "gap_closed": gap_closed(result["cases"]),
         "backfill_curves": curves,
-        "backfill_auc": {o: {"top1": curve_area(c["top1"]), "mAP": curve_area(c["mAP"])} for o, c in curves.items()},
-        "reembedded": int(np.sum(np.asarray(served.column("source").to_pylist()) == "re-embedded")),
+        "backfill_auc": areas,
+        "reembedded": int(pc.sum(pc.equal(served.column("source"), "re-embedded")).as_py() or 0),
         "table": backfilled["table"],
         "table_version": backfilled["version"],
         "reembed_seconds": round(reembed_seconds, 3),

@@ -9,19 +9,17 @@ import numpy as np
 
 from fct_assets import storage
 from fct_assets.io_managers import recorded_metadata
-from fct_assets.partitions import check_version
 
 
 def _served(instance: dg.DagsterInstance, db, version: str | None) -> dict[str, Any]:
-    from fct_assets.deployment import current
+    from fct_assets.deployment import current, recorded_table
 
     if version is None:
         deployed = current(db)
         if deployed is None:
             raise LookupError("no version is deployed: pass --version or run `fct promote VERSION`")
         return deployed
-    meta = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), check_version(version))
-    return {"version": version, "table": meta["table"], "table_version": int(meta["version"]), "space_id": meta["space_id"]}
+    return recorded_table(instance, version)
 
 
 def _query_image(db, *, image: str | None, item_id: int | None, channels: int) -> np.ndarray:
@@ -59,7 +57,7 @@ def search_command(instance: dg.DagsterInstance, fct, *, image: str | None, item
     served = _served(instance, db, version)
     recorded = recorded_metadata(instance, dg.AssetKey("new_model"), served["version"])
     model, _ = load_checkpoint(recorded["path"], recorded["sha256"])
-    if f"@{recorded['sha256'][:12]}" not in served["space_id"]:
+    if recorded["space_id"] != served["space_id"]:
         raise storage.SpaceMismatchError(
             f"{served['table']} holds space {served['space_id']}, but new_model[{served['version']}] is now {recorded['space_id']}; "
             "re-materialise the version's backfilled_gallery"

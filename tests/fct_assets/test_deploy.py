@@ -47,6 +47,11 @@ def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
         assert execution["max_concurrent"] == expected["max_concurrent"] and execution["job_namespace"] == "fct"
         shard = execution["per_step_k8s_config"]["backfill_shard"]["container_config"]["resources"]["limits"]
         assert shard["nvidia.com/gpu"] == 1
+        # Every step that asks for a GPU tolerates the GPU nodes' taint (else its pod stays Pending).
+        for op in ("plan_backfill", "backfill_shard"):
+            step = execution["per_step_k8s_config"][op]
+            assert step["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in step["pod_spec_config"]["tolerations"]
     assert resources()["fct"].lancedb_uri == env["FCT_LANCEDB_URI"]  # the resource the code location builds
 
     # Not vacuous: a key k8s_job_executor does not know is refused when the config is resolved.
@@ -94,3 +99,14 @@ def test_deploy_instance_yaml_has_postgres_storage_and_the_k8s_run_launcher(tmp_
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(DagsterInvalidConfigError):
         dagster_instance_config(str(tmp_path), "dagster.yaml")
+
+
+def test_the_image_stamps_the_commit_it_was_built_from(monkeypatch):
+    # An image has no .git: deploy/Dockerfile passes the commit as FCT_CODE_VERSION, which wins.
+    from fct_assets.provenance import code_version
+
+    assert "FCT_CODE_VERSION" in (DEPLOY / "Dockerfile").read_text()
+    monkeypatch.setenv("FCT_CODE_VERSION", "0.1.0+gabcdef123456")
+    assert code_version.__wrapped__() == "0.1.0+gabcdef123456"
+    monkeypatch.delenv("FCT_CODE_VERSION")
+    assert code_version.__wrapped__().startswith("0.1.0+g")  # this checkout's git commit

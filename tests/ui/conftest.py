@@ -27,7 +27,7 @@ def artifacts() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ui_root(tmp_path_factory, artifacts) -> tuple[Path, dict[str, str]]:
+def ui_root(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A temporary instance and LanceDB folder holding the base assets (digits, tiny preset)."""
     root = tmp_path_factory.mktemp("ui")
     env = ui_environment(root)
@@ -39,8 +39,9 @@ def ui_root(tmp_path_factory, artifacts) -> tuple[Path, dict[str, str]]:
         from fct_assets.definitions import build_defs
 
         instance = dg.DagsterInstance.get()
-        config = {"ops": {"dataset": {"config": {"dataset": "digits", "old_classes": "0-4"}}}}
-        assert build_defs().resolve_job_def("base").execute_in_process(instance=instance, run_config=config).success
+        from tests.fct_assets.env import DATASET_CONFIG
+
+        assert build_defs().resolve_job_def("base").execute_in_process(instance=instance, run_config=DATASET_CONFIG).success
         instance.dispose()
     finally:
         for k, v in saved.items():

@@ -10,7 +10,6 @@ land in test-artifacts/ui/ (`make screenshots` copies three of them into docs/ui
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from playwright.sync_api import Page, expect
