@@ -46,7 +46,7 @@ demo: venv data
 ui: venv data
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-# The paper's experiment alone (fct_ml, no orchestration): one seed, ~22 min on 2 cores.
+# The paper's experiment alone (fct_ml, no orchestration): one seed, 16-23 min on 2 cores.
 reproduce: venv data
 	$(VENV)/bin/fct reproduce --dataset fashion-mnist --preset cpu --seed 0 --out runs/reproduce_seed0.json
 

@@ -1,5 +1,5 @@
 """Presets of the whole experiment: `tiny` (seconds, for tests), `demo` (minutes), `cpu` (this project's 2-core
-machine, ~20 minutes on Fashion-MNIST) and `paper` (ResNet-50-128 and the official
+machine, 16-23 minutes per seed on Fashion-MNIST) and `paper` (ResNet-50-128 and the official
 hyperparameters, for a GPU and CIFAR-100)."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _tiny() -> ExperimentConfig:
 
 
 def _cpu() -> ExperimentConfig:
-    # Sized so that one seed on Fashion-MNIST fits in ~22 minutes on 2 CPU cores (measured
+    # Sized so that one seed on Fashion-MNIST fits in 16-23 minutes on 2 CPU cores (measured
     # per stage: benchmarks/results/reproduce_fashion_mnist.json, "timings_s").
     model = ModelConfig(arch="cnn-s", embed_dim=128)
     old = TrainConfig(epochs=10, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0)

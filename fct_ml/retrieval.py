@@ -9,7 +9,8 @@ badly as they retrieve, and the result does not depend on the gallery's storage 
 Both are done by one sort of uint32 keys, (distance bits << 1) | is_match: non-negative
 float32 distances order like their bit patterns (the sign bit is 0, so the shift fits), and the low bit puts non-matches first
 among equal distances and carries the match flag through the sort, so no gather is needed.
-numpy sorts such rows ~10x faster than torch on this project's CPU, so the sort runs there.
+numpy sorts such rows ~2x faster than torch on this project's CPU (1,024 x 10,000 keys: 134 ms
+for numpy's uint32 sort, 286 ms for torch's int64 one), so the sort runs there.
 
 With `leave_one_out` the query set *is* the gallery (item i queries with its own row i
 excluded), the paper's protocol when the test set is both.

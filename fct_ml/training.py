@@ -59,8 +59,9 @@ def autocast(device: torch.device):
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to `device` in channels_last layout (faster for convolutions on CUDA, and measured
-    ~1.35x faster for the small CNNs on this project's 2-core CPU too)."""
+    """Move to `device` in channels_last layout (faster for convolutions on CUDA, and on this
+    project's 2-core CPU too: a cnn-s training step on 256 Fashion-MNIST-sized images took 95 ms
+    instead of 126 ms, 1.32x)."""
     return model.to(device=device, memory_format=torch.channels_last)
 
 
