@@ -1,6 +1,6 @@
 """Backfill throughput and memory: transforming stored vectors vs re-embedding stored images.
 
-    python benchmarks/backfill.py                 # the full run (139 s on 2 CPU cores, the committed one)
+    python benchmarks/backfill.py                 # the full run (~2.5 min on 2 CPU cores)
     python benchmarks/backfill.py --quick         # small sizes, to check that it runs
 
 Measures, in one run, with random weights (timing only) and torch.set_num_threads(2):
