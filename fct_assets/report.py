@@ -43,21 +43,30 @@ def curve_plot_png(curves: dict[str, dict[str, list[float]]], title: str) -> byt
     return buf.getvalue()
 
 
+# Rows in the paper's order, whatever order a JSON round trip (Dagster metadata sorts keys) left:
+# the baselines, h, then the version's served table (new/gallery_<v>), then the incompatible pair.
+_CASE_RANK = {"old/old": 0, "new/new": 1, "new/h(old)": 2, "new/old": 4}
+
+
 def markdown_table(report: dict[str, Any], *, include_plot: bool = True) -> str:
+    from fct_ml.backfill import ORDERS
+
     lines = [
         f"### Evaluation of {report['version']} ({report['items']} gallery items, leave-one-out)",
         "",
         "| case (query/gallery) | top-1 | top-5 | mAP | unseen-class mAP |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for case, m in report["cases"].items():
+    for case in sorted(report["cases"], key=lambda c: _CASE_RANK.get(c, 3)):
+        m = report["cases"][case]
         unseen = report["cases_unseen_classes"].get(case)
         u = f"{unseen['mAP']:.1f}" if unseen else "–"
         lines.append(f"| {case} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mAP']:.1f} | {u} |")
     g = report["gap_closed"]
     lines += ["", f"Gap closed by new/h(old): top-1 {g['top1']:.1f} %, mAP {g['mAP']:.1f} %.", "",
               "| backfill order | area top-1 | area mAP |", "| --- | --- | --- |"]  # fmt: skip
-    for order, a in report["backfill_auc"].items():
+    for order in sorted(report["backfill_auc"], key=lambda o: ORDERS.index(o) if o in ORDERS else len(ORDERS)):
+        a = report["backfill_auc"][order]
         lines.append(f"| {order} | {a['top1']:.1f} | {a['mAP']:.1f} |")
     if report.get("backfill_items_per_s"):
         lines += ["", f"Cost on this run's device: backfill by transformation {report['backfill_items_per_s']:.0f} items/s "
