@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: venv data browser demo ui test screenshots reproduce reproduce-benchmark reliability clean
+.PHONY: venv data browser demo ui lint format test screenshots reproduce reproduce-benchmark reliability clean
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 # The stamp is remade when the dependencies change.
@@ -50,7 +50,16 @@ ui: venv data
 reproduce: venv data
 	$(VENV)/bin/fct reproduce --dataset fashion-mnist --preset cpu --seed 0 --out runs/reproduce_seed0.json
 
-test: venv data browser
+# ruff: the formatter's layout and the linter's rules (pyproject [tool.ruff]); `make format` fixes.
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint venv data browser
 	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 # The README's UI screenshots, as the browser test takes them (test-artifacts/ui -> docs/ui).

@@ -34,7 +34,8 @@ def timed(fn, repeat: int = 3) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-# (label, arch, channels, side, items): a GPU run; FCT_GPU_CHECK_SMALL=1 shrinks it for a CPU smoke test.
+# (label, arch, channels, side, items): a GPU run; FCT_GPU_CHECK_SMALL=1 shrinks it for a CPU smoke
+# test.
 SIZES = (("cnn-s 28x28", "cnn-s", 1, 28, 16384), ("resnet50 32x32", "resnet50", 3, 32, 4096))
 if os.environ.get("FCT_GPU_CHECK_SMALL"):
     SIZES = tuple((a, b, c, d, 512) for a, b, c, d, _ in SIZES)
@@ -42,36 +43,65 @@ if os.environ.get("FCT_GPU_CHECK_SMALL"):
 
 def main() -> int:
     device = resolve_device("auto")
-    out: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    out: dict = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     rows = []
     for name, arch, channels, size, n in SIZES:
         images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8)
         labels = torch.randint(0, 10, (n,))
         cfg = ModelConfig(arch=arch, embed_dim=128, in_channels=channels, num_classes=10)
         start = time.perf_counter()
-        model, history = train_embedding_model(images, labels, cfg, TrainConfig(epochs=2, batch_size=256), AugmentConfig(flip=True, translate=0.1),
-                                               device=device, seed=0, progress=False)  # fmt: skip
+        model, history = train_embedding_model(
+            images,
+            labels,
+            cfg,
+            TrainConfig(epochs=2, batch_size=256),
+            AugmentConfig(flip=True, translate=0.1),
+            device=device,
+            seed=0,
+            progress=False,
+        )
         train_ips = n / history[-1].seconds
         finite = all(torch.isfinite(torch.tensor(r.parts["loss"])) for r in history)
-        embed_s = timed(lambda: encode(model, [images], batch_size=1024, transform=lambda x: x.float() / 255))
-        rows.append({"model": name, "train_items_per_s": round(train_ips), "embed_items_per_s": round(n / embed_s),
-                     "loss_finite": bool(finite), "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+        embed_s = timed(
+            lambda m=model, x=images: encode(
+                m, [x], batch_size=1024, transform=lambda t: t.float() / 255
+            )
+        )
+        rows.append(
+            {
+                "model": name,
+                "train_items_per_s": round(train_ips),
+                "embed_items_per_s": round(n / embed_s),
+                "loss_finite": bool(finite),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
     for inner in (1024, 2048):
         h = Transformation(TransformationConfig(inner_width=inner, uncertainty=True)).to(device)
         n_h = 4096 if os.environ.get("FCT_GPU_CHECK_SMALL") else 262144
         old, side = torch.rand(n_h, 128), torch.rand(n_h, 128)
-        h_s = timed(lambda: apply_transformation(h, old, side, batch_size=65536))
+        h_s = timed(lambda h=h, o=old, s=side: apply_transformation(h, o, s, batch_size=65536))
         rows.append({"model": f"h inner {inner}", "embed_items_per_s": round(len(old) / h_s)})
     out["rows"] = rows
     by = {r["model"]: r for r in rows}
     out["reembed_over_h"] = {
-        "cnn-s vs h1024": by["h inner 1024"]["embed_items_per_s"] / by["cnn-s 28x28"]["embed_items_per_s"],
-        "resnet50 vs h2048": by["h inner 2048"]["embed_items_per_s"] / by["resnet50 32x32"]["embed_items_per_s"],
+        "cnn-s vs h1024": (
+            by["h inner 1024"]["embed_items_per_s"] / by["cnn-s 28x28"]["embed_items_per_s"]
+        ),
+        "resnet50 vs h2048": (
+            by["h inner 2048"]["embed_items_per_s"] / by["resnet50 32x32"]["embed_items_per_s"]
+        ),
     }
     print(f"device: {out['device']}, torch {out['torch']}")
     for r in rows:
         print("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
-    print("  h per item is cheaper than a new-model forward by: " + ", ".join(f"{k} {v:.0f}x" for k, v in out["reembed_over_h"].items()))
+    print(
+        "  h per item is cheaper than a new-model forward by: "
+        + ", ".join(f"{k} {v:.0f}x" for k, v in out["reembed_over_h"].items())
+    )
     dest = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "gpu_check.json").write_text(json.dumps(out, indent=2) + "\n")

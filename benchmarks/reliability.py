@@ -26,8 +26,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         records_path = Path(tmp) / "records.json"
         env = {**os.environ, "FCT_RELIABILITY_RECORDS": str(records_path)}
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability"],
-                              cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
         if not records_path.exists():
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
@@ -42,8 +47,11 @@ def main() -> int:
     lines = [
         "# Reliability: bad inputs tried, faults injected, outcomes",
         "",
-        "Produced by `python benchmarks/reliability.py` from the records of `tests/reliability` "
-        f"(pytest: {summary}). Each row is one check a test made; the outcome is what the test observed.",
+        (
+            "Produced by `python benchmarks/reliability.py` from the records of"
+            f" `tests/reliability` (pytest: {summary}). Each row is one check a test made; the"
+            " outcome is what the test observed."
+        ),
         "",
         ", ".join(f"{n} {c}" for c, n in sorted(counts.items())),
         "",
@@ -52,10 +60,15 @@ def main() -> int:
     ]
     for r in records:
         outcome = r["outcome"].replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r['category']} | {r['case'].replace('|', '/')} | {outcome} | `{r['test'].split('::')[-1]}` |")
+        lines.append(
+            f"| {r['category']} | {r['case'].replace('|', '/')} | {outcome} |"
+            f" `{r['test'].split('::')[-1]}` |"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "reliability.json").write_text(json.dumps({"pytest": summary, "records": records}, indent=2) + "\n")
+    (RESULTS / "reliability.json").write_text(
+        json.dumps({"pytest": summary, "records": records}, indent=2) + "\n"
+    )
     print("\n".join(lines))
     return 0 if done.returncode == 0 else 1
 

@@ -10,7 +10,6 @@ metadata. Models carry a data version equal to their content digest, so re-train
 another config makes everything downstream stale, and nothing upstream.
 """
 
-
 import json
 import time
 from typing import Any
@@ -19,12 +18,12 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
+from fct_assets import storage
 from fct_assets.backfill_ops import backfill_config, backfill_shard, plan_backfill, publish_backfill
 from fct_assets.config import DatasetConfig, ModelTrainingConfig, TransformationTrainingConfig
 from fct_assets.partitions import model_version
 from fct_assets.provenance import code_version, epoch_logger, history_metadata
 from fct_assets.resources import FctResource
-from fct_assets import storage
 
 CODE_VERSION = code_version()
 
@@ -38,25 +37,36 @@ ARTIFACT = {"pytorch": "model", "lancedb": "table", "python": "record"}
 def base_asset(*, kind: str, io_manager_key: str):
     """An asset built once per old model (group `base`, unpartitioned)."""
     return dg.asset(
-        group_name="base", kinds={kind}, io_manager_key=io_manager_key, code_version=CODE_VERSION,
-        owners=OWNERS, tags={"fct/artifact": ARTIFACT[kind]},
-    )  # fmt: skip
+        group_name="base",
+        kinds={kind},
+        io_manager_key=io_manager_key,
+        code_version=CODE_VERSION,
+        owners=OWNERS,
+        tags={"fct/artifact": ARTIFACT[kind]},
+    )
 
 
 def upgrade_asset(*, kind: str, io_manager_key: str):
     """An asset of one upgrade: partitioned by model version, materialised by itself (eager) when
     a version is added or an input changes."""
     return dg.asset(
-        group_name="upgrade", kinds={kind}, partitions_def=model_version, io_manager_key=io_manager_key,
-        code_version=CODE_VERSION, automation_condition=dg.AutomationCondition.eager(),
-        owners=OWNERS, tags={"fct/artifact": ARTIFACT[kind]},
-    )  # fmt: skip
+        group_name="upgrade",
+        kinds={kind},
+        partitions_def=model_version,
+        io_manager_key=io_manager_key,
+        code_version=CODE_VERSION,
+        automation_condition=dg.AutomationCondition.eager(),
+        owners=OWNERS,
+        tags={"fct/artifact": ARTIFACT[kind]},
+    )
 
 
 def _model_config(base, override: ModelTrainingConfig, **fixed):
     from fct_ml.config import replace
 
-    changes = {k: getattr(override, k) for k in ("arch", "embed_dim") if getattr(override, k) is not None}
+    changes = {
+        k: getattr(override, k) for k in ("arch", "embed_dim") if getattr(override, k) is not None
+    }
     return replace(base, **changes, **fixed)
 
 
@@ -73,8 +83,13 @@ def _model_output(model, history, context: dg.AssetExecutionContext, **metadata:
     return dg.Output(
         model.cpu().eval(),
         data_version=dg.DataVersion(digest[:16]),
-        metadata={"content_digest": digest, "code_version": CODE_VERSION, "run_id": context.run_id,
-                  **history_metadata(history), **metadata},  # fmt: skip
+        metadata={
+            "content_digest": digest,
+            "code_version": CODE_VERSION,
+            "run_id": context.run_id,
+            **history_metadata(history),
+            **metadata,
+        },
     )
 
 
@@ -102,11 +117,17 @@ def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[dict]:
         "gallery_items": len(data.test),
     }
     version = dg.DataVersion(f"{fingerprint[:12]}-{'.'.join(map(str, old_classes))}")
-    return dg.Output(record, data_version=version, metadata={**record, "class_names": ", ".join(data.class_names)})
+    return dg.Output(
+        record,
+        data_version=version,
+        metadata={**record, "class_names": ", ".join(data.class_names)},
+    )
 
 
 @base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
-def old_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
+def old_model(
+    context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
+) -> dg.Output:
     """The deployed embedding model phi_old, trained on the old classes only."""
     import torch
 
@@ -118,18 +139,29 @@ def old_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fc
     train = data.train.with_classes(old)
     remap = torch.full((data.num_classes,), -1, dtype=torch.long)
     remap[old] = torch.arange(len(old))
-    model_cfg = _model_config(exp.old_model, config, in_channels=data.channels, num_classes=len(old))
+    model_cfg = _model_config(
+        exp.old_model, config, in_channels=data.channels, num_classes=len(old)
+    )
     train_cfg = _train_config(exp.old_train, config.epochs)
     model, history = train_embedding_model(
-        train.images, remap[train.labels], model_cfg, train_cfg, policy_for(data.name).supervised,
-        device=fct.torch_device(), seed=config.seed, progress=False, desc="old_model",
+        train.images,
+        remap[train.labels],
+        model_cfg,
+        train_cfg,
+        policy_for(data.name).supervised,
+        device=fct.torch_device(),
+        seed=config.seed,
+        progress=False,
+        desc="old_model",
         on_epoch=epoch_logger(context, "old_model", train_cfg.epochs, len(train)),
-    )  # fmt: skip
+    )
     return _model_output(model, history, context, classes=json.dumps(old), items=len(train))
 
 
 @base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
-def side_info_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
+def side_info_model(
+    context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
+) -> dg.Output:
     """The side-info model psi: SimCLR without labels on the old classes' images."""
     from fct_ml.augment import policy_for
     from fct_ml.config import replace
@@ -141,15 +173,22 @@ def side_info_model(context: dg.AssetExecutionContext, config: ModelTrainingConf
     side_cfg = _model_config(exp.side_info.model, config, in_channels=data.channels, num_classes=0)
     train_cfg = _train_config(exp.side_info_train, config.epochs)
     model, history = train_side_info_model(
-        train.images, replace(exp.side_info, model=side_cfg), train_cfg, policy_for(data.name).contrastive,
-        device=fct.torch_device(), seed=config.seed, progress=False,
+        train.images,
+        replace(exp.side_info, model=side_cfg),
+        train_cfg,
+        policy_for(data.name).contrastive,
+        device=fct.torch_device(),
+        seed=config.seed,
+        progress=False,
         on_epoch=epoch_logger(context, "side_info_model", train_cfg.epochs, len(train)),
-    )  # fmt: skip
+    )
     return _model_output(model, history, context, items=len(train))
 
 
 @base_asset(kind="lancedb", io_manager_key="json_io_manager")
-def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: dict, old_model, side_info_model) -> dg.Output[dict]:
+def gallery_store(
+    context: dg.AssetExecutionContext, fct: FctResource, dataset: dict, old_model, side_info_model
+) -> dg.Output[dict]:
     """The stored gallery in LanceDB: image, old embedding and side-info of every item."""
     from fct_ml.augment import to_float
     from fct_ml.training import encode
@@ -158,7 +197,9 @@ def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: 
     gallery = data.test
     device = fct.torch_device()
     old = encode(old_model.to(device), [gallery.images], transform=to_float).numpy()  # (N, old_dim)
-    side = encode(side_info_model.to(device), [gallery.images], transform=to_float).numpy()  # (N, side_dim)
+    side = encode(
+        side_info_model.to(device), [gallery.images], transform=to_float
+    ).numpy()  # (N, side_dim)
     for name, array in (("old_embedding", old), ("side_info", side)):
         if not np.isfinite(array).all():
             raise ValueError(f"gallery_store: {name} holds NaN or Inf; nothing was written")
@@ -175,9 +216,15 @@ def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: 
                 [
                     pa.array(np.arange(start, stop, dtype=np.int64)),
                     pa.array(labels[start:stop].astype(np.int32)),
-                    pa.array([storage.encode_png(img) for img in images[start:stop]], type=pa.binary()),
-                    pa.FixedSizeListArray.from_arrays(pa.array(old[start:stop].reshape(-1)), old.shape[1]),
-                    pa.FixedSizeListArray.from_arrays(pa.array(side[start:stop].reshape(-1)), side.shape[1]),
+                    pa.array(
+                        [storage.encode_png(img) for img in images[start:stop]], type=pa.binary()
+                    ),
+                    pa.FixedSizeListArray.from_arrays(
+                        pa.array(old[start:stop].reshape(-1)), old.shape[1]
+                    ),
+                    pa.FixedSizeListArray.from_arrays(
+                        pa.array(side[start:stop].reshape(-1)), side.shape[1]
+                    ),
                     pa.array([old_space] * n),
                     pa.array([side_space] * n),
                 ],
@@ -185,7 +232,9 @@ def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: 
             )
             context.log.info(f"gallery_store: {stop}/{len(labels)} items written")
 
-    info = storage.publish(fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run_id[:8]}")
+    info = storage.publish(
+        fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run_id[:8]}"
+    )
     record = {
         **info,
         "old_space_id": old_space,
@@ -199,8 +248,13 @@ def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: 
     return dg.Output(
         record,
         data_version=dg.DataVersion(f"v{info['version']}-{old_space}-{side_space}"),
-        metadata={**record, "dagster/row_count": info["rows"], "lancedb_uri": fct.lancedb_uri, "code_version": CODE_VERSION,
-                  **storage.table_metadata(fct.lancedb_uri, storage.GALLERY_STORE, schema)},  # fmt: skip
+        metadata={
+            **record,
+            "dagster/row_count": info["rows"],
+            "lancedb_uri": fct.lancedb_uri,
+            "code_version": CODE_VERSION,
+            **storage.table_metadata(fct.lancedb_uri, storage.GALLERY_STORE, schema),
+        },
     )
 
 
@@ -208,21 +262,36 @@ def gallery_store(context: dg.AssetExecutionContext, fct: FctResource, dataset: 
 
 
 @upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
-def new_model(context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict) -> dg.Output:
+def new_model(
+    context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
+) -> dg.Output:
     """The new embedding model phi_new of this version, trained on all classes."""
     from fct_ml.augment import policy_for
     from fct_ml.models import train_embedding_model
 
     data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
     exp = fct.experiment()
-    model_cfg = _model_config(exp.new_model, config, in_channels=data.channels, num_classes=data.num_classes)
+    model_cfg = _model_config(
+        exp.new_model, config, in_channels=data.channels, num_classes=data.num_classes
+    )
     train_cfg = _train_config(exp.new_train, config.epochs)
     model, history = train_embedding_model(
-        data.train.images, data.train.labels, model_cfg, train_cfg, policy_for(data.name).supervised,
-        device=fct.torch_device(), seed=config.seed, progress=False, desc="new_model",
-        on_epoch=epoch_logger(context, f"new_model[{context.partition_key}]", train_cfg.epochs, len(data.train)),
-    )  # fmt: skip
-    return _model_output(model, history, context, arch=model_cfg.arch, embed_dim=model_cfg.embed_dim)
+        data.train.images,
+        data.train.labels,
+        model_cfg,
+        train_cfg,
+        policy_for(data.name).supervised,
+        device=fct.torch_device(),
+        seed=config.seed,
+        progress=False,
+        desc="new_model",
+        on_epoch=epoch_logger(
+            context, f"new_model[{context.partition_key}]", train_cfg.epochs, len(data.train)
+        ),
+    )
+    return _model_output(
+        model, history, context, arch=model_cfg.arch, embed_dim=model_cfg.embed_dim
+    )
 
 
 @upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
@@ -244,35 +313,64 @@ def transformation(
     exp, device = fct.experiment(), fct.torch_device()
     models = [m.to(device) for m in (old_model, side_info_model, new_model)]
     f_old, f_side, f_new = training_features(
-        models, data.train.images, exp.feature_views, policy_for(data.name).supervised,
-        batch_size=exp.encode_batch_size, seed=config.seed,
-    )  # fmt: skip
+        models,
+        data.train.images,
+        exp.feature_views,
+        policy_for(data.name).supervised,
+        batch_size=exp.encode_batch_size,
+        seed=config.seed,
+    )
     h_cfg = replace(
-        exp.transformation, old_dim=f_old.shape[1], side_info_dim=f_side.shape[1], new_dim=f_new.shape[1],
-        side_info=config.side_info, uncertainty=True,
+        exp.transformation,
+        old_dim=f_old.shape[1],
+        side_info_dim=f_side.shape[1],
+        new_dim=f_new.shape[1],
+        side_info=config.side_info,
+        uncertainty=True,
         **({"inner_width": config.inner_width} if config.inner_width else {}),
-    )  # fmt: skip
+    )
     train_cfg = _train_config(exp.transformation_train, config.epochs)
     labels = data.train.labels.repeat(exp.feature_views)
     h, history = train_transformation(
-        f_old, f_side, f_new, labels, h_cfg, train_cfg, device=device, seed=config.seed,
-        new_classifier=new_model.classifier.weight.detach(), progress=False,
+        f_old,
+        f_side,
+        f_new,
+        labels,
+        h_cfg,
+        train_cfg,
+        device=device,
+        seed=config.seed,
+        new_classifier=new_model.classifier.weight.detach(),
+        progress=False,
         desc=f"transformation[{context.partition_key}]",
-        on_epoch=epoch_logger(context, f"transformation[{context.partition_key}]", train_cfg.epochs, len(labels)),
-    )  # fmt: skip
+        on_epoch=epoch_logger(
+            context, f"transformation[{context.partition_key}]", train_cfg.epochs, len(labels)
+        ),
+    )
     return _model_output(
-        h, history, context,
-        old_space_id=old_model.space_id, side_info_space_id=side_info_model.space_id, new_space_id=new_model.space_id,
-        old_model_sha256=old_model.checkpoint_sha256, side_info_model_sha256=side_info_model.checkpoint_sha256,
-        new_model_sha256=new_model.checkpoint_sha256, side_info=config.side_info,
-    )  # fmt: skip
+        h,
+        history,
+        context,
+        old_space_id=old_model.space_id,
+        side_info_space_id=side_info_model.space_id,
+        new_space_id=new_model.space_id,
+        old_model_sha256=old_model.checkpoint_sha256,
+        side_info_model_sha256=side_info_model.checkpoint_sha256,
+        new_model_sha256=new_model.checkpoint_sha256,
+        side_info=config.side_info,
+    )
 
 
 @dg.graph_asset(
-    group_name="upgrade", kinds={"lancedb"}, partitions_def=model_version, code_version=CODE_VERSION,
-    automation_condition=dg.AutomationCondition.eager(), config=backfill_config,
-    owners=OWNERS, tags={"fct/artifact": ARTIFACT["lancedb"]},
-)  # fmt: skip
+    group_name="upgrade",
+    kinds={"lancedb"},
+    partitions_def=model_version,
+    code_version=CODE_VERSION,
+    automation_condition=dg.AutomationCondition.eager(),
+    config=backfill_config,
+    owners=OWNERS,
+    tags={"fct/artifact": ARTIFACT["lancedb"]},
+)
 def backfilled_gallery(gallery_store, transformation, new_model):
     """The gallery in this version's space, from the stored vectors (no image read) plus an optional
     re-embedded share, most uncertain first; in parallel shards, published in one commit."""
@@ -296,7 +394,9 @@ def eval_report(
     from fct_assets.report import evaluate_version
 
     started = time.perf_counter()
-    report = evaluate_version(fct, dataset, gallery_store, backfilled_gallery, transformation, new_model)
+    report = evaluate_version(
+        fct, dataset, gallery_store, backfilled_gallery, transformation, new_model
+    )
     report["seconds"] = round(time.perf_counter() - started, 2)
     markdown = report.pop("markdown")
     cases = report["cases"]
@@ -304,7 +404,9 @@ def eval_report(
         report,
         metadata={
             "report": dg.MetadataValue.md(markdown),
-            "json": dg.MetadataValue.json({k: v for k, v in report.items() if k != "plot_png_base64"}),
+            "json": dg.MetadataValue.json(
+                {k: v for k, v in report.items() if k != "plot_png_base64"}
+            ),
             "new/h(old) top1": cases["new/h(old)"]["top1"],
             "new/h(old) mAP": cases["new/h(old)"]["mAP"],
             "old/old mAP": cases["old/old"]["mAP"],
@@ -315,4 +417,13 @@ def eval_report(
     )
 
 
-ALL_ASSETS = [dataset, old_model, side_info_model, gallery_store, new_model, transformation, backfilled_gallery, eval_report]
+ALL_ASSETS = [
+    dataset,
+    old_model,
+    side_info_model,
+    gallery_store,
+    new_model,
+    transformation,
+    backfilled_gallery,
+    eval_report,
+]

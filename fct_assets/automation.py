@@ -1,14 +1,12 @@
 """Automation: upgrades materialise when a model version is added; the deployed version is
 re-evaluated daily."""
 
-
 import os
 
 import dagster as dg
 
 from fct_assets.partitions import model_version
 from fct_assets.resources import FctResource
-
 
 
 def auto_upgrade_status() -> dg.DefaultSensorStatus:
@@ -31,28 +29,47 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.groups("upgrade"),
     default_status=auto_upgrade_status(),
     minimum_interval_seconds=30,
-    description="Materialises new_model, transformation, backfilled_gallery and eval_report of each added model version.",
+    description=(
+        "Materialises new_model, transformation, backfilled_gallery and eval_report of each added"
+        " model version."
+    ),
 )
 
-base_job = dg.define_asset_job("base", selection=dg.AssetSelection.groups("base"),
-                               description="Dataset, old model, side-info model and the stored gallery (once per old model).")  # fmt: skip
+base_job = dg.define_asset_job(
+    "base",
+    selection=dg.AssetSelection.groups("base"),
+    description="Dataset, old model, side-info model and the stored gallery (once per old model).",
+)
 upgrade_job = dg.define_asset_job(
-    "upgrade", selection=dg.AssetSelection.groups("upgrade"),
-    description="One upgrade: pick a model version (partition), set the new model and h in the launchpad, launch.",
-)  # fmt: skip
+    "upgrade",
+    selection=dg.AssetSelection.groups("upgrade"),
+    description=(
+        "One upgrade: pick a model version (partition), set the new model and h in the launchpad,"
+        " launch."
+    ),
+)
 verify_job = dg.define_asset_job(
-    "verify", selection=dg.AssetSelection.checks_for_assets("backfilled_gallery", "eval_report"),
+    "verify",
+    selection=dg.AssetSelection.checks_for_assets("backfilled_gallery", "eval_report"),
     partitions_def=model_version,  # a checks-only selection does not infer it
-    description="Re-runs a version's blocking checks on its tables as they are now (no training, no writing).",
-)  # fmt: skip
+    description=(
+        "Re-runs a version's blocking checks on its tables as they are now (no training, no"
+        " writing)."
+    ),
+)
 scheduled_evaluation_job = dg.define_asset_job(
-    "scheduled_evaluation", selection=dg.AssetSelection.assets("eval_report"),
+    "scheduled_evaluation",
+    selection=dg.AssetSelection.assets("eval_report"),
     description="Re-evaluates one version's gallery table (the schedule picks the deployed one).",
-)  # fmt: skip
+)
 
 
-@dg.schedule(job=scheduled_evaluation_job, cron_schedule="0 6 * * *", default_status=dg.DefaultScheduleStatus.RUNNING,
-             description="Daily scheduled evaluation of the deployed version.")  # fmt: skip
+@dg.schedule(
+    job=scheduled_evaluation_job,
+    cron_schedule="0 6 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily scheduled evaluation of the deployed version.",
+)
 def daily_evaluation(context: dg.ScheduleEvaluationContext, fct: FctResource):
     from fct_assets.deployment import current
 

@@ -28,7 +28,8 @@ Every read sees the same gallery_store version, pinned by `checkout`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +55,9 @@ def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
     names, token = [], None
     while True:
         page = db.list_tables(page_token=token)
-        names += [n for n in page.tables if n.startswith(prefix) and not (keep and n.startswith(keep))]
+        names += [
+            n for n in page.tables if n.startswith(prefix) and not (keep and n.startswith(keep))
+        ]
         token = page.page_token
         if not token:
             break
@@ -63,8 +66,12 @@ def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
     return names
 
 
-def _transformer(h, batch_size: int) -> Callable[[pa.RecordBatch], tuple[torch.Tensor, torch.Tensor]]:
-    """A batch of stored rows -> (h's embeddings (B, new_dim), sigma (B,)), refusing non-finite or mis-sized input."""
+def _transformer(
+    h, batch_size: int
+) -> Callable[[pa.RecordBatch], tuple[torch.Tensor, torch.Tensor]]:
+    """A batch of stored rows -> (h's embeddings (B, new_dim), sigma (B,)).
+
+    Refuses non-finite or mis-sized input."""
     from fct_ml.backfill import apply_transformation
 
     use_side = h.config.side_info
@@ -74,9 +81,13 @@ def _transformer(h, batch_size: int) -> Callable[[pa.RecordBatch], tuple[torch.T
         side = torch.from_numpy(storage.vectors(batch.column("side_info"))) if use_side else None
         for name, t in (("old_embedding", old), ("side_info", side)):
             if t is not None and not torch.isfinite(t).all():
-                raise ValueError(f"gallery_store.{name}: NaN or Inf in stored vectors; nothing was published")
+                raise ValueError(
+                    f"gallery_store.{name}: NaN or Inf in stored vectors; nothing was published"
+                )
         if old.shape[1] != h.config.old_dim:
-            raise ValueError(f"gallery_store.old_embedding: dim {old.shape[1]}, but h expects {h.config.old_dim}")
+            raise ValueError(
+                f"gallery_store.old_embedding: dim {old.shape[1]}, but h expects {h.config.old_dim}"
+            )
         emb, sigma = apply_transformation(h, old, side, batch_size=batch_size)
         return emb, (sigma if sigma is not None else torch.zeros(len(emb)))
 
@@ -84,9 +95,17 @@ def _transformer(h, batch_size: int) -> Callable[[pa.RecordBatch], tuple[torch.T
 
 
 def plan_backfill(
-    fct, version: str, gallery_store: dict, h, *, reembed_fraction: float, batch_size: int, shards: int = 1,
-    ann_min_rows: int | None = None, run_id: str = "",
-) -> dict[str, Any]:  # fmt: skip
+    fct,
+    version: str,
+    gallery_store: dict,
+    h,
+    *,
+    reembed_fraction: float,
+    batch_size: int,
+    shards: int = 1,
+    ann_min_rows: int | None = None,
+    run_id: str = "",
+) -> dict[str, Any]:
     """Pass 1 and the split: {"version", "gallery_store_version", "rows", "reembed_ids", "shards": [{"index",
     "start", "stop"}], ...}, all JSON. Shards are contiguous row ranges of near-equal size."""
     if shards < 1:
@@ -98,25 +117,45 @@ def plan_backfill(
     # Pass 1: sigma of every item, to spend the re-embedding budget where h is least sure.
     reembed_ids: list[int] = []
     budget = int(round(reembed_fraction * n))
-    if budget > 0:  # with no budget the plan runs no model (on k8s its pod needs no accelerator time)
+    if (
+        budget > 0
+    ):  # with no budget the plan runs no model (on k8s its pod needs no accelerator time)
         h = h.to(fct.torch_device())
         transform = _transformer(h, batch_size)
         ids, sigmas = [], []
-        for batch in storage.pinned_pages(db, storage.GALLERY_STORE, store_version, ["item_id", "old_embedding", "side_info"], batch_size):
+        for batch in storage.pinned_pages(
+            db,
+            storage.GALLERY_STORE,
+            store_version,
+            ["item_id", "old_embedding", "side_info"],
+            batch_size,
+        ):
             ids.append(batch.column("item_id").to_numpy())
             sigmas.append(transform(batch)[1].numpy())
         ids_all, sigma_all = np.concatenate(ids), np.concatenate(sigmas)
         reembed_ids = ids_all[np.argsort(-sigma_all, kind="stable")[:budget]].tolist()
     count = min(shards, max(n, 1))  # never an empty shard
-    ranges = [{"index": k, "count": count, "start": k * n // count, "stop": (k + 1) * n // count} for k in range(count)]
+    ranges = [
+        {"index": k, "count": count, "start": k * n // count, "stop": (k + 1) * n // count}
+        for k in range(count)
+    ]
     return {
-        "version": version, "gallery_store_version": store_version, "rows": n, "run_id": run_id,
-        "reembed_fraction": reembed_fraction, "reembed_ids": reembed_ids, "batch_size": batch_size,
-        "ann_min_rows": ann_min_rows, "shards": ranges, "plan_seconds": round(time.perf_counter() - started, 3),
-    }  # fmt: skip
+        "version": version,
+        "gallery_store_version": store_version,
+        "rows": n,
+        "run_id": run_id,
+        "reembed_fraction": reembed_fraction,
+        "reembed_ids": reembed_ids,
+        "batch_size": batch_size,
+        "ann_min_rows": ann_min_rows,
+        "shards": ranges,
+        "plan_seconds": round(time.perf_counter() - started, 3),
+    }
 
 
-def _shard_rows(db, plan: dict, shard: dict, h, new_model, done: dict, log) -> Iterator[pa.RecordBatch]:
+def _shard_rows(
+    db, plan: dict, shard: dict, h, new_model, done: dict, log
+) -> Iterator[pa.RecordBatch]:
     """Pass 2 over one shard's rows: h for all, the new model for the chosen ones."""
     from fct_ml.augment import to_float
     from fct_ml.training import encode
@@ -130,7 +169,15 @@ def _shard_rows(db, plan: dict, shard: dict, h, new_model, done: dict, log) -> I
     total = shard["stop"] - shard["start"]
     cols = ["item_id", "label", "old_embedding", "side_info"] + (["image"] if reembed else [])
     started = time.perf_counter()
-    for batch in storage.pinned_pages(db, storage.GALLERY_STORE, plan["gallery_store_version"], cols, plan["batch_size"], shard["start"], shard["stop"]):
+    for batch in storage.pinned_pages(
+        db,
+        storage.GALLERY_STORE,
+        plan["gallery_store_version"],
+        cols,
+        plan["batch_size"],
+        shard["start"],
+        shard["stop"],
+    ):
         emb, sigma = transform(batch)
         emb = emb.numpy()
         item_ids = batch.column("item_id").to_numpy()
@@ -153,13 +200,17 @@ def _shard_rows(db, plan: dict, shard: dict, h, new_model, done: dict, log) -> I
         elapsed = time.perf_counter() - started
         rate = done["rows"] / elapsed if elapsed > 0 else float("nan")
         eta = (total - done["rows"]) / rate if rate > 0 else float("nan")
-        log(f"backfill {plan['version']}{where}: {done['rows']}/{total} items ({done['reembedded']} re-embedded), "
-            f"{rate:,.0f} items/s, ETA {eta:.0f} s")  # fmt: skip
+        log(
+            f"backfill {plan['version']}{where}: {done['rows']}/{total} items ({done['reembedded']}"
+            f" re-embedded), {rate:,.0f} items/s, ETA {eta:.0f} s"
+        )
         yield pa.record_batch(
             [
                 pa.array(item_ids.astype(np.int64)),
                 batch.column("label"),
-                pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).reshape(-1)), dim),
+                pa.FixedSizeListArray.from_arrays(
+                    pa.array(emb.astype(np.float32).reshape(-1)), dim
+                ),
                 pa.array(sigma.numpy().astype(np.float32)),
                 pa.array(source.tolist()),
                 pa.array([space_id] * len(item_ids)),
@@ -168,50 +219,82 @@ def _shard_rows(db, plan: dict, shard: dict, h, new_model, done: dict, log) -> I
         )
 
 
-def write_shard(fct, plan: dict, shard_index: int, h, new_model, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+def write_shard(
+    fct, plan: dict, shard_index: int, h, new_model, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Backfill one shard into its staging table (or, for a single shard, the version's table);
     returns {"table", "version", "rows", "reembedded", "staged", "space_id", "dim", "seconds"}."""
     shard = plan["shards"][shard_index]
     db, device = fct.connect(), fct.torch_device()
     h, new_model = h.to(device), new_model.to(device)
     staged = shard["count"] > 1
-    name = staging_table(plan["version"], plan["run_id"], shard_index, shard["count"]) if staged else storage.version_table(plan["version"])
+    name = (
+        staging_table(plan["version"], plan["run_id"], shard_index, shard["count"])
+        if staged
+        else storage.version_table(plan["version"])
+    )
     schema = storage.backfilled_schema(h.config.new_dim, new_model.space_id)
     done = {"rows": 0, "reembedded": 0}
-    # Timed from the first read to the commit: the per-item cost `fct estimate` extrapolates, without
+    # Timed from the first read to the commit: the per-item cost `fct estimate` extrapolates,
+    # without
     # this process's fixed start-up (connection, moving the models).
     started = time.perf_counter()
     info = storage.publish(db, name, schema, _shard_rows(db, plan, shard, h, new_model, done, log))
-    if info["rows"] != shard["stop"] - shard["start"]:  # offset/limit pages must tile the range exactly
-        raise RuntimeError(f"{name}: {info['rows']} rows written for range [{shard['start']}, {shard['stop']})")
-    return {**info, "index": shard_index, "reembedded": done["reembedded"], "staged": staged,
-            "space_id": new_model.space_id, "dim": h.config.new_dim, "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+    if (
+        info["rows"] != shard["stop"] - shard["start"]
+    ):  # offset/limit pages must tile the range exactly
+        raise RuntimeError(
+            f"{name}: {info['rows']} rows written for range [{shard['start']}, {shard['stop']})"
+        )
+    return {
+        **info,
+        "index": shard_index,
+        "reembedded": done["reembedded"],
+        "staged": staged,
+        "space_id": new_model.space_id,
+        "dim": h.config.new_dim,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
-def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str], None] = print) -> dict[str, Any]:
+def publish_shards(
+    fct, plan: dict, results: list[dict], *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """ONE commit of `gallery_<version>` from the shards' staging tables (in shard order), the staging
     tables dropped, the ANN index above `ann_min_rows`; returns the table's record for the asset."""
     db = fct.connect()
     version, n = plan["version"], plan["rows"]
-    copy_seconds = 0.0  # the staged rows' copy into the version's table: part of a sharded backfill's cost
+    copy_seconds = (
+        0.0  # the staged rows' copy into the version's table: part of a sharded backfill's cost
+    )
     name = storage.version_table(version)
     results = sorted(results, key=lambda r: r["index"])
     if [r["index"] for r in results] != list(range(len(plan["shards"]))):
-        raise RuntimeError(f"{name}: shards {[r['index'] for r in results]} reported, expected 0..{len(plan['shards']) - 1}")
+        raise RuntimeError(
+            f"{name}: shards {[r['index'] for r in results]} reported, expected"
+            f" 0..{len(plan['shards']) - 1}"
+        )
     space_id, dim = results[0]["space_id"], results[0]["dim"]
     if results[0]["staged"]:
         schema = storage.backfilled_schema(dim, space_id)
 
         def staged_rows() -> Iterator[pa.RecordBatch]:
-            for r in results:  # pinned to the version each shard committed: a later write is not copied
-                yield from storage.pinned_pages(db, r["table"], r["version"], schema.names, plan["batch_size"], 0, r["rows"])
+            for (
+                r
+            ) in results:  # pinned to the version each shard committed: a later write is not copied
+                yield from storage.pinned_pages(
+                    db, r["table"], r["version"], schema.names, plan["batch_size"], 0, r["rows"]
+                )
 
         started = time.perf_counter()
         info = storage.publish(db, name, schema, staged_rows())
         copy_seconds = time.perf_counter() - started
         for r in results:
             db.drop_table(r["table"], ignore_missing=True)
-        log(f"backfill {version}: published {info['rows']} rows from {len(results)} shards; staging tables dropped")
+        log(
+            f"backfill {version}: published {info['rows']} rows from {len(results)} shards; staging"
+            " tables dropped"
+        )
     else:
         info = {"table": name, "version": results[0]["version"], "rows": results[0]["rows"]}
     if info["rows"] != n:
@@ -219,7 +302,8 @@ def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str],
     table = db.open_table(name)
     ann: dict[str, Any] = {"ann_index": "none"}
     if plan.get("ann_min_rows") is not None and n >= plan["ann_min_rows"]:
-        # After the publish, in its own commit: readers pinned to the data version see no index and search exactly.
+        # After the publish, in its own commit: readers pinned to the data version see no index and
+        # search exactly.
         ann = {"ann_index": "built", "ann_params": storage.build_ann_index(table, dim)}
         log(f"backfill {version}: IVF_PQ index built ({ann['ann_params']})")
     if plan["run_id"]:
@@ -227,11 +311,21 @@ def publish_shards(fct, plan: dict, results: list[dict], *, log: Callable[[str],
     seconds = plan["plan_seconds"] + sum(r["seconds"] for r in results) + copy_seconds
     # Measured cost of this backfill on ONE worker (both passes, LanceDB I/O and the staging copy
     # included; not the processes' start-up nor the waits between them), for `fct estimate`.
-    return {"table": name, "version": table.version, "rows": info["rows"], "space_id": space_id, "dim": dim,
-            "reembedded": sum(r["reembedded"] for r in results), "reembed_fraction": plan["reembed_fraction"],
-            "shards": len(results), "backfill_seconds": round(seconds, 3),
-            "backfill_items_per_s": round(n / seconds, 1) if seconds > 0 else None,
-            "gallery_store_version": plan["gallery_store_version"], "gallery_rows": n, **ann}  # fmt: skip
+    return {
+        "table": name,
+        "version": table.version,
+        "rows": info["rows"],
+        "space_id": space_id,
+        "dim": dim,
+        "reembedded": sum(r["reembedded"] for r in results),
+        "reembed_fraction": plan["reembed_fraction"],
+        "shards": len(results),
+        "backfill_seconds": round(seconds, 3),
+        "backfill_items_per_s": round(n / seconds, 1) if seconds > 0 else None,
+        "gallery_store_version": plan["gallery_store_version"],
+        "gallery_rows": n,
+        **ann,
+    }
 
 
 def backfill_version(
@@ -251,8 +345,17 @@ def backfill_version(
     """Plan, write the shards one after another, publish `gallery_<version>`, in this process; returns the
     record {"table", "version", "rows", "space_id", "reembedded", ...}. The Dagster asset runs the same
     three steps as ops, the shards in parallel."""
-    plan = plan_backfill(fct, version, gallery_store, h, reembed_fraction=reembed_fraction, batch_size=batch_size,
-                         shards=shards, ann_min_rows=ann_min_rows, run_id=run_id)  # fmt: skip
+    plan = plan_backfill(
+        fct,
+        version,
+        gallery_store,
+        h,
+        reembed_fraction=reembed_fraction,
+        batch_size=batch_size,
+        shards=shards,
+        ann_min_rows=ann_min_rows,
+        run_id=run_id,
+    )
     if shards > 1:
         drop_staging(fct.connect(), version, keep_run=run_id)
     results = [write_shard(fct, plan, k, h, new_model, log=log) for k in range(len(plan["shards"]))]

@@ -9,7 +9,6 @@ promoted alone. The ops that run models (plan: sigma, shards: h and re-embedding
 (json_io_manager), never pickles.
 """
 
-
 import time
 
 import dagster as dg
@@ -32,65 +31,131 @@ def backfill_config(config: BackfillConfig) -> dict:
 
 
 @dg.op(
-    out={"plan": dg.Out(dict, io_manager_key=JSON), "shard": dg.DynamicOut(int, io_manager_key=JSON)},
+    out={
+        "plan": dg.Out(dict, io_manager_key=JSON),
+        "shard": dg.DynamicOut(int, io_manager_key=JSON),
+    },
     pool=GPU_POOL,
-    description="Pass 1 (sigma of every item when re-embedding), the items to re-embed, the shards' row ranges.",
+    description=(
+        "Pass 1 (sigma of every item when re-embedding), the items to re-embed, the shards' row"
+        " ranges."
+    ),
 )
-def plan_backfill(context: dg.OpExecutionContext, config: BackfillConfig, fct: FctResource, gallery_store: dict, transformation):
-    from fct_assets.backfill import drop_staging, plan_backfill as plan_fn
+def plan_backfill(
+    context: dg.OpExecutionContext,
+    config: BackfillConfig,
+    fct: FctResource,
+    gallery_store: dict,
+    transformation,
+):
+    from fct_assets.backfill import drop_staging
+    from fct_assets.backfill import plan_backfill as plan_fn
 
     version = context.partition_key
     h_meta = transformation.recorded_metadata  # the record of the checkpoint loaded here
     for column in ("old_space_id", "side_info_space_id"):
         if h_meta.get(column) != gallery_store[column]:
             raise storage.SpaceMismatchError(
-                f"gallery_store.{column} is {gallery_store[column]} but transformation[{version}] was trained on "
-                f"{h_meta.get(column)}; re-materialise transformation[{version}]"
+                f"gallery_store.{column} is {gallery_store[column]} but transformation[{version}]"
+                f" was trained on {h_meta.get(column)}; re-materialise transformation[{version}]"
             )
-    # Staging tables of earlier runs of this version (a failed shard leaves them): nobody reads them.
+    # Staging tables of earlier runs of this version (a failed shard leaves them): nobody reads
+    # them.
     dropped = drop_staging(fct.connect(), version, keep_run=context.run_id)
     if dropped:
-        context.log.info(f"backfill {version}: dropped {len(dropped)} staging tables of earlier runs")
+        context.log.info(
+            f"backfill {version}: dropped {len(dropped)} staging tables of earlier runs"
+        )
     started = time.time()
-    plan = plan_fn(fct, version, gallery_store, transformation, reembed_fraction=config.reembed_fraction,
-                   batch_size=config.batch_size, shards=config.shards, ann_min_rows=config.ann_min_rows,
-                   run_id=context.run_id)  # fmt: skip
+    plan = plan_fn(
+        fct,
+        version,
+        gallery_store,
+        transformation,
+        reembed_fraction=config.reembed_fraction,
+        batch_size=config.batch_size,
+        shards=config.shards,
+        ann_min_rows=config.ann_min_rows,
+        run_id=context.run_id,
+    )
     plan["started_at"] = started
-    context.log.info(f"backfill {version}: {plan['rows']} items in {len(plan['shards'])} shards, "
-                     f"{len(plan['reembed_ids'])} to re-embed")  # fmt: skip
+    context.log.info(
+        f"backfill {version}: {plan['rows']} items in {len(plan['shards'])} shards, "
+        f"{len(plan['reembed_ids'])} to re-embed"
+    )
     yield dg.Output(plan, "plan")
     for shard in plan["shards"]:
-        yield dg.DynamicOutput(shard["index"], output_name="shard", mapping_key=f"shard_{shard['index']}")
+        yield dg.DynamicOutput(
+            shard["index"], output_name="shard", mapping_key=f"shard_{shard['index']}"
+        )
 
 
-@dg.op(out=dg.Out(dict, io_manager_key=JSON), pool=GPU_POOL,
-       description="Pass 2 over one shard's rows: h, re-embedding of the chosen items, one staging table.")  # fmt: skip
-def backfill_shard(context: dg.OpExecutionContext, fct: FctResource, plan: dict, shard: int, transformation, new_model) -> dict:
+@dg.op(
+    out=dg.Out(dict, io_manager_key=JSON),
+    pool=GPU_POOL,
+    description=(
+        "Pass 2 over one shard's rows: h, re-embedding of the chosen items, one staging table."
+    ),
+)
+def backfill_shard(
+    context: dg.OpExecutionContext,
+    fct: FctResource,
+    plan: dict,
+    shard: int,
+    transformation,
+    new_model,
+) -> dict:
     import os
 
     from fct_assets.backfill import write_shard
 
     result = write_shard(fct, plan, shard, transformation, new_model, log=context.log.info)
-    # Provenance travels with the rows: the checkpoints this process loaded (verified against their sha256).
-    return {**result, "pid": os.getpid(), "transformation_sha256": transformation.checkpoint_sha256,
-            "new_model_sha256": new_model.checkpoint_sha256}  # fmt: skip
+    # Provenance travels with the rows: the checkpoints this process loaded (verified against their
+    # sha256).
+    return {
+        **result,
+        "pid": os.getpid(),
+        "transformation_sha256": transformation.checkpoint_sha256,
+        "new_model_sha256": new_model.checkpoint_sha256,
+    }
 
 
-@dg.op(out=dg.Out(dict, io_manager_key=JSON),
-       description="ONE commit of gallery_<version> from the staged shards; staging dropped; IVF_PQ above ann_min_rows.")  # fmt: skip
-def publish_backfill(context: dg.OpExecutionContext, fct: FctResource, plan: dict, shards: list) -> dg.Output[dict]:
+@dg.op(
+    out=dg.Out(dict, io_manager_key=JSON),
+    description=(
+        "ONE commit of gallery_<version> from the staged shards; staging dropped; IVF_PQ above"
+        " ann_min_rows."
+    ),
+)
+def publish_backfill(
+    context: dg.OpExecutionContext, fct: FctResource, plan: dict, shards: list
+) -> dg.Output[dict]:
     from fct_assets.backfill import publish_shards
 
     for key in ("transformation_sha256", "new_model_sha256"):
         if len({s[key] for s in shards}) != 1:  # a checkpoint re-materialised while the shards ran
-            raise RuntimeError(f"backfill {plan['version']}: shards used different {key} {sorted({s[key] for s in shards})}")
+            raise RuntimeError(
+                f"backfill {plan['version']}: shards used different {key}"
+                f" {sorted({s[key] for s in shards})}"
+            )
     record = publish_shards(fct, plan, shards, log=context.log.info)
-    record.update(transformation_sha256=shards[0]["transformation_sha256"], new_model_sha256=shards[0]["new_model_sha256"],
-                  backfill_wall_seconds=round(time.time() - plan["started_at"], 3))  # fmt: skip
+    record.update(
+        transformation_sha256=shards[0]["transformation_sha256"],
+        new_model_sha256=shards[0]["new_model_sha256"],
+        backfill_wall_seconds=round(time.time() - plan["started_at"], 3),
+    )
     return dg.Output(
         record,
         data_version=dg.DataVersion(f"v{record['version']}-{record['space_id']}"),
-        metadata={**{k: v for k, v in record.items() if k != "ann_params"}, "ann_params": dg.MetadataValue.json(record.get("ann_params") or {}),
-                  "dagster/row_count": record["rows"], "code_version": code_version(),
-                  **storage.table_metadata(fct.lancedb_uri, record["table"], storage.backfilled_schema(record["dim"], record["space_id"]))},  # fmt: skip
+        metadata={
+            **{k: v for k, v in record.items() if k != "ann_params"},
+            "ann_params": dg.MetadataValue.json(record.get("ann_params") or {}),
+            "dagster/row_count": record["rows"],
+            "code_version": code_version(),
+            **storage.table_metadata(
+                fct.lancedb_uri,
+                record["table"],
+                storage.backfilled_schema(record["dim"], record["space_id"]),
+            ),
+        },
     )

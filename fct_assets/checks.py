@@ -3,7 +3,6 @@ great-expectations 1.x suite on the eval report. All blocking: a failure stops d
 assets in the run and keeps the version from being promoted. Failing cases go into the
 check's metadata."""
 
-
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -27,7 +26,10 @@ def vector_table_schema(expected_rows: int, dims: dict[str, int], spaces: dict[s
     table: a table rewritten with vectors of another width fails."""
     import pandera.pandas as pa
 
-    columns: dict[str, Any] = {"item_id": pa.Column(np.int64, unique=True), "label": pa.Column(np.int32, pa.Check.ge(0))}
+    columns: dict[str, Any] = {
+        "item_id": pa.Column(np.int64, unique=True),
+        "label": pa.Column(np.int32, pa.Check.ge(0)),
+    }
     for name, dim in dims.items():
         columns[name] = pa.Column(
             object,
@@ -45,7 +47,9 @@ def vector_table_schema(expected_rows: int, dims: dict[str, int], spaces: dict[s
     )
 
 
-def validate_table(fct: FctResource, table: str, recorded_version: int, schema, columns: list[str]) -> dg.AssetCheckResult:
+def validate_table(
+    fct: FctResource, table: str, recorded_version: int, schema, columns: list[str]
+) -> dg.AssetCheckResult:
     """Run `schema` over the table as it is now; failing cases go into the metadata.
 
     The table must also still be at the version its asset recorded: a write after the
@@ -57,48 +61,88 @@ def validate_table(fct: FctResource, table: str, recorded_version: int, schema, 
     t = fct.connect().open_table(table)
     version = t.version
     frame = t.search().select(columns).limit(None).to_arrow().to_pandas()
-    meta: dict[str, Any] = {"table": table, "table_version": version, "recorded_version": recorded_version, "rows": len(frame)}
+    meta: dict[str, Any] = {
+        "table": table,
+        "table_version": version,
+        "recorded_version": recorded_version,
+        "rows": len(frame),
+    }
     failures: list[str] = []
     try:
         schema.validate(frame, lazy=True)
     except pandera.errors.SchemaErrors as err:
         cases = err.failure_cases.head(MAX_FAILING_CASES)
-        failures = sorted({f"{c}: {k}" for c, k in zip(err.failure_cases["column"], err.failure_cases["check"])})
+        failures = sorted(
+            {f"{c}: {k}" for c, k in zip(err.failure_cases["column"], err.failure_cases["check"])}
+        )
         meta["failing_cases"] = dg.MetadataValue.json(cases.astype(str).to_dict(orient="records"))
         meta["num_failing_cases"] = len(err.failure_cases)
     if version != recorded_version:
-        failures.append(f"table changed after materialisation (recorded version {recorded_version}, found {version})")
+        failures.append(
+            f"table changed after materialisation (recorded version {recorded_version}, found"
+            f" {version})"
+        )
     if failures:
         meta["failed_checks"] = "; ".join(map(str, failures))
     return dg.AssetCheckResult(passed=not failures, metadata=meta)
 
 
-@dg.asset_check(asset=gallery_store, blocking=True, additional_ins={"dataset": dg.AssetIn("dataset")}, description="pandera: ids unique, one row per gallery item, dims, finite, one space_id per column")
-def gallery_store_schema(fct: FctResource, dataset: dict, gallery_store: dict) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=gallery_store,
+    blocking=True,
+    additional_ins={"dataset": dg.AssetIn("dataset")},
+    description=(
+        "pandera: ids unique, one row per gallery item, dims, finite, one space_id per column"
+    ),
+)
+def gallery_store_schema(
+    fct: FctResource, dataset: dict, gallery_store: dict
+) -> dg.AssetCheckResult:
     dims = {"old_embedding": gallery_store["old_dim"], "side_info": gallery_store["side_info_dim"]}
-    spaces = {"old_space_id": gallery_store["old_space_id"], "side_info_space_id": gallery_store["side_info_space_id"]}
+    spaces = {
+        "old_space_id": gallery_store["old_space_id"],
+        "side_info_space_id": gallery_store["side_info_space_id"],
+    }
     return validate_table(
-        fct, storage.GALLERY_STORE, gallery_store["version"], vector_table_schema(dataset["gallery_items"], dims, spaces),
+        fct,
+        storage.GALLERY_STORE,
+        gallery_store["version"],
+        vector_table_schema(dataset["gallery_items"], dims, spaces),
         ["item_id", "label", "old_embedding", "side_info", "old_space_id", "side_info_space_id"],
-    )  # fmt: skip
+    )
 
 
 @dg.asset_check(
-    asset=backfilled_gallery, blocking=True, partitions_def=model_version,
-    description="pandera: ids unique, one row per stored item, dims, finite, the version's space_id only",
-)  # fmt: skip
+    asset=backfilled_gallery,
+    blocking=True,
+    partitions_def=model_version,
+    description=(
+        "pandera: ids unique, one row per stored item, dims, finite, the version's space_id only"
+    ),
+)
 def backfilled_gallery_schema(fct: FctResource, backfilled_gallery: dict) -> dg.AssetCheckResult:
     dims = {"embedding": backfilled_gallery["dim"]}
-    schema = vector_table_schema(backfilled_gallery["gallery_rows"], dims, {"space_id": backfilled_gallery["space_id"]})
-    return validate_table(fct, backfilled_gallery["table"], backfilled_gallery["version"], schema,
-                          ["item_id", "label", "embedding", "space_id"])  # fmt: skip
+    schema = vector_table_schema(
+        backfilled_gallery["gallery_rows"], dims, {"space_id": backfilled_gallery["space_id"]}
+    )
+    return validate_table(
+        fct,
+        backfilled_gallery["table"],
+        backfilled_gallery["version"],
+        schema,
+        ["item_id", "label", "embedding", "space_id"],
+    )
 
 
 def report_frame(report: dict) -> "pd.DataFrame":
     """One row per (case, metric) of the report, for the expectation suite."""
     import pandas as pd  # here, not at import: every step process loads this module (~0.2 s)
 
-    rows = [{"case": c, "metric": m, "value": v} for c, ms in report["cases"].items() for m, v in ms.items()]
+    rows = [
+        {"case": c, "metric": m, "value": v}
+        for c, ms in report["cases"].items()
+        for m, v in ms.items()
+    ]
     return pd.DataFrame(rows)
 
 
@@ -116,33 +160,68 @@ def run_report_suite(report: dict) -> tuple[bool, list[dict[str, Any]]]:
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm bars in run logs
-    batch = context.data_sources.add_pandas("fct").add_dataframe_asset("eval_report").add_batch_definition_whole_dataframe("all")
+    batch = (
+        context.data_sources.add_pandas("fct")
+        .add_dataframe_asset("eval_report")
+        .add_batch_definition_whole_dataframe("all")
+    )
     suite = context.suites.add(gx.ExpectationSuite(name="eval_report"))
     suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column="value"))
-    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="value", min_value=0, max_value=100))
-    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeInSet(column="metric", value_set=["top1", "top5", "mAP"]))
+    suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToBeBetween(column="value", min_value=0, max_value=100)
+    )
+    suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToBeInSet(
+            column="metric", value_set=["top1", "top5", "mAP"]
+        )
+    )
     for case in ("old/old", "new/new", "new/h(old)"):
-        suite.add_expectation(gx.expectations.ExpectColumnDistinctValuesToContainSet(column="case", value_set=[case]))
-    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="fct_minus_old_mAP", min_value=0))
-    validation = context.validation_definitions.add(gx.ValidationDefinition(name="eval_report", data=batch, suite=suite))
+        suite.add_expectation(
+            gx.expectations.ExpectColumnDistinctValuesToContainSet(column="case", value_set=[case])
+        )
+    suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToBeBetween(column="fct_minus_old_mAP", min_value=0)
+    )
+    validation = context.validation_definitions.add(
+        gx.ValidationDefinition(name="eval_report", data=batch, suite=suite)
+    )
     result = validation.run(batch_parameters={"dataframe": frame})
     failing = [
-        {"expectation": r.expectation_config.type, "kwargs": {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"},
-         "unexpected": (r.result or {}).get("partial_unexpected_list", (r.result or {}).get("observed_value"))}
-        for r in result.results if not r.success
-    ]  # fmt: skip
+        {
+            "expectation": r.expectation_config.type,
+            "kwargs": {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"},
+            "unexpected": (
+                (r.result or {}).get(
+                    "partial_unexpected_list", (r.result or {}).get("observed_value")
+                )
+            ),
+        }
+        for r in result.results
+        if not r.success
+    ]
     return bool(result.success), failing
 
 
-@dg.asset_check(asset=eval_report, blocking=True, partitions_def=model_version,
-                description="great-expectations: metrics in [0, 100], the paper's cases present, new/h(old) mAP not below old/old")  # fmt: skip
+@dg.asset_check(
+    asset=eval_report,
+    blocking=True,
+    partitions_def=model_version,
+    description=(
+        "great-expectations: metrics in [0, 100], the paper's cases present, new/h(old) mAP not"
+        " below old/old"
+    ),
+)
 def eval_report_expectations(eval_report: dict) -> dg.AssetCheckResult:
     passed, failing = run_report_suite(eval_report)
     return dg.AssetCheckResult(
         passed=passed,
-        metadata={"failing_expectations": dg.MetadataValue.json(failing), "num_failing": len(failing),
-                  "new/h(old) mAP": eval_report["cases"]["new/h(old)"]["mAP"], "old/old mAP": eval_report["cases"]["old/old"]["mAP"]},
-    )  # fmt: skip
+        metadata={
+            "failing_expectations": dg.MetadataValue.json(failing),
+            "num_failing": len(failing),
+            "new/h(old) mAP": eval_report["cases"]["new/h(old)"]["mAP"],
+            "old/old mAP": eval_report["cases"]["old/old"]["mAP"],
+        },
+    )
 
 
 ALL_CHECKS = [gallery_store_schema, backfilled_gallery_schema, eval_report_expectations]

@@ -32,7 +32,10 @@ def _promote(args) -> int:
     from fct_assets.deployment import promote
 
     row = promote(_instance(), _fct().connect(), args.version)
-    print(f"promoted {row['version']}: serving {row['table']} @ LanceDB version {row['table_version']} ({row['space_id']})")
+    print(
+        f"promoted {row['version']}: serving {row['table']} @ LanceDB version"
+        f" {row['table_version']} ({row['space_id']})"
+    )
     return 0
 
 
@@ -40,7 +43,10 @@ def _rollback(args) -> int:
     from fct_assets.deployment import rollback
 
     row = rollback(_fct().connect())
-    print(f"rolled back to {row['version']}: serving {row['table']} @ LanceDB version {row['table_version']}")
+    print(
+        f"rolled back to {row['version']}: serving {row['table']} @ LanceDB version"
+        f" {row['table_version']}"
+    )
     return 0
 
 
@@ -56,7 +62,10 @@ def _add_version(args) -> int:
     from fct_assets.partitions import add_model_version
 
     add_model_version(_instance(), args.version)
-    print(f"added model version {args.version}; with `make ui` running, automation materialises its four assets")
+    print(
+        f"added model version {args.version}; with `make ui` running, automation materialises its"
+        " four assets"
+    )
     return 0
 
 
@@ -71,7 +80,9 @@ def _estimate(args) -> int:
 def _search(args) -> int:
     from fct_assets.search import search_command
 
-    hits = search_command(_instance(), _fct(), image=args.image, item_id=args.item_id, version=args.version, k=args.k)
+    hits = search_command(
+        _instance(), _fct(), image=args.image, item_id=args.item_id, version=args.version, k=args.k
+    )
     print(f"{'rank':>4} {'item_id':>8} {'label':>5} {'distance':>10}  source")
     for rank, h in enumerate(hits, 1):
         print(f"{rank:>4} {h['item_id']:>8} {h['label']:>5} {h['distance']:>10.4f}  {h['source']}")
@@ -79,7 +90,9 @@ def _search(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fct", description="Forward-compatible embedding upgrades.")
+    parser = argparse.ArgumentParser(
+        prog="fct", description="Forward-compatible embedding upgrades."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add_reproduce_parser(sub)
     p = sub.add_parser("promote", help="serve VERSION, if its blocking checks passed")
@@ -87,19 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_promote)
     p = sub.add_parser("rollback", help="serve again the previously deployed version")
     p.set_defaults(func=_rollback)
-    p = sub.add_parser("lineage", help="checkpoints, tables, fingerprints, code and runs behind VERSION")
+    p = sub.add_parser(
+        "lineage", help="checkpoints, tables, fingerprints, code and runs behind VERSION"
+    )
     p.add_argument("version")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_lineage)
     p = sub.add_parser("add-version", help="register a model version (a Dagster dynamic partition)")
     p.add_argument("version")
     p.set_defaults(func=_add_version)
-    p = sub.add_parser("estimate", help="time a full re-embedding would take against the transformation backfill")
+    p = sub.add_parser(
+        "estimate", help="time a full re-embedding would take against the transformation backfill"
+    )
     p.add_argument("version")
-    p.add_argument("--items", type=int, default=None, help="gallery size to estimate for (default: this gallery's)")
+    p.add_argument(
+        "--items",
+        type=int,
+        default=None,
+        help="gallery size to estimate for (default: this gallery's)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_estimate)
-    p = sub.add_parser("search", help="nearest gallery items, query embedded by the version's new model")
+    p = sub.add_parser(
+        "search", help="nearest gallery items, query embedded by the version's new model"
+    )
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", help="an image file")
     query.add_argument("--item-id", type=int, help="a gallery item's stored image")

@@ -6,8 +6,6 @@ launchpad works with no YAML at all and every field says what it changes.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import dagster as dg
 from pydantic import Field
 
@@ -15,29 +13,48 @@ from pydantic import Field
 class DatasetConfig(dg.Config):
     """Which data the base assets are built from."""
 
-    dataset: str = Field("fashion-mnist", description="fashion-mnist | digits | cifar100 | imagefolder:PATH. The test split is the gallery.")
+    dataset: str = Field(
+        "fashion-mnist",
+        description=(
+            "fashion-mnist | digits | cifar100 | imagefolder:PATH. The test split is the gallery."
+        ),
+    )
     old_classes: str = Field(
         "1,3,5,7,9",
-        description="Classes the old and side-info models may see, as ranges or lists (0-4, 1,3,5). "
-        "The new model and h see all. Fashion-MNIST 1,3,5,7,9 holds out the look-alike tops.",
+        description=(
+            "Classes the old and side-info models may see, as ranges or lists (0-4, 1,3,5). "
+            "The new model and h see all. Fashion-MNIST 1,3,5,7,9 holds out the look-alike tops."
+        ),
     )
 
 
 class ModelTrainingConfig(dg.Config):
     """An embedding model and how long to train it (old, side-info and new models)."""
 
-    arch: Optional[str] = Field(None, description="Backbone: cnn-xs | cnn-s | cnn-m | resnet18 | resnet50. Unset: the preset's.")
-    embed_dim: Optional[int] = Field(None, description="Embedding dimension. Unset: the preset's (128 as the paper).")
-    epochs: Optional[int] = Field(None, description="Training epochs. Unset: the preset's.")
+    arch: str | None = Field(
+        None,
+        description="Backbone: cnn-xs | cnn-s | cnn-m | resnet18 | resnet50. Unset: the preset's.",
+    )
+    embed_dim: int | None = Field(
+        None, description="Embedding dimension. Unset: the preset's (128 as the paper)."
+    )
+    epochs: int | None = Field(None, description="Training epochs. Unset: the preset's.")
     seed: int = Field(0, description="Seed for initialisation, data order and augmentation.")
 
 
 class TransformationTrainingConfig(dg.Config):
     """The transformation h (FastFill variant: it also predicts its uncertainty sigma)."""
 
-    inner_width: Optional[int] = Field(None, description="Width of h's inner MLP (paper: 2048). Unset: the preset's.")
-    epochs: Optional[int] = Field(None, description="Training epochs (paper: 80). Unset: the preset's.")
-    side_info: bool = Field(True, description="Feed the stored side-info to h (FCT). False: h(old) alone, for comparison.")
+    inner_width: int | None = Field(
+        None, description="Width of h's inner MLP (paper: 2048). Unset: the preset's."
+    )
+    epochs: int | None = Field(
+        None, description="Training epochs (paper: 80). Unset: the preset's."
+    )
+    side_info: bool = Field(
+        True,
+        description="Feed the stored side-info to h (FCT). False: h(old) alone, for comparison.",
+    )
     seed: int = Field(0, description="Seed for initialisation and data order.")
 
 
@@ -48,26 +65,39 @@ class BackfillConfig(dg.Config):
         0.0,
         ge=0.0,
         le=1.0,
-        description="Fraction of the gallery re-embedded from its stored images with the new model, most "
-        "uncertain (highest sigma) first, as FastFill. 0: transformation only (no image read).",
+        description=(
+            "Fraction of the gallery re-embedded from its stored images with the new model, most "
+            "uncertain (highest sigma) first, as FastFill. 0: transformation only (no image read)."
+        ),
     )
     batch_size: int = Field(4096, gt=0, description="Rows read, transformed and written per batch.")
     shards: int = Field(
         1,
         ge=1,
         le=256,
-        description="Split the gallery into this many contiguous row ranges, backfilled in parallel (one process "
-        "each, at most `gpu` pool-limit at a time) and published in ONE commit. 1: no staging copy.",
+        description=(
+            "Split the gallery into this many contiguous row ranges, backfilled in parallel (one"
+            " process each, at most `gpu` pool-limit at a time) and published in ONE commit. 1: no"
+            " staging copy."
+        ),
     )
     ann_min_rows: int = Field(
         100_000,
         ge=256,
-        description="Build an IVF_PQ index on the published table when it holds at least this many rows; "
-        "below, search is exact (brute force is fast there). IVF_PQ trains 256 codes: it needs >= 256 rows.",
+        description=(
+            "Build an IVF_PQ index on the published table when it holds at least this many rows;"
+            " below, search is exact (brute force is fast there). IVF_PQ trains 256 codes: it needs"
+            " >= 256 rows."
+        ),
     )
 
 
 class PromotionConfig(dg.Config):
     """Which model version to serve."""
 
-    version: str = Field(description="Model version to promote, e.g. v2. Its blocking checks must have passed on its latest materialisations.")
+    version: str = Field(
+        description=(
+            "Model version to promote, e.g. v2. Its blocking checks must have passed on its latest"
+            " materialisations."
+        )
+    )

@@ -23,8 +23,14 @@ from fct_assets.resources import FctResource
 
 
 def resources() -> dict[str, object]:
-    """Resources from the environment (FCT_LANCEDB_URI, FCT_CHECKPOINT_ROOT, FCT_RECORD_ROOT, FCT_PRESET, FCT_DEVICE)."""
-    return {"fct": FctResource(), "checkpoint_io_manager": CheckpointIOManager(), "json_io_manager": JsonIOManager()}
+    """Resources from the environment.
+
+    FCT_LANCEDB_URI, FCT_CHECKPOINT_ROOT, FCT_RECORD_ROOT, FCT_PRESET, FCT_DEVICE."""
+    return {
+        "fct": FctResource(),
+        "checkpoint_io_manager": CheckpointIOManager(),
+        "json_io_manager": JsonIOManager(),
+    }
 
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -32,7 +38,9 @@ EXECUTORS = ("multiprocess", "in_process", "k8s")
 
 
 def executor_from_env() -> dg.ExecutorDefinition:
-    """The executor named by FCT_EXECUTOR (default multiprocess), so a deployment picks it without editing code.
+    """The executor named by FCT_EXECUTOR (default multiprocess).
+
+    A deployment picks it without editing code.
 
     multiprocess: each step in its own process on this machine (shards in parallel, the `gpu` pool
     limiting the model steps). in_process: one process (debugging). k8s: each step in its own
@@ -51,17 +59,31 @@ def executor_from_env() -> dg.ExecutorDefinition:
         try:
             config = yaml.safe_load(path.read_text())
         except OSError as err:
-            raise ValueError(f"FCT_EXECUTOR_CONFIG {str(path)!r}: cannot read ({err.strerror}); expected a YAML file of k8s_job_executor config") from None
+            raise ValueError(
+                f"FCT_EXECUTOR_CONFIG {str(path)!r}: cannot read ({err.strerror}); expected a YAML"
+                " file of k8s_job_executor config"
+            ) from None
         return k8s_job_executor.configured(config or {}, name="k8s")
     raise ValueError(f"FCT_EXECUTOR={name!r}: expected one of {' | '.join(EXECUTORS)}")
 
 
-def build_defs(resource_defs: dict[str, object] | None = None, executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
-    """The definitions with the given resources (tests pass temporary folders) and executor (default: FCT_EXECUTOR)."""
+def build_defs(
+    resource_defs: dict[str, object] | None = None, executor: dg.ExecutorDefinition | None = None
+) -> dg.Definitions:
+    """The definitions with the given resources and executor (default: FCT_EXECUTOR).
+
+    Tests pass temporary folders as resources."""
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
-        jobs=[base_job, upgrade_job, verify_job, scheduled_evaluation_job, promote_job, rollback_job],
+        jobs=[
+            base_job,
+            upgrade_job,
+            verify_job,
+            scheduled_evaluation_job,
+            promote_job,
+            rollback_job,
+        ],
         schedules=[daily_evaluation],
         sensors=[automation_sensor],
         resources=resource_defs or resources(),

@@ -19,7 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--fresh", action="store_true", help="start from an empty dagster_home and data/ (deletes them)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start from an empty dagster_home and data/ (deletes them)",
+    )
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--old-classes", default="1,3,5,7,9")
     parser.add_argument("--version", default="v2")
@@ -29,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         from fct_assets.resources import DATA_ROOT
 
-        for name in ("storage", "history", "schedules", "logs", ".logs_queue", ".nux", ".telemetry"):
+        for name in (
+            "storage",
+            "history",
+            "schedules",
+            "logs",
+            ".logs_queue",
+            ".nux",
+            ".telemetry",
+        ):
             shutil.rmtree(home / name, ignore_errors=True)
         shutil.rmtree(DATA_ROOT, ignore_errors=True)
     import dagster as dg
@@ -44,22 +56,35 @@ def main(argv: list[str] | None = None) -> int:
     instance = dg.DagsterInstance.get()
     defs = build_defs()
     fct = FctResource()
-    print(f"fct demo: DAGSTER_HOME={home}, LanceDB {fct.lancedb_uri}, preset {fct.preset}", flush=True)
+    print(
+        f"fct demo: DAGSTER_HOME={home}, LanceDB {fct.lancedb_uri}, preset {fct.preset}", flush=True
+    )
     started = time.perf_counter()
-    config = {"ops": {"dataset": {"config": {"dataset": args.dataset, "old_classes": args.old_classes}}}}
-    base = defs.resolve_job_def("base").execute_in_process(instance=instance, run_config=config, raise_on_error=False)
+    config = {
+        "ops": {"dataset": {"config": {"dataset": args.dataset, "old_classes": args.old_classes}}}
+    }
+    base = defs.resolve_job_def("base").execute_in_process(
+        instance=instance, run_config=config, raise_on_error=False
+    )
     if not base.success:
         print("fct demo: the base assets failed; see the run log above", file=sys.stderr)
         return 1
     add_model_version(instance, args.version)
-    upgrade = defs.resolve_job_def("upgrade").execute_in_process(instance=instance, partition_key=args.version, raise_on_error=False)
+    upgrade = defs.resolve_job_def("upgrade").execute_in_process(
+        instance=instance, partition_key=args.version, raise_on_error=False
+    )
     if not upgrade.success:
         print(f"fct demo: upgrade {args.version} failed; see the run log above", file=sys.stderr)
         return 1
-    print(f"\nfct demo: base + {args.version} materialised in {time.perf_counter() - started:.0f} s\n")
+    print(
+        f"\nfct demo: base + {args.version} materialised in {time.perf_counter() - started:.0f} s\n"
+    )
     try:
         row = promote(instance, fct.connect(), args.version)
-        print(f"promoted {args.version}: serving {row['table']} @ LanceDB version {row['table_version']}\n")
+        print(
+            f"promoted {args.version}: serving {row['table']} @ LanceDB version"
+            f" {row['table_version']}\n"
+        )
     except PromotionError as err:
         print(f"not promoted: {err}\n")
     from fct_assets.io_managers import recorded_metadata
@@ -68,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(report, include_plot=False))
     print()
     print(format_lineage(lineage(instance, args.version)))
-    print("\nOpen the UI with `make ui` (http://127.0.0.1:3000): asset graph, launchpad, eval report, checks.")
+    print(
+        "\nOpen the UI with `make ui` (http://127.0.0.1:3000): asset graph, launchpad, eval report,"
+        " checks."
+    )
     return 0
 
 

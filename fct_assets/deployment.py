@@ -51,7 +51,11 @@ def current(db) -> dict[str, Any] | None:
 def _append(db, row: dict[str, Any]) -> dict[str, Any]:
     # One writer per table (DESIGN.md §6): promotions are rare, issued by one CLI or job at a time.
     rows = history(db)
-    row = {"seq": (rows[-1]["seq"] + 1) if rows else 1, "at": _dt.datetime.now(_dt.timezone.utc).isoformat(), **row}
+    row = {
+        "seq": (rows[-1]["seq"] + 1) if rows else 1,
+        "at": _dt.datetime.now(_dt.UTC).isoformat(),
+        **row,
+    }
     data = pa.Table.from_pylist([row], schema=DEPLOYMENT_SCHEMA)
     if storage.table_exists(db, storage.DEPLOYMENTS):
         db.open_table(storage.DEPLOYMENTS).add(data)
@@ -83,10 +87,16 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
         record = records[0]
         evaluation = record.evaluation
         # The evaluation's own event, not the record's creation (a check is planned at run start).
-        fresh = latest is not None and evaluation is not None and record.event.timestamp >= latest.timestamp
+        fresh = (
+            latest is not None
+            and evaluation is not None
+            and record.event.timestamp >= latest.timestamp
+        )
         out[name] = {
             "passed": bool(evaluation and evaluation.passed) and fresh,
-            "why": "passed" if evaluation and evaluation.passed else f"status {record.status.value}",
+            "why": (
+                "passed" if evaluation and evaluation.passed else f"status {record.status.value}"
+            ),
             "ran_after_latest_materialization": fresh,
             "run_id": record.run_id,
         }
@@ -99,7 +109,12 @@ def recorded_table(instance: dg.DagsterInstance, version: str) -> dict[str, Any]
     from fct_assets.io_managers import recorded_metadata
 
     meta = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), check_version(version))
-    return {"version": version, "table": meta["table"], "table_version": int(meta["version"]), "space_id": meta["space_id"]}
+    return {
+        "version": version,
+        "table": meta["table"],
+        "table_version": int(meta["version"]),
+        "space_id": meta["space_id"],
+    }
 
 
 def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
@@ -108,7 +123,10 @@ def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
     results = check_results(instance, version)
     failed = {k: v["why"] for k, v in results.items() if not v["passed"]}
     if not results or failed:
-        raise PromotionError(f"version {version} not promoted: blocking checks not passed ({failed or 'no checks ran'})")
+        raise PromotionError(
+            f"version {version} not promoted: blocking checks not passed"
+            f" ({failed or 'no checks ran'})"
+        )
     return _append(db, {"action": "promote", **recorded_table(instance, version)})
 
 
@@ -118,12 +136,26 @@ def rollback(db) -> dict[str, Any]:
     if not rows:
         raise PromotionError("nothing is deployed: no rollback possible")
     serving = rows[-1]
-    earlier = [r for r in rows if r["version"] != serving["version"] or r["table_version"] != serving["table_version"]]
+    earlier = [
+        r
+        for r in rows
+        if r["version"] != serving["version"] or r["table_version"] != serving["table_version"]
+    ]
     if not earlier:
-        raise PromotionError(f"version {serving['version']} is the only one ever deployed: no rollback possible")
+        raise PromotionError(
+            f"version {serving['version']} is the only one ever deployed: no rollback possible"
+        )
     target = earlier[-1]
-    return _append(db, {"action": "rollback", "version": target["version"], "table": target["table"],
-                        "table_version": target["table_version"], "space_id": target["space_id"]})  # fmt: skip
+    return _append(
+        db,
+        {
+            "action": "rollback",
+            "version": target["version"],
+            "table": target["table"],
+            "table_version": target["table_version"],
+            "space_id": target["space_id"],
+        },
+    )
 
 
 def search(db, query, *, version: dict[str, Any], k: int = 10) -> list[dict[str, Any]]:
@@ -133,15 +165,30 @@ def search(db, query, *, version: dict[str, Any], k: int = 10) -> list[dict[str,
     table = storage.open_pinned(db, version["table"], int(version["table_version"]))
     declared = storage.table_space_ids(table).get("space_id")
     if declared != version["space_id"]:
-        raise storage.SpaceMismatchError(f"{version['table']}: holds space {declared}, the deployment expects {version['space_id']}")
-    search = table.search(np.asarray(query, dtype=np.float32), vector_column_name="embedding").distance_type("l2")
+        raise storage.SpaceMismatchError(
+            f"{version['table']}: holds space {declared}, the deployment expects"
+            f" {version['space_id']}"
+        )
+    search = table.search(
+        np.asarray(query, dtype=np.float32), vector_column_name="embedding"
+    ).distance_type("l2")
     if storage.ann_index_exists(table):
         # The IVF_PQ index answers approximately: probe the share of partitions and re-rank exactly
         # (refine) as measured in benchmarks/backfill.py; without an index the search is exact.
-        params = storage.ann_params(table.count_rows(), table.schema.field("embedding").type.list_size)
+        params = storage.ann_params(
+            table.count_rows(), table.schema.field("embedding").type.list_size
+        )
         search = search.nprobes(params["nprobes"]).refine_factor(params["refine_factor"])
     hits = search.select(["item_id", "label", "source"]).limit(k).to_list()
-    return [{"item_id": h["item_id"], "label": h["label"], "distance": float(h["_distance"]), "source": h["source"]} for h in hits]
+    return [
+        {
+            "item_id": h["item_id"],
+            "label": h["label"],
+            "distance": float(h["_distance"]),
+            "source": h["source"],
+        }
+        for h in hits
+    ]
 
 
 # ---------------------------------------------------------------- the same, as jobs for the UI
@@ -151,30 +198,61 @@ def search(db, query, *, version: dict[str, Any], k: int = 10) -> list[dict[str,
 
 
 def _deployment_output(row: dict[str, Any]) -> dg.Output:
-    return dg.Output(row, metadata={k: row[k] for k in ("seq", "action", "version", "table", "table_version", "space_id", "at")})
+    return dg.Output(
+        row,
+        metadata={
+            k: row[k]
+            for k in ("seq", "action", "version", "table", "table_version", "space_id", "at")
+        },
+    )
 
 
-@dg.op(description="Serve a model version if its blocking checks passed (the deployment record gets one row).",
-       tags={"fct/action": "promote"})  # fmt: skip
-def promote_version(context: dg.OpExecutionContext, config: PromotionConfig, fct: FctResource) -> dg.Output:
+@dg.op(
+    description=(
+        "Serve a model version if its blocking checks passed (the deployment record gets one row)."
+    ),
+    tags={"fct/action": "promote"},
+)
+def promote_version(
+    context: dg.OpExecutionContext, config: PromotionConfig, fct: FctResource
+) -> dg.Output:
     row = promote(context.instance, fct.connect(), config.version)
-    context.log.info(f"promoted {row['version']}: serving {row['table']} @ LanceDB version {row['table_version']}")
+    context.log.info(
+        f"promoted {row['version']}: serving {row['table']} @ LanceDB version"
+        f" {row['table_version']}"
+    )
     return _deployment_output(row)
 
 
-@dg.op(description="Serve again the deployment before the current one.", tags={"fct/action": "rollback"})
+@dg.op(
+    description="Serve again the deployment before the current one.",
+    tags={"fct/action": "rollback"},
+)
 def rollback_deployment(context: dg.OpExecutionContext, fct: FctResource) -> dg.Output:
     row = rollback(fct.connect())
-    context.log.info(f"rolled back: serving {row['version']} ({row['table']} @ LanceDB version {row['table_version']})")
+    context.log.info(
+        f"rolled back: serving {row['version']} ({row['table']} @ LanceDB version"
+        f" {row['table_version']})"
+    )
     return _deployment_output(row)
 
 
-@dg.job(name="promote", description="Promote a model version: set `version` in the launchpad. Refused unless its blocking checks passed.",
-        tags={"fct/action": "promote"})  # fmt: skip
+@dg.job(
+    name="promote",
+    description=(
+        "Promote a model version: set `version` in the launchpad. Refused unless its blocking"
+        " checks passed."
+    ),
+    tags={"fct/action": "promote"},
+)
 def promote_job():
     promote_version()
 
 
-@dg.job(name="rollback", description="Roll back to the deployment before the current one (no config).", tags={"fct/action": "rollback"})
+@dg.job(
+    name="rollback",
+    description="Roll back to the deployment before the current one (no config).",
+    tags={"fct/action": "rollback"},
+)
 def rollback_job():
     rollback_deployment()

@@ -11,14 +11,22 @@ from fct_assets.io_managers import recorded_metadata
 from fct_assets.partitions import check_version
 
 
-def estimate(instance: dg.DagsterInstance, version: str, items: int | None = None) -> dict[str, Any]:
+def estimate(
+    instance: dg.DagsterInstance, version: str, items: int | None = None
+) -> dict[str, Any]:
     """Seconds to backfill `items` (default: the gallery) by transformation and by re-embedding."""
     check_version(version)
     backfill = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), version)
     report = recorded_metadata(instance, dg.AssetKey("eval_report"), version)["json"]
-    transform_rate, reembed_rate = backfill.get("backfill_items_per_s"), report.get("reembed_items_per_s")
+    transform_rate, reembed_rate = (
+        backfill.get("backfill_items_per_s"),
+        report.get("reembed_items_per_s"),
+    )
     if not transform_rate or not reembed_rate:
-        raise LookupError(f"version {version}: its runs recorded no costs; re-materialise backfilled_gallery and eval_report")
+        raise LookupError(
+            f"version {version}: its runs recorded no costs; re-materialise backfilled_gallery and"
+            " eval_report"
+        )
     n = items if items is not None else int(backfill["rows"])
     return {
         "version": version,
@@ -40,8 +48,9 @@ def format_estimate(e: dict[str, Any]) -> str:
         return f"{seconds:.1f} s"
 
     return (
-        f"{e['version']}: {e['items']:,} items\n"
-        f"  backfill by transformation: {human(e['transform_seconds'])} ({e['transform_items_per_s']:,.0f} items/s)\n"
-        f"  full re-embedding:          {human(e['reembed_seconds'])} ({e['reembed_items_per_s']:,.0f} items/s)\n"
-        f"  transformation is {e['speedup']:.1f}x cheaper (rates measured on this version's runs, {e['measured_on_items']:,} items)"
+        f"{e['version']}: {e['items']:,} items\n  backfill by transformation:"
+        f" {human(e['transform_seconds'])} ({e['transform_items_per_s']:,.0f} items/s)\n  full"
+        f" re-embedding:          {human(e['reembed_seconds'])} ({e['reembed_items_per_s']:,.0f}"
+        f" items/s)\n  transformation is {e['speedup']:.1f}x cheaper (rates measured on this"
+        f" version's runs, {e['measured_on_items']:,} items)"
     )

@@ -35,9 +35,13 @@ def _relative_path(context: dg.OutputContext | dg.InputContext, suffix: str) -> 
     return Path(*key[:-1]) / f"{key[-1]}{suffix}"
 
 
-def latest_materialization(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None):
+def latest_materialization(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None
+):
     """The event-log record of the latest materialisation of (asset, partition), or None."""
-    flt = dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition] if partition else None)
+    flt = dg.AssetRecordsFilter(
+        asset_key=asset_key, asset_partitions=[partition] if partition else None
+    )
     records = instance.fetch_materializations(flt, limit=1).records
     return records[0] if records else None
 
@@ -47,7 +51,9 @@ def plain_metadata(record) -> dict[str, Any]:
     return {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
 
 
-def recorded_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None) -> dict[str, Any]:
+def recorded_metadata(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None
+) -> dict[str, Any]:
     """The metadata of the latest materialisation of (asset, partition), as plain values."""
     record = latest_materialization(instance, asset_key, partition)
     if record is None:
@@ -71,7 +77,9 @@ class CheckpointIOManager(_FileIOManager):
 
     _suffix: ClassVar[str] = ".safetensors"
     root: str = Field(
-        default_factory=lambda: os.environ.get("FCT_CHECKPOINT_ROOT", str(DATA_ROOT / "checkpoints")),
+        default_factory=lambda: os.environ.get(
+            "FCT_CHECKPOINT_ROOT", str(DATA_ROOT / "checkpoints")
+        ),
         description="Folder for checkpoints. Env FCT_CHECKPOINT_ROOT.",
     )
 
@@ -84,7 +92,11 @@ class CheckpointIOManager(_FileIOManager):
         provenance = {"run_id": context.run_id, "asset": name}
         info = save_checkpoint(self.path_for(context), obj, name=name, metadata=provenance)
         context.add_output_metadata(
-            {"sha256": info.sha256, "space_id": info.space_id, "path": dg.MetadataValue.path(info.path)}
+            {
+                "sha256": info.sha256,
+                "space_id": info.space_id,
+                "path": dg.MetadataValue.path(info.path),
+            }
         )
 
     def load_input(self, context: dg.InputContext) -> Any:

@@ -18,9 +18,12 @@ class VersionError(ValueError):
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not _VERSION.fullmatch(version):  # fullmatch: `$` would accept a trailing newline
+    if not isinstance(version, str) or not _VERSION.fullmatch(
+        version
+    ):  # fullmatch: `$` would accept a trailing newline
         raise VersionError(
-            f"model version {version!r}: expected a letter then up to 63 letters, digits, '_' or '-' (e.g. v2)"
+            f"model version {version!r}: expected a letter then up to 63 letters, digits, '_' or"
+            " '-' (e.g. v2)"
         )
     return version
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dagster as dg
 
@@ -26,16 +27,27 @@ def code_version() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         # A fixed argv, no shell and no user input.
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         return __version__
 
 
-def epoch_logger(context: dg.AssetExecutionContext, stage: str, epochs: int, items: int) -> Callable:
+def epoch_logger(
+    context: dg.AssetExecutionContext, stage: str, epochs: int, items: int
+) -> Callable:
     """An `on_epoch` callback that logs epoch, losses, duration and ETA to the run's log."""
     started = time.perf_counter()
 
@@ -44,7 +56,8 @@ def epoch_logger(context: dg.AssetExecutionContext, stage: str, epochs: int, ite
         eta = elapsed / record.epoch * (epochs - record.epoch)
         parts = ", ".join(f"{k} {v:.4f}" for k, v in record.parts.items())
         context.log.info(
-            f"{stage}: epoch {record.epoch}/{epochs} ({items} items) {parts}; {record.seconds:.1f} s, ETA {eta:.0f} s"
+            f"{stage}: epoch {record.epoch}/{epochs} ({items} items) {parts}; {record.seconds:.1f}"
+            f" s, ETA {eta:.0f} s"
         )
 
     return log
@@ -61,10 +74,23 @@ def history_metadata(history) -> dict[str, Any]:
     meta["final_epoch_seconds"] = float(last.seconds)
     # The per-epoch table, as a typed table the UI renders (losses and durations by epoch).
     parts = list(last.parts)
-    columns = [dg.TableColumn("epoch", "int"), dg.TableColumn("seconds", "float"), dg.TableColumn("lr", "float")]
-    columns += [dg.TableColumn(k, "float", description="mean over the epoch's batches") for k in parts]
+    columns = [
+        dg.TableColumn("epoch", "int"),
+        dg.TableColumn("seconds", "float"),
+        dg.TableColumn("lr", "float"),
+    ]
+    columns += [
+        dg.TableColumn(k, "float", description="mean over the epoch's batches") for k in parts
+    ]
     rows = [
-        dg.TableRecord({"epoch": r.epoch, "seconds": round(r.seconds, 2), "lr": float(r.lr), **{k: round(float(r.parts[k]), 5) for k in parts}})
+        dg.TableRecord(
+            {
+                "epoch": r.epoch,
+                "seconds": round(r.seconds, 2),
+                "lr": float(r.lr),
+                **{k: round(float(r.parts[k]), 5) for k in parts},
+            }
+        )
         for r in history
     ]
     meta["history"] = dg.MetadataValue.table(rows, schema=dg.TableSchema(columns=columns))

@@ -63,21 +63,36 @@ def markdown_table(report: dict[str, Any], *, include_plot: bool = True) -> str:
         u = f"{unseen['mAP']:.1f}" if unseen else "–"
         lines.append(f"| {case} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mAP']:.1f} | {u} |")
     g = report["gap_closed"]
-    lines += ["", f"Gap closed by new/h(old): top-1 {g['top1']:.1f} %, mAP {g['mAP']:.1f} %.", "",
-              "| backfill order | area top-1 | area mAP |", "| --- | --- | --- |"]  # fmt: skip
-    for order in sorted(report["backfill_auc"], key=lambda o: ORDERS.index(o) if o in ORDERS else len(ORDERS)):
+    lines += [
+        "",
+        f"Gap closed by new/h(old): top-1 {g['top1']:.1f} %, mAP {g['mAP']:.1f} %.",
+        "",
+        "| backfill order | area top-1 | area mAP |",
+        "| --- | --- | --- |",
+    ]
+    for order in sorted(
+        report["backfill_auc"], key=lambda o: ORDERS.index(o) if o in ORDERS else len(ORDERS)
+    ):
         a = report["backfill_auc"][order]
         lines.append(f"| {order} | {a['top1']:.1f} | {a['mAP']:.1f} |")
     if report.get("backfill_items_per_s"):
-        lines += ["", f"Cost on this run's device: backfill by transformation {report['backfill_items_per_s']:.0f} items/s "
-                      f"(LanceDB read + h + write), full re-embedding {report['reembed_items_per_s']:.0f} items/s "
-                      f"(decode + new model), {report['backfill_items_per_s'] / report['reembed_items_per_s']:.1f}x."]  # fmt: skip
+        lines += [
+            "",
+            (
+                "Cost on this run's device: backfill by transformation"
+                f" {report['backfill_items_per_s']:.0f} items/s (LanceDB read + h + write), full"
+                f" re-embedding {report['reembed_items_per_s']:.0f} items/s (decode + new model),"
+                f" {report['backfill_items_per_s'] / report['reembed_items_per_s']:.1f}x."
+            ),
+        ]
     if include_plot:
         lines += ["", f"![backfilling curve](data:image/png;base64,{report['plot_png_base64']})"]
     return "\n".join(lines)
 
 
-def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, h, new_model) -> dict[str, Any]:
+def evaluate_version(
+    fct, dataset: dict, gallery_store: dict, backfilled: dict, h, new_model
+) -> dict[str, Any]:
     """Metrics of one version in percent: cases, unseen-class split, backfilling curves."""
     from fct_ml.augment import to_float
     from fct_ml.backfill import apply_transformation, backfill_summary
@@ -87,8 +102,15 @@ def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, 
     db = fct.connect()
     device = fct.torch_device()
     exp = fct.experiment()
-    store = _read(db, storage.GALLERY_STORE, gallery_store["version"], ["item_id", "label", "image", "old_embedding", "side_info"])
-    served = _read(db, backfilled["table"], backfilled["version"], ["item_id", "embedding", "sigma", "source"])
+    store = _read(
+        db,
+        storage.GALLERY_STORE,
+        gallery_store["version"],
+        ["item_id", "label", "image", "old_embedding", "side_info"],
+    )
+    served = _read(
+        db, backfilled["table"], backfilled["version"], ["item_id", "embedding", "sigma", "source"]
+    )
     if not store.column("item_id").equals(served.column("item_id")):
         raise ValueError(f"{backfilled['table']}: its item_ids differ from gallery_store's")
     labels = torch.from_numpy(store.column("label").to_numpy().astype(np.int64))
@@ -98,8 +120,12 @@ def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, 
     # The evaluation re-embeds the whole gallery from its stored images anyway: timed, it is the
     # measured cost of the full re-embedding that the transformation avoids (`fct estimate`).
     started = time.perf_counter()
-    images = torch.from_numpy(np.stack([storage.decode_png(b, channels) for b in store.column("image").to_pylist()]))
-    new = encode(new_model.to(device), [images], transform=to_float)  # (N, new_dim): queries and the full re-embedding
+    images = torch.from_numpy(
+        np.stack([storage.decode_png(b, channels) for b in store.column("image").to_pylist()])
+    )
+    new = encode(
+        new_model.to(device), [images], transform=to_float
+    )  # (N, new_dim): queries and the full re-embedding
     reembed_seconds = time.perf_counter() - started
     transformed, sigma = apply_transformation(h.to(device), old, side)
     served_vectors = torch.from_numpy(storage.vectors(served.column("embedding")))
@@ -111,10 +137,19 @@ def evaluate_version(fct, dataset: dict, gallery_store: dict, backfilled: dict, 
         f"new/{backfilled['table']}": (new, served_vectors),
         "new/old": (new, old),
     }
-    result = evaluate_cases(cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size)
-    curves, areas = backfill_summary(new, labels, transformed, sigma, exp.backfill_points,
-                                     generator=torch.Generator().manual_seed(0), metric=exp.metric,
-                                     chunk_size=exp.eval_chunk_size)  # fmt: skip
+    result = evaluate_cases(
+        cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size
+    )
+    curves, areas = backfill_summary(
+        new,
+        labels,
+        transformed,
+        sigma,
+        exp.backfill_points,
+        generator=torch.Generator().manual_seed(0),
+        metric=exp.metric,
+        chunk_size=exp.eval_chunk_size,
+    )
     report: dict[str, Any] = {
         "version": backfilled["table"].removeprefix("gallery_"),
         "items": len(labels),

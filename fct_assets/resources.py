@@ -9,7 +9,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-# Generated state lives under the checkout's data/ (git-ignored) unless the environment says otherwise.
+# Generated state lives under the checkout's data/ (git-ignored) unless the environment says
+# otherwise.
 DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -18,11 +19,17 @@ class FctResource(dg.ConfigurableResource):
 
     lancedb_uri: str = Field(
         default_factory=lambda: os.environ.get("FCT_LANCEDB_URI", str(DATA_ROOT / "lancedb")),
-        description="LanceDB database: a folder, or an object-store URI such as s3://bucket/fct. Env FCT_LANCEDB_URI.",
+        description=(
+            "LanceDB database: a folder, or an object-store URI such as s3://bucket/fct. Env"
+            " FCT_LANCEDB_URI."
+        ),
     )
     preset: str = Field(
         default_factory=lambda: os.environ.get("FCT_PRESET", "demo"),
-        description="Sizes of models and training when an asset's config leaves them unset: tiny | demo | cpu | paper. Env FCT_PRESET.",
+        description=(
+            "Sizes of models and training when an asset's config leaves them unset: tiny | demo |"
+            " cpu | paper. Env FCT_PRESET."
+        ),
     )
     device: str = Field(
         default_factory=lambda: os.environ.get("FCT_DEVICE", "auto"),
@@ -30,7 +37,9 @@ class FctResource(dg.ConfigurableResource):
     )
     data_dir: str | None = Field(
         default_factory=lambda: os.environ.get("FCT_DATA_DIR"),
-        description="Dataset folder (default: the Debian package's for Fashion-MNIST). Env FCT_DATA_DIR.",
+        description=(
+            "Dataset folder (default: the Debian package's for Fashion-MNIST). Env FCT_DATA_DIR."
+        ),
     )
 
     def connect(self):
@@ -41,7 +50,9 @@ class FctResource(dg.ConfigurableResource):
             if "://" not in self.lancedb_uri:
                 Path(self.lancedb_uri).mkdir(parents=True, exist_ok=True)
             return lancedb.connect(self.lancedb_uri)
-        except Exception as err:  # OSError, lancedb's ValueError (multi-line), ...: one line naming the URI
+        except (
+            Exception
+        ) as err:  # OSError, lancedb's ValueError (multi-line), ...: one line naming the URI
             cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(
                 f"lancedb_uri {self.lancedb_uri!r}: cannot open ({cause}); "
@@ -65,7 +76,10 @@ class FctResource(dg.ConfigurableResource):
         if fingerprint is not None and data.fingerprint() != fingerprint:
             from fct_ml.data import DataError
 
-            raise DataError(f"dataset {spec}: content fingerprint changed since it was materialised; re-materialise `dataset`")
+            raise DataError(
+                f"dataset {spec}: content fingerprint changed since it was materialised;"
+                " re-materialise `dataset`"
+            )
         return data
 
 

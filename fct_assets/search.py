@@ -26,7 +26,9 @@ def _query_image(db, *, image: str | None, item_id: int | None, channels: int) -
     """(C, H, W) uint8: a gallery item's stored image, or an image file resized like the gallery's."""
     store = db.open_table(storage.GALLERY_STORE)
     if item_id is not None:
-        rows = store.search().where(f"item_id = {int(item_id)}").select(["image"]).limit(1).to_list()
+        rows = (
+            store.search().where(f"item_id = {int(item_id)}").select(["image"]).limit(1).to_list()
+        )
         if not rows:
             raise LookupError(f"item_id {item_id}: not in gallery_store")
         return storage.decode_png(rows[0]["image"], channels)
@@ -43,8 +45,15 @@ def _query_image(db, *, image: str | None, item_id: int | None, channels: int) -
     return array[None] if channels == 1 else np.transpose(array, (2, 0, 1))
 
 
-def search_command(instance: dg.DagsterInstance, fct, *, image: str | None, item_id: int | None,
-                   version: str | None, k: int = 10) -> list[dict[str, Any]]:  # fmt: skip
+def search_command(
+    instance: dg.DagsterInstance,
+    fct,
+    *,
+    image: str | None,
+    item_id: int | None,
+    version: str | None,
+    k: int = 10,
+) -> list[dict[str, Any]]:
     """The k nearest gallery items to the query, in the version's (or the deployed) table."""
     import torch
 
@@ -59,9 +68,12 @@ def search_command(instance: dg.DagsterInstance, fct, *, image: str | None, item
     model, _ = load_checkpoint(recorded["path"], recorded["sha256"])
     if recorded["space_id"] != served["space_id"]:
         raise storage.SpaceMismatchError(
-            f"{served['table']} holds space {served['space_id']}, but new_model[{served['version']}] is now {recorded['space_id']}; "
-            "re-materialise the version's backfilled_gallery"
+            f"{served['table']} holds space {served['space_id']}, but"
+            f" new_model[{served['version']}] is now {recorded['space_id']}; re-materialise the"
+            " version's backfilled_gallery"
         )
-    x = torch.from_numpy(_query_image(db, image=image, item_id=item_id, channels=model.config.in_channels))[None]
+    x = torch.from_numpy(
+        _query_image(db, image=image, item_id=item_id, channels=model.config.in_channels)
+    )[None]
     query = encode(model, [x], transform=to_float)[0].numpy()
     return search(db, query, version=served, k=k)

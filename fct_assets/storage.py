@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +49,15 @@ def open_pinned(db, name: str, version: int):
     return table
 
 
-def pinned_pages(db, name: str, version: int, columns: list[str], batch_size: int, start: int = 0, stop: int | None = None):
+def pinned_pages(
+    db,
+    name: str,
+    version: int,
+    columns: list[str],
+    batch_size: int,
+    start: int = 0,
+    stop: int | None = None,
+):
     """Rows [start, stop) of table `name` at `version`, as record batches of at most `batch_size` rows.
 
     Pages by offset/limit rather than one streaming scan: the scan reader buffers far ahead (the
@@ -57,7 +66,13 @@ def pinned_pages(db, name: str, version: int, columns: list[str], batch_size: in
     table = open_pinned(db, name, version)
     stop = table.count_rows() if stop is None else stop
     for offset in range(start, stop, batch_size):
-        page = table.search().select(columns).offset(offset).limit(min(batch_size, stop - offset)).to_arrow()
+        page = (
+            table.search()
+            .select(columns)
+            .offset(offset)
+            .limit(min(batch_size, stop - offset))
+            .to_arrow()
+        )
         yield from page.to_batches()
 
 
@@ -69,7 +84,9 @@ def _vector(dim: int) -> pa.DataType:
     return pa.list_(pa.float32(), dim)
 
 
-def gallery_store_schema(old_dim: int, side_dim: int, old_space_id: str, side_space_id: str) -> pa.Schema:
+def gallery_store_schema(
+    old_dim: int, side_dim: int, old_space_id: str, side_space_id: str
+) -> pa.Schema:
     return pa.schema(
         [
             pa.field("item_id", pa.int64(), nullable=False),
@@ -118,8 +135,13 @@ def table_metadata(db_uri: str, name: str, schema: pa.Schema) -> dict:
     """Dagster metadata describing a published table: its columns (typed, described) and URI."""
     import dagster as dg
 
-    columns = [dg.TableColumn(f.name, str(f.type), description=COLUMN_DOCS.get(f.name)) for f in schema]
-    return {"dagster/column_schema": dg.TableSchema(columns=columns), "dagster/uri": f"{db_uri.rstrip('/')}/{name}.lance"}
+    columns = [
+        dg.TableColumn(f.name, str(f.type), description=COLUMN_DOCS.get(f.name)) for f in schema
+    ]
+    return {
+        "dagster/column_schema": dg.TableSchema(columns=columns),
+        "dagster/uri": f"{db_uri.rstrip('/')}/{name}.lance",
+    }
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -139,9 +161,12 @@ def decode_png(blob: bytes, channels: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(blob))
         img.load()
-    except UnidentifiedImageError:  # PIL's message names an anonymous BytesIO object: say what the bytes are
+    except (
+        UnidentifiedImageError
+    ):  # PIL's message names an anonymous BytesIO object: say what the bytes are
         raise ValueError(
-            f"stored image is not a readable PNG (unknown format, starts with {bytes(blob[:8])!r}); expected PNG bytes"
+            f"stored image is not a readable PNG (unknown format, starts with {bytes(blob[:8])!r});"
+            " expected PNG bytes"
         ) from None
     except OSError as err:
         raise ValueError(f"stored image is not a readable PNG ({err})") from None
@@ -155,21 +180,27 @@ def vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         column = column.combine_chunks()
     dim = column.type.list_size
     # A copy: arrow's buffers are read-only, and torch.from_numpy wants a writable array.
-    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=True)
+    return (
+        column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=True)
+    )
 
 
 def _schema_meta(schema: pa.Schema) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
 
 
-def _refuse_foreign_space(name: str, column: str, values: pa.Array | pa.ChunkedArray, expected: str) -> None:
+def _refuse_foreign_space(
+    name: str, column: str, values: pa.Array | pa.ChunkedArray, expected: str
+) -> None:
     """Every value of a space-id column must be the table's own space."""
     import pyarrow.compute as pc
 
     found = set(pc.unique(values).to_pylist())
     if found != {expected}:
         other = sorted(found - {expected}, key=str)[:1] or ["(none)"]
-        raise SpaceMismatchError(f"{name}.{column}: vectors of space {other[0]} offered to a table of space {expected}")
+        raise SpaceMismatchError(
+            f"{name}.{column}: vectors of space {other[0]} offered to a table of space {expected}"
+        )
 
 
 def _checked(
@@ -182,14 +213,18 @@ def _checked(
         yield batch
 
 
-def publish(db, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *, tag: str | None = None) -> dict:
+def publish(
+    db, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *, tag: str | None = None
+) -> dict:
     """Write `batches` as table `name` in one commit; returns {"table", "version", "rows"}.
 
     Space-id columns must hold the space named in the schema metadata, batch after batch;
     a mismatch aborts the write before anything is published.
     """
     meta = _schema_meta(schema)
-    space_columns = {c: meta[c] for c in ("old_space_id", "side_info_space_id", "space_id") if c in meta}
+    space_columns = {
+        c: meta[c] for c in ("old_space_id", "side_info_space_id", "space_id") if c in meta
+    }
     failure: list[Exception] = []
 
     def produce() -> Iterator[pa.RecordBatch]:
@@ -220,8 +255,14 @@ def ann_params(rows: int, dim: int) -> dict[str, Any]:
     At least 256 rows per partition: k-means trains poorly on fewer."""
     partitions = max(1, min(256, rows // 256))
     sub_vectors = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
-    return {"index_type": "IVF_PQ", "metric": "l2", "num_partitions": partitions, "num_sub_vectors": sub_vectors,
-            "nprobes": max(1, math.ceil(partitions / 8)), "refine_factor": 10}  # fmt: skip
+    return {
+        "index_type": "IVF_PQ",
+        "metric": "l2",
+        "num_partitions": partitions,
+        "num_sub_vectors": sub_vectors,
+        "nprobes": max(1, math.ceil(partitions / 8)),
+        "refine_factor": 10,
+    }
 
 
 def ann_index_exists(table) -> bool:
@@ -234,8 +275,14 @@ def build_ann_index(table, dim: int) -> dict[str, Any]:
     from lancedb.index import IvfPq
 
     params = ann_params(table.count_rows(), dim)
-    table.create_index("embedding", config=IvfPq(distance_type="l2", num_partitions=params["num_partitions"],
-                                                 num_sub_vectors=params["num_sub_vectors"]))  # fmt: skip
+    table.create_index(
+        "embedding",
+        config=IvfPq(
+            distance_type="l2",
+            num_partitions=params["num_partitions"],
+            num_sub_vectors=params["num_sub_vectors"],
+        ),
+    )
     return params
 
 

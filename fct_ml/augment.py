@@ -18,7 +18,9 @@ import torch.nn.functional as F
 class AugmentConfig:
     """One augmentation policy. The defaults do nothing."""
 
-    flip: bool = False  # horizontal flip with p=0.5 (wrong for digits, right for clothes and photos)
+    flip: bool = (
+        False  # horizontal flip with p=0.5 (wrong for digits, right for clothes and photos)
+    )
     crop_scale: tuple[float, float] = (1.0, 1.0)  # random resized crop: area fraction range
     crop_ratio: tuple[float, float] = (0.75, 1.333)  # random resized crop: aspect ratio range
     translate: float = 0.0  # extra random shift, as a fraction of the image side
@@ -35,7 +37,9 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Apply `config` to a float batch (N, C, H, W) in [0, 1]; returns a new (N, C, H, W) batch."""
     n = x.shape[0]
     device = x.device
@@ -51,7 +55,8 @@ def augment(x: torch.Tensor, config: AugmentConfig, generator: torch.Generator |
         # Side lengths of the crop as fractions of the image (clamped to the image).
         sx = (area * ratio).sqrt().clamp(max=1.0)
         sy = (area / ratio).sqrt().clamp(max=1.0)
-        # Centre anywhere that keeps the crop inside, plus the extra shift (normalised coords: [-1, 1]).
+        # Centre anywhere that keeps the crop inside, plus the extra shift (normalised coords: [-1,
+        # 1]).
         tx = (1 - sx) * uniform(-1.0, 1.0) + 2 * config.translate * uniform(-1.0, 1.0)
         ty = (1 - sy) * uniform(-1.0, 1.0) + 2 * config.translate * uniform(-1.0, 1.0)
         flip = torch.ones(n, device=device)
@@ -92,22 +97,36 @@ class AugmentPolicy:
 POLICIES: dict[str, AugmentPolicy] = {
     "fashion-mnist": AugmentPolicy(
         supervised=AugmentConfig(flip=True, translate=0.1),
-        contrastive=AugmentConfig(flip=True, crop_scale=(0.3, 1.0), brightness=0.4, contrast=0.4, jitter_p=0.8),
+        contrastive=AugmentConfig(
+            flip=True, crop_scale=(0.3, 1.0), brightness=0.4, contrast=0.4, jitter_p=0.8
+        ),
     ),
     "digits": AugmentPolicy(
         supervised=AugmentConfig(translate=0.1),
-        contrastive=AugmentConfig(crop_scale=(0.5, 1.0), brightness=0.3, contrast=0.3, jitter_p=0.8),
+        contrastive=AugmentConfig(
+            crop_scale=(0.5, 1.0), brightness=0.3, contrast=0.3, jitter_p=0.8
+        ),
     ),
     "cifar100": AugmentPolicy(
         supervised=AugmentConfig(flip=True, translate=0.125),
         contrastive=AugmentConfig(
-            flip=True, crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, grayscale_p=0.2, jitter_p=0.8
+            flip=True,
+            crop_scale=(0.2, 1.0),
+            brightness=0.4,
+            contrast=0.4,
+            grayscale_p=0.2,
+            jitter_p=0.8,
         ),
     ),
     "imagefolder": AugmentPolicy(
         supervised=AugmentConfig(flip=True, translate=0.1),
         contrastive=AugmentConfig(
-            flip=True, crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, grayscale_p=0.2, jitter_p=0.8
+            flip=True,
+            crop_scale=(0.2, 1.0),
+            brightness=0.4,
+            contrast=0.4,
+            grayscale_p=0.2,
+            jitter_p=0.8,
         ),
     ),
 }
@@ -117,5 +136,7 @@ def policy_for(dataset_name: str) -> AugmentPolicy:
     """The policy of a dataset name as `fct_ml.data` spells it ("imagefolder:/path" -> "imagefolder")."""
     kind = dataset_name.split(":", 1)[0]
     if kind not in POLICIES:
-        raise ValueError(f"augmentation: no policy for dataset {dataset_name!r} (known: {', '.join(POLICIES)})")
+        raise ValueError(
+            f"augmentation: no policy for dataset {dataset_name!r} (known: {', '.join(POLICIES)})"
+        )
     return POLICIES[kind]

@@ -9,7 +9,7 @@ metric over the curve's points.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -29,15 +29,24 @@ def apply_transformation(
     """h over stored vectors: old (N, old_dim), side (N, side_dim) -> ((N, new_dim), sigma (N,) or None)."""
     config = h.config
     if old_embedding.ndim != 2 or old_embedding.shape[1] != config.old_dim:
-        raise ValueError(f"old_embedding: expected (N, {config.old_dim}), got {tuple(old_embedding.shape)}")
-    if config.side_info and (side_info is None or side_info.ndim != 2 or side_info.shape[1] != config.side_info_dim):
+        raise ValueError(
+            f"old_embedding: expected (N, {config.old_dim}), got {tuple(old_embedding.shape)}"
+        )
+    if config.side_info and (
+        side_info is None or side_info.ndim != 2 or side_info.shape[1] != config.side_info_dim
+    ):
         got = None if side_info is None else tuple(side_info.shape)
         raise ValueError(f"side_info: expected (N, {config.side_info_dim}), got {got}")
     if side_info is not None and side_info.shape[0] != old_embedding.shape[0]:
-        raise ValueError(f"side_info: {side_info.shape[0]} rows but old_embedding has {old_embedding.shape[0]}")
+        raise ValueError(
+            f"side_info: {side_info.shape[0]} rows but old_embedding has {old_embedding.shape[0]}"
+        )
     # A NaN/Inf input would come out as a NaN vector, silently wrong in every ranking. Side-info
     # is checked only when h reads it (side_info=False feeds the old embedding twice).
-    for name, t in (("old_embedding", old_embedding), ("side_info", side_info if config.side_info else None)):
+    for name, t in (
+        ("old_embedding", old_embedding),
+        ("side_info", side_info if config.side_info else None),
+    ):
         if t is not None and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0])
             raise ValueError(f"{name}: row {bad} contains NaN or Inf; expected finite vectors")
@@ -47,7 +56,11 @@ def apply_transformation(
     for start in range(0, old_embedding.shape[0], batch_size):
         old = old_embedding[start : start + batch_size].float()
         # Side-info goes to the device only when h reads it (h without side-info ignores it).
-        out = frozen(old, side_info[start : start + batch_size].float()) if config.side_info else frozen(old)
+        out = (
+            frozen(old, side_info[start : start + batch_size].float())
+            if config.side_info
+            else frozen(old)
+        )
         if with_sigma:
             out, sigma = out
             sigmas.append(sigma.cpu())
@@ -75,7 +88,9 @@ def backfill_order(
         return torch.argsort(sigma, descending=True, stable=True)
     if name == "oracle":
         if error is None:
-            raise ValueError("backfill order 'oracle' needs the true error of each transformed item")
+            raise ValueError(
+                "backfill order 'oracle' needs the true error of each transformed item"
+            )
         return torch.argsort(error, descending=True, stable=True)
     raise ValueError(f"backfill order: expected one of {ORDERS}, got {name!r}")
 
@@ -107,8 +122,15 @@ def backfill_curves(
             return cache[k]
         gallery = transformed.clone()
         gallery[order[:k]] = reembedded[order[:k]]
-        out = retrieve(query, query_labels, gallery, gallery_labels, leave_one_out=leave_one_out,
-                       metric=metric, chunk_size=chunk_size).summary()
+        out = retrieve(
+            query,
+            query_labels,
+            gallery,
+            gallery_labels,
+            leave_one_out=leave_one_out,
+            metric=metric,
+            chunk_size=chunk_size,
+        ).summary()
         if k in (0, n):
             cache[k] = out
         return out
@@ -147,11 +169,28 @@ def backfill_summary(
         "sigma": backfill_order("sigma", len(labels), sigma=sigma),
         "oracle": backfill_order("oracle", len(labels), error=error),
     }
-    measured = backfill_curves(new_embedding, labels, transformed, new_embedding, labels, orders, fractions,
-                               leave_one_out=True, metric=metric, chunk_size=chunk_size)  # fmt: skip
+    measured = backfill_curves(
+        new_embedding,
+        labels,
+        transformed,
+        new_embedding,
+        labels,
+        orders,
+        fractions,
+        leave_one_out=True,
+        metric=metric,
+        chunk_size=chunk_size,
+    )
     curves = {
-        order: {"fractions": fractions, "top1": [100 * p["top1"] for p in pts], "mAP": [100 * p["mAP"] for p in pts]}
+        order: {
+            "fractions": fractions,
+            "top1": [100 * p["top1"] for p in pts],
+            "mAP": [100 * p["mAP"] for p in pts],
+        }
         for order, pts in measured.items()
     }
-    areas = {order: {"top1": curve_area(c["top1"]), "mAP": curve_area(c["mAP"])} for order, c in curves.items()}
+    areas = {
+        order: {"top1": curve_area(c["top1"]), "mAP": curve_area(c["mAP"])}
+        for order, c in curves.items()
+    }
     return curves, areas

@@ -7,8 +7,8 @@ old gallery, at the price of the new model's quality.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -49,7 +49,9 @@ def extended_old_classifier(
         for c in unseen:
             members = emb[labels == c]
             if len(members) == 0:
-                raise ValueError(f"BCT: class {c} has no training items to compute its mean old embedding")
+                raise ValueError(
+                    f"BCT: class {c} has no training items to compute its mean old embedding"
+                )
             rows[c] = members.mean(0)
     for c, i in seen.items():
         rows[c] = weight[i]
@@ -73,12 +75,27 @@ def train_bct_model(
     """Train a BCT model on all classes; `old_classifier` (num_classes, D) from `extended_old_classifier`."""
     if old_classifier.shape[1] != config.embed_dim:
         raise ValueError(
-            f"BCT: the new embed_dim ({config.embed_dim}) must equal the old one ({old_classifier.shape[1]})"
+            f"BCT: the new embed_dim ({config.embed_dim}) must equal the old one"
+            f" ({old_classifier.shape[1]})"
         )
     generator = seed_everything(seed)
     model = prepare_model(EmbeddingModel(config), device)
     objective = BCTObjective(
-        model, old_classifier.to(device), aug, train.label_smoothing, bct.influence_weight, generator
+        model,
+        old_classifier.to(device),
+        aug,
+        train.label_smoothing,
+        bct.influence_weight,
+        generator,
     )
-    history = fit(model, objective, (images, labels), train, generator=generator, desc="bct_model", progress=progress, on_epoch=on_epoch)
+    history = fit(
+        model,
+        objective,
+        (images, labels),
+        train,
+        generator=generator,
+        desc="bct_model",
+        progress=progress,
+        on_epoch=on_epoch,
+    )
     return model, history

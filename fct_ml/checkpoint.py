@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 from safetensors import SafetensorError
@@ -85,9 +86,16 @@ def save_checkpoint(
     """
     kind = next((k for k, (_, ctor) in MODEL_KINDS.items() if isinstance(model, ctor)), None)
     if kind is None:
-        raise CheckpointError(f"{name}: cannot checkpoint a {type(model).__name__} (known: {', '.join(MODEL_KINDS)})")
+        raise CheckpointError(
+            f"{name}: cannot checkpoint a {type(model).__name__} (known: {', '.join(MODEL_KINDS)})"
+        )
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"kind": kind, "name": name, "config": json.dumps(asdict(model.config)), "provenance": json.dumps(metadata or {})}
+    meta = {
+        "kind": kind,
+        "name": name,
+        "config": json.dumps(asdict(model.config)),
+        "provenance": json.dumps(metadata or {}),
+    }
     blob = save_safetensors(tensors, metadata=meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,10 +109,14 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return CheckpointInfo(path=str(path), sha256=hashlib.sha256(blob).hexdigest(), kind=kind, name=name)
+    return CheckpointInfo(
+        path=str(path), sha256=hashlib.sha256(blob).hexdigest(), kind=kind, name=name
+    )
 
 
-def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, expected_sha256: str | None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored at `path`, in eval mode on the CPU; returns (model, metadata).
 
     `expected_sha256` is the hash recorded when the file was written; a file whose hash
@@ -116,7 +128,10 @@ def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None) -> tup
     blob = path.read_bytes()
     found = hashlib.sha256(blob).hexdigest()
     if expected_sha256 is not None and found != expected_sha256:
-        raise CheckpointError(f"{path}: sha256 {found[:12]}… differs from the recorded {expected_sha256[:12]}…; refusing to load it")
+        raise CheckpointError(
+            f"{path}: sha256 {found[:12]}… differs from the recorded {expected_sha256[:12]}…;"
+            " refusing to load it"
+        )
     try:
         tensors = load_safetensors(blob)
         # The metadata lives in the JSON header: read it from the same verified bytes, not
@@ -124,10 +139,14 @@ def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None) -> tup
         header_len = int.from_bytes(blob[:8], "little")
         meta = dict(json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {})
     except (SafetensorError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: not a safetensors checkpoint ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: not a safetensors checkpoint ({str(err).splitlines()[0]})"
+        ) from None
     kind = meta.get("kind")
     if kind not in MODEL_KINDS:
-        raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r} (known: {', '.join(MODEL_KINDS)})")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint kind {kind!r} (known: {', '.join(MODEL_KINDS)})"
+        )
     config_cls, ctor = MODEL_KINDS[kind]
     try:
         config_data = json.loads(meta.get("config", "{}"))
@@ -139,11 +158,13 @@ def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None) -> tup
     # returns) all mean the file is not the model its config describes.
     missing = sorted(set(model.state_dict()) - set(tensors))
     unexpected = sorted(set(tensors) - set(model.state_dict()))
-    mismatched = [k for k, v in model.state_dict().items() if k in tensors and tensors[k].shape != v.shape]
+    mismatched = [
+        k for k, v in model.state_dict().items() if k in tensors and tensors[k].shape != v.shape
+    ]
     if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"{path}: state dict does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"other shape {mismatched[:3]})"
+            f"{path}: state dict does not match its config (missing {missing[:3]}, unexpected"
+            f" {unexpected[:3]}, other shape {mismatched[:3]})"
         )
     model.load_state_dict(tensors)
     meta["config"] = config_data

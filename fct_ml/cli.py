@@ -24,15 +24,26 @@ def _reproduce(args: argparse.Namespace) -> int:
     from fct_ml.training import resolve_device
 
     dataset = load_dataset(args.dataset, args.data_dir)
-    split = args.old_classes or DEFAULT_OLD_CLASSES.get(args.dataset, f"0-{dataset.num_classes // 2 - 1}")
+    split = args.old_classes or DEFAULT_OLD_CLASSES.get(
+        args.dataset, f"0-{dataset.num_classes // 2 - 1}"
+    )
     old_classes = parse_class_list(split, dataset.num_classes, what="old_classes")
     if len(old_classes) == dataset.num_classes:
-        print("note: old_classes covers every class; no query is of an unseen class", file=sys.stderr)
+        print(
+            "note: old_classes covers every class; no query is of an unseen class", file=sys.stderr
+        )
     config = preset(args.preset)
     device = resolve_device(args.device)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    result = run_experiment(dataset, old_classes, config, seed=args.seed, device=device,
-                            progress=not args.quiet and sys.stderr.isatty(), log=log)  # fmt: skip
+    result = run_experiment(
+        dataset,
+        old_classes,
+        config,
+        seed=args.seed,
+        device=device,
+        progress=not args.quiet and sys.stderr.isatty(),
+        log=log,
+    )
     result = {"dataset": result["dataset"], "preset": args.preset, **result}
     print(format_table(result))
     if args.out:
@@ -44,21 +55,39 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     """Add `reproduce` to a subparsers object (the `fct` command of fct_assets reuses it)."""
-    rep = sub.add_parser("reproduce", help="train and evaluate old/new/h/BCT/FastFill (the paper's experiment)")
-    rep.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | digits | cifar100 | imagefolder:PATH")
+    rep = sub.add_parser(
+        "reproduce", help="train and evaluate old/new/h/BCT/FastFill (the paper's experiment)"
+    )
+    rep.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        help="fashion-mnist | digits | cifar100 | imagefolder:PATH",
+    )
     rep.add_argument("--preset", default="cpu", choices=["tiny", "demo", "cpu", "paper"])
-    rep.add_argument("--old-classes", default=None, help="classes the old model sees: ranges or lists, e.g. 0-4 or 1,3,5")
+    rep.add_argument(
+        "--old-classes",
+        default=None,
+        help="classes the old model sees: ranges or lists, e.g. 0-4 or 1,3,5",
+    )
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--out", default=None, help="write the result JSON here")
-    rep.add_argument("--data-dir", default=None, help="dataset folder (default: FCT_DATA_DIR or the Debian package's)")
-    rep.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N")
+    rep.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset folder (default: FCT_DATA_DIR or the Debian package's)",
+    )
+    rep.add_argument(
+        "--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N"
+    )
     rep.add_argument("--quiet", action="store_true", help="no progress output")
     rep.set_defaults(func=_reproduce)
     return rep
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fct", description="Forward-compatible embedding upgrades.")
+    parser = argparse.ArgumentParser(
+        prog="fct", description="Forward-compatible embedding upgrades."
+    )
     add_reproduce_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 

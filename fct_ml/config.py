@@ -27,7 +27,9 @@ def _check_value(path: str, annotation: Any, value: Any) -> Any:
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping for {annotation.__name__}, got {type(value).__name__}")
+            raise ConfigError(
+                f"{path}: expected a mapping for {annotation.__name__}, got {type(value).__name__}"
+            )
         return from_dict(annotation, value, _path=path)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
@@ -54,7 +56,9 @@ def _check_value(path: str, annotation: Any, value: Any) -> Any:
             return tuple(_check_value(f"{path}[{i}]", args[0], v) for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-        return tuple(_check_value(f"{path}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _check_value(f"{path}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value))
+        )
     if annotation is float:
         # An int is a fine float (lr: 1 means 1.0); a bool is not.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -79,7 +83,8 @@ def from_dict(cls: type[T], data: dict[str, Any], _path: str = "") -> T:
     prefix = f"{_path}." if _path else ""
     if unknown:
         raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key for {cls.__name__} (known: {', '.join(sorted(names))})"
+            f"{prefix}{unknown[0]}: unknown key for {cls.__name__} (known:"
+            f" {', '.join(sorted(names))})"
         )
     kwargs = {k: _check_value(prefix + k, hints[k], v) for k, v in data.items()}
     try:

@@ -47,8 +47,16 @@ __all__ = [
 DATA_DIR_ENV = "FCT_DATA_DIR"
 FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 IMAGEFOLDER_PREFIX = "imagefolder:"
@@ -70,6 +78,7 @@ class DataError(ValueError):
 # Containers
 # --------------------------------------------------------------------------- #
 
+
 # eq=False: the generated __eq__ would compare tensors elementwise and then fail
 # on bool(); identity equality (and the default hash) is what we want.
 @dataclass(frozen=True, eq=False)
@@ -84,13 +93,27 @@ class ImageSet:
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"ImageSet.images: expected a (N, C, H, W) uint8 tensor, got {_describe(self.images)}")
-        if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise DataError(f"ImageSet.labels: expected a (N,) int64 tensor, got {_describe(self.labels)}")
+        if (
+            not isinstance(self.images, torch.Tensor)
+            or self.images.dtype != torch.uint8
+            or self.images.dim() != 4
+        ):
+            raise DataError(
+                "ImageSet.images: expected a (N, C, H, W) uint8 tensor, got"
+                f" {_describe(self.images)}"
+            )
+        if (
+            not isinstance(self.labels, torch.Tensor)
+            or self.labels.dtype != torch.int64
+            or self.labels.dim() != 1
+        ):
+            raise DataError(
+                f"ImageSet.labels: expected a (N,) int64 tensor, got {_describe(self.labels)}"
+            )
         if self.images.shape[0] != self.labels.shape[0]:
             raise DataError(
-                f"ImageSet: {self.images.shape[0]} images but {self.labels.shape[0]} labels; expected equal counts"
+                f"ImageSet: {self.images.shape[0]} images but {self.labels.shape[0]} labels;"
+                " expected equal counts"
             )
         # Frozen dataclass: bypass __setattr__ once to normalise the layout, so
         # fingerprint() and downstream .view() calls can rely on contiguity.
@@ -104,9 +127,13 @@ class ImageSet:
         """Rows selected by a 1-D integer index tensor or an (N,) bool mask."""
         index = torch.as_tensor(index)
         if index.dim() != 1:
-            raise DataError(f"ImageSet.subset: expected a 1-D index or mask, got shape {tuple(index.shape)}")
+            raise DataError(
+                f"ImageSet.subset: expected a 1-D index or mask, got shape {tuple(index.shape)}"
+            )
         if index.dtype == torch.bool and index.shape[0] != len(self):
-            raise DataError(f"ImageSet.subset: mask has {index.shape[0]} entries, expected {len(self)}")
+            raise DataError(
+                f"ImageSet.subset: mask has {index.shape[0]} entries, expected {len(self)}"
+            )
         return ImageSet(self.images[index].contiguous(), self.labels[index].contiguous())
 
     def with_classes(self, classes: Sequence[int]) -> ImageSet:
@@ -136,11 +163,13 @@ class Dataset:
             raise DataError(f"{self.name}: no class names")
         if self.train.images.shape[1:] != self.test.images.shape[1:]:
             raise DataError(
-                f"{self.name}: train images are {tuple(self.train.images.shape[1:])} but test images are "
-                f"{tuple(self.test.images.shape[1:])}; expected the same (C, H, W)"
+                f"{self.name}: train images are {tuple(self.train.images.shape[1:])} but test"
+                f" images are {tuple(self.test.images.shape[1:])}; expected the same (C, H, W)"
             )
         for split_name, split in (("train", self.train), ("test", self.test)):
-            _check_label_range(split.labels.numpy(), self.num_classes, f"{self.name} {split_name} split")
+            _check_label_range(
+                split.labels.numpy(), self.num_classes, f"{self.name} {split_name} split"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -178,6 +207,7 @@ class Dataset:
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
+
 
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
@@ -217,7 +247,14 @@ def _image_set(images: np.ndarray, labels: np.ndarray) -> ImageSet:
 # IDX (MNIST / Fashion-MNIST)
 # --------------------------------------------------------------------------- #
 
-_IDX_DTYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+_IDX_DTYPES = {
+    0x08: "uint8",
+    0x09: "int8",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -239,28 +276,41 @@ def read_idx(path: Path) -> np.ndarray:
             raise DataError(f"{path}: corrupt gzip data: {e}") from None
 
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path}: bad IDX magic {raw[:4].hex() or '(empty file)'}; expected 0000 0803/0801 (00 00 dtype ndim)")
+        raise DataError(
+            f"{path}: bad IDX magic {raw[:4].hex() or '(empty file)'}; expected 0000 0803/0801 (00"
+            " 00 dtype ndim)"
+        )
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code != 0x08:
         kind = _IDX_DTYPES.get(dtype_code, "unknown")
-        raise DataError(f"{path}: unsupported IDX dtype 0x{dtype_code:02x} ({kind}); only 0x08 (uint8) is supported")
+        raise DataError(
+            f"{path}: unsupported IDX dtype 0x{dtype_code:02x} ({kind}); only 0x08 (uint8) is"
+            " supported"
+        )
     if ndim == 0:
         raise DataError(f"{path}: IDX header says 0 dimensions; expected at least 1")
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise DataError(f"{path}: truncated IDX header: expected {header_len} bytes for {ndim} dims, found {len(raw)}")
+        raise DataError(
+            f"{path}: truncated IDX header: expected {header_len} bytes for {ndim} dims, found"
+            f" {len(raw)}"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4:header_len])
     expected = int(np.prod(dims, dtype=np.int64))
     found = len(raw) - header_len
     if found < expected:
-        raise DataError(f"{path}: truncated IDX data: dims {dims} need {expected} bytes, found {found}")
+        raise DataError(
+            f"{path}: truncated IDX data: dims {dims} need {expected} bytes, found {found}"
+        )
     if found > expected:
         raise DataError(
-            f"{path}: trailing garbage after IDX data: dims {dims} need {expected} bytes, found {found} "
-            f"({found - expected} extra)"
+            f"{path}: trailing garbage after IDX data: dims {dims} need {expected} bytes, found"
+            f" {found} ({found - expected} extra)"
         )
     # .copy(): frombuffer over bytes is read-only, and torch.from_numpy warns on that.
-    return np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header_len).reshape(dims).copy()
+    return (
+        np.frombuffer(raw, dtype=np.uint8, count=expected, offset=header_len).reshape(dims).copy()
+    )
 
 
 def _find_idx(directory: Path, base: str) -> Path:
@@ -279,9 +329,13 @@ def _read_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> Im
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3:
-        raise DataError(f"{images_path}: expected 3 IDX dims (N, H, W), found {images.ndim} {images.shape}")
+        raise DataError(
+            f"{images_path}: expected 3 IDX dims (N, H, W), found {images.ndim} {images.shape}"
+        )
     if labels.ndim != 1:
-        raise DataError(f"{labels_path}: expected 1 IDX dim (N,), found {labels.ndim} {labels.shape}")
+        raise DataError(
+            f"{labels_path}: expected 1 IDX dim (N,), found {labels.ndim} {labels.shape}"
+        )
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"count mismatch: {images_path} has {images.shape[0]} images but {labels_path} has "
@@ -310,10 +364,14 @@ def load_fashion_mnist(data_dir: Path | None = None) -> Dataset:
     directory = _fashion_mnist_dir(Path(data_dir) if data_dir is not None else None)
     n = len(FASHION_MNIST_CLASSES)
     train = _read_idx_pair(
-        _find_idx(directory, "train-images-idx3-ubyte"), _find_idx(directory, "train-labels-idx1-ubyte"), n
+        _find_idx(directory, "train-images-idx3-ubyte"),
+        _find_idx(directory, "train-labels-idx1-ubyte"),
+        n,
     )
     test = _read_idx_pair(
-        _find_idx(directory, "t10k-images-idx3-ubyte"), _find_idx(directory, "t10k-labels-idx1-ubyte"), n
+        _find_idx(directory, "t10k-images-idx3-ubyte"),
+        _find_idx(directory, "t10k-labels-idx1-ubyte"),
+        n,
     )
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(
@@ -326,6 +384,7 @@ def load_fashion_mnist(data_dir: Path | None = None) -> Dataset:
 # --------------------------------------------------------------------------- #
 # scikit-learn digits
 # --------------------------------------------------------------------------- #
+
 
 def load_digits_dataset(data_dir: Path | None = None) -> Dataset:
     """scikit-learn's 1797 8x8 digits as (N, 1, 8, 8) uint8 in 0..255, 30% stratified test split.
@@ -369,8 +428,14 @@ def _latin1_encode(obj: object, encoding: str = "utf-8", errors: str = "strict")
     Python 3 writes ``bytes`` at protocol < 3 as ``_codecs.encode(text, "latin1")``;
     anything else (other codecs can run arbitrary registered code) is refused.
     """
-    if not isinstance(obj, str) or encoding.replace("-", "").lower() != "latin1" or errors != "strict":
-        raise pickle.UnpicklingError(f"refused _codecs.encode({type(obj).__name__}, {encoding!r}, {errors!r})")
+    if (
+        not isinstance(obj, str)
+        or encoding.replace("-", "").lower() != "latin1"
+        or errors != "strict"
+    ):
+        raise pickle.UnpicklingError(
+            f"refused _codecs.encode({type(obj).__name__}, {encoding!r}, {errors!r})"
+        )
     return obj.encode("latin1")
 
 
@@ -401,7 +466,8 @@ class _SafeUnpickler(pickle.Unpickler):
             return _SAFE_GLOBALS[(module, name)]
         except KeyError:
             raise DataError(
-                f"{self._path}: refused to unpickle global {module}.{name}; only numpy array globals are allowed"
+                f"{self._path}: refused to unpickle global {module}.{name}; only numpy array"
+                " globals are allowed"
             ) from None
 
 
@@ -412,8 +478,12 @@ def _safe_unpickle(path: Path) -> dict[Any, Any]:
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"missing {path}: expected the CIFAR-100 python version (cifar-100-python/{path.name})") from None
-    except Exception as e:  # pickle can fail in many ways on corrupt input; report them all the same way
+        raise DataError(
+            f"missing {path}: expected the CIFAR-100 python version (cifar-100-python/{path.name})"
+        ) from None
+    except (
+        Exception
+    ) as e:  # pickle can fail in many ways on corrupt input; report them all the same way
         raise DataError(f"{path}: cannot unpickle: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
@@ -433,13 +503,27 @@ def _cifar_split(path: Path, num_classes: int) -> ImageSet:
     d = _safe_unpickle(path)
     data = _pickle_field(d, "data", path)
     labels = np.asarray(_pickle_field(d, "fine_labels", path))
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        found = f"{data.dtype} array {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3 * 32 * 32
+    ):
+        found = (
+            f"{data.dtype} array {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
         raise DataError(f"{path}: field 'data' should be a (N, 3072) uint8 array, found {found}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: field 'fine_labels' should be a list of ints, found {labels.dtype} {labels.shape}")
+        raise DataError(
+            f"{path}: field 'fine_labels' should be a list of ints, found {labels.dtype}"
+            f" {labels.shape}"
+        )
     if labels.shape[0] != data.shape[0]:
-        raise DataError(f"{path}: {data.shape[0]} images in 'data' but {labels.shape[0]} 'fine_labels'")
+        raise DataError(
+            f"{path}: {data.shape[0]} images in 'data' but {labels.shape[0]} 'fine_labels'"
+        )
     _check_label_range(labels, num_classes, f"{path} fine_labels")
     # Rows are 1024 R, then 1024 G, then 1024 B values, each plane row-major.
     return _image_set(data.reshape(-1, 3, 32, 32), labels.astype(np.int64))
@@ -455,7 +539,10 @@ def _cifar_dir(data_dir: Path | None) -> Path:
     for candidate in (root, root / "cifar-100-python"):
         if (candidate / "meta").is_file():
             return candidate
-    raise DataError(f"no CIFAR-100 meta file in {root} or {root / 'cifar-100-python'}; expected cifar-100-python/{{train,test,meta}}")
+    raise DataError(
+        f"no CIFAR-100 meta file in {root} or {root / 'cifar-100-python'}; expected"
+        " cifar-100-python/{train,test,meta}"
+    )
 
 
 def load_cifar100(data_dir: Path | None = None) -> Dataset:
@@ -463,8 +550,14 @@ def load_cifar100(data_dir: Path | None = None) -> Dataset:
     directory = _cifar_dir(Path(data_dir) if data_dir is not None else None)
     meta_path = directory / "meta"
     names = _pickle_field(_safe_unpickle(meta_path), "fine_label_names", meta_path)
-    if not isinstance(names, list | tuple) or not names or not all(isinstance(n, bytes | str) for n in names):
-        raise DataError(f"{meta_path}: field 'fine_label_names' should be a non-empty list of strings")
+    if (
+        not isinstance(names, list | tuple)
+        or not names
+        or not all(isinstance(n, bytes | str) for n in names)
+    ):
+        raise DataError(
+            f"{meta_path}: field 'fine_label_names' should be a non-empty list of strings"
+        )
     class_names = tuple(n.decode("utf-8") if isinstance(n, bytes) else n for n in names)
     return Dataset(
         "cifar100",
@@ -478,16 +571,24 @@ def load_cifar100(data_dir: Path | None = None) -> Dataset:
 # Image folder
 # --------------------------------------------------------------------------- #
 
+
 def _read_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
     """One image file -> ((size, size) or (size, size, 3) uint8 array, is_gray)."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now so truncated/corrupt pixel data fails here, not later
             gray = img.mode in ("L", "1")
-            img = img.convert("L" if gray else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+            img = img.convert("L" if gray else "RGB").resize(
+                (size, size), Image.Resampling.BILINEAR
+            )
             return np.asarray(img, dtype=np.uint8), gray
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e}); expected a readable PNG, JPEG, BMP, GIF or WebP file") from None
+    except (
+        Exception
+    ) as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
+        raise DataError(
+            f"{path}: unreadable image ({type(e).__name__}: {e}); expected a readable PNG, JPEG,"
+            " BMP, GIF or WebP file"
+        ) from None
 
 
 def load_imagefolder(path: str | os.PathLike[str], image_size: int = 32) -> Dataset:
@@ -504,10 +605,13 @@ def load_imagefolder(path: str | os.PathLike[str], image_size: int = 32) -> Data
     if not root.is_dir():
         raise DataError(f"imagefolder {root}: not a directory")
     class_dirs = sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
     )
     if len(class_dirs) < 2:
-        raise DataError(f"imagefolder {root}: found {len(class_dirs)} class folder(s); expected at least 2")
+        raise DataError(
+            f"imagefolder {root}: found {len(class_dirs)} class folder(s); expected at least 2"
+        )
 
     arrays: list[np.ndarray] = []
     labels: list[int] = []
@@ -524,7 +628,8 @@ def load_imagefolder(path: str | os.PathLike[str], image_size: int = 32) -> Data
         )
         if not files:
             raise DataError(
-                f"class folder {class_dir} has no images; expected files ending in {', '.join(sorted(IMAGE_SUFFIXES))}"
+                f"class folder {class_dir} has no images; expected files ending in"
+                f" {', '.join(sorted(IMAGE_SUFFIXES))}"
             )
         for i, file in enumerate(files):
             array, gray = _read_image(file, image_size)
@@ -569,15 +674,18 @@ def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None) -> D
     and is loaded at the default 32x32 (call load_imagefolder for another size).
     """
     if spec.startswith(IMAGEFOLDER_PREFIX):
-        folder = spec[len(IMAGEFOLDER_PREFIX):]
+        folder = spec[len(IMAGEFOLDER_PREFIX) :]
         if not folder.strip():
-            raise DataError(f"dataset spec {spec!r}: expected imagefolder:PATH with a non-empty PATH")
+            raise DataError(
+                f"dataset spec {spec!r}: expected imagefolder:PATH with a non-empty PATH"
+            )
         return load_imagefolder(folder)
     try:
         loader = DATASETS[spec]
     except KeyError:
         raise DataError(
-            f"unknown dataset {spec!r}; expected one of {', '.join(sorted(DATASETS))} or imagefolder:PATH"
+            f"unknown dataset {spec!r}; expected one of {', '.join(sorted(DATASETS))} or"
+            " imagefolder:PATH"
         ) from None
     return loader(Path(data_dir) if data_dir is not None else None)
 

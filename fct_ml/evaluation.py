@@ -10,7 +10,11 @@ from fct_ml.retrieval import Metric, retrieve
 
 
 def _percent(summary: dict[str, float]) -> dict[str, float]:
-    return {"top1": 100 * summary["top1"], "top5": 100 * summary["top5"], "mAP": 100 * summary["mAP"]}
+    return {
+        "top1": 100 * summary["top1"],
+        "top5": 100 * summary["top5"],
+        "mAP": 100 * summary["mAP"],
+    }
 
 
 def evaluate_cases(
@@ -28,11 +32,23 @@ def evaluate_cases(
     in percent; the split by `unseen_mask` (N,) restricts the *queries* (the gallery stays whole).
     Cases whose query and gallery dims differ are skipped (their vectors cannot be compared).
     """
-    out: dict[str, dict[str, Any]] = {"cases": {}, "cases_unseen_classes": {}, "cases_seen_classes": {}}
+    out: dict[str, dict[str, Any]] = {
+        "cases": {},
+        "cases_unseen_classes": {},
+        "cases_seen_classes": {},
+    }
     for case, (query, gallery) in cases.items():
         if query.shape[1] != gallery.shape[1]:
             continue
-        result = retrieve(query, labels, gallery, labels, leave_one_out=leave_one_out, metric=metric, chunk_size=chunk_size)
+        result = retrieve(
+            query,
+            labels,
+            gallery,
+            labels,
+            leave_one_out=leave_one_out,
+            metric=metric,
+            chunk_size=chunk_size,
+        )
         out["cases"][case] = _percent(result.summary())
         if unseen_mask is not None and bool(unseen_mask.any()):
             out["cases_unseen_classes"][case] = _percent(result.summary(unseen_mask))

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from fct_ml.augment import AugmentConfig, augment, to_float
 
-
 # ---------------------------------------------------------------- pure loss functions
 
 
@@ -36,9 +35,7 @@ def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).mean(dim=1)
 
 
-def fastfill_loss(
-    sq_error: torch.Tensor, ce: torch.Tensor, sigma: torch.Tensor
-) -> torch.Tensor:
+def fastfill_loss(sq_error: torch.Tensor, ce: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """FastFill's per-sample loss 0.5*exp(-sigma)*(MSE + CE) + 0.5*sigma, each (N,) -> (N,).
 
     Minimised over sigma at sigma = log(MSE + CE): sigma learns the log of the sample's error.
@@ -52,12 +49,25 @@ def fastfill_loss(
 class ClassificationObjective:
     """Cross-entropy of model.logits(model(augment(x))) against y (old and new models)."""
 
-    def __init__(self, model: nn.Module, aug: AugmentConfig, label_smoothing: float, generator: torch.Generator):
-        self.model, self.aug, self.label_smoothing, self.generator = model, aug, label_smoothing, generator
+    def __init__(
+        self,
+        model: nn.Module,
+        aug: AugmentConfig,
+        label_smoothing: float,
+        generator: torch.Generator,
+    ):
+        self.model, self.aug, self.label_smoothing, self.generator = (
+            model,
+            aug,
+            label_smoothing,
+            generator,
+        )
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         images, labels = batch
-        x = augment(to_float(images), self.aug, self.generator).contiguous(memory_format=torch.channels_last)
+        x = augment(to_float(images), self.aug, self.generator).contiguous(
+            memory_format=torch.channels_last
+        )
         logits = self.model.logits(self.model(x))
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(1) == labels).float().mean()
@@ -87,10 +97,16 @@ class BCTObjective:
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         images, labels = batch
-        x = augment(to_float(images), self.aug, self.generator).contiguous(memory_format=torch.channels_last)
+        x = augment(to_float(images), self.aug, self.generator).contiguous(
+            memory_format=torch.channels_last
+        )
         emb = self.model(x).float()
-        ce_new = F.cross_entropy(self.model.logits(emb).float(), labels, label_smoothing=self.label_smoothing)
-        ce_old = F.cross_entropy(emb @ self.old_classifier.T, labels, label_smoothing=self.label_smoothing)
+        ce_new = F.cross_entropy(
+            self.model.logits(emb).float(), labels, label_smoothing=self.label_smoothing
+        )
+        ce_old = F.cross_entropy(
+            emb @ self.old_classifier.T, labels, label_smoothing=self.label_smoothing
+        )
         loss = ce_new + self.influence_weight * ce_old
         return {"loss": loss, "ce_new": ce_new.detach(), "influence": ce_old.detach()}
 
@@ -98,13 +114,17 @@ class BCTObjective:
 class SimCLRObjective:
     """Two augmented views of each image, NT-Xent on their projections (no labels used)."""
 
-    def __init__(self, model: nn.Module, aug: AugmentConfig, temperature: float, generator: torch.Generator):
+    def __init__(
+        self, model: nn.Module, aug: AugmentConfig, temperature: float, generator: torch.Generator
+    ):
         self.model, self.aug, self.temperature, self.generator = model, aug, temperature, generator
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         (images,) = batch
         x = to_float(images)
-        views = torch.cat([augment(x, self.aug, self.generator), augment(x, self.aug, self.generator)])
+        views = torch.cat(
+            [augment(x, self.aug, self.generator), augment(x, self.aug, self.generator)]
+        )
         z = self.model(views.contiguous(memory_format=torch.channels_last))
         z1, z2 = z.chunk(2)
         loss = nt_xent(z1, z2, self.temperature)
@@ -139,4 +159,9 @@ class FastFillObjective:
         sq = squared_error(pred, new)
         ce = F.cross_entropy(pred.float() @ self.new_classifier.T, labels, reduction="none")
         loss = fastfill_loss(sq, ce, sigma.float()).mean()
-        return {"loss": loss, "mse": sq.mean().detach(), "ce": ce.mean().detach(), "sigma": sigma.mean().detach()}
+        return {
+            "loss": loss,
+            "mse": sq.mean().detach(),
+            "ce": ce.mean().detach(),
+            "sigma": sigma.mean().detach(),
+        }

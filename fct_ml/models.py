@@ -8,8 +8,9 @@ L2-normalised: retrieval uses raw L2 distance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,11 @@ class ModelConfig:
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
 
 
 def small_cnn(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, int]]:
@@ -44,10 +49,15 @@ def small_cnn(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, 
     def build(in_channels: int) -> tuple[nn.Module, int]:
         w1, w2, w3 = widths
         layers = [
-            *_conv_bn_relu(in_channels, w1), *_conv_bn_relu(w1, w1), nn.MaxPool2d(2),
-            *_conv_bn_relu(w1, w2), *_conv_bn_relu(w2, w2), nn.MaxPool2d(2),
-            *_conv_bn_relu(w2, w3), *_conv_bn_relu(w3, w3),
-        ]  # fmt: skip
+            *_conv_bn_relu(in_channels, w1),
+            *_conv_bn_relu(w1, w1),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(w1, w2),
+            *_conv_bn_relu(w2, w2),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(w2, w3),
+            *_conv_bn_relu(w3, w3),
+        ]
         return nn.Sequential(*layers), w3
 
     return build
@@ -59,7 +69,9 @@ def small_image_resnet(name: str) -> Callable[[int], tuple[nn.Module, int]]:
     def build(in_channels: int) -> tuple[nn.Module, int]:
         net = getattr(torchvision.models, name)(weights=None)
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        body = nn.Sequential(net.conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4)
+        body = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4
+        )
         return body, net.fc.in_features
 
     return build
@@ -81,12 +93,16 @@ class EmbeddingModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.arch not in BACKBONES:
-            raise ValueError(f"arch: unknown backbone {config.arch!r} (known: {', '.join(BACKBONES)})")
+            raise ValueError(
+                f"arch: unknown backbone {config.arch!r} (known: {', '.join(BACKBONES)})"
+            )
         self.config = config
         self.backbone, channels = BACKBONES[config.arch](config.in_channels)
         self.embed = nn.Conv2d(channels, config.embed_dim, kernel_size=1)
         self.classifier = (
-            nn.Linear(config.embed_dim, config.num_classes, bias=False) if config.num_classes > 0 else None
+            nn.Linear(config.embed_dim, config.num_classes, bias=False)
+            if config.num_classes > 0
+            else None
         )
         self.register_buffer("input_mean", torch.tensor(config.input_mean), persistent=False)
         self.register_buffer("input_std", torch.tensor(config.input_std), persistent=False)
@@ -111,24 +127,36 @@ def train_embedding_model(
     images: torch.Tensor,
     labels: torch.Tensor,
     config: ModelConfig,
-    train: "TrainConfig",
-    aug: "AugmentConfig",
+    train: TrainConfig,
+    aug: AugmentConfig,
     *,
     device: torch.device,
     seed: int,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     desc: str = "model",
-) -> tuple[EmbeddingModel, list["EpochRecord"]]:
+) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """Supervised training (cross-entropy, label smoothing) on images (N, C, H, W) uint8, labels (N,)
     in [0, config.num_classes). Used for the old and the new model."""
     from fct_ml.losses import ClassificationObjective
     from fct_ml.training import fit, prepare_model, seed_everything
 
     if labels.numel() and (labels.min() < 0 or labels.max() >= config.num_classes):
-        raise ValueError(f"{desc}: labels must lie in [0, {config.num_classes}), got {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"{desc}: labels must lie in [0, {config.num_classes}), got"
+            f" {labels.min()}..{labels.max()}"
+        )
     generator = seed_everything(seed)
     model = prepare_model(EmbeddingModel(config), device)
     objective = ClassificationObjective(model, aug, train.label_smoothing, generator)
-    history = fit(model, objective, (images, labels), train, generator=generator, desc=desc, progress=progress, on_epoch=on_epoch)
+    history = fit(
+        model,
+        objective,
+        (images, labels),
+        train,
+        generator=generator,
+        desc=desc,
+        progress=progress,
+        on_epoch=on_epoch,
+    )
     return model, history

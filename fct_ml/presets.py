@@ -1,11 +1,12 @@
-"""Presets of the whole experiment: `tiny` (seconds, for tests), `demo` (minutes), `cpu` (this project's 2-core
-machine, 16-23 minutes per seed on Fashion-MNIST) and `paper` (ResNet-50-128 and the official
-hyperparameters, for a GPU and CIFAR-100)."""
+"""Presets of the whole experiment: `tiny` (seconds, for tests), `demo` (minutes), `cpu`
+(this project's 2-core machine, 16-23 minutes per seed on Fashion-MNIST) and `paper`
+(ResNet-50-128 and the official hyperparameters, for a GPU and CIFAR-100)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from fct_ml.bct import BCTConfig
 from fct_ml.config import replace
@@ -44,13 +45,21 @@ def _tiny() -> ExperimentConfig:
     return ExperimentConfig(
         old_model=model,
         new_model=model,
-        side_info=SideInfoConfig(model=ModelConfig(arch="cnn-xs", embed_dim=16, num_classes=0), projection_dim=16),
+        side_info=SideInfoConfig(
+            model=ModelConfig(arch="cnn-xs", embed_dim=16, num_classes=0), projection_dim=16
+        ),
         transformation=TransformationConfig(branch_width=32, inner_width=64),
         old_train=quick,
         side_info_train=quick,
         new_train=quick,
         transformation_train=TrainConfig(
-            epochs=4, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, warmup_epochs=0.0, bn_eval_after=0.5
+            epochs=4,
+            batch_size=64,
+            optimizer="adam",
+            lr=2e-3,
+            weight_decay=0.0,
+            warmup_epochs=0.0,
+            bn_eval_after=0.5,
         ),
         backfill_points=5,
     )
@@ -65,13 +74,30 @@ def _cpu() -> ExperimentConfig:
     return ExperimentConfig(
         old_model=model,
         new_model=model,
-        side_info=SideInfoConfig(model=ModelConfig(arch="cnn-s", embed_dim=128, num_classes=0), projection_dim=64, temperature=0.2),
+        side_info=SideInfoConfig(
+            model=ModelConfig(arch="cnn-s", embed_dim=128, num_classes=0),
+            projection_dim=64,
+            temperature=0.2,
+        ),
         transformation=TransformationConfig(branch_width=256, inner_width=1024),
         old_train=old,
-        side_info_train=TrainConfig(epochs=10, batch_size=256, lr=0.3, weight_decay=1e-4, warmup_epochs=1.0, label_smoothing=0.0),
+        side_info_train=TrainConfig(
+            epochs=10,
+            batch_size=256,
+            lr=0.3,
+            weight_decay=1e-4,
+            warmup_epochs=1.0,
+            label_smoothing=0.0,
+        ),
         new_train=new,
         transformation_train=TrainConfig(
-            epochs=10, batch_size=512, optimizer="adam", lr=1e-3, weight_decay=0.0, warmup_epochs=0.0, bn_eval_after=0.5
+            epochs=10,
+            batch_size=512,
+            optimizer="adam",
+            lr=1e-3,
+            weight_decay=0.0,
+            warmup_epochs=0.0,
+            bn_eval_after=0.5,
         ),
         feature_views=2,
         backfill_points=6,
@@ -96,24 +122,48 @@ def _paper() -> ExperimentConfig:
     # ResNet-50 with a 128-d embedding; h 128->256->256 (x2) -> 512->2048->2048->128, Adam 5e-4,
     # cosine, 80 epochs, BN to eval halfway (apple/ml-fct). Meant for a GPU and CIFAR-100.
     model = ModelConfig(arch="resnet50", embed_dim=128)
-    supervised = TrainConfig(epochs=100, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=5.0)
+    supervised = TrainConfig(
+        epochs=100, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=5.0
+    )
     return ExperimentConfig(
         old_model=model,
         new_model=model,
-        side_info=SideInfoConfig(model=ModelConfig(arch="resnet50", embed_dim=128, num_classes=0), projection_dim=128, temperature=0.5),
+        side_info=SideInfoConfig(
+            model=ModelConfig(arch="resnet50", embed_dim=128, num_classes=0),
+            projection_dim=128,
+            temperature=0.5,
+        ),
         transformation=TransformationConfig(branch_width=256, inner_width=2048),
         old_train=supervised,
-        side_info_train=TrainConfig(epochs=500, batch_size=512, lr=0.6, weight_decay=1e-6, warmup_epochs=10.0, label_smoothing=0.0),
+        side_info_train=TrainConfig(
+            epochs=500,
+            batch_size=512,
+            lr=0.6,
+            weight_decay=1e-6,
+            warmup_epochs=10.0,
+            label_smoothing=0.0,
+        ),
         new_train=supervised,
         transformation_train=TrainConfig(
-            epochs=80, batch_size=256, optimizer="adam", lr=5e-4, weight_decay=0.0, warmup_epochs=0.0, bn_eval_after=0.5
+            epochs=80,
+            batch_size=256,
+            optimizer="adam",
+            lr=5e-4,
+            weight_decay=0.0,
+            warmup_epochs=0.0,
+            bn_eval_after=0.5,
         ),
         feature_views=4,
         backfill_points=21,
     )
 
 
-PRESETS: dict[str, Callable[[], ExperimentConfig]] = {"tiny": _tiny, "demo": _demo, "cpu": _cpu, "paper": _paper}
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "tiny": _tiny,
+    "demo": _demo,
+    "cpu": _cpu,
+    "paper": _paper,
+}
 
 
 def preset(name: str) -> ExperimentConfig:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -21,18 +22,28 @@ from fct_ml.augment import policy_for, to_float
 from fct_ml.backfill import apply_transformation, backfill_summary
 from fct_ml.bct import extended_old_classifier, train_bct_model
 from fct_ml.config import replace
-from fct_ml.data import Dataset, DataError
+from fct_ml.data import DataError, Dataset
+from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.models import train_embedding_model
 from fct_ml.presets import ExperimentConfig
-from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.side_info import train_side_info_model
 from fct_ml.training import EpochRecord, encode
 from fct_ml.transformation import train_transformation, training_features
 
 # Stage seeds are offsets of the run's seed, so one stage's randomness never depends on
 # what ran before it.
-_STAGE_SEED = {"old": 1, "side_info": 2, "new": 3, "bct": 4, "features": 5, "h": 6, "h_plain": 7,
-               "fastfill": 8, "fastfill_plain": 9, "backfill": 10}  # fmt: skip
+_STAGE_SEED = {
+    "old": 1,
+    "side_info": 2,
+    "new": 3,
+    "bct": 4,
+    "features": 5,
+    "h": 6,
+    "h_plain": 7,
+    "fastfill": 8,
+    "fastfill_plain": 9,
+    "backfill": 10,
+}
 
 
 def _stage_seed(seed: int, stage: str) -> int:
@@ -96,41 +107,77 @@ def run_experiment(
 
     with timed("old_model"):
         old_model, h_old = train_embedding_model(
-            old_train.images, remap[old_train.labels], old_cfg, config.old_train, policy.supervised,
-            device=device, seed=_stage_seed(seed, "old"), progress=progress, desc="old_model",
+            old_train.images,
+            remap[old_train.labels],
+            old_cfg,
+            config.old_train,
+            policy.supervised,
+            device=device,
+            seed=_stage_seed(seed, "old"),
+            progress=progress,
+            desc="old_model",
             on_epoch=epochs("old_model", config.old_train.epochs),
-        )  # fmt: skip
+        )
         histories["old_model"] = _history(h_old)
     with timed("side_info_model"):
         side_model, h_side = train_side_info_model(
-            old_train.images, side_cfg, config.side_info_train, policy.contrastive,
-            device=device, seed=_stage_seed(seed, "side_info"), progress=progress,
+            old_train.images,
+            side_cfg,
+            config.side_info_train,
+            policy.contrastive,
+            device=device,
+            seed=_stage_seed(seed, "side_info"),
+            progress=progress,
             on_epoch=epochs("side_info_model", config.side_info_train.epochs),
-        )  # fmt: skip
+        )
         histories["side_info_model"] = _history(h_side)
     with timed("new_model"):
         new_model, h_new = train_embedding_model(
-            train.images, train.labels, new_cfg, config.new_train, policy.supervised,
-            device=device, seed=_stage_seed(seed, "new"), progress=progress, desc="new_model",
+            train.images,
+            train.labels,
+            new_cfg,
+            config.new_train,
+            policy.supervised,
+            device=device,
+            seed=_stage_seed(seed, "new"),
+            progress=progress,
+            desc="new_model",
             on_epoch=epochs("new_model", config.new_train.epochs),
-        )  # fmt: skip
+        )
         histories["new_model"] = _history(h_new)
     with timed("bct_model"):
         old_classifier = extended_old_classifier(
-            old_model, old_classes, train.images, train.labels, num_classes, batch_size=config.encode_batch_size
+            old_model,
+            old_classes,
+            train.images,
+            train.labels,
+            num_classes,
+            batch_size=config.encode_batch_size,
         )
         bct_model, h_bct = train_bct_model(
-            train.images, train.labels, replace(new_cfg, embed_dim=old_cfg.embed_dim), config.new_train, config.bct,
-            old_classifier, policy.supervised, device=device, seed=_stage_seed(seed, "bct"), progress=progress,
+            train.images,
+            train.labels,
+            replace(new_cfg, embed_dim=old_cfg.embed_dim),
+            config.new_train,
+            config.bct,
+            old_classifier,
+            policy.supervised,
+            device=device,
+            seed=_stage_seed(seed, "bct"),
+            progress=progress,
             on_epoch=epochs("bct_model", config.new_train.epochs),
-        )  # fmt: skip
+        )
         histories["bct_model"] = _history(h_bct)
 
     with timed("features"):
         f_old, f_side, f_new = training_features(
-            [old_model, side_model, new_model], train.images, config.feature_views, policy.supervised,
-            batch_size=config.encode_batch_size, seed=_stage_seed(seed, "features"),
-        )  # fmt: skip
+            [old_model, side_model, new_model],
+            train.images,
+            config.feature_views,
+            policy.supervised,
+            batch_size=config.encode_batch_size,
+            seed=_stage_seed(seed, "features"),
+        )
         f_labels = train.labels.repeat(config.feature_views)
         t_old, t_side, t_new, t_bct = (
             encode(m, [test.images], batch_size=config.encode_batch_size, transform=to_float)
@@ -138,22 +185,37 @@ def run_experiment(
         )
 
     h_cfg = replace(
-        config.transformation, old_dim=old_cfg.embed_dim, side_info_dim=side_cfg.model.embed_dim, new_dim=new_cfg.embed_dim
+        config.transformation,
+        old_dim=old_cfg.embed_dim,
+        side_info_dim=side_cfg.model.embed_dim,
+        new_dim=new_cfg.embed_dim,
     )
     new_classifier = new_model.classifier.weight.detach()
     variants = {
         "h": (replace(h_cfg, side_info=True, uncertainty=False), "h"),
         "h no side-info": (replace(h_cfg, side_info=False, uncertainty=False), "h_plain"),
         "fastfill": (replace(h_cfg, side_info=True, uncertainty=True), "fastfill"),
-        "fastfill no side-info": (replace(h_cfg, side_info=False, uncertainty=True), "fastfill_plain"),
+        "fastfill no side-info": (
+            replace(h_cfg, side_info=False, uncertainty=True),
+            "fastfill_plain",
+        ),
     }
     transformed: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for name, (cfg, stage) in variants.items():
         with timed(f"transformation ({name})"):
             h, hist = train_transformation(
-                f_old, f_side, f_new, f_labels, cfg, config.transformation_train, device=device,
-                seed=_stage_seed(seed, stage), new_classifier=new_classifier, progress=progress, desc=name,
-            )  # fmt: skip
+                f_old,
+                f_side,
+                f_new,
+                f_labels,
+                cfg,
+                config.transformation_train,
+                device=device,
+                seed=_stage_seed(seed, stage),
+                new_classifier=new_classifier,
+                progress=progress,
+                desc=name,
+            )
             histories[f"transformation ({name})"] = _history(hist)
             transformed[name] = apply_transformation(h, t_old, t_side)
 
@@ -171,20 +233,33 @@ def run_experiment(
         "new/old": (t_new, t_old),
     }
     with timed("evaluation"):
-        evaluated = evaluate_cases(galleries, labels, unseen_mask=unseen_mask, metric=config.metric,
-                                   chunk_size=config.eval_chunk_size)  # fmt: skip
+        evaluated = evaluate_cases(
+            galleries,
+            labels,
+            unseen_mask=unseen_mask,
+            metric=config.metric,
+            chunk_size=config.eval_chunk_size,
+        )
     cases = evaluated["cases"]
 
     curves: dict[str, Any] = {}
     auc: dict[str, Any] = {}
-    for variant, key in (("fastfill", "backfill_auc"), ("fastfill no side-info", "backfill_auc_no_side_info")):
+    for variant, key in (
+        ("fastfill", "backfill_auc"),
+        ("fastfill no side-info", "backfill_auc_no_side_info"),
+    ):
         with timed(f"backfill curves ({variant})"):
             gallery_h, sigma = transformed[variant]
             curves[variant], auc[key] = backfill_summary(
-                t_new, labels, gallery_h, sigma, config.backfill_points,
+                t_new,
+                labels,
+                gallery_h,
+                sigma,
+                config.backfill_points,
                 generator=torch.Generator().manual_seed(_stage_seed(seed, "backfill")),
-                metric=config.metric, chunk_size=config.eval_chunk_size,
-            )  # fmt: skip
+                metric=config.metric,
+                chunk_size=config.eval_chunk_size,
+            )
 
     return {
         "dataset": dataset.name,
@@ -208,6 +283,7 @@ def run_experiment(
 
 def format_table(result: dict[str, Any]) -> str:
     """The paper-style table of a run: all queries, and queries of classes the old model never saw."""
+
     def cell(m: dict[str, float] | None) -> str:
         if m is None:
             return f"{'-':>6} {'-':>6} {'-':>6}"
@@ -217,14 +293,24 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['dataset']}  old classes {result['old_classes']}  seed {result['seed']}",
         f"{'case (query/gallery)':<{width}} {'all queries':^20}   {'unseen-class queries':^20}",
-        f"{'':<{width}} {'top-1':>6} {'top-5':>6} {'mAP':>6}   {'top-1':>6} {'top-5':>6} {'mAP':>6}",
+        (
+            f"{'':<{width}} {'top-1':>6} {'top-5':>6} {'mAP':>6}   {'top-1':>6} {'top-5':>6}"
+            f" {'mAP':>6}"
+        ),
     ]
     for case, m in result["cases"].items():
-        lines.append(f"{case:<{width}} {cell(m)}   {cell(result['cases_unseen_classes'].get(case))}")
+        lines.append(
+            f"{case:<{width}} {cell(m)}   {cell(result['cases_unseen_classes'].get(case))}"
+        )
     g, g0 = result["gap_closed"], result["gap_closed_no_side_info"]
-    lines.append(f"gap closed by new/h(old): top-1 {g['top1']:.1f}%, mAP {g['mAP']:.1f}%"
-                 f"  (no side-info: top-1 {g0['top1']:.1f}%, mAP {g0['mAP']:.1f}%)")  # fmt: skip
-    for key, title in (("backfill_auc", "with side-info"), ("backfill_auc_no_side_info", "no side-info")):
+    lines.append(
+        f"gap closed by new/h(old): top-1 {g['top1']:.1f}%, mAP {g['mAP']:.1f}%"
+        f"  (no side-info: top-1 {g0['top1']:.1f}%, mAP {g0['mAP']:.1f}%)"
+    )
+    for key, title in (
+        ("backfill_auc", "with side-info"),
+        ("backfill_auc_no_side_info", "no side-info"),
+    ):
         parts = ", ".join(f"{o} {v['top1']:.1f}/{v['mAP']:.1f}" for o, v in result[key].items())
         lines.append(f"backfilling area, FastFill h {title} (top-1/mAP): {parts}")
     return "\n".join(lines)
@@ -232,6 +318,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def dumps(result: dict[str, Any]) -> str:
     """JSON with NaN written as null (strict JSON readers refuse NaN)."""
+
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):
             return None

@@ -6,9 +6,8 @@ the old model is deployed, and stored beside every gallery item's old embedding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -21,7 +20,9 @@ from fct_ml.training import EpochRecord, TrainConfig, fit, prepare_model, seed_e
 
 @dataclass(frozen=True)
 class SideInfoConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(num_classes=0))  # embed_dim = side-info dim
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(num_classes=0)
+    )  # embed_dim = side-info dim
     projection_dim: int = 64  # SimCLR projection head output (used for the loss only)
     temperature: float = 0.2
 
@@ -33,7 +34,9 @@ class SimCLRModel(nn.Module):
         super().__init__()
         self.encoder = EmbeddingModel(config.model)
         d = config.model.embed_dim
-        self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, config.projection_dim))
+        self.projector = nn.Sequential(
+            nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, config.projection_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(x))
@@ -52,9 +55,20 @@ def train_side_info_model(
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """Train psi on (N, C, H, W) uint8 images, no labels; returns the encoder (side-info model)."""
     if config.model.num_classes != 0:
-        raise ValueError("side-info model: model.num_classes must be 0 (it is trained without labels)")
+        raise ValueError(
+            "side-info model: model.num_classes must be 0 (it is trained without labels)"
+        )
     generator = seed_everything(seed)
     model = prepare_model(SimCLRModel(config), device)
     objective = SimCLRObjective(model, aug, config.temperature, generator)
-    history = fit(model, objective, (images,), train, generator=generator, desc="side_info_model", progress=progress, on_epoch=on_epoch)
+    history = fit(
+        model,
+        objective,
+        (images,),
+        train,
+        generator=generator,
+        desc="side_info_model",
+        progress=progress,
+        on_epoch=on_epoch,
+    )
     return model.encoder.eval(), history

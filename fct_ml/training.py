@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -55,7 +56,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; on the CPU a no-op (bf16 conv there is slower than fp32)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -135,7 +138,13 @@ class EpochRecord:
 
 def _optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=True,
+        )
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -182,11 +191,17 @@ def fit(
     batch_size = min(config.batch_size, n)
     steps_per_epoch = n // batch_size
     total = steps_per_epoch * config.epochs
-    warmup = min(total, max(1, round(config.warmup_epochs * steps_per_epoch))) if config.warmup_epochs > 0 else 0
+    warmup = (
+        min(total, max(1, round(config.warmup_epochs * steps_per_epoch)))
+        if config.warmup_epochs > 0
+        else 0
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    bn_eval_epoch = None if config.bn_eval_after is None else int(config.bn_eval_after * config.epochs)
+    bn_eval_epoch = (
+        None if config.bn_eval_after is None else int(config.bn_eval_after * config.epochs)
+    )
     history: list[EpochRecord] = []
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for epoch in range(config.epochs):
@@ -203,7 +218,9 @@ def fit(
                 parts = objective(batch)
             loss = parts["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                raise FloatingPointError(
+                    f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -8,15 +8,14 @@ a linear head new_dim->1 on h's output that predicts the log of the sample's err
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from fct_ml.losses import FastFillObjective, TransformationObjective
 from fct_ml.augment import AugmentConfig, augment, to_float
+from fct_ml.losses import FastFillObjective, TransformationObjective
 from fct_ml.models import EmbeddingModel
 from fct_ml.training import EpochRecord, Frozen, TrainConfig, fit, seed_everything
 
@@ -54,7 +53,9 @@ class Transformation(nn.Module):
         w = config.branch_width
         self.old_branch = _mlp([config.old_dim, w, w], plain_last=False)
         self.side_branch = _mlp([side_in, w, w], plain_last=False)
-        self.inner = _mlp([2 * w, config.inner_width, config.inner_width, config.new_dim], plain_last=True)
+        self.inner = _mlp(
+            [2 * w, config.inner_width, config.inner_width, config.new_dim], plain_last=True
+        )
         self.sigma_head = nn.Linear(config.new_dim, 1) if config.uncertainty else None
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,7 +67,9 @@ class Transformation(nn.Module):
             second = old
         return self.inner(torch.cat([self.old_branch(old), self.side_branch(second)], dim=1))
 
-    def forward_with_sigma(self, old: torch.Tensor, side: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_sigma(
+        self, old: torch.Tensor, side: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (prediction (N, new_dim), sigma (N,)); sigma is the predicted log error (FastFill)."""
         if self.sigma_head is None:
             raise ValueError("this transformation has no uncertainty head (uncertainty=False)")
@@ -94,7 +97,11 @@ def train_transformation(
     With `config.uncertainty` the FastFill loss is used, which needs the frozen new model's
     classifier weight `new_classifier` (num_classes, new_dim).
     """
-    for name, t in (("old_embedding", old_embedding), ("side_info", side_info), ("new_embedding", new_embedding)):
+    for name, t in (
+        ("old_embedding", old_embedding),
+        ("side_info", side_info),
+        ("new_embedding", new_embedding),
+    ):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name}: contains NaN or Inf; cannot train the transformation on it")
     if old_embedding.shape[1] != config.old_dim or new_embedding.shape[1] != config.new_dim:
@@ -103,7 +110,9 @@ def train_transformation(
             f"got old {old_embedding.shape[1]} and new {new_embedding.shape[1]}"
         )
     if config.side_info and side_info.shape[1] != config.side_info_dim:
-        raise ValueError(f"side_info: expected dim {config.side_info_dim}, got {side_info.shape[1]}")
+        raise ValueError(
+            f"side_info: expected dim {config.side_info_dim}, got {side_info.shape[1]}"
+        )
     generator = seed_everything(seed)
     h = Transformation(config).to(device)
     if config.uncertainty:
@@ -113,7 +122,16 @@ def train_transformation(
     else:
         objective = TransformationObjective(h)
     data = (old_embedding.float(), side_info.float(), new_embedding.float(), labels)
-    history = fit(h, objective, data, train, generator=generator, desc=desc, progress=progress, on_epoch=on_epoch)
+    history = fit(
+        h,
+        objective,
+        data,
+        train,
+        generator=generator,
+        desc=desc,
+        progress=progress,
+        on_epoch=on_epoch,
+    )
     return h, history
 
 

@@ -22,7 +22,13 @@ def fct_ml_modules() -> list[str]:
 
 def test_the_package_has_the_expected_modules() -> None:
     modules = fct_ml_modules()
-    for name in ("fct_ml.models", "fct_ml.training", "fct_ml.config", "fct_ml.reproduce", "fct_ml.cli"):
+    for name in (
+        "fct_ml.models",
+        "fct_ml.training",
+        "fct_ml.config",
+        "fct_ml.reproduce",
+        "fct_ml.cli",
+    ):
         assert name in modules
 
 
@@ -51,7 +57,8 @@ def _imported_roots(tree: ast.AST) -> list[tuple[int, str]]:
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, (ast.Name, ast.Attribute))
-            and getattr(node.func, "id", getattr(node.func, "attr", None)) in ("import_module", "__import__")
+            and getattr(node.func, "id", getattr(node.func, "attr", None))
+            in ("import_module", "__import__")
             and node.args
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
@@ -73,5 +80,7 @@ def test_no_fct_ml_source_imports_the_forbidden_packages() -> None:
 
 
 def test_the_static_check_would_catch_an_import() -> None:
-    tree = ast.parse("import os\ndef f():\n    from dagster import asset\n    import lancedb.table\n")
+    tree = ast.parse(
+        "import os\ndef f():\n    from dagster import asset\n    import lancedb.table\n"
+    )
     assert [r for _, r in _imported_roots(tree) if r in FORBIDDEN] == ["dagster", "lancedb"]

@@ -25,7 +25,8 @@ class Env:
     records: JsonIOManager
 
     def environ(self) -> dict[str, str]:
-        """The environment that points the CLI, `build_defs()` and step processes at this instance and storage."""
+        """The environment that points the CLI, `build_defs()` and step processes at this
+        instance and storage."""
         return {
             "DAGSTER_HOME": str(self.root / "dagster_home"),
             "FCT_LANCEDB_URI": self.fct.lancedb_uri,
@@ -35,7 +36,9 @@ class Env:
             "FCT_DEVICE": "cpu",
         }
 
-    def upgrade(self, version: str, run_config: dict | None = None, **kwargs) -> dg.ExecuteInProcessResult:
+    def upgrade(
+        self, version: str, run_config: dict | None = None, **kwargs
+    ) -> dg.ExecuteInProcessResult:
         if version not in self.instance.get_dynamic_partitions("model_version"):
             add_model_version(self.instance, version)
         return self.defs.resolve_job_def("upgrade").execute_in_process(
@@ -44,14 +47,22 @@ class Env:
 
 
 def build_env(root: Path) -> Env:
-    """Base assets and model version v2 materialised under `root` (dagster_home, lancedb, checkpoints, records)."""
+    """Base assets and model version v2 materialised under `root`.
+
+    (dagster_home, lancedb, checkpoints, records)"""
     fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
     checkpoints = CheckpointIOManager(root=str(root / "checkpoints"))
     records = JsonIOManager(root=str(root / "records"))
-    defs = build_defs({"fct": fct, "checkpoint_io_manager": checkpoints, "json_io_manager": records})
+    defs = build_defs(
+        {"fct": fct, "checkpoint_io_manager": checkpoints, "json_io_manager": records}
+    )
     (root / "dagster_home").mkdir()
-    instance = dg.DagsterInstance.local_temp(str(root / "dagster_home"), overrides={"telemetry": {"enabled": False}})
-    result = defs.resolve_job_def("base").execute_in_process(instance=instance, run_config=DATASET_CONFIG)
+    instance = dg.DagsterInstance.local_temp(
+        str(root / "dagster_home"), overrides={"telemetry": {"enabled": False}}
+    )
+    result = defs.resolve_job_def("base").execute_in_process(
+        instance=instance, run_config=DATASET_CONFIG
+    )
     assert result.success
     e = Env(root, instance, defs, fct, checkpoints, records)
     assert e.upgrade("v2").success

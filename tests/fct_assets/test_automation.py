@@ -6,8 +6,15 @@ import pytest
 from fct_assets.automation import auto_upgrade_status
 
 
-@pytest.mark.parametrize("value, status", [(None, dg.DefaultSensorStatus.RUNNING), ("on", dg.DefaultSensorStatus.RUNNING),
-                                           ("OFF", dg.DefaultSensorStatus.STOPPED), (" off ", dg.DefaultSensorStatus.STOPPED)])  # fmt: skip
+@pytest.mark.parametrize(
+    "value, status",
+    [
+        (None, dg.DefaultSensorStatus.RUNNING),
+        ("on", dg.DefaultSensorStatus.RUNNING),
+        ("OFF", dg.DefaultSensorStatus.STOPPED),
+        (" off ", dg.DefaultSensorStatus.STOPPED),
+    ],
+)
 def test_auto_upgrade_setting(monkeypatch, value, status):
     if value is None:
         monkeypatch.delenv("FCT_AUTO_UPGRADE", raising=False)

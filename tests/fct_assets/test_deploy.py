@@ -23,7 +23,11 @@ def _deploy_env() -> dict[str, str]:
     """The pods' environment: deploy/fct-env.yaml's ConfigMap, the executor config from this checkout
     (the image has it at /opt/fct/deploy) and a placeholder password where the secret would be."""
     data = yaml.safe_load((DEPLOY / "fct-env.yaml").read_text())["data"]
-    return {**data, "FCT_EXECUTOR_CONFIG": str(DEPLOY / "k8s_executor.yaml"), "DAGSTER_PG_PASSWORD": "from-the-secret"}
+    return {
+        **data,
+        "FCT_EXECUTOR_CONFIG": str(DEPLOY / "k8s_executor.yaml"),
+        "DAGSTER_PG_PASSWORD": "from-the-secret",
+    }
 
 
 def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
@@ -36,23 +40,39 @@ def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
     defs = build_defs()
     expected = yaml.safe_load((DEPLOY / "k8s_executor.yaml").read_text())
     jobs = list(defs.resolve_all_job_defs())
-    assert {"base", "upgrade", "verify", "scheduled_evaluation", "promote", "rollback"} <= {j.name for j in jobs}
+    assert {"base", "upgrade", "verify", "scheduled_evaluation", "promote", "rollback"} <= {
+        j.name for j in jobs
+    }
     for job in jobs:
         assert job.executor_def.name == "k8s", job.name
         # The run config Dagster resolves at launch: the deploy file's executor config, validated
         # against k8s_job_executor's schema.
         # (`promote` needs its version; every other job launches with no config.)
-        run_config = {"ops": {"promote_version": {"config": {"version": "v2"}}}} if job.name == "promote" else {}
+        run_config = (
+            {"ops": {"promote_version": {"config": {"version": "v2"}}}}
+            if job.name == "promote"
+            else {}
+        )
         execution = ResolvedRunConfig.build(job, run_config).execution.execution_engine_config
-        assert execution["max_concurrent"] == expected["max_concurrent"] and execution["job_namespace"] == "fct"
-        shard = execution["per_step_k8s_config"]["backfill_shard"]["container_config"]["resources"]["limits"]
+        assert (
+            execution["max_concurrent"] == expected["max_concurrent"]
+            and execution["job_namespace"] == "fct"
+        )
+        shard = execution["per_step_k8s_config"]["backfill_shard"]["container_config"]["resources"][
+            "limits"
+        ]
         assert shard["nvidia.com/gpu"] == 1
-        # Every step that asks for a GPU tolerates the GPU nodes' taint (else its pod stays Pending).
+        # Every step that asks for a GPU tolerates the GPU nodes' taint (else its pod stays
+        # Pending).
         for op in ("plan_backfill", "backfill_shard"):
             step = execution["per_step_k8s_config"][op]
             assert step["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == 1
-            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in step["pod_spec_config"]["tolerations"]
-    assert resources()["fct"].lancedb_uri == env["FCT_LANCEDB_URI"]  # the resource the code location builds
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in step[
+                "pod_spec_config"
+            ]["tolerations"]
+    assert (
+        resources()["fct"].lancedb_uri == env["FCT_LANCEDB_URI"]
+    )  # the resource the code location builds
 
     # Not vacuous: a key k8s_job_executor does not know is refused when the config is resolved.
     bad = {**expected, "gpus_per_shard": 1}
@@ -61,7 +81,9 @@ def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
     with pytest.raises(DagsterInvalidConfigError, match="gpus_per_shard"):
         ResolvedRunConfig.build(build_defs().resolve_job_def("upgrade"), {})
     monkeypatch.setenv("FCT_EXECUTOR", "spark")
-    with pytest.raises(ValueError, match="FCT_EXECUTOR='spark': expected one of multiprocess | in_process | k8s"):
+    with pytest.raises(
+        ValueError, match="FCT_EXECUTOR='spark': expected one of multiprocess | in_process | k8s"
+    ):
         build_defs()
 
 
@@ -69,9 +91,23 @@ def test_code_location_validates_with_the_deploy_environment():
     # What the code-location pod runs at start (`dagster api grpc -m fct_assets.definitions`), in a
     # fresh process with the pods' environment.
     done = subprocess.run(
-        [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "fct_assets.definitions", "-a", "defs"],
-        cwd=REPO, env={**os.environ, **_deploy_env()}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "definitions",
+            "validate",
+            "-m",
+            "fct_assets.definitions",
+            "-a",
+            "defs",
+        ],
+        cwd=REPO,
+        env={**os.environ, **_deploy_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -86,8 +122,15 @@ def test_deploy_instance_yaml_has_postgres_storage_and_the_k8s_run_launcher(tmp_
     assert postgres.success, postgres.errors
     db = postgres.value["postgres_db"]
     assert (db["hostname"], db["username"], db["db_name"], db["password"]) == (
-        os.environ["DAGSTER_PG_HOST"], "dagster", "dagster", "from-the-secret")  # from the environment, not the file
-    assert (config["run_launcher"]["module"], config["run_launcher"]["class"]) == ("dagster_k8s", "K8sRunLauncher")
+        os.environ["DAGSTER_PG_HOST"],
+        "dagster",
+        "dagster",
+        "from-the-secret",
+    )  # from the environment, not the file
+    assert (config["run_launcher"]["module"], config["run_launcher"]["class"]) == (
+        "dagster_k8s",
+        "K8sRunLauncher",
+    )
     launcher = process_config(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
     assert launcher.success, launcher.errors
     assert launcher.value["env_config_maps"] == ["fct-env"]
@@ -95,7 +138,9 @@ def test_deploy_instance_yaml_has_postgres_storage_and_the_k8s_run_launcher(tmp_
 
     # Not vacuous: a misspelt storage key is refused by the same loader.
     bad = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
-    bad["storage"]["postgres"]["postgres_db"]["hostnme"] = bad["storage"]["postgres"]["postgres_db"].pop("hostname")
+    bad["storage"]["postgres"]["postgres_db"]["hostnme"] = bad["storage"]["postgres"][
+        "postgres_db"
+    ].pop("hostname")
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(DagsterInvalidConfigError):
         dagster_instance_config(str(tmp_path), "dagster.yaml")

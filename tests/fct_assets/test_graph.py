@@ -32,7 +32,9 @@ BASE = ("dataset", "old_model", "side_info_model", "gallery_store")
 
 def _materialized(instance: dg.DagsterInstance, run_id: str) -> set[tuple[str, str | None]]:
     """(asset, partition) pairs materialised by one run, read from the event log."""
-    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
     out = set()
     for record in records:
         mat = record.event_log_entry.dagster_event.event_specific_data.materialization
@@ -41,7 +43,9 @@ def _materialized(instance: dg.DagsterInstance, run_id: str) -> set[tuple[str, s
 
 
 def _data_version(env, asset: str, partition: str | None = None) -> str:
-    record = env.instance.get_latest_data_version_record(dg.AssetKey(asset), partition_key=partition)
+    record = env.instance.get_latest_data_version_record(
+        dg.AssetKey(asset), partition_key=partition
+    )
     return extract_data_version_from_entry(record.event_log_entry).value
 
 
@@ -49,8 +53,11 @@ def test_definitions_load_from_workspace():
     # The same loading path as `dagster dev -w workspace.yaml`, in a fresh process.
     done = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -62,18 +69,31 @@ def test_definitions_shape(env):
         assert graph.get(dg.AssetKey(name)).partitions_def.name == "model_version"
     for name in BASE:
         assert graph.get(dg.AssetKey(name)).partitions_def is None
-    assert {c.asset_key.to_user_string() for c in graph.asset_check_keys} == {"gallery_store", "backfilled_gallery", "eval_report"}
-    # What the UI shows of each asset: a description, a kind, owners, an artifact tag, a code version.
+    assert {c.asset_key.to_user_string() for c in graph.asset_check_keys} == {
+        "gallery_store",
+        "backfilled_gallery",
+        "eval_report",
+    }
+    # What the UI shows of each asset: a description, a kind, owners, an artifact tag, a code
+    # version.
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.description and node.owners == ["team:retrieval"] and node.code_version, key
         kind = next(iter(node.kinds))
-        assert node.tags["fct/artifact"] == {"pytorch": "model", "lancedb": "table", "python": "record"}[kind], key
-    assert {k: next(iter(graph.get(dg.AssetKey(k)).kinds)) for k in ("old_model", "gallery_store", "backfilled_gallery")} == {
-        "old_model": "pytorch", "gallery_store": "lancedb", "backfilled_gallery": "lancedb"}  # fmt: skip
+        assert (
+            node.tags["fct/artifact"]
+            == {"pytorch": "model", "lancedb": "table", "python": "record"}[kind]
+        ), key
+    assert {
+        k: next(iter(graph.get(dg.AssetKey(k)).kinds))
+        for k in ("old_model", "gallery_store", "backfilled_gallery")
+    } == {"old_model": "pytorch", "gallery_store": "lancedb", "backfilled_gallery": "lancedb"}
     sensor = env.defs.resolve_sensor_def("fct_upgrade_automation")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert env.defs.resolve_schedule_def("daily_evaluation").default_status == dg.DefaultScheduleStatus.RUNNING
+    assert (
+        env.defs.resolve_schedule_def("daily_evaluation").default_status
+        == dg.DefaultScheduleStatus.RUNNING
+    )
 
 
 def test_full_graph_materialised(env):
@@ -91,9 +111,16 @@ def test_full_graph_materialised(env):
     assert storage.table_space_ids(table) == {"space_id": space}
     assert set(table.to_arrow().column("space_id").to_pylist()) == {space}
     # The UI's column view of the table and the per-epoch training table of a model.
-    table_meta = env.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("backfilled_gallery"), asset_partitions=["v2"]), limit=1
-    ).records[0].asset_materialization.metadata
+    table_meta = (
+        env.instance.fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey("backfilled_gallery"), asset_partitions=["v2"]
+            ),
+            limit=1,
+        )
+        .records[0]
+        .asset_materialization.metadata
+    )
     columns = table_meta["dagster/column_schema"].value.columns
     assert [c.name for c in columns] == table.schema.names and all(c.description for c in columns)
     assert table_meta["dagster/row_count"].value == gallery_items
@@ -101,7 +128,8 @@ def test_full_graph_materialised(env):
     epochs = env.fct.experiment().new_train.epochs
     assert [r.data["epoch"] for r in history.records] == list(range(1, epochs + 1))
     assert new_meta["epochs"].value == epochs
-    # Training time is bounded by the wall time of the run that trained the model (RUN_START to RUN_SUCCESS).
+    # Training time is bounded by the wall time of the run that trained the model (RUN_START to
+    # RUN_SUCCESS).
     assert new_meta["run_id"].value == new_record.run_id
     stats = env.instance.get_run_stats(new_record.run_id)
     assert 0 < new_meta["train_seconds"].value <= stats.end_time - stats.start_time
@@ -116,20 +144,26 @@ def test_adding_a_version_materialises_exactly_its_four_assets(env):
     # eager conditions request v3's four assets and nothing else.
     before = dg.evaluate_automation_conditions(defs=env.defs, instance=env.instance)
     env.instance.add_dynamic_partitions("model_version", ["v3"])
-    evaluation = dg.evaluate_automation_conditions(defs=env.defs, instance=env.instance, cursor=before.cursor)
+    evaluation = dg.evaluate_automation_conditions(
+        defs=env.defs, instance=env.instance, cursor=before.cursor
+    )
     requested = set()
     for result in evaluation.results:
         for subset_key in result.true_subset.expensively_compute_asset_partitions():
             requested.add((subset_key.asset_key.to_user_string(), subset_key.partition_key))
     assert requested == {(name, "v3") for name in UPGRADE}
     base_runs_before = {
-        name: len(env.instance.fetch_materializations(dg.AssetKey(name), limit=100).records) for name in BASE
+        name: len(env.instance.fetch_materializations(dg.AssetKey(name), limit=100).records)
+        for name in BASE
     }
     run = env.upgrade("v3")
     assert run.success
     assert _materialized(env.instance, run.run_id) == {(name, "v3") for name in UPGRADE}
     for name in BASE:
-        assert len(env.instance.fetch_materializations(dg.AssetKey(name), limit=100).records) == base_runs_before[name]
+        assert (
+            len(env.instance.fetch_materializations(dg.AssetKey(name), limit=100).records)
+            == base_runs_before[name]
+        )
 
 
 def test_new_config_makes_downstream_stale_and_upstream_fresh(env):
@@ -137,12 +171,16 @@ def test_new_config_makes_downstream_stale_and_upstream_fresh(env):
     before = _data_version(env, "new_model", "v4")
     job = env.defs.resolve_implicit_global_asset_job_def()
     rerun = job.execute_in_process(
-        instance=env.instance, partition_key="v4", asset_selection=[dg.AssetKey("new_model")],
+        instance=env.instance,
+        partition_key="v4",
+        asset_selection=[dg.AssetKey("new_model")],
         run_config={"ops": {"new_model": {"config": {"seed": 1}}}},
-    )  # fmt: skip
+    )
     assert rerun.success
     assert _data_version(env, "new_model", "v4") != before
-    resolver = CachingStaleStatusResolver(env.instance, env.defs.resolve_asset_graph(), LoadingContextForTest(env.instance))
+    resolver = CachingStaleStatusResolver(
+        env.instance, env.defs.resolve_asset_graph(), LoadingContextForTest(env.instance)
+    )
     for name in ("transformation", "backfilled_gallery", "eval_report"):
         assert resolver.get_status(dg.AssetKey(name), "v4") == StaleStatus.STALE, name
     assert resolver.get_status(dg.AssetKey("new_model"), "v4") == StaleStatus.FRESH
@@ -160,9 +198,17 @@ def test_planted_nan_fails_the_blocking_check_and_blocks_promotion(env):
     vectors = data.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False).copy()
     vectors[3 * dim] = np.nan
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors, pa.float32()), dim)
-    data = data.set_column(data.schema.get_field_index("embedding"), table.schema.field("embedding"), column)
-    db.create_table("gallery_v5", data=pa.RecordBatchReader.from_batches(data.schema, data.to_batches()),
-                    schema=data.schema, mode="overwrite", on_bad_vectors="fill", fill_value=float("nan"))  # fmt: skip
+    data = data.set_column(
+        data.schema.get_field_index("embedding"), table.schema.field("embedding"), column
+    )
+    db.create_table(
+        "gallery_v5",
+        data=pa.RecordBatchReader.from_batches(data.schema, data.to_batches()),
+        schema=data.schema,
+        mode="overwrite",
+        on_bad_vectors="fill",
+        fill_value=float("nan"),
+    )
     verify = env.defs.resolve_job_def("verify").execute_in_process(
         instance=env.instance, tags={"dagster/partition": "v5"}, raise_on_error=False
     )
@@ -194,7 +240,10 @@ def test_lineage_names_every_checkpoint_and_they_match_the_files(env, monkeypatc
         assert info["checkpoints"][name] == sha256_file(path), name
     assert info["table"] == "gallery_v2"
     assert info["table_version"] == db.open_table("gallery_v2").version
-    assert info["dataset_fingerprint"] == json.loads((env.root / "records" / "dataset.json").read_text())["fingerprint"]
+    assert (
+        info["dataset_fingerprint"]
+        == json.loads((env.root / "records" / "dataset.json").read_text())["fingerprint"]
+    )
     assert info["space_id"].endswith("@" + info["checkpoints"]["new_model"][:12])
     assert len(info["run_ids"]) >= 2 and all(info["code_versions"])
     # The CLI reads the same instance and storage from the environment.
@@ -210,16 +259,26 @@ def _cli_env(monkeypatch, env) -> None:
 
 def test_search_finds_a_gallery_image_itself(env, monkeypatch, capsys, tmp_path):
     # Fully re-embedded version: the stored image embeds exactly onto its own row.
-    assert env.upgrade("v6", {"ops": {"backfilled_gallery": {"config": {"reembed_fraction": 1.0}}}}).success
+    assert env.upgrade(
+        "v6", {"ops": {"backfilled_gallery": {"config": {"reembed_fraction": 1.0}}}}
+    ).success
     db = env.fct.connect()
-    assert set(db.open_table("gallery_v6").to_arrow().column("source").to_pylist()) == {"re-embedded"}
+    assert set(db.open_table("gallery_v6").to_arrow().column("source").to_pylist()) == {
+        "re-embedded"
+    }
     _cli_env(monkeypatch, env)
     assert fct_main(["search", "--item-id", "7", "--version", "v6", "-k", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     first = out[1].split()
     assert first[1] == "7" and math.isclose(float(first[3]), 0.0, abs_tol=1e-4)
     # The same image from a file.
-    row = db.open_table(storage.GALLERY_STORE).search().where("item_id = 7").select(["image"]).to_list()[0]
+    row = (
+        db.open_table(storage.GALLERY_STORE)
+        .search()
+        .where("item_id = 7")
+        .select(["image"])
+        .to_list()[0]
+    )
     path = tmp_path / "query.png"
     path.write_bytes(row["image"])
     assert fct_main(["search", "--image", str(path), "--version", "v6", "-k", "1"]) == 0
@@ -240,15 +299,22 @@ def test_promotion_and_rollback_as_jobs(env):
     # The UI's way: the `promote` job with a typed version, the `rollback` job without config.
     db = env.fct.connect()
     promoted = env.defs.resolve_job_def("promote").execute_in_process(
-        instance=env.instance, run_config={"ops": {"promote_version": {"config": {"version": "v3"}}}}
+        instance=env.instance,
+        run_config={"ops": {"promote_version": {"config": {"version": "v3"}}}},
     )
     assert promoted.success and current(db)["version"] == "v3"
-    assert promoted.output_for_node("promote_version")["table_version"] == db.open_table("gallery_v3").version
+    assert (
+        promoted.output_for_node("promote_version")["table_version"]
+        == db.open_table("gallery_v3").version
+    )
     rolled = env.defs.resolve_job_def("rollback").execute_in_process(instance=env.instance)
     assert rolled.success and current(db)["version"] == "v2"
-    # v5's blocking check failed (planted NaN): the job fails with the same one-line reason as the CLI.
+    # v5's blocking check failed (planted NaN): the job fails with the same one-line reason as the
+    # CLI.
     refused = env.defs.resolve_job_def("promote").execute_in_process(
-        instance=env.instance, run_config={"ops": {"promote_version": {"config": {"version": "v5"}}}}, raise_on_error=False
+        instance=env.instance,
+        run_config={"ops": {"promote_version": {"config": {"version": "v5"}}}},
+        raise_on_error=False,
     )
     assert not refused.success and current(db)["version"] == "v2"
     failure = next(e for e in refused.all_events if e.is_step_failure)
@@ -260,7 +326,9 @@ def test_vectors_of_another_space_are_refused(env):
     table = db.open_table("gallery_v2")
     n = table.count_rows()
     rows = table.to_arrow().slice(0, 2)
-    foreign = rows.set_column(rows.schema.get_field_index("space_id"), "space_id", [["new_model:v9@000000000000"] * 2])
+    foreign = rows.set_column(
+        rows.schema.get_field_index("space_id"), "space_id", [["new_model:v9@000000000000"] * 2]
+    )
     with pytest.raises(storage.SpaceMismatchError, match="new_model:v9@000000000000"):
         storage.append_rows(db, "gallery_v2", foreign)
     assert env.fct.connect().open_table("gallery_v2").count_rows() == n
@@ -272,8 +340,12 @@ def test_tampered_checkpoint_is_refused(env):
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     job = env.defs.resolve_implicit_global_asset_job_def()
-    run = job.execute_in_process(instance=env.instance, partition_key="v3", asset_selection=[dg.AssetKey("backfilled_gallery")],
-                                 raise_on_error=False)  # fmt: skip
+    run = job.execute_in_process(
+        instance=env.instance,
+        partition_key="v3",
+        asset_selection=[dg.AssetKey("backfilled_gallery")],
+        raise_on_error=False,
+    )
     assert not run.success
     failure = next(e for e in run.all_events if e.is_step_failure)
     assert "differs from the recorded" in str(failure.event_specific_data.error)
@@ -285,7 +357,10 @@ def test_estimate_uses_the_costs_measured_on_the_versions_runs(env, monkeypatch,
     e = estimate(env.instance, "v2")
     backfill = json.loads((env.root / "records" / "backfilled_gallery" / "v2.json").read_text())
     report = json.loads((env.root / "records" / "eval_report" / "v2.json").read_text())
-    assert e["items"] == backfill["rows"] and e["transform_items_per_s"] == backfill["backfill_items_per_s"]
+    assert (
+        e["items"] == backfill["rows"]
+        and e["transform_items_per_s"] == backfill["backfill_items_per_s"]
+    )
     assert e["reembed_items_per_s"] == report["reembed_items_per_s"]
     assert e["reembed_seconds"] == pytest.approx(e["items"] / e["reembed_items_per_s"])
     big = estimate(env.instance, "v2", items=10**9)

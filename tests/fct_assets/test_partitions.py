@@ -12,7 +12,9 @@ def test_good_versions(name):
     assert version_table(name) == f"gallery_{name}"
 
 
-@pytest.mark.parametrize("name", ["", "2v", "../v2", "v2/..", "v2;rm -rf /", "v 2", "v2$(id)", "a" * 65, "v2\n"])
+@pytest.mark.parametrize(
+    "name", ["", "2v", "../v2", "v2/..", "v2;rm -rf /", "v 2", "v2$(id)", "a" * 65, "v2\n"]
+)
 def test_bad_versions_are_refused_with_one_line(name):
     with pytest.raises(VersionError) as err:
         check_version(name)

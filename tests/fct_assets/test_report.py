@@ -7,12 +7,32 @@ def test_rows_keep_the_papers_order_after_a_key_sorting_round_trip():
     metrics = {"top1": 50.0, "top5": 60.0, "mAP": 40.0}
     # Keys sorted alphabetically, as Dagster's JSON metadata returns them.
     report = {
-        "version": "v2", "items": 10,
-        "cases": {c: metrics for c in sorted(["old/old", "new/new", "new/h(old)", "new/gallery_v2", "new/old"])},
+        "version": "v2",
+        "items": 10,
+        "cases": {
+            c: metrics
+            for c in sorted(["old/old", "new/new", "new/h(old)", "new/gallery_v2", "new/old"])
+        },
         "cases_unseen_classes": {},
         "gap_closed": {"top1": 1.0, "mAP": 2.0},
-        "backfill_auc": {o: {"top1": 1.0, "mAP": 2.0} for o in sorted(["random", "sigma", "oracle"])},
-    }  # fmt: skip
-    rows = [line.split("|")[1].strip() for line in markdown_table(report, include_plot=False).splitlines() if line.startswith("| ") and not line.startswith("| ---")]
-    assert rows == ["case (query/gallery)", "old/old", "new/new", "new/h(old)", "new/gallery_v2", "new/old",
-                    "backfill order", "random", "sigma", "oracle"]  # fmt: skip
+        "backfill_auc": {
+            o: {"top1": 1.0, "mAP": 2.0} for o in sorted(["random", "sigma", "oracle"])
+        },
+    }
+    rows = [
+        line.split("|")[1].strip()
+        for line in markdown_table(report, include_plot=False).splitlines()
+        if line.startswith("| ") and not line.startswith("| ---")
+    ]
+    assert rows == [
+        "case (query/gallery)",
+        "old/old",
+        "new/new",
+        "new/h(old)",
+        "new/gallery_v2",
+        "new/old",
+        "backfill order",
+        "random",
+        "sigma",
+        "oracle",
+    ]

@@ -53,17 +53,23 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
     version, shards, fraction = "v7", 3, 0.25
     env.instance.add_dynamic_partitions("model_version", [version])
     models = [dg.AssetKey("new_model"), dg.AssetKey("transformation")]
-    assert env.defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        instance=env.instance, partition_key=version, asset_selection=models).success  # fmt: skip
+    assert (
+        env.defs.resolve_implicit_global_asset_job_def()
+        .execute_in_process(instance=env.instance, partition_key=version, asset_selection=models)
+        .success
+    )
     _point_env_at(monkeypatch, env)
     config = {"reembed_fraction": fraction, "batch_size": 64, "shards": shards, "ann_min_rows": 256}
     # The `gpu` pool at one slot, as dagster_home/dagster.yaml sets it (this instance has no yaml).
     env.instance.event_log_storage.set_concurrency_slots("gpu", 1)
     try:
         with dg.execute_job(
-            dg.reconstructable(upgrade_job), instance=env.instance, asset_selection=[BACKFILL],
-            run_config={"ops": {"backfilled_gallery": {"config": config}}}, tags={"dagster/partition": version},
-        ) as result:  # fmt: skip
+            dg.reconstructable(upgrade_job),
+            instance=env.instance,
+            asset_selection=[BACKFILL],
+            run_config={"ops": {"backfilled_gallery": {"config": config}}},
+            tags={"dagster/partition": version},
+        ) as result:
             assert result.success
             run_id = result.run_id
     finally:
@@ -71,8 +77,10 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
 
     # Each shard ran as its own step, in its own process, none in this (the orchestrating) one.
     def events(kind):
-        return {r.event_log_entry.step_key: r.event_log_entry
-                for r in env.instance.get_records_for_run(run_id, of_type=kind).records}  # fmt: skip
+        return {
+            r.event_log_entry.step_key: r.event_log_entry
+            for r in env.instance.get_records_for_run(run_id, of_type=kind).records
+        }
 
     starts, ends = events(dg.DagsterEventType.STEP_START), events(dg.DagsterEventType.STEP_SUCCESS)
     shard_keys = sorted(k for k in starts if ".backfill_shard[" in k)
@@ -80,19 +88,33 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
     pids = {starts[k].dagster_event.pid for k in shard_keys}
     assert len(pids) == shards and os.getpid() not in pids
     # One gpu slot: the model steps (plan, shards) ran one at a time.
-    spans = sorted((starts[k].timestamp, ends[k].timestamp) for k in starts if "backfill_shard[" in k or "plan_backfill" in k)
+    spans = sorted(
+        (starts[k].timestamp, ends[k].timestamp)
+        for k in starts
+        if "backfill_shard[" in k or "plan_backfill" in k
+    )
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
 
     db = env.fct.connect()
     store = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id")
     table = db.open_table(f"gallery_{version}").to_arrow().sort_by("item_id")
     n = store.num_rows
-    assert table.num_rows == n and table.column("item_id").to_pylist() == store.column("item_id").to_pylist()  # each once
-    record = json.loads((env.root / "records" / "backfilled_gallery" / f"{version}.json").read_text())
-    assert record["rows"] == n and record["shards"] == shards and record["version"] == db.open_table(f"gallery_{version}").version
+    assert (
+        table.num_rows == n
+        and table.column("item_id").to_pylist() == store.column("item_id").to_pylist()
+    )  # each once
+    record = json.loads(
+        (env.root / "records" / "backfilled_gallery" / f"{version}.json").read_text()
+    )
+    assert (
+        record["rows"] == n
+        and record["shards"] == shards
+        and record["version"] == db.open_table(f"gallery_{version}").version
+    )
     assert _staging_tables(db) == []
 
-    # Expected by hand: h over the stored vectors; the re-embedded items are the round(0.25 n) highest sigma.
+    # Expected by hand: h over the stored vectors; the re-embedded items are the round(0.25 n)
+    # highest sigma.
     h, new_model = _model(env, "transformation", version), _model(env, "new_model", version)
     old = torch.from_numpy(storage.vectors(store.column("old_embedding")))
     side = torch.from_numpy(storage.vectors(store.column("side_info")))
@@ -100,22 +122,42 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
     ids = np.asarray(store.column("item_id").to_pylist())
     chosen = set(ids[np.argsort(-sigma.numpy(), kind="stable")[: round(fraction * n)]].tolist())
     source = np.asarray(table.column("source").to_pylist())
-    assert set(ids[source == "re-embedded"].tolist()) == chosen and record["reembedded"] == len(chosen)
+    assert set(ids[source == "re-embedded"].tolist()) == chosen and record["reembedded"] == len(
+        chosen
+    )
     got = storage.vectors(table.column("embedding"))
     transformed = source == "transformed"
-    np.testing.assert_allclose(got[transformed], expected.numpy()[transformed], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got[transformed], expected.numpy()[transformed], rtol=1e-5, atol=1e-5
+    )
     picked = ~transformed
-    images = torch.from_numpy(np.stack([storage.decode_png(b, 1) for b in np.asarray(store.column("image").to_pylist(), dtype=object)[picked]]))
-    np.testing.assert_allclose(got[picked], encode(new_model, [images], transform=to_float).numpy(), rtol=1e-4, atol=1e-4)
+    images = torch.from_numpy(
+        np.stack(
+            [
+                storage.decode_png(b, 1)
+                for b in np.asarray(store.column("image").to_pylist(), dtype=object)[picked]
+            ]
+        )
+    )
+    np.testing.assert_allclose(
+        got[picked], encode(new_model, [images], transform=to_float).numpy(), rtol=1e-4, atol=1e-4
+    )
 
     # n >= ann_min_rows: an IVF_PQ index on the published table, recorded; search still finds a
     # re-embedded item's own image first, at distance ~0 (refine re-ranks exactly).
-    # By hand from storage.ann_params' rule for 540 rows of dim 16: partitions max(1, min(256, 540 // 256)) = 2,
+    # By hand from storage.ann_params' rule for 540 rows of dim 16: partitions max(1, min(256, 540
+    # // 256)) = 2,
     # sub-vectors the largest divisor of 16 up to 16 // 4 = 4, nprobes ceil(2 / 8) = 1, refine 10.
     assert (n, got.shape[1]) == (540, 16)
     assert record["ann_index"] == "built"
-    assert record["ann_params"] == {"index_type": "IVF_PQ", "metric": "l2", "num_partitions": 2, "num_sub_vectors": 4,
-                                    "nprobes": 1, "refine_factor": 10}  # fmt: skip
+    assert record["ann_params"] == {
+        "index_type": "IVF_PQ",
+        "metric": "l2",
+        "num_partitions": 2,
+        "num_sub_vectors": 4,
+        "nprobes": 1,
+        "refine_factor": 10,
+    }
     assert storage.ann_index_exists(db.open_table(f"gallery_{version}"))
     from fct_assets.search import search_command
 
@@ -125,7 +167,8 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
 
 
 def test_below_ann_min_rows_no_index(env):
-    # v2 was backfilled with the default ann_min_rows (100,000) over a gallery of a few hundred items.
+    # v2 was backfilled with the default ann_min_rows (100,000) over a gallery of a few hundred
+    # items.
     db = env.fct.connect()
     meta = recorded_metadata(env.instance, BACKFILL, "v2")
     assert meta["rows"] < 100_000 and meta["ann_index"] == "none"
@@ -144,33 +187,75 @@ OLD_SPACE, SIDE_SPACE = "old_model@aaaaaaaaaaaa", "side_info_model@bbbbbbbbbbbb"
 def _small_world(root):
     fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
     rng = np.random.default_rng(1)
-    images = [storage.encode_png(rng.integers(0, 256, (1, 8, 8), dtype=np.uint8)) for _ in range(N_ITEMS)]
+    images = [
+        storage.encode_png(rng.integers(0, 256, (1, 8, 8), dtype=np.uint8)) for _ in range(N_ITEMS)
+    ]
     images[CORRUPT_ITEM] = b"\x89PNG\r\n\x1a\n" + b"garbage" * 4
-    vec = lambda: pa.FixedSizeListArray.from_arrays(pa.array(rng.random(N_ITEMS * 4).astype(np.float32)), 4)  # noqa: E731
+
+    def vec():
+        return pa.FixedSizeListArray.from_arrays(
+            pa.array(rng.random(N_ITEMS * 4).astype(np.float32)), 4
+        )
+
     schema = storage.gallery_store_schema(4, 4, OLD_SPACE, SIDE_SPACE)
     batch = pa.record_batch(
-        [pa.array(np.arange(N_ITEMS, dtype=np.int64)), pa.array((np.arange(N_ITEMS) % 10).astype(np.int32)),
-         pa.array(images, pa.binary()), vec(), vec(), pa.array([OLD_SPACE] * N_ITEMS), pa.array([SIDE_SPACE] * N_ITEMS)],
+        [
+            pa.array(np.arange(N_ITEMS, dtype=np.int64)),
+            pa.array((np.arange(N_ITEMS) % 10).astype(np.int32)),
+            pa.array(images, pa.binary()),
+            vec(),
+            vec(),
+            pa.array([OLD_SPACE] * N_ITEMS),
+            pa.array([SIDE_SPACE] * N_ITEMS),
+        ],
         schema=schema,
-    )  # fmt: skip
+    )
     info = storage.publish(fct.connect(), storage.GALLERY_STORE, schema, [batch])
     (root / "records").mkdir()
-    (root / "records" / "gallery_store.json").write_text(json.dumps({**info, "old_space_id": OLD_SPACE, "side_info_space_id": SIDE_SPACE}))
+    (root / "records" / "gallery_store.json").write_text(
+        json.dumps({**info, "old_space_id": OLD_SPACE, "side_info_space_id": SIDE_SPACE})
+    )
     home = root / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = dg.DagsterInstance.from_config(str(home))
     instance.add_dynamic_partitions("model_version", ["v2"])
     torch.manual_seed(0)
-    h = Transformation(TransformationConfig(old_dim=4, side_info_dim=4, new_dim=4, branch_width=4, inner_width=4, uncertainty=True))
-    new_model = EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=10))
-    for name, model, extra in (("new_model", new_model, {}),
-                               ("transformation", h, {"old_space_id": OLD_SPACE, "side_info_space_id": SIDE_SPACE})):  # fmt: skip
-        saved = save_checkpoint(root / "checkpoints" / name / "v2.safetensors", model.eval(), name=f"{name}:v2")
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            name, partition="v2", metadata={"path": saved.path, "sha256": saved.sha256, "space_id": saved.space_id, **extra}))  # fmt: skip
-    defs = build_defs({"fct": fct, "checkpoint_io_manager": CheckpointIOManager(root=str(root / "checkpoints")),
-                       "json_io_manager": JsonIOManager(root=str(root / "records"))}, executor=dg.in_process_executor)  # fmt: skip
+    h = Transformation(
+        TransformationConfig(
+            old_dim=4, side_info_dim=4, new_dim=4, branch_width=4, inner_width=4, uncertainty=True
+        )
+    )
+    new_model = EmbeddingModel(
+        ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=10)
+    )
+    for name, model, extra in (
+        ("new_model", new_model, {}),
+        ("transformation", h, {"old_space_id": OLD_SPACE, "side_info_space_id": SIDE_SPACE}),
+    ):
+        saved = save_checkpoint(
+            root / "checkpoints" / name / "v2.safetensors", model.eval(), name=f"{name}:v2"
+        )
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                name,
+                partition="v2",
+                metadata={
+                    "path": saved.path,
+                    "sha256": saved.sha256,
+                    "space_id": saved.space_id,
+                    **extra,
+                },
+            )
+        )
+    defs = build_defs(
+        {
+            "fct": fct,
+            "checkpoint_io_manager": CheckpointIOManager(root=str(root / "checkpoints")),
+            "json_io_manager": JsonIOManager(root=str(root / "records")),
+        },
+        executor=dg.in_process_executor,
+    )
     return fct, instance, defs
 
 
@@ -180,8 +265,13 @@ def test_a_failed_shard_publishes_nothing(tmp_path):
     job = defs.resolve_implicit_global_asset_job_def()
 
     def backfill(**config):
-        return job.execute_in_process(instance=instance, partition_key="v2", asset_selection=[BACKFILL], raise_on_error=False,
-                                      run_config={"ops": {"backfilled_gallery": {"config": {"batch_size": 2, **config}}}})  # fmt: skip
+        return job.execute_in_process(
+            instance=instance,
+            partition_key="v2",
+            asset_selection=[BACKFILL],
+            raise_on_error=False,
+            run_config={"ops": {"backfilled_gallery": {"config": {"batch_size": 2, **config}}}},
+        )
 
     first = backfill(shards=3)
     assert first.success
@@ -194,11 +284,17 @@ def test_a_failed_shard_publishes_nothing(tmp_path):
     assert not failed.success
     failures = [e for e in failed.all_events if e.is_step_failure]
     assert [e.step_key for e in failures] == ["backfilled_gallery.backfill_shard[shard_2]"]
-    assert f"gallery_store item {CORRUPT_ITEM}: stored image is not a readable PNG" in str(failures[0].event_specific_data.error)
+    assert f"gallery_store item {CORRUPT_ITEM}: stored image is not a readable PNG" in str(
+        failures[0].event_specific_data.error
+    )
     succeeded = {e.step_key for e in failed.all_events if e.is_step_success}
-    assert {"backfilled_gallery.backfill_shard[shard_0]", "backfilled_gallery.backfill_shard[shard_1]"} <= succeeded
+    assert {
+        "backfilled_gallery.backfill_shard[shard_0]",
+        "backfilled_gallery.backfill_shard[shard_1]",
+    } <= succeeded
     assert "backfilled_gallery.publish_backfill" not in succeeded
-    # Nothing published: the table is at its version, rows as they were; the record is the first run's.
+    # Nothing published: the table is at its version, rows as they were; the record is the first
+    # run's.
     table = db.open_table("gallery_v2")
     assert table.version == before[0] and table.to_arrow().sort_by("item_id").equals(before[1])
     assert recorded_metadata(instance, BACKFILL, "v2")["version"] == before[0]

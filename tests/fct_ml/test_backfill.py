@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fct_ml.backfill import ORDERS, apply_transformation, backfill_curves, backfill_order, curve_area
+from fct_ml.backfill import (
+    ORDERS,
+    apply_transformation,
+    backfill_curves,
+    backfill_order,
+    curve_area,
+)
 from fct_ml.transformation import Transformation, TransformationConfig
 
 # --------------------------------------------------------------------------- #
@@ -108,7 +114,9 @@ def test_backfill_curves_replaces_exactly_the_first_k_items():
     curves = backfill_curves(r, Y, t, r, Y, {"custom": order}, FRACTIONS, metric="l2")
     assert [p["top1"] for p in curves["custom"]] == pytest.approx([1 / 4, 1 / 4, 2 / 4, 3 / 4, 1])
     # the end points agree across orders
-    other = backfill_curves(r, Y, t, r, Y, {"a": torch.tensor([0, 1, 2, 3]), "b": order}, [0.0, 1.0])
+    other = backfill_curves(
+        r, Y, t, r, Y, {"a": torch.tensor([0, 1, 2, 3]), "b": order}, [0.0, 1.0]
+    )
     assert other["a"][0] == other["b"][0] == curves["custom"][0]
     assert other["a"][1] == other["b"][1] == curves["custom"][-1]
 
@@ -124,7 +132,9 @@ def test_end_points_do_not_depend_on_order():
         "sigma": backfill_order("sigma", 12, sigma=torch.randn(12, generator=g)),
         "oracle": backfill_order("oracle", 12, error=(transformed - reembedded).pow(2).sum(1)),
     }
-    curves = backfill_curves(query, labels, transformed, reembedded, labels, orders, [0.0, 0.5, 1.0], leave_one_out=True)
+    curves = backfill_curves(
+        query, labels, transformed, reembedded, labels, orders, [0.0, 0.5, 1.0], leave_one_out=True
+    )
     starts = {name: c[0] for name, c in curves.items()}
     ends = {name: c[-1] for name, c in curves.items()}
     assert starts["random"] == starts["sigma"] == starts["oracle"]
@@ -139,7 +149,9 @@ def test_end_points_are_all_transformed_and_all_reembedded():
     transformed = torch.tensor([[5.0], [1.0]])
     reembedded = torch.tensor([[0.0], [6.0]])
     y = torch.tensor([0, 1])
-    curves = backfill_curves(reembedded, y, transformed, reembedded, y, {"o": torch.tensor([1, 0])}, [0.0, 1.0])
+    curves = backfill_curves(
+        reembedded, y, transformed, reembedded, y, {"o": torch.tensor([1, 0])}, [0.0, 1.0]
+    )
     assert [p["top1"] for p in curves["o"]] == [0.0, 1.0]
 
 
@@ -168,7 +180,11 @@ def test_curve_area_empty_raises():
 
 def small_h(**kwargs) -> Transformation:
     torch.manual_seed(0)
-    return Transformation(TransformationConfig(old_dim=4, side_info_dim=3, new_dim=5, branch_width=8, inner_width=8, **kwargs))
+    return Transformation(
+        TransformationConfig(
+            old_dim=4, side_info_dim=3, new_dim=5, branch_width=8, inner_width=8, **kwargs
+        )
+    )
 
 
 def _inputs(n: int = 7) -> tuple[torch.Tensor, torch.Tensor]:

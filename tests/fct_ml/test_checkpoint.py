@@ -10,29 +10,52 @@ import pickle
 import pytest
 import torch
 
-from fct_ml.checkpoint import CheckpointError, content_digest, load_checkpoint, save_checkpoint, sha256_file, space_id
+from fct_ml.checkpoint import (
+    CheckpointError,
+    content_digest,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+    space_id,
+)
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.transformation import Transformation, TransformationConfig
 
 
 def _model(seed: int = 0) -> EmbeddingModel:
     torch.manual_seed(seed)
-    return EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)).eval()
+    return EmbeddingModel(
+        ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)
+    ).eval()
 
 
 def test_round_trip_restores_weights_config_and_provenance(tmp_path):
     model = _model()
-    info = save_checkpoint(tmp_path / "m.safetensors", model, name="old_model", metadata={"run_id": "r1"})
-    assert info.sha256 == sha256_file(info.path) == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
+    info = save_checkpoint(
+        tmp_path / "m.safetensors", model, name="old_model", metadata={"run_id": "r1"}
+    )
+    assert (
+        info.sha256
+        == sha256_file(info.path)
+        == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
+    )
     assert info.space_id == f"old_model@{info.sha256[:12]}" == space_id("old_model", info.sha256)
     loaded, meta = load_checkpoint(info.path, info.sha256)
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(model(x), loaded(x))
-    assert meta["config"]["embed_dim"] == 4 and meta["provenance"] == {"run_id": "r1"} and meta["kind"] == "embedding_model"
+    assert (
+        meta["config"]["embed_dim"] == 4
+        and meta["provenance"] == {"run_id": "r1"}
+        and meta["kind"] == "embedding_model"
+    )
 
 
 def test_transformation_round_trip(tmp_path):
-    h = Transformation(TransformationConfig(old_dim=3, side_info_dim=2, new_dim=4, branch_width=4, inner_width=4, uncertainty=True)).eval()
+    h = Transformation(
+        TransformationConfig(
+            old_dim=3, side_info_dim=2, new_dim=4, branch_width=4, inner_width=4, uncertainty=True
+        )
+    ).eval()
     info = save_checkpoint(tmp_path / "h.safetensors", h, name="transformation:v2")
     loaded, _ = load_checkpoint(info.path, info.sha256)
     old, side = torch.rand(5, 3), torch.rand(5, 2)
@@ -76,7 +99,9 @@ def test_weights_that_do_not_fit_the_config_are_refused_in_one_line(tmp_path, ch
     # the weights; or no config at all (the default config's widths differ from the weights too).
     from safetensors.torch import save as save_safetensors
 
-    small = TransformationConfig(old_dim=3, side_info_dim=2, new_dim=4, branch_width=4, inner_width=4)
+    small = TransformationConfig(
+        old_dim=3, side_info_dim=2, new_dim=4, branch_width=4, inner_width=4
+    )
     h = Transformation(small)
     header = {"kind": "transformation", "name": "h", "provenance": "{}"}
     if change == "other_shapes":

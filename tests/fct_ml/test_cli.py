@@ -17,7 +17,15 @@ import pytest
 
 from fct_ml.cli import main
 
-CASES = ("old/old", "new/new", "new/h(old)", "new/h(old) no side-info", "bct/old", "bct/bct", "new/old")
+CASES = (
+    "old/old",
+    "new/new",
+    "new/h(old)",
+    "new/h(old) no side-info",
+    "bct/old",
+    "bct/bct",
+    "new/old",
+)
 ORDERS = ("random", "sigma", "oracle")
 
 
@@ -32,7 +40,18 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One seed-0 tiny run: {code, stdout, stderr, result, out}."""
     out = tmp_path_factory.mktemp("run") / "sub" / "result.json"
-    argv = ["reproduce", "--dataset", "digits", "--preset", "tiny", "--seed", "0", "--out", str(out), "--quiet"]
+    argv = [
+        "reproduce",
+        "--dataset",
+        "digits",
+        "--preset",
+        "tiny",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     code, stdout, stderr = _run(argv)
     result = json.loads(out.read_text()) if out.exists() else None
     return {"code": code, "stdout": stdout, "stderr": stderr, "result": result, "out": out}
@@ -50,8 +69,17 @@ def test_reproduce_exits_zero_and_writes_json(tiny_run) -> None:
 @pytest.mark.slow
 def test_reproduce_result_json(tiny_run) -> None:
     r = tiny_run["result"]
-    for key in ("dataset", "preset", "seed", "old_classes", "cases", "cases_unseen_classes", "backfill_auc",
-                "gap_closed", "timings_s"):  # fmt: skip
+    for key in (
+        "dataset",
+        "preset",
+        "seed",
+        "old_classes",
+        "cases",
+        "cases_unseen_classes",
+        "backfill_auc",
+        "gap_closed",
+        "timings_s",
+    ):
         assert key in r, key
     assert r["dataset"] == "digits"
     assert r["preset"] == "tiny"
@@ -76,7 +104,9 @@ def test_reproduce_result_json(tiny_run) -> None:
         assert all(0.0 <= r["backfill_auc"][order][m] <= 100.0 for m in ("top1", "mAP"))
 
     assert set(r["gap_closed"]) == {"top1", "mAP"}
-    for value in r["gap_closed"].values():  # a percentage, or null when old == new (NaN in JSON -> null)
+    for value in r[
+        "gap_closed"
+    ].values():  # a percentage, or null when old == new (NaN in JSON -> null)
         assert value is None or math.isfinite(value)
 
     assert r["timings_s"], "no stage timings"
@@ -91,7 +121,9 @@ def test_reproduce_prints_the_table(tiny_run) -> None:
 
 
 def test_old_classes_out_of_range_exits_2(capsys) -> None:
-    code = main(["reproduce", "--dataset", "digits", "--preset", "tiny", "--old-classes", "0-99", "--quiet"])
+    code = main(
+        ["reproduce", "--dataset", "digits", "--preset", "tiny", "--old-classes", "0-99", "--quiet"]
+    )
     assert code == 2
     captured = capsys.readouterr()
     err = captured.err.strip()

@@ -33,7 +33,10 @@ def test_from_dict_builds_nested_frozen_dataclasses() -> None:
         ExperimentConfig,
         {
             "old_model": {"arch": "cnn-xs", "embed_dim": 16},
-            "side_info": {"model": {"arch": "cnn-xs", "embed_dim": 8, "num_classes": 0}, "projection_dim": 4},
+            "side_info": {
+                "model": {"arch": "cnn-xs", "embed_dim": 8, "num_classes": 0},
+                "projection_dim": 4,
+            },
             "transformation_train": {"optimizer": "adam", "lr": 0.002, "bn_eval_after": 0.5},
             "metric": "cosine",
         },
@@ -54,7 +57,9 @@ def test_from_dict_builds_nested_frozen_dataclasses() -> None:
 
 
 def test_from_dict_side_info_config_with_nested_model() -> None:
-    side = from_dict(SideInfoConfig, {"model": {"embed_dim": 32, "num_classes": 0}, "temperature": 0.5})
+    side = from_dict(
+        SideInfoConfig, {"model": {"embed_dim": 32, "num_classes": 0}, "temperature": 0.5}
+    )
     assert side == SideInfoConfig(model=ModelConfig(embed_dim=32, num_classes=0), temperature=0.5)
 
 
@@ -130,7 +135,9 @@ def test_list_for_tuple_is_fine() -> None:
 
 def test_tuple_length_and_item_types_are_checked() -> None:
     assert error_of(from_dict, AugmentConfig, {"crop_scale": [0.5]}).startswith("crop_scale:")
-    assert error_of(from_dict, AugmentConfig, {"crop_scale": ["a", 1.0]}).startswith("crop_scale[0]:")
+    assert error_of(from_dict, AugmentConfig, {"crop_scale": ["a", 1.0]}).startswith(
+        "crop_scale[0]:"
+    )
     assert error_of(from_dict, AugmentConfig, {"crop_scale": 0.5}).startswith("crop_scale:")
 
 
@@ -171,7 +178,9 @@ def test_replace_flat_and_nested() -> None:
 
 def test_replace_two_levels_deep() -> None:
     config = preset("tiny")
-    changed = replace(config, side_info__model__embed_dim=8, old_model__in_channels=3, backfill_points=3)
+    changed = replace(
+        config, side_info__model__embed_dim=8, old_model__in_channels=3, backfill_points=3
+    )
     assert changed.side_info.model.embed_dim == 8
     assert changed.old_model.in_channels == 3
     assert changed.backfill_points == 3

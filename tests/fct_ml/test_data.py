@@ -40,6 +40,7 @@ def assert_one_line_naming(err: pytest.ExceptionInfo[DataError], *names: str) ->
 # IDX files
 # --------------------------------------------------------------------------- #
 
+
 def idx_bytes(array: np.ndarray, *, dtype_code: int = 0x08) -> bytes:
     """Hand-built IDX: 00 00 dtype ndim, big-endian uint32 dims, raw uint8 data."""
     header = bytes([0, 0, dtype_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -56,12 +57,18 @@ def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
     return path
 
 
-def write_fake_fashion(directory: Path, n_train: int = 12, n_test: int = 5, size: int = 4, gz: bool = False) -> None:
+def write_fake_fashion(
+    directory: Path, n_train: int = 12, n_test: int = 5, size: int = 4, gz: bool = False
+) -> None:
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
-    write_idx(directory / "train-images-idx3-ubyte", rng.integers(0, 256, (n_train, size, size)), gz=gz)
+    write_idx(
+        directory / "train-images-idx3-ubyte", rng.integers(0, 256, (n_train, size, size)), gz=gz
+    )
     write_idx(directory / "train-labels-idx1-ubyte", np.arange(n_train) % 10, gz=gz)
-    write_idx(directory / "t10k-images-idx3-ubyte", rng.integers(0, 256, (n_test, size, size)), gz=gz)
+    write_idx(
+        directory / "t10k-images-idx3-ubyte", rng.integers(0, 256, (n_test, size, size)), gz=gz
+    )
     write_idx(directory / "t10k-labels-idx1-ubyte", np.arange(n_test) % 10, gz=gz)
 
 
@@ -116,7 +123,9 @@ def test_read_idx_unsupported_dtype(tmp_path: Path) -> None:
     assert_one_line_naming(err, "floats", "0x0d", "uint8")
 
 
-def test_fashion_mnist_from_env_dir_plain_and_gz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fashion_mnist_from_env_dir_plain_and_gz(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_fake_fashion(tmp_path / "plain", gz=False)
     write_fake_fashion(tmp_path / "gz", gz=True)
     monkeypatch.setenv("FCT_DATA_DIR", str(tmp_path / "plain"))
@@ -142,7 +151,9 @@ def test_fashion_mnist_missing_file(tmp_path: Path) -> None:
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError) as err:
         load_dataset("fashion-mnist", tmp_path)
-    assert_one_line_naming(err, str(tmp_path / "t10k-labels-idx1-ubyte"), "dataset-fashion-mnist", "FCT_DATA_DIR")
+    assert_one_line_naming(
+        err, str(tmp_path / "t10k-labels-idx1-ubyte"), "dataset-fashion-mnist", "FCT_DATA_DIR"
+    )
 
 
 def test_fashion_mnist_count_mismatch(tmp_path: Path) -> None:
@@ -163,7 +174,9 @@ def test_fashion_mnist_label_out_of_range(tmp_path: Path) -> None:
     assert_one_line_naming(err, "t10k-labels-idx1-ubyte", "label 10", "index 3")
 
 
-@pytest.mark.skipif(not REAL_FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not REAL_FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed"
+)
 def test_real_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FCT_DATA_DIR", raising=False)
     ds = load_dataset("fashion-mnist")
@@ -177,6 +190,7 @@ def test_real_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
 # digits
 # --------------------------------------------------------------------------- #
 
+
 def test_digits_sizes_split_and_fingerprint() -> None:
     a = load_dataset("digits")
     b = DATASETS["digits"](None)
@@ -185,7 +199,9 @@ def test_digits_sizes_split_and_fingerprint() -> None:
     assert a.train.images.shape[1:] == (1, 8, 8) and a.train.images.dtype == torch.uint8
     assert int(a.train.images.max()) == 255 and int(a.train.images.min()) == 0
     assert a.class_names == tuple(str(d) for d in range(10))
-    assert sorted(a.test.labels.unique().tolist()) == list(range(10))  # stratified: every class in test
+    assert sorted(a.test.labels.unique().tolist()) == list(
+        range(10)
+    )  # stratified: every class in test
     # deterministic across calls
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
     assert a.fingerprint() == b.fingerprint()
@@ -200,6 +216,7 @@ def test_digits_sizes_split_and_fingerprint() -> None:
 # --------------------------------------------------------------------------- #
 # image folders
 # --------------------------------------------------------------------------- #
+
 
 def write_png(path: Path, mode: str, value: int, size: tuple[int, int] = (6, 5)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,6 +292,7 @@ def test_imagefolder_empty_class_and_too_few_classes(tmp_path: Path) -> None:
 # CIFAR-100
 # --------------------------------------------------------------------------- #
 
+
 def write_fake_cifar(root: Path, n_train: int = 20, n_test: int = 10, n_classes: int = 5) -> Path:
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
@@ -287,7 +305,10 @@ def write_fake_cifar(root: Path, n_train: int = 20, n_test: int = 10, n_classes:
             b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
         }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {b"fine_label_names": [f"class{c}".encode() for c in range(n_classes)], b"coarse_label_names": [b"all"]}
+    meta = {
+        b"fine_label_names": [f"class{c}".encode() for c in range(n_classes)],
+        b"coarse_label_names": [b"all"],
+    }
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     return folder
 
@@ -340,6 +361,7 @@ def test_cifar100_missing_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 # --------------------------------------------------------------------------- #
 # class lists, ImageSet, registry
 # --------------------------------------------------------------------------- #
+
 
 @pytest.mark.parametrize(
     ("text", "expected"),

@@ -41,8 +41,11 @@ def test_cases_of_different_dims_are_skipped():
 
 
 def test_gap_closed_by_hand():
-    cases = {"old/old": {"top1": 40.0, "mAP": 20.0}, "new/new": {"top1": 80.0, "mAP": 60.0},
-             "new/h(old)": {"top1": 70.0, "mAP": 50.0}}  # fmt: skip
+    cases = {
+        "old/old": {"top1": 40.0, "mAP": 20.0},
+        "new/new": {"top1": 80.0, "mAP": 60.0},
+        "new/h(old)": {"top1": 70.0, "mAP": 50.0},
+    }
     # (70 - 40) / (80 - 40) = 75 %; (50 - 20) / (60 - 20) = 75 %
     assert gap_closed(cases) == pytest.approx({"top1": 75.0, "mAP": 75.0})
     cases["new/new"] = cases["old/old"]

@@ -109,7 +109,9 @@ def test_fastfill_loss_minimised_at_log_error(mse: float, ce: float):
     assert grid[values.argmin()].item() == pytest.approx(best, abs=2e-3)
     # derivative there: -0.5 e^-s (mse + ce) + 0.5 = -0.5 + 0.5 = 0
     s = torch.tensor([best], dtype=torch.float64, requires_grad=True)
-    fastfill_loss(torch.tensor([mse], dtype=torch.float64), torch.tensor([ce], dtype=torch.float64), s).sum().backward()
+    fastfill_loss(
+        torch.tensor([mse], dtype=torch.float64), torch.tensor([ce], dtype=torch.float64), s
+    ).sum().backward()
     assert s.grad.item() == pytest.approx(0.0, abs=1e-9)
     # and the value there is 0.5 + 0.5 log(mse + ce)
     assert values.min().item() == pytest.approx(0.5 + 0.5 * best, abs=1e-6)
@@ -122,7 +124,11 @@ def test_fastfill_loss_minimised_at_log_error(mse: float, ce: float):
 
 def small_h(**kwargs) -> Transformation:
     torch.manual_seed(0)
-    return Transformation(TransformationConfig(old_dim=4, side_info_dim=3, new_dim=5, branch_width=8, inner_width=8, **kwargs))
+    return Transformation(
+        TransformationConfig(
+            old_dim=4, side_info_dim=3, new_dim=5, branch_width=8, inner_width=8, **kwargs
+        )
+    )
 
 
 def feature_batch(n: int = 6):
@@ -179,7 +185,9 @@ def test_fastfill_objective():
 
 def _bct_setup():
     torch.manual_seed(0)
-    model = EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)).eval()
+    model = EmbeddingModel(
+        ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)
+    ).eval()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 1, 8, 8), generator=g, dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 1, 0])
@@ -200,7 +208,9 @@ def test_bct_objective_parts():
         ce_new = _cross_entropy_by_hand(model.logits(emb), labels)
         influence = _cross_entropy_by_hand(emb @ old_classifier.T, labels)
 
-    out = BCTObjective(model, old_classifier, aug, 0.0, 0.0, torch.Generator().manual_seed(0))((images, labels))
+    out = BCTObjective(model, old_classifier, aug, 0.0, 0.0, torch.Generator().manual_seed(0))(
+        (images, labels)
+    )
     assert set(out) == {"loss", "ce_new", "influence"}
     assert out["loss"].requires_grad
     # influence_weight = 0: the loss is the plain new-classifier cross-entropy
@@ -208,7 +218,9 @@ def test_bct_objective_parts():
     assert out["ce_new"].item() == pytest.approx(ce_new, rel=1e-4)
     assert out["influence"].item() == pytest.approx(influence, rel=1e-4)
 
-    weighted = BCTObjective(model, old_classifier, aug, 0.0, 0.5, torch.Generator().manual_seed(0))((images, labels))
+    weighted = BCTObjective(model, old_classifier, aug, 0.0, 0.5, torch.Generator().manual_seed(0))(
+        (images, labels)
+    )
     # loss = ce_new + 0.5 * influence
     assert weighted["loss"].item() == pytest.approx(ce_new + 0.5 * influence, rel=1e-4)
 
@@ -216,7 +228,9 @@ def test_bct_objective_parts():
 def test_bct_objective_gradients_reach_the_new_model_only():
     model, images, labels, old_classifier = _bct_setup()
     old_classifier.requires_grad_(True)
-    out = BCTObjective(model, old_classifier, AugmentConfig(), 0.0, 1.0, torch.Generator().manual_seed(0))((images, labels))
+    out = BCTObjective(
+        model, old_classifier, AugmentConfig(), 0.0, 1.0, torch.Generator().manual_seed(0)
+    )((images, labels))
     out["loss"].backward()
     assert model.classifier.weight.grad is not None
     assert model.embed.weight.grad is not None

@@ -44,7 +44,9 @@ def test_backbone_builds_and_embeds_non_negative(arch: str, in_channels: int) ->
 
 
 def test_cnn_on_28x28() -> None:
-    model = build_model(ModelConfig(arch="cnn-xs", embed_dim=5, in_channels=1, num_classes=3)).eval()
+    model = build_model(
+        ModelConfig(arch="cnn-xs", embed_dim=5, in_channels=1, num_classes=3)
+    ).eval()
     with torch.no_grad():
         emb = model(torch.rand(2, 1, 28, 28))
     assert emb.shape == (2, 5)
@@ -134,12 +136,17 @@ def test_transformation_with_uncertainty(side_info: bool) -> None:
     assert pred.shape == (3, 4)
     assert sigma.shape == (3,)
     assert torch.equal(pred, plain)  # sigma is a head on h's output, it does not change it
-    assert isinstance(h.sigma_head, nn.Linear) and h.sigma_head.in_features == 4 and h.sigma_head.out_features == 1
+    assert (
+        isinstance(h.sigma_head, nn.Linear)
+        and h.sigma_head.in_features == 4
+        and h.sigma_head.out_features == 1
+    )
 
 
 def test_transformation_layout() -> None:
     h = Transformation(TransformationConfig(**TINY_H))
-    # inner: Linear(12, 8)-BN-ReLU, Linear(8, 8)-BN-ReLU, Linear(8, 4) plain with bias, nothing after it.
+    # inner: Linear(12, 8)-BN-ReLU, Linear(8, 8)-BN-ReLU, Linear(8, 4) plain with bias, nothing
+    # after it.
     last = h.inner[-1]
     assert isinstance(last, nn.Linear)
     assert last.bias is not None
@@ -187,7 +194,9 @@ def test_transformation_with_side_info_uses_side() -> None:
 
 
 def test_simclr_model_projects() -> None:
-    config = SideInfoConfig(model=ModelConfig(arch="cnn-xs", embed_dim=6, num_classes=0), projection_dim=3)
+    config = SideInfoConfig(
+        model=ModelConfig(arch="cnn-xs", embed_dim=6, num_classes=0), projection_dim=3
+    )
     model = SimCLRModel(config).eval()
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
@@ -203,7 +212,9 @@ def test_simclr_model_projects() -> None:
 
 def _tiny_old_model(num_old: int, embed_dim: int = 4) -> EmbeddingModel:
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch="cnn-xs", embed_dim=embed_dim, in_channels=1, num_classes=num_old))
+    return build_model(
+        ModelConfig(arch="cnn-xs", embed_dim=embed_dim, in_channels=1, num_classes=num_old)
+    )
 
 
 def test_extended_old_classifier_seen_rows_and_unseen_means() -> None:

@@ -121,7 +121,9 @@ def test_collapsed_embeddings_score_worst_case():
     # non-matches rank ahead of both matches: ranks 3, 4 -> AP = (1/3 + 2/4) / 2 = 5/12.
     gallery = torch.zeros(4, 3)
     for gallery_labels in (labels(0, 0, 1, 1), labels(1, 0, 1, 0), labels(0, 1, 1, 0)):
-        out = evaluate_retrieval(torch.zeros(1, 3), labels(0), gallery, gallery_labels, topk=(1, 2, 3))
+        out = evaluate_retrieval(
+            torch.zeros(1, 3), labels(0), gallery, gallery_labels, topk=(1, 2, 3)
+        )
         assert out["top1"] == 0.0
         assert out["top2"] == 0.0
         assert out["top3"] == 1.0
@@ -133,10 +135,14 @@ def test_collapsed_embeddings_score_worst_case():
 #
 # items  x:     0   3   4   10   20
 #        label: 0   1   0   1    2
-# i=0 (x=0, l0):  others 3(1):3  4(0):4  10(1):10  20(2):20 -> ranking 3 4 10 20, match rank 2: AP 1/2
-# i=1 (x=3, l1):  0(0):3  4(0):1  10(1):7  20(2):17          -> ranking 4 0 10 20, match rank 3: AP 1/3
-# i=2 (x=4, l0):  0(0):4  3(1):1  10(1):6  20(2):16          -> ranking 3 0 10 20, match rank 2: AP 1/2
-# i=3 (x=10, l1): 0(0):10 3(1):7  4(0):6   20(2):10          -> ranking 4 3 {0,20}, match rank 2: AP 1/2
+# i=0 (x=0, l0):  others 3(1):3  4(0):4  10(1):10  20(2):20 -> ranking 3 4 10 20, match rank 2: AP
+# 1/2
+# i=1 (x=3, l1):  0(0):3  4(0):1  10(1):7  20(2):17          -> ranking 4 0 10 20, match rank 3: AP
+# 1/3
+# i=2 (x=4, l0):  0(0):4  3(1):1  10(1):6  20(2):16          -> ranking 3 0 10 20, match rank 2: AP
+# 1/2
+# i=3 (x=10, l1): 0(0):10 3(1):7  4(0):6   20(2):10          -> ranking 4 3 {0,20}, match rank 2: AP
+# 1/2
 # i=4 (x=20, l2): its only same-label item is itself -> no match, left out
 # top1 = 0/4, top2 = 3/4 (i=0, 2, 3), top3 = 4/4, mAP = (1/2 + 1/3 + 1/2 + 1/2)/4 = 11/24
 # --------------------------------------------------------------------------- #
@@ -256,9 +262,24 @@ def test_pairwise_distance_unknown_metric():
 
 
 def _chunked_runs(query, query_labels, gallery, gallery_labels, **kwargs) -> list[RetrievalResult]:
-    runs = [retrieve(query, query_labels, gallery, gallery_labels, chunk_size=c, topk=(1, 3, 5), **kwargs) for c in (1, 2, 1024)]
+    runs = [
+        retrieve(
+            query, query_labels, gallery, gallery_labels, chunk_size=c, topk=(1, 3, 5), **kwargs
+        )
+        for c in (1, 2, 1024)
+    ]
     for elements in (1, 50):  # 1 // G = 0 -> one query at a time; 50 // 23 = 2 queries at a time
-        runs.append(retrieve(query, query_labels, gallery, gallery_labels, max_chunk_elements=elements, topk=(1, 3, 5), **kwargs))
+        runs.append(
+            retrieve(
+                query,
+                query_labels,
+                gallery,
+                gallery_labels,
+                max_chunk_elements=elements,
+                topk=(1, 3, 5),
+                **kwargs,
+            )
+        )
     return runs
 
 
@@ -325,4 +346,6 @@ def test_dimension_mismatch():
 
 def test_leave_one_out_needs_same_length():
     with pytest.raises(ValueError, match="leave_one_out"):
-        retrieve(torch.zeros(2, 2), labels(0, 1), torch.zeros(3, 2), labels(0, 1, 0), leave_one_out=True)
+        retrieve(
+            torch.zeros(2, 2), labels(0, 1), torch.zeros(3, 2), labels(0, 1, 0), leave_one_out=True
+        )

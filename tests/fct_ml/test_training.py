@@ -36,7 +36,9 @@ def test_lr_factor_cosine() -> None:
     assert lr_factor(4, 10, 4) == pytest.approx(1.0)  # progress 0: 0.5 * (1 + cos 0) = 1
     # progress 1/6: 0.5 * (1 + cos(pi/6)) = 0.5 * (1 + 0.8660254) = 0.9330127
     assert lr_factor(5, 10, 4) == pytest.approx(0.9330127, abs=1e-7)
-    assert lr_factor(7, 10, 4) == pytest.approx(0.5)  # midpoint, progress 3/6: 0.5 * (1 + cos(pi/2)) = 0.5
+    assert lr_factor(7, 10, 4) == pytest.approx(
+        0.5
+    )  # midpoint, progress 3/6: 0.5 * (1 + cos(pi/2)) = 0.5
     assert lr_factor(10, 10, 4) == pytest.approx(0.0, abs=1e-12)  # end: 0.5 * (1 + cos(pi)) = 0
     assert lr_factor(12, 10, 4) == pytest.approx(0.0, abs=1e-12)  # past the end: clamped
 
@@ -64,18 +66,30 @@ class MSEObjective:
     def __call__(self, batch):
         x, y = batch
         self.calls += 1
-        self.bn_training.append([m.training for m in self.model.modules() if isinstance(m, nn.BatchNorm1d)])
+        self.bn_training.append(
+            [m.training for m in self.model.modules() if isinstance(m, nn.BatchNorm1d)]
+        )
         mse = (self.model(x) - y).pow(2).mean()
         return {"loss": mse, "mse": mse.detach(), "half": 0.5 * mse.detach()}
 
 
-SGD = TrainConfig(epochs=5, batch_size=16, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, warmup_epochs=0.0)
+SGD = TrainConfig(
+    epochs=5,
+    batch_size=16,
+    optimizer="sgd",
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=0.0,
+    warmup_epochs=0.0,
+)
 
 
 def train_linear(seed: int, config: TrainConfig = SGD) -> tuple[nn.Module, list[EpochRecord]]:
     generator = seed_everything(seed)
     model = nn.Linear(3, 1)  # initialised from the seeded global RNG
-    history = fit(model, MSEObjective(model), regression_data(), config, generator=generator, progress=False)
+    history = fit(
+        model, MSEObjective(model), regression_data(), config, generator=generator, progress=False
+    )
     return model, history
 
 
@@ -92,7 +106,8 @@ def test_fit_decreases_the_loss_and_records_each_epoch() -> None:
     assert losses[-1] < losses[0]
     assert losses[-1] < 0.1 * losses[0]
     # 64 rows / 16 = 4 steps per epoch, 20 in all, no warm-up. lr at the end of epoch 1 is
-    # lr_factor(4, 20, 0) = 0.5 * (1 + cos(pi * 4/20)) = 0.5 * (1 + 0.809017) = 0.9045085, times 0.1.
+    # lr_factor(4, 20, 0) = 0.5 * (1 + cos(pi * 4/20)) = 0.5 * (1 + 0.809017) = 0.9045085, times
+    # 0.1.
     assert history[0].lr == pytest.approx(0.09045085, abs=1e-7)
     assert history[-1].lr == pytest.approx(0.0, abs=1e-12)  # cosine down to zero
     assert not model.training  # fit leaves the model in eval mode
@@ -112,14 +127,29 @@ def test_fit_without_data_raises() -> None:
     model = nn.Linear(3, 1)
     empty = (torch.empty(0, 3), torch.empty(0, 1))
     with pytest.raises(ValueError, match="my_stage"):
-        fit(model, MSEObjective(model), empty, SGD, generator=torch.Generator(), desc="my_stage", progress=False)
+        fit(
+            model,
+            MSEObjective(model),
+            empty,
+            SGD,
+            generator=torch.Generator(),
+            desc="my_stage",
+            progress=False,
+        )
 
 
 def test_fit_with_batch_size_zero_raises() -> None:
     model = nn.Linear(3, 1)
     config = TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="batch_size"):
-        fit(model, MSEObjective(model), regression_data(), config, generator=torch.Generator(), progress=False)
+        fit(
+            model,
+            MSEObjective(model),
+            regression_data(),
+            config,
+            generator=torch.Generator(),
+            progress=False,
+        )
 
 
 def test_fit_is_deterministic_for_a_seed() -> None:
@@ -140,23 +170,46 @@ def test_bn_eval_after_freezes_running_stats_for_the_second_half() -> None:
         snapshots = []
         weights = []
         objective = MSEObjective(model)
-        config = TrainConfig(epochs=4, batch_size=16, optimizer="adam", lr=1e-2, weight_decay=0.0,
-                             warmup_epochs=0.0, bn_eval_after=bn_eval_after)  # fmt: skip
+        config = TrainConfig(
+            epochs=4,
+            batch_size=16,
+            optimizer="adam",
+            lr=1e-2,
+            weight_decay=0.0,
+            warmup_epochs=0.0,
+            bn_eval_after=bn_eval_after,
+        )
 
         def on_epoch(record: EpochRecord) -> None:
-            snapshots.append((bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)))
+            snapshots.append(
+                (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+            )
             weights.append(model[0].weight.detach().clone())
 
-        history = fit(model, objective, regression_data(), config, generator=generator, progress=False,
-                      on_epoch=on_epoch)  # fmt: skip
+        history = fit(
+            model,
+            objective,
+            regression_data(),
+            config,
+            generator=generator,
+            progress=False,
+            on_epoch=on_epoch,
+        )
         assert len(history) == 4
         return snapshots, weights, objective
 
     # bn_eval_after=0.5 of 4 epochs: int(0.5 * 4) = 2, so epochs 3 and 4 run BN in eval mode.
     snapshots, weights, objective = run(0.5)
-    assert [s[2] for s in snapshots] == [4, 8, 8, 8]  # 4 steps per epoch update the stats, then none
+    assert [s[2] for s in snapshots] == [
+        4,
+        8,
+        8,
+        8,
+    ]  # 4 steps per epoch update the stats, then none
     assert not torch.equal(snapshots[0][0], snapshots[1][0])  # epoch 2 still updates
-    assert torch.equal(snapshots[1][0], snapshots[2][0]) and torch.equal(snapshots[2][0], snapshots[3][0])
+    assert torch.equal(snapshots[1][0], snapshots[2][0]) and torch.equal(
+        snapshots[2][0], snapshots[3][0]
+    )
     assert torch.equal(snapshots[1][1], snapshots[3][1])
     assert objective.bn_training == [[True]] * 8 + [[False]] * 8
     # The other layers keep training in the second half.
@@ -179,7 +232,15 @@ def test_nan_loss_raises_naming_the_stage() -> None:
         return {"loss": loss}
 
     with pytest.raises(FloatingPointError, match="old_model") as err:
-        fit(model, objective, regression_data(), SGD, generator=generator, desc="old_model", progress=False)
+        fit(
+            model,
+            objective,
+            regression_data(),
+            SGD,
+            generator=generator,
+            desc="old_model",
+            progress=False,
+        )
     assert "epoch 1, step 1" in str(err.value)
 
 
@@ -196,7 +257,8 @@ def test_frozen_module_is_eval_no_grad() -> None:
     out = frozen(x)
     assert out.shape == (4, 2) and out.dtype == torch.float32
     assert not out.requires_grad and out.grad_fn is None
-    # BN in eval mode uses running stats (0 mean, unit var at init): out = linear(x) / sqrt(1 + eps).
+    # BN in eval mode uses running stats (0 mean, unit var at init): out = linear(x) / sqrt(1 +
+    # eps).
     with torch.no_grad():
         expected = module[0](x) / math.sqrt(1 + module[1].eps)
     assert torch.allclose(out, expected, atol=1e-6)
@@ -204,8 +266,11 @@ def test_frozen_module_is_eval_no_grad() -> None:
 
 
 def test_frozen_method_returning_a_tuple() -> None:
-    h = Transformation(TransformationConfig(old_dim=3, side_info_dim=2, new_dim=4, branch_width=5, inner_width=6,
-                                            uncertainty=True))  # fmt: skip
+    h = Transformation(
+        TransformationConfig(
+            old_dim=3, side_info_dim=2, new_dim=4, branch_width=5, inner_width=6, uncertainty=True
+        )
+    )
     pred, sigma = Frozen(h, method="forward_with_sigma")(torch.randn(2, 3), torch.randn(2, 2))
     assert pred.shape == (2, 4) and sigma.shape == (2,)
     assert not pred.requires_grad and not sigma.requires_grad
@@ -213,7 +278,9 @@ def test_frozen_method_returning_a_tuple() -> None:
 
 def test_encode_in_batches_equals_one_forward() -> None:
     torch.manual_seed(0)
-    h = Transformation(TransformationConfig(old_dim=3, side_info_dim=2, new_dim=4, branch_width=5, inner_width=6))
+    h = Transformation(
+        TransformationConfig(old_dim=3, side_info_dim=2, new_dim=4, branch_width=5, inner_width=6)
+    )
     old, side = torch.randn(10, 3), torch.randn(10, 2)
     out = encode(h, [old, side], batch_size=3)  # batches of 3, 3, 3, 1
     h.eval()
@@ -251,7 +318,9 @@ def test_seed_everything() -> None:
     g = seed_everything(1234)
     assert isinstance(g, torch.Generator)
     assert g.initial_seed() == 1234
-    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(1234)))
+    assert torch.equal(
+        torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(1234))
+    )
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     seed_everything(1234)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a

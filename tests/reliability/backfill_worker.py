@@ -29,8 +29,16 @@ def main() -> None:
         model.space_id, model.checkpoint_sha256 = meta["space_id"], meta["sha256"]
         models[name] = model
     store = json.loads((root / "records" / "gallery_store.json").read_text())
-    record = backfill_version(fct, version, store, models["transformation"], models["new_model"], 0.25, batch_size,
-                              log=lambda line: print(line, flush=True))  # fmt: skip
+    record = backfill_version(
+        fct,
+        version,
+        store,
+        models["transformation"],
+        models["new_model"],
+        0.25,
+        batch_size,
+        log=lambda line: print(line, flush=True),
+    )
     print("DONE", json.dumps(record), flush=True)
 
 

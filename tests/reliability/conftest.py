@@ -18,8 +18,15 @@ def reliability(request):
     """record(category, case, outcome, detail=''): one line of the reliability report."""
 
     def record(category: str, case: str, outcome: str, detail: str = "") -> None:
-        _RECORDS.append({"category": category, "case": case, "outcome": outcome, "detail": detail,
-                         "test": request.node.nodeid})  # fmt: skip
+        _RECORDS.append(
+            {
+                "category": category,
+                "case": case,
+                "outcome": outcome,
+                "detail": detail,
+                "test": request.node.nodeid,
+            }
+        )
 
     return record
 

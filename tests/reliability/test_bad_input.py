@@ -41,6 +41,7 @@ CATEGORY = "bad input"
 # Helpers
 # --------------------------------------------------------------------------- #
 
+
 def one_line(err: pytest.ExceptionInfo | BaseException, *names: str) -> str:
     """The error's message, asserted to be one line naming every fragment in `names`."""
     message = str(err.value if isinstance(err, pytest.ExceptionInfo) else err)
@@ -52,7 +53,9 @@ def one_line(err: pytest.ExceptionInfo | BaseException, *names: str) -> str:
 
 def tree(root: Path) -> list[tuple[str, int]]:
     """Every path under root with its size (-1 for folders): equal before/after = nothing written."""
-    return sorted((str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*"))
+    return sorted(
+        (str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")
+    )
 
 
 @pytest.fixture
@@ -78,15 +81,23 @@ def image_folder(root: Path) -> Path:
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
-    return struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    return (
+        struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.tobytes()
+    )
 
 
 def fashion_folder(root: Path, *, n_train: int = 6, n_test: int = 3) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        (root / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(rng.integers(0, 256, (n, 4, 4), dtype=np.uint8)))
-        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(n, dtype=np.uint8) % 10))
+        (root / f"{prefix}-images-idx3-ubyte").write_bytes(
+            idx_bytes(rng.integers(0, 256, (n, 4, 4), dtype=np.uint8))
+        )
+        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            idx_bytes(np.arange(n, dtype=np.uint8) % 10)
+        )
     return root
 
 
@@ -108,7 +119,9 @@ def small_h(**kw) -> Transformation:
 
 def small_model() -> EmbeddingModel:
     torch.manual_seed(0)
-    return EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=10)).eval()
+    return EmbeddingModel(
+        ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=10)
+    ).eval()
 
 
 # --------------------------------------------------------------------------- #
@@ -126,13 +139,23 @@ def _store_batch(n: int = N_ITEMS, corrupt: int | None = CORRUPT_ITEM) -> pa.Rec
     images = [storage.encode_png(rng.integers(0, 256, (1, 8, 8), dtype=np.uint8)) for _ in range(n)]
     if corrupt is not None:
         images[corrupt] = b"\x89PNG\r\n\x1a\n" + b"garbage" * 4
-    vec = lambda: pa.FixedSizeListArray.from_arrays(pa.array(rng.random(n * 4).astype(np.float32)), 4)  # noqa: E731
+
+    def vec():
+        return pa.FixedSizeListArray.from_arrays(pa.array(rng.random(n * 4).astype(np.float32)), 4)
+
     schema = storage.gallery_store_schema(4, 4, OLD_SPACE, SIDE_SPACE)
     return pa.record_batch(
-        [pa.array(np.arange(n, dtype=np.int64)), pa.array((np.arange(n) % 10).astype(np.int32)), pa.array(images, pa.binary()),
-         vec(), vec(), pa.array([OLD_SPACE] * n), pa.array([SIDE_SPACE] * n)],
+        [
+            pa.array(np.arange(n, dtype=np.int64)),
+            pa.array((np.arange(n) % 10).astype(np.int32)),
+            pa.array(images, pa.binary()),
+            vec(),
+            vec(),
+            pa.array([OLD_SPACE] * n),
+            pa.array([SIDE_SPACE] * n),
+        ],
         schema=schema,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +166,9 @@ def served(tmp_path_factory):
     schema = storage.gallery_store_schema(4, 4, OLD_SPACE, SIDE_SPACE)
     store = storage.publish(db, storage.GALLERY_STORE, schema, [_store_batch()])
     new_model = small_model()
-    info = save_checkpoint(root / "checkpoints" / "new_model" / "v2.safetensors", new_model, name="new_model:v2")
+    info = save_checkpoint(
+        root / "checkpoints" / "new_model" / "v2.safetensors", new_model, name="new_model:v2"
+    )
     new_model.space_id = info.space_id
     h = small_h()
     # reembed_fraction=0: no stored image is read, so gallery_v2 is published despite item 3.
@@ -153,12 +178,33 @@ def served(tmp_path_factory):
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     instance = dg.DagsterInstance.from_config(str(home))
     instance.add_dynamic_partitions("model_version", ["v2"])
-    instance.report_runless_asset_event(dg.AssetMaterialization(
-        "new_model", partition="v2", metadata={"path": info.path, "sha256": info.sha256, "space_id": info.space_id}))
-    instance.report_runless_asset_event(dg.AssetMaterialization(
-        "backfilled_gallery", partition="v2",
-        metadata={"table": table["table"], "version": table["version"], "space_id": table["space_id"]}))  # fmt: skip
-    return {"root": root, "fct": fct, "db": db, "store": store, "h": h, "new_model": new_model, "home": home}
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            "new_model",
+            partition="v2",
+            metadata={"path": info.path, "sha256": info.sha256, "space_id": info.space_id},
+        )
+    )
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            "backfilled_gallery",
+            partition="v2",
+            metadata={
+                "table": table["table"],
+                "version": table["version"],
+                "space_id": table["space_id"],
+            },
+        )
+    )
+    return {
+        "root": root,
+        "fct": fct,
+        "db": db,
+        "store": store,
+        "h": h,
+        "new_model": new_model,
+        "home": home,
+    }
 
 
 def table_state(db, name: str) -> tuple[int, int]:
@@ -176,6 +222,7 @@ def table_absent(db, name: str, folder: Path) -> None:
 # 1-3. Images
 # --------------------------------------------------------------------------- #
 
+
 def test_imagefolder_corrupt_image(tmp_path, reliability):
     root = image_folder(tmp_path / "imgs")
     bad = root / "b" / "9.png"
@@ -185,7 +232,11 @@ def test_imagefolder_corrupt_image(tmp_path, reliability):
         load_dataset(f"imagefolder:{root}")
     message = one_line(err, str(bad), "unreadable image")
     assert tree(tmp_path) == before
-    reliability(CATEGORY, "corrupt image (random bytes named .png) in an image folder", f"refused: {message}")
+    reliability(
+        CATEGORY,
+        "corrupt image (random bytes named .png) in an image folder",
+        f"refused: {message}",
+    )
 
 
 def test_imagefolder_truncated_png(tmp_path, reliability):
@@ -203,9 +254,13 @@ def test_imagefolder_truncated_png(tmp_path, reliability):
 def test_stored_image_not_a_png(cwd, reliability):
     with pytest.raises(ValueError) as err:
         storage.decode_png(b"GIF89a this is not a png", 1)
-    message = one_line(err, "stored image", "not a readable PNG", "b'GIF89a t'", "expected PNG bytes")
+    message = one_line(
+        err, "stored image", "not a readable PNG", "b'GIF89a t'", "expected PNG bytes"
+    )
     assert not any(cwd.iterdir())
-    reliability(CATEGORY, "stored image bytes that are not a PNG (decode_png)", f"refused: {message}")
+    reliability(
+        CATEGORY, "stored image bytes that are not a PNG (decode_png)", f"refused: {message}"
+    )
 
 
 def test_search_unreadable_query_image(served, tmp_path, monkeypatch, capsys, reliability):
@@ -229,6 +284,7 @@ def test_search_unreadable_query_image(served, tmp_path, monkeypatch, capsys, re
 # 4-6. IDX files
 # --------------------------------------------------------------------------- #
 
+
 def test_idx_truncated(tmp_path, reliability):
     folder = fashion_folder(tmp_path / "fm")
     bad = folder / "train-images-idx3-ubyte"
@@ -248,7 +304,9 @@ def test_idx_count_mismatch(tmp_path, reliability):
     before = tree(tmp_path)
     with pytest.raises(DataError) as err:
         load_dataset("fashion-mnist", folder)
-    message = one_line(err, str(folder / "train-images-idx3-ubyte"), str(labels), "6 images", "5 labels")
+    message = one_line(
+        err, str(folder / "train-images-idx3-ubyte"), str(labels), "6 images", "5 labels"
+    )
     assert tree(tmp_path) == before
     reliability(CATEGORY, "IDX images/labels count mismatch", f"refused: {message}")
 
@@ -269,6 +327,7 @@ def test_idx_label_out_of_range(tmp_path, reliability):
 # 7-8. Class splits
 # --------------------------------------------------------------------------- #
 
+
 def test_empty_class_split(cwd, reliability):
     with pytest.raises(DataError) as err:
         parse_class_list("", 10, what="old_classes")
@@ -282,12 +341,17 @@ def test_class_split_names_missing_class(cwd, reliability):
         parse_class_list("0-12", 10, what="old_classes")
     message = one_line(err, "old_classes", "'0-12'", "class 12", "[0, 10)")
     assert not any(cwd.iterdir())
-    reliability(CATEGORY, "class split naming a class that does not exist (0-12 of 10)", f"refused: {message}")
+    reliability(
+        CATEGORY,
+        "class split naming a class that does not exist (0-12 of 10)",
+        f"refused: {message}",
+    )
 
 
 # --------------------------------------------------------------------------- #
 # 9-12. Vectors
 # --------------------------------------------------------------------------- #
+
 
 def test_nan_in_retrieval_embeddings(cwd, reliability):
     gallery = torch.rand(6, 4)
@@ -316,8 +380,17 @@ def test_nan_in_transformation_training_features(cwd, reliability):
     old[5, 2] = float("nan")
     h = small_h()
     with pytest.raises(ValueError) as err:
-        train_transformation(old, torch.rand(16, 4), torch.rand(16, 4), torch.arange(16) % 2, h.config,
-                             TrainConfig(epochs=1, batch_size=8), device=torch.device("cpu"), seed=0, progress=False)  # fmt: skip
+        train_transformation(
+            old,
+            torch.rand(16, 4),
+            torch.rand(16, 4),
+            torch.arange(16) % 2,
+            h.config,
+            TrainConfig(epochs=1, batch_size=8),
+            device=torch.device("cpu"),
+            seed=0,
+            progress=False,
+        )
     message = one_line(err, "old_embedding", "NaN or Inf")
     assert not any(cwd.iterdir())
     reliability(CATEGORY, "NaN in the transformation's training features", f"refused: {message}")
@@ -335,6 +408,7 @@ def test_stored_vector_dims_do_not_match_h(cwd, reliability):
 # 13-15. Checkpoints
 # --------------------------------------------------------------------------- #
 
+
 def test_checkpoint_sha256_differs(tmp_path, reliability):
     info = save_checkpoint(tmp_path / "new_model.safetensors", small_model(), name="new_model")
     with open(info.path, "ab") as f:
@@ -344,7 +418,9 @@ def test_checkpoint_sha256_differs(tmp_path, reliability):
         load_checkpoint(info.path, info.sha256)
     message = one_line(err, info.path, "sha256", info.sha256[:12], "differs from the recorded")
     assert tree(tmp_path) == before
-    reliability(CATEGORY, "checkpoint whose sha256 differs from the recorded one", f"refused: {message}")
+    reliability(
+        CATEGORY, "checkpoint whose sha256 differs from the recorded one", f"refused: {message}"
+    )
 
 
 def test_checkpoint_is_a_pickle(tmp_path, reliability):
@@ -357,14 +433,20 @@ def test_checkpoint_is_a_pickle(tmp_path, reliability):
     message = one_line(err, str(path), "not a safetensors checkpoint")
     assert not marker.exists(), "the pickle's code was executed"
     assert tree(tmp_path) == before
-    reliability(CATEGORY, "checkpoint that is a pickle of code (os.system)", f"refused, not executed: {message}")
+    reliability(
+        CATEGORY,
+        "checkpoint that is a pickle of code (os.system)",
+        f"refused, not executed: {message}",
+    )
 
 
 def test_checkpoint_header_config_unknown_key(tmp_path, reliability):
     model = small_model()
     config = {**json.loads(json.dumps(model.config.__dict__)), "dropout_rate": 0.5}
-    blob = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
-                            metadata={"kind": "embedding_model", "name": "new_model", "config": json.dumps(config)})  # fmt: skip
+    blob = save_safetensors(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        metadata={"kind": "embedding_model", "name": "new_model", "config": json.dumps(config)},
+    )
     path = tmp_path / "new_model.safetensors"
     path.write_bytes(blob)
     before = tree(tmp_path)
@@ -378,6 +460,7 @@ def test_checkpoint_header_config_unknown_key(tmp_path, reliability):
 # --------------------------------------------------------------------------- #
 # 16-18. Configuration
 # --------------------------------------------------------------------------- #
+
 
 def test_unknown_config_key(cwd, reliability):
     with pytest.raises(ConfigError) as err:
@@ -412,6 +495,7 @@ def test_unknown_preset_or_arch(what, cwd, reliability):
 # 19. Model-version names
 # --------------------------------------------------------------------------- #
 
+
 @pytest.mark.parametrize(
     "version",
     ["../v2", "v2;rm -rf /", "v2\n", "v2/../../etc", "", "/abs", "v2\x00"],
@@ -445,14 +529,20 @@ def test_cli_add_version_path_name(tmp_path, monkeypatch, capsys, reliability):
 # 20-21. LanceDB
 # --------------------------------------------------------------------------- #
 
+
 def _backfilled_batch(space: str, n: int = 3) -> pa.RecordBatch:
     schema = storage.backfilled_schema(2, "new_model:v9@cccccccccccc")
     return pa.record_batch(
-        [pa.array(np.arange(n, dtype=np.int64)), pa.array(np.zeros(n, np.int32)),
-         pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2 * n, np.float32)), 2), pa.array(np.zeros(n, np.float32)),
-         pa.array(["transformed"] * n), pa.array([space] * n)],
+        [
+            pa.array(np.arange(n, dtype=np.int64)),
+            pa.array(np.zeros(n, np.int32)),
+            pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2 * n, np.float32)), 2),
+            pa.array(np.zeros(n, np.float32)),
+            pa.array(["transformed"] * n),
+            pa.array([space] * n),
+        ],
         schema=schema,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new-table", "existing-table"])
@@ -465,14 +555,20 @@ def test_foreign_space_id_refused(existing, tmp_path, reliability):
         before = table_state(db, "gallery_v9")
     # The first batch is of the right space: the foreign one comes mid-stream.
     with pytest.raises(storage.SpaceMismatchError) as err:
-        storage.publish(db, "gallery_v9", schema, [_backfilled_batch(own), _backfilled_batch(foreign)])
+        storage.publish(
+            db, "gallery_v9", schema, [_backfilled_batch(own), _backfilled_batch(foreign)]
+        )
     message = one_line(err, "gallery_v9.space_id", foreign, own)
     if existing:
         assert table_state(db, "gallery_v9") == before
     else:
         table_absent(db, "gallery_v9", tmp_path / "db")
-    where = "an existing table (kept its version and rows)" if existing else "a new table (not created)"
-    reliability(CATEGORY, f"vectors of a foreign space_id published to {where}", f"refused: {message}")
+    where = (
+        "an existing table (kept its version and rows)" if existing else "a new table (not created)"
+    )
+    reliability(
+        CATEGORY, f"vectors of a foreign space_id published to {where}", f"refused: {message}"
+    )
 
 
 @pytest.mark.parametrize("kind", ["under-a-file", "unknown-scheme"])
@@ -491,36 +587,59 @@ def test_unreachable_lancedb_uri(kind, tmp_path, cwd, reliability):
 # 22. CIFAR pickle
 # --------------------------------------------------------------------------- #
 
+
 def test_cifar_pickle_forbidden_global(tmp_path, reliability):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     marker = tmp_path / "pwned"
     meta = {b"fine_label_names": [b"a", b"b"]}
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
-    (folder / "train").write_bytes(pickle.dumps({b"data": _Evil(marker), b"fine_labels": [0]}, protocol=2))
-    (folder / "test").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0]}, protocol=2))
+    (folder / "train").write_bytes(
+        pickle.dumps({b"data": _Evil(marker), b"fine_labels": [0]}, protocol=2)
+    )
+    (folder / "test").write_bytes(
+        pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0]}, protocol=2)
+    )
     before = tree(tmp_path)
     with pytest.raises(DataError) as err:
         load_dataset("cifar100", tmp_path)
-    message = one_line(err, str(folder / "train"), "refused to unpickle global", "system", "only numpy")
+    message = one_line(
+        err, str(folder / "train"), "refused to unpickle global", "system", "only numpy"
+    )
     assert not marker.exists(), "the pickle's code was executed"
     assert tree(tmp_path) == before
-    reliability(CATEGORY, "CIFAR pickle naming a forbidden global (os.system)", f"refused, not executed: {message}")
+    reliability(
+        CATEGORY,
+        "CIFAR pickle naming a forbidden global (os.system)",
+        f"refused, not executed: {message}",
+    )
 
 
 # --------------------------------------------------------------------------- #
 # 23. Corrupt stored image when re-embedding
 # --------------------------------------------------------------------------- #
 
+
 def test_backfill_reembeds_corrupt_stored_image(served, reliability):
     db, folder = served["db"], Path(served["fct"].lancedb_uri)
     before_v2 = table_state(db, "gallery_v2")
     for version in ("v2", "v3"):  # v2's table exists (re-published), v3's does not (first publish)
         with pytest.raises(ValueError) as err:
-            backfill_version(served["fct"], version, served["store"], served["h"], served["new_model"],
-                             1.0, 4, log=lambda _: None)  # fmt: skip
+            backfill_version(
+                served["fct"],
+                version,
+                served["store"],
+                served["h"],
+                served["new_model"],
+                1.0,
+                4,
+                log=lambda _: None,
+            )
         message = one_line(err, f"gallery_store item {CORRUPT_ITEM}", "not a readable PNG")
     assert table_state(db, "gallery_v2") == before_v2
     table_absent(db, "gallery_v3", folder)
-    reliability(CATEGORY, "corrupt stored image re-embedded during backfill",
-                f"refused, nothing published (gallery_v2 unchanged, no gallery_v3): {message}")  # fmt: skip
+    reliability(
+        CATEGORY,
+        "corrupt stored image re-embedded during backfill",
+        f"refused, nothing published (gallery_v2 unchanged, no gallery_v3): {message}",
+    )

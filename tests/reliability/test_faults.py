@@ -46,14 +46,21 @@ def _served_state(db) -> tuple[dict, int, int]:
 def _run_worker(root: Path, version: str, kill_after_lines: int | None) -> tuple[int, list[str]]:
     """Run the backfill worker; with kill_after_lines, SIGKILL it after that many progress lines."""
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(root), version, "64"], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+        [sys.executable, str(WORKER), str(root), version, "64"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     lines: list[str] = []
     try:
         for line in proc.stdout:
             lines.append(line.strip())
-            if kill_after_lines is not None and sum(l.startswith("backfill") for l in lines) >= kill_after_lines:
+            if (
+                kill_after_lines is not None
+                and sum(line.startswith("backfill") for line in lines) >= kill_after_lines
+            ):
                 proc.send_signal(signal.SIGKILL)
                 break
         return proc.wait(timeout=300), lines
@@ -69,40 +76,60 @@ def test_backfill_killed_part_way_publishes_nothing_and_rerun_is_exact(env, reli
     env.instance.add_dynamic_partitions("model_version", ["v3"])
     import dagster as dg
 
-    assert job.execute_in_process(instance=env.instance, partition_key="v3",
-                                  asset_selection=[dg.AssetKey("new_model"), dg.AssetKey("transformation")]).success  # fmt: skip
+    assert job.execute_in_process(
+        instance=env.instance,
+        partition_key="v3",
+        asset_selection=[dg.AssetKey("new_model"), dg.AssetKey("transformation")],
+    ).success
     before = _served_state(db)
     n = db.open_table(storage.GALLERY_STORE).count_rows()
     batches = -(-n // 64)
     for kill_after in (1, batches // 2, batches - 1):
         code, lines = _run_worker(env.root, "v3", kill_after)
         assert code == -signal.SIGKILL, lines
-        assert not storage.table_exists(db, "gallery_v3"), f"killed after {kill_after} batches, a table was published"
+        assert not storage.table_exists(db, "gallery_v3"), (
+            f"killed after {kill_after} batches, a table was published"
+        )
         assert _served_state(db) == before
-        reliability("fault", f"SIGKILL during backfill after {kill_after}/{batches} batches",
-                    "nothing published; deployed version and its table unchanged")  # fmt: skip
+        reliability(
+            "fault",
+            f"SIGKILL during backfill after {kill_after}/{batches} batches",
+            "nothing published; deployed version and its table unchanged",
+        )
     code, lines = _run_worker(env.root, "v3", None)
     assert code == 0, lines
     record = json.loads(lines[-1].removeprefix("DONE "))
     table = db.open_table("gallery_v3").to_arrow().sort_by("item_id")
     store = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id")
-    assert table.column("item_id").to_pylist() == store.column("item_id").to_pylist()  # each item once
+    assert (
+        table.column("item_id").to_pylist() == store.column("item_id").to_pylist()
+    )  # each item once
     assert record["rows"] == n and record["reembedded"] == round(0.25 * n)
     # Transformed rows hold exactly h(stored old_embedding, side_info).
     meta = {name: _recorded(env, name, "v3") for name in ("transformation",)}
     h, _ = load_checkpoint(meta["transformation"]["path"], meta["transformation"]["sha256"])
-    expected, _ = apply_transformation(h, torch.from_numpy(storage.vectors(store.column("old_embedding"))),
-                                       torch.from_numpy(storage.vectors(store.column("side_info"))))  # fmt: skip
+    expected, _ = apply_transformation(
+        h,
+        torch.from_numpy(storage.vectors(store.column("old_embedding"))),
+        torch.from_numpy(storage.vectors(store.column("side_info"))),
+    )
     got = storage.vectors(table.column("embedding"))
     transformed = np.asarray(table.column("source").to_pylist()) == "transformed"
-    np.testing.assert_allclose(got[transformed], expected.numpy()[transformed], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got[transformed], expected.numpy()[transformed], rtol=1e-5, atol=1e-5
+    )
     assert _served_state(db) == before
-    reliability("fault", "re-run after the kills", f"table complete: {n} items once each, vectors equal h(stored)")
+    reliability(
+        "fault",
+        "re-run after the kills",
+        f"table complete: {n} items once each, vectors equal h(stored)",
+    )
 
 
 def _recorded(env, asset: str, partition: str) -> dict:
-    from fct_assets.io_managers import recorded_metadata
     import dagster as dg
+
+    from fct_assets.io_managers import recorded_metadata
 
     return recorded_metadata(env.instance, dg.AssetKey(asset), partition)
 
@@ -121,10 +148,17 @@ def test_searches_during_backfill_and_promotion_see_one_version(env, reliability
                 deployed = current(reader_db)
                 table = reader_db.open_table(deployed["table"])
                 table.checkout(int(deployed["table_version"]))
-                row = table.search().where("item_id = 11").select(["embedding"]).limit(1).to_list()[0]
+                row = (
+                    table.search().where("item_id = 11").select(["embedding"]).limit(1).to_list()[0]
+                )
                 hits = search(reader_db, row["embedding"], version=deployed, k=5)
-                answers.append({"version": deployed["version"], "table_version": deployed["table_version"],
-                                "hits": [(h["item_id"], h["distance"]) for h in hits]})  # fmt: skip
+                answers.append(
+                    {
+                        "version": deployed["version"],
+                        "table_version": deployed["table_version"],
+                        "hits": [(h["item_id"], h["distance"]) for h in hits],
+                    }
+                )
             except Exception as err:  # any failure is a finding
                 errors.append(f"{type(err).__name__}: {err}")
 
@@ -155,12 +189,16 @@ def test_searches_during_backfill_and_promotion_see_one_version(env, reliability
     for a in answers:
         assert a["hits"][0] == (11, pytest.approx(0.0, abs=1e-4))
         assert [i for i, _ in a["hits"]] == truth[a["version"]]
-    reliability("fault", f"{len(answers)} searches while v4 was backfilled and promoted",
-                f"none failed; each answer from one version ({sorted(versions)})")  # fmt: skip
+    reliability(
+        "fault",
+        f"{len(answers)} searches while v4 was backfilled and promoted",
+        f"none failed; each answer from one version ({sorted(versions)})",
+    )
 
 
 # What the security scan forbids, by call: unpickling (pickle.load/loads), a shell (os.system,
-# os.popen, any call with shell=True, e.g. subprocess.run), and torch.load without weights_only=True.
+# os.popen, any call with shell=True, e.g. subprocess.run), and torch.load without
+# weights_only=True.
 _FORBIDDEN_CALLS = {"pickle.load", "pickle.loads", "os.system", "os.popen"}
 
 
@@ -182,7 +220,12 @@ def _unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
     aliases: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            aliases.update({(a.asname or a.name.split(".")[0]): (a.name if a.asname else a.name.split(".")[0]) for a in node.names})
+            aliases.update(
+                {
+                    (a.asname or a.name.split(".")[0]): a.name if a.asname else a.name.split(".")[0]
+                    for a in node.names
+                }
+            )
         elif isinstance(node, ast.ImportFrom) and node.module:
             aliases.update({(a.asname or a.name): f"{node.module}.{a.name}" for a in node.names})
     found = []
@@ -195,7 +238,9 @@ def _unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
         weights_only = keywords.get("weights_only")
         if name in _FORBIDDEN_CALLS:
             found.append((node.lineno, name))
-        elif name == "torch.load" and not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+        elif name == "torch.load" and not (
+            isinstance(weights_only, ast.Constant) and weights_only.value is True
+        ):
             found.append((node.lineno, name))
         elif shell is not None and not (isinstance(shell, ast.Constant) and shell.value is False):
             found.append((node.lineno, f"{name}(shell=...)"))
@@ -207,28 +252,36 @@ def test_the_security_scan_would_catch_each_unsafe_call() -> None:
         "import os, subprocess, torch\n"
         "import pickle as pk\n"
         "from torch import load\n"
-        "torch.load(f)\n"                              # 4: no weights_only
-        "torch.load(f, weights_only=True)\n"           # 5: fine
-        "torch.load(f, weights_only=False)\n"          # 6
-        "load(f)\n"                                    # 7: torch.load by another name
-        "pk.loads(b)\n"                                # 8
-        "os.system('ls')\n"                            # 9
-        "subprocess.run('ls', shell=True)\n"           # 10
-        "subprocess.run(['ls'], shell=False)\n"        # 11: fine
-        "Restricted(f).load()\n"                       # 12: a method of an object, fine
-        "def g():\n    os.popen('ls')\n"               # 14: inside a function
+        "torch.load(f)\n"  # 4: no weights_only
+        "torch.load(f, weights_only=True)\n"  # 5: fine
+        "torch.load(f, weights_only=False)\n"  # 6
+        "load(f)\n"  # 7: torch.load by another name
+        "pk.loads(b)\n"  # 8
+        "os.system('ls')\n"  # 9
+        "subprocess.run('ls', shell=True)\n"  # 10
+        "subprocess.run(['ls'], shell=False)\n"  # 11: fine
+        "Restricted(f).load()\n"  # 12: a method of an object, fine
+        "def g():\n    os.popen('ls')\n"  # 14: inside a function
     )
     assert _unsafe_calls(ast.parse(snippet)) == [
-        (4, "torch.load"), (6, "torch.load"), (7, "torch.load"), (8, "pickle.loads"), (9, "os.system"),
-        (10, "subprocess.run(shell=...)"), (14, "os.popen"),
-    ]  # fmt: skip
+        (4, "torch.load"),
+        (6, "torch.load"),
+        (7, "torch.load"),
+        (8, "pickle.loads"),
+        (9, "os.system"),
+        (10, "subprocess.run(shell=...)"),
+        (14, "os.popen"),
+    ]
 
 
 def test_security_defaults(reliability):
     files = sorted(p for d in ("fct_ml", "fct_assets") for p in (REPO / d).rglob("*.py"))
     assert REPO / "fct_ml" / "data.py" in files and REPO / "fct_assets" / "storage.py" in files
-    unsafe = [f"{path.relative_to(REPO)}:{line}: {name}" for path in files
-              for line, name in _unsafe_calls(ast.parse(path.read_text(), filename=str(path)))]  # fmt: skip
+    unsafe = [
+        f"{path.relative_to(REPO)}:{line}: {name}"
+        for path in files
+        for line, name in _unsafe_calls(ast.parse(path.read_text(), filename=str(path)))
+    ]
     assert unsafe == []
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"dagster dev .*-h 127\.0\.0\.1", makefile)
@@ -244,11 +297,28 @@ def test_same_seed_same_metrics_on_cpu(tmp_path, reliability):
     for i in range(2):
         out = tmp_path / f"run{i}.json"
         with contextlib.redirect_stdout(io.StringIO()):
-            code = main(["reproduce", "--dataset", "digits", "--preset", "tiny", "--seed", "3", "--out", str(out), "--quiet"])
+            code = main(
+                [
+                    "reproduce",
+                    "--dataset",
+                    "digits",
+                    "--preset",
+                    "tiny",
+                    "--seed",
+                    "3",
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ]
+            )
         assert code == 0
         results.append(json.loads(out.read_text()))
     assert results[0]["seed"] == 3
     for key in ("cases", "cases_unseen_classes", "backfill_auc", "gap_closed"):
         assert results[0][key] == results[1][key], key
-    reliability("determinism", "fct reproduce --preset tiny --dataset digits, seed 3, twice",
-                f"identical metrics (new/h(old) mAP {results[0]['cases']['new/h(old)']['mAP']:.2f} both times)")  # fmt: skip
+    reliability(
+        "determinism",
+        "fct reproduce --preset tiny --dataset digits, seed 3, twice",
+        f"identical metrics (new/h(old) mAP {results[0]['cases']['new/h(old)']['mAP']:.2f} both"
+        " times)",
+    )

@@ -13,9 +13,14 @@ from tests.ui.server import REPO, DagsterDev, ui_environment
 CHROMIUM = os.environ.get("FCT_CHROMIUM", "/usr/bin/chromium")  # `make test` passes CHROMIUM
 # As root with no display and a closed network: no sandbox, no GPU, no background requests.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +37,9 @@ def ui_root(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("ui")
     env = ui_environment(root)
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # FctResource and the IO managers read their folders from the environment
+    os.environ.update(
+        env
+    )  # FctResource and the IO managers read their folders from the environment
     try:
         import dagster as dg
 
@@ -41,7 +48,12 @@ def ui_root(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         instance = dg.DagsterInstance.get()
         from tests.fct_assets.env import DATASET_CONFIG
 
-        assert build_defs().resolve_job_def("base").execute_in_process(instance=instance, run_config=DATASET_CONFIG).success
+        assert (
+            build_defs()
+            .resolve_job_def("base")
+            .execute_in_process(instance=instance, run_config=DATASET_CONFIG)
+            .success
+        )
         instance.dispose()
     finally:
         for k, v in saved.items():
@@ -64,7 +76,10 @@ def dagster_dev(ui_root, artifacts):
 @pytest.fixture(scope="session")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: `make test` installs Debian's chromium (or pass CHROMIUM=/path/to/chromium)")
+        pytest.fail(
+            f"{CHROMIUM} not found: `make test` installs Debian's chromium (or pass"
+            " CHROMIUM=/path/to/chromium)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

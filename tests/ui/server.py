@@ -27,7 +27,9 @@ def ui_environment(root: Path) -> dict[str, str]:
     tiny preset, CPU, and no automatic upgrade (the test launches it from the UI)."""
     home = root / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")  # no telemetry, no pop-ups
+    shutil.copy(
+        REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml"
+    )  # no telemetry, no pop-ups
     return {
         "DAGSTER_HOME": str(home),
         "FCT_LANCEDB_URI": str(root / "lancedb"),
@@ -50,23 +52,42 @@ class DagsterDev:
         # A fixed argv, no shell; its own session so the webserver, daemon and code server
         # it spawns go with it.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)],
-            cwd=REPO, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-w",
+                "workspace.yaml",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.pid = self.process.pid
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"dagster dev exited with {self.process.returncode}; log: {self.log_path}")
+                raise RuntimeError(
+                    f"dagster dev exited with {self.process.returncode}; log: {self.log_path}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/server_info", timeout=2) as reply:
                     if reply.status == 200:
                         return
             except OSError:
                 time.sleep(1)
-        raise TimeoutError(f"dagster dev did not answer on {self.url} within {timeout:.0f} s; log: {self.log_path}")
+        raise TimeoutError(
+            f"dagster dev did not answer on {self.url} within {timeout:.0f} s; log: {self.log_path}"
+        )
 
     def stop(self, grace: float = 20.0) -> None:
         if self.process.poll() is None:

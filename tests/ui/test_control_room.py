@@ -79,7 +79,9 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
     status = page.locator("text=/^(Success|Failure|Canceled)$/").first
     expect(status).to_be_visible(timeout=RUN_TIMEOUT_S * 1000)
     _shot(page, artifacts, "run")
-    assert status.inner_text() == "Success", f"run {run_id} ended {status.inner_text()}; see {artifacts / 'run.png'}"
+    assert status.inner_text() == "Success", (
+        f"run {run_id} ended {status.inner_text()}; see {artifacts / 'run.png'}"
+    )
 
     # The launched config reached the run: a quarter of the gallery was re-embedded.
     record = json.loads((root / "records" / "backfilled_gallery" / f"{VERSION}.json").read_text())
@@ -96,9 +98,14 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
         expect(table.get_by_text(case, exact=True)).to_be_visible()
     plot = report.locator("img").first
     expect(plot).to_be_visible()
-    assert plot.evaluate("img => img.complete && img.naturalWidth") > 100, "the backfilling-curve plot did not decode"
+    assert plot.evaluate("img => img.complete && img.naturalWidth") > 100, (
+        "the backfilling-curve plot did not decode"
+    )
     # The dialog fades in: wait until it is fully opaque before the picture.
-    page.wait_for_function("() => [...document.querySelectorAll('[role=dialog]')].every(d => getComputedStyle(d.parentElement).opacity === '1' && getComputedStyle(d).opacity === '1')")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[role=dialog]')].every(d =>"
+        " getComputedStyle(d.parentElement).opacity === '1' && getComputedStyle(d).opacity === '1')"
+    )
     page.wait_for_timeout(500)
     _shot(page, artifacts, "eval_report")
     report.get_by_role("button", name="Close").click()
@@ -112,7 +119,8 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
     _shot(page, artifacts, "check")
 
     # 7. The graph again, now with v3 materialised and its checks passed (the README's picture).
-    # At 1440x900 the graph is drawn with each node's details (latest event, checks, partitions, kind).
+    # At 1440x900 the graph is drawn with each node's details (latest event, checks, partitions,
+    # kind).
     page.set_viewport_size({"width": 1440, "height": 900})
     page.goto(f"{base}/locations/fct/asset-groups/upgrade")
     expect(page.get_by_text("eval_report", exact=True).first).to_be_visible()
