@@ -1,0 +1,120 @@
+"""The eval report's numbers against an independent computation: brute-force numpy retrieval over
+the vectors stored in LanceDB, and the invariants that hold by construction or by a wide margin
+on the tiny preset (digits, old classes 0-4)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fct_assets import storage
+
+VERSION = "vnum"
+
+
+def brute_force(query: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Leave-one-out retrieval, squared L2 in float64, one query at a time: top-1, top-5, mAP in
+    percent. Ties rank a non-match ahead of a match (the project's rule)."""
+    query, gallery = query.astype(np.float64), gallery.astype(np.float64)
+    n = len(labels)
+    top1 = top5 = ap = 0.0
+    others = np.arange(n)
+    for i in range(n):
+        keep = others != i
+        distance = ((gallery[keep] - query[i]) ** 2).sum(1)
+        match = labels[keep] == labels[i]
+        ranked = match[np.lexsort((match, distance))]  # by distance, non-matches first on ties
+        top1 += ranked[0]
+        top5 += ranked[:5].any()
+        ranks = np.flatnonzero(ranked) + 1
+        ap += (np.arange(1, len(ranks) + 1) / ranks).mean()
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "mAP": 100 * ap / n}
+
+
+@pytest.fixture(scope="module")
+def stored(env):
+    """Version `vnum` (new model seeded apart from the old one): its report (h only,
+    reembed_fraction=0) and the vectors LanceDB holds: old embeddings, the h(old) table, and
+    the same table fully re-embedded (the new model's vectors of every gallery image)."""
+    # A new model initialised apart from the old one (seed 1; the old model's is 0), as two
+    # independently trained models are in the paper.
+    assert env.upgrade(VERSION, {"ops": {"new_model": {"config": {"seed": 1}}}}).success
+    db = env.fct.connect()
+    report = json.loads((env.root / "records" / "eval_report" / f"{VERSION}.json").read_text())
+    assert env.materialise_table(VERSION, reembed_fraction=1.0).success
+
+    def read(name, version, column):
+        data = storage.open_pinned(db, name, version).to_arrow().sort_by("item_id")
+        return data, storage.vectors(data.column(column))
+
+    store, old = read(
+        storage.GALLERY_STORE, db.open_table(storage.GALLERY_STORE).version, "old_embedding"
+    )
+    transformed_table, transformed = read(
+        f"gallery_{VERSION}", report["table_version"], "embedding"
+    )
+    reembedded_table, new = read(
+        f"gallery_{VERSION}", db.open_table(f"gallery_{VERSION}").version, "embedding"
+    )
+    assert set(reembedded_table.column("source").to_pylist()) == {"re-embedded"}
+    assert set(transformed_table.column("source").to_pylist()) == {"transformed"}
+    labels = store.column("label").to_numpy()
+    return {"report": report, "labels": labels, "old": old, "h": transformed, "new": new}
+
+
+def test_the_report_equals_brute_force_retrieval_over_the_stored_vectors(stored):
+    cases, labels = stored["report"]["cases"], stored["labels"]
+    old, h, new = stored["old"], stored["h"], stored["new"]
+    expected = {
+        "old/old": brute_force(old, old, labels),
+        "new/new": brute_force(new, new, labels),
+        "new/h(old)": brute_force(new, h, labels),
+        f"new/gallery_{VERSION}": brute_force(new, h, labels),
+        "new/old": brute_force(new, old, labels),
+    }
+    for case, metrics in expected.items():
+        for name, value in metrics.items():
+            assert cases[case][name] == pytest.approx(value, abs=0.01), (case, name)
+
+
+def test_with_nothing_re_embedded_the_served_table_is_h_of_old(stored):
+    cases = stored["report"]["cases"]
+    assert stored["report"]["reembedded"] == 0
+    assert cases[f"new/gallery_{VERSION}"] == cases["new/h(old)"]
+
+
+def test_the_curves_start_at_h_of_old_and_end_at_new_over_new(stored):
+    report = stored["report"]
+    cases = report["cases"]
+    for order, curve in report["backfill_curves"].items():
+        assert curve["fractions"][0] == 0.0 and curve["fractions"][-1] == 1.0
+        for metric in ("top1", "mAP"):
+            assert curve[metric][0] == pytest.approx(cases["new/h(old)"][metric]), order
+            assert curve[metric][-1] == pytest.approx(cases["new/new"][metric]), order
+
+
+def test_the_papers_ordering_holds_by_a_wide_margin(stored):
+    cases = stored["report"]["cases"]
+    chance = 100 / len(np.unique(stored["labels"]))
+    # Vectors of two independently trained models compared: near chance (measured 9.8 % top-1,
+    # chance 10 %).
+    assert abs(cases["new/old"]["top1"] - chance) < 5
+    assert cases["new/old"]["mAP"] < cases["old/old"]["mAP"] - 15
+    # h(old) with side-info beats the old model alone on mAP (measured by 5.6-14.6 points over
+    # new-model seeds 0, 1, 7). Top-1 of this 540-item gallery is not gated (it moves by
+    # several points between equally good models; checks.py gates mAP for the same reason).
+    assert cases["old/old"]["mAP"] + 2 < cases["new/h(old)"]["mAP"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "old_model and new_model both default to seed 0 in the asset layer: the same backbone"
+        " initialisation, so new/old is far above chance (39.8 % top-1 on v2)"
+    ),
+)
+def test_with_default_seeds_new_over_old_is_near_chance(env):
+    report = json.loads((env.root / "records" / "eval_report" / "v2.json").read_text())
+    assert abs(report["cases"]["new/old"]["top1"] - 10.0) < 5
