@@ -23,7 +23,7 @@ def auto_upgrade_status() -> dg.DefaultSensorStatus:
 
 
 # The assets carry AutomationCondition.eager(); this sensor evaluates them. Declared RUNNING by
-# default: Dagster's default automation sensor starts STOPPED (DESIGN.md §6).
+# default: Dagster's default automation sensor starts STOPPED (docs/design.md §5).
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "fct_upgrade_automation",
     target=dg.AssetSelection.groups("upgrade"),

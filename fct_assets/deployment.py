@@ -49,7 +49,7 @@ def current(db) -> dict[str, Any] | None:
 
 
 def _append(db, row: dict[str, Any]) -> dict[str, Any]:
-    # One writer per table (DESIGN.md §6): promotions are rare, issued by one CLI or job at a time.
+    # One writer per table (docs/design.md §4): promotions are rare, issued by one CLI or job at a time.
     rows = history(db)
     row = {
         "seq": (rows[-1]["seq"] + 1) if rows else 1,
