@@ -75,6 +75,13 @@ def _overrides(exp, config, model: str, train: str):
     return replace(exp, **{k: v for k, v in chosen.items() if v is not None})
 
 
+def _old_class_data(fct: FctResource, dataset: dict):
+    """(the dataset, the old classes, how many training items they hold)."""
+    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    old = dataset["old_classes"]
+    return data, old, len(data.train.with_classes(old))
+
+
 def _model_output(model, history, context: dg.AssetExecutionContext, **metadata: Any) -> dg.Output:
     from fct_ml.checkpoint import content_digest
 
@@ -130,17 +137,11 @@ def old_model(
     """The deployed embedding model phi_old, trained on the old classes only."""
     from fct_ml import pipeline
 
-    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
-    old = dataset["old_classes"]
+    data, old, items = _old_class_data(fct, dataset)
     exp = _overrides(fct.experiment(), config, "old_model", "old_train")
-    items = len(data.train.with_classes(old))
+    on_epoch = epoch_logger(context, "old_model", exp.old_train.epochs, items)
     model, history = pipeline.train_old_model(
-        data,
-        old,
-        exp,
-        seed=config.seed,
-        device=fct.torch_device(),
-        on_epoch=epoch_logger(context, "old_model", exp.old_train.epochs, items),
+        data, old, exp, fct.run(config.seed), on_epoch=on_epoch
     )
     return _model_output(model, history, context, classes=json.dumps(old), items=items)
 
@@ -152,17 +153,11 @@ def side_info_model(
     """The side-info model psi: SimCLR without labels on the old classes' images."""
     from fct_ml import pipeline
 
-    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
-    old = dataset["old_classes"]
+    data, old, items = _old_class_data(fct, dataset)
     exp = _overrides(fct.experiment(), config, "side_info__model", "side_info_train")
-    items = len(data.train.with_classes(old))
+    on_epoch = epoch_logger(context, "side_info_model", exp.side_info_train.epochs, items)
     model, history = pipeline.train_side_info(
-        data,
-        old,
-        exp,
-        seed=config.seed,
-        device=fct.torch_device(),
-        on_epoch=epoch_logger(context, "side_info_model", exp.side_info_train.epochs, items),
+        data, old, exp, fct.run(config.seed), on_epoch=on_epoch
     )
     return _model_output(model, history, context, items=items)
 
@@ -253,8 +248,7 @@ def new_model(
     model, history = pipeline.train_new_model(
         data,
         exp,
-        seed=config.seed,
-        device=fct.torch_device(),
+        fct.run(config.seed),
         desc="new_model",
         on_epoch=epoch_logger(context, stage, exp.new_train.epochs, len(data.train)),
     )
@@ -278,19 +272,16 @@ def transformation(
 
     data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
     exp = _overrides(fct.experiment(), config, "transformation", "transformation_train")
-    device = fct.torch_device()
-    features = pipeline.training_features(
-        data, old_model, side_info_model, new_model, exp, seed=config.seed, device=device
-    )
+    run = fct.run(config.seed)
+    features = pipeline.training_features(data, old_model, side_info_model, new_model, exp, run)
     stage = f"transformation[{context.partition_key}]"
     h, history = pipeline.train_h(
         features,
         new_model,
         exp,
+        run,
         side_info=config.side_info,
         uncertainty=True,
-        seed=config.seed,
-        device=device,
         desc=stage,
         on_epoch=epoch_logger(
             context, stage, exp.transformation_train.epochs, len(features.labels)

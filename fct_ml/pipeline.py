@@ -54,6 +54,18 @@ def stage_seed(seed: int, stage: str) -> int:
     return seed * 1000 + STAGE_SEED[stage]
 
 
+@dataclass(frozen=True)
+class Run:
+    """How stages run: the run's seed (each stage derives its own), the device, progress bars."""
+
+    seed: int = 0
+    device: torch.device = CPU
+    progress: bool = False
+
+    def seed_of(self, stage: str) -> int:
+        return stage_seed(self.seed, stage)
+
+
 def old_class_tuple(old_classes: Sequence[int]) -> tuple[int, ...]:
     """The old model's classes, sorted and unique; refuses an empty list."""
     classes = tuple(sorted(set(old_classes)))
@@ -83,14 +95,14 @@ def new_model_config(dataset: Dataset, config: ExperimentConfig) -> ModelConfig:
     return replace(config.new_model, in_channels=dataset.channels, num_classes=dataset.num_classes)
 
 
+# The training stages share one signature (dataset, [classes,] config, run; on_epoch) on purpose:
+# each reads as one stage of the paper, side by side, and callers swap one for another.
 def train_old_model(
     dataset: Dataset,
     old_classes: Sequence[int],
     config: ExperimentConfig,
+    run: Run,
     *,
-    seed: int,
-    device: torch.device = CPU,
-    progress: bool = False,
     on_epoch: OnEpoch = None,
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """phi_old: supervised on the training items of `old_classes` only, labels remapped to
@@ -103,9 +115,9 @@ def train_old_model(
         old_model_config(dataset, old_classes, config),
         config.old_train,
         policy_for(dataset.name).supervised,
-        device=device,
-        seed=stage_seed(seed, "old"),
-        progress=progress,
+        device=run.device,
+        seed=run.seed_of("old"),
+        progress=run.progress,
         desc="old_model",
         on_epoch=on_epoch,
     )
@@ -115,10 +127,8 @@ def train_side_info(
     dataset: Dataset,
     old_classes: Sequence[int],
     config: ExperimentConfig,
+    run: Run,
     *,
-    seed: int,
-    device: torch.device = CPU,
-    progress: bool = False,
     on_epoch: OnEpoch = None,
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """psi: SimCLR without labels on the images of `old_classes` (what the old model saw)."""
@@ -129,9 +139,9 @@ def train_side_info(
         side_cfg,
         config.side_info_train,
         policy_for(dataset.name).contrastive,
-        device=device,
-        seed=stage_seed(seed, "side_info"),
-        progress=progress,
+        device=run.device,
+        seed=run.seed_of("side_info"),
+        progress=run.progress,
         on_epoch=on_epoch,
     )
 
@@ -139,10 +149,8 @@ def train_side_info(
 def train_new_model(
     dataset: Dataset,
     config: ExperimentConfig,
+    run: Run,
     *,
-    seed: int,
-    device: torch.device = CPU,
-    progress: bool = False,
     on_epoch: OnEpoch = None,
     desc: str = "new_model",
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
@@ -154,9 +162,9 @@ def train_new_model(
         new_model_config(dataset, config),
         config.new_train,
         policy_for(dataset.name).supervised,
-        device=device,
-        seed=stage_seed(seed, "new"),
-        progress=progress,
+        device=run.device,
+        seed=run.seed_of("new"),
+        progress=run.progress,
         desc=desc,
         on_epoch=on_epoch,
     )
@@ -167,10 +175,8 @@ def train_bct(
     old_model: EmbeddingModel,
     old_classes: Sequence[int],
     config: ExperimentConfig,
+    run: Run,
     *,
-    seed: int,
-    device: torch.device = CPU,
-    progress: bool = False,
     on_epoch: OnEpoch = None,
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """The BCT baseline: a new model in the old model's space (the old classifier, extended to
@@ -196,9 +202,9 @@ def train_bct(
         config.bct,
         old_classifier,
         policy_for(dataset.name).supervised,
-        device=device,
-        seed=stage_seed(seed, "bct"),
-        progress=progress,
+        device=run.device,
+        seed=run.seed_of("bct"),
+        progress=run.progress,
         on_epoch=on_epoch,
     )
 
@@ -220,20 +226,18 @@ def training_features(
     side_info_model: EmbeddingModel,
     new_model: EmbeddingModel,
     config: ExperimentConfig,
-    *,
-    seed: int,
-    device: torch.device = CPU,
+    run: Run,
 ) -> Features:
-    """Features of the training set by the three frozen models on `device`, the same augmented
+    """Features of the training set by the three frozen models on the run's device, the same augmented
     image through every model."""
-    models = [m.to(device) for m in (old_model, side_info_model, new_model)]
+    models = [m.to(run.device) for m in (old_model, side_info_model, new_model)]
     f_old, f_side, f_new = _features_of(
         models,
         dataset.train.images,
         config.feature_views,
         policy_for(dataset.name).supervised,
         batch_size=config.encode_batch_size,
-        seed=stage_seed(seed, "features"),
+        seed=run.seed_of("features"),
     )
     return Features(f_old, f_side, f_new, dataset.train.labels.repeat(config.feature_views))
 
@@ -260,12 +264,10 @@ def train_h(
     features: Features,
     new_model: EmbeddingModel,
     config: ExperimentConfig,
+    run: Run,
     *,
     side_info: bool,
     uncertainty: bool,
-    seed: int,
-    device: torch.device = CPU,
-    progress: bool = False,
     on_epoch: OnEpoch = None,
     desc: str = "transformation",
 ) -> tuple[Transformation, list[EpochRecord]]:
@@ -278,10 +280,10 @@ def train_h(
         features.labels,
         transformation_config(features, config, side_info=side_info, uncertainty=uncertainty),
         config.transformation_train,
-        device=device,
-        seed=stage_seed(seed, h_stage(side_info=side_info, uncertainty=uncertainty)),
+        device=run.device,
+        seed=run.seed_of(h_stage(side_info=side_info, uncertainty=uncertainty)),
         new_classifier=new_model.classifier.weight.detach(),
-        progress=progress,
+        progress=run.progress,
         on_epoch=on_epoch,
         desc=desc,
     )

@@ -85,7 +85,7 @@ def run_experiment(
         digests[stage] = content_digest(model)
         return model
 
-    run = {"seed": seed, "device": device, "progress": progress}
+    run = pipeline.Run(seed=seed, device=device, progress=progress)
     with timed("old_model"):
         old_model = trained(
             "old_model",
@@ -93,7 +93,7 @@ def run_experiment(
                 dataset,
                 old_classes,
                 config,
-                **run,
+                run,
                 on_epoch=epochs("old_model", config.old_train.epochs),
             ),
         )
@@ -104,7 +104,7 @@ def run_experiment(
                 dataset,
                 old_classes,
                 config,
-                **run,
+                run,
                 on_epoch=epochs("side_info_model", config.side_info_train.epochs),
             ),
         )
@@ -112,7 +112,7 @@ def run_experiment(
         new_model = trained(
             "new_model",
             pipeline.train_new_model(
-                dataset, config, **run, on_epoch=epochs("new_model", config.new_train.epochs)
+                dataset, config, run, on_epoch=epochs("new_model", config.new_train.epochs)
             ),
         )
     with timed("bct_model"):
@@ -123,14 +123,14 @@ def run_experiment(
                 old_model,
                 old_classes,
                 config,
-                **run,
+                run,
                 on_epoch=epochs("bct_model", config.new_train.epochs),
             ),
         )
 
     with timed("features"):
         features = pipeline.training_features(
-            dataset, old_model, side_model, new_model, config, seed=seed, device=device
+            dataset, old_model, side_model, new_model, config, run
         )
         test = dataset.test
         t_old, t_side, t_new, t_bct = (
@@ -148,9 +148,9 @@ def run_experiment(
                     features,
                     new_model,
                     config,
+                    run,
                     side_info=side_info,
                     uncertainty=uncertainty,
-                    **run,
                     desc=name,
                 ),
             )
@@ -193,7 +193,7 @@ def run_experiment(
                 gallery_h,
                 sigma,
                 config.backfill_points,
-                generator=torch.Generator().manual_seed(pipeline.stage_seed(seed, "backfill")),
+                generator=torch.Generator().manual_seed(run.seed_of("backfill")),
                 metric=config.metric,
                 chunk_size=config.eval_chunk_size,
             )
