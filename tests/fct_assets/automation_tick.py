@@ -5,18 +5,20 @@ running.
 
     python -m tests.fct_assets.automation_tick VERSION
 
-Registers model version VERSION, ticks once and prints as JSON whether the daemon found the
-sensor running and what the tick submitted: {"running": bool, "submitted": [{"assets": [...],
-"partition": ...} | {"backfill": id}]}. Runs are queued (the instance's default run
-coordinator, with no daemon dequeuing) and deleted afterwards, backfills cancelled, so nothing
-executes. One tick only: the sensor's minimum interval (30 s) would skip a second one. The
-instance and storage come from the environment (tests/fct_assets/env.py: Env.environ()).
+Ticks once (a baseline: the sensor's first evaluation only records the state it starts from),
+registers model version VERSION, ticks again once the sensor's minimum interval (30 s) has
+passed, and prints as JSON whether the daemon found the sensor running and what the second tick
+submitted: {"running": bool, "submitted": [{"assets": [...], "partition": ...} | {"backfill":
+id}]}. Runs are queued (the instance's default run coordinator, with no daemon dequeuing) and
+deleted afterwards, backfills cancelled, so nothing executes. The instance and storage come from
+the environment (tests/fct_assets/env.py: Env.environ()).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 import dagster as dg
 from dagster._core.execution.backfill import BulkActionStatus
@@ -64,17 +66,16 @@ def main(version: str) -> None:
     with create_test_daemon_workspace_context(
         InProcessWorkspaceLoadTarget(origin), instance
     ) as workspace:
-        add_model_version(instance, version)
-        repo = next(
-            iter(
-                next(iter(workspace.create_request_context().get_code_location_entries().values()))
-                .code_location.get_repositories()
-                .values()
-            )
-        )
+        entry = next(iter(workspace.create_request_context().get_code_location_entries().values()))
+        repo = next(iter(entry.code_location.get_repositories().values()))
         sensor = repo.get_sensor("fct_upgrade_automation")
         state = instance.get_instigator_state(sensor.get_remote_origin_id(), sensor.selector_id)
         running = sensor.get_current_instigator_state(state).is_running
+        baseline = time.monotonic()
+        _tick(instance, workspace)
+        add_model_version(instance, version)
+        if running:
+            time.sleep(max(0.0, baseline + sensor.min_interval_seconds + 1 - time.monotonic()))
         print(json.dumps({"running": running, "submitted": _tick(instance, workspace)}))
 
 
