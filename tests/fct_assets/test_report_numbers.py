@@ -10,27 +10,9 @@ import numpy as np
 import pytest
 
 from fct_assets import storage
+from tests.reference import brute_force_retrieval as brute_force
 
 VERSION = "vnum"
-
-
-def brute_force(query: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Leave-one-out retrieval, squared L2 in float64, one query at a time: top-1, top-5, mAP in
-    percent. Ties rank a non-match ahead of a match (the project's rule)."""
-    query, gallery = query.astype(np.float64), gallery.astype(np.float64)
-    n = len(labels)
-    top1 = top5 = ap = 0.0
-    others = np.arange(n)
-    for i in range(n):
-        keep = others != i
-        distance = ((gallery[keep] - query[i]) ** 2).sum(1)
-        match = labels[keep] == labels[i]
-        ranked = match[np.lexsort((match, distance))]  # by distance, non-matches first on ties
-        top1 += ranked[0]
-        top5 += ranked[:5].any()
-        ranks = np.flatnonzero(ranked) + 1
-        ap += (np.arange(1, len(ranks) + 1) / ranks).mean()
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "mAP": 100 * ap / n}
 
 
 @pytest.fixture(scope="module")
