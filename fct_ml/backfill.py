@@ -3,8 +3,10 @@
 `apply_transformation` maps stored (old_embedding, side_info) arrays through h in batches; no
 image is read. A *backfilling curve* (FastFill) measures retrieval while a growing fraction of
 the gallery is re-embedded with the new model, in some order: `random`, `sigma` (most
-uncertain first, FastFill) or `oracle` (largest true error first). Its area is the mean of the
-metric over the curve's points.
+uncertain first, FastFill) or `true_error` (largest true error ||h(x) - phi_new(x)||^2 first:
+the order sigma tries to predict; not an upper bound on what an order can reach, because
+retrieval depends on where an error points, not only on its size). Its area is the mean of
+the metric over the curve's points, on FastFill's grid of points i/(points-1).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from fct_ml.retrieval import Metric, retrieve
 from fct_ml.training import Frozen
 
-ORDERS = ("random", "sigma", "oracle")
+ORDERS = ("random", "sigma", "true_error")
 
 
 def apply_transformation(
@@ -86,10 +88,10 @@ def backfill_order(
         if sigma is None:
             raise ValueError("backfill order 'sigma' needs the transformation's sigma")
         return torch.argsort(sigma, descending=True, stable=True)
-    if name == "oracle":
+    if name == "true_error":
         if error is None:
             raise ValueError(
-                "backfill order 'oracle' needs the true error of each transformed item"
+                "backfill order 'true_error' needs the true error of each transformed item"
             )
         return torch.argsort(error, descending=True, stable=True)
     raise ValueError(f"backfill order: expected one of {ORDERS}, got {name!r}")
@@ -159,15 +161,15 @@ def backfill_summary(
     """FastFill's backfilling curves for the three orders, and their areas, in percent.
 
     The gallery starts as `transformed` (h's vectors) and items are re-embedded (-> `new_embedding`)
-    in the order of each strategy; queries are the new embeddings, leave-one-out. The oracle
-    knows each item's true error. Returns (curves {order: {"fractions", "top1", "mAP"}},
+    in the order of each strategy; queries are the new embeddings, leave-one-out. The
+    `true_error` order knows each item's true error. Returns (curves {order: {"fractions", "top1", "mAP"}},
     areas {order: {"top1", "mAP"}})."""
     fractions = [i / (points - 1) for i in range(points)]
     error = (transformed - new_embedding).pow(2).sum(1)
     orders = {
         "random": backfill_order("random", len(labels), generator=generator),
         "sigma": backfill_order("sigma", len(labels), sigma=sigma),
-        "oracle": backfill_order("oracle", len(labels), error=error),
+        "true_error": backfill_order("true_error", len(labels), error=error),
     }
     measured = backfill_curves(
         new_embedding,

@@ -33,7 +33,8 @@ class ExperimentConfig:
     # h is trained on features of the training set computed once by the frozen models:
     # one clean pass plus (feature_views - 1) passes over augmented images.
     feature_views: int = 1
-    backfill_points: int = 11  # fractions 0, 1/(p-1), ..., 1 of the gallery re-embedded
+    # Fractions 0, 1/(p-1), ..., 1 of the gallery re-embedded; FastFill's grid is i/21, 22 points.
+    backfill_points: int = 22
     metric: Literal["l2", "cosine"] = "l2"
     eval_chunk_size: int = 1024
     encode_batch_size: int = 1024
@@ -100,7 +101,7 @@ def _cpu() -> ExperimentConfig:
             bn_eval_after=0.5,
         ),
         feature_views=2,
-        backfill_points=6,
+        backfill_points=22,
     )
 
 
@@ -154,7 +155,7 @@ def _paper() -> ExperimentConfig:
             bn_eval_after=0.5,
         ),
         feature_views=4,
-        backfill_points=21,
+        backfill_points=22,
     )
 
 

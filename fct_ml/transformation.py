@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from fct_ml.augment import AugmentConfig, augment, to_float
 from fct_ml.losses import FastFillObjective, TransformationObjective
-from fct_ml.models import EmbeddingModel
+from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.training import EpochRecord, Frozen, TrainConfig, fit, seed_everything
 
 
@@ -31,6 +31,9 @@ class TransformationConfig:
     # embedding a second time, so both variants have the same shape and capacity.
     side_info: bool = True
     uncertainty: bool = False  # FastFill: add the sigma head
+    # FastFill: weight of the cross-entropy through the new classifier against the squared
+    # error (chosen on validation: benchmarks/results/experiments.md).
+    ce_weight: float = 1.0
 
 
 def _mlp(dims: list[int], plain_last: bool) -> nn.Sequential:
@@ -88,6 +91,7 @@ def train_transformation(
     device: torch.device,
     seed: int,
     new_classifier: torch.Tensor | None = None,
+    new_config: ModelConfig | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     desc: str = "transformation",
@@ -95,7 +99,7 @@ def train_transformation(
     """Fit h on aligned features of the training set (each (N, dim), labels (N,)).
 
     With `config.uncertainty` the FastFill loss is used, which needs the frozen new model's
-    classifier weight `new_classifier` (num_classes, new_dim).
+    classifier weight `new_classifier` (num_classes, new_dim), scored as `new_config` says.
     """
     for name, t in (
         ("old_embedding", old_embedding),
@@ -118,7 +122,9 @@ def train_transformation(
     if config.uncertainty:
         if new_classifier is None:
             raise ValueError("FastFill needs the new model's classifier weight")
-        objective = FastFillObjective(h, new_classifier.to(device))
+        objective = FastFillObjective(
+            h, new_classifier.to(device), new_config, ce_weight=config.ce_weight
+        )
     else:
         objective = TransformationObjective(h)
     data = (old_embedding.float(), side_info.float(), new_embedding.float(), labels)

@@ -31,10 +31,10 @@ def test_sigma_order_ties_keep_storage_order():
     assert backfill_order("sigma", 4, sigma=sigma).tolist() == [1, 3, 0, 2]
 
 
-def test_oracle_order_is_largest_error_first():
+def test_true_error_order_is_largest_error_first():
     error = torch.tensor([2.0, 0.0, 5.0, 1.0])
     # descending: 5 (item 2), 2 (item 0), 1 (item 3), 0 (item 1)
-    assert backfill_order("oracle", 4, error=error).tolist() == [2, 0, 3, 1]
+    assert backfill_order("true_error", 4, error=error).tolist() == [2, 0, 3, 1]
 
 
 def test_random_order_is_a_reproducible_permutation():
@@ -48,11 +48,11 @@ def test_random_order_is_a_reproducible_permutation():
 
 
 def test_order_errors():
-    assert set(ORDERS) == {"random", "sigma", "oracle"}
+    assert set(ORDERS) == {"random", "sigma", "true_error"}
     with pytest.raises(ValueError, match="sigma"):
         backfill_order("sigma", 3)
-    with pytest.raises(ValueError, match="oracle"):
-        backfill_order("oracle", 3)
+    with pytest.raises(ValueError, match="true_error"):
+        backfill_order("true_error", 3)
     with pytest.raises(ValueError, match="backfill order"):
         backfill_order("greedy", 3)
 
@@ -70,7 +70,7 @@ def test_order_errors():
 #                |10-0| = 10 and |10-20| = 10 -> item 1 hit; q2, q3 hit.  top1 = 4/4
 # k = 4 (all R): top1 = 1
 # fractions 0, .25, .5, .75, 1 -> k = 0, 1, 2, 3, 4
-# oracle order (error |T-R| = 9, 9, 0, 0) = [0, 1, 2, 3]: item 0 at k=1 -> [1/2, 1, 1, 1, 1]
+# true_error order (error |T-R| = 9, 9, 0, 0) = [0, 1, 2, 3]: item 0 at k=1 -> [1/2, 1, 1, 1, 1]
 # sigma order [2, 3, 0, 1]: k=1, 2 replace the already-right items 2, 3 -> unchanged; item 0
 #   comes in at k=3 -> [1/2, 1/2, 1/2, 1, 1]
 # --------------------------------------------------------------------------- #
@@ -82,20 +82,22 @@ FRACTIONS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def test_backfill_curves_by_hand():
-    oracle = backfill_order("oracle", 4, error=(T - R).pow(2).sum(1))
-    assert oracle.tolist() == [0, 1, 2, 3]
+    by_error = backfill_order("true_error", 4, error=(T - R).pow(2).sum(1))
+    assert by_error.tolist() == [0, 1, 2, 3]
     sigma = backfill_order("sigma", 4, sigma=torch.tensor([0.2, 0.1, 0.9, 0.5]))
     assert sigma.tolist() == [2, 3, 0, 1]
     transformed = T.clone()
-    curves = backfill_curves(R, Y, transformed, R, Y, {"oracle": oracle, "sigma": sigma}, FRACTIONS)
-    assert set(curves) == {"oracle", "sigma"}
-    assert [p["top1"] for p in curves["oracle"]] == pytest.approx([1 / 2, 1, 1, 1, 1])
+    curves = backfill_curves(
+        R, Y, transformed, R, Y, {"true_error": by_error, "sigma": sigma}, FRACTIONS
+    )
+    assert set(curves) == {"true_error", "sigma"}
+    assert [p["top1"] for p in curves["true_error"]] == pytest.approx([1 / 2, 1, 1, 1, 1])
     assert [p["top1"] for p in curves["sigma"]] == pytest.approx([1 / 2, 1 / 2, 1 / 2, 1, 1])
     assert all(p["n_queries"] == 4 for c in curves.values() for p in c)
     # the caller's transformed gallery is not modified
     assert torch.equal(transformed, T)
-    # area = mean of points: oracle (1/2 + 1 + 1 + 1 + 1)/5 = 0.9; sigma (3 * 1/2 + 2)/5 = 0.7
-    assert curve_area([p["top1"] for p in curves["oracle"]]) == pytest.approx(0.9)
+    # area = mean of points: true_error (1/2 + 1 + 1 + 1 + 1)/5 = 0.9; sigma (3 * 1/2 + 2)/5 = 0.7
+    assert curve_area([p["top1"] for p in curves["true_error"]]) == pytest.approx(0.9)
     assert curve_area([p["top1"] for p in curves["sigma"]]) == pytest.approx(0.7)
 
 
@@ -130,15 +132,17 @@ def test_end_points_do_not_depend_on_order():
     orders = {
         "random": backfill_order("random", 12, generator=torch.Generator().manual_seed(1)),
         "sigma": backfill_order("sigma", 12, sigma=torch.randn(12, generator=g)),
-        "oracle": backfill_order("oracle", 12, error=(transformed - reembedded).pow(2).sum(1)),
+        "true_error": backfill_order(
+            "true_error", 12, error=(transformed - reembedded).pow(2).sum(1)
+        ),
     }
     curves = backfill_curves(
         query, labels, transformed, reembedded, labels, orders, [0.0, 0.5, 1.0], leave_one_out=True
     )
     starts = {name: c[0] for name, c in curves.items()}
     ends = {name: c[-1] for name, c in curves.items()}
-    assert starts["random"] == starts["sigma"] == starts["oracle"]
-    assert ends["random"] == ends["sigma"] == ends["oracle"]
+    assert starts["random"] == starts["sigma"] == starts["true_error"]
+    assert ends["random"] == ends["sigma"] == ends["true_error"]
 
 
 def test_end_points_are_all_transformed_and_all_reembedded():

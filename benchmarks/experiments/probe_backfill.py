@@ -1,0 +1,108 @@
+"""Transformation variants and their backfilling curves on the validation split, from cached
+features (benchmarks/experiments/cache.py).
+
+    python benchmarks/experiments/probe_backfill.py --old demo_s0_old_13579_cosine_cnn-s128 \
+        --side demo_s0_side_13579 --new demo_s0_new_cosine --variants sum,ce128,ce0,mse
+
+Variants: `mse` plain h (FCT), `sum` FastFill with the squared error summed over dims and CE
+weight 1 (the paper's loss), `ceW` the same with CE weight W (`ce128` = the former per-dim mean
+squared error: the loss is scale-free in sigma, so mean-SE + CE trains like sum-SE + 128 CE),
+`...-noside` without side-info. Prints, per metric: new/new, new/h(old), the curve's end
+points, its lowest point below the lower end point ("dip") and the areas (top-1/mAP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from fct_ml.backfill import backfill_summary
+from fct_ml.evaluation import evaluate_cases
+from fct_ml.presets import preset
+from fct_ml.transformation import TransformationConfig, train_transformation
+
+CACHE = "runs/cache"
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", required=True)
+    ap.add_argument("--side", required=True)
+    ap.add_argument("--new", required=True)
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--variants", default="sum,ce128,ce0,mse")
+    ap.add_argument("--metrics", default="l2,cosine")
+    ap.add_argument("--points", type=int, default=22)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    labels = torch.load(f"{CACHE}/labels.pt")
+    old, side, new = (torch.load(f"{CACHE}/{k}.pt") for k in (args.old, args.side, args.new))
+    new_model = torch.load(f"{CACHE}/{args.new}.model", weights_only=False)
+    cfg = preset(args.preset)
+    for variant in args.variants.split(","):
+        name, _, noside = variant.partition("-")
+        fastfill = name != "mse"
+        ce_weight = 1.0 if name in ("sum", "mse") else float(name[2:])
+        h_cfg = TransformationConfig(
+            old_dim=old["train"].shape[1],
+            side_info_dim=side["train"].shape[1],
+            new_dim=new["train"].shape[1],
+            branch_width=cfg.transformation.branch_width,
+            inner_width=cfg.transformation.inner_width,
+            side_info=not noside,
+            uncertainty=fastfill,
+            ce_weight=ce_weight,
+        )
+        h, hist = train_transformation(
+            old["train"],
+            side["train"],
+            new["train"],
+            labels["train"],
+            h_cfg,
+            cfg.transformation_train,
+            device=torch.device("cpu"),
+            seed=6,
+            new_classifier=new_model.classifier.weight.detach(),
+            new_config=new_model.config,
+            progress=False,
+        )
+        h.eval()
+        with torch.no_grad():
+            if fastfill:
+                out, sigma = h.forward_with_sigma(old["val"], side["val"])
+            else:
+                out, sigma = h(old["val"], side["val"]), torch.rand(len(labels["val"]))
+        ratio = out.norm(dim=1).mean() / new["val"].norm(dim=1).mean()
+        parts = " ".join(f"{k} {v:.4f}" for k, v in hist[-1].parts.items())
+        print(f"== {variant}: last epoch {parts}; norm h/new {ratio:.3f}", flush=True)
+        for metric in args.metrics.split(","):
+            cases = evaluate_cases(
+                {"new/new": (new["val"], new["val"]), "new/h(old)": (new["val"], out)},
+                labels["val"],
+                metric=metric,
+            )["cases"]
+            curves, areas = backfill_summary(
+                new["val"],
+                labels["val"],
+                out,
+                sigma,
+                args.points,
+                generator=torch.Generator().manual_seed(10),
+                metric=metric,
+            )
+            line = [f"  {metric:6}"]
+            for m in ("top1", "mAP"):
+                line.append(
+                    f"{m}: new/new {cases['new/new'][m]:.1f} h {cases['new/h(old)'][m]:.1f}"
+                )
+                for order, c in curves.items():
+                    lo = min(c[m][0], c[m][-1])
+                    dip = min(c[m]) - lo
+                    line.append(f"{order} area {areas[order][m]:.2f} dip {dip:+.2f}")
+            print(" | ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
