@@ -13,7 +13,7 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# pip takes torch 2.14.1 / torchvision 0.29.1 as pinned in pyproject (DESIGN.md §6).
+	# pip takes torch 2.14.1 / torchvision 0.29.1 as pinned in pyproject (docs/design.md §7).
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 

@@ -20,7 +20,12 @@ import pyarrow as pa
 
 from fct_assets import storage
 from fct_assets.backfill_ops import backfill_config, backfill_shard, plan_backfill, publish_backfill
-from fct_assets.config import DatasetConfig, ModelTrainingConfig, TransformationTrainingConfig
+from fct_assets.config import (
+    DatasetConfig,
+    EvalReportConfig,
+    ModelTrainingConfig,
+    TransformationTrainingConfig,
+)
 from fct_assets.partitions import model_version
 from fct_assets.provenance import code_version, epoch_logger, history_metadata
 from fct_assets.resources import FctResource
@@ -383,6 +388,7 @@ def backfilled_gallery(gallery_store, transformation, new_model):
 
 @upgrade_asset(kind="python", io_manager_key="json_io_manager")
 def eval_report(
+    config: EvalReportConfig,
     fct: FctResource,
     dataset: dict,
     gallery_store: dict,
@@ -395,7 +401,13 @@ def eval_report(
 
     started = time.perf_counter()
     report = evaluate_version(
-        fct, dataset, gallery_store, backfilled_gallery, transformation, new_model
+        fct,
+        dataset,
+        gallery_store,
+        backfilled_gallery,
+        transformation,
+        new_model,
+        table_version=config.table_version,
     )
     report["seconds"] = round(time.perf_counter() - started, 2)
     markdown = report.pop("markdown")

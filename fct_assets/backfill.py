@@ -11,7 +11,7 @@
                        `ann_min_rows`, an IVF_PQ index is built.
 
 Why staging tables rather than appends to the final table: LanceDB wants one writer per table
-(DESIGN.md §6), and an append per shard would publish partial tables between commits. A shard
+(docs/design.md §4), and an append per shard would publish partial tables between commits. A shard
 that fails leaves only its run's staging tables, which no reader opens and the next plan of the
 version drops; the published table (and the deployed snapshot) never changes. The copy costs
 one extra write of the vectors (no image is read again), small next to h and re-embedding.

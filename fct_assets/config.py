@@ -92,6 +92,19 @@ class BackfillConfig(dg.Config):
     )
 
 
+class EvalReportConfig(dg.Config):
+    """Which table version the evaluation reads."""
+
+    table_version: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "LanceDB version of the model version's table to evaluate: the daily schedule sets the"
+            " deployed, pinned one. Unset: the table the latest backfilled_gallery published."
+        ),
+    )
+
+
 class PromotionConfig(dg.Config):
     """Which model version to serve."""
 
