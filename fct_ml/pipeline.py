@@ -204,6 +204,7 @@ def train_bct(
         policy_for(dataset.name).supervised,
         device=run.device,
         seed=run.seed_of("bct"),
+        old_config=old_model.config,
         progress=run.progress,
         on_epoch=on_epoch,
     )
@@ -283,6 +284,7 @@ def train_h(
         device=run.device,
         seed=run.seed_of(h_stage(side_info=side_info, uncertainty=uncertainty)),
         new_classifier=new_model.classifier.weight.detach(),
+        new_config=new_model.config,
         progress=run.progress,
         on_epoch=on_epoch,
         desc=desc,
