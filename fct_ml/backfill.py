@@ -97,6 +97,27 @@ def backfill_order(
     raise ValueError(f"backfill order: expected one of {ORDERS}, got {name!r}")
 
 
+def with_expected_error(
+    vectors: torch.Tensor, expected_sq_error: torch.Tensor | None
+) -> torch.Tensor:
+    """(N, D) gallery vectors -> (N, D + 1): one more coordinate, sqrt of each item's expected
+    squared error (0 for a re-embedded item, None: all 0). Queries get a 0 there too.
+
+    A transformed item h(x) stands for phi_new(x) = h(x) + e with E||e||^2 = its expected
+    error, so E||q - phi_new(x)||^2 = ||q - h(x)||^2 + E||e||^2 (for e independent of q). The
+    extra coordinate adds exactly that term to the squared L2 distance, so transformed and
+    re-embedded items are ranked on the same scale in a partly backfilled gallery; without it
+    h's outputs, regressed towards their conditional mean, sit systematically closer to every
+    query than re-embedded items do, and a mixed gallery ranks worse than both of its ends.
+    """
+    extra = (
+        torch.zeros(vectors.shape[0], 1)
+        if expected_sq_error is None
+        else expected_sq_error.float().clamp(min=0).sqrt().unsqueeze(1)
+    )
+    return torch.cat([vectors.float(), extra.to(vectors.device)], dim=1)
+
+
 def backfill_curves(
     query: torch.Tensor,
     query_labels: torch.Tensor,
@@ -157,15 +178,20 @@ def backfill_summary(
     generator: torch.Generator,
     metric: Metric = "l2",
     chunk_size: int = 1024,
+    expected_error: bool = True,
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, float]]]:
     """FastFill's backfilling curves for the three orders, and their areas, in percent.
 
     The gallery starts as `transformed` (h's vectors) and items are re-embedded (-> `new_embedding`)
     in the order of each strategy; queries are the new embeddings, leave-one-out. The
     `true_error` order knows each item's true error. Returns (curves {order: {"fractions", "top1", "mAP"}},
-    areas {order: {"top1", "mAP"}})."""
+    areas {order: {"top1", "mAP"}}). With `expected_error`, each transformed item carries its
+    expected squared error exp(sigma) as an extra coordinate (`with_expected_error`)."""
     fractions = [i / (points - 1) for i in range(points)]
     error = (transformed - new_embedding).pow(2).sum(1)
+    if expected_error:
+        transformed = with_expected_error(transformed, sigma.exp())
+        new_embedding = with_expected_error(new_embedding, None)
     orders = {
         "random": backfill_order("random", len(labels), generator=generator),
         "sigma": backfill_order("sigma", len(labels), sigma=sigma),

@@ -8,6 +8,7 @@ a linear head new_dim->1 on h's output that predicts the log of the sample's err
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,10 @@ class Transformation(nn.Module):
             [2 * w, config.inner_width, config.inner_width, config.new_dim], plain_last=True
         )
         self.sigma_head = nn.Linear(config.new_dim, 1) if config.uncertainty else None
+        # log(mean squared error / mean exp(sigma)) over h's training features, set after
+        # training, so that exp(sigma) is h's expected squared error ||h(x) - phi_new(x)||^2
+        # in absolute terms (backfill ranks transformed items with it); orders are unchanged.
+        self.register_buffer("sigma_offset", torch.zeros(()))
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         if self.config.side_info:
@@ -77,7 +82,10 @@ class Transformation(nn.Module):
         if self.sigma_head is None:
             raise ValueError("this transformation has no uncertainty head (uncertainty=False)")
         pred = self(old, side)
-        return pred, self.sigma_head(pred).squeeze(1)
+        # sigma reads h's output but sends no gradient back into it: the sigma term of the
+        # loss would otherwise shift every output along the head's weight, off the new model's
+        # distribution.
+        return pred, self.sigma_head(pred.detach()).squeeze(1) + self.sigma_offset
 
 
 def train_transformation(
@@ -138,7 +146,34 @@ def train_transformation(
         progress=progress,
         on_epoch=on_epoch,
     )
+    if config.uncertainty:
+        calibrate_sigma(h, data[0], data[1], data[2])
     return h, history
+
+
+@torch.no_grad()
+def calibrate_sigma(
+    h: Transformation,
+    old_embedding: torch.Tensor,
+    side_info: torch.Tensor,
+    new_embedding: torch.Tensor,
+    *,
+    batch_size: int = 4096,
+) -> float:
+    """Shift sigma so that mean exp(sigma) equals h's mean squared error on these features
+    (N, dims): sigma's loss mixes the cross-entropy into its target and its bias trains
+    slowly, so its raw scale is not the error's. Returns the offset (also stored in h)."""
+    h.sigma_offset.zero_()
+    frozen = Frozen(h, method="forward_with_sigma")
+    sq_sum, exp_sum = 0.0, 0.0
+    for start in range(0, old_embedding.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        pred, sigma = frozen(old_embedding[sl], side_info[sl])
+        sq_sum += float((pred.cpu() - new_embedding[sl]).pow(2).sum())
+        exp_sum += float(sigma.exp().sum())
+    offset = math.log(max(sq_sum, 1e-12) / max(exp_sum, 1e-12))
+    h.sigma_offset.fill_(offset)
+    return offset
 
 
 def training_features(

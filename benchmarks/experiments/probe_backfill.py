@@ -7,7 +7,9 @@ features (benchmarks/experiments/cache.py).
 Variants: `mse` plain h (FCT), `sum` FastFill with the squared error summed over dims and CE
 weight 1 (the paper's loss), `ceW` the same with CE weight W (`ce128` = the former per-dim mean
 squared error: the loss is scale-free in sigma, so mean-SE + CE trains like sum-SE + 128 CE),
-`...-noside` without side-info. Prints, per metric: new/new, new/h(old), the curve's end
+`...-noside` without side-info, `...+grad` with sigma's gradient flowing back into h's
+output (as before the fix; fct_ml now detaches it), `...~raw` curves without the expected-error
+coordinate (as before the fix). Prints, per metric: new/new, new/h(old), the curve's end
 points, its lowest point below the lower end point ("dip") and the areas (top-1/mAP).
 """
 
@@ -21,7 +23,16 @@ import torch
 from fct_ml.backfill import backfill_summary
 from fct_ml.evaluation import evaluate_cases
 from fct_ml.presets import preset
-from fct_ml.transformation import TransformationConfig, train_transformation
+from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
+
+DETACHED = Transformation.forward_with_sigma
+
+
+def _with_grad(self, old, side=None):
+    """forward_with_sigma as before the fix: sigma's gradient reaches h's output."""
+    pred = self(old, side)
+    return pred, self.sigma_head(pred).squeeze(1) + self.sigma_offset
+
 
 CACHE = "runs/cache"
 
@@ -42,7 +53,10 @@ def main(argv: list[str]) -> None:
     new_model = torch.load(f"{CACHE}/{args.new}.model", weights_only=False)
     cfg = preset(args.preset)
     for variant in args.variants.split(","):
-        name, _, noside = variant.partition("-")
+        variant, _, raw = variant.partition("~")
+        base, _, grad = variant.partition("+")
+        Transformation.forward_with_sigma = _with_grad if grad else DETACHED
+        name, _, noside = base.partition("-")
         fastfill = name != "mse"
         ce_weight = 1.0 if name in ("sum", "mse") else float(name[2:])
         h_cfg = TransformationConfig(
@@ -76,7 +90,10 @@ def main(argv: list[str]) -> None:
                 out, sigma = h(old["val"], side["val"]), torch.rand(len(labels["val"]))
         ratio = out.norm(dim=1).mean() / new["val"].norm(dim=1).mean()
         parts = " ".join(f"{k} {v:.4f}" for k, v in hist[-1].parts.items())
-        print(f"== {variant}: last epoch {parts}; norm h/new {ratio:.3f}", flush=True)
+        print(
+            f"== {variant}{'~raw' if raw else ''}: last epoch {parts}; norm h/new {ratio:.3f}",
+            flush=True,
+        )
         for metric in args.metrics.split(","):
             cases = evaluate_cases(
                 {"new/new": (new["val"], new["val"]), "new/h(old)": (new["val"], out)},
@@ -91,6 +108,7 @@ def main(argv: list[str]) -> None:
                 args.points,
                 generator=torch.Generator().manual_seed(10),
                 metric=metric,
+                expected_error=not raw,
             )
             line = [f"  {metric:6}"]
             for m in ("top1", "mAP"):

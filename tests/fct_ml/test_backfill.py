@@ -10,9 +10,13 @@ from fct_ml.backfill import (
     apply_transformation,
     backfill_curves,
     backfill_order,
+    backfill_summary,
     curve_area,
+    with_expected_error,
 )
-from fct_ml.transformation import Transformation, TransformationConfig
+from fct_ml.retrieval import pairwise_distance
+from fct_ml.training import TrainConfig
+from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
 
 # --------------------------------------------------------------------------- #
 # backfill_order
@@ -277,3 +281,107 @@ def test_apply_transformation_wrong_dims_name_the_field():
         apply_transformation(h, old, None)  # this h needs side-info
     with pytest.raises(ValueError, match="side_info"):
         apply_transformation(h, old, side[:5])  # row count mismatch
+
+
+# --------------------------------------------------------------------------- #
+# a partly backfilled gallery: transformed items carry their expected error
+# --------------------------------------------------------------------------- #
+
+
+def test_with_expected_error_adds_it_to_the_squared_distance():
+    gallery = with_expected_error(torch.tensor([[0.0, 0.0], [3.0, 0.0]]), torch.tensor([4.0, 0.0]))
+    assert gallery.tolist() == [[0.0, 0.0, 2.0], [3.0, 0.0, 0.0]]  # sqrt(4) = 2
+    query = with_expected_error(torch.tensor([[1.0, 0.0]]), None)  # (1, 0, 0)
+    # item 0: (1 - 0)^2 + 0 + (0 - 2)^2 = 1 + 4 = 5 ; item 1: (1 - 3)^2 = 4
+    assert pairwise_distance(query, gallery).tolist() == [[5.0, 4.0]]
+
+
+def _synthetic_upgrade(seed: int):
+    """Four classes in a 16-d new space (class means 0.5 * N(0, I), noise 0.9); the old
+    embedding is a fixed linear map of the new one plus noise, so h can only recover its
+    conditional mean: (train old, new, labels), (gallery old, new, labels), class means."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(4, 16, generator=g) * 0.5
+    mix = torch.randn(16, 16, generator=torch.Generator().manual_seed(99)) / 4.0
+
+    def sample(n: int):
+        labels = torch.randint(0, 4, (n,), generator=g)
+        new = means[labels] + 0.9 * torch.randn(n, 16, generator=g)
+        return new @ mix + 0.7 * torch.randn(n, 16, generator=g), new, labels
+
+    return sample(2000), sample(500), means
+
+
+@pytest.mark.slow
+def test_mixed_gallery_never_below_its_ends_synthetic():
+    (old, new, labels), (g_old, g_new, g_labels), means = _synthetic_upgrade(0)
+    config = TransformationConfig(
+        old_dim=16,
+        side_info_dim=16,
+        new_dim=16,
+        branch_width=32,
+        inner_width=64,
+        side_info=False,
+        uncertainty=True,
+    )
+    train = TrainConfig(
+        epochs=8,
+        batch_size=128,
+        optimizer="adam",
+        lr=2e-3,
+        weight_decay=0.0,
+        warmup_epochs=0.0,
+        bn_eval_after=0.5,
+    )
+    h, _ = train_transformation(
+        old,
+        old,
+        new,
+        labels,
+        config,
+        train,
+        device=torch.device("cpu"),
+        seed=0,
+        new_classifier=means,
+        progress=False,
+    )
+    # exp(sigma) is calibrated to h's mean squared error on its training features
+    pred, sigma = apply_transformation(h, old, None)
+    assert float(sigma.exp().mean()) == pytest.approx(
+        float((pred - new).pow(2).sum(1).mean()), rel=1e-3
+    )
+
+    transformed, sigma = apply_transformation(h, g_old, None)
+
+    def curves(expected_error: bool):
+        return backfill_summary(
+            g_new,
+            g_labels,
+            transformed,
+            sigma,
+            6,
+            generator=torch.Generator().manual_seed(0),
+            expected_error=expected_error,
+        )[0]
+
+    for order, curve in curves(True).items():
+        points = curve["mAP"]
+        # within 0.1 points: sigma is calibrated on h's training features, a little optimistic
+        assert min(points) >= min(points[0], points[-1]) - 0.1, (order, points)
+    # Without the expected error, h's outputs (its conditional means) sit closer to every
+    # query than re-embedded items: the mixed gallery ranks worse than both of its ends.
+    points = curves(False)["random"]["mAP"]
+    assert min(points) < min(points[0], points[-1]) - 0.5, points
+
+
+def test_sigma_sends_no_gradient_into_h():
+    torch.manual_seed(0)
+    h = Transformation(
+        TransformationConfig(
+            old_dim=4, side_info_dim=3, new_dim=5, branch_width=8, inner_width=8, uncertainty=True
+        )
+    )
+    _, sigma = h.forward_with_sigma(torch.randn(6, 4), torch.randn(6, 3))
+    sigma.sum().backward()
+    assert h.sigma_head.weight.grad is not None
+    assert all(p.grad is None for p in h.inner.parameters())
