@@ -6,7 +6,10 @@ the gallery is re-embedded with the new model, in some order: `random`, `sigma` 
 uncertain first, FastFill) or `true_error` (largest true error ||h(x) - phi_new(x)||^2 first:
 the order sigma tries to predict; not an upper bound on what an order can reach, because
 retrieval depends on where an error points, not only on its size). Its area is the mean of
-the metric over the curve's points, on FastFill's grid of points i/(points-1).
+the metric over the curve's points, on FastFill's grid of points i/(points-1). In a partly
+backfilled gallery each transformed item carries its expected squared error exp(sigma) as
+one more coordinate (`with_expected_error`), so that it is ranked on the same scale as the
+re-embedded items around it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 from fct_ml import pipeline
 from fct_ml.backfill import apply_transformation, backfill_summary
 from fct_ml.checkpoint import content_digest
-from fct_ml.data import Dataset, split_validation
+from fct_ml.data import Dataset
 from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.presets import ExperimentConfig
 from fct_ml.training import EpochRecord
@@ -145,11 +145,9 @@ def run_experiment(
     ("validation"). Returns the `fct reproduce` JSON (metrics in percent). With `cache_dir`,
     trained models are reused when their stage's configs, seed and data match."""
     old_classes = pipeline.old_class_tuple(old_classes)
-    fit_split, val = split_validation(dataset.train, config.validation_fraction)
-    full_dataset = dataset
-    # Every stage trains on the training set minus the validation split.
-    dataset = Dataset(dataset.name, dataset.class_names, fit_split, dataset.test)
-    cache = StageCache(cache_dir, dataset.fingerprint(), seed)
+    # Every stage trains on the training set minus the validation split (pipeline.fit_split).
+    val = pipeline.validation_split(dataset, config)
+    cache = StageCache(cache_dir, f"{dataset.fingerprint()}:{config.validation_fraction}", seed)
     unseen_classes = tuple(c for c in range(dataset.num_classes) if c not in old_classes)
     timings: dict[str, float] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
@@ -294,7 +292,7 @@ def run_experiment(
 
     return {
         "dataset": dataset.name,
-        "dataset_fingerprint": full_dataset.fingerprint(),
+        "dataset_fingerprint": dataset.fingerprint(),
         "old_classes": list(old_classes),
         "seed": seed,
         "device": str(device),

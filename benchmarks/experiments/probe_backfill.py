@@ -8,9 +8,10 @@ Variants: `mse` plain h (FCT), `sum` FastFill with the squared error summed over
 weight 1 (the paper's loss), `ceW` the same with CE weight W (`ce128` = the former per-dim mean
 squared error: the loss is scale-free in sigma, so mean-SE + CE trains like sum-SE + 128 CE),
 `...-noside` without side-info, `...+grad` with sigma's gradient flowing back into h's
-output (as before the fix; fct_ml now detaches it), `...~raw` curves without the expected-error
-coordinate (as before the fix). Prints, per metric: new/new, new/h(old), the curve's end
-points, its lowest point below the lower end point ("dip") and the areas (top-1/mAP).
+output (as before the fix; fct_ml now detaches it). FastFill curves are drawn both without
+("raw", as before the fix) and with the expected-error coordinate. Prints, per metric:
+new/new, new/h(old), each order's 0 % point, area and lowest point below the lower end
+("dip"), top-1 and mAP.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import torch
 
 from fct_ml.backfill import backfill_summary
-from fct_ml.evaluation import evaluate_cases
+from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.presets import preset
 from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
 
@@ -53,7 +54,6 @@ def main(argv: list[str]) -> None:
     new_model = torch.load(f"{CACHE}/{args.new}.model", weights_only=False)
     cfg = preset(args.preset)
     for variant in args.variants.split(","):
-        variant, _, raw = variant.partition("~")
         base, _, grad = variant.partition("+")
         Transformation.forward_with_sigma = _with_grad if grad else DETACHED
         name, _, noside = base.partition("-")
@@ -91,35 +91,48 @@ def main(argv: list[str]) -> None:
         ratio = out.norm(dim=1).mean() / new["val"].norm(dim=1).mean()
         parts = " ".join(f"{k} {v:.4f}" for k, v in hist[-1].parts.items())
         print(
-            f"== {variant}{'~raw' if raw else ''}: last epoch {parts}; norm h/new {ratio:.3f}",
+            f"== {variant}: last epoch {parts}; norm h/new {ratio:.3f}",
             flush=True,
         )
         for metric in args.metrics.split(","):
             cases = evaluate_cases(
-                {"new/new": (new["val"], new["val"]), "new/h(old)": (new["val"], out)},
+                {
+                    "old/old": (old["val"], old["val"]),
+                    "new/new": (new["val"], new["val"]),
+                    "new/h(old)": (new["val"], out),
+                },
                 labels["val"],
                 metric=metric,
             )["cases"]
-            curves, areas = backfill_summary(
-                new["val"],
-                labels["val"],
-                out,
-                sigma,
-                args.points,
-                generator=torch.Generator().manual_seed(10),
-                metric=metric,
-                expected_error=not raw,
+            gap = gap_closed(cases)
+            print(
+                f"  {metric:6} old/old {cases['old/old']['top1']:.1f}/{cases['old/old']['mAP']:.1f}"
+                f" gap closed top-1 {gap['top1']:.1f}% mAP {gap['mAP']:.1f}%",
+                flush=True,
             )
-            line = [f"  {metric:6}"]
-            for m in ("top1", "mAP"):
-                line.append(
-                    f"{m}: new/new {cases['new/new'][m]:.1f} h {cases['new/h(old)'][m]:.1f}"
+            for corrected in (False, True) if fastfill else (False,):
+                curves, areas = backfill_summary(
+                    new["val"],
+                    labels["val"],
+                    out,
+                    sigma,
+                    args.points,
+                    generator=torch.Generator().manual_seed(10),
+                    metric=metric,
+                    expected_error=corrected,
                 )
-                for order, c in curves.items():
-                    lo = min(c[m][0], c[m][-1])
-                    dip = min(c[m]) - lo
-                    line.append(f"{order} area {areas[order][m]:.2f} dip {dip:+.2f}")
-            print(" | ".join(line), flush=True)
+                line = [f"  {metric:6} {'expected-error' if corrected else 'raw'}"]
+                for m in ("top1", "mAP"):
+                    line.append(
+                        f"{m}: new/new {cases['new/new'][m]:.1f} h {cases['new/h(old)'][m]:.1f}"
+                    )
+                    for order, c in curves.items():
+                        lo = min(c[m][0], c[m][-1])
+                        dip = min(c[m]) - lo
+                        line.append(
+                            f"{order} 0% {c[m][0]:.1f} area {areas[order][m]:.2f} dip {dip:+.2f}"
+                        )
+                print(" | ".join(line), flush=True)
 
 
 if __name__ == "__main__":
