@@ -18,7 +18,7 @@ def test_rows_keep_the_papers_order_after_a_key_sorting_round_trip():
         "cases_unseen_classes": {},
         "gap_closed": {"top1": 1.0, "mAP": 2.0},
         "backfill_auc": {
-            o: {"top1": 1.0, "mAP": 2.0} for o in sorted(["random", "sigma", "oracle"])
+            o: {"top1": 1.0, "mAP": 2.0} for o in sorted(["random", "sigma", "true_error"])
         },
     }
     rows = [
@@ -36,5 +36,5 @@ def test_rows_keep_the_papers_order_after_a_key_sorting_round_trip():
         "backfill order",
         "random",
         "sigma",
-        "oracle",
+        "true_error",
     ]
