@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "mutation")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other modules' figures of an earlier mutation.json (runs in parts)",
+    )
     args = parser.parse_args(argv)
 
     from mutmut.stats import status_by_exit_code
@@ -150,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         modules[path] = {"killed": killed, "survived": total - killed, "total": total}
+    runs = [{"modules": list(modules), "wall_seconds": round(wall, 1)}]
+    earlier = args.out / "mutation.json"
+    if args.merge and earlier.exists():
+        before = json.loads(earlier.read_text())
+        modules = {
+            **{k: v for k, v in before["modules"].items() if k not in modules},
+            **modules,
+        }
+        survivors = [s for s in before["survivors"] if s["path"] not in args.modules] + survivors
+        runs = [r for r in before.get("runs", []) if set(r["modules"]) - set(args.modules)] + runs
+        args.tests = sorted(set(before["tests"]) | set(args.tests))
+        wall = sum(r["wall_seconds"] for r in runs)
+    modules = {path: modules[path] for path in MODULES if path in modules} | modules
     killed = sum(m["killed"] for m in modules.values())
     total = sum(m["total"] for m in modules.values())
     commit = subprocess.run(
@@ -163,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "tests": args.tests,
         "commit": commit,
         "wall_seconds": round(wall, 1),
+        "runs": runs,
         "mutmut": _version(),
     }
     args.out.mkdir(parents=True, exist_ok=True)

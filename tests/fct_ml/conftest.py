@@ -8,50 +8,52 @@ import json
 from typing import Any
 
 import pytest
-import torch
 
 from fct_ml import reproduce
 from fct_ml.cli import main
-from fct_ml.data import load_dataset
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """{code, stdout, stderr, result, out, vectors, labels} of `fct reproduce --preset tiny`.
+    """{code, stdout, stderr, result, out, test_split} of `fct reproduce --preset tiny`.
 
-    `vectors`: the test-set embeddings (old, side, new, bct) and h's outputs (one per variant of
-    reproduce.H_VARIANTS) as pipeline.embed and apply_transformation returned them to the run,
-    in the order it called them (numpy); `labels`: the test labels."""
-    embedded: list[torch.Tensor] = []
-    transformed: list[torch.Tensor] = []
-    real_embed, real_apply = reproduce.pipeline.embed, reproduce.apply_transformation
+    `test_split`: what reproduce.evaluate_split received for the test split (the real function,
+    wrapped to record its inputs): {"new", "old", "bct", "labels", "h": {variant: (gallery,
+    sigma)}} as numpy arrays (sigma None for variants without one)."""
+    calls: list[tuple] = []
+    real = reproduce.evaluate_split
 
-    def embed(*args, **kwargs):
-        embedded.append(real_embed(*args, **kwargs))
-        return embedded[-1]
-
-    def apply_transformation(*args, **kwargs):
-        out = real_apply(*args, **kwargs)
-        transformed.append(out[0])
-        return out
+    def evaluate_split(new, others, transformed, labels, *args, **kwargs):
+        calls.append((new, others, transformed, labels))
+        return real(new, others, transformed, labels, *args, **kwargs)
 
     out_path = tmp_path_factory.mktemp("run") / "sub" / "result.json"
     argv = ["reproduce", "--dataset", "digits", "--preset", "tiny", "--seed", "0"]
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reproduce.pipeline, "embed", embed)
-        patch.setattr(reproduce, "apply_transformation", apply_transformation)
+        patch.setattr(reproduce, "evaluate_split", evaluate_split)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = main([*argv, "--out", str(out_path), "--quiet"])
-    vectors = dict(zip(("old", "side", "new", "bct"), embedded))
-    vectors.update(zip(reproduce.H_VARIANTS, transformed))
+    test_split = None
+    if calls:
+        new, others, transformed, labels = calls[0]  # the test split is evaluated first
+
+        def array(t):
+            return None if t is None else t.numpy()
+
+        test_split = {
+            "new": new.numpy(),
+            "old": others["old"].numpy(),
+            "bct": others["bct"].numpy(),
+            "labels": labels.numpy(),
+            "h": {k: (array(g), array(s)) for k, (g, s) in transformed.items()},
+        }
     return {
         "code": code,
         "stdout": stdout.getvalue(),
         "stderr": stderr.getvalue(),
         "result": json.loads(out_path.read_text()) if out_path.exists() else None,
         "out": out_path,
-        "vectors": {name: v.numpy() for name, v in vectors.items()},
-        "calls": (len(embedded), len(transformed)),
-        "labels": load_dataset("digits").test.labels.numpy(),
+        "calls": len(calls),
+        "test_split": test_split,
     }

@@ -1,5 +1,5 @@
 """backfill_summary: FastFill's curves and areas, checked against values worked out by hand, with
-sigma equal to the true error (so the sigma order is the oracle's) and reversed."""
+sigma equal to the true error (so the sigma order is the true-error order) and reversed."""
 
 from __future__ import annotations
 
@@ -24,8 +24,15 @@ RIGHT = {"top1": 100.0, "mAP": 100.0}
 
 
 def _summary(sigma: torch.Tensor):
+    # The order alone: no expected-error coordinate (its own test below).
     return backfill_summary(
-        NEW, LABELS, TRANSFORMED, sigma, 5, generator=torch.Generator().manual_seed(0)
+        NEW,
+        LABELS,
+        TRANSFORMED,
+        sigma,
+        5,
+        generator=torch.Generator().manual_seed(0),
+        expected_error=False,
     )
 
 
@@ -35,7 +42,7 @@ def test_sigma_equal_to_the_error_re_embeds_the_wrong_item_first():
     for metric in ("top1", "mAP"):
         expected = [WRONG[metric]] + [RIGHT[metric]] * 4
         assert curves["sigma"][metric] == pytest.approx(expected)
-        assert curves["oracle"][metric] == pytest.approx(expected)
+        assert curves["true_error"][metric] == pytest.approx(expected)
         assert areas["sigma"][metric] == pytest.approx(sum(expected) / 5)
     assert areas["sigma"] == pytest.approx({"top1": 85.0, "mAP": 92.5})
 
@@ -47,14 +54,14 @@ def test_the_reversed_order_re_embeds_the_wrong_item_last():
     for metric in ("top1", "mAP"):
         assert curves["sigma"][metric] == pytest.approx([WRONG[metric]] * 4 + [RIGHT[metric]])
     assert areas["sigma"] == pytest.approx({"top1": 40.0, "mAP": 70.0})
-    # The oracle does not read sigma.
-    assert curves["oracle"]["top1"] == pytest.approx([25.0, 100.0, 100.0, 100.0, 100.0])
+    # The true-error order does not read sigma.
+    assert curves["true_error"]["top1"] == pytest.approx([25.0, 100.0, 100.0, 100.0, 100.0])
 
 
 def test_sigma_as_the_true_error_dominates_the_reversed_order_on_a_larger_gallery():
     # 300 items, 6 classes in 8-D. h maps a tenth of the items into the next class's cluster
     # and the rest close to where the new model puts them. With sigma = the true error, the sigma
-    # order IS the oracle order.
+    # order IS the true-error order.
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(300) % 6
     centres = 6.0 * torch.randn(6, 8, generator=g)
@@ -66,14 +73,36 @@ def test_sigma_as_the_true_error_dominates_the_reversed_order_on_a_larger_galler
 
     def run(sigma):
         return backfill_summary(
-            new, labels, transformed, sigma, 11, generator=torch.Generator().manual_seed(0)
+            new,
+            labels,
+            transformed,
+            sigma,
+            11,
+            generator=torch.Generator().manual_seed(0),
+            expected_error=False,
         )
 
     curves, areas = run(error)
     reversed_curves, reversed_areas = run(-error)
     for metric in ("top1", "mAP"):
-        assert curves["sigma"][metric] == curves["oracle"][metric]
+        assert curves["sigma"][metric] == curves["true_error"][metric]
         ordered, backwards = curves["sigma"][metric], reversed_curves["sigma"][metric]
         assert ordered[0] == backwards[0] and ordered[-1] == backwards[-1]
         assert all(a >= b for a, b in zip(ordered, backwards)), (ordered, backwards)
         assert areas["sigma"][metric] > reversed_areas["sigma"][metric] + 2.0
+
+
+def test_the_expected_error_coordinate_moves_only_transformed_items():
+    # sigma = log of the expected squared error: item 0 is expected 4.0 off (squared), the others
+    # 0. The gallery's item 0 moves 2 away along a new axis; queries and re-embedded items are
+    # at 0 there. At fraction 0: query 0 still finds item 1 first (AP 1); query 1 (0.1) now
+    # ranks item 0 (sqrt(9.95^2 + 4) = 10.15) after items 2 and 3 (9.9, 10.0): AP 1/3; queries
+    # 2 and 3 find their class-mate (0.1) before item 0 (sqrt(0.05^2 + 4)): AP 1. Top-1 75 %,
+    # mAP 83.3 %.
+    sigma = torch.log(torch.tensor([4.0, 1e-12, 1e-12, 1e-12]))
+    curves, _ = backfill_summary(
+        NEW, LABELS, TRANSFORMED, sigma, 5, generator=torch.Generator().manual_seed(0)
+    )
+    assert curves["sigma"]["top1"][0] == pytest.approx(75.0)
+    assert curves["sigma"]["mAP"][0] == pytest.approx((1 + 1 / 3 + 1 + 1) / 4 * 100)
+    assert curves["sigma"]["top1"][1:] == pytest.approx([100.0] * 4)
