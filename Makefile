@@ -75,10 +75,10 @@ format: venv
 test: lint venv data browser
 	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
-# The README's UI screenshots, as the browser test takes them (test-artifacts/ui -> docs/ui).
-screenshots: venv data browser
-	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q tests/ui
-	mkdir -p docs/ui && cp test-artifacts/ui/asset_graph.png test-artifacts/ui/launchpad.png test-artifacts/ui/eval_report.png docs/ui/
+# The README's UI screenshots (docs/ui), from the instance `make demo` left (Fashion-MNIST, demo
+# preset, v2): a `dagster dev` over it, Chromium, three pictures, the server stopped.
+screenshots: venv browser
+	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m tests.ui.screenshots
 
 # The committed reproduction results: three seeds, their mean and spread (about an hour).
 reproduce-benchmark: venv data

@@ -107,7 +107,7 @@ def _model_output(model, history, context: dg.AssetExecutionContext, **metadata:
         metadata={
             "content_digest": digest,
             "code_version": CODE_VERSION,
-            "run_id": context.run_id,
+            "run_id": context.run.run_id,
             **history_metadata(history),
             **metadata,
         },
@@ -254,7 +254,7 @@ def gallery_store(
             context.log.info(f"gallery_store: {stop}/{len(labels)} items written")
 
     info = storage.publish(
-        fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run_id[:8]}"
+        fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run.run_id[:8]}"
     )
     record = {
         **info,
