@@ -26,7 +26,12 @@ from fct_assets.backfill_ops import (
     plan_backfill,
     publish_backfill,
 )
-from fct_assets.config import DatasetConfig, ModelTrainingConfig, TransformationTrainingConfig
+from fct_assets.config import (
+    DatasetConfig,
+    EvalReportConfig,
+    ModelTrainingConfig,
+    TransformationTrainingConfig,
+)
 from fct_assets.partitions import model_version
 from fct_assets.provenance import code_version, epoch_logger, history_metadata, source_version
 from fct_assets.resources import FctResource
@@ -82,19 +87,25 @@ def upgrade_asset(*, kind: str, io_manager_key: str, runs_model: bool = False):
     )
 
 
-def _model_config(base, override: ModelTrainingConfig, **fixed):
+def _overrides(exp, config, model: str, train: str):
+    """The preset `exp` with the launchpad's choices for one model (`model`, `train`: the
+    ExperimentConfig fields, nested as `a__b`); fields left unset keep the preset's."""
     from fct_ml.config import replace
 
-    changes = {
-        k: getattr(override, k) for k in ("arch", "embed_dim") if getattr(override, k) is not None
+    chosen = {
+        f"{model}__arch": getattr(config, "arch", None),
+        f"{model}__embed_dim": getattr(config, "embed_dim", None),
+        f"{model}__inner_width": getattr(config, "inner_width", None),
+        f"{train}__epochs": config.epochs,
     }
-    return replace(base, **changes, **fixed)
+    return replace(exp, **{k: v for k, v in chosen.items() if v is not None})
 
 
-def _train_config(base, epochs: int | None):
-    from fct_ml.config import replace
-
-    return base if epochs is None else replace(base, epochs=epochs)
+def _old_class_data(fct: FctResource, dataset: dict):
+    """(the dataset, the old classes, how many training items they hold)."""
+    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    old = dataset["old_classes"]
+    return data, old, len(data.train.with_classes(old))
 
 
 def _model_output(model, history, context: dg.AssetExecutionContext, **metadata: Any) -> dg.Output:
@@ -150,33 +161,15 @@ def old_model(
     context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
 ) -> dg.Output:
     """The deployed embedding model phi_old, trained on the old classes only."""
-    import torch
+    from fct_ml import pipeline
 
-    from fct_ml.augment import policy_for
-    from fct_ml.models import train_embedding_model
-
-    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
-    exp, old = fct.experiment(), dataset["old_classes"]
-    train = data.train.with_classes(old)
-    remap = torch.full((data.num_classes,), -1, dtype=torch.long)
-    remap[old] = torch.arange(len(old))
-    model_cfg = _model_config(
-        exp.old_model, config, in_channels=data.channels, num_classes=len(old)
+    data, old, items = _old_class_data(fct, dataset)
+    exp = _overrides(fct.experiment(), config, "old_model", "old_train")
+    on_epoch = epoch_logger(context, "old_model", exp.old_train.epochs, items)
+    model, history = pipeline.train_old_model(
+        data, old, exp, fct.run(config.seed), on_epoch=on_epoch
     )
-    train_cfg = _train_config(exp.old_train, config.epochs)
-    model, history = train_embedding_model(
-        train.images,
-        remap[train.labels],
-        model_cfg,
-        train_cfg,
-        policy_for(data.name).supervised,
-        device=fct.torch_device(),
-        seed=config.seed,
-        progress=False,
-        desc="old_model",
-        on_epoch=epoch_logger(context, "old_model", train_cfg.epochs, len(train)),
-    )
-    return _model_output(model, history, context, classes=json.dumps(old), items=len(train))
+    return _model_output(model, history, context, classes=json.dumps(old), items=items)
 
 
 @base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
@@ -184,26 +177,15 @@ def side_info_model(
     context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
 ) -> dg.Output:
     """The side-info model psi: SimCLR without labels on the old classes' images."""
-    from fct_ml.augment import policy_for
-    from fct_ml.config import replace
-    from fct_ml.side_info import train_side_info_model
+    from fct_ml import pipeline
 
-    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
-    exp = fct.experiment()
-    train = data.train.with_classes(dataset["old_classes"])
-    side_cfg = _model_config(exp.side_info.model, config, in_channels=data.channels, num_classes=0)
-    train_cfg = _train_config(exp.side_info_train, config.epochs)
-    model, history = train_side_info_model(
-        train.images,
-        replace(exp.side_info, model=side_cfg),
-        train_cfg,
-        policy_for(data.name).contrastive,
-        device=fct.torch_device(),
-        seed=config.seed,
-        progress=False,
-        on_epoch=epoch_logger(context, "side_info_model", train_cfg.epochs, len(train)),
+    data, old, items = _old_class_data(fct, dataset)
+    exp = _overrides(fct.experiment(), config, "side_info__model", "side_info_train")
+    on_epoch = epoch_logger(context, "side_info_model", exp.side_info_train.epochs, items)
+    model, history = pipeline.train_side_info(
+        data, old, exp, fct.run(config.seed), on_epoch=on_epoch
     )
-    return _model_output(model, history, context, items=len(train))
+    return _model_output(model, history, context, items=items)
 
 
 @base_asset(kind="lancedb", io_manager_key="json_io_manager", runs_model=True)
@@ -211,16 +193,13 @@ def gallery_store(
     context: dg.AssetExecutionContext, fct: FctResource, dataset: dict, old_model, side_info_model
 ) -> dg.Output[dict]:
     """The stored gallery in LanceDB: image, old embedding and side-info of every item."""
-    from fct_ml.augment import to_float
-    from fct_ml.training import encode
+    from fct_ml.pipeline import embed
 
     data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
     gallery = data.test
-    device = fct.torch_device()
-    old = encode(old_model.to(device), [gallery.images], transform=to_float).numpy()  # (N, old_dim)
-    side = encode(
-        side_info_model.to(device), [gallery.images], transform=to_float
-    ).numpy()  # (N, side_dim)
+    exp, device = fct.experiment(), fct.torch_device()
+    old = embed(old_model.to(device), gallery.images, exp).numpy()  # (N, old_dim)
+    side = embed(side_info_model.to(device), gallery.images, exp).numpy()  # (N, side_dim)
     for name, array in (("old_embedding", old), ("side_info", side)):
         if not np.isfinite(array).all():
             raise ValueError(f"gallery_store: {name} holds NaN or Inf; nothing was written")
@@ -287,31 +266,20 @@ def new_model(
     context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
 ) -> dg.Output:
     """The new embedding model phi_new of this version, trained on all classes."""
-    from fct_ml.augment import policy_for
-    from fct_ml.models import train_embedding_model
+    from fct_ml import pipeline
 
     data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
-    exp = fct.experiment()
-    model_cfg = _model_config(
-        exp.new_model, config, in_channels=data.channels, num_classes=data.num_classes
-    )
-    train_cfg = _train_config(exp.new_train, config.epochs)
-    model, history = train_embedding_model(
-        data.train.images,
-        data.train.labels,
-        model_cfg,
-        train_cfg,
-        policy_for(data.name).supervised,
-        device=fct.torch_device(),
-        seed=config.seed,
-        progress=False,
+    exp = _overrides(fct.experiment(), config, "new_model", "new_train")
+    stage = f"new_model[{context.partition_key}]"
+    model, history = pipeline.train_new_model(
+        data,
+        exp,
+        fct.run(config.seed),
         desc="new_model",
-        on_epoch=epoch_logger(
-            context, f"new_model[{context.partition_key}]", train_cfg.epochs, len(data.train)
-        ),
+        on_epoch=epoch_logger(context, stage, exp.new_train.epochs, len(data.train)),
     )
     return _model_output(
-        model, history, context, arch=model_cfg.arch, embed_dim=model_cfg.embed_dim
+        model, history, context, arch=model.config.arch, embed_dim=model.config.embed_dim
     )
 
 
@@ -326,46 +294,23 @@ def transformation(
     new_model,
 ) -> dg.Output:
     """h(old_embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
-    from fct_ml.augment import policy_for
-    from fct_ml.config import replace
-    from fct_ml.transformation import train_transformation, training_features
+    from fct_ml import pipeline
 
     data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
-    exp, device = fct.experiment(), fct.torch_device()
-    models = [m.to(device) for m in (old_model, side_info_model, new_model)]
-    f_old, f_side, f_new = training_features(
-        models,
-        data.train.images,
-        exp.feature_views,
-        policy_for(data.name).supervised,
-        batch_size=exp.encode_batch_size,
-        seed=config.seed,
-    )
-    h_cfg = replace(
-        exp.transformation,
-        old_dim=f_old.shape[1],
-        side_info_dim=f_side.shape[1],
-        new_dim=f_new.shape[1],
+    exp = _overrides(fct.experiment(), config, "transformation", "transformation_train")
+    run = fct.run(config.seed)
+    features = pipeline.training_features(data, old_model, side_info_model, new_model, exp, run)
+    stage = f"transformation[{context.partition_key}]"
+    h, history = pipeline.train_h(
+        features,
+        new_model,
+        exp,
+        run,
         side_info=config.side_info,
         uncertainty=True,
-        **({"inner_width": config.inner_width} if config.inner_width else {}),
-    )
-    train_cfg = _train_config(exp.transformation_train, config.epochs)
-    labels = data.train.labels.repeat(exp.feature_views)
-    h, history = train_transformation(
-        f_old,
-        f_side,
-        f_new,
-        labels,
-        h_cfg,
-        train_cfg,
-        device=device,
-        seed=config.seed,
-        new_classifier=new_model.classifier.weight.detach(),
-        progress=False,
-        desc=f"transformation[{context.partition_key}]",
+        desc=stage,
         on_epoch=epoch_logger(
-            context, f"transformation[{context.partition_key}]", train_cfg.epochs, len(labels)
+            context, stage, exp.transformation_train.epochs, len(features.labels)
         ),
     )
     return _model_output(
@@ -404,6 +349,7 @@ def backfilled_gallery(gallery_store, transformation, new_model):
 
 @upgrade_asset(kind="python", io_manager_key="json_io_manager", runs_model=True)
 def eval_report(
+    config: EvalReportConfig,
     fct: FctResource,
     dataset: dict,
     gallery_store: dict,
@@ -416,7 +362,13 @@ def eval_report(
 
     started = time.perf_counter()
     report = evaluate_version(
-        fct, dataset, gallery_store, backfilled_gallery, transformation, new_model
+        fct,
+        dataset,
+        gallery_store,
+        backfilled_gallery,
+        transformation,
+        new_model,
+        table_version=config.table_version,
     )
     report["seconds"] = round(time.perf_counter() - started, 2)
     markdown = report.pop("markdown")

@@ -58,7 +58,10 @@ verify_job = dg.define_asset_job(
 scheduled_evaluation_job = dg.define_asset_job(
     "scheduled_evaluation",
     selection=dg.AssetSelection.assets("eval_report"),
-    description="Re-evaluates one version's gallery table (the schedule picks the deployed one).",
+    description=(
+        "Re-evaluates one version's gallery table (the schedule picks the deployed version and"
+        " its pinned table version)."
+    ),
 )
 
 
@@ -66,7 +69,7 @@ scheduled_evaluation_job = dg.define_asset_job(
     job=scheduled_evaluation_job,
     cron_schedule="0 6 * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Daily scheduled evaluation of the deployed version.",
+    description="Daily evaluation of the deployed version's pinned table.",
 )
 def daily_evaluation(context: dg.ScheduleEvaluationContext, fct: FctResource):
     from fct_assets.deployment import current
@@ -74,4 +77,15 @@ def daily_evaluation(context: dg.ScheduleEvaluationContext, fct: FctResource):
     deployed = current(fct.connect())
     if deployed is None:
         return dg.SkipReason("no version is deployed yet")
-    return dg.RunRequest(partition_key=deployed["version"], tags={"fct/scheduled": "daily"})
+    # The served snapshot, pinned at tick time: not the version's latest table, which may be an
+    # unpromoted re-materialisation, or newer than the one a rollback returned to.
+    table_version = int(deployed["table_version"])
+    return dg.RunRequest(
+        partition_key=deployed["version"],
+        run_config={"ops": {"eval_report": {"config": {"table_version": table_version}}}},
+        tags={
+            "fct/scheduled": "daily",
+            "fct/deployment_seq": str(deployed["seq"]),
+            "fct/table_version": str(table_version),
+        },
+    )

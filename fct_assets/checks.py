@@ -218,6 +218,9 @@ def eval_report_expectations(eval_report: dict) -> dg.AssetCheckResult:
         metadata={
             "failing_expectations": dg.MetadataValue.json(failing),
             "num_failing": len(failing),
+            # The table version the report evaluated: promotion records only a version whose
+            # every check read it.
+            "table_version": eval_report["table_version"],
             "new/h(old) mAP": eval_report["cases"]["new/h(old)"]["mAP"],
             "old/old mAP": eval_report["cases"]["old/old"]["mAP"],
         },

@@ -39,7 +39,13 @@ class ModelTrainingConfig(dg.Config):
         None, description="Embedding dimension. Unset: the preset's (128 as the paper)."
     )
     epochs: int | None = Field(None, description="Training epochs. Unset: the preset's.")
-    seed: int = Field(0, description="Seed for initialisation, data order and augmentation.")
+    seed: int = Field(
+        0,
+        description=(
+            "The run's seed (initialisation, data order, augmentation); the model derives its own"
+            " from it as `fct reproduce --seed` does, so the same seed gives the same model."
+        ),
+    )
 
 
 class TransformationTrainingConfig(dg.Config):
@@ -55,7 +61,13 @@ class TransformationTrainingConfig(dg.Config):
         True,
         description="Feed the stored side-info to h (FCT). False: h(old) alone, for comparison.",
     )
-    seed: int = Field(0, description="Seed for initialisation and data order.")
+    seed: int = Field(
+        0,
+        description=(
+            "The run's seed (features' augmentation, initialisation, data order), as `fct"
+            " reproduce --seed`."
+        ),
+    )
 
 
 class BackfillConfig(dg.Config):
@@ -88,6 +100,19 @@ class BackfillConfig(dg.Config):
             "Build an IVF_PQ index on the published table when it holds at least this many rows;"
             " below, search is exact (brute force is fast there). IVF_PQ trains 256 codes: it needs"
             " >= 256 rows."
+        ),
+    )
+
+
+class EvalReportConfig(dg.Config):
+    """Which table version the evaluation reads."""
+
+    table_version: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "LanceDB version of the model version's table to evaluate: the daily schedule sets the"
+            " deployed, pinned one. Unset: the table the latest backfilled_gallery published."
         ),
     )
 

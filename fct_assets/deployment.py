@@ -65,8 +65,10 @@ def _append(db, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[str, Any]]:
-    """Latest result of every blocking check on the version's guarded assets, and whether it
-    ran after that asset partition's latest materialisation."""
+    """Latest result of every blocking check on the version's guarded assets: whether it passed,
+    why not ("never ran", "failed", "stale: ran before the latest materialisation", "status X"),
+    whether it ran after that asset partition's latest materialisation, and the LanceDB table
+    version it checked (None if its metadata names none)."""
     from fct_assets.checks import ALL_CHECKS
     from fct_assets.dagster_internals import latest_check_execution
     from fct_assets.io_managers import latest_materialization
@@ -88,12 +90,20 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
             and evaluation is not None
             and record.event.timestamp >= latest.timestamp
         )
+        if evaluation is None:
+            why = f"status {record.status.value}"
+        elif not evaluation.passed:
+            why = "failed"
+        elif not fresh:
+            why = "stale: ran before the latest materialisation"
+        else:
+            why = "passed"
+        checked = evaluation.metadata.get("table_version") if evaluation else None
         out[name] = {
-            "passed": bool(evaluation and evaluation.passed) and fresh,
-            "why": (
-                "passed" if evaluation and evaluation.passed else f"status {record.status.value}"
-            ),
+            "passed": why == "passed",
+            "why": why,
             "ran_after_latest_materialization": fresh,
+            "table_version": None if checked is None else int(checked.value),
             "run_id": record.run_id,
         }
     return out
@@ -114,7 +124,8 @@ def recorded_table(instance: dg.DagsterInstance, version: str) -> dict[str, Any]
 
 
 def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
-    """Serve `version`, if its blocking checks passed on its latest materialisations."""
+    """Serve `version`, if its blocking checks passed on its latest materialisations; the row
+    records the very table version those checks ran on."""
     check_version(version)
     results = check_results(instance, version)
     failed = {k: v["why"] for k, v in results.items() if not v["passed"]}
@@ -123,7 +134,16 @@ def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
             f"version {version} not promoted: blocking checks not passed"
             f" ({failed or 'no checks ran'})"
         )
-    return _append(db, {"action": "promote", **recorded_table(instance, version)})
+    row = recorded_table(instance, version)
+    # The checks were read before the table's record: a re-materialisation in between would
+    # otherwise promote a table version no check ran on. Every check names the version it read.
+    checked = {k: v["table_version"] for k, v in results.items()}
+    if set(checked.values()) != {row["table_version"]}:
+        raise PromotionError(
+            f"version {version} not promoted: its checks ran on table versions {checked}, its"
+            f" latest materialisation published {row['table']} at version {row['table_version']}"
+        )
+    return _append(db, {"action": "promote", **row})
 
 
 def rollback(db) -> dict[str, Any]:

@@ -52,7 +52,10 @@ def markdown_table(report: dict[str, Any], *, include_plot: bool = True) -> str:
     from fct_ml.backfill import ORDERS
 
     lines = [
-        f"### Evaluation of {report['version']} ({report['items']} gallery items, leave-one-out)",
+        (
+            f"### Evaluation of {report['version']}: {report['table']} at LanceDB version"
+            f" {report['table_version']} ({report['items']} gallery items, leave-one-out)"
+        ),
         "",
         "| case (query/gallery) | top-1 | top-5 | mAP | unseen-class mAP |",
         "| --- | --- | --- | --- | --- |",
@@ -91,9 +94,18 @@ def markdown_table(report: dict[str, Any], *, include_plot: bool = True) -> str:
 
 
 def evaluate_version(
-    fct, dataset: dict, gallery_store: dict, backfilled: dict, h, new_model
+    fct,
+    dataset: dict,
+    gallery_store: dict,
+    backfilled: dict,
+    h,
+    new_model,
+    table_version: int | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one version in percent: cases, unseen-class split, backfilling curves."""
+    """Metrics of one version in percent: cases, unseen-class split, backfilling curves.
+
+    `table_version`: the LanceDB version of the version's table to evaluate (the deployed,
+    pinned one); None: the one the latest backfilled_gallery materialisation published."""
     from fct_ml.augment import to_float
     from fct_ml.backfill import apply_transformation, backfill_summary
     from fct_ml.evaluation import evaluate_cases, gap_closed
@@ -108,9 +120,16 @@ def evaluate_version(
         gallery_store["version"],
         ["item_id", "label", "image", "old_embedding", "side_info"],
     )
-    served = _read(
-        db, backfilled["table"], backfilled["version"], ["item_id", "embedding", "sigma", "source"]
-    )
+    pinned = backfilled["version"] if table_version is None else int(table_version)
+    # A table version published by an earlier new model holds another space than today's
+    # queries: refused rather than compared.
+    declared = storage.table_space_ids(storage.open_pinned(db, backfilled["table"], pinned))
+    if declared.get("space_id") != new_model.space_id:
+        raise storage.SpaceMismatchError(
+            f"{backfilled['table']} at LanceDB version {pinned}: holds space"
+            f" {declared.get('space_id')}, the new model's queries are in {new_model.space_id}"
+        )
+    served = _read(db, backfilled["table"], pinned, ["item_id", "embedding", "sigma", "source"])
     if not store.column("item_id").equals(served.column("item_id")):
         raise ValueError(f"{backfilled['table']}: its item_ids differ from gallery_store's")
     labels = torch.from_numpy(store.column("label").to_numpy().astype(np.int64))
@@ -159,11 +178,11 @@ def evaluate_version(
         "backfill_auc": areas,
         "reembedded": int(pc.sum(pc.equal(served.column("source"), "re-embedded")).as_py() or 0),
         "table": backfilled["table"],
-        "table_version": backfilled["version"],
+        "table_version": pinned,
         "reembed_seconds": round(reembed_seconds, 3),
         "reembed_items_per_s": round(len(labels) / reembed_seconds, 1),
         "backfill_items_per_s": backfilled.get("backfill_items_per_s"),
-        "space_id": backfilled["space_id"],
+        "space_id": declared["space_id"],
     }
     png = curve_plot_png(curves, f"backfilling curve, {report['version']}")
     report["plot_png_base64"] = base64.b64encode(png).decode()

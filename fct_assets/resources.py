@@ -64,6 +64,12 @@ class FctResource(dg.ConfigurableResource):
 
         return resolve_device(self.device)
 
+    def run(self, seed: int):
+        """How fct_ml.pipeline's stages run here: the run's seed on this resource's device."""
+        from fct_ml.pipeline import Run
+
+        return Run(seed=seed, device=self.torch_device())
+
     def experiment(self):
         """The preset's ExperimentConfig: defaults for every asset config field left unset."""
         from fct_ml.presets import preset

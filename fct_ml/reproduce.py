@@ -18,36 +18,22 @@ from typing import Any
 
 import torch
 
-from fct_ml.augment import policy_for, to_float
+from fct_ml import pipeline
 from fct_ml.backfill import apply_transformation, backfill_summary
-from fct_ml.bct import extended_old_classifier, train_bct_model
-from fct_ml.config import replace
-from fct_ml.data import DataError, Dataset
+from fct_ml.checkpoint import content_digest
+from fct_ml.data import Dataset
 from fct_ml.evaluation import evaluate_cases, gap_closed
-from fct_ml.models import train_embedding_model
 from fct_ml.presets import ExperimentConfig
-from fct_ml.side_info import train_side_info_model
-from fct_ml.training import EpochRecord, encode
-from fct_ml.transformation import train_transformation, training_features
+from fct_ml.training import EpochRecord
 
-# Stage seeds are offsets of the run's seed, so one stage's randomness never depends on
-# what ran before it.
-_STAGE_SEED = {
-    "old": 1,
-    "side_info": 2,
-    "new": 3,
-    "bct": 4,
-    "features": 5,
-    "h": 6,
-    "h_plain": 7,
-    "fastfill": 8,
-    "fastfill_plain": 9,
-    "backfill": 10,
+# h's variants, as (side_info, uncertainty): the paper's h with and without side-info, and
+# FastFill's (h with the uncertainty head sigma) with and without.
+H_VARIANTS = {
+    "h": (True, False),
+    "h no side-info": (False, False),
+    "fastfill": (True, True),
+    "fastfill no side-info": (False, True),
 }
-
-
-def _stage_seed(seed: int, stage: str) -> int:
-    return seed * 1000 + _STAGE_SEED[stage]
 
 
 def _history(records: list[EpochRecord]) -> list[dict[str, Any]]:
@@ -64,17 +50,14 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train the old, side-info, new and BCT models and four transformations; evaluate the paper's
-    cases, query/gallery (also restricted to queries of classes the old model never saw) and the backfilling
-    curves. Returns the `fct reproduce` JSON (metrics in percent)."""
-    old_classes = tuple(sorted(set(old_classes)))
-    num_classes = dataset.num_classes
-    unseen_classes = tuple(c for c in range(num_classes) if c not in old_classes)
-    if not old_classes:
-        raise DataError("old_classes is empty: the old model needs at least one class")
-    policy = policy_for(dataset.name)
+    """Train the old, side-info, new and BCT models and four transformations (fct_ml.pipeline);
+    evaluate the paper's cases, query/gallery (also restricted to queries of classes the old model
+    never saw) and the backfilling curves. Returns the `fct reproduce` JSON (metrics in percent)."""
+    old_classes = pipeline.old_class_tuple(old_classes)
+    unseen_classes = tuple(c for c in range(dataset.num_classes) if c not in old_classes)
     timings: dict[str, float] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
+    digests: dict[str, str] = {}
 
     def timed(stage: str):
         class _T:
@@ -96,127 +79,81 @@ def run_experiment(
 
         return report
 
-    train, test = dataset.train, dataset.test
-    old_train = train.with_classes(old_classes)
-    remap = torch.full((num_classes,), -1, dtype=torch.long)
-    remap[list(old_classes)] = torch.arange(len(old_classes))
-    channels = dataset.channels
-    old_cfg = replace(config.old_model, in_channels=channels, num_classes=len(old_classes))
-    new_cfg = replace(config.new_model, in_channels=channels, num_classes=num_classes)
-    side_cfg = replace(config.side_info, model__in_channels=channels, model__num_classes=0)
+    def trained(stage: str, model_and_history):
+        model, history = model_and_history
+        histories[stage] = _history(history)
+        digests[stage] = content_digest(model)
+        return model
 
+    run = pipeline.Run(seed=seed, device=device, progress=progress)
     with timed("old_model"):
-        old_model, h_old = train_embedding_model(
-            old_train.images,
-            remap[old_train.labels],
-            old_cfg,
-            config.old_train,
-            policy.supervised,
-            device=device,
-            seed=_stage_seed(seed, "old"),
-            progress=progress,
-            desc="old_model",
-            on_epoch=epochs("old_model", config.old_train.epochs),
+        old_model = trained(
+            "old_model",
+            pipeline.train_old_model(
+                dataset,
+                old_classes,
+                config,
+                run,
+                on_epoch=epochs("old_model", config.old_train.epochs),
+            ),
         )
-        histories["old_model"] = _history(h_old)
     with timed("side_info_model"):
-        side_model, h_side = train_side_info_model(
-            old_train.images,
-            side_cfg,
-            config.side_info_train,
-            policy.contrastive,
-            device=device,
-            seed=_stage_seed(seed, "side_info"),
-            progress=progress,
-            on_epoch=epochs("side_info_model", config.side_info_train.epochs),
+        side_model = trained(
+            "side_info_model",
+            pipeline.train_side_info(
+                dataset,
+                old_classes,
+                config,
+                run,
+                on_epoch=epochs("side_info_model", config.side_info_train.epochs),
+            ),
         )
-        histories["side_info_model"] = _history(h_side)
     with timed("new_model"):
-        new_model, h_new = train_embedding_model(
-            train.images,
-            train.labels,
-            new_cfg,
-            config.new_train,
-            policy.supervised,
-            device=device,
-            seed=_stage_seed(seed, "new"),
-            progress=progress,
-            desc="new_model",
-            on_epoch=epochs("new_model", config.new_train.epochs),
+        new_model = trained(
+            "new_model",
+            pipeline.train_new_model(
+                dataset, config, run, on_epoch=epochs("new_model", config.new_train.epochs)
+            ),
         )
-        histories["new_model"] = _history(h_new)
     with timed("bct_model"):
-        old_classifier = extended_old_classifier(
-            old_model,
-            old_classes,
-            train.images,
-            train.labels,
-            num_classes,
-            batch_size=config.encode_batch_size,
+        bct_model = trained(
+            "bct_model",
+            pipeline.train_bct(
+                dataset,
+                old_model,
+                old_classes,
+                config,
+                run,
+                on_epoch=epochs("bct_model", config.new_train.epochs),
+            ),
         )
-        bct_model, h_bct = train_bct_model(
-            train.images,
-            train.labels,
-            replace(new_cfg, embed_dim=old_cfg.embed_dim),
-            config.new_train,
-            config.bct,
-            old_classifier,
-            policy.supervised,
-            device=device,
-            seed=_stage_seed(seed, "bct"),
-            progress=progress,
-            on_epoch=epochs("bct_model", config.new_train.epochs),
-        )
-        histories["bct_model"] = _history(h_bct)
 
     with timed("features"):
-        f_old, f_side, f_new = training_features(
-            [old_model, side_model, new_model],
-            train.images,
-            config.feature_views,
-            policy.supervised,
-            batch_size=config.encode_batch_size,
-            seed=_stage_seed(seed, "features"),
+        features = pipeline.training_features(
+            dataset, old_model, side_model, new_model, config, run
         )
-        f_labels = train.labels.repeat(config.feature_views)
+        test = dataset.test
         t_old, t_side, t_new, t_bct = (
-            encode(m, [test.images], batch_size=config.encode_batch_size, transform=to_float)
+            pipeline.embed(m, test.images, config)
             for m in (old_model, side_model, new_model, bct_model)
         )
 
-    h_cfg = replace(
-        config.transformation,
-        old_dim=old_cfg.embed_dim,
-        side_info_dim=side_cfg.model.embed_dim,
-        new_dim=new_cfg.embed_dim,
-    )
-    new_classifier = new_model.classifier.weight.detach()
-    variants = {
-        "h": (replace(h_cfg, side_info=True, uncertainty=False), "h"),
-        "h no side-info": (replace(h_cfg, side_info=False, uncertainty=False), "h_plain"),
-        "fastfill": (replace(h_cfg, side_info=True, uncertainty=True), "fastfill"),
-        "fastfill no side-info": (
-            replace(h_cfg, side_info=False, uncertainty=True),
-            "fastfill_plain",
-        ),
-    }
     transformed: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for name, (cfg, stage) in variants.items():
-        with timed(f"transformation ({name})"):
-            h, hist = train_transformation(
-                f_old,
-                f_side,
-                f_new,
-                f_labels,
-                cfg,
-                config.transformation_train,
-                device=device,
-                seed=_stage_seed(seed, stage),
-                new_classifier=new_classifier,
-                progress=progress,
-                desc=name,
+    for name, (side_info, uncertainty) in H_VARIANTS.items():
+        stage = f"transformation ({name})"
+        with timed(stage):
+            h = trained(
+                stage,
+                pipeline.train_h(
+                    features,
+                    new_model,
+                    config,
+                    run,
+                    side_info=side_info,
+                    uncertainty=uncertainty,
+                    desc=name,
+                ),
             )
-            histories[f"transformation ({name})"] = _history(hist)
             transformed[name] = apply_transformation(h, t_old, t_side)
 
     labels = test.labels
@@ -256,7 +193,7 @@ def run_experiment(
                 gallery_h,
                 sigma,
                 config.backfill_points,
-                generator=torch.Generator().manual_seed(_stage_seed(seed, "backfill")),
+                generator=torch.Generator().manual_seed(run.seed_of("backfill")),
                 metric=config.metric,
                 chunk_size=config.eval_chunk_size,
             )
@@ -278,6 +215,9 @@ def run_experiment(
         "timings_s": timings,
         "config": asdict(config),
         "history": histories,
+        # Content digests of every trained model (config + weights): the assets record the same
+        # digest for the same config and seed.
+        "model_digests": digests,
     }
 
 

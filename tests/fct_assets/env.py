@@ -7,6 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from fct_assets.assets import ALL_ASSETS
+from fct_assets.checks import ALL_CHECKS
 from fct_assets.definitions import build_defs
 from fct_assets.io_managers import CheckpointIOManager, JsonIOManager
 from fct_assets.partitions import add_model_version
@@ -43,6 +45,42 @@ class Env:
             add_model_version(self.instance, version)
         return self.defs.resolve_job_def("upgrade").execute_in_process(
             instance=self.instance, partition_key=version, run_config=run_config or {}, **kwargs
+        )
+
+    def ensure(self, version: str) -> None:
+        """`version` upgraded, by this call unless an earlier one did (its eval_report exists)."""
+        done = self.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("eval_report"), asset_partitions=[version]),
+            limit=1,
+        ).records
+        if not done:
+            assert self.upgrade(version).success
+
+    def materialise_table(
+        self, version: str, reembed_fraction: float = 0.0, *, checks: bool = True
+    ) -> dg.ExecuteInProcessResult:
+        """backfilled_gallery[version] alone, again: a new LanceDB version of its table, with or
+        without its blocking check."""
+        selection = dg.AssetSelection.assets("backfilled_gallery")
+        job = dg.define_asset_job(
+            "table_only",
+            selection=selection if checks else selection.without_checks(),
+        )
+        defs = dg.Definitions(
+            assets=ALL_ASSETS,
+            asset_checks=ALL_CHECKS,
+            jobs=[job],
+            resources={
+                "fct": self.fct,
+                "checkpoint_io_manager": self.checkpoints,
+                "json_io_manager": self.records,
+            },
+        )
+        config = {"reembed_fraction": reembed_fraction}
+        return defs.resolve_job_def("table_only").execute_in_process(
+            instance=self.instance,
+            partition_key=version,
+            run_config={"ops": {"backfilled_gallery": {"config": config}}},
         )
 
 

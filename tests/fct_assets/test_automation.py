@@ -1,9 +1,15 @@
-"""FCT_AUTO_UPGRADE: whether adding a version upgrades it by itself."""
+"""Automation: FCT_AUTO_UPGRADE, the automation sensor and the daily schedule, ticked for real
+against the shared instance (each test sets up the versions it needs)."""
+
+import json
 
 import dagster as dg
 import pytest
 
+from fct_assets import storage
 from fct_assets.automation import auto_upgrade_status
+from fct_assets.deployment import current, promote, rollback
+from fct_assets.resources import FctResource
 
 
 @pytest.mark.parametrize(
@@ -27,3 +33,67 @@ def test_auto_upgrade_refuses_other_values(monkeypatch):
     monkeypatch.setenv("FCT_AUTO_UPGRADE", "yes")
     with pytest.raises(ValueError, match=r"^FCT_AUTO_UPGRADE='yes': expected on or off$"):
         auto_upgrade_status()
+
+
+# ---------------------------------------------------------------- the daily schedule, ticked
+
+
+def _tick_schedule(env, fct=None):
+    """One tick of the real `daily_evaluation` schedule against the env's instance."""
+    schedule = env.defs.resolve_schedule_def("daily_evaluation")
+    context = dg.build_schedule_context(instance=env.instance, resources={"fct": fct or env.fct})
+    return schedule(context)
+
+
+def test_the_schedule_skips_when_nothing_is_deployed(env, tmp_path):
+    # Its own LanceDB folder: no deployment record at all.
+    empty = FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
+    tick = _tick_schedule(env, empty)
+    assert isinstance(tick, dg.SkipReason)
+    assert tick.skip_message == "no version is deployed yet"
+
+
+def test_the_schedule_evaluates_the_pinned_table_a_rollback_serves(env):
+    db = env.fct.connect()
+    assert env.upgrade("vsched").success
+    promote(env.instance, db, "vsched")
+    served = current(db)["table_version"]
+    # vsched's table is re-published with half the gallery re-embedded (checked, not promoted),
+    # then another version is promoted and rolled back: vsched is served again, at the version
+    # promoted first, which is no longer its latest.
+    assert env.materialise_table("vsched", reembed_fraction=0.5).success
+    latest = db.open_table("gallery_vsched").version
+    assert env.upgrade("vsched2").success
+    promote(env.instance, db, "vsched2")
+    rollback(db)
+    assert (current(db)["version"], current(db)["table_version"]) == ("vsched", served)
+    assert latest != served
+
+    request = _tick_schedule(env)
+    assert isinstance(request, dg.RunRequest) and request.partition_key == "vsched"
+    run = env.defs.resolve_job_def("scheduled_evaluation").execute_in_process(
+        instance=env.instance,
+        partition_key=request.partition_key,
+        run_config=request.run_config,
+        tags=request.tags,
+    )
+    assert run.success
+    report = json.loads((env.root / "records" / "eval_report" / "vsched.json").read_text())
+    assert (report["table"], report["table_version"]) == ("gallery_vsched", served)
+    # The served snapshot was backfilled by transformation only; the latest one is half
+    # re-embedded.
+    assert report["reembedded"] == 0
+    latest_sources = storage.open_pinned(db, "gallery_vsched", latest).to_arrow().column("source")
+    assert latest_sources.to_pylist().count("re-embedded") > 0
+    # The report names the table version it read, and the served table equals h(old) there.
+    heading = report_markdown(env, "vsched").splitlines()[0]
+    assert f"gallery_vsched at LanceDB version {served} " in heading
+    assert report["cases"]["new/gallery_vsched"] == report["cases"]["new/h(old)"]
+
+
+def report_markdown(env, version: str) -> str:
+    record = env.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("eval_report"), asset_partitions=[version]),
+        limit=1,
+    ).records[0]
+    return record.asset_materialization.metadata["report"].value

@@ -278,10 +278,11 @@ def test_search_finds_a_gallery_image_itself(env, monkeypatch, capsys, tmp_path)
 
 
 def test_promote_then_rollback(env):
+    env.ensure("vserve")
     db = env.fct.connect()
     promote(env.instance, db, "v2")
-    promote(env.instance, db, "v3")
-    assert current(db)["version"] == "v3"
+    promote(env.instance, db, "vserve")
+    assert current(db)["version"] == "vserve"
     row = rollback(db)
     assert row["version"] == "v2" and current(db)["version"] == "v2"
     assert current(db)["table_version"] == db.open_table("gallery_v2").version
@@ -289,28 +290,29 @@ def test_promote_then_rollback(env):
 
 def test_promotion_and_rollback_as_jobs(env):
     # The UI's way: the `promote` job with a typed version, the `rollback` job without config.
+    env.ensure("vserve")
     db = env.fct.connect()
+    promote(env.instance, db, "v2")
     promoted = env.defs.resolve_job_def("promote").execute_in_process(
         instance=env.instance,
-        run_config={"ops": {"promote_version": {"config": {"version": "v3"}}}},
+        run_config={"ops": {"promote_version": {"config": {"version": "vserve"}}}},
     )
-    assert promoted.success and current(db)["version"] == "v3"
+    assert promoted.success and current(db)["version"] == "vserve"
     assert (
         promoted.output_for_node("promote_version")["table_version"]
-        == db.open_table("gallery_v3").version
+        == db.open_table("gallery_vserve").version
     )
     rolled = env.defs.resolve_job_def("rollback").execute_in_process(instance=env.instance)
     assert rolled.success and current(db)["version"] == "v2"
-    # v5's blocking check failed (planted NaN): the job fails with the same one-line reason as the
-    # CLI.
+    # A version no check ever ran on: the job fails with the same one-line reason as the CLI.
     refused = env.defs.resolve_job_def("promote").execute_in_process(
         instance=env.instance,
-        run_config={"ops": {"promote_version": {"config": {"version": "v5"}}}},
+        run_config={"ops": {"promote_version": {"config": {"version": "vunbuilt"}}}},
         raise_on_error=False,
     )
     assert not refused.success and current(db)["version"] == "v2"
     failure = next(e for e in refused.all_events if e.is_step_failure)
-    assert "version v5 not promoted" in str(failure.event_specific_data.error)
+    assert "version vunbuilt not promoted" in str(failure.event_specific_data.error)
 
 
 def test_vectors_of_another_space_are_refused(env):
@@ -327,14 +329,15 @@ def test_vectors_of_another_space_are_refused(env):
 
 
 def test_tampered_checkpoint_is_refused(env):
-    path = env.root / "checkpoints" / "transformation" / "v3.safetensors"
+    assert env.upgrade("vtamper").success  # its own version: the tampering is not undone
+    path = env.root / "checkpoints" / "transformation" / "vtamper.safetensors"
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     job = env.defs.resolve_implicit_global_asset_job_def()
     run = job.execute_in_process(
         instance=env.instance,
-        partition_key="v3",
+        partition_key="vtamper",
         asset_selection=[dg.AssetKey("backfilled_gallery")],
         raise_on_error=False,
     )

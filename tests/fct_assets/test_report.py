@@ -8,6 +8,8 @@ def test_rows_keep_the_papers_order_after_a_key_sorting_round_trip():
     # Keys sorted alphabetically, as Dagster's JSON metadata returns them.
     report = {
         "version": "v2",
+        "table": "gallery_v2",
+        "table_version": 3,
         "items": 10,
         "cases": {
             c: metrics
