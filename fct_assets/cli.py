@@ -33,8 +33,8 @@ def _promote(args) -> int:
 
     row = promote(_instance(), _fct().connect(), args.version)
     print(
-        f"promoted {row['version']}: serving {row['table']} @ LanceDB version"
-        f" {row['table_version']} ({row['space_id']})"
+        f"promoted {row.version}: serving {row.table} @ LanceDB version"
+        f" {row.table_version} ({row.space_id})"
     )
     return 0
 
@@ -44,8 +44,7 @@ def _rollback(args) -> int:
 
     row = rollback(_fct().connect())
     print(
-        f"rolled back to {row['version']}: serving {row['table']} @ LanceDB version"
-        f" {row['table_version']}"
+        f"rolled back to {row.version}: serving {row.table} @ LanceDB version {row.table_version}"
     )
     return 0
 
