@@ -136,7 +136,7 @@ def test_full_graph_materialised(env):
     report = json.loads((env.root / "records" / "eval_report" / "v2.json").read_text())
     for case in ("old/old", "new/new", "new/h(old)", "new/old"):
         assert 0 <= report["cases"][case]["mAP"] <= 100
-    assert set(report["backfill_auc"]) == {"random", "sigma", "oracle"}
+    assert set(report["backfill_auc"]) == {"random", "sigma", "true_error"}
 
 
 def test_adding_a_version_materialises_exactly_its_four_assets(env):

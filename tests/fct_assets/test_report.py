@@ -20,7 +20,9 @@ def test_rows_keep_the_papers_order_after_a_key_sorting_round_trip():
         cases_seen_classes={},
         gap_closed={"top1": 1.0, "mAP": 2.0},
         backfill_curves={},
-        backfill_auc={o: {"top1": 1.0, "mAP": 2.0} for o in sorted(["random", "sigma", "oracle"])},
+        backfill_auc={
+            o: {"top1": 1.0, "mAP": 2.0} for o in sorted(["random", "sigma", "true_error"])
+        },
         reembedded=0,
         reembed_seconds=1.0,
         reembed_items_per_s=10.0,
@@ -42,5 +44,5 @@ def test_rows_keep_the_papers_order_after_a_key_sorting_round_trip():
         "backfill order",
         "random",
         "sigma",
-        "oracle",
+        "true_error",
     ]
