@@ -45,8 +45,8 @@ def _promote(args) -> int:
     if args.json:
         return _print_json(row)
     print(
-        f"promoted {row['version']}: serving {row['table']} @ LanceDB version"
-        f" {row['table_version']} ({row['space_id']})"
+        f"promoted {row.version}: serving {row.table} @ LanceDB version"
+        f" {row.table_version} ({row.space_id})"
     )
     return 0
 
@@ -58,8 +58,7 @@ def _rollback(args) -> int:
     if args.json:
         return _print_json(row)
     print(
-        f"rolled back to {row['version']}: serving {row['table']} @ LanceDB version"
-        f" {row['table_version']}"
+        f"rolled back to {row.version}: serving {row.table} @ LanceDB version {row.table_version}"
     )
     return 0
 

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import dagster as dg
 
-from fct_assets.io_managers import CheckpointIOManager, JsonIOManager
+from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
 from fct_assets.resources import FctResource
 
 
 def resources() -> dict[str, object]:
     """Resources from the environment.
 
-    FCT_LANCEDB_URI, FCT_CHECKPOINT_ROOT, FCT_RECORD_ROOT, FCT_PRESET, FCT_DEVICE."""
+    FCT_LANCEDB_URI, FCT_STORAGE_URI, FCT_PRESET, FCT_DEVICE."""
     return {
         "fct": FctResource(),
         "checkpoint_io_manager": CheckpointIOManager(),
-        "json_io_manager": JsonIOManager(),
+        "record_io_manager": RecordIOManager(),
     }
 
 

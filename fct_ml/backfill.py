@@ -3,8 +3,13 @@
 `apply_transformation` maps stored (old_embedding, side_info) arrays through h in batches; no
 image is read. A *backfilling curve* (FastFill) measures retrieval while a growing fraction of
 the gallery is re-embedded with the new model, in some order: `random`, `sigma` (most
-uncertain first, FastFill) or `oracle` (largest true error first). Its area is the mean of the
-metric over the curve's points.
+uncertain first, FastFill) or `true_error` (largest true error ||h(x) - phi_new(x)||^2 first:
+the order sigma tries to predict; not an upper bound on what an order can reach, because
+retrieval depends on where an error points, not only on its size). Its area is the mean of
+the metric over the curve's points, on FastFill's grid of points i/(points-1). In a partly
+backfilled gallery each transformed item carries its expected squared error exp(sigma) as
+one more coordinate (`with_expected_error`), so that it is ranked on the same scale as the
+re-embedded items around it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from fct_ml.retrieval import Metric, retrieve
 from fct_ml.training import Frozen
 
-ORDERS = ("random", "sigma", "oracle")
+ORDERS = ("random", "sigma", "true_error")
 
 
 def apply_transformation(
@@ -86,13 +91,34 @@ def backfill_order(
         if sigma is None:
             raise ValueError("backfill order 'sigma' needs the transformation's sigma")
         return torch.argsort(sigma, descending=True, stable=True)
-    if name == "oracle":
+    if name == "true_error":
         if error is None:
             raise ValueError(
-                "backfill order 'oracle' needs the true error of each transformed item"
+                "backfill order 'true_error' needs the true error of each transformed item"
             )
         return torch.argsort(error, descending=True, stable=True)
     raise ValueError(f"backfill order: expected one of {ORDERS}, got {name!r}")
+
+
+def with_expected_error(
+    vectors: torch.Tensor, expected_sq_error: torch.Tensor | None
+) -> torch.Tensor:
+    """(N, D) gallery vectors -> (N, D + 1): one more coordinate, sqrt of each item's expected
+    squared error (0 for a re-embedded item, None: all 0). Queries get a 0 there too.
+
+    A transformed item h(x) stands for phi_new(x) = h(x) + e with E||e||^2 = its expected
+    error, so E||q - phi_new(x)||^2 = ||q - h(x)||^2 + E||e||^2 (for e independent of q). The
+    extra coordinate adds exactly that term to the squared L2 distance, so transformed and
+    re-embedded items are ranked on the same scale in a partly backfilled gallery; without it
+    h's outputs, regressed towards their conditional mean, sit systematically closer to every
+    query than re-embedded items do, and a mixed gallery ranks worse than both of its ends.
+    """
+    extra = (
+        torch.zeros(vectors.shape[0], 1)
+        if expected_sq_error is None
+        else expected_sq_error.float().clamp(min=0).sqrt().unsqueeze(1)
+    )
+    return torch.cat([vectors.float(), extra.to(vectors.device)], dim=1)
 
 
 def backfill_curves(
@@ -155,19 +181,24 @@ def backfill_summary(
     generator: torch.Generator,
     metric: Metric = "l2",
     chunk_size: int = 1024,
+    expected_error: bool = True,
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, float]]]:
     """FastFill's backfilling curves for the three orders, and their areas, in percent.
 
     The gallery starts as `transformed` (h's vectors) and items are re-embedded (-> `new_embedding`)
-    in the order of each strategy; queries are the new embeddings, leave-one-out. The oracle
-    knows each item's true error. Returns (curves {order: {"fractions", "top1", "mAP"}},
-    areas {order: {"top1", "mAP"}})."""
+    in the order of each strategy; queries are the new embeddings, leave-one-out. The
+    `true_error` order knows each item's true error. Returns (curves {order: {"fractions", "top1", "mAP"}},
+    areas {order: {"top1", "mAP"}}). With `expected_error`, each transformed item carries its
+    expected squared error exp(sigma) as an extra coordinate (`with_expected_error`)."""
     fractions = [i / (points - 1) for i in range(points)]
     error = (transformed - new_embedding).pow(2).sum(1)
+    if expected_error:
+        transformed = with_expected_error(transformed, sigma.exp())
+        new_embedding = with_expected_error(new_embedding, None)
     orders = {
         "random": backfill_order("random", len(labels), generator=generator),
         "sigma": backfill_order("sigma", len(labels), sigma=sigma),
-        "oracle": backfill_order("oracle", len(labels), error=error),
+        "true_error": backfill_order("true_error", len(labels), error=error),
     }
     measured = backfill_curves(
         new_embedding,

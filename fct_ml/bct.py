@@ -36,7 +36,8 @@ def extended_old_classifier(
 
     Rows of classes the old model saw are its classifier rows (its class i is
     `old_classes[i]`); a class it never saw gets the mean old embedding of its training
-    items, as the BCT paper does for new classes.
+    items, as the BCT paper does for new classes. With a cosine classifier only directions
+    count, so that mean is taken over the L2-normalised embeddings.
     """
     weight = old_model.classifier.weight.detach().float().cpu()  # (len(old_classes), D)
     rows = torch.zeros(num_classes, weight.shape[1])
@@ -45,6 +46,8 @@ def extended_old_classifier(
     if unseen:
         mask = torch.isin(train_labels, torch.tensor(unseen))
         emb = encode(old_model, [train_images[mask]], batch_size=batch_size, transform=to_float)
+        if old_model.config.classifier == "cosine":
+            emb = torch.nn.functional.normalize(emb, dim=1)
         labels = train_labels[mask]
         for c in unseen:
             members = emb[labels == c]
@@ -69,10 +72,12 @@ def train_bct_model(
     *,
     device: torch.device,
     seed: int,
+    old_config: ModelConfig | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
-    """Train a BCT model on all classes; `old_classifier` (num_classes, D) from `extended_old_classifier`."""
+    """Train a BCT model on all classes; `old_classifier` (num_classes, D) from
+    `extended_old_classifier`, scored as the old model (`old_config`) scores it."""
     if old_classifier.shape[1] != config.embed_dim:
         raise ValueError(
             f"BCT: the new embed_dim ({config.embed_dim}) must equal the old one"
@@ -87,6 +92,7 @@ def train_bct_model(
         train.label_smoothing,
         bct.influence_weight,
         generator,
+        old_config=old_config,
     )
     history = fit(
         model,

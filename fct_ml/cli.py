@@ -45,8 +45,10 @@ def _reproduce(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.quiet and sys.stderr.isatty(),
         log=log,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
     )
-    result = {"dataset": result["dataset"], "preset": args.preset, **result}
+    # The setting of a study is its preset (benchmarks/reproduce.py groups runs by it).
+    result = {"dataset": result["dataset"], "preset": args.preset, "setting": args.preset, **result}
     print(dumps(result) if args.json else format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,9 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
         default="fashion-mnist",
         help="fashion-mnist | digits | cifar100 | imagefolder:PATH",
     )
-    rep.add_argument("--preset", default="cpu", choices=["tiny", "demo", "cpu", "paper"])
+    rep.add_argument(
+        "--preset", default="cpu", choices=["tiny", "demo", "cpu", "cpu-hard", "paper"]
+    )
     rep.add_argument(
         "--old-classes",
         default=None,
@@ -80,6 +84,12 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N"
+    )
+    rep.add_argument(
+        "--cache-dir",
+        default=None,
+        help="reuse trained models from this folder when their config, seed and data match"
+        " (settings that share stages train them once)",
     )
     rep.add_argument("--quiet", action="store_true", help="no progress output")
     rep.add_argument(

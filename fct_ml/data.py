@@ -719,3 +719,35 @@ def parse_class_list(text: str, num_classes: int, *, what: str = "class list") -
             raise DataError(f"{what} {text!r}: class {hi} is out of range [0, {num_classes})")
         result.update(range(lo, hi + 1))
     return tuple(sorted(result))
+
+
+# --------------------------------------------------------------------------- #
+# Validation split
+# --------------------------------------------------------------------------- #
+
+
+def split_validation(
+    train: ImageSet, fraction: float, *, seed: int = 0
+) -> tuple[ImageSet, ImageSet]:
+    """Carve a stratified validation split from the training set: (train minus val, val).
+
+    Every hyper-parameter, preset value, class split and loss weight is chosen on the
+    validation split; the test split only reports. The split depends on `seed` and the
+    labels alone (not on the run's seed), so every run of a study sees the same one.
+    Each class keeps round(fraction * its count) items in validation, at least one.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation fraction: expected a number in (0, 1), got {fraction!r}")
+    generator = torch.Generator().manual_seed(seed)
+    val_index = []
+    for c in torch.unique(train.labels).tolist():
+        members = (train.labels == c).nonzero().squeeze(1)
+        if len(members) < 2:
+            raise DataError(
+                f"validation split: class {c} has {len(members)} training item(s); expected >= 2"
+            )
+        k = min(len(members) - 1, max(1, round(fraction * len(members))))
+        val_index.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    is_val = torch.zeros(len(train), dtype=torch.bool)
+    is_val[torch.cat(val_index)] = True
+    return train.subset(~is_val), train.subset(is_val)

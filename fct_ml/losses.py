@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fct_ml.augment import AugmentConfig, augment, to_float
+from fct_ml.models import ModelConfig, classifier_logits
 
 # ---------------------------------------------------------------- pure loss functions
 
@@ -31,16 +32,20 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error over the feature dims: (N, D), (N, D) -> (N,)."""
-    return (pred.float() - target.float()).pow(2).mean(dim=1)
+    """Per-sample squared L2 distance ||pred - target||^2, summed over the feature dims as in
+    the FastFill paper: (N, D), (N, D) -> (N,). (A mean over dims would shrink it D-fold
+    against FastFill's cross-entropy, which then pulls h's outputs onto class centres.)"""
+    return (pred.float() - target.float()).pow(2).sum(dim=1)
 
 
-def fastfill_loss(sq_error: torch.Tensor, ce: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """FastFill's per-sample loss 0.5*exp(-sigma)*(MSE + CE) + 0.5*sigma, each (N,) -> (N,).
+def fastfill_loss(
+    sq_error: torch.Tensor, ce: torch.Tensor, sigma: torch.Tensor, ce_weight: float = 1.0
+) -> torch.Tensor:
+    """FastFill's per-sample loss 0.5*exp(-sigma)*(SE + ce_weight*CE) + 0.5*sigma, (N,) -> (N,).
 
-    Minimised over sigma at sigma = log(MSE + CE): sigma learns the log of the sample's error.
+    Minimised over sigma at sigma = log(SE + ce_weight*CE): sigma learns the log of the error.
     """
-    return 0.5 * torch.exp(-sigma) * (sq_error + ce) + 0.5 * sigma
+    return 0.5 * torch.exp(-sigma) * (sq_error + ce_weight * ce) + 0.5 * sigma
 
 
 # ---------------------------------------------------------------- objectives
@@ -80,6 +85,8 @@ class BCTObjective:
     `old_classifier` (num_classes, D) holds the old model's classifier rows for the classes it
     saw and, for the classes it never saw, the mean old-model embedding of their training
     items (the BCT paper's treatment of new classes), so every sample gets an influence term.
+    The influence logits are scored as the old model scores its own (`old_config.classifier`:
+    raw dot product, or the scaled cosine of a normalised softmax).
     """
 
     def __init__(
@@ -90,9 +97,11 @@ class BCTObjective:
         label_smoothing: float,
         influence_weight: float,
         generator: torch.Generator,
+        old_config: ModelConfig | None = None,
     ):
         self.model, self.aug, self.generator = model, aug, generator
         self.old_classifier = old_classifier.detach()
+        self.old_config = old_config or ModelConfig()
         self.label_smoothing, self.influence_weight = label_smoothing, influence_weight
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -105,7 +114,9 @@ class BCTObjective:
             self.model.logits(emb).float(), labels, label_smoothing=self.label_smoothing
         )
         ce_old = F.cross_entropy(
-            emb @ self.old_classifier.T, labels, label_smoothing=self.label_smoothing
+            classifier_logits(emb, self.old_classifier, self.old_config),
+            labels,
+            label_smoothing=self.label_smoothing,
         )
         loss = ce_new + self.influence_weight * ce_old
         return {"loss": loss, "ce_new": ce_new.detach(), "influence": ce_old.detach()}
@@ -132,36 +143,47 @@ class SimCLRObjective:
 
 
 class TransformationObjective:
-    """h(old_embedding, side_info) regressed onto the frozen new model's embedding (MSE)."""
+    """h(old_embedding, side_info) regressed onto the frozen new model's embedding: the mean
+    over samples of the squared L2 error (FCT's L2 loss)."""
 
     def __init__(self, h: nn.Module):
         self.h = h
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         old, side, new, _labels = batch
-        mse = squared_error(self.h(old, side), new).mean()
-        return {"loss": mse, "mse": mse.detach()}
+        se = squared_error(self.h(old, side), new).mean()
+        return {"loss": se, "sq_error": se.detach()}
 
 
 class FastFillObjective:
     """FastFill (Jaeckle et al. 2023): h with an uncertainty head sigma, loss weighted by exp(-sigma).
 
-    The cross-entropy goes through the frozen new model's classifier `new_classifier` (C, D).
+    The cross-entropy goes through the frozen new model's classifier `new_classifier` (C, D),
+    scored as the new model scores its own (`new_config.classifier`), weighted by `ce_weight`.
     """
 
-    def __init__(self, h: nn.Module, new_classifier: torch.Tensor):
+    def __init__(
+        self,
+        h: nn.Module,
+        new_classifier: torch.Tensor,
+        new_config: ModelConfig | None = None,
+        ce_weight: float = 1.0,
+    ):
         self.h = h
         self.new_classifier = new_classifier.detach()
+        self.new_config = new_config or ModelConfig()
+        self.ce_weight = ce_weight
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         old, side, new, labels = batch
         pred, sigma = self.h.forward_with_sigma(old, side)
         sq = squared_error(pred, new)
-        ce = F.cross_entropy(pred.float() @ self.new_classifier.T, labels, reduction="none")
-        loss = fastfill_loss(sq, ce, sigma.float()).mean()
+        logits = classifier_logits(pred.float(), self.new_classifier, self.new_config)
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        loss = fastfill_loss(sq, ce, sigma.float(), self.ce_weight).mean()
         return {
             "loss": loss,
-            "mse": sq.mean().detach(),
+            "sq_error": sq.mean().detach(),
             "ce": ce.mean().detach(),
             "sigma": sigma.mean().detach(),
         }

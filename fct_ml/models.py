@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 if TYPE_CHECKING:  # annotations only; training.py is imported lazily where a model is trained
@@ -29,6 +30,12 @@ class ModelConfig:
     embed_dim: int = 128
     in_channels: int = 1
     num_classes: int = 10  # 0: no classifier (the side-info model)
+    # "linear": the paper's bias-free linear classifier on the raw embedding. "cosine": a
+    # normalised softmax, logit_scale * cos(embedding, class row), whose class rows are
+    # directions that the embeddings of their class gather around; BCT's influence loss
+    # through such a classifier puts new embeddings where the old model's own lie.
+    classifier: Literal["linear", "cosine"] = "linear"
+    logit_scale: float = 16.0  # cosine classifier only
     # Inputs arrive as floats in [0, 1]; the model standardises them itself so that a
     # checkpoint is all that serving needs.
     input_mean: float = 0.5
@@ -116,7 +123,16 @@ class EmbeddingModel(nn.Module):
         """(N, embed_dim) -> (N, num_classes)."""
         if self.classifier is None:
             raise ValueError("this model has no classifier (num_classes=0)")
-        return self.classifier(embedding)
+        return classifier_logits(embedding, self.classifier.weight, self.config)
+
+
+def classifier_logits(
+    embedding: torch.Tensor, weight: torch.Tensor, config: ModelConfig
+) -> torch.Tensor:
+    """embedding (N, D), class rows (C, D) -> logits (N, C), as `config.classifier` scores them."""
+    if config.classifier == "cosine":
+        return config.logit_scale * F.normalize(embedding, dim=1) @ F.normalize(weight, dim=1).T
+    return embedding @ weight.T
 
 
 def build_model(config: ModelConfig) -> EmbeddingModel:

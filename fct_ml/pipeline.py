@@ -15,6 +15,7 @@ randomness never depends on what ran before it or in which process.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import torch
 from fct_ml.augment import policy_for, to_float
 from fct_ml.bct import extended_old_classifier, train_bct_model
 from fct_ml.config import replace
-from fct_ml.data import DataError, Dataset
+from fct_ml.data import DataError, Dataset, ImageSet, split_validation
 from fct_ml.models import EmbeddingModel, ModelConfig, train_embedding_model
 from fct_ml.presets import ExperimentConfig
 from fct_ml.side_info import train_side_info_model
@@ -64,6 +65,23 @@ class Run:
 
     def seed_of(self, stage: str) -> int:
         return stage_seed(self.seed, stage)
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(dataset: Dataset, fraction: float) -> tuple[ImageSet, ImageSet]:
+    return split_validation(dataset.train, fraction)
+
+
+def fit_split(dataset: Dataset, config: ExperimentConfig) -> ImageSet:
+    """The training items every stage trains on: the training set minus the validation split
+    (`config.validation_fraction` of each class, fixed seed), in the study and the product
+    alike, so both train the same models."""
+    return _splits(dataset, config.validation_fraction)[0]
+
+
+def validation_split(dataset: Dataset, config: ExperimentConfig) -> ImageSet:
+    """The held-out part of the training set: choices are made on its metrics."""
+    return _splits(dataset, config.validation_fraction)[1]
 
 
 def old_class_tuple(old_classes: Sequence[int]) -> tuple[int, ...]:
@@ -107,7 +125,7 @@ def train_old_model(
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """phi_old: supervised on the training items of `old_classes` only, labels remapped to
     0..len(old_classes)-1."""
-    train = dataset.train.with_classes(old_class_tuple(old_classes))
+    train = fit_split(dataset, config).with_classes(old_class_tuple(old_classes))
     remap = old_label_remap(dataset.num_classes, old_classes)
     return train_embedding_model(
         train.images,
@@ -132,7 +150,7 @@ def train_side_info(
     on_epoch: OnEpoch = None,
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """psi: SimCLR without labels on the images of `old_classes` (what the old model saw)."""
-    train = dataset.train.with_classes(old_class_tuple(old_classes))
+    train = fit_split(dataset, config).with_classes(old_class_tuple(old_classes))
     side_cfg = replace(config.side_info, model__in_channels=dataset.channels, model__num_classes=0)
     return train_side_info_model(
         train.images,
@@ -155,7 +173,7 @@ def train_new_model(
     desc: str = "new_model",
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """phi_new: supervised on every class of the training set."""
-    train = dataset.train
+    train = fit_split(dataset, config)
     return train_embedding_model(
         train.images,
         train.labels,
@@ -181,7 +199,7 @@ def train_bct(
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """The BCT baseline: a new model in the old model's space (the old classifier, extended to
     every class, as influence loss), trained on all classes with the new model's schedule."""
-    train = dataset.train
+    train = fit_split(dataset, config)
     old_classifier = extended_old_classifier(
         old_model,
         old_class_tuple(old_classes),
@@ -204,6 +222,7 @@ def train_bct(
         policy_for(dataset.name).supervised,
         device=run.device,
         seed=run.seed_of("bct"),
+        old_config=old_model.config,
         progress=run.progress,
         on_epoch=on_epoch,
     )
@@ -233,13 +252,14 @@ def training_features(
     models = [m.to(run.device) for m in (old_model, side_info_model, new_model)]
     f_old, f_side, f_new = _features_of(
         models,
-        dataset.train.images,
+        fit_split(dataset, config).images,
         config.feature_views,
         policy_for(dataset.name).supervised,
         batch_size=config.encode_batch_size,
         seed=run.seed_of("features"),
     )
-    return Features(f_old, f_side, f_new, dataset.train.labels.repeat(config.feature_views))
+    labels = fit_split(dataset, config).labels
+    return Features(f_old, f_side, f_new, labels.repeat(config.feature_views))
 
 
 def h_stage(*, side_info: bool, uncertainty: bool) -> str:
@@ -283,6 +303,7 @@ def train_h(
         device=run.device,
         seed=run.seed_of(h_stage(side_info=side_info, uncertainty=uncertainty)),
         new_classifier=new_model.classifier.weight.detach(),
+        new_config=new_model.config,
         progress=run.progress,
         on_epoch=on_epoch,
         desc=desc,

@@ -2,18 +2,22 @@
 backfilling curves. `fct reproduce` is a thin CLI over `run_experiment`.
 
 Protocol (Ramanujan et al. 2022, apple/ml-fct): the old model and the side-info model see only
-the `old_classes` of the training set; the new model, BCT model and h see all of it. The test
-set is both query and gallery (leave-one-out), L2 distance on raw features, CMC top-1/top-5
-and mAP over the full ranking. Cases are written query/gallery.
+the `old_classes` of the training set; the new model, BCT model and h see all of it. A
+validation split (`config.validation_fraction` of each class) is carved from the training set
+first and never trained on: every choice is made on its metrics, the test set only reports.
+Each split is both query and gallery (leave-one-out), the preset's metric (L2 on raw features
+by default), CMC top-1/top-5 and mAP over the full ranking. Cases are written query/gallery.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +44,90 @@ def _history(records: list[EpochRecord]) -> list[dict[str, Any]]:
     return [asdict(r) for r in records]
 
 
+class StageCache:
+    """Trained models kept in a folder, keyed by everything that determines them (the stage,
+    its configs, the run's seed and the training data's fingerprint), so settings that share a
+    stage (the same new model, side-info model) train it once. `None` folder: no cache."""
+
+    def __init__(self, folder: Path | None, fingerprint: str, seed: int):
+        self.folder, self.fingerprint, self.seed = folder, fingerprint, seed
+
+    def __call__(self, stage: str, key: Any, train: Callable[[], tuple[Any, list[EpochRecord]]]):
+        if self.folder is None:
+            return train()
+        blob = json.dumps([stage, key, self.seed, self.fingerprint], sort_keys=True, default=str)
+        path = self.folder / f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=False)
+            return saved["model"], [EpochRecord(**r) for r in saved["history"]]
+        model, history = train()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model, "history": _history(history)}, tmp)
+        tmp.replace(path)  # a crash never leaves a half-written entry
+        return model, history
+
+
+def evaluate_split(
+    new: torch.Tensor,
+    others: dict[str, torch.Tensor],
+    transformed: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    labels: torch.Tensor,
+    unseen_classes: Sequence[int],
+    config: ExperimentConfig,
+    backfill_seed: int,
+) -> dict[str, Any]:
+    """The paper's cases and FastFill's curves on one split, query = gallery (leave-one-out).
+
+    new (N, D) the new model's embeddings; others {"old", "bct"} (N, old_dim); transformed
+    {variant: (h's gallery (N, D), sigma (N,) or None)}. Metrics in percent."""
+    old, bct = others["old"], others["bct"]
+    unseen_mask = torch.isin(labels, torch.tensor(unseen_classes, dtype=labels.dtype))
+    galleries = {
+        "old/old": (old, old),
+        "new/new": (new, new),
+        "new/h(old)": (new, transformed["h"][0]),
+        "new/h(old) no side-info": (new, transformed["h no side-info"][0]),
+        "new/h(old) fastfill": (new, transformed["fastfill"][0]),
+        "new/h(old) fastfill no side-info": (new, transformed["fastfill no side-info"][0]),
+        "bct/old": (bct, old),
+        "bct/bct": (bct, bct),
+        "new/old": (new, old),
+    }
+    evaluated = evaluate_cases(
+        galleries,
+        labels,
+        unseen_mask=unseen_mask,
+        metric=config.metric,
+        chunk_size=config.eval_chunk_size,
+    )
+    cases = evaluated["cases"]
+    out: dict[str, Any] = {
+        "cases": cases,
+        "cases_unseen_classes": evaluated["cases_unseen_classes"] or {case: None for case in cases},
+        "cases_seen_classes": evaluated["cases_seen_classes"],
+        "gap_closed": gap_closed(cases),
+        "gap_closed_no_side_info": gap_closed(cases, "new/h(old) no side-info"),
+        "backfill_curves": {},
+    }
+    for variant, key in (
+        ("fastfill", "backfill_auc"),
+        ("fastfill no side-info", "backfill_auc_no_side_info"),
+    ):
+        gallery_h, sigma = transformed[variant]
+        out["backfill_curves"][variant], out[key] = backfill_summary(
+            new,
+            labels,
+            gallery_h,
+            sigma,
+            config.backfill_points,
+            generator=torch.Generator().manual_seed(backfill_seed),
+            metric=config.metric,
+            chunk_size=config.eval_chunk_size,
+        )
+    return out
+
+
 def run_experiment(
     dataset: Dataset,
     old_classes: Sequence[int],
@@ -49,11 +137,17 @@ def run_experiment(
     device: torch.device = torch.device("cpu"),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train the old, side-info, new and BCT models and four transformations (fct_ml.pipeline);
     evaluate the paper's cases, query/gallery (also restricted to queries of classes the old model
-    never saw) and the backfilling curves. Returns the `fct reproduce` JSON (metrics in percent)."""
+    never saw) and the backfilling curves on the test set, and the same on the validation split
+    ("validation"). Returns the `fct reproduce` JSON (metrics in percent). With `cache_dir`,
+    trained models are reused when their stage's configs, seed and data match."""
     old_classes = pipeline.old_class_tuple(old_classes)
+    # Every stage trains on the training set minus the validation split (pipeline.fit_split).
+    val = pipeline.validation_split(dataset, config)
+    cache = StageCache(cache_dir, f"{dataset.fingerprint()}:{config.validation_fraction}", seed)
     unseen_classes = tuple(c for c in range(dataset.num_classes) if c not in old_classes)
     timings: dict[str, float] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
@@ -89,42 +183,65 @@ def run_experiment(
     with timed("old_model"):
         old_model = trained(
             "old_model",
-            pipeline.train_old_model(
-                dataset,
-                old_classes,
-                config,
-                run,
-                on_epoch=epochs("old_model", config.old_train.epochs),
+            cache(
+                "old_model",
+                [config.old_model, config.old_train, old_classes],
+                lambda: pipeline.train_old_model(
+                    dataset,
+                    old_classes,
+                    config,
+                    run,
+                    on_epoch=epochs("old_model", config.old_train.epochs),
+                ),
             ),
         )
     with timed("side_info_model"):
         side_model = trained(
             "side_info_model",
-            pipeline.train_side_info(
-                dataset,
-                old_classes,
-                config,
-                run,
-                on_epoch=epochs("side_info_model", config.side_info_train.epochs),
+            cache(
+                "side_info_model",
+                [config.side_info, config.side_info_train, old_classes],
+                lambda: pipeline.train_side_info(
+                    dataset,
+                    old_classes,
+                    config,
+                    run,
+                    on_epoch=epochs("side_info_model", config.side_info_train.epochs),
+                ),
             ),
         )
     with timed("new_model"):
         new_model = trained(
             "new_model",
-            pipeline.train_new_model(
-                dataset, config, run, on_epoch=epochs("new_model", config.new_train.epochs)
+            cache(
+                "new_model",
+                [config.new_model, config.new_train],
+                lambda: pipeline.train_new_model(
+                    dataset, config, run, on_epoch=epochs("new_model", config.new_train.epochs)
+                ),
             ),
         )
     with timed("bct_model"):
         bct_model = trained(
             "bct_model",
-            pipeline.train_bct(
-                dataset,
-                old_model,
-                old_classes,
-                config,
-                run,
-                on_epoch=epochs("bct_model", config.new_train.epochs),
+            cache(
+                "bct_model",
+                [
+                    config.old_model,
+                    config.old_train,
+                    config.new_model,
+                    config.new_train,
+                    config.bct,
+                    old_classes,
+                ],
+                lambda: pipeline.train_bct(
+                    dataset,
+                    old_model,
+                    old_classes,
+                    config,
+                    run,
+                    on_epoch=epochs("bct_model", config.new_train.epochs),
+                ),
             ),
         )
 
@@ -132,13 +249,16 @@ def run_experiment(
         features = pipeline.training_features(
             dataset, old_model, side_model, new_model, config, run
         )
-        test = dataset.test
-        t_old, t_side, t_new, t_bct = (
-            pipeline.embed(m, test.images, config)
-            for m in (old_model, side_model, new_model, bct_model)
-        )
+        models = {"old": old_model, "side": side_model, "new": new_model, "bct": bct_model}
+        splits = {"test": dataset.test, "validation": val}
+        emb = {
+            split: {k: pipeline.embed(m, images.images, config) for k, m in models.items()}
+            for split, images in splits.items()
+        }
 
-    transformed: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    transformed: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {
+        split: {} for split in splits
+    }
     for name, (side_info, uncertainty) in H_VARIANTS.items():
         stage = f"transformation ({name})"
         with timed(stage):
@@ -154,48 +274,20 @@ def run_experiment(
                     desc=name,
                 ),
             )
-            transformed[name] = apply_transformation(h, t_old, t_side)
+            for split, e in emb.items():
+                transformed[split][name] = apply_transformation(h, e["old"], e["side"])
 
-    labels = test.labels
-    unseen_mask = torch.isin(labels, torch.tensor(unseen_classes, dtype=labels.dtype))
-    galleries = {
-        "old/old": (t_old, t_old),
-        "new/new": (t_new, t_new),
-        "new/h(old)": (t_new, transformed["h"][0]),
-        "new/h(old) no side-info": (t_new, transformed["h no side-info"][0]),
-        "new/h(old) fastfill": (t_new, transformed["fastfill"][0]),
-        "new/h(old) fastfill no side-info": (t_new, transformed["fastfill no side-info"][0]),
-        "bct/old": (t_bct, t_old),
-        "bct/bct": (t_bct, t_bct),
-        "new/old": (t_new, t_old),
-    }
-    with timed("evaluation"):
-        evaluated = evaluate_cases(
-            galleries,
-            labels,
-            unseen_mask=unseen_mask,
-            metric=config.metric,
-            chunk_size=config.eval_chunk_size,
-        )
-    cases = evaluated["cases"]
-
-    curves: dict[str, Any] = {}
-    auc: dict[str, Any] = {}
-    for variant, key in (
-        ("fastfill", "backfill_auc"),
-        ("fastfill no side-info", "backfill_auc_no_side_info"),
-    ):
-        with timed(f"backfill curves ({variant})"):
-            gallery_h, sigma = transformed[variant]
-            curves[variant], auc[key] = backfill_summary(
-                t_new,
-                labels,
-                gallery_h,
-                sigma,
-                config.backfill_points,
-                generator=torch.Generator().manual_seed(run.seed_of("backfill")),
-                metric=config.metric,
-                chunk_size=config.eval_chunk_size,
+    results = {}
+    for split, images in splits.items():
+        with timed(f"evaluation ({split})"):
+            results[split] = evaluate_split(
+                emb[split]["new"],
+                {"old": emb[split]["old"], "bct": emb[split]["bct"]},
+                transformed[split],
+                images.labels,
+                unseen_classes,
+                config,
+                run.seed_of("backfill"),
             )
 
     return {
@@ -204,14 +296,8 @@ def run_experiment(
         "old_classes": list(old_classes),
         "seed": seed,
         "device": str(device),
-        "cases": cases,
-        "cases_unseen_classes": evaluated["cases_unseen_classes"] or {case: None for case in cases},
-        "cases_seen_classes": evaluated["cases_seen_classes"],
-        "backfill_auc": auc["backfill_auc"],
-        "backfill_auc_no_side_info": auc["backfill_auc_no_side_info"],
-        "backfill_curves": curves,
-        "gap_closed": gap_closed(cases),
-        "gap_closed_no_side_info": gap_closed(cases, "new/h(old) no side-info"),
+        **results["test"],
+        "validation": results["validation"],
         "timings_s": timings,
         "config": asdict(config),
         "history": histories,

@@ -8,6 +8,7 @@ a linear head new_dim->1 on h's output that predicts the log of the sample's err
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 from fct_ml.augment import AugmentConfig, augment, to_float
 from fct_ml.losses import FastFillObjective, TransformationObjective
-from fct_ml.models import EmbeddingModel
+from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.training import EpochRecord, Frozen, TrainConfig, fit, seed_everything
 
 
@@ -31,6 +32,9 @@ class TransformationConfig:
     # embedding a second time, so both variants have the same shape and capacity.
     side_info: bool = True
     uncertainty: bool = False  # FastFill: add the sigma head
+    # FastFill: weight of the cross-entropy through the new classifier against the squared
+    # error (chosen on validation: benchmarks/results/experiments.md).
+    ce_weight: float = 1.0
 
 
 def _mlp(dims: list[int], plain_last: bool) -> nn.Sequential:
@@ -57,6 +61,10 @@ class Transformation(nn.Module):
             [2 * w, config.inner_width, config.inner_width, config.new_dim], plain_last=True
         )
         self.sigma_head = nn.Linear(config.new_dim, 1) if config.uncertainty else None
+        # log(mean squared error / mean exp(sigma)) over h's training features, set after
+        # training, so that exp(sigma) is h's expected squared error ||h(x) - phi_new(x)||^2
+        # in absolute terms (backfill ranks transformed items with it); orders are unchanged.
+        self.register_buffer("sigma_offset", torch.zeros(()))
 
     def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         if self.config.side_info:
@@ -74,7 +82,10 @@ class Transformation(nn.Module):
         if self.sigma_head is None:
             raise ValueError("this transformation has no uncertainty head (uncertainty=False)")
         pred = self(old, side)
-        return pred, self.sigma_head(pred).squeeze(1)
+        # sigma reads h's output but sends no gradient back into it: the sigma term of the
+        # loss would otherwise shift every output along the head's weight, off the new model's
+        # distribution.
+        return pred, self.sigma_head(pred.detach()).squeeze(1) + self.sigma_offset
 
 
 def train_transformation(
@@ -88,6 +99,7 @@ def train_transformation(
     device: torch.device,
     seed: int,
     new_classifier: torch.Tensor | None = None,
+    new_config: ModelConfig | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     desc: str = "transformation",
@@ -95,7 +107,7 @@ def train_transformation(
     """Fit h on aligned features of the training set (each (N, dim), labels (N,)).
 
     With `config.uncertainty` the FastFill loss is used, which needs the frozen new model's
-    classifier weight `new_classifier` (num_classes, new_dim).
+    classifier weight `new_classifier` (num_classes, new_dim), scored as `new_config` says.
     """
     for name, t in (
         ("old_embedding", old_embedding),
@@ -118,7 +130,9 @@ def train_transformation(
     if config.uncertainty:
         if new_classifier is None:
             raise ValueError("FastFill needs the new model's classifier weight")
-        objective = FastFillObjective(h, new_classifier.to(device))
+        objective = FastFillObjective(
+            h, new_classifier.to(device), new_config, ce_weight=config.ce_weight
+        )
     else:
         objective = TransformationObjective(h)
     data = (old_embedding.float(), side_info.float(), new_embedding.float(), labels)
@@ -132,7 +146,34 @@ def train_transformation(
         progress=progress,
         on_epoch=on_epoch,
     )
+    if config.uncertainty:
+        calibrate_sigma(h, data[0], data[1], data[2])
     return h, history
+
+
+@torch.no_grad()
+def calibrate_sigma(
+    h: Transformation,
+    old_embedding: torch.Tensor,
+    side_info: torch.Tensor,
+    new_embedding: torch.Tensor,
+    *,
+    batch_size: int = 4096,
+) -> float:
+    """Shift sigma so that mean exp(sigma) equals h's mean squared error on these features
+    (N, dims): sigma's loss mixes the cross-entropy into its target and its bias trains
+    slowly, so its raw scale is not the error's. Returns the offset (also stored in h)."""
+    h.sigma_offset.zero_()
+    frozen = Frozen(h, method="forward_with_sigma")
+    sq_sum, exp_sum = 0.0, 0.0
+    for start in range(0, old_embedding.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        pred, sigma = frozen(old_embedding[sl], side_info[sl])
+        sq_sum += float((pred.cpu() - new_embedding[sl]).pow(2).sum())
+        exp_sum += float(sigma.exp().sum())
+    offset = math.log(max(sq_sum, 1e-12) / max(exp_sum, 1e-12))
+    h.sigma_offset.fill_(offset)
+    return offset
 
 
 def training_features(

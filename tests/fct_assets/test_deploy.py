@@ -69,9 +69,12 @@ def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in step[
                 "pod_spec_config"
             ]["tolerations"]
-    assert (
-        resources()["fct"].lancedb_uri == env["FCT_LANCEDB_URI"]
-    )  # the resource the code location builds
+    # The resources the code location builds: LanceDB, checkpoints and records on object storage.
+    built = resources()
+    assert built["fct"].lancedb_uri == env["FCT_LANCEDB_URI"]
+    assert env["FCT_STORAGE_URI"].startswith("s3://")
+    assert built["checkpoint_io_manager"].uri == f"{env['FCT_STORAGE_URI']}/checkpoints"
+    assert built["record_io_manager"].uri == f"{env['FCT_STORAGE_URI']}/records"
 
     # Not vacuous: a key k8s_job_executor does not know is refused when the config is resolved.
     bad = {**expected, "gpus_per_shard": 1}

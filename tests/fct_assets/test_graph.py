@@ -131,7 +131,7 @@ def test_full_graph_materialised(env):
     report = json.loads((env.root / "records" / "eval_report" / "v2.json").read_text())
     for case in ("old/old", "new/new", "new/h(old)", "new/old"):
         assert 0 <= report["cases"][case]["mAP"] <= 100
-    assert set(report["backfill_auc"]) == {"random", "sigma", "oracle"}
+    assert set(report["backfill_auc"]) == {"random", "sigma", "true_error"}
 
 
 def test_adding_a_version_materialises_exactly_its_four_assets(env):
@@ -215,7 +215,7 @@ def test_planted_nan_fails_the_blocking_check_and_blocks_promotion(env):
     )
     with pytest.raises(PromotionError, match="backfilled_gallery_schema"):
         promote(env.instance, db, "v5")
-    assert current(db) is None or current(db)["version"] != "v5"
+    assert current(db) is None or current(db).version != "v5"
 
 
 def test_lineage_names_every_checkpoint_and_they_match_the_files(env, monkeypatch, capsys):
@@ -282,10 +282,10 @@ def test_promote_then_rollback(env):
     db = env.fct.connect()
     promote(env.instance, db, "v2")
     promote(env.instance, db, "vserve")
-    assert current(db)["version"] == "vserve"
+    assert current(db).version == "vserve"
     row = rollback(db)
-    assert row["version"] == "v2" and current(db)["version"] == "v2"
-    assert current(db)["table_version"] == db.open_table("gallery_v2").version
+    assert row.version == "v2" and current(db).version == "v2"
+    assert current(db).table_version == db.open_table("gallery_v2").version
 
 
 def test_promotion_and_rollback_as_jobs(env):
@@ -297,20 +297,20 @@ def test_promotion_and_rollback_as_jobs(env):
         instance=env.instance,
         run_config={"ops": {"promote_version": {"config": {"version": "vserve"}}}},
     )
-    assert promoted.success and current(db)["version"] == "vserve"
+    assert promoted.success and current(db).version == "vserve"
     assert (
-        promoted.output_for_node("promote_version")["table_version"]
+        promoted.output_for_node("promote_version").table_version
         == db.open_table("gallery_vserve").version
     )
     rolled = env.defs.resolve_job_def("rollback").execute_in_process(instance=env.instance)
-    assert rolled.success and current(db)["version"] == "v2"
+    assert rolled.success and current(db).version == "v2"
     # A version no check ever ran on: the job fails with the same one-line reason as the CLI.
     refused = env.defs.resolve_job_def("promote").execute_in_process(
         instance=env.instance,
         run_config={"ops": {"promote_version": {"config": {"version": "vunbuilt"}}}},
         raise_on_error=False,
     )
-    assert not refused.success and current(db)["version"] == "v2"
+    assert not refused.success and current(db).version == "v2"
     failure = next(e for e in refused.all_events if e.is_step_failure)
     assert "version vunbuilt not promoted" in str(failure.event_specific_data.error)
 

@@ -10,9 +10,13 @@ from fct_ml.backfill import (
     apply_transformation,
     backfill_curves,
     backfill_order,
+    backfill_summary,
     curve_area,
+    with_expected_error,
 )
-from fct_ml.transformation import Transformation, TransformationConfig
+from fct_ml.retrieval import pairwise_distance
+from fct_ml.training import TrainConfig
+from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
 
 # --------------------------------------------------------------------------- #
 # backfill_order
@@ -31,10 +35,10 @@ def test_sigma_order_ties_keep_storage_order():
     assert backfill_order("sigma", 4, sigma=sigma).tolist() == [1, 3, 0, 2]
 
 
-def test_oracle_order_is_largest_error_first():
+def test_true_error_order_is_largest_error_first():
     error = torch.tensor([2.0, 0.0, 5.0, 1.0])
     # descending: 5 (item 2), 2 (item 0), 1 (item 3), 0 (item 1)
-    assert backfill_order("oracle", 4, error=error).tolist() == [2, 0, 3, 1]
+    assert backfill_order("true_error", 4, error=error).tolist() == [2, 0, 3, 1]
 
 
 def test_random_order_is_a_reproducible_permutation():
@@ -48,11 +52,11 @@ def test_random_order_is_a_reproducible_permutation():
 
 
 def test_order_errors():
-    assert set(ORDERS) == {"random", "sigma", "oracle"}
+    assert set(ORDERS) == {"random", "sigma", "true_error"}
     with pytest.raises(ValueError, match="sigma"):
         backfill_order("sigma", 3)
-    with pytest.raises(ValueError, match="oracle"):
-        backfill_order("oracle", 3)
+    with pytest.raises(ValueError, match="true_error"):
+        backfill_order("true_error", 3)
     with pytest.raises(ValueError, match="backfill order"):
         backfill_order("greedy", 3)
 
@@ -70,7 +74,7 @@ def test_order_errors():
 #                |10-0| = 10 and |10-20| = 10 -> item 1 hit; q2, q3 hit.  top1 = 4/4
 # k = 4 (all R): top1 = 1
 # fractions 0, .25, .5, .75, 1 -> k = 0, 1, 2, 3, 4
-# oracle order (error |T-R| = 9, 9, 0, 0) = [0, 1, 2, 3]: item 0 at k=1 -> [1/2, 1, 1, 1, 1]
+# true_error order (error |T-R| = 9, 9, 0, 0) = [0, 1, 2, 3]: item 0 at k=1 -> [1/2, 1, 1, 1, 1]
 # sigma order [2, 3, 0, 1]: k=1, 2 replace the already-right items 2, 3 -> unchanged; item 0
 #   comes in at k=3 -> [1/2, 1/2, 1/2, 1, 1]
 # --------------------------------------------------------------------------- #
@@ -82,20 +86,22 @@ FRACTIONS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def test_backfill_curves_by_hand():
-    oracle = backfill_order("oracle", 4, error=(T - R).pow(2).sum(1))
-    assert oracle.tolist() == [0, 1, 2, 3]
+    by_error = backfill_order("true_error", 4, error=(T - R).pow(2).sum(1))
+    assert by_error.tolist() == [0, 1, 2, 3]
     sigma = backfill_order("sigma", 4, sigma=torch.tensor([0.2, 0.1, 0.9, 0.5]))
     assert sigma.tolist() == [2, 3, 0, 1]
     transformed = T.clone()
-    curves = backfill_curves(R, Y, transformed, R, Y, {"oracle": oracle, "sigma": sigma}, FRACTIONS)
-    assert set(curves) == {"oracle", "sigma"}
-    assert [p["top1"] for p in curves["oracle"]] == pytest.approx([1 / 2, 1, 1, 1, 1])
+    curves = backfill_curves(
+        R, Y, transformed, R, Y, {"true_error": by_error, "sigma": sigma}, FRACTIONS
+    )
+    assert set(curves) == {"true_error", "sigma"}
+    assert [p["top1"] for p in curves["true_error"]] == pytest.approx([1 / 2, 1, 1, 1, 1])
     assert [p["top1"] for p in curves["sigma"]] == pytest.approx([1 / 2, 1 / 2, 1 / 2, 1, 1])
     assert all(p["n_queries"] == 4 for c in curves.values() for p in c)
     # the caller's transformed gallery is not modified
     assert torch.equal(transformed, T)
-    # area = mean of points: oracle (1/2 + 1 + 1 + 1 + 1)/5 = 0.9; sigma (3 * 1/2 + 2)/5 = 0.7
-    assert curve_area([p["top1"] for p in curves["oracle"]]) == pytest.approx(0.9)
+    # area = mean of points: true_error (1/2 + 1 + 1 + 1 + 1)/5 = 0.9; sigma (3 * 1/2 + 2)/5 = 0.7
+    assert curve_area([p["top1"] for p in curves["true_error"]]) == pytest.approx(0.9)
     assert curve_area([p["top1"] for p in curves["sigma"]]) == pytest.approx(0.7)
 
 
@@ -130,15 +136,17 @@ def test_end_points_do_not_depend_on_order():
     orders = {
         "random": backfill_order("random", 12, generator=torch.Generator().manual_seed(1)),
         "sigma": backfill_order("sigma", 12, sigma=torch.randn(12, generator=g)),
-        "oracle": backfill_order("oracle", 12, error=(transformed - reembedded).pow(2).sum(1)),
+        "true_error": backfill_order(
+            "true_error", 12, error=(transformed - reembedded).pow(2).sum(1)
+        ),
     }
     curves = backfill_curves(
         query, labels, transformed, reembedded, labels, orders, [0.0, 0.5, 1.0], leave_one_out=True
     )
     starts = {name: c[0] for name, c in curves.items()}
     ends = {name: c[-1] for name, c in curves.items()}
-    assert starts["random"] == starts["sigma"] == starts["oracle"]
-    assert ends["random"] == ends["sigma"] == ends["oracle"]
+    assert starts["random"] == starts["sigma"] == starts["true_error"]
+    assert ends["random"] == ends["sigma"] == ends["true_error"]
 
 
 def test_end_points_are_all_transformed_and_all_reembedded():
@@ -273,3 +281,107 @@ def test_apply_transformation_wrong_dims_name_the_field():
         apply_transformation(h, old, None)  # this h needs side-info
     with pytest.raises(ValueError, match="side_info"):
         apply_transformation(h, old, side[:5])  # row count mismatch
+
+
+# --------------------------------------------------------------------------- #
+# a partly backfilled gallery: transformed items carry their expected error
+# --------------------------------------------------------------------------- #
+
+
+def test_with_expected_error_adds_it_to_the_squared_distance():
+    gallery = with_expected_error(torch.tensor([[0.0, 0.0], [3.0, 0.0]]), torch.tensor([4.0, 0.0]))
+    assert gallery.tolist() == [[0.0, 0.0, 2.0], [3.0, 0.0, 0.0]]  # sqrt(4) = 2
+    query = with_expected_error(torch.tensor([[1.0, 0.0]]), None)  # (1, 0, 0)
+    # item 0: (1 - 0)^2 + 0 + (0 - 2)^2 = 1 + 4 = 5 ; item 1: (1 - 3)^2 = 4
+    assert pairwise_distance(query, gallery).tolist() == [[5.0, 4.0]]
+
+
+def _synthetic_upgrade(seed: int):
+    """Four classes in a 16-d new space (class means 0.5 * N(0, I), noise 0.9); the old
+    embedding is a fixed linear map of the new one plus noise, so h can only recover its
+    conditional mean: (train old, new, labels), (gallery old, new, labels), class means."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(4, 16, generator=g) * 0.5
+    mix = torch.randn(16, 16, generator=torch.Generator().manual_seed(99)) / 4.0
+
+    def sample(n: int):
+        labels = torch.randint(0, 4, (n,), generator=g)
+        new = means[labels] + 0.9 * torch.randn(n, 16, generator=g)
+        return new @ mix + 0.7 * torch.randn(n, 16, generator=g), new, labels
+
+    return sample(2000), sample(500), means
+
+
+@pytest.mark.slow
+def test_mixed_gallery_never_below_its_ends_synthetic():
+    (old, new, labels), (g_old, g_new, g_labels), means = _synthetic_upgrade(0)
+    config = TransformationConfig(
+        old_dim=16,
+        side_info_dim=16,
+        new_dim=16,
+        branch_width=32,
+        inner_width=64,
+        side_info=False,
+        uncertainty=True,
+    )
+    train = TrainConfig(
+        epochs=8,
+        batch_size=128,
+        optimizer="adam",
+        lr=2e-3,
+        weight_decay=0.0,
+        warmup_epochs=0.0,
+        bn_eval_after=0.5,
+    )
+    h, _ = train_transformation(
+        old,
+        old,
+        new,
+        labels,
+        config,
+        train,
+        device=torch.device("cpu"),
+        seed=0,
+        new_classifier=means,
+        progress=False,
+    )
+    # exp(sigma) is calibrated to h's mean squared error on its training features
+    pred, sigma = apply_transformation(h, old, None)
+    assert float(sigma.exp().mean()) == pytest.approx(
+        float((pred - new).pow(2).sum(1).mean()), rel=1e-3
+    )
+
+    transformed, sigma = apply_transformation(h, g_old, None)
+
+    def curves(expected_error: bool):
+        return backfill_summary(
+            g_new,
+            g_labels,
+            transformed,
+            sigma,
+            6,
+            generator=torch.Generator().manual_seed(0),
+            expected_error=expected_error,
+        )[0]
+
+    for order, curve in curves(True).items():
+        points = curve["mAP"]
+        # within 0.1 points: sigma is calibrated on h's training features, a little optimistic
+        assert min(points) >= min(points[0], points[-1]) - 0.1, (order, points)
+    # Without the expected error, h's outputs (its conditional means) sit closer to every
+    # query than re-embedded items: the mixed gallery ranks worse than both of its ends.
+    points = curves(False)["random"]["mAP"]
+    assert min(points) < min(points[0], points[-1]) - 0.5, points
+
+
+def test_sigma_sends_no_gradient_into_h():
+    torch.manual_seed(0)
+    h = Transformation(
+        TransformationConfig(
+            old_dim=4, side_info_dim=3, new_dim=5, branch_width=8, inner_width=8, uncertainty=True
+        )
+    )
+    _, sigma = h.forward_with_sigma(torch.randn(6, 4), torch.randn(6, 3))
+    sigma.sum().backward()
+    assert h.sigma_head.weight.grad is not None
+    assert all(p.grad is None for p in h.inner.parameters())

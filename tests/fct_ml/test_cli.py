@@ -26,7 +26,7 @@ CASES = (
     "bct/bct",
     "new/old",
 )
-ORDERS = ("random", "sigma", "oracle")
+ORDERS = ("random", "sigma", "true_error")
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:

@@ -22,6 +22,7 @@ from fct_ml.data import (
     load_imagefolder,
     parse_class_list,
     read_idx,
+    split_validation,
 )
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -441,3 +442,40 @@ def test_unknown_spec_and_error_is_one_line() -> None:
     assert isinstance(err.value, ValueError)
     assert "\n" not in str(DataError("a\nb\r\n c"))
     assert set(DATASETS) == {"fashion-mnist", "digits", "cifar100"}
+
+
+# --------------------------------------------------------------------------- #
+# validation split
+# --------------------------------------------------------------------------- #
+
+
+def _labelled(labels: list[int]) -> ImageSet:
+    n = len(labels)
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).contiguous()
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64))
+
+
+def test_split_validation_stratified_disjoint_and_deterministic() -> None:
+    # class 0: 10 items -> 2 in validation; class 1: 5 items -> round(1.0) = 1; class 2: 2 -> 1
+    train = _labelled([0] * 10 + [1] * 5 + [2] * 2)
+    rest, val = split_validation(train, 0.2, seed=0)
+    assert sorted(val.labels.tolist()) == [0, 0, 1, 2]
+    assert len(rest) == 13
+    # every item lands in exactly one split (the image bytes are the item ids 0..16)
+    ids = sorted(rest.images.flatten().tolist() + val.images.flatten().tolist())
+    assert ids == list(range(17))
+    again = split_validation(train, 0.2, seed=0)[1]
+    assert again.images.flatten().tolist() == val.images.flatten().tolist()
+    other = split_validation(train, 0.2, seed=1)[1]
+    assert sorted(other.labels.tolist()) == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_split_validation_bad_fraction(fraction: float) -> None:
+    with pytest.raises(DataError, match="validation fraction"):
+        split_validation(_labelled([0, 0, 1, 1]), fraction)
+
+
+def test_split_validation_class_with_one_item() -> None:
+    with pytest.raises(DataError, match="class 1 has 1 training item"):
+        split_validation(_labelled([0, 0, 1]), 0.5)

@@ -77,13 +77,13 @@ def test_nt_xent_has_gradient():
 # --------------------------------------------------------------------------- #
 
 
-def test_squared_error_per_sample_mean_over_dims():
+def test_squared_error_per_sample_sum_over_dims():
     pred = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
     target = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
-    # row 0: (0^2 + 2^2 + 3^2) / 3 = 13/3 ; row 1: (1 + 1 + 1) / 3 = 1
+    # row 0: 0^2 + 2^2 + 3^2 = 13 ; row 1: 1 + 1 + 1 = 3 (FastFill's ||h - phi_new||^2)
     out = squared_error(pred, target)
     assert out.shape == (2,)
-    assert out.tolist() == pytest.approx([13 / 3, 1.0])
+    assert out.tolist() == pytest.approx([13.0, 3.0])
 
 
 def test_fastfill_loss_by_hand():
@@ -144,16 +144,16 @@ def test_transformation_objective():
     h = small_h()
     batch = feature_batch()
     out = TransformationObjective(h)(batch)
-    assert set(out) == {"loss", "mse"}
+    assert set(out) == {"loss", "sq_error"}
     assert out["loss"].ndim == 0 and out["loss"].requires_grad
-    assert not out["mse"].requires_grad
+    assert not out["sq_error"].requires_grad
     old, side, new, _ = batch
     with torch.no_grad():
         pred = h(old, side)  # train mode: batch statistics, same batch -> same output
-    # mean over samples and dims of (pred - new)^2
-    expected = ((pred - new) ** 2).sum().item() / (6 * 5)
+    # mean over the 6 samples of the squared L2 error summed over dims
+    expected = ((pred - new) ** 2).sum().item() / 6
     assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
-    assert out["mse"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["sq_error"].item() == pytest.approx(expected, rel=1e-5)
     out["loss"].backward()
     assert all(p.grad is not None for p in h.parameters())
 
@@ -163,19 +163,19 @@ def test_fastfill_objective():
     classifier = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     batch = feature_batch()
     out = FastFillObjective(h, classifier)(batch)
-    assert set(out) == {"loss", "mse", "ce", "sigma"}
+    assert set(out) == {"loss", "sq_error", "ce", "sigma"}
     assert out["loss"].ndim == 0 and out["loss"].requires_grad
-    for part in ("mse", "ce", "sigma"):
+    for part in ("sq_error", "ce", "sigma"):
         assert not out[part].requires_grad
     old, side, new, labels = batch
     with torch.no_grad():
         pred, sigma = h.forward_with_sigma(old, side)
-    sq = ((pred - new) ** 2).mean(1)
+    sq = ((pred - new) ** 2).sum(1)
     logits = pred @ classifier.T
     ce = torch.logsumexp(logits, 1) - logits[torch.arange(6), labels]  # -log softmax at the label
     expected = (0.5 * torch.exp(-sigma) * (sq + ce) + 0.5 * sigma).mean()
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert out["mse"].item() == pytest.approx(sq.mean().item(), rel=1e-5)
+    assert out["sq_error"].item() == pytest.approx(sq.mean().item(), rel=1e-5)
     assert out["ce"].item() == pytest.approx(ce.mean().item(), rel=1e-5)
     assert out["sigma"].item() == pytest.approx(sigma.mean().item(), rel=1e-5, abs=1e-6)
     out["loss"].backward()

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from fct_assets import storage
+from fct_assets import records, storage
 from fct_assets.backfill import backfill_version
 from fct_assets.cli import main as fct_main
 from fct_assets.partitions import VersionError, check_version
@@ -33,6 +33,7 @@ from fct_ml.presets import preset
 from fct_ml.retrieval import retrieve
 from fct_ml.training import TrainConfig
 from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
+from tests.fct_assets.env import synthetic_store
 
 CATEGORY = "bad input"
 
@@ -164,12 +165,13 @@ def served(tmp_path_factory):
     fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
     db = fct.connect()
     schema = storage.gallery_store_schema(4, 4, OLD_SPACE, SIDE_SPACE)
-    store = storage.publish(db, storage.GALLERY_STORE, schema, [_store_batch()])
-    new_model = small_model()
+    published = storage.publish(db, storage.GALLERY_STORE, schema, [_store_batch()])
+    store = synthetic_store(published, OLD_SPACE, SIDE_SPACE, 4)
+    model = small_model()
     info = save_checkpoint(
-        root / "checkpoints" / "new_model" / "v2.safetensors", new_model, name="new_model:v2"
+        root / "checkpoints" / "new_model" / "v2.safetensors", model, name="new_model:v2"
     )
-    new_model.space_id = info.space_id
+    new_model = records.Checkpoint(model, info.sha256, info.space_id, recorded={})
     h = small_h()
     # reembed_fraction=0: no stored image is read, so gallery_v2 is published despite item 3.
     table = backfill_version(fct, "v2", store, h, new_model, 0.0, 4, log=lambda _: None)
@@ -189,11 +191,7 @@ def served(tmp_path_factory):
         dg.AssetMaterialization(
             "backfilled_gallery",
             partition="v2",
-            metadata={
-                "table": table["table"],
-                "version": table["version"],
-                "space_id": table["space_id"],
-            },
+            metadata=table.model_dump(exclude={"ann_params"}),
         )
     )
     return {
