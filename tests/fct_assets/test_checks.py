@@ -9,6 +9,7 @@ import pytest
 
 from fct_assets import storage
 from fct_assets.checks import run_report_suite, validate_table, vector_table_schema
+from fct_assets.records import EvalReport
 from fct_assets.resources import FctResource
 
 SPACE = "new_model:v2@0123456789ab"
@@ -106,7 +107,7 @@ def test_a_write_after_the_materialisation_fails_the_check(fct):
     )
 
 
-def _report(**maps) -> dict:
+def _report(**maps) -> EvalReport:
     cases = {
         "old/old": {"top1": 60.0, "top5": 80.0, "mAP": 40.0},
         "new/new": {"top1": 80.0, "top5": 90.0, "mAP": 60.0},
@@ -118,7 +119,8 @@ def _report(**maps) -> dict:
             del cases[case]
         else:
             cases[case] = {**cases[case], **metrics}
-    return {"cases": cases}
+    # model_construct: the suite must judge values the record's own validation would refuse.
+    return EvalReport.model_construct(cases=cases)
 
 
 def test_the_report_suite_passes_a_sound_report():

@@ -16,6 +16,7 @@ from dagster._core.utils import make_new_run_id
 
 from fct_assets import deployment, storage
 from fct_assets.deployment import PromotionError, check_results, current, promote, rollback
+from fct_assets.records import BackfilledTable
 
 SPACE = "new_model:v2@0123456789ab"
 
@@ -53,11 +54,24 @@ def _table(db, version: str, rows: int = 4, space: str = SPACE) -> int:
 
 
 def _materialised(instance, version: str, table_version: int) -> None:
+    record = BackfilledTable(
+        table=f"gallery_{version}",
+        version=table_version,
+        rows=4,
+        space_id=SPACE,
+        dim=2,
+        reembedded=0,
+        reembed_fraction=0.0,
+        shards=1,
+        backfill_seconds=0.1,
+        backfill_items_per_s=40.0,
+        gallery_store_version=1,
+        gallery_rows=4,
+        ann_index="none",
+    )
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
-            asset_key="backfilled_gallery",
-            partition=version,
-            metadata={"table": f"gallery_{version}", "version": table_version, "space_id": SPACE},
+            asset_key="backfilled_gallery", partition=version, metadata=record.model_dump()
         )
     )
     instance.report_runless_asset_event(
@@ -109,14 +123,14 @@ def test_passed_checks_promote_the_recorded_table_version(instance, db):
         "eval_report:eval_report_expectations": (True, "passed", table_version),
     }
     row = promote(instance, db, "v2")
-    assert {k: row[k] for k in ("seq", "action", "version", "table", "table_version")} == {
+    assert {k: getattr(row, k) for k in ("seq", "action", "version", "table", "table_version")} == {
         "seq": 1,
         "action": "promote",
         "version": "v2",
         "table": "gallery_v2",
         "table_version": table_version,
     }
-    assert row["space_id"] == SPACE and current(db) == row
+    assert row.space_id == SPACE and current(db) == row
 
 
 def test_never_ran_failed_and_stale_are_told_apart(instance, db):
@@ -166,7 +180,7 @@ def test_checks_of_another_table_version_do_not_promote(instance, db):
     with pytest.raises(PromotionError, match="checks ran on table versions"):
         promote(instance, db, "v2")
     _checked(instance, "v2", second)
-    assert promote(instance, db, "v2")["table_version"] == second
+    assert promote(instance, db, "v2").table_version == second
 
 
 def test_rollback_serves_the_previous_deployment_again(instance, db):
@@ -180,19 +194,19 @@ def test_rollback_serves_the_previous_deployment_again(instance, db):
     promote(instance, db, "v3")
     promote(instance, db, "v3")  # promoting the same table twice is not a new deployment
     row = rollback(db)
-    assert (row["seq"], row["action"], row["version"], row["table_version"]) == (
+    assert (row.seq, row.action, row.version, row.table_version) == (
         4,
         "rollback",
         "v2",
         v2,
     )
-    assert [(r["seq"], r["version"], r["table_version"]) for r in deployment.history(db)] == [
+    assert [(r.seq, r.version, r.table_version) for r in deployment.history(db)] == [
         (1, "v2", v2),
         (2, "v3", v3),
         (3, "v3", v3),
         (4, "v2", v2),
     ]
-    assert rollback(db)["version"] == "v3"
+    assert rollback(db).version == "v3"
 
 
 def test_search_reads_the_pinned_table_in_its_space(instance, db):
@@ -203,6 +217,8 @@ def test_search_reads_the_pinned_table_in_its_space(instance, db):
     assert [h["item_id"] for h in hits] == [2, 3, 1]
     assert hits[0]["distance"] == pytest.approx(0.2**2, abs=1e-5)
     assert hits[0]["label"] == 0 and hits[0]["source"] == "transformed"
-    assert db.open_table("gallery_v2").count_rows() == 6 and served == row["table_version"]
+    assert db.open_table("gallery_v2").count_rows() == 6 and served == row.table_version
     with pytest.raises(storage.SpaceMismatchError, match="holds space new_model:v2@0123456789ab"):
-        deployment.search(db, [0.0, 0.0], version={**row, "space_id": "other@000000000000"})
+        deployment.search(
+            db, [0.0, 0.0], version=row.model_copy(update={"space_id": "other@000000000000"})
+        )

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from fct_assets import storage
-from fct_assets.report import evaluate_version
+from fct_assets.records import (
+    BackfilledTable,
+    Checkpoint,
+    DatasetRecord,
+    EvalReport,
+    GalleryStore,
+)
+from fct_assets.report import evaluate_version, markdown_table
 from fct_assets.resources import FctResource
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation
@@ -53,7 +60,7 @@ def gallery(tmp_path):
         ],
     )
     new_model = build_model(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3))
-    new_model.eval().space_id = SPACE
+    new_model.eval()
     with torch.no_grad():  # weights drawn wide: at init, all items embed within float32 rounding
         for p in new_model.parameters():
             p.normal_(0.0, 0.3)
@@ -88,6 +95,7 @@ def gallery(tmp_path):
         "republish": publish_table,
         "h": h,
         "new_model": new_model,
+        "space": SPACE,
         "labels": labels,
         "old": old,
         "new": new,
@@ -96,22 +104,54 @@ def gallery(tmp_path):
 
 
 def _evaluate(g, table_version=None, **backfilled):
-    record = {
-        "table": "gallery_vt",
-        "version": g["table"]["version"],
-        "space_id": SPACE,
-        "backfill_items_per_s": 1000.0,
-        **backfilled,
-    }
+    record = BackfilledTable(
+        table="gallery_vt",
+        version=g["table"]["version"],
+        rows=N,
+        space_id=SPACE,
+        dim=4,
+        reembedded=0,
+        reembed_fraction=0.0,
+        shards=1,
+        backfill_seconds=0.012,
+        backfill_items_per_s=1000.0,
+        gallery_store_version=g["store"]["version"],
+        gallery_rows=N,
+        ann_index="none",
+    ).model_copy(update=backfilled)
+    dataset = DatasetRecord(
+        spec="synthetic",
+        name="synthetic",
+        fingerprint="0" * 64,
+        old_classes=(0, 1),
+        class_names=("a", "b", "c"),
+        num_classes=3,
+        channels=1,
+        image_size=(16, 16),
+        train_items=0,
+        gallery_items=N,
+    )
+    store = GalleryStore(
+        table=storage.GALLERY_STORE,
+        version=g["store"]["version"],
+        rows=N,
+        old_space_id="old@1",
+        old_dim=4,
+        side_info_space_id="side@1",
+        side_info_dim=4,
+        old_model_sha256="0" * 64,
+        side_info_model_sha256="0" * 64,
+        dataset_fingerprint="0" * 64,
+    )
     return evaluate_version(
         g["fct"],
-        {"old_classes": [0, 1]},
-        {"version": g["store"]["version"]},
+        dataset,
+        store,
         record,
-        g["h"],
-        g["new_model"],
+        Checkpoint(model=g["h"], sha256="1" * 64, space_id="h@1", recorded={}),
+        Checkpoint(model=g["new_model"], sha256="2" * 64, space_id=g["space"], recorded={}),
         table_version=table_version,
-    )
+    ).model_dump()
 
 
 def test_every_case_by_brute_force(gallery):
@@ -154,12 +194,13 @@ def test_every_case_by_brute_force(gallery):
         assert len(curve["fractions"]) == g["fct"].experiment().backfill_points
         assert curve["top1"][-1] == pytest.approx(cases["new/new"]["top1"]), order
         assert report["backfill_auc"][order]["mAP"] == pytest.approx(np.mean(curve["mAP"]))
-    heading = report["markdown"].splitlines()[0]
+    markdown = markdown_table(EvalReport.model_validate(report))
+    heading = markdown.splitlines()[0]
     assert heading == (
         f"### Evaluation of vt: gallery_vt at LanceDB version {g['table']['version']}"
         f" ({N} gallery items, leave-one-out)"
     )
-    assert report["plot_png_base64"] and "![backfilling curve]" in report["markdown"]
+    assert report["plot_png_base64"] and "![backfilling curve]" in markdown
 
 
 def _map_of(query, gallery, labels, mask) -> float:
@@ -187,7 +228,7 @@ def test_the_pinned_table_version_is_read_not_the_latest(gallery):
 
 def test_a_table_of_another_space_or_other_items_is_refused(gallery):
     g = gallery
-    g["new_model"].space_id = "new_model:vt@ffffffffffff"
+    g["space"] = "new_model:vt@ffffffffffff"
     with pytest.raises(
         storage.SpaceMismatchError,
         match=rf"^gallery_vt at LanceDB version {g['table']['version']}: holds space {SPACE},",
