@@ -121,9 +121,26 @@ def _h(inner_width: int):
 def _new_model(kwargs: dict):
     from fct_ml.models import EmbeddingModel, ModelConfig
 
-    model = EmbeddingModel(ModelConfig(**kwargs)).eval()
-    model.space_id = NEW_SPACE
-    return model
+    return EmbeddingModel(ModelConfig(**kwargs)).eval()
+
+
+def _records(version: int, rows: int, model):
+    """The typed gallery_store record and new-model checkpoint that backfill_version takes."""
+    from fct_assets.records import Checkpoint, GalleryStore
+
+    store = GalleryStore(
+        table="gallery_store",
+        version=version,
+        rows=rows,
+        old_space_id=OLD_SPACE,
+        old_dim=DIM,
+        side_info_space_id=SIDE_SPACE,
+        side_info_dim=DIM,
+        old_model_sha256="",
+        side_info_model_sha256="",
+        dataset_fingerprint="random",
+    )
+    return store, Checkpoint(model, sha256="", space_id=NEW_SPACE, recorded={})
 
 
 def _fct(uri: str):
@@ -140,7 +157,7 @@ def _read_batches(db, version: int, columns: list[str], batch_size: int):
     return table.search().select(columns).limit(None).to_batches(batch_size)
 
 
-def reembed_version(db, store: dict, model, batch_size: int, name: str) -> dict:
+def reembed_version(db, store, model, batch_size: int, name: str) -> dict:
     """Re-embed every stored image with `model`: read PNGs from LanceDB, decode, forward, publish."""
     import torch
 
@@ -149,10 +166,10 @@ def reembed_version(db, store: dict, model, batch_size: int, name: str) -> dict:
     from fct_ml.training import encode
 
     channels = model.config.in_channels
-    schema = storage.backfilled_schema(model.config.embed_dim, model.space_id)
+    schema = storage.backfilled_schema(model.config.embed_dim, NEW_SPACE)
 
     def rows() -> Iterator[pa.RecordBatch]:
-        for batch in _read_batches(db, store["version"], ["item_id", "label", "image"], batch_size):
+        for batch in _read_batches(db, store.version, ["item_id", "label", "image"], batch_size):
             images = np.stack(
                 [storage.decode_png(b, channels) for b in batch.column("image").to_pylist()]
             )
@@ -167,7 +184,7 @@ def reembed_version(db, store: dict, model, batch_size: int, name: str) -> dict:
                     _vec(emb),
                     pa.array(np.zeros(m, np.float32)),
                     pa.array(["re-embedded"] * m),
-                    pa.array([model.space_id] * m),
+                    pa.array([NEW_SPACE] * m),
                 ],
                 schema=schema,
             )
@@ -203,7 +220,7 @@ def bench_pair(name: str, n: int, batch_size: int, seed: int = 0) -> dict:
             for s in range(0, n, batch_size)
         ]
         info = storage.publish(db, storage.GALLERY_STORE, _store_schema(), iter(batches))
-        store = {"table": storage.GALLERY_STORE, "version": info["version"], "rows": n}
+        store, checkpoint = _records(info["version"], n, model)
         old = torch.from_numpy(
             np.concatenate([storage.vectors(b.column("old_embedding")) for b in batches])
         )
@@ -217,16 +234,16 @@ def bench_pair(name: str, n: int, batch_size: int, seed: int = 0) -> dict:
         next(
             iter(
                 _read_batches(
-                    db, store["version"], ["item_id", "old_embedding", "side_info"], batch_size
+                    db, store.version, ["item_id", "old_embedding", "side_info"], batch_size
                 )
             )
         )
-        next(iter(_read_batches(db, store["version"], ["item_id", "image"], batch_size)))
+        next(iter(_read_batches(db, store.version, ["item_id", "image"], batch_size)))
 
         t0 = time.perf_counter()
-        out = backfill_version(fct, "v2", store, h, model, 0.0, batch_size, log=lambda _: None)
+        out = backfill_version(fct, "v2", store, h, checkpoint, 0.0, batch_size, log=lambda _: None)
         t_transform = time.perf_counter() - t0
-        assert out["rows"] == n, out
+        assert out.rows == n, out
 
         t0 = time.perf_counter()
         out = reembed_version(db, store, model, batch_size, "gallery_reembedded")
@@ -284,12 +301,12 @@ def child_stream(uri: str, version: int, rows: int, batch_size: int) -> dict:
     from fct_assets.backfill import backfill_version
 
     h, model = _h(1024), _new_model(PAIRS["cpu_default"][0])
-    store = {"table": "gallery_store", "version": version, "rows": rows}
+    store, checkpoint = _records(version, rows, model)
     fct = _fct(uri)
     t0 = time.perf_counter()
-    out = backfill_version(fct, "v2", store, h, model, 0.0, batch_size, log=lambda _: None)
+    out = backfill_version(fct, "v2", store, h, checkpoint, 0.0, batch_size, log=lambda _: None)
     seconds = time.perf_counter() - t0
-    assert out["rows"] == rows, out
+    assert out.rows == rows, out
     return {
         "n_items": rows,
         "batch_size": batch_size,

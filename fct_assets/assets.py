@@ -19,7 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from fct_assets import storage
-from fct_assets.backfill_ops import backfill_config, backfill_shard, plan_backfill, publish_backfill
+from fct_assets.backfill_ops import (
+    GPU_POOL,
+    backfill_config,
+    backfill_shard,
+    plan_backfill,
+    publish_backfill,
+)
 from fct_assets.config import (
     DatasetConfig,
     EvalReportConfig,
@@ -27,9 +33,18 @@ from fct_assets.config import (
     TransformationTrainingConfig,
 )
 from fct_assets.partitions import model_version
-from fct_assets.provenance import code_version, epoch_logger, history_metadata
+from fct_assets.provenance import code_version, epoch_logger, history_metadata, source_version
+from fct_assets.records import (
+    BackfilledTable,
+    Checkpoint,
+    DatasetRecord,
+    EvalReport,
+    GalleryStore,
+)
 from fct_assets.resources import FctResource
 
+# The checkout's git commit, recorded as metadata on every materialisation (lineage). Each asset's
+# Dagster code version is the digest of its own code instead (`versioned`).
 CODE_VERSION = code_version()
 
 
@@ -39,27 +54,40 @@ OWNERS = ["team:retrieval"]
 ARTIFACT = {"pytorch": "model", "lancedb": "table", "python": "record"}
 
 
-def base_asset(*, kind: str, io_manager_key: str):
-    """An asset built once per old model (group `base`, unpartitioned)."""
-    return dg.asset(
+def versioned(decorator, **kwargs):
+    """`decorator(**kwargs)` (dg.asset, dg.graph_asset) with the code version set to the digest of
+    the decorated function's source and of the project code it reaches (provenance.source_version)."""
+
+    def decorate(fn):
+        return decorator(code_version=source_version(fn), **kwargs)(fn)
+
+    return decorate
+
+
+def base_asset(*, kind: str, io_manager_key: str, runs_model: bool = False):
+    """An asset built once per old model (group `base`, unpartitioned). One that trains or runs a
+    model is in the `gpu` pool (and deploy/k8s_executor.yaml gives its step a GPU)."""
+    return versioned(
+        dg.asset,
         group_name="base",
         kinds={kind},
         io_manager_key=io_manager_key,
-        code_version=CODE_VERSION,
+        pool=GPU_POOL if runs_model else None,
         owners=OWNERS,
         tags={"fct/artifact": ARTIFACT[kind]},
     )
 
 
-def upgrade_asset(*, kind: str, io_manager_key: str):
+def upgrade_asset(*, kind: str, io_manager_key: str, runs_model: bool = False):
     """An asset of one upgrade: partitioned by model version, materialised by itself (eager) when
-    a version is added or an input changes."""
-    return dg.asset(
+    a version is added or an input changes; in the `gpu` pool when it trains or runs a model."""
+    return versioned(
+        dg.asset,
         group_name="upgrade",
         kinds={kind},
         partitions_def=model_version,
         io_manager_key=io_manager_key,
-        code_version=CODE_VERSION,
+        pool=GPU_POOL if runs_model else None,
         automation_condition=dg.AutomationCondition.eager(),
         owners=OWNERS,
         tags={"fct/artifact": ARTIFACT[kind]},
@@ -80,11 +108,10 @@ def _overrides(exp, config, model: str, train: str):
     return replace(exp, **{k: v for k, v in chosen.items() if v is not None})
 
 
-def _old_class_data(fct: FctResource, dataset: dict):
+def _old_class_data(fct: FctResource, dataset: DatasetRecord):
     """(the dataset, the old classes, how many training items they hold)."""
-    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
-    old = dataset["old_classes"]
-    return data, old, len(data.train.with_classes(old))
+    data = fct.load_dataset(dataset.spec, dataset.fingerprint)
+    return data, dataset.old_classes, len(data.train.with_classes(dataset.old_classes))
 
 
 def _model_output(model, history, context: dg.AssetExecutionContext, **metadata: Any) -> dg.Output:
@@ -97,7 +124,7 @@ def _model_output(model, history, context: dg.AssetExecutionContext, **metadata:
         metadata={
             "content_digest": digest,
             "code_version": CODE_VERSION,
-            "run_id": context.run_id,
+            "run_id": context.run.run_id,
             **history_metadata(history),
             **metadata,
         },
@@ -107,37 +134,40 @@ def _model_output(model, history, context: dg.AssetExecutionContext, **metadata:
 # ---------------------------------------------------------------- base
 
 
-@base_asset(kind="python", io_manager_key="json_io_manager")
-def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[dict]:
+@base_asset(kind="python", io_manager_key="record_io_manager")
+def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[DatasetRecord]:
     """Images and labels with their class split and content fingerprint; the test split is the gallery."""
     from fct_ml.data import parse_class_list
 
     data = fct.load_dataset(config.dataset)
     old_classes = parse_class_list(config.old_classes, data.num_classes, what="old_classes")
     fingerprint = data.fingerprint()
-    record = {
-        "spec": config.dataset,
-        "name": data.name,
-        "fingerprint": fingerprint,
-        "old_classes": list(old_classes),
-        "class_names": list(data.class_names),
-        "num_classes": data.num_classes,
-        "channels": data.channels,
-        "image_size": list(data.image_size),
-        "train_items": len(data.train),
-        "gallery_items": len(data.test),
-    }
+    record = DatasetRecord(
+        spec=config.dataset,
+        name=data.name,
+        fingerprint=fingerprint,
+        old_classes=old_classes,
+        class_names=tuple(data.class_names),
+        num_classes=data.num_classes,
+        channels=data.channels,
+        image_size=tuple(data.image_size),
+        train_items=len(data.train),
+        gallery_items=len(data.test),
+    )
     version = dg.DataVersion(f"{fingerprint[:12]}-{'.'.join(map(str, old_classes))}")
     return dg.Output(
         record,
         data_version=version,
-        metadata={**record, "class_names": ", ".join(data.class_names)},
+        metadata={**record.model_dump(mode="json"), "class_names": ", ".join(data.class_names)},
     )
 
 
-@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
+@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def old_model(
-    context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
+    context: dg.AssetExecutionContext,
+    config: ModelTrainingConfig,
+    fct: FctResource,
+    dataset: DatasetRecord,
 ) -> dg.Output:
     """The deployed embedding model phi_old, trained on the old classes only."""
     from fct_ml import pipeline
@@ -148,12 +178,15 @@ def old_model(
     model, history = pipeline.train_old_model(
         data, old, exp, fct.run(config.seed), on_epoch=on_epoch
     )
-    return _model_output(model, history, context, classes=json.dumps(old), items=items)
+    return _model_output(model, history, context, classes=json.dumps(list(old)), items=items)
 
 
-@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
+@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def side_info_model(
-    context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
+    context: dg.AssetExecutionContext,
+    config: ModelTrainingConfig,
+    fct: FctResource,
+    dataset: DatasetRecord,
 ) -> dg.Output:
     """The side-info model psi: SimCLR without labels on the old classes' images."""
     from fct_ml import pipeline
@@ -167,18 +200,22 @@ def side_info_model(
     return _model_output(model, history, context, items=items)
 
 
-@base_asset(kind="lancedb", io_manager_key="json_io_manager")
+@base_asset(kind="lancedb", io_manager_key="record_io_manager", runs_model=True)
 def gallery_store(
-    context: dg.AssetExecutionContext, fct: FctResource, dataset: dict, old_model, side_info_model
-) -> dg.Output[dict]:
+    context: dg.AssetExecutionContext,
+    fct: FctResource,
+    dataset: DatasetRecord,
+    old_model: Checkpoint,
+    side_info_model: Checkpoint,
+) -> dg.Output[GalleryStore]:
     """The stored gallery in LanceDB: image, old embedding and side-info of every item."""
     from fct_ml.pipeline import embed
 
-    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     gallery = data.test
     exp, device = fct.experiment(), fct.torch_device()
-    old = embed(old_model.to(device), gallery.images, exp).numpy()  # (N, old_dim)
-    side = embed(side_info_model.to(device), gallery.images, exp).numpy()  # (N, side_dim)
+    old = embed(old_model.model.to(device), gallery.images, exp).numpy()  # (N, old_dim)
+    side = embed(side_info_model.model.to(device), gallery.images, exp).numpy()  # (N, side_dim)
     for name, array in (("old_embedding", old), ("side_info", side)):
         if not np.isfinite(array).all():
             raise ValueError(f"gallery_store: {name} holds NaN or Inf; nothing was written")
@@ -212,24 +249,24 @@ def gallery_store(
             context.log.info(f"gallery_store: {stop}/{len(labels)} items written")
 
     info = storage.publish(
-        fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run_id[:8]}"
+        fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run.run_id[:8]}"
     )
-    record = {
+    record = GalleryStore(
         **info,
-        "old_space_id": old_space,
-        "old_dim": int(old.shape[1]),
-        "side_info_dim": int(side.shape[1]),
-        "side_info_space_id": side_space,
-        "old_model_sha256": old_model.checkpoint_sha256,
-        "side_info_model_sha256": side_info_model.checkpoint_sha256,
-        "dataset_fingerprint": dataset["fingerprint"],
-    }
+        old_space_id=old_space,
+        old_dim=int(old.shape[1]),
+        side_info_dim=int(side.shape[1]),
+        side_info_space_id=side_space,
+        old_model_sha256=old_model.sha256,
+        side_info_model_sha256=side_info_model.sha256,
+        dataset_fingerprint=dataset.fingerprint,
+    )
     return dg.Output(
         record,
-        data_version=dg.DataVersion(f"v{info['version']}-{old_space}-{side_space}"),
+        data_version=dg.DataVersion(f"v{record.version}-{old_space}-{side_space}"),
         metadata={
-            **record,
-            "dagster/row_count": info["rows"],
+            **record.model_dump(),
+            "dagster/row_count": record.rows,
             "lancedb_uri": fct.lancedb_uri,
             "code_version": CODE_VERSION,
             **storage.table_metadata(fct.lancedb_uri, storage.GALLERY_STORE, schema),
@@ -240,14 +277,17 @@ def gallery_store(
 # ---------------------------------------------------------------- upgrade (one partition per model version)
 
 
-@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
+@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def new_model(
-    context: dg.AssetExecutionContext, config: ModelTrainingConfig, fct: FctResource, dataset: dict
+    context: dg.AssetExecutionContext,
+    config: ModelTrainingConfig,
+    fct: FctResource,
+    dataset: DatasetRecord,
 ) -> dg.Output:
     """The new embedding model phi_new of this version, trained on all classes."""
     from fct_ml import pipeline
 
-    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     exp = _overrides(fct.experiment(), config, "new_model", "new_train")
     stage = f"new_model[{context.partition_key}]"
     model, history = pipeline.train_new_model(
@@ -262,27 +302,28 @@ def new_model(
     )
 
 
-@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
+@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def transformation(
     context: dg.AssetExecutionContext,
     config: TransformationTrainingConfig,
     fct: FctResource,
-    dataset: dict,
-    old_model,
-    side_info_model,
-    new_model,
+    dataset: DatasetRecord,
+    old_model: Checkpoint,
+    side_info_model: Checkpoint,
+    new_model: Checkpoint,
 ) -> dg.Output:
     """h(old_embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
     from fct_ml import pipeline
 
-    data = fct.load_dataset(dataset["spec"], dataset["fingerprint"])
+    data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     exp = _overrides(fct.experiment(), config, "transformation", "transformation_train")
     run = fct.run(config.seed)
-    features = pipeline.training_features(data, old_model, side_info_model, new_model, exp, run)
+    models = (old_model.model, side_info_model.model, new_model.model)
+    features = pipeline.training_features(data, *models, exp, run)
     stage = f"transformation[{context.partition_key}]"
     h, history = pipeline.train_h(
         features,
-        new_model,
+        new_model.model,
         exp,
         run,
         side_info=config.side_info,
@@ -299,18 +340,18 @@ def transformation(
         old_space_id=old_model.space_id,
         side_info_space_id=side_info_model.space_id,
         new_space_id=new_model.space_id,
-        old_model_sha256=old_model.checkpoint_sha256,
-        side_info_model_sha256=side_info_model.checkpoint_sha256,
-        new_model_sha256=new_model.checkpoint_sha256,
+        old_model_sha256=old_model.sha256,
+        side_info_model_sha256=side_info_model.sha256,
+        new_model_sha256=new_model.sha256,
         side_info=config.side_info,
     )
 
 
-@dg.graph_asset(
+@versioned(
+    dg.graph_asset,
     group_name="upgrade",
     kinds={"lancedb"},
     partitions_def=model_version,
-    code_version=CODE_VERSION,
     automation_condition=dg.AutomationCondition.eager(),
     config=backfill_config,
     owners=OWNERS,
@@ -326,18 +367,18 @@ def backfilled_gallery(gallery_store, transformation, new_model):
     return publish_backfill(plan, done.collect())
 
 
-@upgrade_asset(kind="python", io_manager_key="json_io_manager")
+@upgrade_asset(kind="python", io_manager_key="record_io_manager", runs_model=True)
 def eval_report(
     config: EvalReportConfig,
     fct: FctResource,
-    dataset: dict,
-    gallery_store: dict,
-    backfilled_gallery: dict,
-    transformation,
-    new_model,
-) -> dg.Output[dict]:
+    dataset: DatasetRecord,
+    gallery_store: GalleryStore,
+    backfilled_gallery: BackfilledTable,
+    transformation: Checkpoint,
+    new_model: Checkpoint,
+) -> dg.Output[EvalReport]:
     """The paper's cases for this version and its backfilling curve (markdown, plot, JSON)."""
-    from fct_assets.report import evaluate_version
+    from fct_assets.report import evaluate_version, markdown_table
 
     started = time.perf_counter()
     report = evaluate_version(
@@ -349,21 +390,18 @@ def eval_report(
         new_model,
         table_version=config.table_version,
     )
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    markdown = report.pop("markdown")
-    cases = report["cases"]
+    report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
+    cases = report.cases
     return dg.Output(
         report,
         metadata={
-            "report": dg.MetadataValue.md(markdown),
-            "json": dg.MetadataValue.json(
-                {k: v for k, v in report.items() if k != "plot_png_base64"}
-            ),
+            "report": dg.MetadataValue.md(markdown_table(report)),
+            "json": dg.MetadataValue.json(report.model_dump(exclude={"plot_png_base64"})),
             "new/h(old) top1": cases["new/h(old)"]["top1"],
             "new/h(old) mAP": cases["new/h(old)"]["mAP"],
             "old/old mAP": cases["old/old"]["mAP"],
             "new/new mAP": cases["new/new"]["mAP"],
-            "gap closed mAP (%)": report["gap_closed"]["mAP"],
+            "gap closed mAP (%)": report.gap_closed["mAP"],
             "code_version": CODE_VERSION,
         },
     )

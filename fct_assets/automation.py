@@ -5,7 +5,6 @@ import os
 
 import dagster as dg
 
-from fct_assets.partitions import model_version
 from fct_assets.resources import FctResource
 
 
@@ -51,7 +50,6 @@ upgrade_job = dg.define_asset_job(
 verify_job = dg.define_asset_job(
     "verify",
     selection=dg.AssetSelection.checks_for_assets("backfilled_gallery", "eval_report"),
-    partitions_def=model_version,  # a checks-only selection does not infer it
     description=(
         "Re-runs a version's blocking checks on its tables as they are now (no training, no"
         " writing)."
@@ -81,13 +79,13 @@ def daily_evaluation(context: dg.ScheduleEvaluationContext, fct: FctResource):
         return dg.SkipReason("no version is deployed yet")
     # The served snapshot, pinned at tick time: not the version's latest table, which may be an
     # unpromoted re-materialisation, or newer than the one a rollback returned to.
-    table_version = int(deployed["table_version"])
+    table_version = deployed.table_version
     return dg.RunRequest(
-        partition_key=deployed["version"],
+        partition_key=deployed.version,
         run_config={"ops": {"eval_report": {"config": {"table_version": table_version}}}},
         tags={
             "fct/scheduled": "daily",
-            "fct/deployment_seq": str(deployed["seq"]),
+            "fct/deployment_seq": str(deployed.seq),
             "fct/table_version": str(table_version),
         },
     )

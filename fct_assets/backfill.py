@@ -20,9 +20,10 @@ Pass 1 stays in the plan, in one process: the global choice of the most uncertai
 every sigma first; it reads vectors only and runs h (no image, no write), so it costs about one
 transform pass. Sharding it too would take a second fan-out (sigma shards -> choose -> shards).
 
-The plan is plain JSON (ints, lists) so it can travel between processes (Dagster ops) without
-pickling. `backfill_version` runs the three steps in one process (benchmarks, crash tests).
-Every read sees the same gallery_store version, pinned by `checkout`.
+The plan, shard results and the published table are typed records (fct_assets.records), plain
+JSON on disk, so they travel between processes (Dagster ops) without pickling.
+`backfill_version` runs the three steps in one process (benchmarks, crash tests). Every read
+sees the same gallery_store version, pinned by `checkout`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ import pyarrow as pa
 import torch
 
 from fct_assets import storage
+from fct_assets.records import (
+    BackfilledTable,
+    BackfillPlan,
+    Checkpoint,
+    GalleryStore,
+    ShardRange,
+    ShardResult,
+)
 
 STAGING_PREFIX = "_staging_"
 
@@ -97,7 +106,7 @@ def _transformer(
 def plan_backfill(
     fct,
     version: str,
-    gallery_store: dict,
+    gallery_store: GalleryStore,
     h,
     *,
     reembed_fraction: float,
@@ -105,14 +114,12 @@ def plan_backfill(
     shards: int = 1,
     ann_min_rows: int | None = None,
     run_id: str = "",
-) -> dict[str, Any]:
-    """Pass 1 and the split: {"version", "gallery_store_version", "rows", "reembed_ids", "shards": [{"index",
-    "start", "stop"}], ...}, all JSON. Shards are contiguous row ranges of near-equal size."""
+) -> BackfillPlan:
+    """Pass 1 and the split of the gallery into contiguous row ranges of near-equal size."""
     if shards < 1:
         raise ValueError(f"shards: {shards}; expected at least 1")
     db = fct.connect()
-    n = int(gallery_store["rows"])
-    store_version = int(gallery_store["version"])
+    n, store_version = gallery_store.rows, gallery_store.version
     started = time.perf_counter()
     # Pass 1: sigma of every item, to spend the re-embedding budget where h is least sure.
     reembed_ids: list[int] = []
@@ -135,48 +142,49 @@ def plan_backfill(
         ids_all, sigma_all = np.concatenate(ids), np.concatenate(sigmas)
         reembed_ids = ids_all[np.argsort(-sigma_all, kind="stable")[:budget]].tolist()
     count = min(shards, max(n, 1))  # never an empty shard
-    ranges = [
-        {"index": k, "count": count, "start": k * n // count, "stop": (k + 1) * n // count}
+    ranges = tuple(
+        ShardRange(index=k, count=count, start=k * n // count, stop=(k + 1) * n // count)
         for k in range(count)
-    ]
-    return {
-        "version": version,
-        "gallery_store_version": store_version,
-        "rows": n,
-        "run_id": run_id,
-        "reembed_fraction": reembed_fraction,
-        "reembed_ids": reembed_ids,
-        "batch_size": batch_size,
-        "ann_min_rows": ann_min_rows,
-        "shards": ranges,
-        "plan_seconds": round(time.perf_counter() - started, 3),
-    }
+    )
+    return BackfillPlan(
+        version=version,
+        gallery_store_version=store_version,
+        rows=n,
+        run_id=run_id,
+        reembed_fraction=reembed_fraction,
+        reembed_ids=tuple(reembed_ids),
+        batch_size=batch_size,
+        ann_min_rows=ann_min_rows,
+        shards=ranges,
+        plan_seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 def _shard_rows(
-    db, plan: dict, shard: dict, h, new_model, done: dict, log
+    db, plan: BackfillPlan, shard: ShardRange, h, new_model: Checkpoint, done: dict, log
 ) -> Iterator[pa.RecordBatch]:
     """Pass 2 over one shard's rows: h for all, the new model for the chosen ones."""
     from fct_ml.augment import to_float
     from fct_ml.training import encode
 
-    transform = _transformer(h, plan["batch_size"])
-    reembed = set(plan["reembed_ids"])
-    space_id, dim, channels = new_model.space_id, h.config.new_dim, new_model.config.in_channels
+    transform = _transformer(h, plan.batch_size)
+    reembed = set(plan.reembed_ids)
+    space_id, dim = new_model.space_id, h.config.new_dim
+    channels = new_model.model.config.in_channels
     schema = storage.backfilled_schema(dim, space_id)
-    name = storage.version_table(plan["version"])
-    where = f" shard {shard['index'] + 1}/{shard['count']}" if shard["count"] > 1 else ""
-    total = shard["stop"] - shard["start"]
+    name = storage.version_table(plan.version)
+    where = f" shard {shard.index + 1}/{shard.count}" if shard.count > 1 else ""
+    total = shard.stop - shard.start
     cols = ["item_id", "label", "old_embedding", "side_info"] + (["image"] if reembed else [])
     started = time.perf_counter()
     for batch in storage.pinned_pages(
         db,
         storage.GALLERY_STORE,
-        plan["gallery_store_version"],
+        plan.gallery_store_version,
         cols,
-        plan["batch_size"],
-        shard["start"],
-        shard["stop"],
+        plan.batch_size,
+        shard.start,
+        shard.stop,
     ):
         emb, sigma = transform(batch)
         emb = emb.numpy()
@@ -192,7 +200,7 @@ def _shard_rows(
                 except ValueError as err:
                     raise ValueError(f"gallery_store item {item_ids[i]}: {err}") from None
             x = torch.from_numpy(np.stack(images))
-            emb[pick] = encode(new_model, [x], transform=to_float).numpy()
+            emb[pick] = encode(new_model.model, [x], transform=to_float).numpy()
             done["reembedded"] += int(pick.sum())
         if not np.isfinite(emb).all():
             raise ValueError(f"{name}: NaN or Inf in backfilled vectors; nothing was published")
@@ -201,7 +209,7 @@ def _shard_rows(
         rate = done["rows"] / elapsed if elapsed > 0 else float("nan")
         eta = (total - done["rows"]) / rate if rate > 0 else float("nan")
         log(
-            f"backfill {plan['version']}{where}: {done['rows']}/{total} items ({done['reembedded']}"
+            f"backfill {plan.version}{where}: {done['rows']}/{total} items ({done['reembedded']}"
             f" re-embedded), {rate:,.0f} items/s, ETA {eta:.0f} s"
         )
         yield pa.record_batch(
@@ -220,18 +228,23 @@ def _shard_rows(
 
 
 def write_shard(
-    fct, plan: dict, shard_index: int, h, new_model, *, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Backfill one shard into its staging table (or, for a single shard, the version's table);
-    returns {"table", "version", "rows", "reembedded", "staged", "space_id", "dim", "seconds"}."""
-    shard = plan["shards"][shard_index]
+    fct,
+    plan: BackfillPlan,
+    shard: ShardRange,
+    h,
+    new_model: Checkpoint,
+    *,
+    log: Callable[[str], None] = print,
+) -> ShardResult:
+    """Backfill one shard into its staging table (or, for a single shard, the version's table)."""
     db, device = fct.connect(), fct.torch_device()
-    h, new_model = h.to(device), new_model.to(device)
-    staged = shard["count"] > 1
+    h = h.to(device)
+    new_model.model.to(device)
+    staged = shard.count > 1
     name = (
-        staging_table(plan["version"], plan["run_id"], shard_index, shard["count"])
+        staging_table(plan.version, plan.run_id, shard.index, shard.count)
         if staged
-        else storage.version_table(plan["version"])
+        else storage.version_table(plan.version)
     )
     schema = storage.backfilled_schema(h.config.new_dim, new_model.space_id)
     done = {"rows": 0, "reembedded": 0}
@@ -240,42 +253,41 @@ def write_shard(
     # this process's fixed start-up (connection, moving the models).
     started = time.perf_counter()
     info = storage.publish(db, name, schema, _shard_rows(db, plan, shard, h, new_model, done, log))
-    if (
-        info["rows"] != shard["stop"] - shard["start"]
-    ):  # offset/limit pages must tile the range exactly
+    # offset/limit pages must tile the range exactly
+    if info["rows"] != shard.stop - shard.start:
         raise RuntimeError(
-            f"{name}: {info['rows']} rows written for range [{shard['start']}, {shard['stop']})"
+            f"{name}: {info['rows']} rows written for range [{shard.start}, {shard.stop})"
         )
-    return {
+    return ShardResult(
         **info,
-        "index": shard_index,
-        "reembedded": done["reembedded"],
-        "staged": staged,
-        "space_id": new_model.space_id,
-        "dim": h.config.new_dim,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+        index=shard.index,
+        reembedded=done["reembedded"],
+        staged=staged,
+        space_id=new_model.space_id,
+        dim=h.config.new_dim,
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 def publish_shards(
-    fct, plan: dict, results: list[dict], *, log: Callable[[str], None] = print
-) -> dict[str, Any]:
+    fct, plan: BackfillPlan, results: list[ShardResult], *, log: Callable[[str], None] = print
+) -> BackfilledTable:
     """ONE commit of `gallery_<version>` from the shards' staging tables (in shard order), the staging
     tables dropped, the ANN index above `ann_min_rows`; returns the table's record for the asset."""
     db = fct.connect()
-    version, n = plan["version"], plan["rows"]
+    version, n = plan.version, plan.rows
     copy_seconds = (
         0.0  # the staged rows' copy into the version's table: part of a sharded backfill's cost
     )
     name = storage.version_table(version)
-    results = sorted(results, key=lambda r: r["index"])
-    if [r["index"] for r in results] != list(range(len(plan["shards"]))):
+    results = sorted(results, key=lambda r: r.index)
+    if [r.index for r in results] != list(range(len(plan.shards))):
         raise RuntimeError(
-            f"{name}: shards {[r['index'] for r in results]} reported, expected"
-            f" 0..{len(plan['shards']) - 1}"
+            f"{name}: shards {[r.index for r in results]} reported, expected"
+            f" 0..{len(plan.shards) - 1}"
         )
-    space_id, dim = results[0]["space_id"], results[0]["dim"]
-    if results[0]["staged"]:
+    space_id, dim = results[0].space_id, results[0].dim
+    if results[0].staged:
         schema = storage.backfilled_schema(dim, space_id)
 
         def staged_rows() -> Iterator[pa.RecordBatch]:
@@ -283,57 +295,57 @@ def publish_shards(
                 r
             ) in results:  # pinned to the version each shard committed: a later write is not copied
                 yield from storage.pinned_pages(
-                    db, r["table"], r["version"], schema.names, plan["batch_size"], 0, r["rows"]
+                    db, r.table, r.version, schema.names, plan.batch_size, 0, r.rows
                 )
 
         started = time.perf_counter()
         info = storage.publish(db, name, schema, staged_rows())
         copy_seconds = time.perf_counter() - started
         for r in results:
-            db.drop_table(r["table"], ignore_missing=True)
+            db.drop_table(r.table, ignore_missing=True)
         log(
             f"backfill {version}: published {info['rows']} rows from {len(results)} shards; staging"
             " tables dropped"
         )
     else:
-        info = {"table": name, "version": results[0]["version"], "rows": results[0]["rows"]}
+        info = {"table": name, "version": results[0].version, "rows": results[0].rows}
     if info["rows"] != n:
         raise RuntimeError(f"{name}: {info['rows']} rows published, the gallery holds {n}")
     table = db.open_table(name)
     ann: dict[str, Any] = {"ann_index": "none"}
-    if plan.get("ann_min_rows") is not None and n >= plan["ann_min_rows"]:
+    if plan.ann_min_rows is not None and n >= plan.ann_min_rows:
         # After the publish, in its own commit: readers pinned to the data version see no index and
         # search exactly.
         ann = {"ann_index": "built", "ann_params": storage.build_ann_index(table, dim)}
         log(f"backfill {version}: IVF_PQ index built ({ann['ann_params']})")
-    if plan["run_id"]:
-        table.tags.create(f"run-{plan['run_id'][:8]}", table.version)
-    seconds = plan["plan_seconds"] + sum(r["seconds"] for r in results) + copy_seconds
+    if plan.run_id:
+        table.tags.create(f"run-{plan.run_id[:8]}", table.version)
+    seconds = plan.plan_seconds + sum(r.seconds for r in results) + copy_seconds
     # Measured cost of this backfill on ONE worker (both passes, LanceDB I/O and the staging copy
     # included; not the processes' start-up nor the waits between them), for `fct estimate`.
-    return {
-        "table": name,
-        "version": table.version,
-        "rows": info["rows"],
-        "space_id": space_id,
-        "dim": dim,
-        "reembedded": sum(r["reembedded"] for r in results),
-        "reembed_fraction": plan["reembed_fraction"],
-        "shards": len(results),
-        "backfill_seconds": round(seconds, 3),
-        "backfill_items_per_s": round(n / seconds, 1) if seconds > 0 else None,
-        "gallery_store_version": plan["gallery_store_version"],
-        "gallery_rows": n,
+    return BackfilledTable(
+        table=name,
+        version=table.version,
+        rows=info["rows"],
+        space_id=space_id,
+        dim=dim,
+        reembedded=sum(r.reembedded for r in results),
+        reembed_fraction=plan.reembed_fraction,
+        shards=len(results),
+        backfill_seconds=round(seconds, 3),
+        backfill_items_per_s=round(n / seconds, 1) if seconds > 0 else None,
+        gallery_store_version=plan.gallery_store_version,
+        gallery_rows=n,
         **ann,
-    }
+    )
 
 
 def backfill_version(
     fct,
     version: str,
-    gallery_store: dict,
+    gallery_store: GalleryStore,
     h,
-    new_model,
+    new_model: Checkpoint,
     reembed_fraction: float,
     batch_size: int,
     *,
@@ -341,10 +353,9 @@ def backfill_version(
     ann_min_rows: int | None = None,
     log: Callable[[str], None] = print,
     run_id: str = "",
-) -> dict:
-    """Plan, write the shards one after another, publish `gallery_<version>`, in this process; returns the
-    record {"table", "version", "rows", "space_id", "reembedded", ...}. The Dagster asset runs the same
-    three steps as ops, the shards in parallel."""
+) -> BackfilledTable:
+    """Plan, write the shards one after another, publish `gallery_<version>`, in this process.
+    The Dagster asset runs the same three steps as ops, the shards in parallel."""
     plan = plan_backfill(
         fct,
         version,
@@ -358,5 +369,5 @@ def backfill_version(
     )
     if shards > 1:
         drop_staging(fct.connect(), version, keep_run=run_id)
-    results = [write_shard(fct, plan, k, h, new_model, log=log) for k in range(len(plan["shards"]))]
+    results = [write_shard(fct, plan, shard, h, new_model, log=log) for shard in plan.shards]
     return publish_shards(fct, plan, results, log=log)

@@ -6,7 +6,7 @@ only as one commit, so a shard is never an asset of its own that could be materi
 promoted alone. The ops that run models (plan: sigma, shards: h and re-embedding) are in the
 `gpu` concurrency pool, so a machine with one accelerator runs one of them at a time
 (dagster_home/dagster.yaml: pools default_limit 1); op outputs are small JSON records
-(json_io_manager), never pickles.
+(typed records, fct_assets.records), never pickles.
 """
 
 import time
@@ -16,10 +16,18 @@ import dagster as dg
 from fct_assets import storage
 from fct_assets.config import BackfillConfig
 from fct_assets.provenance import code_version
+from fct_assets.records import (
+    BackfilledTable,
+    BackfillPlan,
+    Checkpoint,
+    GalleryStore,
+    ShardRange,
+    ShardResult,
+)
 from fct_assets.resources import FctResource
 
 GPU_POOL = "gpu"
-JSON = "json_io_manager"
+RECORDS = "record_io_manager"
 
 
 @dg.config_mapping
@@ -32,8 +40,8 @@ def backfill_config(config: BackfillConfig) -> dict:
 
 @dg.op(
     out={
-        "plan": dg.Out(dict, io_manager_key=JSON),
-        "shard": dg.DynamicOut(int, io_manager_key=JSON),
+        "plan": dg.Out(BackfillPlan, io_manager_key=RECORDS),
+        "shard": dg.DynamicOut(ShardRange, io_manager_key=RECORDS),
     },
     pool=GPU_POOL,
     description=(
@@ -45,23 +53,24 @@ def plan_backfill(
     context: dg.OpExecutionContext,
     config: BackfillConfig,
     fct: FctResource,
-    gallery_store: dict,
-    transformation,
+    gallery_store: GalleryStore,
+    transformation: Checkpoint,
 ):
     from fct_assets.backfill import drop_staging
     from fct_assets.backfill import plan_backfill as plan_fn
 
     version = context.partition_key
-    h_meta = transformation.recorded_metadata  # the record of the checkpoint loaded here
+    h_meta = transformation.recorded  # the record of the checkpoint loaded here
     for column in ("old_space_id", "side_info_space_id"):
-        if h_meta.get(column) != gallery_store[column]:
+        stored = getattr(gallery_store, column)
+        if h_meta.get(column) != stored:
             raise storage.SpaceMismatchError(
-                f"gallery_store.{column} is {gallery_store[column]} but transformation[{version}]"
+                f"gallery_store.{column} is {stored} but transformation[{version}]"
                 f" was trained on {h_meta.get(column)}; re-materialise transformation[{version}]"
             )
     # Staging tables of earlier runs of this version (a failed shard leaves them): nobody reads
     # them.
-    dropped = drop_staging(fct.connect(), version, keep_run=context.run_id)
+    dropped = drop_staging(fct.connect(), version, keep_run=context.run.run_id)
     if dropped:
         context.log.info(
             f"backfill {version}: dropped {len(dropped)} staging tables of earlier runs"
@@ -71,27 +80,24 @@ def plan_backfill(
         fct,
         version,
         gallery_store,
-        transformation,
+        transformation.model,
         reembed_fraction=config.reembed_fraction,
         batch_size=config.batch_size,
         shards=config.shards,
         ann_min_rows=config.ann_min_rows,
-        run_id=context.run_id,
-    )
-    plan["started_at"] = started
+        run_id=context.run.run_id,
+    ).model_copy(update={"started_at": started})
     context.log.info(
-        f"backfill {version}: {plan['rows']} items in {len(plan['shards'])} shards, "
-        f"{len(plan['reembed_ids'])} to re-embed"
+        f"backfill {version}: {plan.rows} items in {len(plan.shards)} shards, "
+        f"{len(plan.reembed_ids)} to re-embed"
     )
     yield dg.Output(plan, "plan")
-    for shard in plan["shards"]:
-        yield dg.DynamicOutput(
-            shard["index"], output_name="shard", mapping_key=f"shard_{shard['index']}"
-        )
+    for shard in plan.shards:
+        yield dg.DynamicOutput(shard, output_name="shard", mapping_key=f"shard_{shard.index}")
 
 
 @dg.op(
-    out=dg.Out(dict, io_manager_key=JSON),
+    out=dg.Out(ShardResult, io_manager_key=RECORDS),
     pool=GPU_POOL,
     description=(
         "Pass 2 over one shard's rows: h, re-embedding of the chosen items, one staging table."
@@ -100,62 +106,67 @@ def plan_backfill(
 def backfill_shard(
     context: dg.OpExecutionContext,
     fct: FctResource,
-    plan: dict,
-    shard: int,
-    transformation,
-    new_model,
-) -> dict:
+    plan: BackfillPlan,
+    shard: ShardRange,
+    transformation: Checkpoint,
+    new_model: Checkpoint,
+) -> ShardResult:
     import os
 
     from fct_assets.backfill import write_shard
 
-    result = write_shard(fct, plan, shard, transformation, new_model, log=context.log.info)
+    result = write_shard(fct, plan, shard, transformation.model, new_model, log=context.log.info)
     # Provenance travels with the rows: the checkpoints this process loaded (verified against their
     # sha256).
-    return {
-        **result,
-        "pid": os.getpid(),
-        "transformation_sha256": transformation.checkpoint_sha256,
-        "new_model_sha256": new_model.checkpoint_sha256,
-    }
+    return result.model_copy(
+        update={
+            "pid": os.getpid(),
+            "transformation_sha256": transformation.sha256,
+            "new_model_sha256": new_model.sha256,
+        }
+    )
 
 
 @dg.op(
-    out=dg.Out(dict, io_manager_key=JSON),
+    out=dg.Out(BackfilledTable, io_manager_key=RECORDS),
     description=(
         "ONE commit of gallery_<version> from the staged shards; staging dropped; IVF_PQ above"
         " ann_min_rows."
     ),
 )
 def publish_backfill(
-    context: dg.OpExecutionContext, fct: FctResource, plan: dict, shards: list
-) -> dg.Output[dict]:
+    context: dg.OpExecutionContext,
+    fct: FctResource,
+    plan: BackfillPlan,
+    shards: list[ShardResult],
+) -> dg.Output[BackfilledTable]:
     from fct_assets.backfill import publish_shards
 
     for key in ("transformation_sha256", "new_model_sha256"):
-        if len({s[key] for s in shards}) != 1:  # a checkpoint re-materialised while the shards ran
+        used = {getattr(s, key) for s in shards}
+        if len(used) != 1:  # a checkpoint re-materialised while the shards ran
             raise RuntimeError(
-                f"backfill {plan['version']}: shards used different {key}"
-                f" {sorted({s[key] for s in shards})}"
+                f"backfill {plan.version}: shards used different {key} {sorted(used)}"
             )
-    record = publish_shards(fct, plan, shards, log=context.log.info)
-    record.update(
-        transformation_sha256=shards[0]["transformation_sha256"],
-        new_model_sha256=shards[0]["new_model_sha256"],
-        backfill_wall_seconds=round(time.time() - plan["started_at"], 3),
+    record = publish_shards(fct, plan, shards, log=context.log.info).model_copy(
+        update={
+            "transformation_sha256": shards[0].transformation_sha256,
+            "new_model_sha256": shards[0].new_model_sha256,
+            "backfill_wall_seconds": round(time.time() - plan.started_at, 3),
+        }
     )
     return dg.Output(
         record,
-        data_version=dg.DataVersion(f"v{record['version']}-{record['space_id']}"),
+        data_version=dg.DataVersion(f"v{record.version}-{record.space_id}"),
         metadata={
-            **{k: v for k, v in record.items() if k != "ann_params"},
-            "ann_params": dg.MetadataValue.json(record.get("ann_params") or {}),
-            "dagster/row_count": record["rows"],
+            **record.model_dump(exclude={"ann_params"}),
+            "ann_params": dg.MetadataValue.json(record.ann_params or {}),
+            "dagster/row_count": record.rows,
             "code_version": code_version(),
             **storage.table_metadata(
                 fct.lancedb_uri,
-                record["table"],
-                storage.backfilled_schema(record["dim"], record["space_id"]),
+                record.table,
+                storage.backfilled_schema(record.dim, record.space_id),
             ),
         },
     )

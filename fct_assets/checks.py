@@ -11,6 +11,7 @@ import numpy as np
 from fct_assets import storage
 from fct_assets.assets import backfilled_gallery, eval_report, gallery_store
 from fct_assets.partitions import model_version
+from fct_assets.records import BackfilledTable, DatasetRecord, EvalReport, GalleryStore
 from fct_assets.resources import FctResource
 
 if TYPE_CHECKING:
@@ -96,18 +97,18 @@ def validate_table(
     ),
 )
 def gallery_store_schema(
-    fct: FctResource, dataset: dict, gallery_store: dict
+    fct: FctResource, dataset: DatasetRecord, gallery_store: GalleryStore
 ) -> dg.AssetCheckResult:
-    dims = {"old_embedding": gallery_store["old_dim"], "side_info": gallery_store["side_info_dim"]}
+    dims = {"old_embedding": gallery_store.old_dim, "side_info": gallery_store.side_info_dim}
     spaces = {
-        "old_space_id": gallery_store["old_space_id"],
-        "side_info_space_id": gallery_store["side_info_space_id"],
+        "old_space_id": gallery_store.old_space_id,
+        "side_info_space_id": gallery_store.side_info_space_id,
     }
     return validate_table(
         fct,
         storage.GALLERY_STORE,
-        gallery_store["version"],
-        vector_table_schema(dataset["gallery_items"], dims, spaces),
+        gallery_store.version,
+        vector_table_schema(dataset.gallery_items, dims, spaces),
         ["item_id", "label", "old_embedding", "side_info", "old_space_id", "side_info_space_id"],
     )
 
@@ -120,38 +121,40 @@ def gallery_store_schema(
         "pandera: ids unique, one row per stored item, dims, finite, the version's space_id only"
     ),
 )
-def backfilled_gallery_schema(fct: FctResource, backfilled_gallery: dict) -> dg.AssetCheckResult:
-    dims = {"embedding": backfilled_gallery["dim"]}
+def backfilled_gallery_schema(
+    fct: FctResource, backfilled_gallery: BackfilledTable
+) -> dg.AssetCheckResult:
+    table = backfilled_gallery
     schema = vector_table_schema(
-        backfilled_gallery["gallery_rows"], dims, {"space_id": backfilled_gallery["space_id"]}
+        table.gallery_rows, {"embedding": table.dim}, {"space_id": table.space_id}
     )
     return validate_table(
         fct,
-        backfilled_gallery["table"],
-        backfilled_gallery["version"],
+        table.table,
+        table.version,
         schema,
         ["item_id", "label", "embedding", "space_id"],
     )
 
 
-def report_frame(report: dict) -> "pd.DataFrame":
+def report_frame(report: EvalReport) -> "pd.DataFrame":
     """One row per (case, metric) of the report, for the expectation suite."""
     import pandas as pd  # here, not at import: every step process loads this module (~0.2 s)
 
     rows = [
         {"case": c, "metric": m, "value": v}
-        for c, ms in report["cases"].items()
+        for c, ms in report.cases.items()
         for m, v in ms.items()
     ]
     return pd.DataFrame(rows)
 
 
-def run_report_suite(report: dict) -> tuple[bool, list[dict[str, Any]]]:
+def run_report_suite(report: EvalReport) -> tuple[bool, list[dict[str, Any]]]:
     """great-expectations 1.x suite over the report; returns (success, failing expectations)."""
     import great_expectations as gx  # 2.8 s to import here: only when a check runs
 
     frame = report_frame(report)
-    cases = report["cases"]
+    cases = report.cases
     # A derived column makes the cross-case rule an ordinary column expectation. The rule is on
     # mAP (the whole ranking); top-1 of a small gallery moves by several points between
     # equally good models, so it is reported, not gated.
@@ -211,7 +214,7 @@ def run_report_suite(report: dict) -> tuple[bool, list[dict[str, Any]]]:
         " below old/old"
     ),
 )
-def eval_report_expectations(eval_report: dict) -> dg.AssetCheckResult:
+def eval_report_expectations(eval_report: EvalReport) -> dg.AssetCheckResult:
     passed, failing = run_report_suite(eval_report)
     return dg.AssetCheckResult(
         passed=passed,
@@ -220,9 +223,9 @@ def eval_report_expectations(eval_report: dict) -> dg.AssetCheckResult:
             "num_failing": len(failing),
             # The table version the report evaluated: promotion records only a version whose
             # every check read it.
-            "table_version": eval_report["table_version"],
-            "new/h(old) mAP": eval_report["cases"]["new/h(old)"]["mAP"],
-            "old/old mAP": eval_report["cases"]["old/old"]["mAP"],
+            "table_version": eval_report.table_version,
+            "new/h(old) mAP": eval_report.cases["new/h(old)"]["mAP"],
+            "old/old mAP": eval_report.cases["old/old"]["mAP"],
         },
     )
 

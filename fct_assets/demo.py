@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         row = promote(instance, fct.connect(), args.version)
         print(
-            f"promoted {args.version}: serving {row['table']} @ LanceDB version"
-            f" {row['table_version']}\n"
+            f"promoted {args.version}: serving {row.table} @ LanceDB version {row.table_version}\n"
         )
     except PromotionError as err:
         print(f"not promoted: {err}\n")
-    from fct_assets.io_managers import recorded_metadata
+    from fct_assets.io_managers import recorded_record
+    from fct_assets.records import EvalReport
 
-    report = recorded_metadata(instance, dg.AssetKey("eval_report"), args.version)["json"]
+    report = recorded_record(instance, EvalReport, "eval_report", args.version, within="json")
     print(markdown_table(report, include_plot=False))
     print()
     print(format_lineage(lineage(instance, args.version)))

@@ -15,6 +15,7 @@ import pyarrow as pa
 from fct_assets import storage
 from fct_assets.config import PromotionConfig
 from fct_assets.partitions import check_version
+from fct_assets.records import BackfilledTable, Deployment, VersionTable
 from fct_assets.resources import FctResource
 
 DEPLOYMENT_SCHEMA = pa.schema(
@@ -35,28 +36,30 @@ class PromotionError(ValueError):
     """A version cannot be promoted (or rolled back to); one line saying why."""
 
 
-def history(db) -> list[dict[str, Any]]:
+def history(db) -> list[Deployment]:
+    """Every deployment, oldest first."""
     if not storage.table_exists(db, storage.DEPLOYMENTS):
         return []
     rows = db.open_table(storage.DEPLOYMENTS).to_arrow().to_pylist()
-    return sorted(rows, key=lambda r: r["seq"])
+    return sorted((Deployment(**r) for r in rows), key=lambda r: r.seq)
 
 
-def current(db) -> dict[str, Any] | None:
+def current(db) -> Deployment | None:
     """The deployment serving queries now, or None."""
     rows = history(db)
     return rows[-1] if rows else None
 
 
-def _append(db, row: dict[str, Any]) -> dict[str, Any]:
+def _append(db, action: str, table: VersionTable) -> Deployment:
     # One writer per table (docs/design.md §4): promotions are rare, issued by one CLI or job at a time.
     rows = history(db)
-    row = {
-        "seq": (rows[-1]["seq"] + 1) if rows else 1,
-        "at": _dt.datetime.now(_dt.UTC).isoformat(),
-        **row,
-    }
-    data = pa.Table.from_pylist([row], schema=DEPLOYMENT_SCHEMA)
+    row = Deployment(
+        seq=(rows[-1].seq + 1) if rows else 1,
+        action=action,
+        at=_dt.datetime.now(_dt.UTC).isoformat(),
+        **{field: getattr(table, field) for field in VersionTable.model_fields},
+    )
+    data = pa.Table.from_pylist([row.model_dump()], schema=DEPLOYMENT_SCHEMA)
     if storage.table_exists(db, storage.DEPLOYMENTS):
         db.open_table(storage.DEPLOYMENTS).add(data)
     else:
@@ -69,24 +72,20 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
     why not ("never ran", "failed", "stale: ran before the latest materialisation", "status X"),
     whether it ran after that asset partition's latest materialisation, and the LanceDB table
     version it checked (None if its metadata names none)."""
-    from dagster._core.event_api import PartitionKeyFilter
-
     from fct_assets.checks import ALL_CHECKS
+    from fct_assets.dagster_internals import latest_check_execution
     from fct_assets.io_managers import latest_materialization
 
     out: dict[str, dict[str, Any]] = {}
     for check_key in (key for check in ALL_CHECKS for key in check.check_keys):
         if check_key.asset_key.to_user_string() not in GUARDED:
             continue
-        records = instance.event_log_storage.get_asset_check_execution_history(
-            check_key, limit=1, partition_filter=PartitionKeyFilter(key=version)
-        )
+        record = latest_check_execution(instance, check_key, version)
         latest = latest_materialization(instance, check_key.asset_key, version)
         name = f"{check_key.asset_key.to_user_string()}:{check_key.name}"
-        if not records:
+        if record is None:
             out[name] = {"passed": False, "why": "never ran"}
             continue
-        record = records[0]
         evaluation = record.evaluation
         # The evaluation's own event, not the record's creation (a check is planned at run start).
         fresh = (
@@ -113,21 +112,17 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
     return out
 
 
-def recorded_table(instance: dg.DagsterInstance, version: str) -> dict[str, Any]:
-    """The table a version's latest backfilled_gallery materialisation published: {"version", "table",
-    "table_version", "space_id"} (a deployment row without its action)."""
-    from fct_assets.io_managers import recorded_metadata
+def recorded_table(instance: dg.DagsterInstance, version: str) -> VersionTable:
+    """The table a version's latest backfilled_gallery materialisation published."""
+    from fct_assets.io_managers import recorded_record
 
-    meta = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), check_version(version))
-    return {
-        "version": version,
-        "table": meta["table"],
-        "table_version": int(meta["version"]),
-        "space_id": meta["space_id"],
-    }
+    table = recorded_record(instance, BackfilledTable, "backfilled_gallery", check_version(version))
+    return VersionTable(
+        version=version, table=table.table, table_version=table.version, space_id=table.space_id
+    )
 
 
-def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
+def promote(instance: dg.DagsterInstance, db, version: str) -> Deployment:
     """Serve `version`, if its blocking checks passed on its latest materialisations; the row
     records the very table version those checks ran on."""
     check_version(version)
@@ -142,52 +137,39 @@ def promote(instance: dg.DagsterInstance, db, version: str) -> dict[str, Any]:
     # The checks were read before the table's record: a re-materialisation in between would
     # otherwise promote a table version no check ran on. Every check names the version it read.
     checked = {k: v["table_version"] for k, v in results.items()}
-    if set(checked.values()) != {row["table_version"]}:
+    if set(checked.values()) != {row.table_version}:
         raise PromotionError(
             f"version {version} not promoted: its checks ran on table versions {checked}, its"
-            f" latest materialisation published {row['table']} at version {row['table_version']}"
+            f" latest materialisation published {row.table} at version {row.table_version}"
         )
-    return _append(db, {"action": "promote", **row})
+    return _append(db, "promote", row)
 
 
-def rollback(db) -> dict[str, Any]:
+def rollback(db) -> Deployment:
     """Serve again the deployment before the current one (the table version it served then)."""
     rows = history(db)
     if not rows:
         raise PromotionError("nothing is deployed: no rollback possible")
     serving = rows[-1]
     earlier = [
-        r
-        for r in rows
-        if r["version"] != serving["version"] or r["table_version"] != serving["table_version"]
+        r for r in rows if r.version != serving.version or r.table_version != serving.table_version
     ]
     if not earlier:
         raise PromotionError(
-            f"version {serving['version']} is the only one ever deployed: no rollback possible"
+            f"version {serving.version} is the only one ever deployed: no rollback possible"
         )
-    target = earlier[-1]
-    return _append(
-        db,
-        {
-            "action": "rollback",
-            "version": target["version"],
-            "table": target["table"],
-            "table_version": target["table_version"],
-            "space_id": target["space_id"],
-        },
-    )
+    return _append(db, "rollback", earlier[-1])
 
 
-def search(db, query, *, version: dict[str, Any], k: int = 10) -> list[dict[str, Any]]:
-    """The k nearest items (L2) to `query` (D,) in the pinned table of a deployment record."""
+def search(db, query, *, version: VersionTable, k: int = 10) -> list[dict[str, Any]]:
+    """The k nearest items (L2) to `query` (D,) in a version's pinned table."""
     import numpy as np
 
-    table = storage.open_pinned(db, version["table"], int(version["table_version"]))
+    table = storage.open_pinned(db, version.table, version.table_version)
     declared = storage.table_space_ids(table).get("space_id")
-    if declared != version["space_id"]:
+    if declared != version.space_id:
         raise storage.SpaceMismatchError(
-            f"{version['table']}: holds space {declared}, the deployment expects"
-            f" {version['space_id']}"
+            f"{version.table}: holds space {declared}, the deployment expects {version.space_id}"
         )
     search = table.search(
         np.asarray(query, dtype=np.float32), vector_column_name="embedding"
@@ -217,14 +199,8 @@ def search(db, query, *, version: dict[str, Any], k: int = 10) -> list[dict[str,
 # `fct promote` / `fct rollback`. Each run's output metadata records the deployment row.
 
 
-def _deployment_output(row: dict[str, Any]) -> dg.Output:
-    return dg.Output(
-        row,
-        metadata={
-            k: row[k]
-            for k in ("seq", "action", "version", "table", "table_version", "space_id", "at")
-        },
-    )
+def _deployment_output(row: Deployment) -> dg.Output:
+    return dg.Output(row, metadata=row.model_dump())
 
 
 @dg.op(
@@ -238,8 +214,7 @@ def promote_version(
 ) -> dg.Output:
     row = promote(context.instance, fct.connect(), config.version)
     context.log.info(
-        f"promoted {row['version']}: serving {row['table']} @ LanceDB version"
-        f" {row['table_version']}"
+        f"promoted {row.version}: serving {row.table} @ LanceDB version {row.table_version}"
     )
     return _deployment_output(row)
 
@@ -251,8 +226,7 @@ def promote_version(
 def rollback_deployment(context: dg.OpExecutionContext, fct: FctResource) -> dg.Output:
     row = rollback(fct.connect())
     context.log.info(
-        f"rolled back: serving {row['version']} ({row['table']} @ LanceDB version"
-        f" {row['table_version']})"
+        f"rolled back: serving {row.version} ({row.table} @ LanceDB version {row.table_version})"
     )
     return _deployment_output(row)
 

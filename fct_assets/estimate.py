@@ -7,8 +7,9 @@ from typing import Any
 
 import dagster as dg
 
-from fct_assets.io_managers import recorded_metadata
+from fct_assets.io_managers import recorded_record
 from fct_assets.partitions import check_version
+from fct_assets.records import BackfilledTable, EvalReport
 
 
 def estimate(
@@ -16,18 +17,15 @@ def estimate(
 ) -> dict[str, Any]:
     """Seconds to backfill `items` (default: the gallery) by transformation and by re-embedding."""
     check_version(version)
-    backfill = recorded_metadata(instance, dg.AssetKey("backfilled_gallery"), version)
-    report = recorded_metadata(instance, dg.AssetKey("eval_report"), version)["json"]
-    transform_rate, reembed_rate = (
-        backfill.get("backfill_items_per_s"),
-        report.get("reembed_items_per_s"),
-    )
+    backfill = recorded_record(instance, BackfilledTable, "backfilled_gallery", version)
+    report = recorded_record(instance, EvalReport, "eval_report", version, within="json")
+    transform_rate, reembed_rate = backfill.backfill_items_per_s, report.reembed_items_per_s
     if not transform_rate or not reembed_rate:
         raise LookupError(
             f"version {version}: its runs recorded no costs; re-materialise backfilled_gallery and"
             " eval_report"
         )
-    n = items if items is not None else int(backfill["rows"])
+    n = items if items is not None else backfill.rows
     return {
         "version": version,
         "items": n,
@@ -36,7 +34,7 @@ def estimate(
         "transform_seconds": n / transform_rate,
         "reembed_seconds": n / reembed_rate,
         "speedup": transform_rate / reembed_rate,
-        "measured_on_items": int(backfill["rows"]),
+        "measured_on_items": backfill.rows,
     }
 
 

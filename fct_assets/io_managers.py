@@ -1,38 +1,38 @@
-"""IO managers: checkpoints (safetensors + sha256 verified against the event log) and JSON.
+"""IO managers: checkpoints (safetensors, sha256 verified against the event log) and typed
+records (flat JSON, fct_assets.records), under FCT_STORAGE_URI.
 
-Neither pickles anything. A checkpoint is loaded only if its sha256 equals the one recorded
-in the materialisation that wrote it, so a file swapped or edited on disk is refused.
+Both store files through universal-pathlib (Dagster's UPathIOManager): a local folder by
+default, an object store such as `s3://bucket/fct` in deploy/, any fsspec filesystem in tests
+(`memory://`). Neither pickles anything. A checkpoint is loaded only if its sha256 equals the
+one recorded in the materialisation that wrote it, so a file swapped or edited in storage is
+refused, and so is one whose materialisation recorded no sha256.
+
+Layout under the storage URI: `checkpoints/<asset>[/<version>].safetensors`,
+`records/<asset>[/<version>].json`, and an op's output inside a graph asset (the backfill plan,
+shard results) at `records/<run_id>/<step>/<output>[/<mapping key>].json`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import Any, ClassVar
+import uuid
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
+from upath import UPath
 
+from fct_assets import records
 from fct_assets.partitions import check_version
 from fct_assets.resources import DATA_ROOT
 
-
-def _op_output_path(output: dg.OutputContext, suffix: str) -> Path:
-    """An op output inside a graph asset (e.g. the backfill plan): one file per run, step and output."""
-    mapped = f".{output.mapping_key}" if output.mapping_key else ""
-    return Path("_runs") / output.run_id / f"{output.step_key}.{output.name}{mapped}{suffix}"
+STORAGE_ENV = "FCT_STORAGE_URI"
 
 
-def _relative_path(context: dg.OutputContext | dg.InputContext, suffix: str) -> Path:
-    output = context if isinstance(context, dg.OutputContext) else context.upstream_output
-    if output is not None and not output.has_asset_key:
-        return _op_output_path(output, suffix)
-    key = context.asset_key.path
-    if context.has_asset_partitions:
-        # Partition keys are model versions: checked so that a path never leaves the root.
-        return Path(*key) / f"{check_version(context.asset_partition_key)}{suffix}"
-    return Path(*key[:-1]) / f"{key[-1]}{suffix}"
+def storage_uri(*parts: str) -> str:
+    """FCT_STORAGE_URI (default: the checkout's data/ folder) joined with `parts`."""
+    base = os.environ.get(STORAGE_ENV) or str(DATA_ROOT)
+    return "/".join([base.rstrip("/"), *parts])
 
 
 def latest_materialization(
@@ -42,13 +42,17 @@ def latest_materialization(
     flt = dg.AssetRecordsFilter(
         asset_key=asset_key, asset_partitions=[partition] if partition else None
     )
-    records = instance.fetch_materializations(flt, limit=1).records
-    return records[0] if records else None
+    found = instance.fetch_materializations(flt, limit=1).records
+    return found[0] if found else None
 
 
 def plain_metadata(record) -> dict[str, Any]:
     """A materialisation record's metadata as plain values."""
     return {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
+
+
+def _where(asset_key: dg.AssetKey, partition: str | None) -> str:
+    return asset_key.to_user_string() + (f"[{partition}]" if partition else "")
 
 
 def recorded_metadata(
@@ -57,78 +61,155 @@ def recorded_metadata(
     """The metadata of the latest materialisation of (asset, partition), as plain values."""
     record = latest_materialization(instance, asset_key, partition)
     if record is None:
-        where = f"[{partition}]" if partition else ""
-        raise LookupError(f"{asset_key.to_user_string()}{where}: never materialised")
+        raise LookupError(f"{_where(asset_key, partition)}: never materialised")
     return plain_metadata(record)
 
 
-class _FileIOManager(dg.ConfigurableIOManager):
-    """One file per asset (and partition) under `root`, named `<key>/<partition><suffix>`."""
+def recorded_record(
+    instance: dg.DagsterInstance,
+    cls: type[records.R],
+    asset: str,
+    partition: str | None = None,
+    *,
+    within: str | None = None,
+) -> records.R:
+    """The record `cls` of the latest materialisation of (asset, partition), from its metadata
+    (or from the JSON metadata entry `within`, e.g. the eval report's "json")."""
+    key = dg.AssetKey(asset)
+    meta = recorded_metadata(instance, key, partition)
+    where = _where(key, partition)
+    if within is not None:
+        if not isinstance(meta.get(within), dict):
+            raise records.RecordError(f"{where}: its metadata has no {within!r} entry")
+        meta, where = meta[within], f"{where}.{within}"
+    return records.from_metadata(cls, meta, where)
 
-    root: str
-    _suffix: ClassVar[str]
 
-    def path_for(self, context: dg.OutputContext | dg.InputContext) -> Path:
-        return Path(self.root) / _relative_path(context, self._suffix)
+def _write_atomically(path: UPath, blob: bytes) -> None:
+    """Write `blob` so that readers see the old file or the whole new one, never a part.
+
+    On a local filesystem: a temporary file renamed over the target. An object store's put is
+    atomic by itself (and its rename would be a second copy)."""
+    if path.protocol in ("", "file", "local"):
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            tmp.write_bytes(blob)
+            tmp.rename(path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    else:
+        path.write_bytes(blob)
 
 
-class CheckpointIOManager(_FileIOManager):
-    """Model checkpoints under `root`: one safetensors file per asset and partition."""
+class _FctUPathIOManager(dg.UPathIOManager):
+    """Partition keys are model versions, checked so that a path never leaves the base."""
 
-    _suffix: ClassVar[str] = ".safetensors"
-    root: str = Field(
-        default_factory=lambda: os.environ.get(
-            "FCT_CHECKPOINT_ROOT", str(DATA_ROOT / "checkpoints")
-        ),
-        description="Folder for checkpoints. Env FCT_CHECKPOINT_ROOT.",
+    def make_safe_partition_path(self, base_path: UPath, partition: str) -> UPath:
+        return base_path / check_version(partition)
+
+
+def checkpoint_from_record(
+    recorded: dict[str, Any], where: str, path: str | UPath | None = None
+) -> records.Checkpoint:
+    """The checkpoint a materialisation recorded (`recorded`: its metadata; `path`: where the
+    file is, default the recorded path), verified against the recorded sha256.
+
+    `where` names the materialisation in errors. A checkpoint without a recorded sha256 is
+    refused: loading it unverified would let a swapped file through."""
+    from fct_ml.checkpoint import CheckpointError, load_checkpoint_bytes, space_id
+
+    path = UPath(path if path is not None else recorded.get("path", ""))
+    sha256 = recorded.get("sha256")
+    if not sha256:
+        raise CheckpointError(
+            f"{where}: its materialisation recorded no sha256; refusing to load {path} unverified"
+            " (re-materialise it)"
+        )
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file not found") from None
+    model, meta = load_checkpoint_bytes(blob, str(path), sha256)
+    return records.Checkpoint(
+        model=model,
+        sha256=meta["sha256"],
+        space_id=recorded.get("space_id") or space_id(meta["name"], sha256),
+        recorded=recorded,
     )
 
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        from fct_ml.checkpoint import save_checkpoint
+
+def load_recorded_checkpoint(
+    instance: dg.DagsterInstance, asset: str, partition: str | None = None
+) -> records.Checkpoint:
+    """The checkpoint of the latest materialisation of (asset, partition), verified."""
+    key = dg.AssetKey(asset)
+    return checkpoint_from_record(
+        recorded_metadata(instance, key, partition), _where(key, partition)
+    )
+
+
+class _CheckpointStore(_FctUPathIOManager):
+    extension = ".safetensors"
+
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        import hashlib
+
+        from fct_ml.checkpoint import checkpoint_bytes, space_id
 
         name = context.asset_key.to_user_string()
         if context.has_asset_partitions:
             name = f"{name}:{context.asset_partition_key}"
         provenance = {"run_id": context.run_id, "asset": name}
-        info = save_checkpoint(self.path_for(context), obj, name=name, metadata=provenance)
-        context.add_output_metadata(
-            {
-                "sha256": info.sha256,
-                "space_id": info.space_id,
-                "path": dg.MetadataValue.path(info.path),
-            }
-        )
+        blob, _ = checkpoint_bytes(obj, name=name, metadata=provenance)
+        _write_atomically(path, blob)
+        sha256 = hashlib.sha256(blob).hexdigest()
+        context.add_output_metadata({"sha256": sha256, "space_id": space_id(name, sha256)})
 
-    def load_input(self, context: dg.InputContext) -> Any:
-        from fct_ml.checkpoint import load_checkpoint
-
-        upstream = context.upstream_output
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> records.Checkpoint:
+        key = context.upstream_output.asset_key
         partition = context.asset_partition_key if context.has_asset_partitions else None
-        recorded = recorded_metadata(context.instance, upstream.asset_key, partition)
-        model, meta = load_checkpoint(self.path_for(context), recorded.get("sha256"))
-        model.checkpoint_sha256 = meta["sha256"]  # provenance for the asset that uses it
-        model.space_id = recorded.get("space_id")
-        # The whole record of the materialisation this checkpoint came from: an asset that checks
-        # it (e.g. the spaces h was trained on) reads the same record, not a later one.
-        model.recorded_metadata = recorded
-        return model
+        recorded = recorded_metadata(context.instance, key, partition)
+        return checkpoint_from_record(recorded, _where(key, partition), path)
 
 
-class JsonIOManager(_FileIOManager):
-    """Small JSON records (dataset descriptors, table summaries, reports) under `root`."""
+class _RecordStore(_FctUPathIOManager):
+    extension = ".json"
 
-    _suffix: ClassVar[str] = ".json"
-    root: str = Field(
-        default_factory=lambda: os.environ.get("FCT_RECORD_ROOT", str(DATA_ROOT / "records")),
-        description="Folder for JSON records. Env FCT_RECORD_ROOT.",
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        _write_atomically(path, records.dumps(obj).encode())
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> records.Record:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise records.RecordError(f"{path}: record not found; materialise it first") from None
+        return records.loads(text, str(path))
+
+
+# Two small factories spelled out rather than one parametrised class: each is a resource that a
+# deployment configures, and its field's default and description name its own folder.
+class CheckpointIOManager(dg.ConfigurableIOManagerFactory):
+    """Model checkpoints: one safetensors file per asset and partition; loads a `Checkpoint`."""
+
+    uri: str = Field(
+        default_factory=lambda: storage_uri("checkpoints"),
+        description="Where checkpoints go: a folder or a URI (s3://bucket/fct/checkpoints). Env"
+        " FCT_STORAGE_URI + /checkpoints.",
     )
 
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        path = self.path_for(context)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, path)
+    def create_io_manager(self, context) -> _CheckpointStore:
+        return _CheckpointStore(base_path=UPath(self.uri))
 
-    def load_input(self, context: dg.InputContext) -> Any:
-        return json.loads(self.path_for(context).read_text())
+
+class RecordIOManager(dg.ConfigurableIOManagerFactory):
+    """Typed records (fct_assets.records) as flat JSON, one file per asset and partition."""
+
+    uri: str = Field(
+        default_factory=lambda: storage_uri("records"),
+        description="Where records go: a folder or a URI (s3://bucket/fct/records). Env"
+        " FCT_STORAGE_URI + /records.",
+    )
+
+    def create_io_manager(self, context) -> _RecordStore:
+        return _RecordStore(base_path=UPath(self.uri))

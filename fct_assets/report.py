@@ -6,13 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
 
 from fct_assets import storage
+from fct_assets.records import BackfilledTable, Checkpoint, DatasetRecord, EvalReport, GalleryStore
 
 
 def _read(db, name: str, version: int, columns: list[str]):
@@ -48,24 +48,24 @@ def curve_plot_png(curves: dict[str, dict[str, list[float]]], title: str) -> byt
 _CASE_RANK = {"old/old": 0, "new/new": 1, "new/h(old)": 2, "new/old": 4}
 
 
-def markdown_table(report: dict[str, Any], *, include_plot: bool = True) -> str:
+def markdown_table(report: EvalReport, *, include_plot: bool = True) -> str:
     from fct_ml.backfill import ORDERS
 
     lines = [
         (
-            f"### Evaluation of {report['version']}: {report['table']} at LanceDB version"
-            f" {report['table_version']} ({report['items']} gallery items, leave-one-out)"
+            f"### Evaluation of {report.version}: {report.table} at LanceDB version"
+            f" {report.table_version} ({report.items} gallery items, leave-one-out)"
         ),
         "",
         "| case (query/gallery) | top-1 | top-5 | mAP | unseen-class mAP |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for case in sorted(report["cases"], key=lambda c: _CASE_RANK.get(c, 3)):
-        m = report["cases"][case]
-        unseen = report["cases_unseen_classes"].get(case)
+    for case in sorted(report.cases, key=lambda c: _CASE_RANK.get(c, 3)):
+        m = report.cases[case]
+        unseen = report.cases_unseen_classes.get(case)
         u = f"{unseen['mAP']:.1f}" if unseen else "–"
         lines.append(f"| {case} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mAP']:.1f} | {u} |")
-    g = report["gap_closed"]
+    g = report.gap_closed
     lines += [
         "",
         f"Gap closed by new/h(old): top-1 {g['top1']:.1f} %, mAP {g['mAP']:.1f} %.",
@@ -74,34 +74,34 @@ def markdown_table(report: dict[str, Any], *, include_plot: bool = True) -> str:
         "| --- | --- | --- |",
     ]
     for order in sorted(
-        report["backfill_auc"], key=lambda o: ORDERS.index(o) if o in ORDERS else len(ORDERS)
+        report.backfill_auc, key=lambda o: ORDERS.index(o) if o in ORDERS else len(ORDERS)
     ):
-        a = report["backfill_auc"][order]
+        a = report.backfill_auc[order]
         lines.append(f"| {order} | {a['top1']:.1f} | {a['mAP']:.1f} |")
-    if report.get("backfill_items_per_s"):
+    if report.backfill_items_per_s:
         lines += [
             "",
             (
                 "Cost on this run's device: backfill by transformation"
-                f" {report['backfill_items_per_s']:.0f} items/s (LanceDB read + h + write), full"
-                f" re-embedding {report['reembed_items_per_s']:.0f} items/s (decode + new model),"
-                f" {report['backfill_items_per_s'] / report['reembed_items_per_s']:.1f}x."
+                f" {report.backfill_items_per_s:.0f} items/s (LanceDB read + h + write), full"
+                f" re-embedding {report.reembed_items_per_s:.0f} items/s (decode + new model),"
+                f" {report.backfill_items_per_s / report.reembed_items_per_s:.1f}x."
             ),
         ]
     if include_plot:
-        lines += ["", f"![backfilling curve](data:image/png;base64,{report['plot_png_base64']})"]
+        lines += ["", f"![backfilling curve](data:image/png;base64,{report.plot_png_base64})"]
     return "\n".join(lines)
 
 
 def evaluate_version(
     fct,
-    dataset: dict,
-    gallery_store: dict,
-    backfilled: dict,
-    h,
-    new_model,
+    dataset: DatasetRecord,
+    gallery_store: GalleryStore,
+    backfilled: BackfilledTable,
+    h: Checkpoint,
+    new_model: Checkpoint,
     table_version: int | None = None,
-) -> dict[str, Any]:
+) -> EvalReport:
     """Metrics of one version in percent: cases, unseen-class split, backfilling curves.
 
     `table_version`: the LanceDB version of the version's table to evaluate (the deployed,
@@ -117,25 +117,25 @@ def evaluate_version(
     store = _read(
         db,
         storage.GALLERY_STORE,
-        gallery_store["version"],
+        gallery_store.version,
         ["item_id", "label", "image", "old_embedding", "side_info"],
     )
-    pinned = backfilled["version"] if table_version is None else int(table_version)
+    pinned = backfilled.version if table_version is None else int(table_version)
     # A table version published by an earlier new model holds another space than today's
     # queries: refused rather than compared.
-    declared = storage.table_space_ids(storage.open_pinned(db, backfilled["table"], pinned))
+    declared = storage.table_space_ids(storage.open_pinned(db, backfilled.table, pinned))
     if declared.get("space_id") != new_model.space_id:
         raise storage.SpaceMismatchError(
-            f"{backfilled['table']} at LanceDB version {pinned}: holds space"
+            f"{backfilled.table} at LanceDB version {pinned}: holds space"
             f" {declared.get('space_id')}, the new model's queries are in {new_model.space_id}"
         )
-    served = _read(db, backfilled["table"], pinned, ["item_id", "embedding", "sigma", "source"])
+    served = _read(db, backfilled.table, pinned, ["item_id", "embedding", "sigma", "source"])
     if not store.column("item_id").equals(served.column("item_id")):
-        raise ValueError(f"{backfilled['table']}: its item_ids differ from gallery_store's")
+        raise ValueError(f"{backfilled.table}: its item_ids differ from gallery_store's")
     labels = torch.from_numpy(store.column("label").to_numpy().astype(np.int64))
     old = torch.from_numpy(storage.vectors(store.column("old_embedding")))
     side = torch.from_numpy(storage.vectors(store.column("side_info")))
-    channels = new_model.config.in_channels
+    channels = new_model.model.config.in_channels
     # The evaluation re-embeds the whole gallery from its stored images anyway: timed, it is the
     # measured cost of the full re-embedding that the transformation avoids (`fct estimate`).
     started = time.perf_counter()
@@ -143,17 +143,17 @@ def evaluate_version(
         np.stack([storage.decode_png(b, channels) for b in store.column("image").to_pylist()])
     )
     new = encode(
-        new_model.to(device), [images], transform=to_float
+        new_model.model.to(device), [images], transform=to_float
     )  # (N, new_dim): queries and the full re-embedding
     reembed_seconds = time.perf_counter() - started
-    transformed, sigma = apply_transformation(h.to(device), old, side)
+    transformed, sigma = apply_transformation(h.model.to(device), old, side)
     served_vectors = torch.from_numpy(storage.vectors(served.column("embedding")))
-    unseen = ~torch.isin(labels, torch.tensor(dataset["old_classes"], dtype=labels.dtype))
+    unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes, dtype=labels.dtype))
     cases = {
         "old/old": (old, old),
         "new/new": (new, new),
         "new/h(old)": (new, transformed),
-        f"new/{backfilled['table']}": (new, served_vectors),
+        f"new/{backfilled.table}": (new, served_vectors),
         "new/old": (new, old),
     }
     result = evaluate_cases(
@@ -169,22 +169,23 @@ def evaluate_version(
         metric=exp.metric,
         chunk_size=exp.eval_chunk_size,
     )
-    report: dict[str, Any] = {
-        "version": backfilled["table"].removeprefix("gallery_"),
-        "items": len(labels),
-        **result,
-        "gap_closed": gap_closed(result["cases"]),
-        "backfill_curves": curves,
-        "backfill_auc": areas,
-        "reembedded": int(pc.sum(pc.equal(served.column("source"), "re-embedded")).as_py() or 0),
-        "table": backfilled["table"],
-        "table_version": pinned,
-        "reembed_seconds": round(reembed_seconds, 3),
-        "reembed_items_per_s": round(len(labels) / reembed_seconds, 1),
-        "backfill_items_per_s": backfilled.get("backfill_items_per_s"),
-        "space_id": declared["space_id"],
-    }
-    png = curve_plot_png(curves, f"backfilling curve, {report['version']}")
-    report["plot_png_base64"] = base64.b64encode(png).decode()
-    report["markdown"] = markdown_table(report)
-    return report
+    version = backfilled.table.removeprefix("gallery_")
+    png = curve_plot_png(curves, f"backfilling curve, {version}")
+    return EvalReport(
+        version=version,
+        items=len(labels),
+        cases=result["cases"],
+        cases_unseen_classes=result["cases_unseen_classes"] or {},
+        cases_seen_classes=result["cases_seen_classes"] or {},
+        gap_closed=gap_closed(result["cases"]),
+        backfill_curves=curves,
+        backfill_auc=areas,
+        reembedded=int(pc.sum(pc.equal(served.column("source"), "re-embedded")).as_py() or 0),
+        table=backfilled.table,
+        table_version=pinned,
+        reembed_seconds=round(reembed_seconds, 3),
+        reembed_items_per_s=round(len(labels) / reembed_seconds, 1),
+        backfill_items_per_s=backfilled.backfill_items_per_s,
+        space_id=declared["space_id"],
+        plot_png_base64=base64.b64encode(png).decode(),
+    )

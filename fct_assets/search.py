@@ -8,10 +8,11 @@ import dagster as dg
 import numpy as np
 
 from fct_assets import storage
-from fct_assets.io_managers import recorded_metadata
+from fct_assets.io_managers import load_recorded_checkpoint
+from fct_assets.records import VersionTable
 
 
-def _served(instance: dg.DagsterInstance, db, version: str | None) -> dict[str, Any]:
+def _served(instance: dg.DagsterInstance, db, version: str | None) -> VersionTable:
     from fct_assets.deployment import current, recorded_table
 
     if version is None:
@@ -59,20 +60,19 @@ def search_command(
 
     from fct_assets.deployment import search
     from fct_ml.augment import to_float
-    from fct_ml.checkpoint import load_checkpoint
     from fct_ml.training import encode
 
     db = fct.connect()
     served = _served(instance, db, version)
-    recorded = recorded_metadata(instance, dg.AssetKey("new_model"), served["version"])
-    model, _ = load_checkpoint(recorded["path"], recorded["sha256"])
-    if recorded["space_id"] != served["space_id"]:
+    new_model = load_recorded_checkpoint(instance, "new_model", served.version)
+    model = new_model.model
+    if new_model.space_id != served.space_id:
         raise storage.SpaceMismatchError(
-            f"{served['table']} holds space {served['space_id']}, but"
-            f" new_model[{served['version']}] is now {recorded['space_id']}; re-materialise the"
+            f"{served.table} holds space {served.space_id}, but"
+            f" new_model[{served.version}] is now {new_model.space_id}; re-materialise the"
             " version's backfilled_gallery"
         )
-    x = torch.from_numpy(
+    x = torch.tensor(  # a copy: the decoded image is a read-only array
         _query_image(db, image=image, item_id=item_id, channels=model.config.in_channels)
     )[None]
     query = encode(model, [x], transform=to_float)[0].numpy()

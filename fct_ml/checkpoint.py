@@ -72,18 +72,13 @@ def content_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    *,
-    name: str,
-    metadata: dict[str, Any] | None = None,
-) -> CheckpointInfo:
-    """Write `model` (an EmbeddingModel or Transformation) atomically; returns its sha256.
+def checkpoint_bytes(
+    model: nn.Module, *, name: str, metadata: dict[str, Any] | None = None
+) -> tuple[bytes, str]:
+    """`model` (an EmbeddingModel or Transformation) as safetensors bytes; returns (bytes, kind).
 
     The file holds the state dict and, as metadata, the model kind, its config and any
-    `metadata` given (JSON-able provenance). The file appears complete or not at all.
-    """
+    `metadata` given (JSON-able provenance)."""
     kind = next((k for k, (_, ctor) in MODEL_KINDS.items() if isinstance(model, ctor)), None)
     if kind is None:
         raise CheckpointError(
@@ -96,7 +91,20 @@ def save_checkpoint(
         "config": json.dumps(asdict(model.config)),
         "provenance": json.dumps(metadata or {}),
     }
-    blob = save_safetensors(tensors, metadata=meta)
+    return save_safetensors(tensors, metadata=meta), kind
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    name: str,
+    metadata: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Write `model` atomically to a local `path` (see `checkpoint_bytes`); returns its sha256.
+
+    The file appears complete or not at all."""
+    blob, kind = checkpoint_bytes(model, name=name, metadata=metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -117,19 +125,26 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | os.PathLike, expected_sha256: str | None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model stored at `path`, in eval mode on the CPU; returns (model, metadata).
+    """Rebuild the model stored at the local `path`, in eval mode on the CPU; returns (model,
+    metadata). See `load_checkpoint_bytes`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return load_checkpoint_bytes(path.read_bytes(), str(path), expected_sha256)
+
+
+def load_checkpoint_bytes(
+    blob: bytes, where: str, expected_sha256: str | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from a checkpoint's bytes (read from `where`, named in errors).
 
     `expected_sha256` is the hash recorded when the file was written; a file whose hash
     differs is refused before it is parsed. Pass None only for a file you just made.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    blob = path.read_bytes()
     found = hashlib.sha256(blob).hexdigest()
     if expected_sha256 is not None and found != expected_sha256:
         raise CheckpointError(
-            f"{path}: sha256 {found[:12]}… differs from the recorded {expected_sha256[:12]}…;"
+            f"{where}: sha256 {found[:12]}… differs from the recorded {expected_sha256[:12]}…;"
             " refusing to load it"
         )
     try:
@@ -140,19 +155,19 @@ def load_checkpoint(
         meta = dict(json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {})
     except (SafetensorError, ValueError, OSError) as err:
         raise CheckpointError(
-            f"{path}: not a safetensors checkpoint ({str(err).splitlines()[0]})"
+            f"{where}: not a safetensors checkpoint ({str(err).splitlines()[0]})"
         ) from None
     kind = meta.get("kind")
     if kind not in MODEL_KINDS:
         raise CheckpointError(
-            f"{path}: unknown checkpoint kind {kind!r} (known: {', '.join(MODEL_KINDS)})"
+            f"{where}: unknown checkpoint kind {kind!r} (known: {', '.join(MODEL_KINDS)})"
         )
     config_cls, ctor = MODEL_KINDS[kind]
     try:
         config_data = json.loads(meta.get("config", "{}"))
         config = from_dict(config_cls, config_data)
     except (ConfigError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: bad config in metadata ({err})") from None
+        raise CheckpointError(f"{where}: bad config in metadata ({err})") from None
     model = ctor(config)
     # Strict: missing and unexpected keys AND shape mismatches (which torch raises rather than
     # returns) all mean the file is not the model its config describes.
@@ -163,7 +178,7 @@ def load_checkpoint(
     ]
     if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"{path}: state dict does not match its config (missing {missing[:3]}, unexpected"
+            f"{where}: state dict does not match its config (missing {missing[:3]}, unexpected"
             f" {unexpected[:3]}, other shape {mismatched[:3]})"
         )
     model.load_state_dict(tensors)

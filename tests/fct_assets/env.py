@@ -10,8 +10,9 @@ import dagster as dg
 from fct_assets.assets import ALL_ASSETS
 from fct_assets.checks import ALL_CHECKS
 from fct_assets.definitions import build_defs
-from fct_assets.io_managers import CheckpointIOManager, JsonIOManager
+from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
 from fct_assets.partitions import add_model_version
+from fct_assets.records import GalleryStore
 from fct_assets.resources import FctResource
 
 DATASET_CONFIG = {"ops": {"dataset": {"config": {"dataset": "digits", "old_classes": "0-4"}}}}
@@ -24,7 +25,7 @@ class Env:
     defs: dg.Definitions
     fct: FctResource
     checkpoints: CheckpointIOManager
-    records: JsonIOManager
+    records: RecordIOManager
 
     def environ(self) -> dict[str, str]:
         """The environment that points the CLI, `build_defs()` and step processes at this
@@ -32,10 +33,16 @@ class Env:
         return {
             "DAGSTER_HOME": str(self.root / "dagster_home"),
             "FCT_LANCEDB_URI": self.fct.lancedb_uri,
-            "FCT_CHECKPOINT_ROOT": self.checkpoints.root,
-            "FCT_RECORD_ROOT": self.records.root,
+            "FCT_STORAGE_URI": str(self.root),  # checkpoints/ and records/ below it
             "FCT_PRESET": "tiny",
             "FCT_DEVICE": "cpu",
+        }
+
+    def resources(self) -> dict[str, object]:
+        return {
+            "fct": self.fct,
+            "checkpoint_io_manager": self.checkpoints,
+            "record_io_manager": self.records,
         }
 
     def upgrade(
@@ -70,11 +77,7 @@ class Env:
             assets=ALL_ASSETS,
             asset_checks=ALL_CHECKS,
             jobs=[job],
-            resources={
-                "fct": self.fct,
-                "checkpoint_io_manager": self.checkpoints,
-                "json_io_manager": self.records,
-            },
+            resources=self.resources(),
         )
         config = {"reembed_fraction": reembed_fraction}
         return defs.resolve_job_def("table_only").execute_in_process(
@@ -89,10 +92,10 @@ def build_env(root: Path) -> Env:
 
     (dagster_home, lancedb, checkpoints, records)"""
     fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
-    checkpoints = CheckpointIOManager(root=str(root / "checkpoints"))
-    records = JsonIOManager(root=str(root / "records"))
+    checkpoints = CheckpointIOManager(uri=str(root / "checkpoints"))
+    records = RecordIOManager(uri=str(root / "records"))
     defs = build_defs(
-        {"fct": fct, "checkpoint_io_manager": checkpoints, "json_io_manager": records}
+        {"fct": fct, "checkpoint_io_manager": checkpoints, "record_io_manager": records}
     )
     (root / "dagster_home").mkdir()
     instance = dg.DagsterInstance.local_temp(
@@ -105,3 +108,18 @@ def build_env(root: Path) -> Env:
     e = Env(root, instance, defs, fct, checkpoints, records)
     assert e.upgrade("v2").success
     return e
+
+
+def synthetic_store(table: dict, old_space: str, side_space: str, dim: int) -> GalleryStore:
+    """The gallery_store record of a hand-made gallery table (`table`: storage.publish's result),
+    its vectors of `dim` in the two spaces given; the checkpoints behind them are made up."""
+    return GalleryStore(
+        **table,
+        old_space_id=old_space,
+        old_dim=dim,
+        side_info_space_id=side_space,
+        side_info_dim=dim,
+        old_model_sha256="a" * 64,
+        side_info_model_sha256="b" * 64,
+        dataset_fingerprint="synthetic",
+    )

@@ -57,7 +57,7 @@ def test_the_schedule_evaluates_the_pinned_table_a_rollback_serves(env):
     db = env.fct.connect()
     assert env.upgrade("vsched").success
     promote(env.instance, db, "vsched")
-    served = current(db)["table_version"]
+    served = current(db).table_version
     # vsched's table is re-published with half the gallery re-embedded (checked, not promoted),
     # then another version is promoted and rolled back: vsched is served again, at the version
     # promoted first, which is no longer its latest.
@@ -66,7 +66,7 @@ def test_the_schedule_evaluates_the_pinned_table_a_rollback_serves(env):
     assert env.upgrade("vsched2").success
     promote(env.instance, db, "vsched2")
     rollback(db)
-    assert (current(db)["version"], current(db)["table_version"]) == ("vsched", served)
+    assert (current(db).version, current(db).table_version) == ("vsched", served)
     assert latest != served
 
     request = _tick_schedule(env)

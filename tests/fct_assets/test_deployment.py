@@ -16,7 +16,7 @@ REPORT_CHECK = "eval_report:eval_report_expectations"
 
 
 def _served_versions(db) -> set[str]:
-    return {row["version"] for row in deployment.history(db)}
+    return {row.version for row in deployment.history(db)}
 
 
 def _verify(env, version: str):
@@ -37,12 +37,12 @@ def test_a_version_whose_checks_passed_is_promoted_at_the_checked_table_version(
     table_version = db.open_table("gallery_vpass").version
     assert {v["table_version"] for v in results.values()} == {table_version}
     row = promote(env.instance, db, "vpass")
-    assert (row["version"], row["table"], row["table_version"]) == (
+    assert (row.version, row.table, row.table_version) == (
         "vpass",
         "gallery_vpass",
         table_version,
     )
-    assert current(db)["seq"] == row["seq"]
+    assert current(db).seq == row.seq
 
 
 def test_no_check_ran_is_refused_as_never_ran(env):
@@ -111,7 +111,7 @@ def test_a_rematerialisation_between_the_checks_and_the_record_is_not_promoted(e
         assert "vrace" not in _served_versions(db)
     else:
         # Recording the checked version would do too; the version no check ran on would not.
-        assert row["table_version"] == checked, row
+        assert row.table_version == checked, row
     assert db.open_table("gallery_vrace").version != checked  # the injection did land
 
 

@@ -12,15 +12,10 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pytest
-from dagster._core.definitions.data_version import (
-    CachingStaleStatusResolver,
-    StaleStatus,
-    extract_data_version_from_entry,
-)
-from dagster._core.loader import LoadingContextForTest
 
 from fct_assets import storage
 from fct_assets.cli import main as fct_main
+from fct_assets.dagster_internals import stale_status
 from fct_assets.deployment import PromotionError, current, promote, rollback
 from fct_assets.lineage import lineage
 from fct_ml.checkpoint import sha256_file
@@ -46,7 +41,7 @@ def _data_version(env, asset: str, partition: str | None = None) -> str:
     record = env.instance.get_latest_data_version_record(
         dg.AssetKey(asset), partition_key=partition
     )
-    return extract_data_version_from_entry(record.event_log_entry).value
+    return record.asset_materialization.tags["dagster/data_version"]
 
 
 def test_definitions_load_from_workspace():
@@ -178,13 +173,10 @@ def test_new_config_makes_downstream_stale_and_upstream_fresh(env):
     )
     assert rerun.success
     assert _data_version(env, "new_model", "v4") != before
-    resolver = CachingStaleStatusResolver(
-        env.instance, env.defs.resolve_asset_graph(), LoadingContextForTest(env.instance)
-    )
     for name in ("transformation", "backfilled_gallery", "eval_report"):
-        assert resolver.get_status(dg.AssetKey(name), "v4") == StaleStatus.STALE, name
-    assert resolver.get_status(dg.AssetKey("new_model"), "v4") == StaleStatus.FRESH
-    assert resolver.get_status(dg.AssetKey("gallery_store")) == StaleStatus.FRESH
+        assert stale_status(env.instance, env.defs, dg.AssetKey(name), "v4") == "STALE", name
+    assert stale_status(env.instance, env.defs, dg.AssetKey("new_model"), "v4") == "FRESH"
+    assert stale_status(env.instance, env.defs, dg.AssetKey("gallery_store")) == "FRESH"
 
 
 def test_planted_nan_fails_the_blocking_check_and_blocks_promotion(env):
@@ -223,7 +215,7 @@ def test_planted_nan_fails_the_blocking_check_and_blocks_promotion(env):
     )
     with pytest.raises(PromotionError, match="backfilled_gallery_schema"):
         promote(env.instance, db, "v5")
-    assert current(db) is None or current(db)["version"] != "v5"
+    assert current(db) is None or current(db).version != "v5"
 
 
 def test_lineage_names_every_checkpoint_and_they_match_the_files(env, monkeypatch, capsys):
@@ -290,10 +282,10 @@ def test_promote_then_rollback(env):
     db = env.fct.connect()
     promote(env.instance, db, "v2")
     promote(env.instance, db, "vserve")
-    assert current(db)["version"] == "vserve"
+    assert current(db).version == "vserve"
     row = rollback(db)
-    assert row["version"] == "v2" and current(db)["version"] == "v2"
-    assert current(db)["table_version"] == db.open_table("gallery_v2").version
+    assert row.version == "v2" and current(db).version == "v2"
+    assert current(db).table_version == db.open_table("gallery_v2").version
 
 
 def test_promotion_and_rollback_as_jobs(env):
@@ -305,20 +297,20 @@ def test_promotion_and_rollback_as_jobs(env):
         instance=env.instance,
         run_config={"ops": {"promote_version": {"config": {"version": "vserve"}}}},
     )
-    assert promoted.success and current(db)["version"] == "vserve"
+    assert promoted.success and current(db).version == "vserve"
     assert (
-        promoted.output_for_node("promote_version")["table_version"]
+        promoted.output_for_node("promote_version").table_version
         == db.open_table("gallery_vserve").version
     )
     rolled = env.defs.resolve_job_def("rollback").execute_in_process(instance=env.instance)
-    assert rolled.success and current(db)["version"] == "v2"
+    assert rolled.success and current(db).version == "v2"
     # A version no check ever ran on: the job fails with the same one-line reason as the CLI.
     refused = env.defs.resolve_job_def("promote").execute_in_process(
         instance=env.instance,
         run_config={"ops": {"promote_version": {"config": {"version": "vunbuilt"}}}},
         raise_on_error=False,
     )
-    assert not refused.success and current(db)["version"] == "v2"
+    assert not refused.success and current(db).version == "v2"
     failure = next(e for e in refused.all_events if e.is_step_failure)
     assert "version vunbuilt not promoted" in str(failure.event_specific_data.error)
 

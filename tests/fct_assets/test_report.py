@@ -1,26 +1,34 @@
 """The eval report's markdown: rows in the paper's order, whatever order its JSON came back in."""
 
+from fct_assets.records import EvalReport
 from fct_assets.report import markdown_table
 
 
 def test_rows_keep_the_papers_order_after_a_key_sorting_round_trip():
     metrics = {"top1": 50.0, "top5": 60.0, "mAP": 40.0}
     # Keys sorted alphabetically, as Dagster's JSON metadata returns them.
-    report = {
-        "version": "v2",
-        "table": "gallery_v2",
-        "table_version": 3,
-        "items": 10,
-        "cases": {
+    report = EvalReport(
+        version="v2",
+        table="gallery_v2",
+        table_version=3,
+        items=10,
+        cases={
             c: metrics
             for c in sorted(["old/old", "new/new", "new/h(old)", "new/gallery_v2", "new/old"])
         },
-        "cases_unseen_classes": {},
-        "gap_closed": {"top1": 1.0, "mAP": 2.0},
-        "backfill_auc": {
+        cases_unseen_classes={},
+        cases_seen_classes={},
+        gap_closed={"top1": 1.0, "mAP": 2.0},
+        backfill_curves={},
+        backfill_auc={
             o: {"top1": 1.0, "mAP": 2.0} for o in sorted(["random", "sigma", "true_error"])
         },
-    }
+        reembedded=0,
+        reembed_seconds=1.0,
+        reembed_items_per_s=10.0,
+        backfill_items_per_s=None,
+        space_id="new_model:v2@cccccccccccc",
+    )
     rows = [
         line.split("|")[1].strip()
         for line in markdown_table(report, include_plot=False).splitlines()

@@ -12,17 +12,23 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_assets import storage
+from fct_assets import records, storage
 from fct_assets.backfill import STAGING_PREFIX
 from fct_assets.definitions import build_defs
-from fct_assets.io_managers import CheckpointIOManager, JsonIOManager, recorded_metadata
+from fct_assets.io_managers import (
+    CheckpointIOManager,
+    RecordIOManager,
+    load_recorded_checkpoint,
+    recorded_metadata,
+)
 from fct_assets.resources import FctResource
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation
-from fct_ml.checkpoint import load_checkpoint, save_checkpoint
+from fct_ml.checkpoint import save_checkpoint
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.training import encode
 from fct_ml.transformation import Transformation, TransformationConfig
+from tests.fct_assets.env import synthetic_store
 
 BACKFILL = dg.AssetKey("backfilled_gallery")
 
@@ -43,9 +49,7 @@ def _point_env_at(monkeypatch, env) -> None:
 
 
 def _model(env, name: str, version: str):
-    meta = recorded_metadata(env.instance, dg.AssetKey(name), version)
-    model, _ = load_checkpoint(meta["path"], meta["sha256"])
-    return model
+    return load_recorded_checkpoint(env.instance, name, version).model
 
 
 @pytest.mark.slow
@@ -212,9 +216,8 @@ def _small_world(root):
     )
     info = storage.publish(fct.connect(), storage.GALLERY_STORE, schema, [batch])
     (root / "records").mkdir()
-    (root / "records" / "gallery_store.json").write_text(
-        json.dumps({**info, "old_space_id": OLD_SPACE, "side_info_space_id": SIDE_SPACE})
-    )
+    store = synthetic_store(info, OLD_SPACE, SIDE_SPACE, 4)
+    (root / "records" / "gallery_store.json").write_text(records.dumps(store))
     home = root / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -251,8 +254,8 @@ def _small_world(root):
     defs = build_defs(
         {
             "fct": fct,
-            "checkpoint_io_manager": CheckpointIOManager(root=str(root / "checkpoints")),
-            "json_io_manager": JsonIOManager(root=str(root / "records")),
+            "checkpoint_io_manager": CheckpointIOManager(uri=str(root / "checkpoints")),
+            "record_io_manager": RecordIOManager(uri=str(root / "records")),
         },
         executor=dg.in_process_executor,
     )

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from fct_assets import storage
+from fct_assets import records, storage
 from fct_assets.backfill import backfill_version
 from fct_assets.cli import main as fct_main
 from fct_assets.partitions import VersionError, check_version
@@ -33,6 +33,7 @@ from fct_ml.presets import preset
 from fct_ml.retrieval import retrieve
 from fct_ml.training import TrainConfig
 from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
+from tests.fct_assets.env import synthetic_store
 
 CATEGORY = "bad input"
 
@@ -164,12 +165,13 @@ def served(tmp_path_factory):
     fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
     db = fct.connect()
     schema = storage.gallery_store_schema(4, 4, OLD_SPACE, SIDE_SPACE)
-    store = storage.publish(db, storage.GALLERY_STORE, schema, [_store_batch()])
-    new_model = small_model()
+    published = storage.publish(db, storage.GALLERY_STORE, schema, [_store_batch()])
+    store = synthetic_store(published, OLD_SPACE, SIDE_SPACE, 4)
+    model = small_model()
     info = save_checkpoint(
-        root / "checkpoints" / "new_model" / "v2.safetensors", new_model, name="new_model:v2"
+        root / "checkpoints" / "new_model" / "v2.safetensors", model, name="new_model:v2"
     )
-    new_model.space_id = info.space_id
+    new_model = records.Checkpoint(model, info.sha256, info.space_id, recorded={})
     h = small_h()
     # reembed_fraction=0: no stored image is read, so gallery_v2 is published despite item 3.
     table = backfill_version(fct, "v2", store, h, new_model, 0.0, 4, log=lambda _: None)
@@ -189,11 +191,7 @@ def served(tmp_path_factory):
         dg.AssetMaterialization(
             "backfilled_gallery",
             partition="v2",
-            metadata={
-                "table": table["table"],
-                "version": table["version"],
-                "space_id": table["space_id"],
-            },
+            metadata=table.model_dump(exclude={"ann_params"}),
         )
     )
     return {
@@ -265,7 +263,7 @@ def test_stored_image_not_a_png(cwd, reliability):
 
 def test_search_unreadable_query_image(served, tmp_path, monkeypatch, capsys, reliability):
     # A wrong-size or wrong-mode query image is resized/converted like the gallery's by design;
-    # a file that is no image at all is refused with one line and exit code 2.
+    # a file that is no image at all is refused with one line and exit code 1.
     bad = tmp_path / "query.png"
     bad.write_bytes(b"definitely not an image")
     monkeypatch.setenv("DAGSTER_HOME", str(served["home"]))
@@ -274,7 +272,7 @@ def test_search_unreadable_query_image(served, tmp_path, monkeypatch, capsys, re
     before = tree(served["root"] / "lancedb"), tree(tmp_path)
     code = fct_main(["search", "--image", str(bad), "--version", "v2"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("fct: error: ") and "\n" not in err, err
+    assert code == 1 and err.startswith("fct: error: ") and "\n" not in err, err
     assert str(bad) in err and "not a readable image" in err
     assert (tree(served["root"] / "lancedb"), tree(tmp_path)) == before
     reliability(CATEGORY, "fct search --image with an unreadable file", f"refused: {err}")
@@ -518,11 +516,11 @@ def test_cli_add_version_path_name(tmp_path, monkeypatch, capsys, reliability):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     code = fct_main(["add-version", "../x"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("fct: error: ") and "\n" not in err, err
+    assert code == 1 and err.startswith("fct: error: ") and "\n" not in err, err
     assert "'../x'" in err and "expected a letter" in err
     assert dg.DagsterInstance.from_config(str(home)).get_dynamic_partitions("model_version") == []
     assert not (tmp_path / "x").exists()
-    reliability(CATEGORY, "fct add-version '../x'", f"refused (exit 2, no partition added): {err}")
+    reliability(CATEGORY, "fct add-version '../x'", f"refused (exit 1, no partition added): {err}")
 
 
 # --------------------------------------------------------------------------- #

@@ -22,6 +22,7 @@ import torch
 
 from fct_assets import storage
 from fct_assets.deployment import current, promote, search
+from fct_assets.records import Deployment
 from fct_ml.backfill import apply_transformation
 from fct_ml.checkpoint import load_checkpoint
 from tests.fct_assets.env import build_env
@@ -37,9 +38,9 @@ def env(tmp_path_factory):
     return e
 
 
-def _served_state(db) -> tuple[dict, int, int]:
+def _served_state(db) -> tuple[Deployment, int, int]:
     deployed = current(db)
-    table = db.open_table(deployed["table"])
+    table = db.open_table(deployed.table)
     return deployed, table.version, table.count_rows()
 
 
@@ -67,6 +68,7 @@ def _run_worker(root: Path, version: str, kill_after_lines: int | None) -> tuple
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stdout.close()
 
 
 def test_backfill_killed_part_way_publishes_nothing_and_rerun_is_exact(env, reliability):
@@ -146,16 +148,16 @@ def test_searches_during_backfill_and_promotion_see_one_version(env, reliability
         while not stop.is_set() and time.monotonic() < deadline and len(answers) < 5000:
             try:
                 deployed = current(reader_db)
-                table = reader_db.open_table(deployed["table"])
-                table.checkout(int(deployed["table_version"]))
+                table = reader_db.open_table(deployed.table)
+                table.checkout(int(deployed.table_version))
                 row = (
                     table.search().where("item_id = 11").select(["embedding"]).limit(1).to_list()[0]
                 )
                 hits = search(reader_db, row["embedding"], version=deployed, k=5)
                 answers.append(
                     {
-                        "version": deployed["version"],
-                        "table_version": deployed["table_version"],
+                        "version": deployed.version,
+                        "table_version": deployed.table_version,
                         "hits": [(h["item_id"], h["distance"]) for h in hits],
                     }
                 )

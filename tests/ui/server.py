@@ -33,8 +33,7 @@ def ui_environment(root: Path) -> dict[str, str]:
     return {
         "DAGSTER_HOME": str(home),
         "FCT_LANCEDB_URI": str(root / "lancedb"),
-        "FCT_CHECKPOINT_ROOT": str(root / "checkpoints"),
-        "FCT_RECORD_ROOT": str(root / "records"),
+        "FCT_STORAGE_URI": str(root),  # checkpoints/ and records/ below it
         "FCT_PRESET": "tiny",
         "FCT_DEVICE": "cpu",
         "FCT_AUTO_UPGRADE": "off",

@@ -1,0 +1,263 @@
+"""The records that cross an asset, op or process boundary, typed.
+
+Each is a frozen pydantic model that refuses unknown fields. The record IO manager
+(fct_assets.io_managers) writes one as flat JSON, its fields plus two header keys naming the
+record type and its schema version; loading checks both, so a record written by an older fct
+(a renamed or dropped field, another schema version) or of an unknown type fails with one line
+naming the file, instead of a KeyError in another process later.
+
+A loaded checkpoint is a `Checkpoint`: the model with the sha256 it was verified against, its
+embedding space and the metadata of the materialisation that wrote it.
+
+    DatasetRecord      dataset                 what the base assets were built from
+    GalleryStore       gallery_store           the stored gallery table (old space + side-info)
+    ShardRange         plan_backfill -> shard  one contiguous row range of the gallery
+    BackfillPlan       plan_backfill           pass 1's choice and the shards
+    ShardResult        backfill_shard          one shard's staged (or final) table
+    BackfilledTable    backfilled_gallery      the version's published table
+    VersionTable       promote, search         a version's table at one LanceDB version
+    Deployment         the deployments table   one promote/rollback row
+    EvalReport         eval_report             the version's metrics
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:  # torch takes seconds to import; a code location should load fast
+    import torch.nn as nn
+
+# Header keys of a record file. A field of a record never starts with "fct_record".
+TYPE_KEY = "fct_record"
+SCHEMA_KEY = "fct_record_schema"
+
+
+class RecordError(ValueError):
+    """A record that cannot be read as the type it claims (one line naming the file)."""
+
+
+class Record(BaseModel):
+    """Base of every record: frozen, no unknown field. `SCHEMA` is bumped when fields change."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    SCHEMA: ClassVar[int] = 1
+
+
+R = TypeVar("R", bound=Record)
+Metrics = dict[str, float]  # {"top1", "top5", "mAP"}, percent
+
+
+class DatasetRecord(Record):
+    """The dataset the base assets were built from, with its class split."""
+
+    spec: str  # as given: "digits", "imagefolder:/data/x", ...
+    name: str
+    fingerprint: str  # content digest of images and labels
+    old_classes: tuple[int, ...]  # what the old and side-info models may see
+    class_names: tuple[str, ...]
+    num_classes: int
+    channels: int
+    image_size: tuple[int, int]
+    train_items: int
+    gallery_items: int
+
+
+class TableRecord(Record):
+    """A LanceDB table at the version one commit made."""
+
+    table: str
+    version: int
+    rows: int
+
+
+class GalleryStore(TableRecord):
+    """The stored gallery: every item's image, old embedding and side-info."""
+
+    old_space_id: str
+    old_dim: int
+    side_info_space_id: str
+    side_info_dim: int
+    old_model_sha256: str
+    side_info_model_sha256: str
+    dataset_fingerprint: str
+
+
+class ShardRange(Record):
+    """Rows [start, stop) of the pinned gallery_store: shard `index` of `count`."""
+
+    index: int
+    count: int
+    start: int
+    stop: int
+
+
+class BackfillPlan(Record):
+    """Pass 1 of a version's backfill: the items to re-embed and the shards (plain JSON, so it
+    travels between processes without pickling)."""
+
+    version: str
+    gallery_store_version: int
+    rows: int
+    run_id: str
+    reembed_fraction: float
+    reembed_ids: tuple[int, ...]  # most uncertain first
+    batch_size: int
+    ann_min_rows: int | None
+    shards: tuple[ShardRange, ...]
+    plan_seconds: float
+    started_at: float | None = None  # wall clock when the plan began (epoch seconds)
+
+
+class ShardResult(TableRecord):
+    """One shard's rows, committed to its staging table (or, unsharded, the version's table)."""
+
+    index: int
+    reembedded: int
+    staged: bool
+    space_id: str
+    dim: int
+    seconds: float  # first read to commit
+    pid: int | None = None
+    transformation_sha256: str | None = None
+    new_model_sha256: str | None = None
+
+
+class BackfilledTable(TableRecord):
+    """The version's published gallery table (`gallery_<version>`) and what its backfill cost."""
+
+    space_id: str
+    dim: int
+    reembedded: int
+    reembed_fraction: float
+    shards: int
+    backfill_seconds: float  # one worker's time for both passes and the staging copy
+    backfill_items_per_s: float | None
+    gallery_store_version: int
+    gallery_rows: int
+    ann_index: str  # "built" | "none"
+    ann_params: dict[str, Any] | None = None
+    transformation_sha256: str | None = None
+    new_model_sha256: str | None = None
+    backfill_wall_seconds: float | None = None
+
+
+class VersionTable(Record):
+    """A model version's table at one LanceDB version, in one embedding space."""
+
+    version: str
+    table: str
+    table_version: int
+    space_id: str
+
+
+class Deployment(VersionTable):
+    """One row of the append-only deployments table."""
+
+    seq: int
+    action: str  # promote | rollback
+    at: str  # ISO 8601, UTC
+
+
+class EvalReport(Record):
+    """A version's metrics in percent: cases (query/gallery), the unseen-class split, backfilling
+    curves and their areas, and the costs measured on the way."""
+
+    version: str
+    items: int
+    cases: dict[str, Metrics]
+    cases_unseen_classes: dict[str, Metrics | None]
+    cases_seen_classes: dict[str, Metrics | None]
+    gap_closed: Metrics
+    backfill_curves: dict[str, dict[str, list[float]]]
+    backfill_auc: dict[str, Metrics]
+    reembedded: int
+    table: str
+    table_version: int
+    reembed_seconds: float
+    reembed_items_per_s: float
+    backfill_items_per_s: float | None
+    space_id: str
+    plot_png_base64: str = ""  # left out of the event-log copy (metadata "json")
+    seconds: float | None = None
+
+
+RECORDS: dict[str, type[Record]] = {
+    cls.__name__: cls
+    for cls in (
+        DatasetRecord,
+        GalleryStore,
+        ShardRange,
+        BackfillPlan,
+        ShardResult,
+        BackfilledTable,
+        VersionTable,
+        Deployment,
+        EvalReport,
+    )
+}
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(record)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def dumps(record: Record) -> str:
+    """The record as flat JSON: its fields and the two header keys."""
+    if not isinstance(record, Record):
+        raise RecordError(f"expected an fct record, got a {type(record).__name__}")
+    kind = type(record)
+    fields = record.model_dump(mode="json")
+    return json.dumps({TYPE_KEY: kind.__name__, SCHEMA_KEY: kind.SCHEMA, **fields}, indent=2)
+
+
+def loads(text: str, where: str, expected: type[R] | None = None) -> R:
+    """The record in `text` (read from `where`, named in errors), of type `expected` if given."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{where}: not JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict) or TYPE_KEY not in data:
+        raise RecordError(f"{where}: not an fct record (no {TYPE_KEY!r} key); re-materialise it")
+    name, schema = data.pop(TYPE_KEY), data.pop(SCHEMA_KEY, None)
+    cls = RECORDS.get(name)
+    if cls is None:
+        raise RecordError(f"{where}: unknown record type {name!r} (known: {', '.join(RECORDS)})")
+    if expected is not None and not issubclass(cls, expected):
+        raise RecordError(f"{where}: holds a {name}, expected a {expected.__name__}")
+    if schema != cls.SCHEMA:
+        raise RecordError(
+            f"{where}: stale {name} record (schema {schema}, this fct reads {cls.SCHEMA});"
+            " re-materialise it"
+        )
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise RecordError(f"{where}: stale or invalid {name} record ({_one_line(err)})") from None
+
+
+def from_metadata(cls: type[R], metadata: Mapping[str, Any], where: str) -> R:
+    """The record `cls` from materialisation metadata (plain values), which may hold more keys."""
+    try:
+        return cls.model_validate({k: metadata[k] for k in cls.model_fields if k in metadata})
+    except ValidationError as err:
+        raise RecordError(f"{where}: metadata is not a {cls.__name__} ({_one_line(err)})") from None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model loaded by the checkpoint IO manager, verified against its recorded sha256."""
+
+    model: nn.Module  # in eval mode, on the CPU
+    sha256: str
+    space_id: str  # name@sha256[:12]: the space of the vectors it makes
+    # The whole metadata of the materialisation this checkpoint came from: an asset that checks
+    # it (e.g. the spaces h was trained on) reads the same record, not a later one.
+    recorded: Mapping[str, Any]

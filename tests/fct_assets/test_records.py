@@ -1,0 +1,185 @@
+"""Typed records: every record type round-trips through its JSON form; a stale, unknown or
+foreign record is refused with one line naming the file."""
+
+from __future__ import annotations
+
+import json
+
+import pydantic
+import pytest
+
+from fct_assets import records
+from fct_assets.records import RecordError
+
+SHARD = records.ShardRange(index=1, count=2, start=5, stop=10)
+EXAMPLES = [
+    records.DatasetRecord(
+        spec="digits",
+        name="digits",
+        fingerprint="f" * 64,
+        old_classes=(0, 1, 2, 3, 4),
+        class_names=tuple(str(c) for c in range(10)),
+        num_classes=10,
+        channels=1,
+        image_size=(8, 8),
+        train_items=1257,
+        gallery_items=540,
+    ),
+    records.GalleryStore(
+        table="gallery_store",
+        version=3,
+        rows=540,
+        old_space_id="old_model@aaaaaaaaaaaa",
+        old_dim=16,
+        side_info_space_id="side_info_model@bbbbbbbbbbbb",
+        side_info_dim=16,
+        old_model_sha256="a" * 64,
+        side_info_model_sha256="b" * 64,
+        dataset_fingerprint="f" * 64,
+    ),
+    SHARD,
+    records.BackfillPlan(
+        version="v2",
+        gallery_store_version=3,
+        rows=10,
+        run_id="r" * 36,
+        reembed_fraction=0.2,
+        reembed_ids=(7, 2),
+        batch_size=4,
+        ann_min_rows=None,
+        shards=(records.ShardRange(index=0, count=2, start=0, stop=5), SHARD),
+        plan_seconds=0.5,
+        started_at=1.0e9,
+    ),
+    records.ShardResult(
+        table="_staging_gallery_v2_rrrrrrrr_1of2",
+        version=1,
+        rows=5,
+        index=1,
+        reembedded=1,
+        staged=True,
+        space_id="new_model:v2@cccccccccccc",
+        dim=16,
+        seconds=0.25,
+        pid=123,
+        transformation_sha256="d" * 64,
+        new_model_sha256="c" * 64,
+    ),
+    records.BackfilledTable(
+        table="gallery_v2",
+        version=2,
+        rows=10,
+        space_id="new_model:v2@cccccccccccc",
+        dim=16,
+        reembedded=2,
+        reembed_fraction=0.2,
+        shards=2,
+        backfill_seconds=1.5,
+        backfill_items_per_s=6.7,
+        gallery_store_version=3,
+        gallery_rows=10,
+        ann_index="built",
+        ann_params={"index_type": "IVF_PQ", "num_partitions": 2},
+    ),
+    records.VersionTable(
+        version="v2", table="gallery_v2", table_version=2, space_id="new_model:v2@cccccccccccc"
+    ),
+    records.Deployment(
+        version="v2",
+        table="gallery_v2",
+        table_version=2,
+        space_id="new_model:v2@cccccccccccc",
+        seq=1,
+        action="promote",
+        at="2026-11-30T02:00:00+00:00",
+    ),
+    records.EvalReport(
+        version="v2",
+        items=10,
+        cases={"old/old": {"top1": 50.0, "top5": 90.0, "mAP": 40.0}},
+        cases_unseen_classes={"old/old": None},
+        cases_seen_classes={"old/old": {"top1": 60.0, "top5": 95.0, "mAP": 45.0}},
+        gap_closed={"top1": 75.0, "mAP": 70.0},
+        backfill_curves={"sigma": {"fractions": [0.0, 1.0], "mAP": [40.0, 50.0]}},
+        backfill_auc={"sigma": {"top1": 55.0, "mAP": 45.0}},
+        reembedded=0,
+        table="gallery_v2",
+        table_version=2,
+        reembed_seconds=0.1,
+        reembed_items_per_s=100.0,
+        backfill_items_per_s=None,
+        space_id="new_model:v2@cccccccccccc",
+        plot_png_base64="iVBORw0KGgo=",
+    ),
+]
+
+
+def test_every_record_type_has_an_example():
+    assert {type(r).__name__ for r in EXAMPLES} == set(records.RECORDS)
+
+
+@pytest.mark.parametrize("record", EXAMPLES, ids=lambda r: type(r).__name__)
+def test_round_trip(record):
+    text = records.dumps(record)
+    data = json.loads(text)
+    # Flat: the fields at the top level (a reader of the file sees them), plus the header.
+    assert data[records.TYPE_KEY] == type(record).__name__ and data[records.SCHEMA_KEY] == 1
+    assert records.loads(text, "x.json") == record
+    assert records.loads(text, "x.json", type(record)) == record
+
+
+def test_records_are_frozen_and_closed():
+    with pytest.raises(pydantic.ValidationError):
+        SHARD.start = 0
+    with pytest.raises(pydantic.ValidationError):
+        records.ShardRange(index=0, count=1, start=0, stop=1, extra=2)
+
+
+def _edited(record, **changes) -> str:
+    data = json.loads(records.dumps(record))
+    for key, value in changes.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        # A field renamed by a later fct: the old name is unknown, the new one missing.
+        ({"rows": None, "row_count": 10}, "stale or invalid BackfilledTable record (rows: Field"),
+        ({"dim": None}, "stale or invalid BackfilledTable record (dim: Field required)"),
+        ({"dim": "wide"}, "stale or invalid BackfilledTable record (dim: Input should be"),
+        ({records.SCHEMA_KEY: 0}, "stale BackfilledTable record (schema 0, this fct reads 1)"),
+        ({records.TYPE_KEY: "GalleryV1"}, "unknown record type 'GalleryV1'"),
+        ({records.TYPE_KEY: None}, "not an fct record"),
+    ],
+)
+def test_stale_or_unknown_record_is_refused_with_one_line(changes, expected):
+    text = _edited(EXAMPLES[5], **changes)
+    with pytest.raises(RecordError) as err:
+        records.loads(text, "records/backfilled_gallery/v2.json")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("records/backfilled_gallery/v2.json: ")
+    assert expected in message
+
+
+def test_record_of_another_type_is_refused():
+    with pytest.raises(RecordError, match="x.json: holds a ShardRange, expected a BackfillPlan"):
+        records.loads(records.dumps(SHARD), "x.json", records.BackfillPlan)
+    with pytest.raises(RecordError, match="x.json: not JSON"):
+        records.loads("{", "x.json")
+    with pytest.raises(RecordError, match="expected an fct record, got a dict"):
+        records.dumps({"rows": 1})
+
+
+def test_from_metadata_takes_the_record_fields_and_ignores_the_rest():
+    table = EXAMPLES[5]
+    metadata = {**table.model_dump(), "dagster/row_count": 10, "code_version": "x"}
+    assert records.from_metadata(records.BackfilledTable, metadata, "m") == table
+    del metadata["space_id"]
+    with pytest.raises(RecordError, match=r"^m: metadata is not a BackfilledTable \(space_id"):
+        records.from_metadata(records.BackfilledTable, metadata, "m")
