@@ -74,17 +74,15 @@ def test_with_nothing_re_embedded_the_served_table_is_h_of_old(stored):
 
 
 def test_the_curves_start_at_h_of_old_and_end_at_new_over_new(stored):
-    # At fraction 0 the gallery is the h(old) table, each item carrying its expected error
-    # exp(sigma) (the table's sigma column) as one more coordinate, 0 for the queries: recomputed
-    # by brute force. At 1 every item is re-embedded: new/new.
+    # At fraction 0 the gallery is the h(old) table (recomputed by brute force): new/h(old). At
+    # 1 every item is re-embedded: new/new.
     report, labels = stored["report"], stored["labels"]
-    new0 = np.hstack([stored["new"], np.zeros((len(labels), 1))])
-    gallery = np.hstack([stored["h"], np.sqrt(np.exp(stored["sigma"]))[:, None]])
-    start = brute_force(new0, gallery, labels)
+    start = brute_force(stored["new"], stored["h"], labels)
     for order, curve in report["backfill_curves"].items():
         assert curve["fractions"][0] == 0.0 and curve["fractions"][-1] == 1.0
         for metric in ("top1", "mAP"):
             assert curve[metric][0] == pytest.approx(start[metric], abs=0.01), order
+            assert curve[metric][0] == pytest.approx(report["cases"]["new/h(old)"][metric])
             assert curve[metric][-1] == pytest.approx(report["cases"]["new/new"][metric]), order
 
 

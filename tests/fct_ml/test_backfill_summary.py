@@ -101,7 +101,13 @@ def test_the_expected_error_coordinate_moves_only_transformed_items():
     # mAP 83.3 %.
     sigma = torch.log(torch.tensor([4.0, 1e-12, 1e-12, 1e-12]))
     curves, _ = backfill_summary(
-        NEW, LABELS, TRANSFORMED, sigma, 5, generator=torch.Generator().manual_seed(0)
+        NEW,
+        LABELS,
+        TRANSFORMED,
+        sigma,
+        5,
+        generator=torch.Generator().manual_seed(0),
+        expected_error=True,
     )
     assert curves["sigma"]["top1"][0] == pytest.approx(75.0)
     assert curves["sigma"]["mAP"][0] == pytest.approx((1 + 1 / 3 + 1 + 1) / 4 * 100)
