@@ -83,7 +83,13 @@ class BackfillConfig(dg.Config):
             "uncertain (highest sigma) first, as FastFill. 0: transformation only (no image read)."
         ),
     )
-    batch_size: int = Field(4096, gt=0, description="Rows read, transformed and written per batch.")
+    rows_per_batch: int = Field(
+        4096,
+        gt=0,
+        description=(
+            "Gallery rows read, transformed and written per LanceDB page (memory grows with it)."
+        ),
+    )
     shards: int = Field(
         1,
         ge=1,
