@@ -19,7 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from fct_assets import storage
-from fct_assets.backfill_ops import backfill_config, backfill_shard, plan_backfill, publish_backfill
+from fct_assets.backfill_ops import (
+    GPU_POOL,
+    backfill_config,
+    backfill_shard,
+    plan_backfill,
+    publish_backfill,
+)
 from fct_assets.config import (
     DatasetConfig,
     EvalReportConfig,
@@ -27,7 +33,7 @@ from fct_assets.config import (
     TransformationTrainingConfig,
 )
 from fct_assets.partitions import model_version
-from fct_assets.provenance import code_version, epoch_logger, history_metadata
+from fct_assets.provenance import code_version, epoch_logger, history_metadata, source_version
 from fct_assets.records import (
     BackfilledTable,
     Checkpoint,
@@ -37,6 +43,8 @@ from fct_assets.records import (
 )
 from fct_assets.resources import FctResource
 
+# The checkout's git commit, recorded as metadata on every materialisation (lineage). Each asset's
+# Dagster code version is the digest of its own code instead (`versioned`).
 CODE_VERSION = code_version()
 
 
@@ -46,27 +54,40 @@ OWNERS = ["team:retrieval"]
 ARTIFACT = {"pytorch": "model", "lancedb": "table", "python": "record"}
 
 
-def base_asset(*, kind: str, io_manager_key: str):
-    """An asset built once per old model (group `base`, unpartitioned)."""
-    return dg.asset(
+def versioned(decorator, **kwargs):
+    """`decorator(**kwargs)` (dg.asset, dg.graph_asset) with the code version set to the digest of
+    the decorated function's source and of the project code it reaches (provenance.source_version)."""
+
+    def decorate(fn):
+        return decorator(code_version=source_version(fn), **kwargs)(fn)
+
+    return decorate
+
+
+def base_asset(*, kind: str, io_manager_key: str, runs_model: bool = False):
+    """An asset built once per old model (group `base`, unpartitioned). One that trains or runs a
+    model is in the `gpu` pool (and deploy/k8s_executor.yaml gives its step a GPU)."""
+    return versioned(
+        dg.asset,
         group_name="base",
         kinds={kind},
         io_manager_key=io_manager_key,
-        code_version=CODE_VERSION,
+        pool=GPU_POOL if runs_model else None,
         owners=OWNERS,
         tags={"fct/artifact": ARTIFACT[kind]},
     )
 
 
-def upgrade_asset(*, kind: str, io_manager_key: str):
+def upgrade_asset(*, kind: str, io_manager_key: str, runs_model: bool = False):
     """An asset of one upgrade: partitioned by model version, materialised by itself (eager) when
-    a version is added or an input changes."""
-    return dg.asset(
+    a version is added or an input changes; in the `gpu` pool when it trains or runs a model."""
+    return versioned(
+        dg.asset,
         group_name="upgrade",
         kinds={kind},
         partitions_def=model_version,
         io_manager_key=io_manager_key,
-        code_version=CODE_VERSION,
+        pool=GPU_POOL if runs_model else None,
         automation_condition=dg.AutomationCondition.eager(),
         owners=OWNERS,
         tags={"fct/artifact": ARTIFACT[kind]},
@@ -146,7 +167,7 @@ def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[DatasetRecord]
     )
 
 
-@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
+@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def old_model(
     context: dg.AssetExecutionContext,
     config: ModelTrainingConfig,
@@ -165,7 +186,7 @@ def old_model(
     return _model_output(model, history, context, classes=json.dumps(list(old)), items=items)
 
 
-@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
+@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def side_info_model(
     context: dg.AssetExecutionContext,
     config: ModelTrainingConfig,
@@ -184,7 +205,7 @@ def side_info_model(
     return _model_output(model, history, context, items=items)
 
 
-@base_asset(kind="lancedb", io_manager_key="record_io_manager")
+@base_asset(kind="lancedb", io_manager_key="record_io_manager", runs_model=True)
 def gallery_store(
     context: dg.AssetExecutionContext,
     fct: FctResource,
@@ -261,7 +282,7 @@ def gallery_store(
 # ---------------------------------------------------------------- upgrade (one partition per model version)
 
 
-@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
+@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def new_model(
     context: dg.AssetExecutionContext,
     config: ModelTrainingConfig,
@@ -288,7 +309,7 @@ def new_model(
     )
 
 
-@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager")
+@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def transformation(
     context: dg.AssetExecutionContext,
     config: TransformationTrainingConfig,
@@ -333,11 +354,11 @@ def transformation(
     )
 
 
-@dg.graph_asset(
+@versioned(
+    dg.graph_asset,
     group_name="upgrade",
     kinds={"lancedb"},
     partitions_def=model_version,
-    code_version=CODE_VERSION,
     automation_condition=dg.AutomationCondition.eager(),
     config=backfill_config,
     owners=OWNERS,
@@ -353,7 +374,7 @@ def backfilled_gallery(gallery_store, transformation, new_model):
     return publish_backfill(plan, done.collect())
 
 
-@upgrade_asset(kind="python", io_manager_key="record_io_manager")
+@upgrade_asset(kind="python", io_manager_key="record_io_manager", runs_model=True)
 def eval_report(
     config: EvalReportConfig,
     fct: FctResource,

@@ -5,7 +5,6 @@ import os
 
 import dagster as dg
 
-from fct_assets.partitions import model_version
 from fct_assets.resources import FctResource
 
 
@@ -51,7 +50,6 @@ upgrade_job = dg.define_asset_job(
 verify_job = dg.define_asset_job(
     "verify",
     selection=dg.AssetSelection.checks_for_assets("backfilled_gallery", "eval_report"),
-    partitions_def=model_version,  # a checks-only selection does not infer it
     description=(
         "Re-runs a version's blocking checks on its tables as they are now (no training, no"
         " writing)."

@@ -1,5 +1,11 @@
 """`fct` command line: `reproduce` (fct_ml), and the serving commands over the Dagster instance
-and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`."""
+and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`.
+
+Every command that prints a result takes `--json` (the result as one JSON document on stdout).
+Exit codes: 0 done; 1 the operation was refused or failed; 2 the command line is wrong. Either
+error is one line on stderr, `fct: error: ...`. Run as a program, `fct` shows its own output
+only: libraries' warnings are silenced (`-W` or PYTHONWARNINGS bring them back).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,12 @@ import argparse
 import json
 import os
 import sys
+import warnings
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
+from fct_ml import __version__
 from fct_ml.cli import add_reproduce_parser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +42,8 @@ def _promote(args) -> int:
     from fct_assets.deployment import promote
 
     row = promote(_instance(), _fct().connect(), args.version)
+    if args.json:
+        return _print_json(row)
     print(
         f"promoted {row.version}: serving {row.table} @ LanceDB version"
         f" {row.table_version} ({row.space_id})"
@@ -43,6 +55,8 @@ def _rollback(args) -> int:
     from fct_assets.deployment import rollback
 
     row = rollback(_fct().connect())
+    if args.json:
+        return _print_json(row)
     print(
         f"rolled back to {row.version}: serving {row.table} @ LanceDB version {row.table_version}"
     )
@@ -53,7 +67,9 @@ def _lineage(args) -> int:
     from fct_assets.lineage import format_lineage, lineage
 
     info = lineage(_instance(), args.version)
-    print(json.dumps(info, indent=2, default=str) if args.json else format_lineage(info))
+    if args.json:
+        return _print_json(info)
+    print(format_lineage(info))
     return 0
 
 
@@ -61,6 +77,8 @@ def _add_version(args) -> int:
     from fct_assets.partitions import add_model_version
 
     add_model_version(_instance(), args.version)
+    if args.json:
+        return _print_json({"version": args.version, "added": True})
     print(
         f"added model version {args.version}; with `make ui` running, automation materialises its"
         " four assets"
@@ -72,7 +90,9 @@ def _estimate(args) -> int:
     from fct_assets.estimate import estimate, format_estimate
 
     info = estimate(_instance(), args.version, args.items)
-    print(json.dumps(info, indent=2) if args.json else format_estimate(info))
+    if args.json:
+        return _print_json(info)
+    print(format_estimate(info))
     return 0
 
 
@@ -82,31 +102,52 @@ def _search(args) -> int:
     hits = search_command(
         _instance(), _fct(), image=args.image, item_id=args.item_id, version=args.version, k=args.k
     )
+    if args.json:
+        return _print_json(hits)
     print(f"{'rank':>4} {'item_id':>8} {'label':>5} {'distance':>10}  source")
     for rank, h in enumerate(hits, 1):
         print(f"{rank:>4} {h['item_id']:>8} {h['label']:>5} {h['distance']:>10.4f}  {h['source']}")
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line (argparse prints the usage block too), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"fct: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _versions() -> str:
+    def of(package: str) -> str:
+        try:
+            return installed_version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"fct {__version__} (dagster {of('dagster')}, torch {of('torch')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fct", description="Forward-compatible embedding upgrades."
-    )
+    parser = Parser(prog="fct", description="Forward-compatible embedding upgrades.")
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True)
     add_reproduce_parser(sub)
     p = sub.add_parser("promote", help="serve VERSION, if its blocking checks passed")
     p.add_argument("version")
+    _json_flag(p)
     p.set_defaults(func=_promote)
     p = sub.add_parser("rollback", help="serve again the previously deployed version")
+    _json_flag(p)
     p.set_defaults(func=_rollback)
     p = sub.add_parser(
         "lineage", help="checkpoints, tables, fingerprints, code and runs behind VERSION"
     )
     p.add_argument("version")
-    p.add_argument("--json", action="store_true")
+    _json_flag(p)
     p.set_defaults(func=_lineage)
     p = sub.add_parser("add-version", help="register a model version (a Dagster dynamic partition)")
     p.add_argument("version")
+    _json_flag(p)
     p.set_defaults(func=_add_version)
     p = sub.add_parser(
         "estimate", help="time a full re-embedding would take against the transformation backfill"
@@ -118,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="gallery size to estimate for (default: this gallery's)",
     )
-    p.add_argument("--json", action="store_true")
+    _json_flag(p)
     p.set_defaults(func=_estimate)
     p = sub.add_parser(
         "search", help="nearest gallery items, query embedded by the version's new model"
@@ -128,17 +169,36 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--item-id", type=int, help="a gallery item's stored image")
     p.add_argument("--version", default=None, help="default: the deployed version")
     p.add_argument("-k", type=int, default=10)
+    _json_flag(p)
     p.set_defaults(func=_search)
     return parser
 
 
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _print_json(value) -> int:
+    print(json.dumps(value, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run `fct` with `argv` (default: the program's arguments); returns the exit code."""
+    if argv is None and not sys.warnoptions:
+        # As a program: fct's own output only (e.g. no Dagster preview warning on `fct promote`).
+        warnings.simplefilter("ignore")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (2, one line printed)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.func(args)
-    except (ValueError, LookupError) as err:  # our errors are one line: show it, no traceback
-        print(f"fct: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, LookupError, OSError) as err:
+        # Refused or failed: our errors are one line; show it, no traceback.
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"fct: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

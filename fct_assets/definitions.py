@@ -1,4 +1,5 @@
-"""The fct code location: `dagster dev -w workspace.yaml` loads `defs` from here."""
+"""The fct code location: `defs`, loaded lazily by `dagster dev`, `dg check defs`, `dg dev` (from
+pyproject's [tool.dagster] / [tool.dg]) and workspace.yaml."""
 
 from __future__ import annotations
 
@@ -7,17 +8,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from fct_assets.assets import ALL_ASSETS
-from fct_assets.automation import (
-    automation_sensor,
-    base_job,
-    daily_evaluation,
-    scheduled_evaluation_job,
-    upgrade_job,
-    verify_job,
-)
-from fct_assets.checks import ALL_CHECKS
-from fct_assets.deployment import promote_job, rollback_job
 from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
 from fct_assets.resources import FctResource
 
@@ -73,6 +63,19 @@ def build_defs(
     """The definitions with the given resources and executor (default: FCT_EXECUTOR).
 
     Tests pass temporary folders as resources."""
+    # Imported here, not at module level: importing this module builds nothing.
+    from fct_assets.assets import ALL_ASSETS
+    from fct_assets.automation import (
+        automation_sensor,
+        base_job,
+        daily_evaluation,
+        scheduled_evaluation_job,
+        upgrade_job,
+        verify_job,
+    )
+    from fct_assets.checks import ALL_CHECKS
+    from fct_assets.deployment import promote_job, rollback_job
+
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=ALL_CHECKS,
@@ -91,4 +94,7 @@ def build_defs(
     )
 
 
-defs = build_defs()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The definitions with resources and executor from the environment, built when loaded."""
+    return build_defs()

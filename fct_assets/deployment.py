@@ -72,24 +72,20 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
     why not ("never ran", "failed", "stale: ran before the latest materialisation", "status X"),
     whether it ran after that asset partition's latest materialisation, and the LanceDB table
     version it checked (None if its metadata names none)."""
-    from dagster._core.event_api import PartitionKeyFilter
-
     from fct_assets.checks import ALL_CHECKS
+    from fct_assets.dagster_internals import latest_check_execution
     from fct_assets.io_managers import latest_materialization
 
     out: dict[str, dict[str, Any]] = {}
     for check_key in (key for check in ALL_CHECKS for key in check.check_keys):
         if check_key.asset_key.to_user_string() not in GUARDED:
             continue
-        records = instance.event_log_storage.get_asset_check_execution_history(
-            check_key, limit=1, partition_filter=PartitionKeyFilter(key=version)
-        )
+        record = latest_check_execution(instance, check_key, version)
         latest = latest_materialization(instance, check_key.asset_key, version)
         name = f"{check_key.asset_key.to_user_string()}:{check_key.name}"
-        if not records:
+        if record is None:
             out[name] = {"passed": False, "why": "never ran"}
             continue
-        record = records[0]
         evaluation = record.evaluation
         # The evaluation's own event, not the record's creation (a check is planned at run start).
         fresh = (

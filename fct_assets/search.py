@@ -72,7 +72,7 @@ def search_command(
             f" new_model[{served.version}] is now {new_model.space_id}; re-materialise the"
             " version's backfilled_gallery"
         )
-    x = torch.from_numpy(
+    x = torch.tensor(  # a copy: the decoded image is a read-only array
         _query_image(db, image=image, item_id=item_id, channels=model.config.in_channels)
     )[None]
     query = encode(model, [x], transform=to_float)[0].numpy()

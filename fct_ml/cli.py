@@ -13,6 +13,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from fct_ml.data import load_dataset, parse_class_list
     from fct_ml.datasets import default_old_classes
     from fct_ml.presets import preset
+    from fct_ml.progress import StageProgress, reproduce_stages
     from fct_ml.reproduce import dumps, format_table, run_experiment
     from fct_ml.training import resolve_device
 
@@ -25,7 +26,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         )
     config = preset(args.preset)
     device = resolve_device(args.device)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    # Stage lines on stderr, each with the run's position and an overall ETA.
+    log = (lambda s: None) if args.quiet else StageProgress(reproduce_stages(config))
     result = run_experiment(
         dataset,
         old_classes,
@@ -38,11 +40,11 @@ def _reproduce(args: argparse.Namespace) -> int:
     )
     # The setting of a study is its preset (benchmarks/reproduce.py groups runs by it).
     result = {"dataset": result["dataset"], "preset": args.preset, "setting": args.preset, **result}
-    print(format_table(result))
+    print(dumps(result) if args.json else format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(dumps(result) + "\n")
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -90,6 +92,9 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
         " (settings that share stages train them once)",
     )
     rep.add_argument("--quiet", action="store_true", help="no progress output")
+    rep.add_argument(
+        "--json", action="store_true", help="print the result JSON (as --out writes it), no table"
+    )
     rep.set_defaults(func=_reproduce)
     return rep
 
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as err:  # DataError, ConfigError and friends: one clear line, no traceback
         print(f"fct: error: {err}", file=sys.stderr)
-        return 2
+        return 1  # refused; 2 is argparse's, for a command line that does not parse
 
 
 if __name__ == "__main__":

@@ -390,8 +390,11 @@ def load_digits_dataset(data_dir: Path | None = None) -> Dataset:
 
     ``data_dir`` is ignored: the data ships inside scikit-learn (no download).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:  # an extra since the core does not need it
+        raise DataError("dataset 'digits' needs scikit-learn: pip install 'fct[digits]'") from None
 
     bunch = load_digits()
     # Values are 0..16; round(v * 255 / 16) maps them onto the full uint8 range.

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster._config import process_config
-from dagster._core.errors import DagsterInvalidConfigError
-from dagster._core.instance.config import dagster_instance_config
-from dagster._core.system_config.objects import ResolvedRunConfig
+from dagster import DagsterInvalidConfigError
+
+from fct_assets.dagster_internals import executor_config, instance_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -53,7 +52,7 @@ def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
             if job.name == "promote"
             else {}
         )
-        execution = ResolvedRunConfig.build(job, run_config).execution.execution_engine_config
+        execution = executor_config(job, run_config)
         assert (
             execution["max_concurrent"] == expected["max_concurrent"]
             and execution["job_namespace"] == "fct"
@@ -82,7 +81,7 @@ def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     monkeypatch.setenv("FCT_EXECUTOR_CONFIG", str(tmp_path / "bad.yaml"))
     with pytest.raises(DagsterInvalidConfigError, match="gpus_per_shard"):
-        ResolvedRunConfig.build(build_defs().resolve_job_def("upgrade"), {})
+        executor_config(build_defs().resolve_job_def("upgrade"))
     monkeypatch.setenv("FCT_EXECUTOR", "spark")
     with pytest.raises(
         ValueError, match="FCT_EXECUTOR='spark': expected one of multiprocess | in_process | k8s"
@@ -120,10 +119,10 @@ def test_deploy_instance_yaml_has_postgres_storage_and_the_k8s_run_launcher(tmp_
 
     for key, value in _deploy_env().items():
         monkeypatch.setenv(key, value)
-    config, _ = dagster_instance_config(str(DEPLOY), "dagster.yaml")  # Dagster's instance schema
-    postgres = process_config(pg_config(), config["storage"]["postgres"])
-    assert postgres.success, postgres.errors
-    db = postgres.value["postgres_db"]
+    config = instance_config(str(DEPLOY))  # Dagster's instance schema
+    ok, postgres = validate_config(pg_config(), config["storage"]["postgres"])
+    assert ok, postgres
+    db = postgres["postgres_db"]
     assert (db["hostname"], db["username"], db["db_name"], db["password"]) == (
         os.environ["DAGSTER_PG_HOST"],
         "dagster",
@@ -134,9 +133,9 @@ def test_deploy_instance_yaml_has_postgres_storage_and_the_k8s_run_launcher(tmp_
         "dagster_k8s",
         "K8sRunLauncher",
     )
-    launcher = process_config(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
-    assert launcher.success, launcher.errors
-    assert launcher.value["env_config_maps"] == ["fct-env"]
+    ok, launcher = validate_config(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
+    assert ok, launcher
+    assert launcher["env_config_maps"] == ["fct-env"]
     assert config["concurrency"]["pools"]["granularity"] == "op"
 
     # Not vacuous: a misspelt storage key is refused by the same loader.
@@ -146,7 +145,7 @@ def test_deploy_instance_yaml_has_postgres_storage_and_the_k8s_run_launcher(tmp_
     ].pop("hostname")
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(DagsterInvalidConfigError):
-        dagster_instance_config(str(tmp_path), "dagster.yaml")
+        instance_config(str(tmp_path))
 
 
 def test_the_image_stamps_the_commit_it_was_built_from(monkeypatch):

@@ -12,15 +12,10 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pytest
-from dagster._core.definitions.data_version import (
-    CachingStaleStatusResolver,
-    StaleStatus,
-    extract_data_version_from_entry,
-)
-from dagster._core.loader import LoadingContextForTest
 
 from fct_assets import storage
 from fct_assets.cli import main as fct_main
+from fct_assets.dagster_internals import stale_status
 from fct_assets.deployment import PromotionError, current, promote, rollback
 from fct_assets.lineage import lineage
 from fct_ml.checkpoint import sha256_file
@@ -46,7 +41,7 @@ def _data_version(env, asset: str, partition: str | None = None) -> str:
     record = env.instance.get_latest_data_version_record(
         dg.AssetKey(asset), partition_key=partition
     )
-    return extract_data_version_from_entry(record.event_log_entry).value
+    return record.asset_materialization.tags["dagster/data_version"]
 
 
 def test_definitions_load_from_workspace():
@@ -178,13 +173,10 @@ def test_new_config_makes_downstream_stale_and_upstream_fresh(env):
     )
     assert rerun.success
     assert _data_version(env, "new_model", "v4") != before
-    resolver = CachingStaleStatusResolver(
-        env.instance, env.defs.resolve_asset_graph(), LoadingContextForTest(env.instance)
-    )
     for name in ("transformation", "backfilled_gallery", "eval_report"):
-        assert resolver.get_status(dg.AssetKey(name), "v4") == StaleStatus.STALE, name
-    assert resolver.get_status(dg.AssetKey("new_model"), "v4") == StaleStatus.FRESH
-    assert resolver.get_status(dg.AssetKey("gallery_store")) == StaleStatus.FRESH
+        assert stale_status(env.instance, env.defs, dg.AssetKey(name), "v4") == "STALE", name
+    assert stale_status(env.instance, env.defs, dg.AssetKey("new_model"), "v4") == "FRESH"
+    assert stale_status(env.instance, env.defs, dg.AssetKey("gallery_store")) == "FRESH"
 
 
 def test_planted_nan_fails_the_blocking_check_and_blocks_promotion(env):

@@ -120,11 +120,11 @@ def test_reproduce_prints_the_table(tiny_run) -> None:
     assert "gap closed" in stdout
 
 
-def test_old_classes_out_of_range_exits_2(capsys) -> None:
+def test_old_classes_out_of_range_exits_1(capsys) -> None:
     code = main(
         ["reproduce", "--dataset", "digits", "--preset", "tiny", "--old-classes", "0-99", "--quiet"]
     )
-    assert code == 2
+    assert code == 1
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert "\n" not in err
@@ -133,9 +133,9 @@ def test_old_classes_out_of_range_exits_2(capsys) -> None:
     assert "Traceback" not in captured.err
 
 
-def test_unknown_dataset_exits_2(capsys) -> None:
+def test_unknown_dataset_exits_1(capsys) -> None:
     code = main(["reproduce", "--dataset", "nope", "--preset", "tiny", "--quiet"])
-    assert code == 2
+    assert code == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert err.startswith("fct: error:")

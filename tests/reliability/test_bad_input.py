@@ -263,7 +263,7 @@ def test_stored_image_not_a_png(cwd, reliability):
 
 def test_search_unreadable_query_image(served, tmp_path, monkeypatch, capsys, reliability):
     # A wrong-size or wrong-mode query image is resized/converted like the gallery's by design;
-    # a file that is no image at all is refused with one line and exit code 2.
+    # a file that is no image at all is refused with one line and exit code 1.
     bad = tmp_path / "query.png"
     bad.write_bytes(b"definitely not an image")
     monkeypatch.setenv("DAGSTER_HOME", str(served["home"]))
@@ -272,7 +272,7 @@ def test_search_unreadable_query_image(served, tmp_path, monkeypatch, capsys, re
     before = tree(served["root"] / "lancedb"), tree(tmp_path)
     code = fct_main(["search", "--image", str(bad), "--version", "v2"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("fct: error: ") and "\n" not in err, err
+    assert code == 1 and err.startswith("fct: error: ") and "\n" not in err, err
     assert str(bad) in err and "not a readable image" in err
     assert (tree(served["root"] / "lancedb"), tree(tmp_path)) == before
     reliability(CATEGORY, "fct search --image with an unreadable file", f"refused: {err}")
@@ -516,11 +516,11 @@ def test_cli_add_version_path_name(tmp_path, monkeypatch, capsys, reliability):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     code = fct_main(["add-version", "../x"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("fct: error: ") and "\n" not in err, err
+    assert code == 1 and err.startswith("fct: error: ") and "\n" not in err, err
     assert "'../x'" in err and "expected a letter" in err
     assert dg.DagsterInstance.from_config(str(home)).get_dynamic_partitions("model_version") == []
     assert not (tmp_path / "x").exists()
-    reliability(CATEGORY, "fct add-version '../x'", f"refused (exit 2, no partition added): {err}")
+    reliability(CATEGORY, "fct add-version '../x'", f"refused (exit 1, no partition added): {err}")
 
 
 # --------------------------------------------------------------------------- #

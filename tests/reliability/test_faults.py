@@ -68,6 +68,7 @@ def _run_worker(root: Path, version: str, kill_after_lines: int | None) -> tuple
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stdout.close()
 
 
 def test_backfill_killed_part_way_publishes_nothing_and_rerun_is_exact(env, reliability):

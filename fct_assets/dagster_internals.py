@@ -1,0 +1,82 @@
+"""The one module that uses Dagster's private API (`dagster._core`, `dagster._config`).
+
+Each function here does something the public API does not offer (as of dagster 1.13); the
+reason is beside it. Keeping them in one place, each with a test
+(tests/fct_assets/test_dagster_internals.py), means a Dagster upgrade that moves one of them
+breaks one test here and no code elsewhere. `make lint` (ruff TID251, pyproject) refuses a
+private import in any other file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+from dagster._config import process_config
+from dagster._core.definitions.data_version import CachingStaleStatusResolver
+from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.instance.config import dagster_instance_config
+from dagster._core.loader import LoadingContextForTest
+from dagster._core.system_config.objects import ResolvedRunConfig
+
+__all__ = [
+    "executor_config",
+    "instance_config",
+    "latest_check_execution",
+    "stale_status",
+    "validate_config",
+]
+
+
+def latest_check_execution(
+    instance: dg.DagsterInstance, check_key: dg.AssetCheckKey, partition: str
+) -> Any | None:
+    """The latest execution record of `check_key` on one partition, or None.
+
+    The public instance API has no per-partition check history; promotion needs the latest
+    result for the version being promoted, not for whichever version ran last."""
+    records = instance.event_log_storage.get_asset_check_execution_history(
+        check_key, limit=1, partition_filter=PartitionKeyFilter(key=partition)
+    )
+    return records[0] if records else None
+
+
+def executor_config(job: dg.JobDefinition, run_config: dict | None = None) -> dict[str, Any]:
+    """The executor config Dagster resolves for `job` at launch (defaults filled, validated).
+
+    No public call resolves run config without launching a run; deploy/ is checked with it
+    without a cluster. Raises dg.DagsterInvalidConfigError on a key the executor does not know."""
+    return ResolvedRunConfig.build(job, run_config or {}).execution.execution_engine_config
+
+
+def instance_config(folder: str, filename: str = "dagster.yaml") -> dict[str, Any]:
+    """A dagster.yaml as Dagster's instance loader reads it (env vars resolved, schema checked).
+
+    The public DagsterInstance would also connect to its storage; deploy/'s Postgres is not here.
+    Raises dg.DagsterInvalidConfigError on a key the schema does not know."""
+    config, _ = dagster_instance_config(folder, filename)
+    return config
+
+
+def validate_config(config_type: Any, value: Any) -> tuple[bool, Any]:
+    """(True, value with defaults) if `value` fits `config_type`, else (False, the errors).
+
+    Used on the config schemas of integration classes (K8sRunLauncher, Postgres storage) that
+    have no public validator."""
+    result = process_config(config_type, value)
+    return (True, result.value) if result.success else (False, result.errors)
+
+
+def stale_status(
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    asset_key: dg.AssetKey,
+    partition: str | None = None,
+) -> str:
+    """ "FRESH", "STALE" or "MISSING": what the UI shows for (asset, partition).
+
+    The public API exposes data versions but not the staleness Dagster derives from them."""
+    resolver = CachingStaleStatusResolver(
+        instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
+    )
+    return resolver.get_status(asset_key, partition).value
