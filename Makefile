@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM ?= /usr/bin/chromium
 LOCK := requirements.lock
 
-.PHONY: venv lock data browser demo ui lint format test screenshots reproduce reproduce-benchmark reliability clean
+.PHONY: venv lock data browser demo ui lint format test screenshots reproduce reproduce-benchmark reliability mutation clean
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 # The stamp is remade when the dependencies or the lock change. Every package comes from
@@ -88,6 +88,11 @@ reproduce-benchmark: venv data
 # Bad inputs and injected faults, and the report of what happened (~1 min).
 reliability: venv data
 	$(PY) benchmarks/reliability.py
+
+# Mutation testing (mutmut) of the modules that compute what users read, with the fast tests
+# only; writes benchmarks/results/mutation.{json,md} and prints its wall time. Not part of CI.
+mutation: venv
+	nice -n 19 $(PY) benchmarks/mutation.py
 
 clean:
 	rm -rf runs .pytest_cache data test-artifacts

@@ -25,10 +25,12 @@ import torch
 from fct_ml import pipeline
 from fct_ml.backfill import apply_transformation, backfill_summary
 from fct_ml.checkpoint import content_digest
+from fct_ml.config import from_dict
 from fct_ml.data import Dataset
 from fct_ml.evaluation import evaluate_cases, gap_closed
+from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.presets import ExperimentConfig
-from fct_ml.training import EpochRecord
+from fct_ml.training import EpochRecord, prepare_model
 
 # h's variants, as (side_info, uncertainty): the paper's h with and without side-info, and
 # FastFill's (h with the uncertainty head sigma) with and without.
@@ -49,21 +51,31 @@ class StageCache:
     its configs, the run's seed and the training data's fingerprint), so settings that share a
     stage (the same new model, side-info model) train it once. `None` folder: no cache."""
 
-    def __init__(self, folder: Path | None, fingerprint: str, seed: int):
-        self.folder, self.fingerprint, self.seed = folder, fingerprint, seed
+    def __init__(self, folder: Path | None, fingerprint: str, seed: int, device: torch.device):
+        self.folder, self.fingerprint, self.seed, self.device = folder, fingerprint, seed, device
 
-    def __call__(self, stage: str, key: Any, train: Callable[[], tuple[Any, list[EpochRecord]]]):
+    def __call__(
+        self,
+        stage: str,
+        key: Any,
+        train: Callable[[], tuple[EmbeddingModel, list[EpochRecord]]],
+    ) -> tuple[EmbeddingModel, list[EpochRecord]]:
         if self.folder is None:
             return train()
         blob = json.dumps([stage, key, self.seed, self.fingerprint], sort_keys=True, default=str)
         path = self.folder / f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}.pt"
         if path.exists():
-            saved = torch.load(path, weights_only=False)
-            return saved["model"], [EpochRecord(**r) for r in saved["history"]]
+            # Tensors, numbers and strings only: no pickled code is loaded.
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+            model = EmbeddingModel(from_dict(ModelConfig, saved["config"]))
+            model.load_state_dict(saved["state"])
+            return prepare_model(model, self.device), [EpochRecord(**r) for r in saved["history"]]
         model, history = train()
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"model": model, "history": _history(history)}, tmp)
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        entry = {"config": asdict(model.config), "state": state, "history": _history(history)}
+        torch.save(entry, tmp)
         tmp.replace(path)  # a crash never leaves a half-written entry
         return model, history
 
@@ -147,7 +159,9 @@ def run_experiment(
     old_classes = pipeline.old_class_tuple(old_classes)
     # Every stage trains on the training set minus the validation split (pipeline.fit_split).
     val = pipeline.validation_split(dataset, config)
-    cache = StageCache(cache_dir, f"{dataset.fingerprint()}:{config.validation_fraction}", seed)
+    cache = StageCache(
+        cache_dir, f"{dataset.fingerprint()}:{config.validation_fraction}", seed, device
+    )
     unseen_classes = tuple(c for c in range(dataset.num_classes) if c not in old_classes)
     timings: dict[str, float] = {}
     histories: dict[str, list[dict[str, Any]]] = {}

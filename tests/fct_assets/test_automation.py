@@ -2,6 +2,10 @@
 against the shared instance (each test sets up the versions it needs)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -97,3 +101,42 @@ def report_markdown(env, version: str) -> str:
         limit=1,
     ).records[0]
     return record.asset_materialization.metadata["report"].value
+
+
+# ---------------------------------------------------------------- the automation sensor, ticked
+
+REPO = Path(__file__).resolve().parents[2]
+UPGRADE = ("backfilled_gallery", "eval_report", "new_model", "transformation")
+
+
+def _tick_sensor(env, version: str, auto_upgrade: str) -> dict:
+    """Register `version`, then one daemon tick of the real sensor in a fresh process started
+    with FCT_AUTO_UPGRADE=`auto_upgrade` (tests/fct_assets/automation_tick.py): {"running",
+    "submitted"}. The version is unregistered afterwards (nothing of it was materialised)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.fct_assets.automation_tick", version],
+            cwd=REPO,
+            env={**os.environ, **env.environ(), "FCT_AUTO_UPGRADE": auto_upgrade},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        env.instance.delete_dynamic_partition("model_version", version)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_sensor_requests_exactly_the_new_versions_four_assets(env):
+    # One run of the four upgrade assets of the added version: not the base assets, not another
+    # version's.
+    tick = _tick_sensor(env, "vauto", "on")
+    assert tick == {
+        "running": True,
+        "submitted": [{"assets": list(UPGRADE), "partition": "vauto"}],
+    }
+
+
+def test_the_sensor_requests_nothing_when_auto_upgrade_is_off(env):
+    assert _tick_sensor(env, "voff", "off") == {"running": False, "submitted": []}

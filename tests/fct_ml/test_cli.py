@@ -1,17 +1,16 @@
 """`fct reproduce` end to end on digits with the tiny preset (in-process, via fct_ml.cli.main).
 
-The tiny run takes ~10-15 s on the 2-core CPU (more under load). It runs once with seed 0, in a
-module-scoped fixture whose outputs the assertions reuse. Determinism (same seed twice, same
-metrics) is checked through the same CLI in tests/reliability/test_faults.py.
+The tiny run takes ~10-15 s on the 2-core CPU (more under load). It runs once with seed 0, in
+the session fixture `tiny_run` (conftest.py) that tests/fct_ml/test_reproduce.py shares.
+Determinism (same seed twice, same metrics) is checked through the same CLI in
+tests/reliability/test_faults.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-from typing import Any
 
 import pytest
 
@@ -34,27 +33,6 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
     return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One seed-0 tiny run: {code, stdout, stderr, result, out}."""
-    out = tmp_path_factory.mktemp("run") / "sub" / "result.json"
-    argv = [
-        "reproduce",
-        "--dataset",
-        "digits",
-        "--preset",
-        "tiny",
-        "--seed",
-        "0",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
-    code, stdout, stderr = _run(argv)
-    result = json.loads(out.read_text()) if out.exists() else None
-    return {"code": code, "stdout": stdout, "stderr": stderr, "result": result, "out": out}
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ One flow, as a person does it: open the asset graph; add model version v3 from t
 materialise dialog; open the `upgrade` launchpad, pick v3, change the config by typing;
 launch; wait for the run to succeed; read the eval report (table and plot); see the blocking
 check's status; the graph again. Every action goes through the UI's own controls, never GraphQL. Screenshots
-land in test-artifacts/ui/ (`make screenshots` copies three of them into docs/ui/).
+land in test-artifacts/ui/ (the README's pictures come from `make screenshots`, over the demo).
 """
 
 from __future__ import annotations

@@ -1,0 +1,270 @@
+"""Mutation testing of the modules that compute what users read (`make mutation`, not part of CI).
+
+mutmut (3.x) mutates one expression at a time in the modules below and runs, for each mutant,
+only the fast tests that reach the mutated function (mutmut records which tests call which
+function in a first pass). A mutant the tests do not fail on survives. It runs in a copy of the
+repository under runs/mutation/ (mutmut's config goes into the copy's pyproject.toml), then
+writes benchmarks/results/mutation.{json,md}:
+
+    {"modules": {PATH: {"killed", "survived", "total"}}, "score": killed/total,
+     "survivors": [{"path", "line", "mutant", "why kept"}], ...}
+
+A survivor is kept only when judged equivalent (no test can tell it apart from the original):
+EQUIVALENT below says why, keyed by file and the changed line before and after. Any other
+survivor is printed with "why kept": null and must be killed by a test or judged.
+
+    python benchmarks/mutation.py [--modules fct_ml/retrieval.py ...] [--max-children 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = [
+    "fct_ml/retrieval.py",
+    "fct_ml/backfill.py",
+    "fct_ml/losses.py",
+    "fct_ml/bct.py",
+    "fct_ml/evaluation.py",
+    "fct_ml/transformation.py",
+    "fct_assets/deployment.py",
+    "fct_assets/checks.py",
+    "fct_assets/report.py",
+]
+# The fast tests that cover those modules (seconds each; no Dagster run, no training of the tiny
+# preset): mutmut runs the subset that reaches each mutated function.
+TESTS = [
+    "tests/fct_ml/test_retrieval.py",
+    "tests/fct_ml/test_backfill.py",
+    "tests/fct_ml/test_backfill_summary.py",
+    "tests/fct_ml/test_losses.py",
+    "tests/fct_ml/test_evaluation.py",
+    "tests/fct_ml/test_models.py",
+    "tests/fct_ml/test_training.py",
+    "tests/fct_assets/test_report.py",
+    "tests/fct_assets/test_checks.py",
+    "tests/fct_assets/test_promotion_rules.py",
+]
+# mutmut's exit-code statuses: a timeout is a detected change (the mutant looped), so killed.
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+
+# Survivors judged equivalent: (path, original line, mutated line) -> why no test can tell.
+CHUNKS = (
+    "the chunk size only batches the queries; results do not depend on it"
+    " (test_retrieval.py: chunking does not change results, exact ties included)"
+)
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    ("fct_ml/evaluation.py", "chunk_size: int = 1024,", "chunk_size: int = 1025,"): CHUNKS,
+    ("fct_ml/evaluation.py", "chunk_size=chunk_size,", ")"): CHUNKS,
+    (
+        "fct_ml/evaluation.py",
+        'out[metric] = 100 * (cases[case][metric] - lo) / (hi - lo) if hi != lo else float("nan")',
+        'out[metric] = 100 * (cases[case][metric] - lo) / (hi - lo) if hi != lo else float("NAN")',
+    ): 'float("NAN") is float("nan")',
+}
+
+
+def _setup(workdir: Path, modules: list[str], tests: list[str]) -> None:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    for name in ("fct_ml", "fct_assets", "tests"):
+        shutil.copytree(
+            REPO / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    config = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            'source_paths = ["fct_ml", "fct_assets"]',
+            f"only_mutate = {json.dumps(modules)}",
+            f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore", "-q"]',
+            "use_git_change_detection = false",
+            "",
+        ]
+    )
+    (workdir / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text() + config)
+
+
+def _mutmut(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mutmut", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def _changed_line(workdir: Path, name: str, source: list[str]) -> tuple[int, str, str]:
+    """(line in the original file, original line, mutated line) of one mutant."""
+    diff = _mutmut(workdir, "show", name).stdout.splitlines()
+    removed = [line[1:] for line in diff if line.startswith("-") and not line.startswith("---")]
+    added = [line[1:] for line in diff if line.startswith("+") and not line.startswith("+++")]
+    before = removed[0].strip() if removed else ""
+    after = added[0].strip() if added else ""
+    lineno = next((i + 1 for i, text in enumerate(source) if text.strip() == before), 0)
+    return lineno, before, after
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modules", nargs="+", default=MODULES)
+    parser.add_argument("--tests", nargs="+", default=TESTS)
+    parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "mutation")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other modules' figures of an earlier mutation.json (runs in parts)",
+    )
+    parser.add_argument(
+        "--collect",
+        type=float,
+        metavar="WALL_SECONDS",
+        help="do not run: write the results of the run in --workdir as they stand (mutants not"
+        " yet checked are counted apart), stating the given wall time",
+    )
+    args = parser.parse_args(argv)
+
+    from mutmut.stats import status_by_exit_code
+
+    started = time.perf_counter()
+    if args.collect is None:
+        _setup(args.workdir, args.modules, args.tests)
+        run = _mutmut(args.workdir, "run", "--max-children", str(args.max_children))
+        if not list((args.workdir / "mutants").rglob("*.meta")):
+            print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
+            return 1
+    wall = time.perf_counter() - started if args.collect is None else args.collect
+
+    modules: dict[str, dict[str, int]] = {}
+    survivors: list[dict] = []
+    statuses: Counter = Counter()
+    for path in args.modules:
+        meta = json.loads((args.workdir / "mutants" / f"{path}.meta").read_text())
+        source = (REPO / path).read_text().splitlines()
+        killed = total = unchecked = 0
+        for name, code in sorted(meta["exit_code_by_key"].items(), key=lambda kv: _order(kv[0])):
+            status = status_by_exit_code[code]
+            statuses[status] += 1
+            if status == "not checked":  # a run cut short (--collect)
+                unchecked += 1
+                continue
+            total += 1
+            if status in KILLED:
+                killed += 1
+                continue
+            line, before, after = _changed_line(args.workdir, name, source)
+            survivors.append(
+                {
+                    "path": path,
+                    "line": line,
+                    "mutant": f"{before}  ->  {after}",
+                    "status": status,
+                    "name": name,
+                    "why kept": EQUIVALENT.get((path, before, after)),
+                }
+            )
+        modules[path] = {"killed": killed, "survived": total - killed, "total": total}
+        if unchecked:
+            modules[path]["not_checked"] = unchecked
+    runs = [{"modules": list(modules), "wall_seconds": round(wall, 1)}]
+    earlier = args.out / "mutation.json"
+    if args.merge and earlier.exists():
+        before = json.loads(earlier.read_text())
+        modules = {
+            **{k: v for k, v in before["modules"].items() if k not in modules},
+            **modules,
+        }
+        survivors = [s for s in before["survivors"] if s["path"] not in args.modules] + survivors
+        runs = [r for r in before.get("runs", []) if set(r["modules"]) - set(args.modules)] + runs
+        args.tests = sorted(set(before["tests"]) | set(args.tests))
+        wall = sum(r["wall_seconds"] for r in runs)
+    modules = {path: modules[path] for path in MODULES if path in modules} | modules
+    killed = sum(m["killed"] for m in modules.values())
+    total = sum(m["total"] for m in modules.values())
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    result = {
+        "modules": modules,
+        "score": round(killed / total, 4) if total else None,
+        "survivors": survivors,
+        "statuses": dict(statuses),
+        "tests": args.tests,
+        "commit": commit,
+        "wall_seconds": round(wall, 1),
+        "runs": runs,
+        "mutmut": _version(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "mutation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "mutation.md").write_text(markdown(result))
+    unjudged = [s for s in survivors if s["why kept"] is None]
+    print(
+        f"mutation score {killed}/{total} = {result['score']}; {len(unjudged)} survivors not"
+        f" judged equivalent; wall time {wall:.0f} s"
+    )
+    return 0
+
+
+def _order(name: str) -> tuple[str, int]:
+    match = re.search(r"__mutmut_(\d+)$", name)
+    return (name.rsplit("__mutmut_", 1)[0], int(match.group(1)) if match else 0)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Mutation testing",
+        "",
+        f"mutmut {result['mutmut']} at commit {result['commit']}, fast tests only"
+        f" ({len(result['tests'])} files); wall time {result['wall_seconds']:.0f} s"
+        " (`make mutation`).",
+        "",
+        "| module | killed | survived | total | score | not checked |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for path, m in result["modules"].items():
+        score = m["killed"] / m["total"] if m["total"] else float("nan")
+        lines.append(
+            f"| {path} | {m['killed']} | {m['survived']} | {m['total']} | {score:.2f}"
+            f" | {m.get('not_checked', 0)} |"
+        )
+    killed = sum(m["killed"] for m in result["modules"].values())
+    total = sum(m["total"] for m in result["modules"].values())
+    unchecked = sum(m.get("not_checked", 0) for m in result["modules"].values())
+    lines += [
+        f"| **all** | {killed} | {total - killed} | {total} | {result['score']:.2f} | {unchecked} |",
+        "",
+        "Survived counts mutants no fast test reaches (`no tests`) as well. Not checked: the run"
+        " was cut short before mutmut ran them; they are left out of the score.",
+        "",
+    ]
+    lines += ["## Survivors", "", "| file:line | mutant | why kept |", "| --- | --- | --- |"]
+    for s in result["survivors"]:
+        mutant = s["mutant"].replace("|", "\\|")
+        why = s["why kept"] or f"not judged ({s['status']})"
+        lines.append(f"| {s['path']}:{s['line']} | `{mutant}` | {why} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

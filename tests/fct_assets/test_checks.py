@@ -1,0 +1,149 @@
+"""The blocking checks' rules, fast: pandera over a real LanceDB table in a temp folder, and the
+great-expectations suite over small reports written out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fct_assets import storage
+from fct_assets.checks import run_report_suite, validate_table, vector_table_schema
+from fct_assets.records import EvalReport
+from fct_assets.resources import FctResource
+
+SPACE = "new_model:v2@0123456789ab"
+COLUMNS = ["item_id", "label", "embedding", "space_id"]
+
+
+@pytest.fixture
+def fct(tmp_path):
+    return FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
+
+
+def _publish(fct, vectors, *, ids=None, labels=None, space=SPACE) -> int:
+    n, dim = vectors.shape
+    schema = storage.backfilled_schema(dim, space)
+    batch = pa.record_batch(
+        [
+            pa.array(np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, np.int64)),
+            pa.array(np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32)),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+            pa.array(np.zeros(n, np.float32)),
+            pa.array(["transformed"] * n),
+            pa.array([space] * n),
+        ],
+        schema=schema,
+    )
+    return storage.publish(fct.connect(), "gallery_v2", schema, [batch])["version"]
+
+
+def _validate(fct, version, rows=3, dim=2, space=SPACE):
+    schema = vector_table_schema(rows, {"embedding": dim}, {"space_id": space})
+    return validate_table(fct, "gallery_v2", version, schema, COLUMNS)
+
+
+def test_a_well_formed_table_passes(fct):
+    version = _publish(fct, np.ones((3, 2), np.float32))
+    result = _validate(fct, version)
+    assert result.passed
+    assert result.metadata["rows"].value == 3
+    assert (
+        result.metadata["table_version"].value
+        == version
+        == result.metadata["recorded_version"].value
+    )
+    assert "failed_checks" not in result.metadata
+
+
+@pytest.mark.parametrize(
+    "change, failure",
+    [
+        ({"ids": [0, 1, 1]}, "item_id: field_uniqueness"),
+        ({"labels": [0, -1, 0]}, "label: greater_than_or_equal_to(0)"),
+        ({"rows": 4}, "rows == 4"),
+        ({"dim": 3}, "embedding: dim == 3"),
+        ({"space": "new_model:v9@000000000000"}, "space_id: isin(['new_model:v9@000000000000'])"),
+    ],
+)
+def test_each_rule_fails_the_check_and_names_itself(fct, change, failure):
+    table_args = {k: change[k] for k in ("ids", "labels") if k in change}
+    version = _publish(fct, np.ones((3, 2), np.float32), **table_args)
+    check_args = {k: change[k] for k in ("rows", "dim", "space") if k in change}
+    result = _validate(fct, version, **check_args)
+    assert not result.passed
+    assert failure in result.metadata["failed_checks"].value
+    assert result.metadata["num_failing_cases"].value >= 1
+
+
+def test_a_nan_vector_fails_as_not_finite():
+    # LanceDB refuses NaN vectors on add, a faulty streaming writer does not
+    # (tests/fct_assets/test_graph.py plants one): the rule, on the frame pandera receives.
+    import pandas as pd
+    import pandera.errors
+
+    schema = vector_table_schema(3, {"embedding": 2}, {"space_id": SPACE})
+    frame = pd.DataFrame(
+        {
+            "item_id": np.arange(3, dtype=np.int64),
+            "label": np.zeros(3, np.int32),
+            "embedding": [np.array([1.0, np.nan]), np.ones(2), np.ones(2)],
+            "space_id": [SPACE] * 3,
+        }
+    )
+    with pytest.raises(pandera.errors.SchemaErrors) as err:
+        schema.validate(frame, lazy=True)
+    assert set(err.value.failure_cases["check"]) == {"all finite"}
+    assert list(err.value.failure_cases["index"]) == [0]
+
+
+def test_a_write_after_the_materialisation_fails_the_check(fct):
+    version = _publish(fct, np.ones((3, 2), np.float32))
+    later = _publish(fct, np.ones((3, 2), np.float32))
+    result = _validate(fct, version)
+    assert not result.passed
+    assert result.metadata["failed_checks"].value == (
+        f"table changed after materialisation (recorded version {version}, found {later})"
+    )
+
+
+def _report(**maps) -> EvalReport:
+    cases = {
+        "old/old": {"top1": 60.0, "top5": 80.0, "mAP": 40.0},
+        "new/new": {"top1": 80.0, "top5": 90.0, "mAP": 60.0},
+        "new/h(old)": {"top1": 70.0, "top5": 85.0, "mAP": 50.0},
+        "new/old": {"top1": 10.0, "top5": 40.0, "mAP": 11.0},
+    }
+    for case, metrics in maps.items():
+        if metrics is None:
+            del cases[case]
+        else:
+            cases[case] = {**cases[case], **metrics}
+    # model_construct: the suite must judge values the record's own validation would refuse.
+    return EvalReport.model_construct(cases=cases)
+
+
+def test_the_report_suite_passes_a_sound_report():
+    passed, failing = run_report_suite(_report())
+    assert passed and failing == []
+
+
+@pytest.mark.parametrize(
+    "change, expectation, column",
+    [
+        # new/h(old) below old/old on mAP: the gate.
+        ({"new/h(old)": {"mAP": 39.9}}, "expect_column_values_to_be_between", "fct_minus_old_mAP"),
+        ({"new/new": {"top5": 100.5}}, "expect_column_values_to_be_between", "value"),
+        ({"new/old": {"mAP": -0.1}}, "expect_column_values_to_be_between", "value"),
+        ({"new/new": {"top1": None}}, "expect_column_values_to_not_be_null", "value"),
+        ({"new/new": None}, "expect_column_distinct_values_to_contain_set", "case"),
+    ],
+)
+def test_the_report_suite_fails_and_names_the_broken_expectation(change, expectation, column):
+    passed, failing = run_report_suite(_report(**change))
+    assert not passed
+    assert [(f["expectation"], f["kwargs"]["column"]) for f in failing] == [(expectation, column)]
+
+
+def test_the_gate_allows_equal_map():
+    assert run_report_suite(_report(**{"new/h(old)": {"mAP": 40.0}}))[0]

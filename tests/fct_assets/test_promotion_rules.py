@@ -1,0 +1,224 @@
+"""Promotion, rollback and search, fast: a real Dagster instance and a real LanceDB folder, with
+the materialisations and check evaluations reported to the instance as the assets and checks
+report them (no training). tests/fct_assets/test_deployment.py runs the same rules end to end."""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+from dagster._core.events import DagsterEvent, DagsterEventType
+from dagster._core.utils import make_new_run_id
+
+from fct_assets import deployment, storage
+from fct_assets.deployment import PromotionError, check_results, current, promote, rollback
+from fct_assets.records import BackfilledTable
+
+SPACE = "new_model:v2@0123456789ab"
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster_home").mkdir()
+    with dg.DagsterInstance.local_temp(
+        str(tmp_path / "dagster_home"), overrides={"telemetry": {"enabled": False}}
+    ) as inst:
+        yield inst
+
+
+@pytest.fixture
+def db(tmp_path):
+    return lancedb.connect(str(tmp_path / "lancedb"))
+
+
+def _table(db, version: str, rows: int = 4, space: str = SPACE) -> int:
+    """gallery_<version> with `rows` 2-d vectors (item i at (i, 0)); its LanceDB version."""
+    vectors = np.array([[i, 0.0] for i in range(rows)], np.float32)
+    batch = pa.record_batch(
+        [
+            pa.array(np.arange(rows, dtype=np.int64)),
+            pa.array(np.arange(rows, dtype=np.int32) % 2),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 2),
+            pa.array(np.zeros(rows, np.float32)),
+            pa.array(["transformed"] * rows),
+            pa.array([space] * rows),
+        ],
+        schema=storage.backfilled_schema(2, space),
+    )
+    info = storage.publish(db, f"gallery_{version}", storage.backfilled_schema(2, space), [batch])
+    return info["version"]
+
+
+def _materialised(instance, version: str, table_version: int) -> None:
+    record = BackfilledTable(
+        table=f"gallery_{version}",
+        version=table_version,
+        rows=4,
+        space_id=SPACE,
+        dim=2,
+        reembedded=0,
+        reembed_fraction=0.0,
+        shards=1,
+        backfill_seconds=0.1,
+        backfill_items_per_s=40.0,
+        gallery_store_version=1,
+        gallery_rows=4,
+        ann_index="none",
+    )
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key="backfilled_gallery", partition=version, metadata=record.model_dump()
+        )
+    )
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key="eval_report", partition=version)
+    )
+
+
+def _check_evaluation(instance, asset: str, check: str, version: str, ok: bool, read: int):
+    """One evaluation of a blocking check, as a run of its own records it (a runless report
+    allows one per check and partition)."""
+    evaluation = dg.AssetCheckEvaluation(
+        asset_key=dg.AssetKey(asset),
+        check_name=check,
+        passed=ok,
+        partition=version,
+        metadata={"table_version": read},
+    )
+    instance.report_dagster_event(
+        DagsterEvent(
+            event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION.value,
+            event_specific_data=evaluation,
+            job_name="verify",
+        ),
+        run_id=make_new_run_id(),
+    )
+
+
+def _checked(instance, version: str, table_version: int, *, passed=(True, True)) -> None:
+    checks = (
+        ("backfilled_gallery", "backfilled_gallery_schema"),
+        ("eval_report", "eval_report_expectations"),
+    )
+    for (asset, check), ok in zip(checks, passed):
+        _check_evaluation(instance, asset, check, version, ok, table_version)
+
+
+def _promotable(instance, db, version: str) -> int:
+    table_version = _table(db, version)
+    _materialised(instance, version, table_version)
+    _checked(instance, version, table_version)
+    return table_version
+
+
+def test_passed_checks_promote_the_recorded_table_version(instance, db):
+    table_version = _promotable(instance, db, "v2")
+    results = check_results(instance, "v2")
+    assert {k: (v["passed"], v["why"], v["table_version"]) for k, v in results.items()} == {
+        "backfilled_gallery:backfilled_gallery_schema": (True, "passed", table_version),
+        "eval_report:eval_report_expectations": (True, "passed", table_version),
+    }
+    row = promote(instance, db, "v2")
+    assert {k: getattr(row, k) for k in ("seq", "action", "version", "table", "table_version")} == {
+        "seq": 1,
+        "action": "promote",
+        "version": "v2",
+        "table": "gallery_v2",
+        "table_version": table_version,
+    }
+    assert row.space_id == SPACE and current(db) == row
+
+
+def test_never_ran_failed_and_stale_are_told_apart(instance, db):
+    assert {v["why"] for v in check_results(instance, "v2").values()} == {"never ran"}
+    with pytest.raises(PromotionError, match=r"^version v2 not promoted: .*'never ran'"):
+        promote(instance, db, "v2")
+    table_version = _table(db, "v2")
+    _materialised(instance, "v2", table_version)
+    _checked(instance, "v2", table_version, passed=(False, True))
+    results = check_results(instance, "v2")
+    assert results["backfilled_gallery:backfilled_gallery_schema"]["why"] == "failed"
+    assert results["eval_report:eval_report_expectations"]["why"] == "passed"
+    with pytest.raises(
+        PromotionError, match="'backfilled_gallery:backfilled_gallery_schema': 'failed'"
+    ):
+        promote(instance, db, "v2")
+    # Passed again, then re-materialised: both checks are older than their assets' latest.
+    _checked(instance, "v2", table_version)
+    time.sleep(0.01)  # event timestamps are compared: the materialisation comes strictly later
+    _materialised(instance, "v2", table_version)
+    results = check_results(instance, "v2")
+    assert {v["why"] for v in results.values()} == {"stale: ran before the latest materialisation"}
+    assert not any(v["ran_after_latest_materialization"] for v in results.values())
+    with pytest.raises(PromotionError, match="stale"):
+        promote(instance, db, "v2")
+    assert current(db) is None
+
+
+def test_checks_of_another_table_version_do_not_promote(instance, db):
+    # Fresh, passed checks that read version `first`, while the latest materialisation
+    # published `second`: no check ran on `second`.
+    first = _promotable(instance, db, "v2")
+    second = _table(db, "v2")
+    _materialised(instance, "v2", second)
+    _checked(instance, "v2", first)
+    assert all(v["passed"] for v in check_results(instance, "v2").values())
+    with pytest.raises(PromotionError) as refused:
+        promote(instance, db, "v2")
+    assert str(refused.value).endswith(
+        f"its latest materialisation published gallery_v2 at version {second}"
+    )
+    assert f"'backfilled_gallery:backfilled_gallery_schema': {first}" in str(refused.value)
+    # One check on `second`, the other still on `first`: refused too.
+    _check_evaluation(
+        instance, "backfilled_gallery", "backfilled_gallery_schema", "v2", True, second
+    )
+    with pytest.raises(PromotionError, match="checks ran on table versions"):
+        promote(instance, db, "v2")
+    _checked(instance, "v2", second)
+    assert promote(instance, db, "v2").table_version == second
+
+
+def test_rollback_serves_the_previous_deployment_again(instance, db):
+    with pytest.raises(PromotionError, match="^nothing is deployed: no rollback possible$"):
+        rollback(db)
+    v2 = _promotable(instance, db, "v2")
+    promote(instance, db, "v2")
+    with pytest.raises(PromotionError, match="^version v2 is the only one ever deployed"):
+        rollback(db)
+    v3 = _promotable(instance, db, "v3")
+    promote(instance, db, "v3")
+    promote(instance, db, "v3")  # promoting the same table twice is not a new deployment
+    row = rollback(db)
+    assert (row.seq, row.action, row.version, row.table_version) == (
+        4,
+        "rollback",
+        "v2",
+        v2,
+    )
+    assert [(r.seq, r.version, r.table_version) for r in deployment.history(db)] == [
+        (1, "v2", v2),
+        (2, "v3", v3),
+        (3, "v3", v3),
+        (4, "v2", v2),
+    ]
+    assert rollback(db).version == "v3"
+
+
+def test_search_reads_the_pinned_table_in_its_space(instance, db):
+    served = _promotable(instance, db, "v2")
+    row = promote(instance, db, "v2")
+    _table(db, "v2", rows=6)  # a later write: the deployment still reads its own version
+    hits = deployment.search(db, [2.2, 0.0], version=row, k=3)
+    assert [h["item_id"] for h in hits] == [2, 3, 1]
+    assert hits[0]["distance"] == pytest.approx(0.2**2, abs=1e-5)
+    assert hits[0]["label"] == 0 and hits[0]["source"] == "transformed"
+    assert db.open_table("gallery_v2").count_rows() == 6 and served == row.table_version
+    with pytest.raises(storage.SpaceMismatchError, match="holds space new_model:v2@0123456789ab"):
+        deployment.search(
+            db, [0.0, 0.0], version=row.model_copy(update={"space_id": "other@000000000000"})
+        )

@@ -1,0 +1,108 @@
+"""backfill_summary: FastFill's curves and areas, checked against values worked out by hand, with
+sigma equal to the true error (so the sigma order is the true-error order) and reversed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fct_ml.backfill import backfill_summary
+
+# Four items in 1-D, two classes. The new model puts each class in its own cluster; h maps item 0
+# (class 0) into class 1's cluster and every other item exactly where the new model does.
+NEW = torch.tensor([[0.0], [0.1], [10.0], [10.1]])
+LABELS = torch.tensor([0, 0, 1, 1])
+TRANSFORMED = torch.tensor([[10.05], [0.1], [10.0], [10.1]])
+ERROR = (TRANSFORMED - NEW).pow(2).sum(1)  # (4,): item 0 only
+
+# By hand (new queries, leave-one-out, squared L2), with item 0 still transformed: query 0 finds
+# item 1 first (top-1 hit, AP 1); query 1 ranks item 2 (9.9) before item 0 (9.95): AP 1/2;
+# queries 2 and 3 find item 0 at 0.05 before their class-mate: AP 1/2 each. So top-1 25 %, mAP
+# 62.5 %. With item 0 re-embedded the gallery equals the new embeddings: 100 % and 100 %.
+WRONG = {"top1": 25.0, "mAP": 62.5}
+RIGHT = {"top1": 100.0, "mAP": 100.0}
+
+
+def _summary(sigma: torch.Tensor):
+    # The order alone: no expected-error coordinate (its own test below).
+    return backfill_summary(
+        NEW,
+        LABELS,
+        TRANSFORMED,
+        sigma,
+        5,
+        generator=torch.Generator().manual_seed(0),
+        expected_error=False,
+    )
+
+
+def test_sigma_equal_to_the_error_re_embeds_the_wrong_item_first():
+    curves, areas = _summary(ERROR)
+    assert curves["sigma"]["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for metric in ("top1", "mAP"):
+        expected = [WRONG[metric]] + [RIGHT[metric]] * 4
+        assert curves["sigma"][metric] == pytest.approx(expected)
+        assert curves["true_error"][metric] == pytest.approx(expected)
+        assert areas["sigma"][metric] == pytest.approx(sum(expected) / 5)
+    assert areas["sigma"] == pytest.approx({"top1": 85.0, "mAP": 92.5})
+
+
+def test_the_reversed_order_re_embeds_the_wrong_item_last():
+    # sigma = -error: the least uncertain first. The three exact items change nothing; the curve
+    # stays at its start until the last point.
+    curves, areas = _summary(-ERROR)
+    for metric in ("top1", "mAP"):
+        assert curves["sigma"][metric] == pytest.approx([WRONG[metric]] * 4 + [RIGHT[metric]])
+    assert areas["sigma"] == pytest.approx({"top1": 40.0, "mAP": 70.0})
+    # The true-error order does not read sigma.
+    assert curves["true_error"]["top1"] == pytest.approx([25.0, 100.0, 100.0, 100.0, 100.0])
+
+
+def test_sigma_as_the_true_error_dominates_the_reversed_order_on_a_larger_gallery():
+    # 300 items, 6 classes in 8-D. h maps a tenth of the items into the next class's cluster
+    # and the rest close to where the new model puts them. With sigma = the true error, the sigma
+    # order IS the true-error order.
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 6
+    centres = 6.0 * torch.randn(6, 8, generator=g)
+    new = centres[labels] + 0.5 * torch.randn(300, 8, generator=g)
+    transformed = new + 0.1 * torch.randn(300, 8, generator=g)
+    astray = torch.arange(300) % 10 == 0
+    transformed[astray] = centres[(labels[astray] + 1) % 6] + 0.5 * torch.randn(30, 8, generator=g)
+    error = (transformed - new).pow(2).sum(1)
+
+    def run(sigma):
+        return backfill_summary(
+            new,
+            labels,
+            transformed,
+            sigma,
+            11,
+            generator=torch.Generator().manual_seed(0),
+            expected_error=False,
+        )
+
+    curves, areas = run(error)
+    reversed_curves, reversed_areas = run(-error)
+    for metric in ("top1", "mAP"):
+        assert curves["sigma"][metric] == curves["true_error"][metric]
+        ordered, backwards = curves["sigma"][metric], reversed_curves["sigma"][metric]
+        assert ordered[0] == backwards[0] and ordered[-1] == backwards[-1]
+        assert all(a >= b for a, b in zip(ordered, backwards)), (ordered, backwards)
+        assert areas["sigma"][metric] > reversed_areas["sigma"][metric] + 2.0
+
+
+def test_the_expected_error_coordinate_moves_only_transformed_items():
+    # sigma = log of the expected squared error: item 0 is expected 4.0 off (squared), the others
+    # 0. The gallery's item 0 moves 2 away along a new axis; queries and re-embedded items are
+    # at 0 there. At fraction 0: query 0 still finds item 1 first (AP 1); query 1 (0.1) now
+    # ranks item 0 (sqrt(9.95^2 + 4) = 10.15) after items 2 and 3 (9.9, 10.0): AP 1/3; queries
+    # 2 and 3 find their class-mate (0.1) before item 0 (sqrt(0.05^2 + 4)): AP 1. Top-1 75 %,
+    # mAP 83.3 %.
+    sigma = torch.log(torch.tensor([4.0, 1e-12, 1e-12, 1e-12]))
+    curves, _ = backfill_summary(
+        NEW, LABELS, TRANSFORMED, sigma, 5, generator=torch.Generator().manual_seed(0)
+    )
+    assert curves["sigma"]["top1"][0] == pytest.approx(75.0)
+    assert curves["sigma"]["mAP"][0] == pytest.approx((1 + 1 / 3 + 1 + 1) / 4 * 100)
+    assert curves["sigma"]["top1"][1:] == pytest.approx([100.0] * 4)
