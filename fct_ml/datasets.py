@@ -146,5 +146,10 @@ def default_old_classes(spec: str, num_classes: int) -> str:
 
 
 def policy_for(dataset_name: str) -> AugmentPolicy:
-    """The augmentation policy of a dataset, by name or spec."""
-    return entry(dataset_name).augment
+    """The augmentation policy of a dataset, by name or spec ("imagefolder:/x" -> imagefolder's)."""
+    key = dataset_name.split(":", 1)[0]
+    if key not in DATASETS:
+        raise ValueError(
+            f"augmentation: no policy for dataset {dataset_name!r} (known: {', '.join(DATASETS)})"
+        )
+    return DATASETS[key].augment
