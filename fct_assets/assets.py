@@ -109,9 +109,12 @@ def _overrides(exp, config, model: str, train: str):
 
 
 def _old_class_data(fct: FctResource, dataset: DatasetRecord):
-    """(the dataset, the old classes, how many training items they hold)."""
+    """(the dataset, the old classes, how many of the items trained on they hold)."""
+    from fct_ml.pipeline import fit_split
+
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
-    return data, dataset.old_classes, len(data.train.with_classes(dataset.old_classes))
+    fit = fit_split(data, fct.experiment())
+    return data, dataset.old_classes, len(fit.with_classes(dataset.old_classes))
 
 
 def _model_output(model, history, context: dg.AssetExecutionContext, **metadata: Any) -> dg.Output:
@@ -138,9 +141,11 @@ def _model_output(model, history, context: dg.AssetExecutionContext, **metadata:
 def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[DatasetRecord]:
     """Images and labels with their class split and content fingerprint; the test split is the gallery."""
     from fct_ml.data import parse_class_list
+    from fct_ml.datasets import default_old_classes
 
     data = fct.load_dataset(config.dataset)
-    old_classes = parse_class_list(config.old_classes, data.num_classes, what="old_classes")
+    split = config.old_classes or default_old_classes(config.dataset, data.num_classes)
+    old_classes = parse_class_list(split, data.num_classes, what="old_classes")
     fingerprint = data.fingerprint()
     record = DatasetRecord(
         spec=config.dataset,
@@ -295,7 +300,9 @@ def new_model(
         exp,
         fct.run(config.seed),
         desc="new_model",
-        on_epoch=epoch_logger(context, stage, exp.new_train.epochs, len(data.train)),
+        on_epoch=epoch_logger(
+            context, stage, exp.new_train.epochs, len(pipeline.fit_split(data, exp))
+        ),
     )
     return _model_output(
         model, history, context, arch=model.config.arch, embed_dim=model.config.embed_dim
@@ -361,7 +368,7 @@ def backfilled_gallery(gallery_store, transformation, new_model):
     """The gallery in this version's space, from the stored vectors (no image read) plus an optional
     re-embedded share, most uncertain first; in parallel shards, published in one commit."""
     # A graph of ops (fct_assets/backfill_ops.py), so that shards run in separate processes; its
-    # config mapping keeps the launchpad config {"reembed_fraction", "batch_size", "shards", ...}.
+    # config mapping keeps the launchpad config {"reembed_fraction", "rows_per_batch", "shards", ...}.
     plan, shards = plan_backfill(gallery_store, transformation)
     done = shards.map(lambda shard: backfill_shard(plan, shard, transformation, new_model))
     return publish_backfill(plan, done.collect())

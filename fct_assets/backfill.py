@@ -76,7 +76,7 @@ def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
 
 
 def _transformer(
-    h, batch_size: int
+    h, rows_per_batch: int
 ) -> Callable[[pa.RecordBatch], tuple[torch.Tensor, torch.Tensor]]:
     """A batch of stored rows -> (h's embeddings (B, new_dim), sigma (B,)).
 
@@ -97,7 +97,7 @@ def _transformer(
             raise ValueError(
                 f"gallery_store.old_embedding: dim {old.shape[1]}, but h expects {h.config.old_dim}"
             )
-        emb, sigma = apply_transformation(h, old, side, batch_size=batch_size)
+        emb, sigma = apply_transformation(h, old, side, batch_size=rows_per_batch)
         return emb, (sigma if sigma is not None else torch.zeros(len(emb)))
 
     return transform
@@ -110,7 +110,7 @@ def plan_backfill(
     h,
     *,
     reembed_fraction: float,
-    batch_size: int,
+    rows_per_batch: int,
     shards: int = 1,
     ann_min_rows: int | None = None,
     run_id: str = "",
@@ -128,14 +128,14 @@ def plan_backfill(
         budget > 0
     ):  # with no budget the plan runs no model (on k8s its pod needs no accelerator time)
         h = h.to(fct.torch_device())
-        transform = _transformer(h, batch_size)
+        transform = _transformer(h, rows_per_batch)
         ids, sigmas = [], []
         for batch in storage.pinned_pages(
             db,
             storage.GALLERY_STORE,
             store_version,
             ["item_id", "old_embedding", "side_info"],
-            batch_size,
+            rows_per_batch,
         ):
             ids.append(batch.column("item_id").to_numpy())
             sigmas.append(transform(batch)[1].numpy())
@@ -153,7 +153,7 @@ def plan_backfill(
         run_id=run_id,
         reembed_fraction=reembed_fraction,
         reembed_ids=tuple(reembed_ids),
-        batch_size=batch_size,
+        rows_per_batch=rows_per_batch,
         ann_min_rows=ann_min_rows,
         shards=ranges,
         plan_seconds=round(time.perf_counter() - started, 3),
@@ -167,7 +167,7 @@ def _shard_rows(
     from fct_ml.augment import to_float
     from fct_ml.training import encode
 
-    transform = _transformer(h, plan.batch_size)
+    transform = _transformer(h, plan.rows_per_batch)
     reembed = set(plan.reembed_ids)
     space_id, dim = new_model.space_id, h.config.new_dim
     channels = new_model.model.config.in_channels
@@ -182,7 +182,7 @@ def _shard_rows(
         storage.GALLERY_STORE,
         plan.gallery_store_version,
         cols,
-        plan.batch_size,
+        plan.rows_per_batch,
         shard.start,
         shard.stop,
     ):
@@ -295,7 +295,7 @@ def publish_shards(
                 r
             ) in results:  # pinned to the version each shard committed: a later write is not copied
                 yield from storage.pinned_pages(
-                    db, r.table, r.version, schema.names, plan.batch_size, 0, r.rows
+                    db, r.table, r.version, schema.names, plan.rows_per_batch, 0, r.rows
                 )
 
         started = time.perf_counter()
@@ -347,7 +347,7 @@ def backfill_version(
     h,
     new_model: Checkpoint,
     reembed_fraction: float,
-    batch_size: int,
+    rows_per_batch: int,
     *,
     shards: int = 1,
     ann_min_rows: int | None = None,
@@ -362,7 +362,7 @@ def backfill_version(
         gallery_store,
         h,
         reembed_fraction=reembed_fraction,
-        batch_size=batch_size,
+        rows_per_batch=rows_per_batch,
         shards=shards,
         ann_min_rows=ann_min_rows,
         run_id=run_id,

@@ -32,7 +32,7 @@ RECORDS = "record_io_manager"
 
 @dg.config_mapping
 def backfill_config(config: BackfillConfig) -> dict:
-    """The asset's launchpad config (reembed_fraction, batch_size, shards, ann_min_rows) goes to the plan,
+    """The asset's launchpad config (reembed_fraction, rows_per_batch, shards, ann_min_rows) goes to the plan,
     which carries it to the shards and the publish: run config keeps the shape
     {"ops": {"backfilled_gallery": {"config": {...}}}}."""
     return {"plan_backfill": {"config": config.model_dump()}}
@@ -82,7 +82,7 @@ def plan_backfill(
         gallery_store,
         transformation.model,
         reembed_fraction=config.reembed_fraction,
-        batch_size=config.batch_size,
+        rows_per_batch=config.rows_per_batch,
         shards=config.shards,
         ann_min_rows=config.ann_min_rows,
         run_id=context.run.run_id,

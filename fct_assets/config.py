@@ -9,21 +9,22 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
+from fct_ml.backbones import backbone_names
+from fct_ml.datasets import dataset_names, default_splits
+
 
 class DatasetConfig(dg.Config):
     """Which data the base assets are built from."""
 
     dataset: str = Field(
         "fashion-mnist",
-        description=(
-            "fashion-mnist | digits | cifar100 | imagefolder:PATH. The test split is the gallery."
-        ),
+        description=f"{dataset_names()}. The test split is the gallery.",
     )
-    old_classes: str = Field(
-        "1,3,5,7,9",
+    old_classes: str | None = Field(
+        None,
         description=(
-            "Classes the old and side-info models may see, as ranges or lists (0-4, 1,3,5). "
-            "The new model and h see all. Fashion-MNIST 1,3,5,7,9 holds out the look-alike tops."
+            "Classes the old and side-info models may see, as ranges or lists (0-4, 1,3,5). The"
+            f" new model and h see all. Unset: the dataset's default ({default_splits()})."
         ),
     )
 
@@ -33,7 +34,7 @@ class ModelTrainingConfig(dg.Config):
 
     arch: str | None = Field(
         None,
-        description="Backbone: cnn-xs | cnn-s | cnn-m | resnet18 | resnet50. Unset: the preset's.",
+        description=f"Backbone: {backbone_names()}. Unset: the preset's.",
     )
     embed_dim: int | None = Field(
         None, description="Embedding dimension. Unset: the preset's (128 as the paper)."
@@ -82,7 +83,13 @@ class BackfillConfig(dg.Config):
             "uncertain (highest sigma) first, as FastFill. 0: transformation only (no image read)."
         ),
     )
-    batch_size: int = Field(4096, gt=0, description="Rows read, transformed and written per batch.")
+    rows_per_batch: int = Field(
+        4096,
+        gt=0,
+        description=(
+            "Gallery rows read, transformed and written per LanceDB page (memory grows with it)."
+        ),
+    )
     shards: int = Field(
         1,
         ge=1,

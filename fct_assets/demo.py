@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         help="start from an empty dagster_home and data/ (deletes them)",
     )
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--old-classes", default="1,3,5,7,9")
+    parser.add_argument("--old-classes", default=None, help="default: the dataset's split")
     parser.add_argument("--version", default="v2")
     args = parser.parse_args(argv)
 

@@ -100,13 +100,15 @@ class BackfillPlan(Record):
     """Pass 1 of a version's backfill: the items to re-embed and the shards (plain JSON, so it
     travels between processes without pickling)."""
 
+    SCHEMA: ClassVar[int] = 2  # 2: batch_size renamed rows_per_batch
+
     version: str
     gallery_store_version: int
     rows: int
     run_id: str
     reembed_fraction: float
     reembed_ids: tuple[int, ...]  # most uncertain first
-    batch_size: int
+    rows_per_batch: int  # rows read, transformed and written per LanceDB page
     ann_min_rows: int | None
     shards: tuple[ShardRange, ...]
     plan_seconds: float

@@ -27,8 +27,9 @@ class FctResource(dg.ConfigurableResource):
     preset: str = Field(
         default_factory=lambda: os.environ.get("FCT_PRESET", "demo"),
         description=(
+            # fct_ml.presets.PRESETS (tests/test_registries.py checks this list against it).
             "Sizes of models and training when an asset's config leaves them unset: tiny | demo |"
-            " cpu | paper. Env FCT_PRESET."
+            " cpu | cpu-hard | paper. Env FCT_PRESET."
         ),
     )
     device: str = Field(

@@ -54,23 +54,24 @@ def pinned_pages(
     name: str,
     version: int,
     columns: list[str],
-    batch_size: int,
+    rows_per_batch: int,
     start: int = 0,
     stop: int | None = None,
 ):
-    """Rows [start, stop) of table `name` at `version`, as record batches of at most `batch_size` rows.
+    """Rows [start, stop) of table `name` at `version`, as record batches of at most
+    `rows_per_batch` rows.
 
     Pages by offset/limit rather than one streaming scan: the scan reader buffers far ahead (the
     1M-item backfill peaked at 1,758 MB RSS with it, 1,095 MB with pages), a page at a time keeps
     memory at one batch."""
     table = open_pinned(db, name, version)
     stop = table.count_rows() if stop is None else stop
-    for offset in range(start, stop, batch_size):
+    for offset in range(start, stop, rows_per_batch):
         page = (
             table.search()
             .select(columns)
             .offset(offset)
-            .limit(min(batch_size, stop - offset))
+            .limit(min(rows_per_batch, stop - offset))
             .to_arrow()
         )
         yield from page.to_batches()

@@ -3,9 +3,11 @@
 No orchestrator, no database (torch, torchvision, numpy, PIL, scikit-learn's bundled digits,
 safetensors, tqdm). One file per concept:
 
+    datasets.py        the dataset registry: loaders, default class splits, augmentation policies
     data.py            datasets, class splits, IDX/CIFAR/image-folder loaders
-    augment.py         batched tensor augmentation, per-dataset policies
-    models.py          backbones, EmbeddingModel (non-negative embedding, bias-free classifier)
+    augment.py         batched tensor augmentation
+    backbones.py       the backbone registry
+    models.py          EmbeddingModel (non-negative embedding, bias-free classifier)
     side_info.py       the SimCLR side-info model psi
     transformation.py  h(old_embedding, side_info), FastFill's sigma head, the features h is trained on
     bct.py             the BCT baseline
@@ -15,7 +17,8 @@ safetensors, tqdm). One file per concept:
     backfill.py        applying h to stored vectors; backfilling curves and their area
     evaluation.py      the paper's cases (query/gallery pairs) and the gap closed
     checkpoint.py      safetensors checkpoints with sha256, content digests, space ids
-    presets.py         tiny / demo / cpu / paper experiment configurations
+    presets.py         the experiment configurations (tiny, demo, cpu, ..., paper)
+    pipeline.py        the stages that train and connect the models (reproduce and the assets)
     reproduce.py       the paper's experiment end to end
     cli.py             `fct reproduce`
     config.py          typed, closed configuration from dicts

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+# torch is imported where it is used: fct_ml.datasets lists every dataset's policy, and a Dagster
+# code location reads that list without loading torch.
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class AugmentConfig:
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) uint8 -> float in [0, 1]; float input passes through."""
+    import torch
+
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
     return images
@@ -41,6 +46,9 @@ def augment(
     x: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Apply `config` to a float batch (N, C, H, W) in [0, 1]; returns a new (N, C, H, W) batch."""
+    import torch
+    import torch.nn.functional as F
+
     n = x.shape[0]
     device = x.device
 
@@ -90,53 +98,3 @@ class AugmentPolicy:
 
     supervised: AugmentConfig
     contrastive: AugmentConfig
-
-
-# dataset kind -> policy. Digits must not be flipped (a mirrored 2 is no digit); clothes and
-# photos may. SimCLR needs strong crops and photometric jitter to learn anything useful.
-POLICIES: dict[str, AugmentPolicy] = {
-    "fashion-mnist": AugmentPolicy(
-        supervised=AugmentConfig(flip=True, translate=0.1),
-        contrastive=AugmentConfig(
-            flip=True, crop_scale=(0.3, 1.0), brightness=0.4, contrast=0.4, jitter_p=0.8
-        ),
-    ),
-    "digits": AugmentPolicy(
-        supervised=AugmentConfig(translate=0.1),
-        contrastive=AugmentConfig(
-            crop_scale=(0.5, 1.0), brightness=0.3, contrast=0.3, jitter_p=0.8
-        ),
-    ),
-    "cifar100": AugmentPolicy(
-        supervised=AugmentConfig(flip=True, translate=0.125),
-        contrastive=AugmentConfig(
-            flip=True,
-            crop_scale=(0.2, 1.0),
-            brightness=0.4,
-            contrast=0.4,
-            grayscale_p=0.2,
-            jitter_p=0.8,
-        ),
-    ),
-    "imagefolder": AugmentPolicy(
-        supervised=AugmentConfig(flip=True, translate=0.1),
-        contrastive=AugmentConfig(
-            flip=True,
-            crop_scale=(0.2, 1.0),
-            brightness=0.4,
-            contrast=0.4,
-            grayscale_p=0.2,
-            jitter_p=0.8,
-        ),
-    ),
-}
-
-
-def policy_for(dataset_name: str) -> AugmentPolicy:
-    """The policy of a dataset name as `fct_ml.data` spells it ("imagefolder:/path" -> "imagefolder")."""
-    kind = dataset_name.split(":", 1)[0]
-    if kind not in POLICIES:
-        raise ValueError(
-            f"augmentation: no policy for dataset {dataset_name!r} (known: {', '.join(POLICIES)})"
-        )
-    return POLICIES[kind]

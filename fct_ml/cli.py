@@ -7,27 +7,18 @@ import argparse
 import sys
 from pathlib import Path
 
-# Default class split per dataset: which classes the old model (and side-info model) may see.
-# Fashion-MNIST 1,3,5,7,9 = Trouser, Dress, Sandal, Sneaker, Ankle boot. The four look-alike
-# tops (T-shirt, Pullover, Coat, Shirt) and Bag are all held out, so the old model never
-# learned to tell them apart: that is exactly what stored side-info must carry. Measured
-# (3 seeds, GPU, an early cpu preset), side-info added +3.8 mAP on unseen-class queries with
-# this split, but only +0.6 with 0-4, where the held-out classes are easier to separate.
-DEFAULT_OLD_CLASSES = {"fashion-mnist": "1,3,5,7,9", "digits": "0-4", "cifar100": "0-49"}
-
 
 def _reproduce(args: argparse.Namespace) -> int:
     # Imports here keep `fct --help` fast (torch takes seconds to import).
     from fct_ml.data import load_dataset, parse_class_list
+    from fct_ml.datasets import default_old_classes
     from fct_ml.presets import preset
     from fct_ml.progress import StageProgress, reproduce_stages
     from fct_ml.reproduce import dumps, format_table, run_experiment
     from fct_ml.training import resolve_device
 
     dataset = load_dataset(args.dataset, args.data_dir)
-    split = args.old_classes or DEFAULT_OLD_CLASSES.get(
-        args.dataset, f"0-{dataset.num_classes // 2 - 1}"
-    )
+    split = args.old_classes or default_old_classes(args.dataset, dataset.num_classes)
     old_classes = parse_class_list(split, dataset.num_classes, what="old_classes")
     if len(old_classes) == dataset.num_classes:
         print(
@@ -59,21 +50,30 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     """Add `reproduce` to a subparsers object (the `fct` command of fct_assets reuses it)."""
+    from fct_ml.datasets import dataset_names, default_splits
+
     rep = sub.add_parser(
         "reproduce", help="train and evaluate old/new/h/BCT/FastFill (the paper's experiment)"
     )
     rep.add_argument(
         "--dataset",
         default="fashion-mnist",
-        help="fashion-mnist | digits | cifar100 | imagefolder:PATH",
+        help=dataset_names(),
     )
     rep.add_argument(
-        "--preset", default="cpu", choices=["tiny", "demo", "cpu", "cpu-hard", "paper"]
+        # fct_ml.presets.PRESETS (tests/test_registries.py checks this list against it): listed
+        # here so that `fct --help` does not import torch.
+        "--preset",
+        default="cpu",
+        choices=["tiny", "demo", "cpu", "cpu-hard", "paper"],
     )
     rep.add_argument(
         "--old-classes",
         default=None,
-        help="classes the old model sees: ranges or lists, e.g. 0-4 or 1,3,5",
+        help=(
+            "classes the old model sees: ranges or lists, e.g. 0-4 or 1,3,5 (default: the"
+            f" dataset's, {default_splits()})"
+        ),
     )
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--out", default=None, help="write the result JSON here")

@@ -24,7 +24,7 @@ import pickle
 import re
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ import torch
 from PIL import Image
 
 __all__ = [
-    "DATASETS",
     "DataError",
     "Dataset",
     "ImageSet",
@@ -662,35 +661,25 @@ def load_imagefolder(path: str | os.PathLike[str], image_size: int = 32) -> Data
 # Registry and entry points
 # --------------------------------------------------------------------------- #
 
-DATASETS: dict[str, Callable[[Path | None], Dataset]] = {
-    "fashion-mnist": load_fashion_mnist,
-    "digits": load_digits_dataset,
-    "cifar100": load_cifar100,
-}
-
 
 def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
-    """Load a dataset by spec: a DATASETS key or ``imagefolder:PATH``.
+    """Load a dataset by spec: a key of fct_ml.datasets.DATASETS, or KEY:PATH for a dataset that
+    takes a path (``imagefolder:PATH``, loaded at 32x32; call load_imagefolder for another size).
 
-    ``data_dir`` is passed to registry loaders; an ``imagefolder:`` spec carries
-    its own path (relative paths are resolved against the working directory)
-    and is loaded at the default 32x32 (call load_imagefolder for another size).
+    ``data_dir`` is passed to the other loaders; relative paths are resolved against the working
+    directory.
     """
-    if spec.startswith(IMAGEFOLDER_PREFIX):
-        folder = spec[len(IMAGEFOLDER_PREFIX) :]
-        if not folder.strip():
-            raise DataError(
-                f"dataset spec {spec!r}: expected imagefolder:PATH with a non-empty PATH"
-            )
-        return load_imagefolder(folder)
-    try:
-        loader = DATASETS[spec]
-    except KeyError:
-        raise DataError(
-            f"unknown dataset {spec!r}; expected one of {', '.join(sorted(DATASETS))} or"
-            " imagefolder:PATH"
-        ) from None
-    return loader(Path(data_dir) if data_dir is not None else None)
+    from fct_ml.datasets import entry
+
+    found = entry(spec)
+    key, _, path = spec.partition(":")
+    if found.takes_path:
+        if not path.strip():
+            raise DataError(f"dataset spec {spec!r}: expected {key}:PATH with a non-empty PATH")
+        return found.load(path)
+    if path:
+        raise DataError(f"dataset spec {spec!r}: {key} takes no path; pass a data folder instead")
+    return found.load(str(data_dir) if data_dir is not None else None)
 
 
 _CLASS_ITEM = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
+
+from fct_ml.backbones import BACKBONES
 
 if TYPE_CHECKING:  # annotations only; training.py is imported lazily where a model is trained
     from fct_ml.augment import AugmentConfig
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # annotations only; training.py is imported lazily where a mo
 class ModelConfig:
     """An embedding model. `in_channels` and `num_classes` come from the dataset."""
 
-    arch: str = "cnn-s"  # a key of BACKBONES
+    arch: str = "cnn-s"  # a key of fct_ml.backbones.BACKBONES
     embed_dim: int = 128
     in_channels: int = 1
     num_classes: int = 10  # 0: no classifier (the side-info model)
@@ -42,58 +43,6 @@ class ModelConfig:
     input_std: float = 0.25
 
 
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    ]
-
-
-def small_cnn(widths: tuple[int, int, int]) -> Callable[[int], tuple[nn.Module, int]]:
-    """A VGG-style CNN: three stages of two 3x3 conv-BN-ReLU, 2x2 max-pool between stages."""
-
-    def build(in_channels: int) -> tuple[nn.Module, int]:
-        w1, w2, w3 = widths
-        layers = [
-            *_conv_bn_relu(in_channels, w1),
-            *_conv_bn_relu(w1, w1),
-            nn.MaxPool2d(2),
-            *_conv_bn_relu(w1, w2),
-            *_conv_bn_relu(w2, w2),
-            nn.MaxPool2d(2),
-            *_conv_bn_relu(w2, w3),
-            *_conv_bn_relu(w3, w3),
-        ]
-        return nn.Sequential(*layers), w3
-
-    return build
-
-
-def small_image_resnet(name: str) -> Callable[[int], tuple[nn.Module, int]]:
-    """A torchvision ResNet with the CIFAR stem (3x3 stride-1 conv, no max-pool) for 8-64 px images."""
-
-    def build(in_channels: int) -> tuple[nn.Module, int]:
-        net = getattr(torchvision.models, name)(weights=None)
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        body = nn.Sequential(
-            net.conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4
-        )
-        return body, net.fc.in_features
-
-    return build
-
-
-# name -> constructor(in_channels) -> (feature-map module, its channel count)
-BACKBONES: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
-    "cnn-xs": small_cnn((8, 16, 32)),
-    "cnn-s": small_cnn((16, 32, 64)),
-    "cnn-m": small_cnn((32, 64, 128)),
-    "resnet18": small_image_resnet("resnet18"),
-    "resnet50": small_image_resnet("resnet50"),
-}
-
-
 class EmbeddingModel(nn.Module):
     """x (N, C, H, W) floats in [0, 1] -> embedding (N, embed_dim), non-negative."""
 
@@ -104,7 +53,7 @@ class EmbeddingModel(nn.Module):
                 f"arch: unknown backbone {config.arch!r} (known: {', '.join(BACKBONES)})"
             )
         self.config = config
-        self.backbone, channels = BACKBONES[config.arch](config.in_channels)
+        self.backbone, channels = BACKBONES[config.arch].build(config.in_channels)
         self.embed = nn.Conv2d(channels, config.embed_dim, kernel_size=1)
         self.classifier = (
             nn.Linear(config.embed_dim, config.num_classes, bias=False)

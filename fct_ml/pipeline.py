@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fct_ml.augment import policy_for, to_float
+from fct_ml.augment import to_float
 from fct_ml.bct import extended_old_classifier, train_bct_model
 from fct_ml.config import replace
 from fct_ml.data import DataError, Dataset, ImageSet, split_validation
+from fct_ml.datasets import policy_for
 from fct_ml.models import EmbeddingModel, ModelConfig, train_embedding_model
 from fct_ml.presets import ExperimentConfig
 from fct_ml.side_info import train_side_info_model

@@ -1,6 +1,6 @@
 """Presets of the whole experiment: `tiny` (seconds, for tests), `demo` (minutes), `cpu`
 (this project's 2-core machine, 16-23 minutes per seed on Fashion-MNIST), `cpu-hard` (the
-harder benchmark setting: a weaker, 32-d old model) and `paper`
+harder benchmark setting: a weaker, 8-d old model) and `paper`
 (ResNet-50-128 and the official hyperparameters, for a GPU and CIFAR-100)."""
 
 from __future__ import annotations
@@ -125,9 +125,11 @@ def _demo() -> ExperimentConfig:
 
 def _cpu_hard() -> ExperimentConfig:
     # The harder setting: the same new model, side-info model and old classes, but a weaker,
-    # lower-dimensional old model (cnn-xs, 32-d), so h without side-info has more to recover.
+    # 8-d old model (cnn-xs), so h without side-info has more to recover. Chosen on validation
+    # (demo preset, seed 0): h without side-info closed 62.9 % of the mAP gap with 8-d and
+    # 82.2 % with 32-d (the issue asks for < 80 %); benchmarks/results/experiments.md.
     cpu = _cpu()
-    return replace(cpu, old_model=ModelConfig(arch="cnn-xs", embed_dim=32))
+    return replace(cpu, old_model=ModelConfig(arch="cnn-xs", embed_dim=8))
 
 
 def _paper() -> ExperimentConfig:

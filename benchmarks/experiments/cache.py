@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from fct_ml.augment import policy_for, to_float
+from fct_ml.augment import to_float
 from fct_ml.bct import extended_old_classifier, train_bct_model
 from fct_ml.config import replace
 from fct_ml.data import load_fashion_mnist, split_validation
+from fct_ml.datasets import policy_for
 from fct_ml.models import train_embedding_model
 from fct_ml.presets import preset
 from fct_ml.side_info import train_side_info_model

@@ -45,7 +45,7 @@ EXAMPLES = [
         run_id="r" * 36,
         reembed_fraction=0.2,
         reembed_ids=(7, 2),
-        batch_size=4,
+        rows_per_batch=4,
         ann_min_rows=None,
         shards=(records.ShardRange(index=0, count=2, start=0, stop=5), SHARD),
         plan_seconds=0.5,
@@ -123,7 +123,8 @@ def test_round_trip(record):
     text = records.dumps(record)
     data = json.loads(text)
     # Flat: the fields at the top level (a reader of the file sees them), plus the header.
-    assert data[records.TYPE_KEY] == type(record).__name__ and data[records.SCHEMA_KEY] == 1
+    kind = type(record)
+    assert data[records.TYPE_KEY] == kind.__name__ and data[records.SCHEMA_KEY] == kind.SCHEMA
     assert records.loads(text, "x.json") == record
     assert records.loads(text, "x.json", type(record)) == record
 

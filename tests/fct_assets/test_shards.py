@@ -63,7 +63,12 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
         .success
     )
     _point_env_at(monkeypatch, env)
-    config = {"reembed_fraction": fraction, "batch_size": 64, "shards": shards, "ann_min_rows": 256}
+    config = {
+        "reembed_fraction": fraction,
+        "rows_per_batch": 64,
+        "shards": shards,
+        "ann_min_rows": 256,
+    }
     # The `gpu` pool at one slot, as dagster_home/dagster.yaml sets it (this instance has no yaml).
     env.instance.event_log_storage.set_concurrency_slots("gpu", 1)
     try:
@@ -273,7 +278,7 @@ def test_a_failed_shard_publishes_nothing(tmp_path):
             partition_key="v2",
             asset_selection=[BACKFILL],
             raise_on_error=False,
-            run_config={"ops": {"backfilled_gallery": {"config": {"batch_size": 2, **config}}}},
+            run_config={"ops": {"backfilled_gallery": {"config": {"rows_per_batch": 2, **config}}}},
         )
 
     first = backfill(shards=3)

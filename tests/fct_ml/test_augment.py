@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from fct_ml.augment import AugmentConfig, augment, policy_for, to_float
+from fct_ml.augment import AugmentConfig, augment, to_float
+from fct_ml.datasets import policy_for
 from fct_ml.models import ModelConfig, build_model
 from fct_ml.transformation import training_features
 

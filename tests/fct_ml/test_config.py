@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from fct_ml.augment import POLICIES, AugmentConfig
+from fct_ml.augment import AugmentConfig
 from fct_ml.config import ConfigError, from_dict, replace, to_dict
+from fct_ml.datasets import DATASETS
 from fct_ml.models import ModelConfig
 from fct_ml.presets import PRESETS, ExperimentConfig, preset
 from fct_ml.side_info import SideInfoConfig
@@ -209,7 +210,8 @@ def test_to_dict_roundtrip_every_preset(name: str) -> None:
     assert from_dict(ExperimentConfig, json.loads(json.dumps(data))) == config
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(DATASETS))
 def test_to_dict_roundtrip_through_json_turns_lists_back_into_tuples(name: str) -> None:
-    for aug in (POLICIES[name].supervised, POLICIES[name].contrastive):
+    policy = DATASETS[name].augment
+    for aug in (policy.supervised, policy.contrastive):
         assert from_dict(AugmentConfig, json.loads(json.dumps(to_dict(aug)))) == aug

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from fct_ml.data import (
-    DATASETS,
     DataError,
     Dataset,
     ImageSet,
@@ -24,6 +23,7 @@ from fct_ml.data import (
     read_idx,
     split_validation,
 )
+from fct_ml.datasets import DATASETS
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -194,7 +194,7 @@ def test_real_fashion_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_digits_sizes_split_and_fingerprint() -> None:
     a = load_dataset("digits")
-    b = DATASETS["digits"](None)
+    b = DATASETS["digits"].load(None)
     assert len(a.train) + len(a.test) == 1797
     assert len(a.test) == pytest.approx(0.3 * 1797, abs=1)
     assert a.train.images.shape[1:] == (1, 8, 8) and a.train.images.dtype == torch.uint8
@@ -441,7 +441,7 @@ def test_unknown_spec_and_error_is_one_line() -> None:
     assert_one_line_naming(err, "'mnist'", "fashion-mnist", "imagefolder:PATH")
     assert isinstance(err.value, ValueError)
     assert "\n" not in str(DataError("a\nb\r\n c"))
-    assert set(DATASETS) == {"fashion-mnist", "digits", "cifar100"}
+    assert set(DATASETS) == {"fashion-mnist", "digits", "cifar100", "imagefolder"}
 
 
 # --------------------------------------------------------------------------- #
