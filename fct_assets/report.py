@@ -183,7 +183,7 @@ def evaluate_version(
         reembedded=int(pc.sum(pc.equal(served.column("source"), "re-embedded")).as_py() or 0),
         table=backfilled.table,
         table_version=pinned,
-        reembed_seconds=round(reembed_seconds, 3),
+        reembed_seconds=round(reembed_seconds, 6),
         reembed_items_per_s=round(len(labels) / reembed_seconds, 1),
         backfill_items_per_s=backfilled.backfill_items_per_s,
         space_id=declared["space_id"],
