@@ -167,6 +167,9 @@ def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[DatasetRecord]
     )
 
 
+# old_model and side_info_model read alike on purpose: each is one pipeline stage with its own
+# overrides and epoch log, side by side as in the paper; a shared helper would hide which
+# stage and which config fields each asset trains.
 @base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
 def old_model(
     context: dg.AssetExecutionContext,
