@@ -271,6 +271,8 @@ def markdown(result: dict[str, Any]) -> str:
         " seeds, percent. Models are trained on the training set minus the validation split.",
         "",
     ]
+    if result.get("note"):
+        lines += [f"**How this run was made.** {result['note']}", ""]
     for setting, block in result["settings"].items():
         lines += _setting_markdown(setting, block)
     lines += [
@@ -360,6 +362,11 @@ def main() -> int:
         default=None,
         help="aggregate existing run JSONs instead of running",
     )
+    parser.add_argument(
+        "--note",
+        default="",
+        help="a paragraph on how this study was run (seeds missing, machine load), put in the markdown",
+    )
     args = parser.parse_args()
 
     runs: list[dict[str, Any]] = []
@@ -428,13 +435,16 @@ def main() -> int:
         blocks[setting]["targets"] = check_targets(setting, group, mean, std, wall)
     result = {
         "dataset": runs[0]["dataset"],
-        "command": "python benchmarks/reproduce.py " + " ".join(sys.argv[1:]),
+        # the note is printed on its own below, not repeated in the command
+        "command": "python benchmarks/reproduce.py "
+        + " ".join(sys.argv[1 : sys.argv.index("--note") if "--note" in sys.argv else None]),
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} CPUs, device {runs[0].get('device', '?')}"
         ),
         "runs": runs,
         "settings": {k: {kk: v for kk, v in b.items() if kk != "runs"} for k, b in blocks.items()},
         "wall_s": [r["wall_s"] for r in runs],
+        "note": args.note,
     }
     result["claims"] = relative_claims(blocks)
     RESULTS.mkdir(parents=True, exist_ok=True)
