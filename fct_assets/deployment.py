@@ -7,12 +7,15 @@ runs of its blocking checks passed after its latest materialisation.
 """
 
 import datetime as _dt
+import random
+import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 import pyarrow as pa
 
-from fct_assets import storage
+from fct_assets import guards, storage
 from fct_assets.config import PromotionConfig
 from fct_assets.partitions import check_version
 from fct_assets.records import BackfilledTable, Deployment, VersionTable
@@ -20,7 +23,8 @@ from fct_assets.resources import FctResource
 
 DEPLOYMENT_SCHEMA = pa.schema(
     [
-        pa.field("seq", pa.int64()),
+        # The unenforced primary key: a second row with the same seq is refused at commit time.
+        pa.field("seq", pa.int64(), nullable=False, metadata=guards.PRIMARY_KEY),
         pa.field("action", pa.string()),  # promote | rollback
         pa.field("version", pa.string()),
         pa.field("table", pa.string()),
@@ -51,20 +55,39 @@ def current(db) -> Deployment | None:
 
 
 def _append(db, action: str, table: VersionTable) -> Deployment:
-    # One writer per table (docs/design.md §4): promotions are rare, issued by one CLI or job at a time.
-    rows = history(db)
-    row = Deployment(
-        seq=(rows[-1].seq + 1) if rows else 1,
-        action=action,
-        at=_dt.datetime.now(_dt.UTC).isoformat(),
-        **{field: getattr(table, field) for field in VersionTable.model_fields},
+    return _record(db, action, lambda rows: table)
+
+
+# Promotions are rare; a conditional commit that keeps losing races is a bug, not load.
+RECORD_ATTEMPTS = 200
+
+
+def _record(db, action: str, choose: Callable[[list[Deployment]], VersionTable]) -> Deployment:
+    """Append the row `choose(history)` names, with the seq after the last one, as a conditional
+    commit: read the history, decide, insert the row unless its seq exists; on a lost race read
+    again and decide again. Seqs are therefore distinct and gap-free, and the row with the highest
+    seq is the latest commit, which is what `current` serves.
+
+    On a folder the OS lock of the table (guards.local_lock) also queues writers of this machine,
+    so they rarely race at all; on an object store the conditional commit alone decides."""
+    with guards.local_lock(db, storage.DEPLOYMENTS):
+        for attempt in range(RECORD_ATTEMPTS):
+            rows = history(db)
+            table = choose(rows)  # raises PromotionError when nothing may be recorded
+            row = Deployment(
+                seq=(rows[-1].seq + 1) if rows else 1,
+                action=action,
+                at=_dt.datetime.now(_dt.UTC).isoformat(),
+                **{field: getattr(table, field) for field in VersionTable.model_fields},
+            )
+            data = pa.Table.from_pylist([row.model_dump()], schema=DEPLOYMENT_SCHEMA)
+            if guards.insert_if_absent(db, storage.DEPLOYMENTS, data, "seq"):
+                return row
+            time.sleep(random.uniform(0.0, min(0.5, 0.01 * 2**attempt)))
+    raise PromotionError(
+        f"{action} of {table.version} not recorded: seq {row.seq} was taken by a concurrent"
+        f" writer {RECORD_ATTEMPTS} times in a row; retry"
     )
-    data = pa.Table.from_pylist([row.model_dump()], schema=DEPLOYMENT_SCHEMA)
-    if storage.table_exists(db, storage.DEPLOYMENTS):
-        db.open_table(storage.DEPLOYMENTS).add(data)
-    else:
-        db.create_table(storage.DEPLOYMENTS, data=data, schema=DEPLOYMENT_SCHEMA)
-    return row
 
 
 def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[str, Any]]:
@@ -147,7 +170,11 @@ def promote(instance: dg.DagsterInstance, db, version: str) -> Deployment:
 
 def rollback(db) -> Deployment:
     """Serve again the deployment before the current one (the table version it served then)."""
-    rows = history(db)
+    return _record(db, "rollback", _rollback_target)
+
+
+def _rollback_target(rows: list[Deployment]) -> VersionTable:
+    """The deployment before the current one in `rows` (the history, oldest first)."""
     if not rows:
         raise PromotionError("nothing is deployed: no rollback possible")
     serving = rows[-1]
@@ -158,7 +185,7 @@ def rollback(db) -> Deployment:
         raise PromotionError(
             f"version {serving.version} is the only one ever deployed: no rollback possible"
         )
-    return _append(db, "rollback", earlier[-1])
+    return earlier[-1]
 
 
 def search(db, query, *, version: VersionTable, k: int = 10) -> list[dict[str, Any]]:
