@@ -14,7 +14,7 @@ import time
 import dagster as dg
 
 from fct_assets import storage
-from fct_assets.config import BackfillConfig
+from fct_assets.config import BackfillConfig, validated
 from fct_assets.provenance import code_version
 from fct_assets.records import (
     BackfilledTable,
@@ -30,12 +30,16 @@ GPU_POOL = "gpu"
 RECORDS = "record_io_manager"
 
 
-@dg.config_mapping
-def backfill_config(config: BackfillConfig) -> dict:
+@dg.config_mapping(config_schema=BackfillConfig.to_config_schema())
+def backfill_config(config: dict) -> dict:
     """The asset's launchpad config (reembed_fraction, rows_per_batch, shards, ann_min_rows) goes to the plan,
     which carries it to the shards and the publish: run config keeps the shape
-    {"ops": {"backfilled_gallery": {"config": {...}}}}."""
-    return {"plan_backfill": {"config": config.model_dump()}}
+    {"ops": {"backfilled_gallery": {"config": {...}}}}.
+
+    Checked here, when the run is launched: a value out of range is refused before the run exists,
+    with one line naming the field, the bound and the value (LaunchConfigError)."""
+    chosen = validated(BackfillConfig, config, "backfilled_gallery")
+    return {"plan_backfill": {"config": chosen.model_dump()}}
 
 
 @dg.op(
