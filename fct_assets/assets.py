@@ -32,7 +32,7 @@ from fct_assets.config import (
     ModelTrainingConfig,
     TransformationTrainingConfig,
 )
-from fct_assets.partitions import model_version
+from fct_assets.partitions import model_version, require_registered
 from fct_assets.provenance import code_version, epoch_logger, history_metadata, source_version
 from fct_assets.records import (
     BackfilledTable,
@@ -295,6 +295,7 @@ def new_model(
     """The new embedding model phi_new of this version, trained on all classes."""
     from fct_ml import pipeline
 
+    require_registered(context.instance, context.partition_key)  # before anything trains
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     exp = _overrides(fct.experiment(), config, "new_model", "new_train")
     stage = f"new_model[{context.partition_key}]"
@@ -325,6 +326,7 @@ def transformation(
     """h(old_embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
     from fct_ml import pipeline
 
+    require_registered(context.instance, context.partition_key)  # before anything trains
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     exp = _overrides(fct.experiment(), config, "transformation", "transformation_train")
     run = fct.run(config.seed)

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fct_assets import storage
+from fct_assets import guards, storage
 from fct_assets.records import (
     BackfilledTable,
     BackfillPlan,
@@ -54,8 +54,31 @@ def staging_table(version: str, run_id: str, shard: int, shards: int) -> str:
     return f"{STAGING_PREFIX}{storage.version_table(version)}_{(run_id or 'local')[:8]}_{shard}of{shards}"
 
 
+def claim_table(db, version: str, run_id: str = "", instance=None) -> guards.Writer:
+    """Take the lease on `gallery_<version>` for this run (a Dagster run when `run_id` and
+    `instance` are given, else this process) before anything is written, and drop the staging
+    tables an ended run of the version left. Raises guards.TableBusyError, one line naming the
+    run or process that is writing the version now: its staging tables are never touched."""
+    me = guards.Writer.me(run_id=run_id if instance is not None else "")
+
+    def ended(writer: guards.Writer) -> bool:
+        if writer.run_id and instance is not None:
+            run = instance.get_run_by_id(writer.run_id)
+            return run is None or run.is_finished
+        return guards.process_ended(writer)
+
+    guards.claim(db, storage.version_table(version), me, ended=ended)
+    return me
+
+
+def release_table(db, version: str, me: guards.Writer) -> None:
+    guards.release(db, storage.version_table(version), me)
+
+
 def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
     """Drop the version's staging tables (all runs but `keep_run`); returns the names dropped.
+    Call it holding the version's lease (`claim_table`): then every other run's staging is an
+    ended run's.
 
     Listed by name because a shard killed before its commit leaves a folder with no version,
     which `table_exists` would call absent but which still takes disk space."""
@@ -354,20 +377,26 @@ def backfill_version(
     log: Callable[[str], None] = print,
     run_id: str = "",
 ) -> BackfilledTable:
-    """Plan, write the shards one after another, publish `gallery_<version>`, in this process.
-    The Dagster asset runs the same three steps as ops, the shards in parallel."""
-    plan = plan_backfill(
-        fct,
-        version,
-        gallery_store,
-        h,
-        reembed_fraction=reembed_fraction,
-        rows_per_batch=rows_per_batch,
-        shards=shards,
-        ann_min_rows=ann_min_rows,
-        run_id=run_id,
-    )
-    if shards > 1:
-        drop_staging(fct.connect(), version, keep_run=run_id)
-    results = [write_shard(fct, plan, shard, h, new_model, log=log) for shard in plan.shards]
-    return publish_shards(fct, plan, results, log=log)
+    """Plan, write the shards one after another, publish `gallery_<version>`, in this process,
+    holding the version's lease throughout (released at the end, failed or not). The Dagster
+    asset runs the same three steps as ops, the shards in parallel."""
+    db = fct.connect()
+    me = claim_table(db, version)
+    try:
+        plan = plan_backfill(
+            fct,
+            version,
+            gallery_store,
+            h,
+            reembed_fraction=reembed_fraction,
+            rows_per_batch=rows_per_batch,
+            shards=shards,
+            ann_min_rows=ann_min_rows,
+            run_id=run_id,
+        )
+        if shards > 1:
+            drop_staging(db, version, keep_run=run_id)
+        results = [write_shard(fct, plan, shard, h, new_model, log=log) for shard in plan.shards]
+        return publish_shards(fct, plan, results, log=log)
+    finally:
+        release_table(db, version, me)

@@ -15,6 +15,7 @@ import dagster as dg
 
 from fct_assets import storage
 from fct_assets.config import BackfillConfig, validated
+from fct_assets.partitions import require_registered
 from fct_assets.provenance import code_version
 from fct_assets.records import (
     BackfilledTable,
@@ -60,10 +61,10 @@ def plan_backfill(
     gallery_store: GalleryStore,
     transformation: Checkpoint,
 ):
-    from fct_assets.backfill import drop_staging
+    from fct_assets.backfill import claim_table, drop_staging
     from fct_assets.backfill import plan_backfill as plan_fn
 
-    version = context.partition_key
+    version = require_registered(context.instance, context.partition_key)
     h_meta = transformation.recorded  # the record of the checkpoint loaded here
     for column in ("old_space_id", "side_info_space_id"):
         stored = getattr(gallery_store, column)
@@ -72,8 +73,10 @@ def plan_backfill(
                 f"gallery_store.{column} is {stored} but transformation[{version}]"
                 f" was trained on {h_meta.get(column)}; re-materialise transformation[{version}]"
             )
-    # Staging tables of earlier runs of this version (a failed shard leaves them): nobody reads
-    # them.
+    # One writer per version's table: a run of the same version still writing refuses this one
+    # (one line naming it); one that ended without publishing hands its lease over, and the
+    # staging tables it left (a failed shard) are dropped here, never a live run's.
+    claim_table(fct.connect(), version, context.run.run_id, context.instance)
     dropped = drop_staging(fct.connect(), version, keep_run=context.run.run_id)
     if dropped:
         context.log.info(
@@ -144,7 +147,8 @@ def publish_backfill(
     plan: BackfillPlan,
     shards: list[ShardResult],
 ) -> dg.Output[BackfilledTable]:
-    from fct_assets.backfill import publish_shards
+    from fct_assets import guards
+    from fct_assets.backfill import publish_shards, release_table
 
     for key in ("transformation_sha256", "new_model_sha256"):
         used = {getattr(s, key) for s in shards}
@@ -159,6 +163,7 @@ def publish_backfill(
             "backfill_wall_seconds": round(time.time() - plan.started_at, 3),
         }
     )
+    release_table(fct.connect(), plan.version, guards.Writer.me(run_id=context.run.run_id))
     return dg.Output(
         record,
         data_version=dg.DataVersion(f"v{record.version}-{record.space_id}"),

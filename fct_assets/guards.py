@@ -216,12 +216,11 @@ def _quoted(writer: Writer) -> str:
 
 
 def release(db, table: str, me: Writer) -> None:
-    """Give up `me`'s lease on `table` (nothing if another writer holds it)."""
-    try:
-        leases = db.open_table(WRITERS)
-    except (ValueError, FileNotFoundError):
-        return
-    leases.delete(f"`table` = '{table}' AND writer = '{_quoted(me)}'")
+    """Give up `me`'s lease on `table` (a run's from any of its processes); nothing if another
+    writer holds it."""
+    held = holder(db, table)
+    if held is not None and held.same(me):
+        db.open_table(WRITERS).delete(f"`table` = '{table}' AND writer = '{_quoted(held)}'")
 
 
 def process_ended(writer: Writer) -> bool:
