@@ -75,6 +75,7 @@ def build_defs(
     )
     from fct_assets.checks import ALL_CHECKS
     from fct_assets.deployment import promote_job, rollback_job
+    from fct_assets.housekeeping import daily_housekeeping, housekeeping_job
 
     return dg.Definitions(
         assets=ALL_ASSETS,
@@ -86,8 +87,9 @@ def build_defs(
             scheduled_evaluation_job,
             promote_job,
             rollback_job,
+            housekeeping_job,
         ],
-        schedules=[daily_evaluation],
+        schedules=[daily_evaluation, daily_housekeeping],
         sensors=[automation_sensor],
         resources=resource_defs or resources(),
         executor=executor or executor_from_env(),
