@@ -261,20 +261,27 @@ def ingest_files(
             f" {declared.get('side_info_space_id')}; re-materialise gallery_store"
         )
     in_store = existing_ids(store, decoded.ids.tolist())
+    table = db.open_table(target.table) if target.version is not None else None
+    in_table = existing_ids(table, decoded.ids.tolist()) if table is not None else in_store
+    # Embedded: the items some table lacks (a retried run may find an item in gallery_store but
+    # not yet in the deployed table); a batch already stored everywhere runs no model.
+    need = np.array(
+        [int(i) not in in_store or int(i) not in in_table for i in decoded.ids], dtype=bool
+    )
     exp, device = fct.experiment(), fct.torch_device()
-    images = torch.from_numpy(decoded.images)
-    # The vectors are needed for every decoded item, stored or not: a retried run may find an
-    # item in gallery_store but not yet in the deployed table.
-    emb = embed(target.model.model.to(device), images, exp).numpy()  # (N, deployed_dim)
-    side = embed(side_info_model.model.to(device), images, exp).numpy()  # (N, side_dim)
-    bad = ~(np.isfinite(emb).all(axis=1) & np.isfinite(side).all(axis=1))
+    images = torch.from_numpy(decoded.images[need])
+    emb = embed(target.model.model.to(device), images, exp).numpy()  # (M, deployed_dim)
+    side = embed(side_info_model.model.to(device), images, exp).numpy()  # (M, side_dim)
+    bad = ~(np.isfinite(emb).all(axis=1) & np.isfinite(side).all(axis=1)) if len(emb) else []
     quarantined = list(decoded.quarantined)
+    files = [f for f, n in zip(decoded.files, need) if n]
     for i in np.nonzero(bad)[0]:
-        quarantined.append(Quarantined(file=decoded.files[i], reason="embedding is NaN or Inf"))
-    keep = ~bad
-    ids, labels = decoded.ids[keep], decoded.labels[keep]
+        quarantined.append(Quarantined(file=files[i], reason="embedding is NaN or Inf"))
+    keep = ~np.asarray(bad, dtype=bool) if len(emb) else np.zeros(0, bool)
+    already = decoded.ids[~need]  # in every table: nothing to write
+    ids, labels = decoded.ids[need][keep], decoded.labels[need][keep]
     emb, side = emb[keep], side[keep]
-    kept_images = decoded.images[keep]
+    kept_images = decoded.images[need][keep]
 
     new_in_store = np.array([int(i) not in in_store for i in ids], dtype=bool)
     n_store = int(new_in_store.sum())
@@ -308,15 +315,13 @@ def ingest_files(
 
     table_version, added_table, seq = store_version, n_store, None
     if target.version is not None:
-        table = db.open_table(target.table)
         space = storage.table_space_ids(table).get("space_id")
         if space != target.model.space_id:
             raise storage.SpaceMismatchError(
                 f"{target.table}: holds space {space}, the deployed model is"
                 f" {target.model.space_id}"
             )
-        present = existing_ids(table, ids.tolist())
-        pick = np.array([int(i) not in present for i in ids], dtype=bool)
+        pick = np.array([int(i) not in in_table for i in ids], dtype=bool)
         added_table = int(pick.sum())
         table_version = table.version
         if added_table:
@@ -341,10 +346,10 @@ def ingest_files(
     return IngestBatch(
         batch=batch,
         files=len(files),
-        ingested=tuple(int(i) for i in ids),
+        ingested=tuple(int(i) for i in np.concatenate([already, ids])),
         added_to_store=n_store,
         added_to_table=added_table,
-        duplicates=decoded.duplicates_in_batch + (len(ids) - n_store),
+        duplicates=decoded.duplicates_in_batch + len(already) + (len(ids) - n_store),
         quarantined=tuple(quarantined),
         deployed_version=target.version,
         table=target.table,
