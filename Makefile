@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM ?= /usr/bin/chromium
 LOCK := requirements.lock
 
-.PHONY: venv lock data browser demo ui lint format test screenshots reproduce reproduce-benchmark reliability mutation clean
+.PHONY: venv lock data browser postgres stack-check demo ui lint format test screenshots reproduce reproduce-benchmark reliability mutation clean
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 # The stamp is remade when the dependencies or the lock change. Every package comes from
@@ -50,6 +50,24 @@ browser:
 		else echo "Chromium missing: install it and pass CHROMIUM=/path/to/chromium" >&2; exit 1; fi; \
 	fi
 
+# PostgreSQL's server binaries (initdb, postgres) for the stack check and tests/stack, from Debian's
+# package; on other systems install PostgreSQL (e.g. `brew install postgresql`, `dnf install
+# postgresql-server`) so that `postgres` is on PATH. Only the binaries are used: the stack runs a
+# private cluster of its own on a free port and stops it.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v postgres >/dev/null; then \
+		if command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+		else echo "PostgreSQL missing: install it so that postgres and initdb are on PATH" >&2; exit 1; fi; \
+	fi
+
+# deploy/'s storage run for real on this machine: a private Postgres cluster and moto's S3 server
+# on loopback ports, base + upgrade v2 (2 shards, multiprocess, gpu pool), promote, search,
+# lineage, the scheduled evaluation, a Postgres restart mid-upgrade; both servers stopped by PID.
+# Writes benchmarks/results/stack_check.{json,md}.
+stack-check: venv postgres
+	$(PY) benchmarks/stack_check.py
+
 # The main job: base assets + model version v2 on Fashion-MNIST from an empty instance and
 # LanceDB folder (deletes dagster_home's run storage and data/), promotion, eval table, lineage.
 demo: venv data
@@ -72,7 +90,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint venv data browser
+test: lint venv data browser postgres
 	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 # The README's UI screenshots (docs/ui), from the instance `make demo` left (Fashion-MNIST, demo

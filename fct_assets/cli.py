@@ -272,8 +272,13 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _json_default(value):
+    # A typed record (pydantic) as its fields: str() of one is not JSON (`fct promote --json`).
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else str(value)
+
+
 def _print_json(value) -> int:
-    print(json.dumps(value, indent=2, default=str))
+    print(json.dumps(value, indent=2, default=_json_default))
     return 0
 
 

@@ -26,6 +26,21 @@ def estimate(
             " eval_report"
         )
     n = items if items is not None else backfill.rows
+    # The eval report's backfilling curve (FastFill's grid, 22 points) priced with the same
+    # rates: what re-embedding each fraction (sigma order, as the backfill picks) costs and
+    # what it buys, so `reembed_fraction` is chosen on quality per second, not a guess.
+    curve = report.backfill_curves.get("sigma", {})
+    points = [
+        {
+            "fraction": f,
+            "seconds": f * n / reembed_rate + (1 - f) * n / transform_rate,
+            "top1": top1,
+            "mAP": mAP,
+        }
+        for f, top1, mAP in zip(
+            curve.get("fractions", []), curve.get("top1", []), curve.get("mAP", []), strict=True
+        )
+    ]
     return {
         "version": version,
         "items": n,
@@ -35,6 +50,7 @@ def estimate(
         "reembed_seconds": n / reembed_rate,
         "speedup": transform_rate / reembed_rate,
         "measured_on_items": backfill.rows,
+        "curve": points,
     }
 
 
@@ -45,10 +61,20 @@ def format_estimate(e: dict[str, Any]) -> str:
                 return f"{seconds / size:.1f} {unit}"
         return f"{seconds:.1f} s"
 
+    rows = "".join(
+        f"\n  {100 * p['fraction']:5.1f} %  {human(p['seconds']):>10}  {p['top1']:5.1f}  {p['mAP']:5.1f}"
+        for p in e.get("curve", [])
+    )
+    curve = (
+        f"\n  re-embedded (sigma order)   time  top-1    mAP  ({len(e['curve'])} points){rows}"
+        if rows
+        else ""
+    )
     return (
         f"{e['version']}: {e['items']:,} items\n  backfill by transformation:"
         f" {human(e['transform_seconds'])} ({e['transform_items_per_s']:,.0f} items/s)\n  full"
         f" re-embedding:          {human(e['reembed_seconds'])} ({e['reembed_items_per_s']:,.0f}"
         f" items/s)\n  transformation is {e['speedup']:.1f}x cheaper (rates measured on this"
         f" version's runs, {e['measured_on_items']:,} items)"
+        f"{curve}"
     )

@@ -2,10 +2,11 @@
 records (flat JSON, fct_assets.records), under FCT_STORAGE_URI.
 
 Both store files through universal-pathlib (Dagster's UPathIOManager): a local folder by
-default, an object store such as `s3://bucket/fct` in deploy/, any fsspec filesystem in tests
-(`memory://`). Neither pickles anything. A checkpoint is loaded only if its sha256 equals the
-one recorded in the materialisation that wrote it, so a file swapped or edited in storage is
-refused, and so is one whose materialisation recorded no sha256.
+default, an object store such as `s3://bucket/fct` in deploy/ (s3fs; endpoint and credentials
+from the AWS environment, fct_assets.resources), any fsspec filesystem in tests (`memory://`).
+Neither pickles anything. A checkpoint is loaded only if its sha256 equals the one recorded in
+the materialisation that wrote it, so a file swapped or edited in storage is refused, and so is
+one whose materialisation recorded no sha256.
 
 Layout under the storage URI: `checkpoints/<asset>[/<version>].safetensors`,
 `records/<asset>[/<version>].json`, and an op's output inside a graph asset (the backfill plan,
@@ -24,7 +25,12 @@ from upath import UPath
 
 from fct_assets import records
 from fct_assets.partitions import check_version
-from fct_assets.resources import DATA_ROOT
+from fct_assets.resources import (
+    DATA_ROOT,
+    fsspec_storage_options,
+    is_object_store,
+    object_store_error,
+)
 
 STORAGE_ENV = "FCT_STORAGE_URI"
 
@@ -33,6 +39,22 @@ def storage_uri(*parts: str) -> str:
     """FCT_STORAGE_URI (default: the checkout's data/ folder) joined with `parts`."""
     base = os.environ.get(STORAGE_ENV) or str(DATA_ROOT)
     return "/".join([base.rstrip("/"), *parts])
+
+
+def store_path(uri: str | UPath) -> UPath:
+    """`uri` as a UPath; an s3:// one with the endpoint and credentials of the AWS environment
+    (fct_assets.resources.fsspec_storage_options)."""
+    if isinstance(uri, UPath):
+        return uri
+    return UPath(uri, **fsspec_storage_options(str(uri)))
+
+
+def _store_failure(path: UPath, err: Exception, doing: str) -> Exception:
+    """`err` as one line naming the endpoint when `path` is on an object store (botocore's
+    errors are not OSErrors, and a traceback through aiobotocore names nothing of ours)."""
+    if is_object_store(str(path)):
+        return object_store_error(str(path), err, doing)
+    return err
 
 
 def latest_materialization(
@@ -99,7 +121,10 @@ def _write_atomically(path: UPath, blob: bytes) -> None:
             if tmp.exists():
                 tmp.unlink()
     else:
-        path.write_bytes(blob)
+        try:
+            path.write_bytes(blob)
+        except Exception as err:
+            raise _store_failure(path, err, "cannot write") from err
 
 
 class _FctUPathIOManager(dg.UPathIOManager):
@@ -119,7 +144,7 @@ def checkpoint_from_record(
     refused: loading it unverified would let a swapped file through."""
     from fct_ml.checkpoint import CheckpointError, load_checkpoint_bytes, space_id
 
-    path = UPath(path if path is not None else recorded.get("path", ""))
+    path = store_path(path if path is not None else recorded.get("path", ""))
     sha256 = recorded.get("sha256")
     if not sha256:
         raise CheckpointError(
@@ -130,6 +155,8 @@ def checkpoint_from_record(
         blob = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
+    except Exception as err:
+        raise _store_failure(path, err, "cannot read checkpoint") from err
     model, meta = load_checkpoint_bytes(blob, str(path), sha256)
     return records.Checkpoint(
         model=model,
@@ -184,6 +211,8 @@ class _RecordStore(_FctUPathIOManager):
             text = path.read_text()
         except FileNotFoundError:
             raise records.RecordError(f"{path}: record not found; materialise it first") from None
+        except Exception as err:
+            raise _store_failure(path, err, "cannot read record") from err
         return records.loads(text, str(path))
 
 
@@ -199,7 +228,7 @@ class CheckpointIOManager(dg.ConfigurableIOManagerFactory):
     )
 
     def create_io_manager(self, context) -> _CheckpointStore:
-        return _CheckpointStore(base_path=UPath(self.uri))
+        return _CheckpointStore(base_path=store_path(self.uri))
 
 
 class RecordIOManager(dg.ConfigurableIOManagerFactory):
@@ -212,4 +241,4 @@ class RecordIOManager(dg.ConfigurableIOManagerFactory):
     )
 
     def create_io_manager(self, context) -> _RecordStore:
-        return _RecordStore(base_path=UPath(self.uri))
+        return _RecordStore(base_path=store_path(self.uri))

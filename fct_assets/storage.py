@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from fct_assets.partitions import check_version
+from fct_assets.resources import is_object_store, object_store_cause, object_store_error
 
 GALLERY_STORE = "gallery_store"
 DEPLOYMENTS = "deployments"
@@ -253,19 +254,38 @@ def publish(
             failure.append(err)
             raise
 
-    existed = table_exists(db, name)
-    reader = pa.RecordBatchReader.from_batches(schema, produce())
     try:
-        table = db.create_table(name, data=reader, schema=schema, mode="overwrite")
-    except Exception:
-        if not existed:  # a first write that failed leaves no half-made table folder behind
-            db.drop_table(name, ignore_missing=True)
-        if failure:  # the producer's own one-line error (SpaceMismatchError, a corrupt image, ...)
-            raise failure[0] from None
-        raise
-    if tag:
-        table.tags.create(tag, table.version)
-    return {"table": name, "version": table.version, "rows": table.count_rows()}
+        existed = table_exists(db, name)
+        reader = pa.RecordBatchReader.from_batches(schema, produce())
+        try:
+            table = db.create_table(name, data=reader, schema=schema, mode="overwrite")
+        except Exception:
+            if not existed:  # a first write that failed leaves no half-made table folder behind
+                _drop_after_failure(db, name)
+            # The producer's own one-line error (SpaceMismatchError, a corrupt image, ...).
+            if failure:
+                raise failure[0] from None
+            raise
+        if tag:
+            table.tags.create(tag, table.version)
+        return {"table": name, "version": table.version, "rows": table.count_rows()}
+    except Exception as err:
+        # An object store that went down or refused the credentials: one line naming the endpoint
+        # (LanceDB's own message is a multi-line Rust error chain). Nothing was committed.
+        uri = str(getattr(db, "uri", ""))
+        if not is_object_store(uri) or object_store_cause(err) is None:
+            raise
+        raise object_store_error(f"{uri.rstrip('/')}/{name}", err, "publish failed:") from err
+
+
+def _drop_after_failure(db, name: str) -> None:
+    try:
+        db.drop_table(name, ignore_missing=True)
+    except Exception as err:
+        # The store is unreachable: the write never committed a version, so readers see no table;
+        # its data files (if any) are dropped by the next successful write under this name.
+        if object_store_cause(err) is None:
+            raise
 
 
 def ann_params(rows: int, dim: int) -> dict[str, Any]:

@@ -15,12 +15,19 @@ import torch
 from fct_ml.augment import AugmentConfig, to_float
 from fct_ml.losses import BCTObjective
 from fct_ml.models import EmbeddingModel, ModelConfig
+from fct_ml.retrieval import Metric
 from fct_ml.training import EpochRecord, TrainConfig, encode, fit, prepare_model, seed_everything
 
 
 @dataclass(frozen=True)
 class BCTConfig:
     influence_weight: float = 1.0  # lambda in L = CE(new classifier) + lambda * CE(old classifier)
+    # mu in + mu * ||phi_bct(x) - phi_old(x)||^2: pins the directions the influence loss leaves
+    # free (losses.BCTObjective says why); 0 is the paper's BCT.
+    alignment_weight: float = 1.0
+    # BCT's cases (bct/old, bct/bct, and the cases they are compared with) are scored under
+    # this metric: the criterion holds under cosine, not L2 (reproduce.bct_comparison).
+    metric: Metric = "cosine"
 
 
 def extended_old_classifier(
@@ -73,11 +80,13 @@ def train_bct_model(
     device: torch.device,
     seed: int,
     old_config: ModelConfig | None = None,
+    old_model: EmbeddingModel | None = None,
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> tuple[EmbeddingModel, list[EpochRecord]]:
     """Train a BCT model on all classes; `old_classifier` (num_classes, D) from
-    `extended_old_classifier`, scored as the old model (`old_config`) scores it."""
+    `extended_old_classifier`, scored as the old model (`old_config`) scores it. `old_model`
+    (frozen) is needed when `bct.alignment_weight > 0`."""
     if old_classifier.shape[1] != config.embed_dim:
         raise ValueError(
             f"BCT: the new embed_dim ({config.embed_dim}) must equal the old one"
@@ -93,6 +102,8 @@ def train_bct_model(
         bct.influence_weight,
         generator,
         old_config=old_config,
+        alignment_weight=bct.alignment_weight,
+        old_model=prepare_model(old_model, device) if old_model is not None else None,
     )
     history = fit(
         model,

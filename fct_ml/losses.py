@@ -87,6 +87,14 @@ class BCTObjective:
     items (the BCT paper's treatment of new classes), so every sample gets an influence term.
     The influence logits are scored as the old model scores its own (`old_config.classifier`:
     raw dot product, or the scaled cosine of a normalised softmax).
+
+    With `alignment_weight > 0` and the frozen `old_model`, an alignment term
+    `||phi_bct(x) - phi_old(x)||^2` (summed over dimensions, mean over the batch, on the same
+    augmented view) is added. Why: cross-entropy only sees logit *differences*, so the influence
+    loss constrains at most (classes - 1) directions of the embedding. With 10 classes in a
+    128-d space the other directions are free and differ between the two models, and bct/old
+    fails BCT's own criterion; the BCT paper's old classifiers had thousands of classes, which
+    constrain every direction. The alignment fixes the free directions.
     """
 
     def __init__(
@@ -98,11 +106,18 @@ class BCTObjective:
         influence_weight: float,
         generator: torch.Generator,
         old_config: ModelConfig | None = None,
+        *,
+        alignment_weight: float = 0.0,
+        old_model: nn.Module | None = None,
     ):
+        if alignment_weight > 0 and old_model is None:
+            raise ValueError("BCT: alignment_weight > 0 needs the frozen old model")
         self.model, self.aug, self.generator = model, aug, generator
         self.old_classifier = old_classifier.detach()
         self.old_config = old_config or ModelConfig()
         self.label_smoothing, self.influence_weight = label_smoothing, influence_weight
+        self.alignment_weight = alignment_weight
+        self.old_model = old_model.eval().requires_grad_(False) if old_model is not None else None
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         images, labels = batch
@@ -119,7 +134,15 @@ class BCTObjective:
             label_smoothing=self.label_smoothing,
         )
         loss = ce_new + self.influence_weight * ce_old
-        return {"loss": loss, "ce_new": ce_new.detach(), "influence": ce_old.detach()}
+        out = {"ce_new": ce_new.detach(), "influence": ce_old.detach()}
+        if self.alignment_weight > 0:
+            assert self.old_model is not None  # checked in __init__
+            with torch.no_grad():
+                target = self.old_model(x).float()  # (B, D): the old model, same view
+            alignment = (emb - target).square().sum(1).mean()
+            loss = loss + self.alignment_weight * alignment
+            out["alignment"] = alignment.detach()
+        return {"loss": loss, **out}
 
 
 class SimCLRObjective:

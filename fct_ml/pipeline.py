@@ -224,6 +224,7 @@ def train_bct(
         device=run.device,
         seed=run.seed_of("bct"),
         old_config=old_model.config,
+        old_model=old_model,
         progress=run.progress,
         on_epoch=on_epoch,
     )

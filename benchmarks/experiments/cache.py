@@ -44,6 +44,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--old-dim", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default="old,side,new,bct")
+    ap.add_argument("--bct-align", type=float, default=0.0, help="BCTConfig.alignment_weight")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cfg = preset(args.preset)
@@ -133,15 +134,16 @@ def main(argv: list[str]) -> None:
             train.labels,
             replace(new_cfg, embed_dim=old_cfg.embed_dim),
             cfg.new_train,
-            cfg.bct,
+            replace(cfg.bct, alignment_weight=args.bct_align),
             rows,
             policy.supervised,
             device=dev,
             seed=s * 1000 + 4,
             old_config=old.config,
+            old_model=old,
             progress=False,
         )
-        save(f"{old_key}_bct", bct)
+        save(f"{old_key}_bct" + (f"_a{args.bct_align:g}" if args.bct_align else ""), bct)
         log(f"bct {time.time() - t:.0f}s")
     torch.save({"train": train.labels, "val": val.labels}, CACHE / "labels.pt")
 

@@ -1,6 +1,9 @@
 """BCT's criterion on the validation split, from the cached models (benchmarks/experiments/cache.py).
 
     python benchmarks/experiments/probe_bct.py demo_s0_old_13579_cosine_cnn-s128 ...
+    python benchmarks/experiments/probe_bct.py demo_s0_old_13579_linear_cnn-s128:_a1 ...
+
+(`KEY:SUFFIX` reads the BCT model cached as `KEY_bct_SUFFIX`, e.g. with `--bct-align 1`.)
 
 For each old-model key: old/old and bct/old on validation queries of the classes the old model
 saw (gallery: the whole validation split), under L2 and cosine, and the embeddings' mean norms.
@@ -19,9 +22,10 @@ CACHE = "runs/cache"
 
 def main(keys: list[str]) -> None:
     labels = torch.load(f"{CACHE}/labels.pt")["val"]
-    for key in keys:
+    for arg in keys:
+        key, _, suffix = arg.partition(":")
         old = torch.load(f"{CACHE}/{key}.pt")["val"]
-        bct = torch.load(f"{CACHE}/{key}_bct.pt")["val"]
+        bct = torch.load(f"{CACHE}/{key}_bct{suffix}.pt")["val"]
         seen = tuple(int(c) for c in key.split("_old_")[1].split("_")[0])
         unseen = ~torch.isin(labels, torch.tensor(seen))
         norms = f"norm old {old.norm(dim=1).mean():.1f} bct {bct.norm(dim=1).mean():.1f}"
@@ -37,7 +41,7 @@ def main(keys: list[str]) -> None:
                 f" all {out['cases'][case]['top1']:.1f}/{out['cases'][case]['mAP']:.1f}"
                 for case, m in out["cases_seen_classes"].items()
             )
-            print(f"{key} {metric:6} {norms} | {row}", flush=True)
+            print(f"{arg} {metric:6} {norms} | {row}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ CASES = (
     "new/new",
     "new/h(old)",
     "new/h(old) no side-info",
-    "bct/old",
-    "bct/bct",
     "new/old",
 )
 ORDERS = ("random", "sigma", "true_error")

@@ -235,3 +235,46 @@ def test_bct_objective_gradients_reach_the_new_model_only():
     assert model.classifier.weight.grad is not None
     assert model.embed.weight.grad is not None
     assert old_classifier.grad is None  # the old classifier is detached
+
+
+def test_bct_alignment_term_is_the_summed_squared_distance_to_the_old_embedding():
+    model, images, labels, old_classifier = _bct_setup()
+    torch.manual_seed(1)
+    old_model = EmbeddingModel(
+        ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)
+    ).eval()
+    x = images.float() / 255.0
+    with torch.no_grad():
+        emb, old_emb = model(x), old_model(x)
+        ce_new = _cross_entropy_by_hand(model.logits(emb), labels)
+        influence = _cross_entropy_by_hand(emb @ old_classifier.T, labels)
+        # per item: sum over the 4 dims of (phi_bct - phi_old)^2; then the mean over 5 items
+        alignment = float(((emb - old_emb) ** 2).sum(1).mean())
+    out = BCTObjective(
+        model,
+        old_classifier,
+        AugmentConfig(),
+        0.0,
+        0.5,
+        torch.Generator().manual_seed(0),
+        alignment_weight=2.0,
+        old_model=old_model,
+    )((images, labels))
+    assert out["alignment"].item() == pytest.approx(alignment, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(ce_new + 0.5 * influence + 2.0 * alignment, rel=1e-4)
+    out["loss"].backward()
+    assert all(p.grad is None for p in old_model.parameters())  # the old model stays frozen
+
+
+def test_bct_alignment_needs_the_old_model():
+    model, _, _, old_classifier = _bct_setup()
+    with pytest.raises(ValueError, match="alignment_weight > 0 needs the frozen old model"):
+        BCTObjective(
+            model,
+            old_classifier,
+            AugmentConfig(),
+            0.0,
+            1.0,
+            torch.Generator().manual_seed(0),
+            alignment_weight=1.0,
+        )

@@ -1,0 +1,1 @@
+"""tests/stack: the production storage (Postgres, S3) on one machine."""
