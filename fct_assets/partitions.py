@@ -32,3 +32,9 @@ def add_model_version(instance: dg.DagsterInstance, version: str) -> None:
     """Register a model version; with automation running, its four assets materialise by themselves."""
     check_version(version)
     instance.add_dynamic_partitions(model_version.name, [version])
+
+
+# One partition per batch of arriving items, added by the inbox sensor (or `fct ingest`) when
+# the batch is launched: a batch is a set of files, not a time window (a quiet hour has no
+# batch, a busy minute may have several), and its key names it in runs, records and rows.
+ingest_batch = dg.DynamicPartitionsDefinition(name="ingest_batch")
