@@ -61,18 +61,22 @@ def plan_backfill(
     gallery_store: GalleryStore,
     transformation: Checkpoint,
 ):
-    from fct_assets.backfill import claim_table, drop_staging
+    from fct_assets.backfill import claim_table, drop_staging, resolve_source
     from fct_assets.backfill import plan_backfill as plan_fn
 
     version = require_registered(context.instance, context.partition_key)
     h_meta = transformation.recorded  # the record of the checkpoint loaded here
-    for column in ("old_space_id", "side_info_space_id"):
-        stored = getattr(gallery_store, column)
-        if h_meta.get(column) != stored:
-            raise storage.SpaceMismatchError(
-                f"gallery_store.{column} is {stored} but transformation[{version}]"
-                f" was trained on {h_meta.get(column)}; re-materialise transformation[{version}]"
-            )
+    if h_meta.get("side_info_space_id") != gallery_store.side_info_space_id:
+        raise storage.SpaceMismatchError(
+            f"gallery_store.side_info_space_id is {gallery_store.side_info_space_id} but"
+            f" transformation[{version}] was trained on {h_meta.get('side_info_space_id')};"
+            f" re-materialise transformation[{version}]"
+        )
+    source = resolve_source(context.instance, fct.connect(), gallery_store, h_meta, version)
+    context.log.info(
+        f"backfill {version}: from {source.table}@{source.version} ({source.column},"
+        f" {source.space_id}, {source.rows} items)"
+    )
     # One writer per version's table: a run of the same version still writing refuses this one
     # (one line naming it); one that ended without publishing hands its lease over, and the
     # staging tables it left (a failed shard) are dropped here, never a live run's.
@@ -93,6 +97,7 @@ def plan_backfill(
         shards=config.shards,
         ann_min_rows=config.ann_min_rows,
         run_id=context.run.run_id,
+        source=source,
     ).model_copy(update={"started_at": started})
     context.log.info(
         f"backfill {version}: {plan.rows} items in {len(plan.shards)} shards, "
@@ -168,14 +173,15 @@ def publish_backfill(
         record,
         data_version=dg.DataVersion(f"v{record.version}-{record.space_id}"),
         metadata={
-            **record.model_dump(exclude={"ann_params"}),
+            **record.model_dump(exclude={"ann_params", "source"}),
             "ann_params": dg.MetadataValue.json(record.ann_params or {}),
+            "source": dg.MetadataValue.json(record.source.model_dump() if record.source else {}),
             "dagster/row_count": record.rows,
             "code_version": code_version(),
             **storage.table_metadata(
                 fct.lancedb_uri,
                 record.table,
-                storage.backfilled_schema(record.dim, record.space_id),
+                storage.backfilled_schema(record.dim, record.space_id, lineage=True),
             ),
         },
     )

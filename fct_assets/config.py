@@ -7,7 +7,7 @@ launchpad works with no YAML at all and every field says what it changes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field, ValidationError
@@ -87,6 +87,29 @@ class ModelTrainingConfig(dg.Config):
             " from it as `fct reproduce --seed` does, so the same seed gives the same model."
         ),
     )
+    source: str = Field(
+        "train",
+        description=(
+            "train (default): train it here. checkpoint:PATH: a safetensors checkpoint of a"
+            " registry architecture with its config (fct_ml.checkpoint's format). torchscript:PATH:"
+            " a TorchScript file taking (N, C, H, W) images, preprocessed as declared below. Refused"
+            " with one line if it cannot load, gives another dim than embed_dim, or NaN/Inf on a"
+            " probe batch."
+        ),
+    )
+    sha256: str | None = Field(
+        None, description="Expected sha256 of the external file; refused if it differs."
+    )
+    preprocess_size: int = Field(
+        0, ge=0, description="TorchScript input: resize to N x N pixels (0: the gallery's size)."
+    )
+    preprocess_channels: int = Field(
+        0, ge=0, le=3, description="TorchScript input channels: 1 or 3 (0: the gallery's)."
+    )
+    preprocess_mean: float = Field(
+        0.0, description="TorchScript input: (x - mean) / std, x in [0, 1]."
+    )
+    preprocess_std: float = Field(1.0, gt=0, description="TorchScript input: see preprocess_mean.")
 
 
 class TransformationTrainingConfig(dg.Config):
@@ -104,6 +127,14 @@ class TransformationTrainingConfig(dg.Config):
     side_info: bool = Field(
         True,
         description="Feed the stored side-info to h (FCT). False: h(old) alone, for comparison.",
+    )
+    source: Literal["deployed", "old"] = Field(
+        "deployed",
+        description=(
+            "The space h maps from. deployed: the deployed version's (the old model's before any"
+            " promotion), so items ingested since reach the new table (chained upgrade). old:"
+            " always the old model (direct; refused at backfill if an item has no old embedding)."
+        ),
     )
     seed: int = Field(
         0,

@@ -46,3 +46,9 @@ def require_registered(instance: dg.DagsterInstance, version: str) -> str:
             f" nothing was trained or written. Register it first: `fct add-version {version}`"
         )
     return version
+
+
+# One partition per batch of arriving items, added by the inbox sensor (or `fct ingest`) when
+# the batch is launched: a batch is a set of files, not a time window (a quiet hour has no
+# batch, a busy minute may have several), and its key names it in runs, records and rows.
+ingest_batch = dg.DynamicPartitionsDefinition(name="ingest_batch")
