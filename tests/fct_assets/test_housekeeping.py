@@ -19,6 +19,7 @@ def test_old_versions_go_and_the_deployed_ones_stay(tmp_path):
     db = lancedb.connect(str(tmp_path))
     schema = pa.schema([pa.field("item_id", pa.int64())])
     table = db.create_table("gallery_v2", data=pa.Table.from_pylist([{"item_id": 0}], schema))
+    time.sleep(1.5)  # the cleanup keeps 1 s before the oldest deployed version as a margin
     for i in range(1, 5):  # versions 2..5
         table.add(pa.Table.from_pylist([{"item_id": i}], schema))
     served = VersionTable(version="v2", table="gallery_v2", table_version=2, space_id="s@0")
