@@ -105,7 +105,8 @@ screenshots: venv browser
 reproduce-benchmark: venv data
 	$(PY) benchmarks/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
 
-# Bad inputs and injected faults, and the report of what happened (~1 min).
+# Bad inputs, injected faults, the promotion race (100 from 4 processes) and the config fuzz,
+# and the report of what happened (benchmarks/results/reliability.{json,md}, with its wall time).
 reliability: venv data
 	$(PY) benchmarks/reliability.py
 
