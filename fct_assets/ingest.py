@@ -83,13 +83,19 @@ def scan_inbox(inbox: Path) -> list[InboxFile]:
     return sorted(found, key=lambda f: f.relpath)
 
 
+def folder_name(class_name: str) -> str:
+    """A class name as a folder name: '/' (Fashion-MNIST's "T-shirt/top") becomes '-'."""
+    return class_name.replace("/", "-")
+
+
 def label_of(folder: str | None, class_names: Sequence[str]) -> int:
-    """The label a folder name gives: a class name (any case) or a class index; else unknown (-1)."""
+    """The label a folder name gives: a class name (any case; '/' written as '-') or a class
+    index; else unknown (-1)."""
     if not folder:
         return UNKNOWN_LABEL
-    names = [n.lower() for n in class_names]
-    if folder.lower() in names:
-        return names.index(folder.lower())
+    names = [folder_name(n).lower() for n in class_names]
+    if folder_name(folder).lower() in names:
+        return names.index(folder_name(folder).lower())
     if folder.isdigit() and int(folder) < len(class_names):
         return int(folder)
     return UNKNOWN_LABEL
