@@ -16,6 +16,7 @@ from fct_assets.deployment import PromotionError, current, promote
 from fct_assets.ingest import content_id
 from fct_assets.io_managers import load_recorded_checkpoint, plain_metadata
 from fct_assets.lineage import format_row_lineage, lineage, row_lineage
+from fct_assets.search import search_command
 from fct_ml.backfill import apply_transformation
 from tests.fct_assets.test_ingest import deploy, held_back, run_ingest, write_png
 
@@ -82,6 +83,11 @@ def test_a_chained_v3_reaches_items_ingested_under_v2(living, tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
 
     promote(living.instance, living.fct.connect(), "v3")
+    # Search: an item ingested under v2, queried by its stored image, finds itself in v3's table.
+    hits = search_command(
+        living.instance, living.fct, image=None, item_id=ingested[0], version=None, k=3
+    )
+    assert hits[0]["item_id"] == ingested[0] and hits[0]["distance"] < 1e-3
     # Lineage: the version's chain, and one row of each kind.
     info = lineage(living.instance, "v3", living.fct.connect())
     assert [hop["version"] for hop in info["upgrade_chain"]] == ["old_model", "v2", "v3"]
