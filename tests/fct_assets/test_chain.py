@@ -43,6 +43,13 @@ def test_a_chained_v3_reaches_items_ingested_under_v2(living, tmp_path):
     deploy(living, "v2")
     ingested = _ingest(living, tmp_path, "bunderv2", 6, start=30)
     v2_space = current(living.fct.connect()).space_id
+    # Searchable at once: queried by its stored image, an item ingested under v2 finds itself
+    # (the deployed table holds v2's own vector of it).
+    hits = search_command(
+        living.instance, living.fct, image=None, item_id=ingested[0], version=None, k=3
+    )
+    assert hits[0]["item_id"] == ingested[0] and hits[0]["source"] == "ingested"
+    assert hits[0]["distance"] < 1e-3
 
     assert living.upgrade("v3").success
     h_meta = plain_metadata(
@@ -83,11 +90,6 @@ def test_a_chained_v3_reaches_items_ingested_under_v2(living, tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
 
     promote(living.instance, living.fct.connect(), "v3")
-    # Search: an item ingested under v2, queried by its stored image, finds itself in v3's table.
-    hits = search_command(
-        living.instance, living.fct, image=None, item_id=ingested[0], version=None, k=3
-    )
-    assert hits[0]["item_id"] == ingested[0] and hits[0]["distance"] < 1e-3
     # Lineage: the version's chain, and one row of each kind.
     info = lineage(living.instance, "v3", living.fct.connect())
     assert [hop["version"] for hop in info["upgrade_chain"]] == ["old_model", "v2", "v3"]
