@@ -53,12 +53,14 @@ browser:
 # PostgreSQL's server binaries (initdb, postgres) for the stack check and tests/stack, from Debian's
 # package; on other systems install PostgreSQL (e.g. `brew install postgresql`, `dnf install
 # postgresql-server`) so that `postgres` is on PATH. Only the binaries are used: the stack runs a
-# private cluster of its own on a free port and stops it.
+# private cluster of its own on a free port and stops it. Where it cannot be installed, tests/stack
+# is skipped (saying so) and `make stack-check` fails saying why.
 postgres:
 	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v postgres >/dev/null; then \
 		if command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
-		else echo "PostgreSQL missing: install it so that postgres and initdb are on PATH" >&2; exit 1; fi; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
+			|| echo "could not install postgresql: tests/stack will be skipped" >&2; \
+		else echo "PostgreSQL missing (install it so that postgres and initdb are on PATH): tests/stack will be skipped" >&2; fi; \
 	fi
 
 # deploy/'s storage run for real on this machine: a private Postgres cluster and moto's S3 server

@@ -183,7 +183,7 @@ class Postgres:
                 start_new_session=True,  # own session: a Ctrl-C reaches us, and we stop it
                 **self._as_user(),
             )
-        _wait_until(self._accepts, f"postgres on port {self.port}", self.proc, self.log, 60)
+        _wait_until(self._accepts, f"postgres on port {self.port}", self.proc, self.log, 180)
 
     def _accepts(self) -> bool:
         import psycopg2
@@ -252,7 +252,7 @@ class MotoS3:
                 env=env,
                 start_new_session=True,
             )
-        _wait_until(self._answers, f"moto S3 on port {self.port}", self.proc, self.log, 60)
+        _wait_until(self._answers, f"moto S3 on port {self.port}", self.proc, self.log, 180)
         import boto3
 
         anonymous = {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
