@@ -70,8 +70,10 @@ postgres:
 stack-check: venv postgres
 	$(PY) benchmarks/stack_check.py
 
-# The main job: base assets + model version v2 on Fashion-MNIST from an empty instance and
-# LanceDB folder (deletes dagster_home's run storage and data/), promotion, eval table, lineage.
+# The main job, the life of a gallery: base assets + model version v2 on Fashion-MNIST from an
+# empty instance and LanceDB folder (deletes dagster_home's run storage and data/), promotion,
+# 300 held-back images through the inbox (sensor tick + ingest run), v3 chained from v2,
+# promotion, a search for an ingested item, eval tables and lineage.
 demo: venv data
 	$(PY) -m fct_assets.demo --fresh
 

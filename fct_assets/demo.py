@@ -120,7 +120,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> str | None:
     runs here. Returns the batch key."""
     from fct_assets import storage
     from fct_assets.dagster_internals import tick_sensors
-    from fct_assets.ingest import inbox_dir
+    from fct_assets.ingest import folder_name, inbox_dir
     from fct_assets.io_managers import recorded_record
     from fct_assets.records import DatasetRecord, IngestBatch
     from fct_ml.pipeline import validation_split
@@ -130,7 +130,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> str | None:
     held = validation_split(data, fct.experiment())
     inbox = inbox_dir()
     for i in range(min(n, len(held))):
-        folder = inbox / data.class_names[int(held.labels[i])].replace("/", "-")
+        folder = inbox / folder_name(data.class_names[int(held.labels[i])])
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"held_{i:04d}.png").write_bytes(storage.encode_png(held.images[i].numpy()))
     print(f"\nfct demo: {min(n, len(held))} held-back images dropped into {inbox}", flush=True)

@@ -83,13 +83,19 @@ def scan_inbox(inbox: Path) -> list[InboxFile]:
     return sorted(found, key=lambda f: f.relpath)
 
 
+def folder_name(class_name: str) -> str:
+    """A class name as a folder name: '/' (Fashion-MNIST's "T-shirt/top") becomes '-'."""
+    return class_name.replace("/", "-")
+
+
 def label_of(folder: str | None, class_names: Sequence[str]) -> int:
-    """The label a folder name gives: a class name (any case) or a class index; else unknown (-1)."""
+    """The label a folder name gives: a class name (any case; '/' written as '-') or a class
+    index; else unknown (-1)."""
     if not folder:
         return UNKNOWN_LABEL
-    names = [n.lower() for n in class_names]
-    if folder.lower() in names:
-        return names.index(folder.lower())
+    names = [folder_name(n).lower() for n in class_names]
+    if folder_name(folder).lower() in names:
+        return names.index(folder_name(folder).lower())
     if folder.isdigit() and int(folder) < len(class_names):
         return int(folder)
     return UNKNOWN_LABEL
@@ -274,9 +280,9 @@ def ingest_files(
     side = embed(side_info_model.model.to(device), images, exp).numpy()  # (M, side_dim)
     bad = ~(np.isfinite(emb).all(axis=1) & np.isfinite(side).all(axis=1)) if len(emb) else []
     quarantined = list(decoded.quarantined)
-    files = [f for f, n in zip(decoded.files, need) if n]
+    embedded_files = [f for f, n in zip(decoded.files, need) if n]
     for i in np.nonzero(bad)[0]:
-        quarantined.append(Quarantined(file=files[i], reason="embedding is NaN or Inf"))
+        quarantined.append(Quarantined(file=embedded_files[i], reason="embedding is NaN or Inf"))
     keep = ~np.asarray(bad, dtype=bool) if len(emb) else np.zeros(0, bool)
     already = decoded.ids[~need]  # in every table: nothing to write
     ids, labels = decoded.ids[need][keep], decoded.labels[need][keep]
@@ -286,7 +292,7 @@ def ingest_files(
     new_in_store = np.array([int(i) not in in_store for i in ids], dtype=bool)
     n_store = int(new_in_store.sum())
     old_dim = store.schema.field("old_embedding").type.list_size
-    if target.version is None and emb.shape[1] != old_dim:
+    if target.version is None and len(emb) and emb.shape[1] != old_dim:
         raise IngestError(f"old_model gives dim {emb.shape[1]}, gallery_store holds {old_dim}")
     store_version = store.version
     if n_store:

@@ -16,6 +16,7 @@ from fct_assets.deployment import PromotionError, current, promote
 from fct_assets.ingest import content_id
 from fct_assets.io_managers import load_recorded_checkpoint, plain_metadata
 from fct_assets.lineage import format_row_lineage, lineage, row_lineage
+from fct_assets.search import search_command
 from fct_ml.backfill import apply_transformation
 from tests.fct_assets.test_ingest import deploy, held_back, run_ingest, write_png
 
@@ -42,6 +43,13 @@ def test_a_chained_v3_reaches_items_ingested_under_v2(living, tmp_path):
     deploy(living, "v2")
     ingested = _ingest(living, tmp_path, "bunderv2", 6, start=30)
     v2_space = current(living.fct.connect()).space_id
+    # Searchable at once: queried by its stored image, an item ingested under v2 finds itself
+    # (the deployed table holds v2's own vector of it).
+    hits = search_command(
+        living.instance, living.fct, image=None, item_id=ingested[0], version=None, k=3
+    )
+    assert hits[0]["item_id"] == ingested[0] and hits[0]["source"] == "ingested"
+    assert hits[0]["distance"] < 1e-3
 
     assert living.upgrade("v3").success
     h_meta = plain_metadata(

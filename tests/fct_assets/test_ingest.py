@@ -68,8 +68,9 @@ def rows_of(env, table: str, ids) -> dict[int, dict]:
 
 
 def test_label_of_folder_names():
-    names = ["zero", "one", "two"]
-    assert [label_of(f, names) for f in ("One", "2", "7", "misc", None)] == [1, 2, -1, -1, -1]
+    names = ["zero", "one", "T-shirt/top"]
+    folders = ("One", "2", "t-shirt-top", "7", "misc", None)
+    assert [label_of(f, names) for f in folders] == [1, 2, 2, -1, -1, -1]
 
 
 def test_content_ids_follow_the_pixels_not_the_file():
