@@ -53,12 +53,14 @@ browser:
 # PostgreSQL's server binaries (initdb, postgres) for the stack check and tests/stack, from Debian's
 # package; on other systems install PostgreSQL (e.g. `brew install postgresql`, `dnf install
 # postgresql-server`) so that `postgres` is on PATH. Only the binaries are used: the stack runs a
-# private cluster of its own on a free port and stops it.
+# private cluster of its own on a free port and stops it. Where it cannot be installed, tests/stack
+# is skipped (saying so) and `make stack-check` fails saying why.
 postgres:
 	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v postgres >/dev/null; then \
 		if command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
-		else echo "PostgreSQL missing: install it so that postgres and initdb are on PATH" >&2; exit 1; fi; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
+			|| echo "could not install postgresql: tests/stack will be skipped" >&2; \
+		else echo "PostgreSQL missing (install it so that postgres and initdb are on PATH): tests/stack will be skipped" >&2; fi; \
 	fi
 
 # deploy/'s storage run for real on this machine: a private Postgres cluster and moto's S3 server
@@ -68,8 +70,10 @@ postgres:
 stack-check: venv postgres
 	$(PY) benchmarks/stack_check.py
 
-# The main job: base assets + model version v2 on Fashion-MNIST from an empty instance and
-# LanceDB folder (deletes dagster_home's run storage and data/), promotion, eval table, lineage.
+# The main job, the life of a gallery: base assets + model version v2 on Fashion-MNIST from an
+# empty instance and LanceDB folder (deletes dagster_home's run storage and data/), promotion,
+# 300 held-back images through the inbox (sensor tick + ingest run), v3 chained from v2,
+# promotion, a search for an ingested item, eval tables and lineage.
 demo: venv data
 	$(PY) -m fct_assets.demo --fresh
 
@@ -103,7 +107,8 @@ screenshots: venv browser
 reproduce-benchmark: venv data
 	$(PY) benchmarks/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
 
-# Bad inputs and injected faults, and the report of what happened (~1 min).
+# Bad inputs, injected faults, the promotion race (100 from 4 processes) and the config fuzz,
+# and the report of what happened (benchmarks/results/reliability.{json,md}, with its wall time).
 reliability: venv data
 	$(PY) benchmarks/reliability.py
 

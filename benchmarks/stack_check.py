@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: deploy/ and fct_assets from this checkout
     sys.path.insert(0, str(REPO))
 
-from deploy.local_stack import LocalStack, postgres_bindir  # noqa: E402
+from deploy.local_stack import LocalStack, StackError, postgres_bindir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SHARDS = 2
@@ -383,13 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     steps, checks, notes = Steps(), {}, {"dataset": args.dataset}
     root = Path(tempfile.mkdtemp(prefix="fct-stack-"))
-    stack = LocalStack(root, preset=args.preset)
+    try:
+        stack = LocalStack(root, preset=args.preset)
+    except StackError as err:  # Postgres not installed: say so, in one line
+        print(f"stack-check: {err}", file=sys.stderr)
+        return 1
     saved = dict(os.environ)
     try:
         steps.run("start_servers", stack.__enter__)
         os.environ.update(stack.environ())
         print(f"stack-check: Postgres {stack.postgres.url()}, S3 {stack.s3.endpoint}", flush=True)
-        pids = stack.pids()
         check_stack(stack, steps, checks, notes)
         checks["all_steps_ran"] = True
     except Exception as err:
@@ -400,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         steps.run("stop_servers", stack.stop)
         os.environ.clear()
         os.environ.update(saved)
-    pids = locals().get("pids") or {}
-    checks["servers_stopped_by_pid"] = bool(pids) and not any(_alive(p) for p in pids.values())
-    import shutil
-
+    # Every server this run started (whether or not it came up) is gone.
+    started = [p.pid for p in (stack.postgres.proc, stack.s3.proc) if p is not None]
+    checks["servers_stopped_by_pid"] = not any(_alive(pid) for pid in started)
+    notes["server_pids"] = started
     shutil.rmtree(root, ignore_errors=True)
     result = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),

@@ -4,11 +4,12 @@
         os.environ.update(stack.environ())
         ...                             # Dagster on Postgres, LanceDB and checkpoints on s3://
 
-Postgres: `initdb` into root/pg as an unprivileged user (Postgres refuses to run as root; the
-Debian package's `postgres` user, else one created as `fct-pg`), then the `postgres` server on
-a free 127.0.0.1 port, password authentication, a database `dagster`. S3: moto's server
-(`moto[server]`, the `stack` extra) on another free port, with IAM checks on: a user with an
-S3 policy and an access key, then the bucket, so a wrong secret is refused as on AWS.
+Postgres: `initdb` into a temporary folder of its own as an unprivileged user (Postgres
+refuses to run as root; the Debian package's `postgres` user, else one created as `fct-pg`),
+then the `postgres` server on a free 127.0.0.1 port, password authentication, a database
+`dagster`. S3: moto's server (`moto[server]`, the `stack` extra) on another free port, with IAM
+checks on: a user with an S3 policy and an access key, then the bucket, so a wrong secret is
+refused as on AWS.
 DAGSTER_HOME/dagster.yaml is deploy/dagster.yaml's storage (Postgres from DAGSTER_PG_*),
 concurrency pools and settings, without the Kubernetes run launcher.
 
@@ -29,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -107,12 +109,17 @@ def _wait_until(ready, what: str, proc: subprocess.Popen, log: Path, timeout_s: 
 
 
 class Postgres:
-    """A private Postgres cluster in `root` on 127.0.0.1:`port`, owned by an unprivileged user."""
+    """A private Postgres cluster in a temporary folder, on 127.0.0.1:`port`, owned by an
+    unprivileged user."""
 
-    def __init__(self, root: Path, password: str = "fct-local") -> None:
-        self.root = root
-        self.data = root / "data"
-        self.log = root / "postgres.log"
+    def __init__(self, password: str = "fct-local") -> None:
+        # Its own folder straight under the system temp dir, not below `root`: the server's user
+        # must traverse every parent, and pytest resets its /tmp/pytest-of-USER to 0700 whenever
+        # another session starts; a minute later Postgres finds its lock file unreadable and shuts
+        # down. `remove()` deletes it.
+        self.root = Path(tempfile.mkdtemp(prefix="fct-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "postgres.log"
         self.port = free_port()
         self.user, self.password, self.db = "dagster", password, "dagster"
         self.proc: subprocess.Popen | None = None
@@ -152,11 +159,6 @@ class Postgres:
         if ids is not None:
             for path in (self.root, pwfile):
                 os.chown(path, *ids)
-            # The user must reach root/ through its parents (a pytest tmp folder is 0700 root's).
-            for parent in self.root.parents:
-                if parent == Path("/tmp") or parent == Path("/"):
-                    break
-                os.chmod(parent, os.stat(parent).st_mode | 0o011)
         done = subprocess.run(
             [str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user]
             + [f"--pwfile={pwfile}", "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"],
@@ -183,7 +185,7 @@ class Postgres:
                 start_new_session=True,  # own session: a Ctrl-C reaches us, and we stop it
                 **self._as_user(),
             )
-        _wait_until(self._accepts, f"postgres on port {self.port}", self.proc, self.log, 60)
+        _wait_until(self._accepts, f"postgres on port {self.port}", self.proc, self.log, 180)
 
     def _accepts(self) -> bool:
         import psycopg2
@@ -214,6 +216,10 @@ class Postgres:
         """Fast shutdown (SIGINT: sessions ended, a clean checkpoint), by the server's PID."""
         if self.proc is not None:
             _kill(self.proc, signal.SIGINT, 30)
+
+    def remove(self) -> None:
+        """Delete the cluster's folder (after `stop`)."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def restart(self, down_s: float = 0.0) -> None:
         self.stop()
@@ -252,7 +258,7 @@ class MotoS3:
                 env=env,
                 start_new_session=True,
             )
-        _wait_until(self._answers, f"moto S3 on port {self.port}", self.proc, self.log, 60)
+        _wait_until(self._answers, f"moto S3 on port {self.port}", self.proc, self.log, 180)
         import boto3
 
         anonymous = {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
@@ -387,7 +393,7 @@ class LocalStack:
     def __init__(self, root: Path, *, preset: str = "tiny") -> None:
         self.root = Path(root)
         self.preset = preset
-        self.postgres = Postgres(self.root / "pg")
+        self.postgres = Postgres()
         self.s3 = MotoS3(self.root / "moto")
         self.home = self.root / "dagster_home"
         self._stopped = False
@@ -417,6 +423,7 @@ class LocalStack:
             self.s3.stop()
         finally:
             self.postgres.stop()
+            self.postgres.remove()
 
     @property
     def lancedb_uri(self) -> str:

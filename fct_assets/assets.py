@@ -32,7 +32,7 @@ from fct_assets.config import (
     ModelTrainingConfig,
     TransformationTrainingConfig,
 )
-from fct_assets.partitions import model_version
+from fct_assets.partitions import model_version, require_registered
 from fct_assets.provenance import code_version, epoch_logger, history_metadata, source_version
 from fct_assets.records import (
     BackfilledTable,
@@ -134,6 +134,40 @@ def _model_output(model, history, context: dg.AssetExecutionContext, **metadata:
     )
 
 
+def _external_output(
+    context: dg.AssetExecutionContext, config: ModelTrainingConfig, data, **metadata: Any
+) -> dg.Output:
+    """A model from outside (config.source checkpoint:PATH | torchscript:PATH), checked on a probe
+    batch of the gallery's images; refused with one line, publishing nothing, when it cannot be
+    used."""
+    from fct_ml.external import Preprocessing, load_external, parse_source
+
+    source = parse_source(config.source)
+    model, digest = load_external(
+        source,
+        in_channels=data.channels,
+        probe=data.test.images[:16],
+        embed_dim=config.embed_dim,
+        preprocessing=Preprocessing(
+            size=config.preprocess_size,
+            channels=config.preprocess_channels,
+            mean=config.preprocess_mean,
+            std=config.preprocess_std,
+        ),
+        expected_sha256=config.sha256,
+    )
+    context.log.info(f"{context.asset_key.to_user_string()}: {source} (sha256 {digest}) accepted")
+    return _model_output(
+        model,
+        [],
+        context,
+        source=str(source),
+        source_sha256=digest,
+        embed_dim=int(model.config.embed_dim),
+        **metadata,
+    )
+
+
 # ---------------------------------------------------------------- base
 
 
@@ -181,6 +215,8 @@ def old_model(
     from fct_ml import pipeline
 
     data, old, items = _old_class_data(fct, dataset)
+    if config.source != "train":
+        return _external_output(context, config, data, classes=json.dumps(list(old)))
     exp = _overrides(fct.experiment(), config, "old_model", "old_train")
     on_epoch = epoch_logger(context, "old_model", exp.old_train.epochs, items)
     model, history = pipeline.train_old_model(
@@ -199,6 +235,11 @@ def side_info_model(
     """The side-info model psi: SimCLR without labels on the old classes' images."""
     from fct_ml import pipeline
 
+    if config.source != "train":
+        raise ValueError(
+            f"side_info_model: source {config.source!r}; the side-info model is trained here"
+            " (source: train)"
+        )
     data, old, items = _old_class_data(fct, dataset)
     exp = _overrides(fct.experiment(), config, "side_info__model", "side_info_train")
     on_epoch = epoch_logger(context, "side_info_model", exp.side_info_train.epochs, items)
@@ -228,7 +269,9 @@ def gallery_store(
         if not np.isfinite(array).all():
             raise ValueError(f"gallery_store: {name} holds NaN or Inf; nothing was written")
     old_space, side_space = old_model.space_id, side_info_model.space_id
-    schema = storage.gallery_store_schema(old.shape[1], side.shape[1], old_space, side_space)
+    schema = storage.gallery_store_schema(
+        old.shape[1], side.shape[1], old_space, side_space, living=True
+    )
     images = gallery.images.numpy()
     labels = gallery.labels.numpy()
 
@@ -251,6 +294,7 @@ def gallery_store(
                     ),
                     pa.array([old_space] * n),
                     pa.array([side_space] * n),
+                    pa.nulls(n, pa.string()),  # ingest_batch: the base gallery came with no batch
                 ],
                 schema=schema,
             )
@@ -295,7 +339,10 @@ def new_model(
     """The new embedding model phi_new of this version, trained on all classes."""
     from fct_ml import pipeline
 
+    require_registered(context.instance, context.partition_key)  # before anything trains
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
+    if config.source != "train":
+        return _external_output(context, config, data)
     exp = _overrides(fct.experiment(), config, "new_model", "new_train")
     stage = f"new_model[{context.partition_key}]"
     model, history = pipeline.train_new_model(
@@ -322,22 +369,31 @@ def transformation(
     side_info_model: Checkpoint,
     new_model: Checkpoint,
 ) -> dg.Output:
-    """h(old_embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
+    """h(stored embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
     from fct_ml import pipeline
 
+    require_registered(context.instance, context.partition_key)  # before anything trains
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     exp = _overrides(fct.experiment(), config, "transformation", "transformation_train")
     run = fct.run(config.seed)
-    models = (old_model.model, side_info_model.model, new_model.model)
+    # Chained upgrades: h maps from the space the gallery is stored in now, the deployed
+    # version's (every item is in its table: transformed there, or ingested since); before any
+    # promotion, the old model's.
+    source, source_version = _source_model(context, fct, config, old_model)
+    models = (source.model, side_info_model.model, new_model.model)
     features = pipeline.training_features(data, *models, exp, run)
     stage = f"transformation[{context.partition_key}]"
+    # FastFill's sigma trains through the new model's classifier; an external new model without
+    # one (or with another class set) gets the plain h, sigma 0.
+    classifier = getattr(new_model.model, "classifier", None)
+    fastfill = classifier is not None and classifier.weight.shape[0] == data.num_classes
     h, history = pipeline.train_h(
         features,
         new_model.model,
         exp,
         run,
         side_info=config.side_info,
-        uncertainty=True,
+        uncertainty=fastfill,
         desc=stage,
         on_epoch=epoch_logger(
             context, stage, exp.transformation_train.epochs, len(features.labels)
@@ -354,7 +410,36 @@ def transformation(
         side_info_model_sha256=side_info_model.sha256,
         new_model_sha256=new_model.sha256,
         side_info=config.side_info,
+        source_version=source_version or "",
+        source_space_id=source.space_id,
+        source_model_sha256=source.sha256,
     )
+
+
+def _source_model(
+    context: dg.AssetExecutionContext,
+    fct: FctResource,
+    config: TransformationTrainingConfig,
+    old_model: Checkpoint,
+) -> tuple[Checkpoint, str | None]:
+    """(the model whose space h maps from, its model version or None for the old model)."""
+    from fct_assets.deployment import current
+    from fct_assets.io_managers import load_recorded_checkpoint
+
+    serving = current(fct.connect()) if config.source == "deployed" else None
+    if serving is None or serving.version == context.partition_key:
+        return old_model, None
+    model = load_recorded_checkpoint(context.instance, "new_model", serving.version)
+    if model.space_id != serving.space_id:
+        raise storage.SpaceMismatchError(
+            f"{serving.table} serves space {serving.space_id}, but new_model[{serving.version}]"
+            f" is now {model.space_id}; promote a version again"
+        )
+    context.log.info(
+        f"transformation[{context.partition_key}]: maps from the deployed {serving.version}"
+        f" ({model.space_id})"
+    )
+    return model, serving.version
 
 
 @versioned(

@@ -47,6 +47,14 @@ upgrade_job = dg.define_asset_job(
         " launch."
     ),
 )
+catch_up_job = dg.define_asset_job(
+    "catch_up",
+    selection=dg.AssetSelection.assets("backfilled_gallery", "eval_report"),
+    description=(
+        "Backfill a version's table again from the store as it is now (items ingested during its"
+        " backfill included) and re-evaluate it: what promotion asks for when items are missing."
+    ),
+)
 verify_job = dg.define_asset_job(
     "verify",
     selection=dg.AssetSelection.checks_for_assets("backfilled_gallery", "eval_report"),

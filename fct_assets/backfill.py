@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from fct_assets import storage
+from fct_assets import guards, storage
 from fct_assets.records import (
     BackfilledTable,
     BackfillPlan,
@@ -44,6 +44,7 @@ from fct_assets.records import (
     GalleryStore,
     ShardRange,
     ShardResult,
+    SourceTable,
 )
 
 STAGING_PREFIX = "_staging_"
@@ -54,8 +55,31 @@ def staging_table(version: str, run_id: str, shard: int, shards: int) -> str:
     return f"{STAGING_PREFIX}{storage.version_table(version)}_{(run_id or 'local')[:8]}_{shard}of{shards}"
 
 
+def claim_table(db, version: str, run_id: str = "", instance=None) -> guards.Writer:
+    """Take the lease on `gallery_<version>` for this run (a Dagster run when `run_id` and
+    `instance` are given, else this process) before anything is written, and drop the staging
+    tables an ended run of the version left. Raises guards.TableBusyError, one line naming the
+    run or process that is writing the version now: its staging tables are never touched."""
+    me = guards.Writer.me(run_id=run_id if instance is not None else "")
+
+    def ended(writer: guards.Writer) -> bool:
+        if writer.run_id and instance is not None:
+            run = instance.get_run_by_id(writer.run_id)
+            return run is None or run.is_finished
+        return guards.process_ended(writer)
+
+    guards.claim(db, storage.version_table(version), me, ended=ended)
+    return me
+
+
+def release_table(db, version: str, me: guards.Writer) -> None:
+    guards.release(db, storage.version_table(version), me)
+
+
 def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
     """Drop the version's staging tables (all runs but `keep_run`); returns the names dropped.
+    Call it holding the version's lease (`claim_table`): then every other run's staging is an
+    ended run's.
 
     Listed by name because a shard killed before its commit leaves a folder with no version,
     which `table_exists` would call absent but which still takes disk space."""
@@ -76,31 +100,166 @@ def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
 
 
 def _transformer(
-    h, rows_per_batch: int
+    h, rows_per_batch: int, source: SourceTable | None = None
 ) -> Callable[[pa.RecordBatch], tuple[torch.Tensor, torch.Tensor]]:
-    """A batch of stored rows -> (h's embeddings (B, new_dim), sigma (B,)).
+    """A batch of stored rows (the source's vector column as `stored`, and `side_info`) -> (h's
+    embeddings (B, new_dim), sigma (B,)).
 
-    Refuses non-finite or mis-sized input."""
+    Refuses non-finite, missing or mis-sized input."""
     from fct_ml.backfill import apply_transformation
 
     use_side = h.config.side_info
+    where = f"{source.table}.{source.column}" if source else "gallery_store.old_embedding"
 
     def transform(batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        old = torch.from_numpy(storage.vectors(batch.column("old_embedding")))
-        side = torch.from_numpy(storage.vectors(batch.column("side_info"))) if use_side else None
-        for name, t in (("old_embedding", old), ("side_info", side)):
-            if t is not None and not torch.isfinite(t).all():
-                raise ValueError(
-                    f"gallery_store.{name}: NaN or Inf in stored vectors; nothing was published"
-                )
-        if old.shape[1] != h.config.old_dim:
+        column = batch.column("stored")
+        if column.null_count:
+            item = batch.column("item_id")[column.is_null().index(True).as_py()].as_py()
             raise ValueError(
-                f"gallery_store.old_embedding: dim {old.shape[1]}, but h expects {h.config.old_dim}"
+                f"{where}: item {item} has no vector in this space (ingested after a promotion);"
+                " re-materialise the transformation so that it maps from the deployed version"
             )
+        old = torch.from_numpy(storage.vectors(column))
+        side = torch.from_numpy(storage.vectors(batch.column("side_info"))) if use_side else None
+        for name, t in ((where, old), ("gallery_store.side_info", side)):
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(f"{name}: NaN or Inf in stored vectors; nothing was published")
+        if old.shape[1] != h.config.old_dim:
+            raise ValueError(f"{where}: dim {old.shape[1]}, but h expects {h.config.old_dim}")
         emb, sigma = apply_transformation(h, old, side, batch_size=rows_per_batch)
         return emb, (sigma if sigma is not None else torch.zeros(len(emb)))
 
     return transform
+
+
+def resolve_source(instance, db, gallery_store: GalleryStore, h_meta, version: str) -> SourceTable:
+    """The table holding the vectors h maps from (`h_meta`: the transformation's recorded
+    metadata): gallery_store when h maps from the old model, else the table of the model version
+    h maps from, at the table version its deployment serves (ingest runs advance it), pinned."""
+    from fct_assets.deployment import history
+
+    source_version = h_meta.get("source_version") or None
+    if source_version is None:
+        if h_meta.get("old_space_id") != gallery_store.old_space_id:
+            raise storage.SpaceMismatchError(
+                f"gallery_store.old_space_id is {gallery_store.old_space_id} but"
+                f" transformation[{version}] was trained on {h_meta.get('old_space_id')};"
+                f" re-materialise transformation[{version}]"
+            )
+        return store_source(db, gallery_store)
+    rows = [r for r in history(db) if r.version == source_version]
+    if not rows:
+        raise LookupError(
+            f"transformation[{version}] maps from {source_version}, which was never deployed"
+        )
+    served = rows[-1]
+    if served.space_id != h_meta.get("source_space_id"):
+        raise storage.SpaceMismatchError(
+            f"{served.table} holds space {served.space_id} but transformation[{version}] maps"
+            f" from {h_meta.get('source_space_id')}; re-materialise transformation[{version}]"
+        )
+    table = storage.open_pinned(db, served.table, served.table_version)
+    return SourceTable(
+        table=served.table,
+        version=served.table_version,
+        column="embedding",
+        space_id=served.space_id,
+        model_version=source_version,
+        rows=table.count_rows(),
+    )
+
+
+def store_source(db, gallery_store: GalleryStore) -> SourceTable:
+    """gallery_store at its latest version (items ingested since its materialisation included)."""
+    table = db.open_table(storage.GALLERY_STORE)
+    return SourceTable(
+        table=storage.GALLERY_STORE,
+        version=table.version,
+        column="old_embedding",
+        space_id=gallery_store.old_space_id,
+        model_version=None,
+        rows=table.count_rows(),
+    )
+
+
+class SideInfo:
+    """gallery_store's side-info (and optionally images) by item id, pinned at one version: the
+    join a chained backfill needs, since a version's table holds vectors but no side-info.
+    Holds every item's side-info in memory ((N, side_dim) float32: 512 MB per million 128-d
+    items)."""
+
+    def __init__(self, db, store_version: int):
+        self.db, self.version = db, store_version
+        data = (
+            storage.open_pinned(db, storage.GALLERY_STORE, store_version)
+            .search()
+            .select(["item_id", "side_info"])
+            .limit(None)
+            .to_arrow()
+        )
+        ids = data.column("item_id").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
+        self.side = storage.vectors(data.column("side_info"))[order]
+
+    def rows(self, item_ids: np.ndarray, where: str) -> np.ndarray:
+        pos = np.searchsorted(self.ids, item_ids)
+        pos = np.minimum(pos, len(self.ids) - 1)
+        missing = self.ids[pos] != item_ids if len(self.ids) else np.ones(len(item_ids), bool)
+        if missing.any():
+            raise ValueError(
+                f"{where}: item {int(item_ids[missing][0])} is not in gallery_store (version"
+                f" {self.version}); its side-info is missing"
+            )
+        return pos
+
+    def images(self, item_ids: list[int]) -> dict[int, bytes]:
+        table = storage.open_pinned(self.db, storage.GALLERY_STORE, self.version)
+        found: dict[int, bytes] = {}
+        for start in range(0, len(item_ids), 2000):
+            part = item_ids[start : start + 2000]
+            rows = (
+                table.search()
+                .where(f"item_id IN ({', '.join(map(str, part))})")
+                .select(["item_id", "image"])
+                .limit(len(part))
+                .to_arrow()
+            )
+            found.update(zip(rows.column("item_id").to_pylist(), rows.column("image").to_pylist()))
+        return found
+
+
+def source_pages(
+    db,
+    source: SourceTable,
+    side: SideInfo | None,
+    columns: list[str],
+    rows_per_batch: int,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Rows [start, stop) of the pinned source as batches with `item_id`, `stored` (the source's
+    vectors), `side_info` and whichever of `columns` the source holds (label, chain,
+    ingest_batch, image, ...)."""
+    names = set(db.open_table(source.table).schema.names)
+    wanted = ["item_id", source.column] + [
+        c for c in columns if c in names and c not in ("item_id", source.column, "side_info")
+    ]
+    if side is None:
+        wanted.append("side_info")
+    for batch in storage.pinned_pages(
+        db, source.table, source.version, wanted, rows_per_batch, start, stop
+    ):
+        arrays = {name: batch.column(name) for name in batch.schema.names}
+        arrays["stored"] = arrays.pop(source.column)
+        if side is not None:
+            ids = arrays["item_id"].to_numpy()
+            pos = side.rows(ids, source.table)
+            dim = side.side.shape[1]
+            arrays["side_info"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(side.side[pos].reshape(-1)), dim
+            )
+        yield pa.record_batch(list(arrays.values()), names=list(arrays))
 
 
 def plan_backfill(
@@ -114,12 +273,17 @@ def plan_backfill(
     shards: int = 1,
     ann_min_rows: int | None = None,
     run_id: str = "",
+    source: SourceTable | None = None,
 ) -> BackfillPlan:
-    """Pass 1 and the split of the gallery into contiguous row ranges of near-equal size."""
+    """Pass 1 and the split of the source (default: gallery_store at its latest version) into
+    contiguous row ranges of near-equal size."""
     if shards < 1:
         raise ValueError(f"shards: {shards}; expected at least 1")
     db = fct.connect()
-    n, store_version = gallery_store.rows, gallery_store.version
+    source = source or store_source(db, gallery_store)
+    n = source.rows
+    store_version = db.open_table(storage.GALLERY_STORE).version
+    side = SideInfo(db, store_version) if source.table != storage.GALLERY_STORE else None
     started = time.perf_counter()
     # Pass 1: sigma of every item, to spend the re-embedding budget where h is least sure.
     reembed_ids: list[int] = []
@@ -128,15 +292,9 @@ def plan_backfill(
         budget > 0
     ):  # with no budget the plan runs no model (on k8s its pod needs no accelerator time)
         h = h.to(fct.torch_device())
-        transform = _transformer(h, rows_per_batch)
+        transform = _transformer(h, rows_per_batch, source)
         ids, sigmas = [], []
-        for batch in storage.pinned_pages(
-            db,
-            storage.GALLERY_STORE,
-            store_version,
-            ["item_id", "old_embedding", "side_info"],
-            rows_per_batch,
-        ):
+        for batch in source_pages(db, source, side, [], rows_per_batch):
             ids.append(batch.column("item_id").to_numpy())
             sigmas.append(transform(batch)[1].numpy())
         ids_all, sigma_all = np.concatenate(ids), np.concatenate(sigmas)
@@ -157,6 +315,7 @@ def plan_backfill(
         ann_min_rows=ann_min_rows,
         shards=ranges,
         plan_seconds=round(time.perf_counter() - started, 3),
+        source=source,
     )
 
 
@@ -167,38 +326,39 @@ def _shard_rows(
     from fct_ml.augment import to_float
     from fct_ml.training import encode
 
-    transform = _transformer(h, plan.rows_per_batch)
+    source = plan.source
+    transform = _transformer(h, plan.rows_per_batch, source)
     reembed = set(plan.reembed_ids)
     space_id, dim = new_model.space_id, h.config.new_dim
     channels = new_model.model.config.in_channels
-    schema = storage.backfilled_schema(dim, space_id)
+    schema = storage.backfilled_schema(dim, space_id, lineage=True)
     name = storage.version_table(plan.version)
     where = f" shard {shard.index + 1}/{shard.count}" if shard.count > 1 else ""
     total = shard.stop - shard.start
-    cols = ["item_id", "label", "old_embedding", "side_info"] + (["image"] if reembed else [])
+    in_store = source.table == storage.GALLERY_STORE
+    side = None if in_store else SideInfo(db, plan.gallery_store_version)
+    cols = ["label", "chain", "ingest_batch", "space_id"] + (
+        ["image"] if reembed and in_store else []
+    )
     started = time.perf_counter()
-    for batch in storage.pinned_pages(
-        db,
-        storage.GALLERY_STORE,
-        plan.gallery_store_version,
-        cols,
-        plan.rows_per_batch,
-        shard.start,
-        shard.stop,
-    ):
+    for batch in source_pages(db, source, side, cols, plan.rows_per_batch, shard.start, shard.stop):
         emb, sigma = transform(batch)
         emb = emb.numpy()
         item_ids = batch.column("item_id").to_numpy()
         pick = np.array([i in reembed for i in item_ids.tolist()], dtype=bool)
-        source = np.where(pick, "re-embedded", "transformed")
+        source_kind = np.where(pick, "re-embedded", "transformed")
         if pick.any():
-            blobs = batch.column("image").to_pylist()
+            chosen = item_ids[pick].tolist()
+            if in_store:
+                blobs = dict(zip(item_ids.tolist(), batch.column("image").to_pylist()))
+            else:
+                blobs = side.images(chosen)
             images = []
-            for i in np.nonzero(pick)[0]:
+            for i in chosen:
                 try:
                     images.append(storage.decode_png(blobs[i], channels))
-                except ValueError as err:
-                    raise ValueError(f"gallery_store item {item_ids[i]}: {err}") from None
+                except (KeyError, ValueError) as err:
+                    raise ValueError(f"gallery_store item {i}: {err}") from None
             x = torch.from_numpy(np.stack(images))
             emb[pick] = encode(new_model.model, [x], transform=to_float).numpy()
             done["reembedded"] += int(pick.sum())
@@ -220,11 +380,39 @@ def _shard_rows(
                     pa.array(emb.astype(np.float32).reshape(-1)), dim
                 ),
                 pa.array(sigma.numpy().astype(np.float32)),
-                pa.array(source.tolist()),
+                pa.array(source_kind.tolist()),
                 pa.array([space_id] * len(item_ids)),
+                pa.array(_chains(batch, source, space_id, pick)),
+                _column_or_nulls(batch, "ingest_batch"),
             ],
             schema=schema,
         )
+
+
+def _column_or_nulls(batch: pa.RecordBatch, name: str) -> pa.Array:
+    if name in batch.schema.names:
+        return batch.column(name).cast(pa.string())
+    return pa.nulls(batch.num_rows, pa.string())
+
+
+def _chains(
+    batch: pa.RecordBatch, source: SourceTable, space_id: str, reembedded: np.ndarray
+) -> list[str]:
+    """Each row's chain of spaces: the source row's chain (its space, when the source has no
+    chain column or the row none) then this version's space; a re-embedded row starts afresh."""
+    n = batch.num_rows
+    if "chain" in batch.schema.names:
+        before = batch.column("chain").to_pylist()
+    else:
+        before = [None] * n
+    if "space_id" in batch.schema.names and source.table != storage.GALLERY_STORE:
+        spaces = batch.column("space_id").to_pylist()
+    else:
+        spaces = [source.space_id] * n
+    return [
+        space_id if again else f"{b or s}{storage.CHAIN_SEP}{space_id}"
+        for b, s, again in zip(before, spaces, reembedded.tolist())
+    ]
 
 
 def write_shard(
@@ -246,7 +434,7 @@ def write_shard(
         if staged
         else storage.version_table(plan.version)
     )
-    schema = storage.backfilled_schema(h.config.new_dim, new_model.space_id)
+    schema = storage.backfilled_schema(h.config.new_dim, new_model.space_id, lineage=True)
     done = {"rows": 0, "reembedded": 0}
     # Timed from the first read to the commit: the per-item cost `fct estimate` extrapolates,
     # without
@@ -288,7 +476,7 @@ def publish_shards(
         )
     space_id, dim = results[0].space_id, results[0].dim
     if results[0].staged:
-        schema = storage.backfilled_schema(dim, space_id)
+        schema = storage.backfilled_schema(dim, space_id, lineage=True)
 
         def staged_rows() -> Iterator[pa.RecordBatch]:
             for (
@@ -336,6 +524,7 @@ def publish_shards(
         backfill_items_per_s=round(n / seconds, 1) if seconds > 0 else None,
         gallery_store_version=plan.gallery_store_version,
         gallery_rows=n,
+        source=plan.source,
         **ann,
     )
 
@@ -353,21 +542,29 @@ def backfill_version(
     ann_min_rows: int | None = None,
     log: Callable[[str], None] = print,
     run_id: str = "",
+    source: SourceTable | None = None,
 ) -> BackfilledTable:
-    """Plan, write the shards one after another, publish `gallery_<version>`, in this process.
-    The Dagster asset runs the same three steps as ops, the shards in parallel."""
-    plan = plan_backfill(
-        fct,
-        version,
-        gallery_store,
-        h,
-        reembed_fraction=reembed_fraction,
-        rows_per_batch=rows_per_batch,
-        shards=shards,
-        ann_min_rows=ann_min_rows,
-        run_id=run_id,
-    )
-    if shards > 1:
-        drop_staging(fct.connect(), version, keep_run=run_id)
-    results = [write_shard(fct, plan, shard, h, new_model, log=log) for shard in plan.shards]
-    return publish_shards(fct, plan, results, log=log)
+    """Plan, write the shards one after another, publish `gallery_<version>`, in this process,
+    holding the version's lease throughout (released at the end, failed or not). The Dagster
+    asset runs the same three steps as ops, the shards in parallel."""
+    db = fct.connect()
+    me = claim_table(db, version)
+    try:
+        plan = plan_backfill(
+            fct,
+            version,
+            gallery_store,
+            h,
+            reembed_fraction=reembed_fraction,
+            rows_per_batch=rows_per_batch,
+            shards=shards,
+            ann_min_rows=ann_min_rows,
+            run_id=run_id,
+            source=source,
+        )
+        if shards > 1:
+            drop_staging(db, version, keep_run=run_id)
+        results = [write_shard(fct, plan, shard, h, new_model, log=log) for shard in plan.shards]
+        return publish_shards(fct, plan, results, log=log)
+    finally:
+        release_table(db, version, me)

@@ -14,7 +14,8 @@ import time
 import dagster as dg
 
 from fct_assets import storage
-from fct_assets.config import BackfillConfig
+from fct_assets.config import BackfillConfig, validated
+from fct_assets.partitions import require_registered
 from fct_assets.provenance import code_version
 from fct_assets.records import (
     BackfilledTable,
@@ -30,12 +31,16 @@ GPU_POOL = "gpu"
 RECORDS = "record_io_manager"
 
 
-@dg.config_mapping
-def backfill_config(config: BackfillConfig) -> dict:
+@dg.config_mapping(config_schema=BackfillConfig.to_config_schema())
+def backfill_config(config: dict) -> dict:
     """The asset's launchpad config (reembed_fraction, rows_per_batch, shards, ann_min_rows) goes to the plan,
     which carries it to the shards and the publish: run config keeps the shape
-    {"ops": {"backfilled_gallery": {"config": {...}}}}."""
-    return {"plan_backfill": {"config": config.model_dump()}}
+    {"ops": {"backfilled_gallery": {"config": {...}}}}.
+
+    Checked here, when the run is launched: a value out of range is refused before the run exists,
+    with one line naming the field, the bound and the value (LaunchConfigError)."""
+    chosen = validated(BackfillConfig, config, "backfilled_gallery")
+    return {"plan_backfill": {"config": chosen.model_dump()}}
 
 
 @dg.op(
@@ -56,20 +61,26 @@ def plan_backfill(
     gallery_store: GalleryStore,
     transformation: Checkpoint,
 ):
-    from fct_assets.backfill import drop_staging
+    from fct_assets.backfill import claim_table, drop_staging, resolve_source
     from fct_assets.backfill import plan_backfill as plan_fn
 
-    version = context.partition_key
+    version = require_registered(context.instance, context.partition_key)
     h_meta = transformation.recorded  # the record of the checkpoint loaded here
-    for column in ("old_space_id", "side_info_space_id"):
-        stored = getattr(gallery_store, column)
-        if h_meta.get(column) != stored:
-            raise storage.SpaceMismatchError(
-                f"gallery_store.{column} is {stored} but transformation[{version}]"
-                f" was trained on {h_meta.get(column)}; re-materialise transformation[{version}]"
-            )
-    # Staging tables of earlier runs of this version (a failed shard leaves them): nobody reads
-    # them.
+    if h_meta.get("side_info_space_id") != gallery_store.side_info_space_id:
+        raise storage.SpaceMismatchError(
+            f"gallery_store.side_info_space_id is {gallery_store.side_info_space_id} but"
+            f" transformation[{version}] was trained on {h_meta.get('side_info_space_id')};"
+            f" re-materialise transformation[{version}]"
+        )
+    source = resolve_source(context.instance, fct.connect(), gallery_store, h_meta, version)
+    context.log.info(
+        f"backfill {version}: from {source.table}@{source.version} ({source.column},"
+        f" {source.space_id}, {source.rows} items)"
+    )
+    # One writer per version's table: a run of the same version still writing refuses this one
+    # (one line naming it); one that ended without publishing hands its lease over, and the
+    # staging tables it left (a failed shard) are dropped here, never a live run's.
+    claim_table(fct.connect(), version, context.run.run_id, context.instance)
     dropped = drop_staging(fct.connect(), version, keep_run=context.run.run_id)
     if dropped:
         context.log.info(
@@ -86,6 +97,7 @@ def plan_backfill(
         shards=config.shards,
         ann_min_rows=config.ann_min_rows,
         run_id=context.run.run_id,
+        source=source,
     ).model_copy(update={"started_at": started})
     context.log.info(
         f"backfill {version}: {plan.rows} items in {len(plan.shards)} shards, "
@@ -140,7 +152,8 @@ def publish_backfill(
     plan: BackfillPlan,
     shards: list[ShardResult],
 ) -> dg.Output[BackfilledTable]:
-    from fct_assets.backfill import publish_shards
+    from fct_assets import guards
+    from fct_assets.backfill import publish_shards, release_table
 
     for key in ("transformation_sha256", "new_model_sha256"):
         used = {getattr(s, key) for s in shards}
@@ -155,18 +168,20 @@ def publish_backfill(
             "backfill_wall_seconds": round(time.time() - plan.started_at, 3),
         }
     )
+    release_table(fct.connect(), plan.version, guards.Writer.me(run_id=context.run.run_id))
     return dg.Output(
         record,
         data_version=dg.DataVersion(f"v{record.version}-{record.space_id}"),
         metadata={
-            **record.model_dump(exclude={"ann_params"}),
+            **record.model_dump(exclude={"ann_params", "source"}),
             "ann_params": dg.MetadataValue.json(record.ann_params or {}),
+            "source": dg.MetadataValue.json(record.source.model_dump() if record.source else {}),
             "dagster/row_count": record.rows,
             "code_version": code_version(),
             **storage.table_metadata(
                 fct.lancedb_uri,
                 record.table,
-                storage.backfilled_schema(record.dim, record.space_id),
+                storage.backfilled_schema(record.dim, record.space_id, lineage=True),
             ),
         },
     )

@@ -29,7 +29,8 @@ def vector_table_schema(expected_rows: int, dims: dict[str, int], spaces: dict[s
 
     columns: dict[str, Any] = {
         "item_id": pa.Column(np.int64, unique=True),
-        "label": pa.Column(np.int32, pa.Check.ge(0)),
+        # -1: an ingested item whose label is unknown (retrieval never reads labels).
+        "label": pa.Column(np.int32, pa.Check.ge(-1)),
     }
     for name, dim in dims.items():
         columns[name] = pa.Column(

@@ -1,5 +1,5 @@
 """`fct` command line: `reproduce` (fct_ml), and the serving commands over the Dagster instance
-and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`.
+and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`, `ingest`.
 
 Every command that prints a result takes `--json` (the result as one JSON document on stdout).
 Exit codes: 0 done; 1 the operation was refused or failed; 2 the command line is wrong. Either
@@ -64,9 +64,15 @@ def _rollback(args) -> int:
 
 
 def _lineage(args) -> int:
-    from fct_assets.lineage import format_lineage, lineage
+    from fct_assets.lineage import format_lineage, format_row_lineage, lineage, row_lineage
 
-    info = lineage(_instance(), args.version)
+    if args.item_id is not None:
+        info = row_lineage(_instance(), _fct().connect(), args.version, args.item_id)
+        if args.json:
+            return _print_json(info)
+        print(format_row_lineage(info))
+        return 0
+    info = lineage(_instance(), args.version, _fct().connect())
     if args.json:
         return _print_json(info)
     print(format_lineage(info))
@@ -93,6 +99,76 @@ def _estimate(args) -> int:
     if args.json:
         return _print_json(info)
     print(format_estimate(info))
+    return 0
+
+
+def _ingest(args) -> int:
+    from fct_assets.definitions import build_defs
+    from fct_assets.ingest_assets import ingest_paths
+    from fct_assets.io_managers import plain_metadata
+
+    instance = _instance()
+    result = ingest_paths(instance, build_defs(), args.paths, label=args.label)
+    if not result.success:
+        failure = next(
+            (e for e in result.all_events if e.is_step_failure),
+            None,
+        )
+        why = failure.step_failure_data.error.message.strip().splitlines()[-1] if failure else ""
+        raise ValueError(f"ingest run {result.run_id[:8]} failed: {why}")
+    batch = result.dagster_run.tags.get("dagster/partition")
+    import dagster as dg
+
+    record = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("ingested_batch"), asset_partitions=[batch]),
+        limit=1,
+    ).records[0]
+    meta = plain_metadata(record)
+    info = {
+        k: meta[k]
+        for k in (
+            "batch",
+            "files",
+            "added_to_store",
+            "added_to_table",
+            "duplicates",
+            "table",
+            "space_id",
+            "deployed_version",
+            "quarantined",
+        )
+    }
+    if args.json:
+        return _print_json(info)
+    print(
+        f"ingested batch {batch}: {info['files']} files, {info['added_to_store']} new items in"
+        f" gallery_store, {info['added_to_table']} in {info['table']} ({info['space_id']}),"
+        f" {info['duplicates']} already stored, {len(info['quarantined'])} quarantined"
+    )
+    for q in info["quarantined"]:
+        print(f"  quarantined {q['file']}: {q['reason']}")
+    return 0
+
+
+def _catch_up(args) -> int:
+    from fct_assets.definitions import build_defs
+    from fct_assets.partitions import check_version
+
+    instance = _instance()
+    version = check_version(args.version)
+    result = (
+        build_defs()
+        .resolve_job_def("catch_up")
+        .execute_in_process(instance=instance, partition_key=version, raise_on_error=False)
+    )
+    if not result.success:
+        raise ValueError(f"catch-up of {version} failed (run {result.run_id[:8]}); see its log")
+    from fct_assets.deployment import recorded_table
+
+    row = recorded_table(instance, version)
+    if args.json:
+        return _print_json(row)
+    print(f"caught up {version}: {row.table} at LanceDB version {row.table_version}")
     return 0
 
 
@@ -143,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "lineage", help="checkpoints, tables, fingerprints, code and runs behind VERSION"
     )
     p.add_argument("version")
+    p.add_argument(
+        "--item-id", type=int, default=None, help="how one row got there: chain, source, batch"
+    )
     _json_flag(p)
     p.set_defaults(func=_lineage)
     p = sub.add_parser("add-version", help="register a model version (a Dagster dynamic partition)")
@@ -161,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _json_flag(p)
     p.set_defaults(func=_estimate)
+    p = sub.add_parser(
+        "catch-up", help="backfill VERSION again with the items ingested since, and re-check it"
+    )
+    p.add_argument("version")
+    _json_flag(p)
+    p.set_defaults(func=_catch_up)
+    p = sub.add_parser(
+        "ingest", help="add image files (or folders of them) to the gallery now, as one batch"
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument(
+        "--label", default=None, help="class name or index of every file (default: its folder's)"
+    )
+    _json_flag(p)
+    p.set_defaults(func=_ingest)
     p = sub.add_parser(
         "search", help="nearest gallery items, query embedded by the version's new model"
     )

@@ -6,11 +6,45 @@ launchpad works with no YAML at all and every field says what it changes.
 
 from __future__ import annotations
 
+import math
+from typing import Any, Literal
+
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from fct_ml.backbones import backbone_names
 from fct_ml.datasets import dataset_names, default_splits
+
+
+class LaunchConfigError(dg.DagsterError):
+    """A launchpad value that cannot be right: one line naming the field, the bound and the value.
+
+    A Dagster error on purpose: Dagster passes those through to the UI and the GraphQL client as
+    they are, where any other error raised while the run config is resolved becomes a generic
+    "config mapping function ... has thrown an unexpected error"."""
+
+
+def _one_line(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(config)"
+    value = first.get("input")
+    shown = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
+    bound = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    limits = [f"{op} {first['ctx'][k]}" for k, op in bound.items() if k in first.get("ctx", {})]
+    if limits:
+        why = f"expected {field} {' and '.join(limits)}"
+    else:
+        why = first["msg"][0].lower() + first["msg"][1:]
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}.{field}: {shown} refused: {why}{more}"
+
+
+def validated(cls: type[dg.Config], values: dict[str, Any], where: str) -> dg.Config:
+    """`cls(**values)`, or LaunchConfigError naming the field, the bound and the value."""
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        raise LaunchConfigError(_one_line(err, where)) from None
 
 
 class DatasetConfig(dg.Config):
@@ -37,33 +71,74 @@ class ModelTrainingConfig(dg.Config):
         description=f"Backbone: {backbone_names()}. Unset: the preset's.",
     )
     embed_dim: int | None = Field(
-        None, description="Embedding dimension. Unset: the preset's (128 as the paper)."
+        None,
+        ge=1,
+        le=65536,
+        description="Embedding dimension. Unset: the preset's (128 as the paper).",
     )
-    epochs: int | None = Field(None, description="Training epochs. Unset: the preset's.")
+    epochs: int | None = Field(
+        None, ge=1, le=100_000, description="Training epochs. Unset: the preset's."
+    )
     seed: int = Field(
         0,
+        ge=0,
         description=(
             "The run's seed (initialisation, data order, augmentation); the model derives its own"
             " from it as `fct reproduce --seed` does, so the same seed gives the same model."
         ),
     )
+    source: str = Field(
+        "train",
+        description=(
+            "train (default): train it here. checkpoint:PATH: a safetensors checkpoint of a"
+            " registry architecture with its config (fct_ml.checkpoint's format). torchscript:PATH:"
+            " a TorchScript file taking (N, C, H, W) images, preprocessed as declared below. Refused"
+            " with one line if it cannot load, gives another dim than embed_dim, or NaN/Inf on a"
+            " probe batch."
+        ),
+    )
+    sha256: str | None = Field(
+        None, description="Expected sha256 of the external file; refused if it differs."
+    )
+    preprocess_size: int = Field(
+        0, ge=0, description="TorchScript input: resize to N x N pixels (0: the gallery's size)."
+    )
+    preprocess_channels: int = Field(
+        0, ge=0, le=3, description="TorchScript input channels: 1 or 3 (0: the gallery's)."
+    )
+    preprocess_mean: float = Field(
+        0.0, description="TorchScript input: (x - mean) / std, x in [0, 1]."
+    )
+    preprocess_std: float = Field(1.0, gt=0, description="TorchScript input: see preprocess_mean.")
 
 
 class TransformationTrainingConfig(dg.Config):
     """The transformation h (FastFill variant: it also predicts its uncertainty sigma)."""
 
     inner_width: int | None = Field(
-        None, description="Width of h's inner MLP (paper: 2048). Unset: the preset's."
+        None,
+        ge=1,
+        le=65536,
+        description="Width of h's inner MLP (paper: 2048). Unset: the preset's.",
     )
     epochs: int | None = Field(
-        None, description="Training epochs (paper: 80). Unset: the preset's."
+        None, ge=1, le=100_000, description="Training epochs (paper: 80). Unset: the preset's."
     )
     side_info: bool = Field(
         True,
         description="Feed the stored side-info to h (FCT). False: h(old) alone, for comparison.",
     )
+    source: Literal["deployed", "old"] = Field(
+        "deployed",
+        description=(
+            "The space h maps from. deployed: the deployed version's (the old model's before any"
+            " promotion), so items ingested since reach the new table (chained upgrade). old:"
+            " always the old model (direct; refused at backfill if an item has no old embedding)."
+        ),
+    )
     seed: int = Field(
         0,
+        ge=0,
         description=(
             "The run's seed (features' augmentation, initialisation, data order), as `fct"
             " reproduce --seed`."
@@ -78,6 +153,7 @@ class BackfillConfig(dg.Config):
         0.0,
         ge=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description=(
             "Fraction of the gallery re-embedded from its stored images with the new model, most "
             "uncertain (highest sigma) first, as FastFill. 0: transformation only (no image read)."
@@ -86,6 +162,7 @@ class BackfillConfig(dg.Config):
     rows_per_batch: int = Field(
         4096,
         gt=0,
+        le=1_048_576,
         description=(
             "Gallery rows read, transformed and written per LanceDB page (memory grows with it)."
         ),
@@ -103,6 +180,7 @@ class BackfillConfig(dg.Config):
     ann_min_rows: int = Field(
         100_000,
         ge=256,
+        le=2**63 - 1,
         description=(
             "Build an IVF_PQ index on the published table when it holds at least this many rows;"
             " below, search is exact (brute force is fast there). IVF_PQ trains 256 codes: it needs"
@@ -117,6 +195,7 @@ class EvalReportConfig(dg.Config):
     table_version: int | None = Field(
         None,
         ge=1,
+        le=2**63 - 1,
         description=(
             "LanceDB version of the model version's table to evaluate: the daily schedule sets the"
             " deployed, pinned one. Unset: the table the latest backfilled_gallery published."

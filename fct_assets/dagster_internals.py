@@ -20,6 +20,7 @@ from dagster._core.loader import LoadingContextForTest
 from dagster._core.system_config.objects import ResolvedRunConfig
 
 __all__ = [
+    "tick_sensors",
     "executor_config",
     "instance_config",
     "latest_check_execution",
@@ -80,3 +81,28 @@ def stale_status(
         instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
     )
     return resolver.get_status(asset_key, partition).value
+
+
+def tick_sensors(instance: dg.DagsterInstance, module_name: str, attribute: str = "defs") -> None:
+    """One iteration of the sensor daemon (`dagster-daemon`'s SENSOR loop) over the code location
+    `module_name:attribute`: every running sensor that is due is evaluated, its cursor and
+    dynamic-partition requests are applied and its runs submitted, as in a deployment.
+
+    The public API evaluates a sensor function alone (`build_sensor_context`), without the
+    daemon's cursor storage, partition requests and run submission; tests and benchmarks tick the
+    real thing."""
+    import logging
+
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.test_utils import create_test_daemon_workspace_context
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+    from dagster._daemon.sensor import execute_sensor_iteration
+
+    origin = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(module_name=module_name, attribute=attribute)
+    )
+    with create_test_daemon_workspace_context(
+        InProcessWorkspaceLoadTarget(origin), instance
+    ) as workspace:
+        list(execute_sensor_iteration(workspace, logging.getLogger("fct.sensor"), None, None))

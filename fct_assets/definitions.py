@@ -68,6 +68,7 @@ def build_defs(
     from fct_assets.automation import (
         automation_sensor,
         base_job,
+        catch_up_job,
         daily_evaluation,
         scheduled_evaluation_job,
         upgrade_job,
@@ -75,9 +76,11 @@ def build_defs(
     )
     from fct_assets.checks import ALL_CHECKS
     from fct_assets.deployment import promote_job, rollback_job
+    from fct_assets.housekeeping import daily_housekeeping, housekeeping_job
+    from fct_assets.ingest_assets import fct_inbox, ingest_job, ingested_batch
 
     return dg.Definitions(
-        assets=ALL_ASSETS,
+        assets=[*ALL_ASSETS, ingested_batch],
         asset_checks=ALL_CHECKS,
         jobs=[
             base_job,
@@ -86,9 +89,12 @@ def build_defs(
             scheduled_evaluation_job,
             promote_job,
             rollback_job,
+            ingest_job,
+            catch_up_job,
+            housekeeping_job,
         ],
-        schedules=[daily_evaluation],
-        sensors=[automation_sensor],
+        schedules=[daily_evaluation, daily_housekeeping],
+        sensors=[automation_sensor, fct_inbox],
         resources=resource_defs or resources(),
         executor=executor or executor_from_env(),
     )

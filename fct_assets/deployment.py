@@ -7,12 +7,15 @@ runs of its blocking checks passed after its latest materialisation.
 """
 
 import datetime as _dt
+import random
+import time
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 import pyarrow as pa
 
-from fct_assets import storage
+from fct_assets import guards, storage
 from fct_assets.config import PromotionConfig
 from fct_assets.partitions import check_version
 from fct_assets.records import BackfilledTable, Deployment, VersionTable
@@ -20,8 +23,9 @@ from fct_assets.resources import FctResource
 
 DEPLOYMENT_SCHEMA = pa.schema(
     [
-        pa.field("seq", pa.int64()),
-        pa.field("action", pa.string()),  # promote | rollback
+        # The unenforced primary key: a second row with the same seq is refused at commit time.
+        pa.field("seq", pa.int64(), nullable=False, metadata=guards.PRIMARY_KEY),
+        pa.field("action", pa.string()),  # promote | rollback | ingest
         pa.field("version", pa.string()),
         pa.field("table", pa.string()),
         pa.field("table_version", pa.int64()),
@@ -51,20 +55,39 @@ def current(db) -> Deployment | None:
 
 
 def _append(db, action: str, table: VersionTable) -> Deployment:
-    # One writer per table (docs/design.md §4): promotions are rare, issued by one CLI or job at a time.
-    rows = history(db)
-    row = Deployment(
-        seq=(rows[-1].seq + 1) if rows else 1,
-        action=action,
-        at=_dt.datetime.now(_dt.UTC).isoformat(),
-        **{field: getattr(table, field) for field in VersionTable.model_fields},
+    return _record(db, action, lambda rows: table)
+
+
+# Promotions are rare; a conditional commit that keeps losing races is a bug, not load.
+RECORD_ATTEMPTS = 200
+
+
+def _record(db, action: str, choose: Callable[[list[Deployment]], VersionTable]) -> Deployment:
+    """Append the row `choose(history)` names, with the seq after the last one, as a conditional
+    commit: read the history, decide, insert the row unless its seq exists; on a lost race read
+    again and decide again. Seqs are therefore distinct and gap-free, and the row with the highest
+    seq is the latest commit, which is what `current` serves.
+
+    On a folder the OS lock of the table (guards.local_lock) also queues writers of this machine,
+    so they rarely race at all; on an object store the conditional commit alone decides."""
+    with guards.local_lock(db, storage.DEPLOYMENTS):
+        for attempt in range(RECORD_ATTEMPTS):
+            rows = history(db)
+            table = choose(rows)  # raises PromotionError when nothing may be recorded
+            row = Deployment(
+                seq=(rows[-1].seq + 1) if rows else 1,
+                action=action,
+                at=_dt.datetime.now(_dt.UTC).isoformat(),
+                **{field: getattr(table, field) for field in VersionTable.model_fields},
+            )
+            data = pa.Table.from_pylist([row.model_dump()], schema=DEPLOYMENT_SCHEMA)
+            if guards.insert_if_absent(db, storage.DEPLOYMENTS, data, "seq"):
+                return row
+            time.sleep(random.uniform(0.0, min(0.5, 0.01 * 2**attempt)))
+    raise PromotionError(
+        f"{action} of {table.version} not recorded: seq {row.seq} was taken by a concurrent"
+        f" writer {RECORD_ATTEMPTS} times in a row; retry"
     )
-    data = pa.Table.from_pylist([row.model_dump()], schema=DEPLOYMENT_SCHEMA)
-    if storage.table_exists(db, storage.DEPLOYMENTS):
-        db.open_table(storage.DEPLOYMENTS).add(data)
-    else:
-        db.create_table(storage.DEPLOYMENTS, data=data, schema=DEPLOYMENT_SCHEMA)
-    return row
 
 
 def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[str, Any]]:
@@ -142,23 +165,92 @@ def promote(instance: dg.DagsterInstance, db, version: str) -> Deployment:
             f"version {version} not promoted: its checks ran on table versions {checked}, its"
             f" latest materialisation published {row.table} at version {row.table_version}"
         )
+    missing, store_version = missing_items(db, row.table, row.table_version)
+    if missing:
+        raise PromotionError(
+            f"version {version} not promoted: {len(missing)} items of gallery_store (version"
+            f" {store_version}) are not in {row.table} at version {row.table_version} (ingested"
+            f" while it was backfilled); catch up first: `fct catch-up {version}` or the"
+            " `catch_up` job"
+        )
     return _append(db, "promote", row)
 
 
+def missing_items(db, table: str, table_version: int) -> tuple[list[int], int | None]:
+    """(ids of the store of record that `table` at `table_version` lacks, gallery_store's version
+    read): a version is promoted only once it holds every stored item. No gallery_store: ([],
+    None)."""
+    import pyarrow.compute as pc
+
+    if not storage.table_exists(db, storage.GALLERY_STORE):
+        return [], None
+    store = db.open_table(storage.GALLERY_STORE)
+    stored = store.search().select(["item_id"]).limit(None).to_arrow().column("item_id")
+    held = (
+        storage.open_pinned(db, table, table_version)
+        .search()
+        .select(["item_id"])
+        .limit(None)
+        .to_arrow()
+        .column("item_id")
+    )
+    missing = pc.filter(stored, pc.invert(pc.is_in(stored, value_set=held.combine_chunks())))
+    return sorted(missing.to_pylist()), store.version
+
+
+def advance(db, version: str, table_version: int) -> Deployment:
+    """Serve `version` at a newer `table_version` of its own table: an ingest run appended items
+    to the deployed table, and the deployment pins table versions. Refused if `version` is no
+    longer the one deployed (promoted or rolled back meanwhile): the run fails, and its retry
+    embeds the items with the model deployed then (ingestion is idempotent). Decided on the
+    history the row is committed after (`_record`), so a promotion in between is seen."""
+    serving = current(db)
+    if serving is not None and serving.version == version:
+        if table_version == serving.table_version:
+            return serving
+
+    def choose(rows: list[Deployment]) -> VersionTable:
+        serving = rows[-1] if rows else None
+        if serving is None or serving.version != version:
+            now = serving.version if serving else "nothing"
+            raise PromotionError(
+                f"ingest: {version} is no longer deployed ({now} is); retry the run to embed the"
+                " items with the deployed model"
+            )
+        row = serving.model_copy(update={"table_version": table_version})
+        return VersionTable(**{f: getattr(row, f) for f in VersionTable.model_fields})
+
+    return _record(db, "ingest", choose)
+
+
 def rollback(db) -> Deployment:
-    """Serve again the deployment before the current one (the table version it served then)."""
-    rows = history(db)
+    """Serve again the deployment before the current one (the table version it served then;
+    for a version that ingest runs advanced, its latest table version)."""
+    return _record(db, "rollback", _rollback_target)
+
+
+def _rollback_target(rows: list[Deployment]) -> VersionTable:
+    """The deployment before the current one in `rows` (the history, oldest first)."""
     if not rows:
         raise PromotionError("nothing is deployed: no rollback possible")
     serving = rows[-1]
+    # The current deployment: its promote (or rollback) row and the ingest rows that advanced it.
+    start = len(rows) - 1
+    while (
+        start > 0 and rows[start].action == "ingest" and rows[start - 1].version == serving.version
+    ):
+        start -= 1
+    base = rows[start]
     earlier = [
-        r for r in rows if r.version != serving.version or r.table_version != serving.table_version
+        r
+        for r in rows[:start]
+        if r.version != base.version or r.table_version != base.table_version
     ]
     if not earlier:
         raise PromotionError(
             f"version {serving.version} is the only one ever deployed: no rollback possible"
         )
-    return _append(db, "rollback", earlier[-1])
+    return earlier[-1]
 
 
 def search(db, query, *, version: VersionTable, k: int = 10) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ embedding space and the metadata of the materialisation that wrote it.
     VersionTable       promote, search         a version's table at one LanceDB version
     Deployment         the deployments table   one promote/rollback row
     EvalReport         eval_report             the version's metrics
+    IngestBatch        ingested_batch          one batch of items that arrived (inbox, `fct ingest`)
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ class GalleryStore(TableRecord):
     dataset_fingerprint: str
 
 
+class SourceTable(Record):
+    """The table a version's backfill reads the stored vectors from, pinned: `gallery_store`
+    (column old_embedding, space of the old model) before any promotion, else the deployed
+    version's table (column embedding, that version's space). Side-info always comes from
+    gallery_store."""
+
+    table: str
+    version: int
+    column: str  # old_embedding | embedding
+    space_id: str
+    model_version: str | None = None  # the deployed model version; None: the old model
+    rows: int = 0
+
+
 class ShardRange(Record):
     """Rows [start, stop) of the pinned gallery_store: shard `index` of `count`."""
 
@@ -113,6 +128,9 @@ class BackfillPlan(Record):
     shards: tuple[ShardRange, ...]
     plan_seconds: float
     started_at: float | None = None  # wall clock when the plan began (epoch seconds)
+    # Where the stored vectors come from (chained upgrades): gallery_store's old_embedding, or
+    # the deployed version's table, pinned at the LanceDB version read.
+    source: SourceTable | None = None
 
 
 class ShardResult(TableRecord):
@@ -146,6 +164,7 @@ class BackfilledTable(TableRecord):
     transformation_sha256: str | None = None
     new_model_sha256: str | None = None
     backfill_wall_seconds: float | None = None
+    source: SourceTable | None = None  # None: gallery_store (written before chained upgrades)
 
 
 class VersionTable(Record):
@@ -188,18 +207,52 @@ class EvalReport(Record):
     seconds: float | None = None
 
 
+class Quarantined(Record):
+    """A file of an ingest batch that did not land, and why (one line)."""
+
+    file: str
+    reason: str
+
+
+class IngestBatch(Record):
+    """One batch of arriving items: what landed where, in which space, and what was refused.
+
+    Each table got at most one LanceDB commit; an item already present (same content) is not
+    written again, so a re-dropped file or a retried run adds nothing."""
+
+    batch: str
+    files: int
+    ingested: tuple[int, ...]  # item_ids of the batch that decoded (new or already stored)
+    added_to_store: int
+    added_to_table: int
+    duplicates: int  # items already in the store before this batch, or twice in it
+    quarantined: tuple[Quarantined, ...]
+    deployed_version: str | None  # None: the old model is deployed (no promotion yet)
+    table: str  # the deployed table the items were appended to (gallery_store if none)
+    space_id: str  # space of the embedding stored for them
+    side_info_space_id: str
+    store_version: int
+    table_version: int
+    deployment_seq: int | None = None  # the deployments row that serves the new table version
+    seconds: float = 0.0
+    items_per_s: float | None = None
+
+
 RECORDS: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (
         DatasetRecord,
         GalleryStore,
         ShardRange,
+        SourceTable,
         BackfillPlan,
         ShardResult,
         BackfilledTable,
         VersionTable,
         Deployment,
         EvalReport,
+        Quarantined,
+        IngestBatch,
     )
 }
 

@@ -8,6 +8,7 @@ import io
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -18,6 +19,17 @@ from fct_assets.records import BackfilledTable, Checkpoint, DatasetRecord, EvalR
 def _read(db, name: str, version: int, columns: list[str]):
     data = storage.open_pinned(db, name, version).search().select(columns).limit(None).to_arrow()
     return data.sort_by("item_id")
+
+
+def _aligned(table, ids: np.ndarray, name: str):
+    """The rows of `table` (sorted by item_id) for `ids` (sorted), in that order; every id must be
+    there."""
+    have = table.column("item_id").to_numpy()
+    pos = np.searchsorted(have, ids)
+    ok = (pos < len(have)) & (have[np.minimum(pos, len(have) - 1)] == ids)
+    if not ok.all():
+        raise ValueError(f"{name}: item {int(ids[~ok][0])} of the evaluated table is missing")
+    return table.take(pa.array(pos))
 
 
 def curve_plot_png(curves: dict[str, dict[str, list[float]]], title: str) -> bytes:
@@ -114,12 +126,6 @@ def evaluate_version(
     db = fct.connect()
     device = fct.torch_device()
     exp = fct.experiment()
-    store = _read(
-        db,
-        storage.GALLERY_STORE,
-        gallery_store.version,
-        ["item_id", "label", "image", "old_embedding", "side_info"],
-    )
     pinned = backfilled.version if table_version is None else int(table_version)
     # A table version published by an earlier new model holds another space than today's
     # queries: refused rather than compared.
@@ -129,11 +135,34 @@ def evaluate_version(
             f"{backfilled.table} at LanceDB version {pinned}: holds space"
             f" {declared.get('space_id')}, the new model's queries are in {new_model.space_id}"
         )
-    served = _read(db, backfilled.table, pinned, ["item_id", "embedding", "sigma", "source"])
-    if not store.column("item_id").equals(served.column("item_id")):
-        raise ValueError(f"{backfilled.table}: its item_ids differ from gallery_store's")
+    served = _read(db, backfilled.table, pinned, ["item_id", "label", "embedding", "source"])
+    # The evaluation set: the items of the served table whose label is known (an ingested item
+    # may come without one), with their images and side-info from the store of record.
+    served = served.filter(pc.greater_equal(served.column("label"), 0))
+    ids = served.column("item_id").to_numpy()
+    source = backfilled.source
+    from_store = source is None or source.table == storage.GALLERY_STORE
+    store_version = (
+        gallery_store.version if source is None else db.open_table(storage.GALLERY_STORE).version
+    )
+    columns = ["item_id", "label", "image", "side_info"] + (["old_embedding"] if from_store else [])
+    store = _aligned(_read(db, storage.GALLERY_STORE, store_version, columns), ids, "gallery_store")
+    if from_store:
+        stored = store.column(
+            "old_embedding"
+        )  # the space the items were stored in: the old model's
+    else:
+        # A chained upgrade: the items were stored in the deployed version's space, in its table.
+        stored = _aligned(
+            _read(db, source.table, source.version, ["item_id", "embedding"]), ids, source.table
+        ).column("embedding")
+    if stored.null_count:
+        raise ValueError(
+            f"{backfilled.table}: {stored.null_count} evaluated items have no vector in the space"
+            " h maps from"
+        )
     labels = torch.from_numpy(store.column("label").to_numpy().astype(np.int64))
-    old = torch.from_numpy(storage.vectors(store.column("old_embedding")))
+    old = torch.from_numpy(storage.vectors(stored))
     side = torch.from_numpy(storage.vectors(store.column("side_info")))
     channels = new_model.model.config.in_channels
     # The evaluation re-embeds the whole gallery from its stored images anyway: timed, it is the
@@ -147,6 +176,8 @@ def evaluate_version(
     )  # (N, new_dim): queries and the full re-embedding
     reembed_seconds = time.perf_counter() - started
     transformed, sigma = apply_transformation(h.model.to(device), old, side)
+    if sigma is None:  # a plain h (an external new model without classifier): no sigma order
+        sigma = torch.zeros(len(transformed))
     served_vectors = torch.from_numpy(storage.vectors(served.column("embedding")))
     unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes, dtype=labels.dtype))
     cases = {

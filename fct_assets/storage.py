@@ -87,34 +87,48 @@ def _vector(dim: int) -> pa.DataType:
 
 
 def gallery_store_schema(
-    old_dim: int, side_dim: int, old_space_id: str, side_space_id: str
+    old_dim: int, side_dim: int, old_space_id: str, side_space_id: str, *, living: bool = False
 ) -> pa.Schema:
+    """The store of record. `living=True` (what the `gallery_store` asset writes): items may
+    arrive after a promotion, embedded by the deployed version's model only, so they have no old
+    embedding (null `old_embedding` and `old_space_id`), and every row names its ingest batch
+    (null for the base gallery). `living=False`: the base gallery's columns only."""
+    fields = [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("old_embedding", _vector(old_dim), nullable=living),
+        pa.field("side_info", _vector(side_dim), nullable=False),
+        pa.field("old_space_id", pa.string(), nullable=living),
+        pa.field("side_info_space_id", pa.string(), nullable=False),
+    ]
+    if living:
+        fields.append(pa.field("ingest_batch", pa.string(), nullable=True))
     return pa.schema(
-        [
-            pa.field("item_id", pa.int64(), nullable=False),
-            pa.field("label", pa.int32(), nullable=False),
-            pa.field("image", pa.binary(), nullable=False),
-            pa.field("old_embedding", _vector(old_dim), nullable=False),
-            pa.field("side_info", _vector(side_dim), nullable=False),
-            pa.field("old_space_id", pa.string(), nullable=False),
-            pa.field("side_info_space_id", pa.string(), nullable=False),
-        ],
-        metadata={"old_space_id": old_space_id, "side_info_space_id": side_space_id},
+        fields, metadata={"old_space_id": old_space_id, "side_info_space_id": side_space_id}
     )
 
 
-def backfilled_schema(dim: int, space_id: str) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("item_id", pa.int64(), nullable=False),
-            pa.field("label", pa.int32(), nullable=False),
-            pa.field("embedding", _vector(dim), nullable=False),
-            pa.field("sigma", pa.float32(), nullable=False),
-            pa.field("source", pa.string(), nullable=False),
-            pa.field("space_id", pa.string(), nullable=False),
-        ],
-        metadata={"space_id": space_id},
-    )
+# How a row of a version's table got there (`lineage=True`): the embedding spaces its vector
+# passed through, oldest first, joined by " > " (`old_model@… > new_model:v2@… > new_model:v3@…`;
+# one space for a vector a model made from the image), and the ingest batch that brought the item
+# (null for the base gallery).
+LINEAGE_COLUMNS = ("chain", "ingest_batch")
+CHAIN_SEP = " > "
+
+
+def backfilled_schema(dim: int, space_id: str, *, lineage: bool = False) -> pa.Schema:
+    fields = [
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("embedding", _vector(dim), nullable=False),
+        pa.field("sigma", pa.float32(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("space_id", pa.string(), nullable=False),
+    ]
+    if lineage:
+        fields += [pa.field(name, pa.string(), nullable=True) for name in LINEAGE_COLUMNS]
+    return pa.schema(fields, metadata={"space_id": space_id})
 
 
 # What each column holds, for the UI's column view of the LanceDB assets.
@@ -128,8 +142,10 @@ COLUMN_DOCS = {
     "side_info_space_id": "Space of side_info (side-info model's content digest)",
     "embedding": "The item's vector in this version's space: h(old, side_info) or phi_new(image)",
     "sigma": "h's predicted uncertainty (FastFill); re-embedding goes to the highest first",
-    "source": "transformed | re-embedded",
+    "source": "transformed | re-embedded | ingested (embedded by this version's model on arrival)",
     "space_id": "Space of embedding (new model's content digest)",
+    "chain": "Spaces the vector passed through, oldest first (' > '): how the row got here",
+    "ingest_batch": "Ingest batch that brought the item (empty: the base gallery)",
 }
 
 
@@ -197,8 +213,10 @@ def _refuse_foreign_space(
     """Every value of a space-id column must be the table's own space."""
     import pyarrow.compute as pc
 
-    found = set(pc.unique(values).to_pylist())
-    if found != {expected}:
+    # A null is no vector of any space (an item ingested after a promotion has no old embedding);
+    # the schema's nullability decides whether it is allowed.
+    found = set(pc.unique(values).to_pylist()) - {None}
+    if found and found != {expected}:
         other = sorted(found - {expected}, key=str)[:1] or ["(none)"]
         raise SpaceMismatchError(
             f"{name}.{column}: vectors of space {other[0]} offered to a table of space {expected}"

@@ -304,7 +304,10 @@ def train_h(
         config.transformation_train,
         device=run.device,
         seed=run.seed_of(h_stage(side_info=side_info, uncertainty=uncertainty)),
-        new_classifier=new_model.classifier.weight.detach(),
+        # An external new model may have no classifier; h then trains without FastFill's CE.
+        new_classifier=(
+            None if new_model.classifier is None else new_model.classifier.weight.detach()
+        ),
         new_config=new_model.config,
         progress=run.progress,
         on_epoch=on_epoch,

@@ -9,3 +9,10 @@ from tests.fct_assets.env import Env, build_env
 @pytest.fixture(scope="session")
 def env(tmp_path_factory) -> Env:
     return build_env(tmp_path_factory.mktemp("fct_assets"))
+
+
+@pytest.fixture(scope="session")
+def living(tmp_path_factory) -> Env:
+    """An environment of its own for the living gallery (ingestion, chained upgrades): those tests
+    add items to gallery_store and promote versions, which the shared `env` must not see."""
+    return build_env(tmp_path_factory.mktemp("fct_living"), chained=True)

@@ -26,6 +26,10 @@ class Env:
     fct: FctResource
     checkpoints: CheckpointIOManager
     records: RecordIOManager
+    # False: every version's h maps from the old model, as the shared env's tests compute by
+    # hand from the stored old embeddings. True (the living gallery's env): the product's
+    # default, h maps from the deployed version's space (chained upgrades).
+    chained: bool = False
 
     def environ(self) -> dict[str, str]:
         """The environment that points the CLI, `build_defs()` and step processes at this
@@ -50,8 +54,14 @@ class Env:
     ) -> dg.ExecuteInProcessResult:
         if version not in self.instance.get_dynamic_partitions("model_version"):
             add_model_version(self.instance, version)
+        run_config = dict(run_config or {})
+        if not self.chained:
+            ops = dict(run_config.get("ops", {}))
+            h = dict(ops.get("transformation", {}))
+            h["config"] = {"source": "old", **h.get("config", {})}
+            run_config["ops"] = {**ops, "transformation": h}
         return self.defs.resolve_job_def("upgrade").execute_in_process(
-            instance=self.instance, partition_key=version, run_config=run_config or {}, **kwargs
+            instance=self.instance, partition_key=version, run_config=run_config, **kwargs
         )
 
     def ensure(self, version: str) -> None:
@@ -87,7 +97,7 @@ class Env:
         )
 
 
-def build_env(root: Path) -> Env:
+def build_env(root: Path, *, chained: bool = False) -> Env:
     """Base assets and model version v2 materialised under `root`.
 
     (dagster_home, lancedb, checkpoints, records)"""
@@ -105,7 +115,7 @@ def build_env(root: Path) -> Env:
         instance=instance, run_config=DATASET_CONFIG
     )
     assert result.success
-    e = Env(root, instance, defs, fct, checkpoints, records)
+    e = Env(root, instance, defs, fct, checkpoints, records, chained=chained)
     assert e.upgrade("v2").success
     return e
 

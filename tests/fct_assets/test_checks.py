@@ -60,7 +60,7 @@ def test_a_well_formed_table_passes(fct):
     "change, failure",
     [
         ({"ids": [0, 1, 1]}, "item_id: field_uniqueness"),
-        ({"labels": [0, -1, 0]}, "label: greater_than_or_equal_to(0)"),
+        ({"labels": [0, -2, 0]}, "label: greater_than_or_equal_to(-1)"),
         ({"rows": 4}, "rows == 4"),
         ({"dim": 3}, "embedding: dim == 3"),
         ({"space": "new_model:v9@000000000000"}, "space_id: isin(['new_model:v9@000000000000'])"),

@@ -59,7 +59,8 @@ def test_definitions_load_from_workspace():
 def test_definitions_shape(env):
     graph = env.defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == set(BASE) | set(UPGRADE)
+    assert keys == set(BASE) | set(UPGRADE) | {"ingested_batch"}
+    assert graph.get(dg.AssetKey("ingested_batch")).partitions_def.name == "ingest_batch"
     for name in UPGRADE:
         assert graph.get(dg.AssetKey(name)).partitions_def.name == "model_version"
     for name in BASE:

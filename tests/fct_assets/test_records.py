@@ -111,6 +111,33 @@ EXAMPLES = [
         space_id="new_model:v2@cccccccccccc",
         plot_png_base64="iVBORw0KGgo=",
     ),
+    records.SourceTable(
+        table="gallery_v2",
+        version=4,
+        column="embedding",
+        space_id="new_model:v2@cccccccccccc",
+        model_version="v2",
+        rows=1000,
+    ),
+    records.Quarantined(file="inbox/noise.png", reason="unreadable image (not an image)"),
+    records.IngestBatch(
+        batch="b20260101-000000-0123abcd",
+        files=3,
+        ingested=(11, 12),
+        added_to_store=2,
+        added_to_table=2,
+        duplicates=0,
+        quarantined=(records.Quarantined(file="inbox/noise.png", reason="empty file"),),
+        deployed_version="v2",
+        table="gallery_v2",
+        space_id="new_model:v2@cccccccccccc",
+        side_info_space_id="side_info_model@bbbbbbbbbbbb",
+        store_version=3,
+        table_version=5,
+        deployment_seq=2,
+        seconds=0.5,
+        items_per_s=6.0,
+    ),
 ]
 
 

@@ -128,6 +128,76 @@ def test_backfill_killed_part_way_publishes_nothing_and_rerun_is_exact(env, reli
     )
 
 
+def test_a_second_backfill_of_the_version_is_refused_naming_the_first(env, reliability):
+    """Two backfills of v3 racing (after the kill test, v3's models exist): the second is refused
+    with one line naming the first, which is paused mid-way (SIGSTOP) and then completes."""
+    db = env.fct.connect()
+    before = db.open_table("gallery_v3").version
+    first = subprocess.Popen(
+        [sys.executable, str(WORKER), str(env.root), "v3", "64"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert first.stdout.readline().startswith("backfill v3")  # it holds the lease
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(
+            [sys.executable, str(WORKER), str(env.root), "v3", "64"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=300,
+        )
+        refusal = second.stderr.strip().splitlines()[-1]
+        assert second.returncode != 0 and "DONE" not in second.stdout
+        assert refusal.startswith("fct_assets.guards.TableBusyError: gallery_v3: process")
+        assert f"process {first.pid} on" in refusal
+        assert db.open_table("gallery_v3").version == before  # nothing written by the second
+        first.send_signal(signal.SIGCONT)
+        out, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+    assert first.returncode == 0 and out.strip().splitlines()[-1].startswith("DONE")
+    assert db.open_table("gallery_v3").version > before
+    reliability(
+        "writers raced",
+        "a second backfill of v3 while the first is mid-way (paused)",
+        "refused: " + refusal.split(": ", 1)[1] + "; the first completed and published",
+    )
+
+
+def test_a_run_for_an_unregistered_version_is_refused_before_anything_trains(env, reliability):
+    import dagster as dg
+
+    assert "v99" not in env.instance.get_dynamic_partitions("model_version")
+    try:
+        run = env.defs.resolve_job_def("upgrade").execute_in_process(
+            instance=env.instance, partition_key="v99", raise_on_error=False
+        )
+    except dg.DagsterError as err:  # Dagster's own refusal at launch, if it makes one
+        refusal = str(err).splitlines()[0]
+    else:
+        assert not run.success
+        failure = next(e for e in run.all_events if e.is_step_failure)
+        assert failure.step_key == "new_model"  # the first step; nothing after it ran
+        refusal = failure.step_failure_data.error.message.strip()
+        assert not any(e.is_step_success for e in run.all_events)
+    assert "v99" in refusal and "not registered" in refusal and "\n" not in refusal
+    assert not (env.root / "checkpoints" / "new_model" / "v99.safetensors").exists()
+    assert not storage.table_exists(env.fct.connect(), "gallery_v99")
+    reliability(
+        "bad input",
+        "an upgrade run for a model version never registered (v99)",
+        f"refused before anything trained: {refusal}",
+    )
+
+
 def _recorded(env, asset: str, partition: str) -> dict:
     import dagster as dg
 

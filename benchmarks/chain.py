@@ -1,0 +1,155 @@
+"""The chain experiment (fct_ml/chain.py): old -> v2 -> v3 on Fashion-MNIST, one run per seed.
+
+    python benchmarks/chain.py                      # demo preset, seeds 0 1 2
+    python benchmarks/chain.py --preset tiny --dataset digits --seeds 0 --out /tmp/x   # a check
+
+The old model sees the dataset's default old classes (Fashion-MNIST: 1,3,5,7,9), the v2 model
+those plus --v2-extra (default 0,2: T-shirt and Pullover), v3 every class. Writes
+benchmarks/results/chain_<dataset>.{json,md}: {"runs": [one per seed], "mean":
+{"gap_closed_chained": {"top1", "mAP"}, "gap_closed_chained_no_side_info": {...},
+"gap_closed_direct": {...}}, "std": {...}} (test split; gap closed = share of the old/old ->
+v3/v3 gap, percent), plus the same on the validation split and the targets met or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+GAPS = ("gap_closed_chained", "gap_closed_chained_no_side_info", "gap_closed_direct")
+
+
+def summarise(runs: list[dict], split: str) -> tuple[dict, dict]:
+    key = "gap_closed_test" if split == "test" else "gap_closed_validation"
+    mean, std = {}, {}
+    for gap in GAPS:
+        mean[gap], std[gap] = {}, {}
+        for metric in ("top1", "mAP"):
+            values = [r[key][gap][metric] for r in runs]
+            mean[gap][metric] = round(statistics.fmean(values), 2)
+            std[gap][metric] = round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def markdown(result: dict) -> str:
+    mean, std = result["mean"], result["std"]
+    lines = [
+        f"# Chain experiment: {result['dataset']}, preset {result['preset']}, seeds"
+        f" {', '.join(str(r['seed']) for r in result['runs'])}",
+        "",
+        f"old model: classes {result['old_classes']}; v2: {result['v2_classes']}; v3: all."
+        " Evaluated in v3's space, test split as query and gallery (leave-one-out, L2).",
+        "",
+        "| case (v3 queries / gallery) | gap closed top-1 (%) | gap closed mAP (%) |",
+        "| --- | --- | --- |",
+    ]
+    names = {
+        "gap_closed_chained": "h3(h2(old)), side-info (chained, the product's design)",
+        "gap_closed_chained_no_side_info": "h3(h2(old)), no side-info",
+        "gap_closed_direct": "h_direct(old), side-info (one h per source space)",
+    }
+    for gap in GAPS:
+        lines.append(
+            f"| {names[gap]} | {mean[gap]['top1']:.1f} ± {std[gap]['top1']:.1f} |"
+            f" {mean[gap]['mAP']:.1f} ± {std[gap]['mAP']:.1f} |"
+        )
+    lines += ["", "Per seed, test split (top-1 / mAP, %):", ""]
+    lines += ["| seed | old/old | v3/v3 | chained | chained, no side-info | direct |"]
+    lines += ["| --- | --- | --- | --- | --- | --- |"]
+    for r in result["runs"]:
+        c = r["test"]
+        cells = [
+            f"{c[k]['top1']:.1f} / {c[k]['mAP']:.1f}"
+            for k in ("old/old", "new/new", "chained", "chained_no_side_info", "direct")
+        ]
+        lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
+    vm = result["validation"]["mean"]
+    lines += [
+        "",
+        "Validation split (mean gap closed, top-1 / mAP %): "
+        + "; ".join(
+            f"{g.removeprefix('gap_closed_')} {vm[g]['top1']:.1f} / {vm[g]['mAP']:.1f}"
+            for g in GAPS
+        ),
+        "",
+        "Targets (issue 13, test split):",
+        "",
+    ]
+    for name, t in result["targets"].items():
+        lines.append(f"- {name}: {'met' if t['met'] else 'missed'} ({t['measured']})")
+    lines += ["", f"Wall time {result['wall_s']:.0f} s on {result['machine']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--old-classes", default=None, help="default: the dataset's split")
+    parser.add_argument("--v2-extra", default="0,2", help="classes v2 adds to the old ones")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/")
+    args = parser.parse_args(argv)
+
+    from fct_ml.chain import run_chain
+    from fct_ml.data import load_dataset, parse_class_list
+    from fct_ml.datasets import default_old_classes
+    from fct_ml.presets import preset
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    data = load_dataset(args.dataset)
+    split = args.old_classes or default_old_classes(args.dataset, data.num_classes)
+    old = parse_class_list(split, data.num_classes, what="old_classes")
+    extra = parse_class_list(args.v2_extra, data.num_classes, what="v2_extra")
+    config = preset(args.preset)
+    runs = []
+    for seed in args.seeds:
+        result = run_chain(data, old, extra, config, seed, log=lambda m: print(m, flush=True))
+        runs.append(dataclasses.asdict(result))
+    mean, std = summarise(runs, "test")
+    vmean, vstd = summarise(runs, "validation")
+    spread = std["gap_closed_chained"]["mAP"] + std["gap_closed_chained_no_side_info"]["mAP"]
+    lead = mean["gap_closed_chained"]["mAP"] - mean["gap_closed_chained_no_side_info"]["mAP"]
+    result = {
+        "dataset": args.dataset,
+        "preset": args.preset,
+        "old_classes": list(old),
+        "v2_classes": sorted({*old, *extra}),
+        "runs": runs,
+        "mean": mean,
+        "std": std,
+        "validation": {"mean": vmean, "std": vstd},
+        "targets": {
+            "chained with side-info closes >= 85 % of the mAP gap": {
+                "met": mean["gap_closed_chained"]["mAP"] >= 85.0,
+                "measured": f"{mean['gap_closed_chained']['mAP']:.1f} %",
+            },
+            "beats no side-info by more than the seed spread (sum of the two std)": {
+                "met": lead > spread,
+                "measured": f"+{lead:.1f} points vs spread {spread:.1f}",
+            },
+        },
+        "wall_s": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    }
+    out = args.out or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"chain_{args.dataset.replace('-', '_')}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

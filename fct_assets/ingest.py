@@ -1,0 +1,403 @@
+"""Ingestion: items that arrive between upgrades, embedded by the *deployed* model.
+
+    inbox (FCT_INBOX, default data/inbox)   image files, optionally one sub-folder per label
+      │  sensor `fct_inbox` (fct_assets/ingest_assets.py): new files -> one batch -> one run
+      ▼
+    ingest_files   decode + validate each file (a corrupt one is quarantined with a one-line
+                   reason, the rest lands); content-derived item ids; embed with the deployed
+                   model (the old model before any promotion) and the side-info model; then
+                   ONE commit to gallery_store (image, label, side_info, and the old embedding
+                   while the old model is deployed), ONE commit to the deployed version's table
+                   (the vector, source "ingested", its space_id, chain, ingest batch), and one
+                   deployments row that serves that new table version.
+
+Idempotent: an item's id is derived from its decoded pixels, and each table receives only the
+ids it does not hold yet. The same picture dropped twice, or a run retried after it wrote one
+table but not the other, gives one row per table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fct_assets import storage
+from fct_assets.records import Checkpoint, DatasetRecord, IngestBatch, Quarantined
+from fct_assets.resources import DATA_ROOT
+
+INBOX_ENV = "FCT_INBOX"
+PROCESSED = ".processed"  # <inbox>/.processed/<batch>/<file>: landed
+QUARANTINE = ".quarantine"  # <inbox>/.quarantine/<batch>/<file> + <file>.reason.txt
+UNKNOWN_LABEL = -1
+# PIL refuses images above ~89 MP (decompression bombs); an item is a photo, not a poster.
+MAX_PIXELS = 40_000_000
+
+
+class IngestError(ValueError):
+    """A batch that cannot be ingested at all (one line saying why); nothing was written."""
+
+
+def inbox_dir() -> Path:
+    """FCT_INBOX, default the checkout's data/inbox."""
+    return Path(os.environ.get(INBOX_ENV) or DATA_ROOT / "inbox")
+
+
+@dataclass(frozen=True)
+class InboxFile:
+    """A file waiting in the inbox: its path relative to the inbox, size and mtime (its stamp)."""
+
+    relpath: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def stamp(self) -> str:
+        return f"{self.size}:{self.mtime_ns}"
+
+
+def scan_inbox(inbox: Path) -> list[InboxFile]:
+    """Files under `inbox`, sorted; names starting with '.' (the processed and quarantine folders,
+    files being written under a temporary dot-name) are skipped at every level."""
+    if not inbox.is_dir():
+        return []
+    found = []
+    for root, dirs, names in os.walk(inbox):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # moved away meanwhile
+                continue
+            found.append(InboxFile(str(path.relative_to(inbox)), st.st_size, st.st_mtime_ns))
+    return sorted(found, key=lambda f: f.relpath)
+
+
+def folder_name(class_name: str) -> str:
+    """A class name as a folder name: '/' (Fashion-MNIST's "T-shirt/top") becomes '-'."""
+    return class_name.replace("/", "-")
+
+
+def label_of(folder: str | None, class_names: Sequence[str]) -> int:
+    """The label a folder name gives: a class name (any case; '/' written as '-') or a class
+    index; else unknown (-1)."""
+    if not folder:
+        return UNKNOWN_LABEL
+    names = [folder_name(n).lower() for n in class_names]
+    if folder_name(folder).lower() in names:
+        return names.index(folder_name(folder).lower())
+    if folder.isdigit() and int(folder) < len(class_names):
+        return int(folder)
+    return UNKNOWN_LABEL
+
+
+def inbox_label(relpath: str, class_names: Sequence[str]) -> int:
+    """A file's label from its inbox sub-folder (`<label>/<file>`); a file at the top: unknown."""
+    parts = Path(relpath).parts
+    return label_of(parts[0] if len(parts) > 1 else None, class_names)
+
+
+def decode_image(blob: bytes, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """Image file bytes -> (C, H, W) uint8 at the gallery's size and channels (resized bilinearly
+    when it differs, as a query image is); raises ValueError with a one-line reason."""
+    from PIL import Image
+
+    if not blob:
+        raise ValueError("empty file")
+    try:
+        img = Image.open(io.BytesIO(blob))
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} pixels, more than {MAX_PIXELS:,}")
+        img.load()
+    except ValueError:
+        raise
+    except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        if "cannot identify image file" in reason:
+            reason = f"not an image (starts with {bytes(blob[:8])!r})"
+        raise ValueError(f"unreadable image ({reason})") from None
+    img = img.convert("L" if channels == 1 else "RGB")
+    h, w = size
+    if (img.height, img.width) != (h, w):
+        img = img.resize((w, h), Image.BILINEAR)
+    array = np.asarray(img)
+    return array[None] if channels == 1 else np.transpose(array, (2, 0, 1)).copy()
+
+
+def content_id(image: np.ndarray) -> int:
+    """A positive int64 item id from the decoded pixels and their shape (60 bits of sha256): the
+    same picture gives the same id whatever file, name or encoding it came in."""
+    digest = hashlib.sha256(str(image.shape).encode() + image.tobytes()).hexdigest()
+    return int(digest[:15], 16)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where arriving items go: the deployed model and its table (gallery_store and the old model
+    while no version has been promoted)."""
+
+    version: str | None
+    table: str
+    model: Checkpoint
+    deployment_seq: int | None = None
+
+
+def existing_ids(table, ids: Iterable[int], chunk: int = 2000) -> set[int]:
+    """Which of `ids` the table (at its checked-out version) holds."""
+    ids = sorted(set(int(i) for i in ids))
+    found: set[int] = set()
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        where = f"item_id IN ({', '.join(map(str, part))})"
+        rows = table.search().where(where).select(["item_id"]).limit(len(part)).to_arrow()
+        found.update(rows.column("item_id").to_pylist())
+    return found
+
+
+def _fixed(vectors: np.ndarray | None, dim: int, n: int) -> pa.Array:
+    if vectors is None:
+        return pa.nulls(n, type=pa.list_(pa.float32(), dim))
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).reshape(-1)), dim)
+
+
+def _append_commit(table, rows: pa.Table) -> int:
+    """One LanceDB commit of `rows` (cast to the table's schema); the table's new version."""
+    rows = rows.select([f.name for f in table.schema if f.name in rows.column_names])
+    missing = [f for f in table.schema if f.name not in rows.column_names]
+    for field in missing:
+        if not field.nullable:
+            raise IngestError(f"{table.name}: column {field.name} is required; cannot append")
+        rows = rows.append_column(field, pa.nulls(len(rows), type=field.type))
+    table.add(rows.select(table.schema.names).cast(table.schema))
+    return table.version
+
+
+@dataclass(frozen=True)
+class Decoded:
+    files: list[str]
+    images: np.ndarray  # (N, C, H, W) uint8
+    labels: np.ndarray  # (N,) int32
+    ids: np.ndarray  # (N,) int64
+    quarantined: list[Quarantined]
+    duplicates_in_batch: int
+
+
+def decode_files(
+    files: Sequence[tuple[str, int]], channels: int, size: tuple[int, int], read=None
+) -> Decoded:
+    """Decode (path, label) pairs; a file that cannot be read or decoded is quarantined with its
+    reason; a picture twice in the batch is kept once."""
+    read = read or (lambda p: Path(p).read_bytes())
+    kept_files, images, labels, ids, quarantined = [], [], [], [], []
+    seen: set[int] = set()
+    duplicates = 0
+    for path, label in files:
+        try:
+            image = decode_image(read(path), channels, size)
+        except OSError as err:
+            quarantined.append(Quarantined(file=path, reason=f"cannot read ({err.strerror})"))
+            continue
+        except ValueError as err:
+            quarantined.append(Quarantined(file=path, reason=str(err)))
+            continue
+        item = content_id(image)
+        if item in seen:
+            duplicates += 1
+            continue
+        seen.add(item)
+        kept_files.append(path)
+        images.append(image)
+        labels.append(label)
+        ids.append(item)
+    h, w = size
+    return Decoded(
+        files=kept_files,
+        images=np.stack(images) if images else np.zeros((0, channels, h, w), np.uint8),
+        labels=np.asarray(labels, dtype=np.int32),
+        ids=np.asarray(ids, dtype=np.int64),
+        quarantined=quarantined,
+        duplicates_in_batch=duplicates,
+    )
+
+
+def ingest_files(
+    fct,
+    files: Sequence[tuple[str, int]],
+    *,
+    batch: str,
+    dataset: DatasetRecord,
+    target: Target,
+    side_info_model: Checkpoint,
+    advance_deployment: Callable[[int], int | None] | None = None,
+    log: Callable[[str], None] = print,
+) -> IngestBatch:
+    """Ingest (path, label) files as batch `batch` into gallery_store and the target's table.
+
+    `advance_deployment(table_version)` is called after the deployed table's commit and returns
+    the deployments row that serves the new table version (fct_assets.deployment.advance)."""
+    import torch
+
+    from fct_ml.pipeline import embed
+
+    started = time.perf_counter()
+    db = fct.connect()
+    decoded = decode_files(files, dataset.channels, tuple(dataset.image_size))
+    for q in decoded.quarantined:
+        log(f"ingest {batch}: quarantined {q.file}: {q.reason}")
+    store = db.open_table(storage.GALLERY_STORE)
+    if "ingest_batch" not in store.schema.names:
+        raise IngestError(
+            "gallery_store was written before ingestion existed (no ingest_batch column);"
+            " re-materialise gallery_store"
+        )
+    declared = storage.table_space_ids(store)
+    if side_info_model.space_id != declared.get("side_info_space_id"):
+        raise IngestError(
+            f"side_info_model is {side_info_model.space_id} but gallery_store holds side-info of"
+            f" {declared.get('side_info_space_id')}; re-materialise gallery_store"
+        )
+    in_store = existing_ids(store, decoded.ids.tolist())
+    table = db.open_table(target.table) if target.version is not None else None
+    in_table = existing_ids(table, decoded.ids.tolist()) if table is not None else in_store
+    # Embedded: the items some table lacks (a retried run may find an item in gallery_store but
+    # not yet in the deployed table); a batch already stored everywhere runs no model.
+    need = np.array(
+        [int(i) not in in_store or int(i) not in in_table for i in decoded.ids], dtype=bool
+    )
+    exp, device = fct.experiment(), fct.torch_device()
+    images = torch.from_numpy(decoded.images[need])
+    emb = embed(target.model.model.to(device), images, exp).numpy()  # (M, deployed_dim)
+    side = embed(side_info_model.model.to(device), images, exp).numpy()  # (M, side_dim)
+    bad = ~(np.isfinite(emb).all(axis=1) & np.isfinite(side).all(axis=1)) if len(emb) else []
+    quarantined = list(decoded.quarantined)
+    embedded_files = [f for f, n in zip(decoded.files, need) if n]
+    for i in np.nonzero(bad)[0]:
+        quarantined.append(Quarantined(file=embedded_files[i], reason="embedding is NaN or Inf"))
+    keep = ~np.asarray(bad, dtype=bool) if len(emb) else np.zeros(0, bool)
+    already = decoded.ids[~need]  # in every table: nothing to write
+    ids, labels = decoded.ids[need][keep], decoded.labels[need][keep]
+    emb, side = emb[keep], side[keep]
+    kept_images = decoded.images[need][keep]
+
+    new_in_store = np.array([int(i) not in in_store for i in ids], dtype=bool)
+    n_store = int(new_in_store.sum())
+    old_dim = store.schema.field("old_embedding").type.list_size
+    if target.version is None and len(emb) and emb.shape[1] != old_dim:
+        raise IngestError(f"old_model gives dim {emb.shape[1]}, gallery_store holds {old_dim}")
+    store_version = store.version
+    if n_store:
+        pick = new_in_store
+        n = n_store
+        old_space = declared.get("old_space_id")
+        rows = pa.table(
+            {
+                "item_id": pa.array(ids[pick], pa.int64()),
+                "label": pa.array(labels[pick], pa.int32()),
+                "image": pa.array(
+                    [storage.encode_png(img) for img in kept_images[pick]], pa.binary()
+                ),
+                # The old model embeds arriving items only while it is deployed.
+                "old_embedding": _fixed(emb[pick] if target.version is None else None, old_dim, n),
+                "side_info": _fixed(side[pick], side.shape[1], n),
+                "old_space_id": pa.array(
+                    [old_space if target.version is None else None] * n, pa.string()
+                ),
+                "side_info_space_id": pa.array([side_info_model.space_id] * n, pa.string()),
+                "ingest_batch": pa.array([batch] * n, pa.string()),
+            }
+        )
+        store_version = _append_commit(store, rows)
+        log(f"ingest {batch}: {n} items added to gallery_store (version {store_version})")
+
+    table_version, added_table, seq = store_version, n_store, None
+    if target.version is not None:
+        space = storage.table_space_ids(table).get("space_id")
+        if space != target.model.space_id:
+            raise storage.SpaceMismatchError(
+                f"{target.table}: holds space {space}, the deployed model is"
+                f" {target.model.space_id}"
+            )
+        pick = np.array([int(i) not in in_table for i in ids], dtype=bool)
+        added_table = int(pick.sum())
+        table_version = table.version
+        if added_table:
+            n = added_table
+            rows = pa.table(
+                {
+                    "item_id": pa.array(ids[pick], pa.int64()),
+                    "label": pa.array(labels[pick], pa.int32()),
+                    "embedding": _fixed(emb[pick], emb.shape[1], n),
+                    "sigma": pa.array(np.zeros(n, np.float32)),
+                    "source": pa.array(["ingested"] * n, pa.string()),
+                    "space_id": pa.array([space] * n, pa.string()),
+                    "chain": pa.array([space] * n, pa.string()),
+                    "ingest_batch": pa.array([batch] * n, pa.string()),
+                }
+            )
+            table_version = _append_commit(table, rows)
+            log(f"ingest {batch}: {n} items added to {target.table} (version {table_version})")
+        if advance_deployment is not None:
+            seq = advance_deployment(table_version)
+    seconds = time.perf_counter() - started
+    return IngestBatch(
+        batch=batch,
+        files=len(files),
+        ingested=tuple(int(i) for i in np.concatenate([already, ids])),
+        added_to_store=n_store,
+        added_to_table=added_table,
+        duplicates=decoded.duplicates_in_batch + len(already) + (len(ids) - n_store),
+        quarantined=tuple(quarantined),
+        deployed_version=target.version,
+        table=target.table,
+        space_id=target.model.space_id,
+        side_info_space_id=side_info_model.space_id,
+        store_version=store_version,
+        table_version=table_version,
+        deployment_seq=seq,
+        seconds=round(seconds, 3),
+        items_per_s=round(len(files) / seconds, 1) if seconds > 0 else None,
+    )
+
+
+def batch_key(files: Sequence[InboxFile], now: float | None = None) -> str:
+    """A new batch's partition key: `b<UTC time>-<digest of its files' names and stamps>`."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now if now is not None else time.time()))
+    digest = hashlib.sha256("\n".join(f"{f.relpath}|{f.stamp}" for f in files).encode())
+    return f"b{stamp}-{digest.hexdigest()[:8]}"
+
+
+def settle(inbox: Path, relpath: str, batch: str, reason: str | None) -> None:
+    """Move an inbox file out of the way once its batch landed: into .processed/<batch>/, or into
+    .quarantine/<batch>/ with `<name>.reason.txt` holding its one-line reason."""
+    src = inbox / relpath
+    if not src.exists():
+        return  # a retried run: moved the first time
+    dest = inbox / (QUARANTINE if reason else PROCESSED) / batch / relpath
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest)
+    if reason:
+        dest.with_name(dest.name + ".reason.txt").write_text(reason + "\n")
+
+
+def locate(inbox: Path | None, relpath_or_path: str, batch: str) -> str:
+    """Where a batch's file is now: in the inbox, or (a retried run) where the first run moved it."""
+    if inbox is None:
+        return relpath_or_path
+    for place in (
+        inbox / relpath_or_path,
+        inbox / PROCESSED / batch / relpath_or_path,
+        inbox / QUARANTINE / batch / relpath_or_path,
+    ):
+        if place.exists():
+            return str(place)
+    return str(inbox / relpath_or_path)

@@ -1,0 +1,230 @@
+"""Ingestion on the real stack: the inbox sensor ticked by the sensor daemon, ingest runs in a
+real Dagster instance, real LanceDB tables (tiny preset, digits)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow.compute as pc
+
+from fct_assets import storage
+from fct_assets.cli import main as fct_main
+from fct_assets.deployment import current, promote
+from fct_assets.ingest import content_id, decode_image, label_of
+from fct_assets.io_managers import plain_metadata
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def held_back(env, n: int, start: int = 0) -> list[tuple[np.ndarray, int]]:
+    """n (image (C, H, W) uint8, label) of the validation split: never trained on, not in the
+    gallery."""
+    from fct_ml.pipeline import validation_split
+
+    data = env.fct.load_dataset("digits")
+    val = validation_split(data, env.fct.experiment())
+    return [(val.images[i].numpy(), int(val.labels[i])) for i in range(start, start + n)]
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(storage.encode_png(image))
+    return path
+
+
+def deploy(env, version: str = "v2") -> None:
+    db = env.fct.connect()
+    serving = current(db)
+    if serving is None or serving.version != version:
+        env.ensure(version)
+        promote(env.instance, db, version)
+
+
+def run_ingest(env, batch: str, config: dict) -> dg.ExecuteInProcessResult:
+    env.instance.add_dynamic_partitions("ingest_batch", [batch])
+    return env.defs.resolve_job_def("ingest").execute_in_process(
+        instance=env.instance,
+        partition_key=batch,
+        run_config={"ops": {"ingested_batch": {"config": config}}},
+    )
+
+
+def batch_metadata(env, batch: str) -> dict:
+    record = env.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("ingested_batch"), asset_partitions=[batch]),
+        limit=1,
+    ).records[0]
+    return plain_metadata(record)
+
+
+def rows_of(env, table: str, ids) -> dict[int, dict]:
+    t = env.fct.connect().open_table(table)
+    rows = t.to_arrow().to_pylist()
+    return {r["item_id"]: r for r in rows if r["item_id"] in set(ids)}
+
+
+def test_label_of_folder_names():
+    names = ["zero", "one", "T-shirt/top"]
+    folders = ("One", "2", "t-shirt-top", "7", "misc", None)
+    assert [label_of(f, names) for f in folders] == [1, 2, 2, -1, -1, -1]
+
+
+def test_content_ids_follow_the_pixels_not_the_file():
+    from PIL import Image
+
+    image = np.arange(64, dtype=np.uint8).reshape(1, 8, 8)
+    import io
+
+    bmp = io.BytesIO()
+    Image.fromarray(image[0]).save(bmp, format="BMP")
+    as_png = decode_image(storage.encode_png(image), 1, (8, 8))
+    as_bmp = decode_image(bmp.getvalue(), 1, (8, 8))
+    assert content_id(as_png) == content_id(as_bmp) == content_id(image)
+    assert content_id(image) != content_id(image[:, ::-1].copy())
+    assert 0 < content_id(image) < 2**63
+
+
+def test_the_inbox_sensor_launches_one_ingest_run_per_batch(living, tmp_path):
+    deploy(living)
+    inbox = tmp_path / "inbox"
+    items = held_back(living, 5)
+    names = living.fct.load_dataset("digits").class_names
+    for k, (image, label) in enumerate(items[:4]):
+        write_png(inbox / names[label] / f"item{k}.png", image)
+    write_png(inbox / "loose.png", items[4][0])  # no sub-folder: label unknown
+    (inbox / ".partial.png").write_bytes(b"being written")  # a dot-name is not picked up
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.fct_assets.ingest_tick", "2"],
+        cwd=REPO,
+        env={
+            **os.environ,
+            **living.environ(),
+            "FCT_INBOX": str(inbox),
+            "FCT_INBOX_INTERVAL_S": "1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    # One run for the five files, a new ingest_batch partition; the second tick finds the files
+    # already launched (their run has not moved them yet) and requests nothing.
+    assert len(first) == 1 and second == []
+    request = first[0]
+    batch = request["partition"]
+    assert request["job"] == "ingest"
+    assert batch in living.instance.get_dynamic_partitions("ingest_batch")
+    config = request["run_config"]["ops"]["ingested_batch"]["config"]
+    assert sorted(config["files"]) == sorted(
+        [f"{names[label]}/item{k}.png" for k, (_, label) in enumerate(items[:4])] + ["loose.png"]
+    )
+
+    result = living.defs.resolve_job_def("ingest").execute_in_process(
+        instance=living.instance,
+        partition_key=batch,
+        run_config=request["run_config"],
+    )
+    assert result.success
+    ids = [content_id(image) for image, _ in items]
+    store = rows_of(living, storage.GALLERY_STORE, ids)
+    table = rows_of(living, "gallery_v2", ids)
+    assert set(store) == set(table) == set(ids)
+    expected_labels = [label for _, label in items[:4]] + [-1]
+    assert [store[i]["label"] for i in ids] == expected_labels
+    # Embedded by the deployed v2 model: no old embedding; side-info in the store's space.
+    side_space = storage.table_space_ids(living.fct.connect().open_table("gallery_store"))
+    for i in ids:
+        assert store[i]["old_embedding"] is None and store[i]["old_space_id"] is None
+        assert store[i]["side_info_space_id"] == side_space["side_info_space_id"]
+        assert store[i]["ingest_batch"] == table[i]["ingest_batch"] == batch
+        assert table[i]["source"] == "ingested"
+        assert table[i]["space_id"] == table[i]["chain"] == current(living.fct.connect()).space_id
+    # The deployment serves the table version that holds them; the files left the inbox.
+    db = living.fct.connect()
+    assert current(db).table_version == db.open_table("gallery_v2").version
+    assert current(db).action == "ingest"
+    assert sorted(p.name for p in (inbox / ".processed" / batch).rglob("*.png")) == sorted(
+        [f"item{k}.png" for k in range(4)] + ["loose.png"]
+    )
+    meta = batch_metadata(living, batch)
+    assert (meta["added_to_store"], meta["added_to_table"], meta["duplicates"]) == (5, 5, 0)
+
+
+def test_reingest_is_idempotent(living, tmp_path, capsys):
+    from PIL import Image
+
+    deploy(living)
+    items = held_back(living, 3, start=10)
+    folder = tmp_path / "drop"
+    for k, (image, _) in enumerate(items):
+        write_png(folder / f"a{k}.png", image)
+    env = living.environ()
+    os.environ.update(env)  # fct reads the instance and storage from the environment
+    try:
+        assert fct_main(["ingest", str(folder), "--json"]) == 0
+        first = json.loads(capsys.readouterr().out)
+        # The same pictures again, one as a BMP under another name: nothing is added.
+        Image.fromarray(items[0][0][0]).save(folder / "copy.bmp")
+        assert fct_main(["ingest", str(folder), "--json"]) == 0
+        second = json.loads(capsys.readouterr().out)
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+    assert (first["added_to_store"], first["added_to_table"], first["duplicates"]) == (3, 3, 0)
+    assert (second["added_to_store"], second["added_to_table"]) == (0, 0)
+    assert second["duplicates"] == 4  # three stored already, and the BMP copy of one of them
+    ids = [content_id(image) for image, _ in items]
+    db = living.fct.connect()
+    for name in ("gallery_store", "gallery_v2"):
+        column = db.open_table(name).to_arrow().column("item_id")
+        assert [pc.sum(pc.equal(column, i)).as_py() for i in ids] == [1, 1, 1]
+
+    # A run retried after it wrote gallery_store but not the deployed table (killed between the
+    # two commits, emulated by deleting its rows there): the retry writes the missing rows only.
+    batch = first["batch"]
+    db.open_table("gallery_v2").delete(f"ingest_batch = '{batch}'")
+    retry = run_ingest(living, batch, {"files": [str(folder / f"a{k}.png") for k in range(3)]})
+    assert retry.success
+    meta = batch_metadata(living, batch)
+    assert (meta["added_to_store"], meta["added_to_table"]) == (0, 3)
+    column = db.open_table("gallery_v2").to_arrow().column("item_id")
+    assert [pc.sum(pc.equal(column, i)).as_py() for i in ids] == [1, 1, 1]
+
+
+def test_a_corrupt_file_is_quarantined_and_the_rest_lands(living, tmp_path):
+    deploy(living)
+    inbox = tmp_path / "inbox"
+    items = held_back(living, 2, start=20)
+    good = [write_png(inbox / f"good{k}.png", image) for k, (image, _) in enumerate(items)]
+    png = storage.encode_png(items[0][0])
+    (inbox / "noise.png").write_bytes(bytes(range(256)) * 4)
+    (inbox / "truncated.png").write_bytes(png[: len(png) // 2])
+    (inbox / "empty.jpg").write_bytes(b"")
+    files = sorted(p.name for p in inbox.iterdir())
+    store_rows = living.fct.connect().open_table("gallery_store").count_rows()
+
+    result = run_ingest(living, "bcorrupt", {"files": files, "inbox": str(inbox)})
+    assert result.success
+    meta = batch_metadata(living, "bcorrupt")
+    reasons = {q["file"].rsplit("/", 1)[-1]: q["reason"] for q in meta["quarantined"]}
+    assert sorted(reasons) == ["empty.jpg", "noise.png", "truncated.png"]
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["noise.png"].startswith("unreadable image (not an image")
+    assert reasons["truncated.png"].startswith("unreadable image (")
+    assert all("\n" not in r for r in reasons.values())
+    assert meta["added_to_store"] == 2
+    assert living.fct.connect().open_table("gallery_store").count_rows() == store_rows + 2
+    # Each quarantined file sits in .quarantine/<batch>/ beside its reason; the good ones landed.
+    quarantine = inbox / ".quarantine" / "bcorrupt"
+    for name, reason in reasons.items():
+        assert (quarantine / name).exists()
+        assert (quarantine / f"{name}.reason.txt").read_text() == reason + "\n"
+    assert sorted(p.name for p in (inbox / ".processed" / "bcorrupt").iterdir()) == [
+        p.name for p in good
+    ]
