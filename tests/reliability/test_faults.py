@@ -188,7 +188,10 @@ def test_a_run_for_an_unregistered_version_is_refused_before_anything_trains(env
         assert failure.step_key == "new_model"  # the first step; nothing after it ran
         refusal = failure.step_failure_data.error.message.strip()
         assert not any(e.is_step_success for e in run.all_events)
-    assert "v99" in refusal and "not registered" in refusal and "\n" not in refusal
+    # Dagster refuses an unknown partition key at launch in process ("Could not find a partition
+    # with key `v99`"); a launch that gets past it meets our step-time refusal.
+    assert "v99" in refusal and "\n" not in refusal
+    assert "not registered" in refusal or "Could not find a partition" in refusal
     assert not (env.root / "checkpoints" / "new_model" / "v99.safetensors").exists()
     assert not storage.table_exists(env.fct.connect(), "gallery_v99")
     reliability(
