@@ -197,7 +197,9 @@ def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[DatasetRecord]
     return dg.Output(
         record,
         data_version=version,
-        metadata={**record.model_dump(mode="json"), "class_names": ", ".join(data.class_names)},
+        # The record's own fields, unchanged (class_names as a JSON list): metadata must read
+        # back as a DatasetRecord (`recorded_record`), which a joined string did not.
+        metadata=record.model_dump(mode="json"),
     )
 
 
