@@ -11,8 +11,10 @@ def env(tmp_path_factory) -> Env:
     return build_env(tmp_path_factory.mktemp("fct_assets"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def living(tmp_path_factory) -> Env:
     """An environment of its own for the living gallery (ingestion, chained upgrades): those tests
-    add items to gallery_store and promote versions, which the shared `env` must not see."""
+    add items to gallery_store and promote versions, which the shared `env` must not see. One per
+    module: test_chain leaves v3 served over items ingested under v2, which test_ingest's
+    promotion of v2 must not inherit."""
     return build_env(tmp_path_factory.mktemp("fct_living"), chained=True)
