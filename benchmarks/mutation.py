@@ -40,20 +40,41 @@ MODULES = [
     "fct_assets/checks.py",
     "fct_assets/report.py",
 ]
-# The fast tests that cover those modules (seconds each; no Dagster run, no training of the tiny
-# preset): mutmut runs the subset that reaches each mutated function.
-TESTS = [
-    "tests/fct_ml/test_retrieval.py",
-    "tests/fct_ml/test_backfill.py",
-    "tests/fct_ml/test_backfill_summary.py",
-    "tests/fct_ml/test_losses.py",
-    "tests/fct_ml/test_evaluation.py",
-    "tests/fct_ml/test_models.py",
-    "tests/fct_ml/test_training.py",
-    "tests/fct_assets/test_report.py",
-    "tests/fct_assets/test_checks.py",
-    "tests/fct_assets/test_promotion_rules.py",
-]
+# The fast tests that cover each module (seconds each: no Dagster run, no training beyond a few
+# steps of a tiny model; tests marked slow are deselected). A run over some modules uses the union
+# of theirs, and mutmut runs, for each mutant, the subset that reaches the mutated function.
+TESTS_BY_MODULE = {
+    "fct_ml/retrieval.py": ["tests/fct_ml/test_retrieval.py", "tests/fct_ml/test_evaluation.py"],
+    "fct_ml/backfill.py": [
+        "tests/fct_ml/test_backfill.py",
+        "tests/fct_ml/test_backfill_summary.py",
+    ],
+    "fct_ml/losses.py": ["tests/fct_ml/test_losses.py"],
+    "fct_ml/bct.py": ["tests/fct_ml/test_bct_fast.py", "tests/fct_ml/test_models.py"],
+    "fct_ml/evaluation.py": [
+        "tests/fct_ml/test_evaluation.py",
+        "tests/fct_ml/test_evaluation_cases.py",
+    ],
+    "fct_ml/transformation.py": [
+        "tests/fct_ml/test_transformation.py",
+        "tests/fct_ml/test_models.py",
+        "tests/fct_ml/test_losses.py",
+        "tests/fct_ml/test_augment.py",
+    ],
+    "fct_assets/deployment.py": ["tests/fct_assets/test_promotion_rules.py"],
+    "fct_assets/checks.py": ["tests/fct_assets/test_checks.py"],
+    "fct_assets/report.py": [
+        "tests/fct_assets/test_report.py",
+        "tests/fct_assets/test_report_fast.py",
+    ],
+}
+
+
+def tests_for(modules: list[str]) -> list[str]:
+    """The fast test files of `modules`, each once, in order."""
+    return list(dict.fromkeys(t for m in modules for t in TESTS_BY_MODULE[m]))
+
+
 # mutmut's exit-code statuses: a timeout is a detected change (the mutant looped), so killed.
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
@@ -88,7 +109,7 @@ def _setup(workdir: Path, modules: list[str], tests: list[str]) -> None:
             'source_paths = ["fct_ml", "fct_assets"]',
             f"only_mutate = {json.dumps(modules)}",
             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
-            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore", "-q"]',
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore", "-q", "-m", "not slow"]',
             "use_git_change_detection = false",
             "",
         ]
@@ -120,7 +141,7 @@ def _changed_line(workdir: Path, name: str, source: list[str]) -> tuple[int, str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", nargs="+", default=MODULES)
-    parser.add_argument("--tests", nargs="+", default=TESTS)
+    parser.add_argument("--tests", nargs="+", help="default: the modules' fast tests")
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "mutation")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -137,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         " yet checked are counted apart), stating the given wall time",
     )
     args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in TESTS_BY_MODULE]
+    if unknown:
+        parser.error(f"--modules: {unknown[0]} is not one of {MODULES}")
+    args.tests = args.tests or tests_for(args.modules)
 
     from mutmut.stats import status_by_exit_code
 
