@@ -18,7 +18,7 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 
-from fct_assets import storage
+from fct_assets import guards, storage
 from fct_assets.backfill_ops import (
     GPU_POOL,
     backfill_config,
@@ -302,9 +302,14 @@ def gallery_store(
             )
             context.log.info(f"gallery_store: {stop}/{len(labels)} items written")
 
-    info = storage.publish(
-        fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run.run_id[:8]}"
-    )
+    db = fct.connect()
+    # Ingest runs append to gallery_store: the rebuild waits for one in flight (guards.leased).
+    me = guards.Writer.me(run_id=context.run.run_id, purpose="gallery_store")
+    ended = guards.ended_check(context.instance)
+    with guards.leased(db, [storage.GALLERY_STORE], me, ended=ended, wait_s=300.0):
+        info = storage.publish(
+            db, storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run.run_id[:8]}"
+        )
     record = GalleryStore(
         **info,
         old_space_id=old_space,

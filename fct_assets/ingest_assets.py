@@ -110,6 +110,8 @@ def ingested_batch(
             (lambda v: advance(db, target.version, v).seq) if target.version else None
         ),
         log=context.log.info,
+        run_id=context.run.run_id,
+        instance=context.instance,
     )
     if inbox is not None:
         reasons = {q.file: q.reason for q in record.quarantined}
