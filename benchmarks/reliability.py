@@ -5,8 +5,10 @@
 Runs `pytest tests/reliability` with FCT_RELIABILITY_RECORDS set; each test records its bad
 input or injected fault and the outcome it observed. Writes benchmarks/results/reliability.md
 and reliability.json from those records, and prints the table. The promotion race runs at full
-size here (100 promotions from 4 processes; `make test` runs 12 from 3); the JSON gets its
-figures as "promotion_race" and the config fuzz's as "config_fuzz".
+size here (100 promotions from 4 processes; `make test` runs 12 from 3), and the concurrency
+harness with 4 reader processes for at least 60 s and 4 ingest batches (FCT_CONCURRENCY=R,S,B;
+`make test`: 2,10,2). The JSON gets their figures as "promotion_race", "concurrency",
+"hostile_files", "faults" and "config_fuzz".
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> int:
             "FCT_PROMOTION_RACE": "100,4",
             "FCT_PROMOTION_RACE_COMMIT_ONLY": "12,3",
             "FCT_CONFIG_FUZZ": "200",
+            # readers, seconds at least, ingest batches (FCT_CONCURRENCY overrides)
+            "FCT_CONCURRENCY": os.environ.get("FCT_CONCURRENCY", "4,60,4"),
         }
         started = time.monotonic()
         done = subprocess.run(
@@ -102,6 +106,12 @@ def _figures(records: list[dict]) -> dict:
                 out.setdefault("promotion_race", {})["without_file_lock"] = race
             else:
                 out.setdefault("promotion_race", {}).update(race)
+        elif r["category"] == "concurrency" and r["detail"]:
+            out["concurrency"] = json.loads(r["detail"])
+        elif r["category"] == "hostile file" and r["detail"]:
+            out["hostile_files"] = json.loads(r["detail"])
+        elif r["category"] == "fault" and r["detail"]:
+            out.setdefault("faults", []).append(json.loads(r["detail"]))
         elif r["category"] == "config fuzz" and r["detail"]:
             fuzz = json.loads(r["detail"])
             seen = out.setdefault("config_fuzz", {"cases": 0, "refused_with_one_line": 0})

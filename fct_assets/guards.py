@@ -40,6 +40,7 @@ from fct_assets.resources import is_object_store
 # `Table.set_unenforced_primary_key` writes it.
 PRIMARY_KEY = {"lance-schema:unenforced-primary-key:position": "1"}
 WRITERS = "_writers"
+ONE_PROCESS = ("ingest", "gallery_store")  # purposes whose lease one process holds, start to end
 
 
 class TableBusyError(RuntimeError):
@@ -249,9 +250,14 @@ def release(db, table: str, me: Writer) -> None:
 
 def ended_check(instance=None) -> Callable[[Writer], bool]:
     """Whether a lease's holder has ended: a Dagster run by its status on `instance` (a run the
-    instance does not know has ended), a process outside Dagster by its pid."""
+    instance does not know has ended), a process outside Dagster by its pid. A one-process write
+    (ingest, the gallery_store rebuild) has also ended when its process is gone: a run executed
+    in a process that was killed stays "started" in the run storage forever. A backfill's lease
+    spans the processes of its ops, so only its run's status counts."""
 
     def ended(writer: Writer) -> bool:
+        if writer.purpose in ONE_PROCESS and process_ended(writer):
+            return True
         if writer.run_id and instance is not None:
             run = instance.get_run_by_id(writer.run_id)
             return run is None or run.is_finished

@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,10 @@ QUARANTINE = ".quarantine"  # <inbox>/.quarantine/<batch>/<file> + <file>.reason
 UNKNOWN_LABEL = -1
 # PIL refuses images above ~89 MP (decompression bombs); an item is a photo, not a poster.
 MAX_PIXELS = 40_000_000
+MAX_FILE_BYTES = 64 * 2**20  # a bigger file is refused unread (a 2 GB "image" is not a photo)
+# Decoders PIL may use: raster formats parsed in Python or libpng/libjpeg/libtiff/libwebp. Never
+# EPS/PS (they run Ghostscript) nor the long tail of rare parsers.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
 class IngestError(ValueError):
@@ -130,16 +136,21 @@ def decode_image(blob: bytes, channels: int, size: tuple[int, int]) -> np.ndarra
     if not blob:
         raise ValueError("empty file")
     try:
-        img = Image.open(io.BytesIO(blob))
-        if img.width * img.height > MAX_PIXELS:
-            raise ValueError(f"{img.width}x{img.height} pixels, more than {MAX_PIXELS:,}")
-        img.load()
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(blob), formats=FORMATS)
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(f"{img.width}x{img.height} pixels, more than {MAX_PIXELS:,}")
+            img.load()
     except ValueError:
         raise
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         if "cannot identify image file" in reason:
-            reason = f"not an image (starts with {bytes(blob[:8])!r})"
+            reason = f"not an image of {'/'.join(FORMATS)} (starts with {bytes(blob[:8])!r})"
+        elif "truncated" in reason or "broken data stream" in reason:
+            reason += "; still being written?"
         raise ValueError(f"unreadable image ({reason})") from None
     img = img.convert("L" if channels == 1 else "RGB")
     h, w = size
@@ -147,6 +158,34 @@ def decode_image(blob: bytes, channels: int, size: tuple[int, int]) -> np.ndarra
         img = img.resize((w, h), Image.BILINEAR)
     array = np.asarray(img)
     return array[None] if channels == 1 else np.transpose(array, (2, 0, 1)).copy()
+
+
+def shown(path: str) -> str:
+    """A file name as one printable line: names with a newline or other control character are
+    shown quoted and escaped (repr), so a log or error line stays one line."""
+    return path if path.isprintable() else repr(path)
+
+
+def read_item(path: str, inbox: Path | None = None) -> bytes:
+    """The bytes of one arriving file; raises ValueError with a one-line reason, reading nothing,
+    for a path that leaves the inbox (`..`, a symlink pointing out), something that is not a
+    regular file (a FIFO would block, a device never end) or a file above MAX_FILE_BYTES."""
+    where = Path(path)
+    if inbox is not None:
+        real, root = where.resolve(), inbox.resolve()
+        if not real.is_relative_to(root):
+            link = " (a symlink)" if where.is_symlink() else ""
+            raise ValueError(f"outside the inbox{link}: resolves to {shown(str(real))}")
+    info = where.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{info.st_size:,} bytes, more than {MAX_FILE_BYTES:,}; not read")
+    with open(where, "rb") as handle:
+        blob = handle.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+    if len(blob) > MAX_FILE_BYTES:
+        raise ValueError(f"more than {MAX_FILE_BYTES:,} bytes (growing); not read")
+    return blob
 
 
 def content_id(image: np.ndarray) -> int:
@@ -212,7 +251,7 @@ def decode_files(
 ) -> Decoded:
     """Decode (path, label) pairs; a file that cannot be read or decoded is quarantined with its
     reason; a picture twice in the batch is kept once."""
-    read = read or (lambda p: Path(p).read_bytes())
+    read = read or read_item
     kept_files, images, labels, ids, quarantined = [], [], [], [], []
     seen: set[int] = set()
     duplicates = 0
@@ -220,7 +259,8 @@ def decode_files(
         try:
             image = decode_image(read(path), channels, size)
         except OSError as err:
-            quarantined.append(Quarantined(file=path, reason=f"cannot read ({err.strerror})"))
+            why = err.strerror or type(err).__name__
+            quarantined.append(Quarantined(file=path, reason=f"cannot read ({why})"))
             continue
         except ValueError as err:
             quarantined.append(Quarantined(file=path, reason=str(err)))
@@ -257,6 +297,7 @@ def ingest_files(
     log: Callable[[str], None] = print,
     run_id: str = "",
     instance=None,
+    inbox: Path | None = None,
 ) -> IngestBatch:
     """Ingest (path, label) files as batch `batch` into gallery_store and the target's table.
 
@@ -264,16 +305,19 @@ def ingest_files(
     the deployments row that serves the new table version (fct_assets.deployment.advance).
     The tables are written under their leases (fct_assets.guards), held by Dagster run `run_id`
     of `instance` when given, else by this process; raises guards.TableBusyError naming the
-    holder when one is still writing after `FCT_INGEST_WAIT_S` seconds (nothing written)."""
+    holder when one is still writing after `FCT_INGEST_WAIT_S` seconds (nothing written).
+    With `inbox`, a file that resolves outside it is quarantined unread (read_item)."""
     import torch
 
     from fct_ml.pipeline import embed
 
     started = time.perf_counter()
     db = fct.connect()
-    decoded = decode_files(files, dataset.channels, tuple(dataset.image_size))
+    decoded = decode_files(
+        files, dataset.channels, tuple(dataset.image_size), read=lambda p: read_item(p, inbox)
+    )
     for q in decoded.quarantined:
-        log(f"ingest {batch}: quarantined {q.file}: {q.reason}")
+        log(f"ingest {batch}: quarantined {shown(q.file)}: {q.reason}")
     # One writer per table: gallery_store and the deployed version's table are leased for the
     # read-decide-append below, so a backfill republishing the deployed table (or gallery_store
     # being rebuilt) never interleaves with it: this waits, bounded, and is refused naming it.
@@ -410,10 +454,13 @@ def batch_key(files: Sequence[InboxFile], now: float | None = None) -> str:
 def settle(inbox: Path, relpath: str, batch: str, reason: str | None) -> None:
     """Move an inbox file out of the way once its batch landed: into .processed/<batch>/, or into
     .quarantine/<batch>/ with `<name>.reason.txt` holding its one-line reason."""
-    src = inbox / relpath
-    if not src.exists():
+    rel = os.path.normpath(relpath)
+    if os.path.isabs(rel) or rel.split(os.sep)[0] == "..":
+        return  # named outside the inbox (refused unread): never moved
+    src = inbox / rel
+    if not src.exists() and not src.is_symlink():
         return  # a retried run: moved the first time
-    dest = inbox / (QUARANTINE if reason else PROCESSED) / batch / relpath
+    dest = inbox / (QUARANTINE if reason else PROCESSED) / batch / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest)
     if reason:
