@@ -362,7 +362,9 @@ def new_model(
     from fct_ml import pipeline
 
     require_registered(context.instance, context.partition_key)  # before anything trains
-    if context.has_partition_key and context.selected_asset_keys >= UPGRADE_KEYS:
+    # The run's selection (empty: the whole job's), not this asset's own.
+    selected = context.run.asset_selection or context.job_def.asset_layer.executable_asset_keys
+    if context.has_partition_key and set(selected) >= UPGRADE_KEYS:
         why = upgrade_is_current(context, fct.connect())
         if why is not None:  # a second run of the version: no-op, and it says so
             context.log.warning(why)

@@ -377,14 +377,14 @@ def upgrade_is_current(context: dg.AssetExecutionContext, db) -> str | None:
         if base is not None and base.timestamp > stamps[0]:
             return None
     mine = context.run.run_config
-    repo = context.repository_def
+    graph = context.job_def.asset_layer.asset_graph
     for name, record in latest.items():
         run = context.instance.get_run_by_id(record.run_id)
         if run is None or _op_config(run.run_config, name) != _op_config(mine, name):
             return None
         key = dg.AssetKey(name)
         recorded = record.asset_materialization.tags.get("dagster/code_version")
-        if recorded != repo.assets_defs_by_key[key].code_versions_by_key.get(key):
+        if recorded != graph.get(key).code_version:
             return None
     # h maps from the deployed version's space (chained upgrades): a promotion since changes it.
     h = plain_metadata(latest["transformation"])
