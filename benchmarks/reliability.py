@@ -27,7 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`--only FILE...`: run those test files alone and keep the other files' records (and the
+    figures they gave) from the committed reliability.json, saying so in the report."""
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[1:] if argv[:1] == ["--only"] else []
+    if argv and not only:
+        print("usage: python benchmarks/reliability.py [--only TEST_FILE...]", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         records_path = Path(tmp) / "records.json"
         env = {
@@ -41,7 +48,8 @@ def main() -> int:
         }
         started = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability"],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            + (only or ["tests/reliability"]),
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -58,6 +66,17 @@ def main() -> int:
     for r in records:
         r["outcome"] = tmp_path.sub("<tmp>", r["outcome"])
         r["case"] = tmp_path.sub("<tmp>", r["case"])
+    kept_note = ""
+    if only:
+        earlier = json.loads((RESULTS / "reliability.json").read_text())
+        ran = {Path(f).as_posix() for f in only}
+        kept = [r for r in earlier["records"] if r["test"].split("::")[0] not in ran]
+        records = kept + records
+        kept_note = (
+            f" Only {', '.join(sorted(ran))} ran this time; the records of the other test files"
+            f" are kept from the earlier run (pytest: {earlier['pytest']})."
+        )
+        summary = f"{summary} ({', '.join(sorted(ran))})"
     counts = Counter(r["category"] for r in records)
     figures = _figures(records)
     lines = [
@@ -66,7 +85,7 @@ def main() -> int:
         (
             "Produced by `python benchmarks/reliability.py` from the records of"
             f" `tests/reliability` (pytest: {summary}; wall time {wall / 60:.1f} min). Each row is"
-            " one check a test made; the outcome is what the test observed."
+            " one check a test made; the outcome is what the test observed." + kept_note
         ),
         "",
         *(f"- **{key}**: {json.dumps(value)}" for key, value in figures.items()),
