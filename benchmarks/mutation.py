@@ -227,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         modules[path] = {"killed": killed, "survived": total - killed, "total": total}
         if unchecked:
             modules[path]["not_checked"] = unchecked
-    runs = [{"modules": list(modules), "wall_seconds": round(wall, 1)}]
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    runs = [{"modules": list(modules), "wall_seconds": round(wall, 1), "commit": head}]
     earlier = args.out / "mutation.json"
     if args.merge and earlier.exists():
         before = json.loads(earlier.read_text())
@@ -307,8 +310,26 @@ def markdown(result: dict) -> str:
     lines += [
         f"| **all** | {killed} | {total - killed} | {total} | {result['score']:.2f} | {unchecked} |",
         "",
-        "Survived counts mutants no fast test reaches (`no tests`) as well. Not checked: the run"
-        " was cut short before mutmut ran them; they are left out of the score.",
+        "The rule: score = killed / (killed + survived) over the mutants mutmut checked; a mutant"
+        " no fast test reaches (`no tests`) counts as survived; a timeout counts as killed (the"
+        " mutant looped). Not checked: the run was cut short before mutmut ran them; they are"
+        " left out of the score and listed per module, never counted as killed. No mutant is"
+        " excluded: a survivor is kept only when judged equivalent (`EQUIVALENT` in"
+        " benchmarks/mutation.py, the reason below); the others say `not judged`.",
+        "",
+        "## Runs",
+        "",
+        "| modules | commit | wall time (s) |",
+        "| --- | --- | --- |",
+    ]
+    for run in result["runs"]:
+        modules = ", ".join(run["modules"])
+        lines.append(f"| {modules} | {run.get('commit', '?')} | {run['wall_seconds']:.0f} |")
+    complete = [p for p, m in result["modules"].items() if m["total"] and not m.get("not_checked")]
+    partial = [p for p in result["modules"] if p not in complete]
+    lines += [
+        "",
+        f"Complete: {', '.join(complete) or 'none'}. Partial or not run: {', '.join(partial)}.",
         "",
     ]
     lines += ["## Survivors", "", "| file:line | mutant | why kept |", "| --- | --- | --- |"]
