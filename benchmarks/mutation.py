@@ -127,6 +127,11 @@ def _setup(workdir: Path, modules: list[str], tests: list[str]) -> None:
             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore", "-q", "-m", "not slow"]',
             "use_git_change_detection = false",
+            # On the shared 2-core machine a forked test run can take many times the duration
+            # mutmut measured in its first pass: mutmut's default limit (15x + 1 s) then times
+            # out mutants that do not loop, and a timeout counts as killed.
+            "timeout_multiplier = 50.0",
+            "timeout_constant = 30.0",
             "",
         ]
     )
@@ -161,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "mutation")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--note", help="a paragraph put at the top of mutation.md")
+    parser.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="do not run: rewrite mutation.md from mutation.json (with --note)",
+    )
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -178,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--modules: {unknown[0]} is not one of {MODULES}")
     args.tests = args.tests or tests_for(args.modules)
+
+    if args.markdown_only:
+        result = json.loads((args.out / "mutation.json").read_text())
+        result["note"] = args.note or result.get("note")
+        (args.out / "mutation.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "mutation.md").write_text(markdown(result))
+        return 0
 
     from mutmut.stats import status_by_exit_code
 
@@ -255,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
     result = {
+        "note": args.note,
         "modules": modules,
         "score": round(killed / total, 4) if total else None,
         "survivors": survivors,
@@ -288,9 +307,10 @@ def _version() -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [
-        "# Mutation testing",
-        "",
+    lines = ["# Mutation testing", ""]
+    if result.get("note"):
+        lines += [result["note"], ""]
+    lines += [
         f"mutmut {result['mutmut']} at commit {result['commit']}, fast tests only"
         f" ({len(result['tests'])} files); wall time {result['wall_seconds']:.0f} s"
         " (`make mutation`).",
