@@ -117,7 +117,7 @@ def _parts(stats, dropped: float, found: float) -> dict:
 
 
 def trial(instance, fct, inbox: Path, queries: Path, k: int, image, timeout: float) -> dict:
-    """Drop one image, poll search until it is the top hit; the latency and its parts."""
+    """Drop one image, poll search until it is the top hit; the latency."""
     from fct_assets import storage
     from fct_assets.ingest import content_id
     from fct_assets.search import search_command
@@ -140,19 +140,34 @@ def trial(instance, fct, inbox: Path, queries: Path, k: int, image, timeout: flo
     else:
         return {"trial": k, "found": False, "timeout_s": timeout, "load_average_1m": load}
     seconds = time.monotonic() - dropped
-    found_wall = dropped_wall + seconds
-    out = {
+    return {
         "trial": k,
         "found": True,
         "seconds": round(seconds, 2),
         "polls": polls,
         "load_average_1m": round(load, 2),
+        "dropped_at": dropped_wall,
+        "found_at": dropped_wall + seconds,
     }
-    run = _ingest_run(instance, f"t{k}.png")
-    if run is not None:
-        out["run_id"] = run.run_id
-        out.update(_parts(instance.get_run_stats(run.run_id), dropped_wall, found_wall))
-    return out
+
+
+def add_parts(instance, trials: list[dict], timeout: float = 120.0) -> None:
+    """Each found trial's ingest run and its parts, once the run has ended (the item can be
+    found before the run's last events are written)."""
+    deadline = time.monotonic() + timeout
+    for t in trials:
+        if not t["found"]:
+            continue
+        run = _ingest_run(instance, f"t{t['trial']}.png")
+        if run is None:
+            continue
+        stats = instance.get_run_stats(run.run_id)
+        while stats.end_time is None and time.monotonic() < deadline:
+            time.sleep(1)
+            stats = instance.get_run_stats(run.run_id)
+        t["run_id"] = run.run_id
+        t["run_status"] = instance.get_run_by_id(run.run_id).status.value
+        t.update(_parts(stats, t["dropped_at"], t["found_at"]))
 
 
 def measure(args, root: Path) -> dict:
@@ -184,6 +199,7 @@ def measure(args, root: Path) -> dict:
                 time.sleep(rng.uniform(0, interval))  # a random phase of the sensor's ticks
                 trials.append(trial(instance, fct, inbox, queries, k, image, args.timeout))
                 print(json.dumps(trials[-1]), flush=True)
+            add_parts(instance, trials)
             other = [
                 r.job_name
                 for r in instance.get_runs()
@@ -218,6 +234,11 @@ def measure(args, root: Path) -> dict:
 def _median(trials: list[dict], key: str) -> str:
     values = [t[key] for t in trials if t.get(key) is not None]
     return f"{statistics.median(values):.1f}" if values else "-"
+
+
+def _poll_every(trials: list[dict]) -> str:
+    gaps = [t["seconds"] / t["polls"] for t in trials if t["found"]]
+    return f"{statistics.median(gaps):.1f}" if gaps else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- medians of the parts: sensor {_median(trials, 'sensor_s')} s, queue"
             f" {_median(trials, 'queue_s')} s, run start-up {_median(trials, 'startup_s')} s,"
             f" run {_median(trials, 'run_s')} s, poll {_median(trials, 'poll_s')} s",
+            "- polls: each is a full `fct search` (checkpoint load, embedding, search), one"
+            f" every {_poll_every(trials)} s (median of seconds / polls), so a trial's figure"
+            " is late by up to that much",
             f"- other runs launched meanwhile: {result['other_runs_launched'] or 'none'};"
             f" failed runs: {result['failed_runs'] or 'none'}",
             "",
