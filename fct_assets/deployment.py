@@ -109,7 +109,11 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
         if record is None:
             out[name] = {"passed": False, "why": "never ran"}
             continue
+        # A check planned and not (yet) evaluated (a run in progress, or one that stopped first):
+        # Dagster's record then holds the planned event, which has no `passed`.
         evaluation = record.evaluation
+        if not isinstance(evaluation, dg.AssetCheckEvaluation):
+            evaluation = None
         # The evaluation's own event, not the record's creation (a check is planned at run start).
         fresh = (
             latest is not None
