@@ -89,6 +89,22 @@ BATCHING = (
     " mode); results do not depend on it ({test})"
 )
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    ("fct_ml/retrieval.py", "chunk_size: int = 1024,", "chunk_size: int = 1025,"): CHUNKS,
+    (
+        "fct_ml/retrieval.py",
+        'dist[arange, rows] = float("inf")',
+        'dist[arange, rows] = float("INF")',
+    ): 'float("INF") is float("inf")',
+    (
+        "fct_ml/retrieval.py",
+        "return 1.0 - F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T",
+        "return 1.0 - F.normalize(query, ) @ F.normalize(gallery, dim=1).T",
+    ): "dim=1 is F.normalize's default",
+    (
+        "fct_ml/retrieval.py",
+        "return 1.0 - F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T",
+        "return 1.0 - F.normalize(query, dim=1) @ F.normalize(gallery, ).T",
+    ): "dim=1 is F.normalize's default",
     ("fct_ml/bct.py", "progress: bool = True,", "progress: bool = False,"): PROGRESS,
     ("fct_ml/transformation.py", "progress: bool = True,", "progress: bool = False,"): PROGRESS,
     ("fct_ml/bct.py", "batch_size: int = 1024,", "batch_size: int = 1025,"): BATCHING.format(
