@@ -74,8 +74,12 @@ def validate_table(
         schema.validate(frame, lazy=True)
     except pandera.errors.SchemaErrors as err:
         cases = err.failure_cases.head(MAX_FAILING_CASES)
+        # A frame-wide rule (the row count) has no column: named by itself, not as "None: ...".
         failures = sorted(
-            {f"{c}: {k}" for c, k in zip(err.failure_cases["column"], err.failure_cases["check"])}
+            {
+                f"{c}: {k}" if c is not None else str(k)
+                for c, k in zip(err.failure_cases["column"], err.failure_cases["check"])
+            }
         )
         meta["failing_cases"] = dg.MetadataValue.json(cases.astype(str).to_dict(orient="records"))
         meta["num_failing_cases"] = len(err.failure_cases)
@@ -150,6 +154,11 @@ def report_frame(report: EvalReport) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
+def _map(cases: dict[str, dict[str, float]], case: str) -> float:
+    """The case's mAP, NaN if the report lacks it."""
+    return float(cases.get(case, {}).get("mAP", float("nan")))
+
+
 def run_report_suite(report: EvalReport) -> tuple[bool, list[dict[str, Any]]]:
     """great-expectations 1.x suite over the report; returns (success, failing expectations)."""
     import great_expectations as gx  # 2.8 s to import here: only when a check runs
@@ -159,7 +168,9 @@ def run_report_suite(report: EvalReport) -> tuple[bool, list[dict[str, Any]]]:
     # A derived column makes the cross-case rule an ordinary column expectation. The rule is on
     # mAP (the whole ranking); top-1 of a small gallery moves by several points between
     # equally good models, so it is reported, not gated.
-    frame["fct_minus_old_mAP"] = cases["new/h(old)"]["mAP"] - cases["old/old"]["mAP"]
+    # A report without one of the two cases gets NaN here (ignored as null), and fails the
+    # expectation that names the missing case rather than raising KeyError.
+    frame["fct_minus_old_mAP"] = _map(cases, "new/h(old)") - _map(cases, "old/old")
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
@@ -225,8 +236,8 @@ def eval_report_expectations(eval_report: EvalReport) -> dg.AssetCheckResult:
             # The table version the report evaluated: promotion records only a version whose
             # every check read it.
             "table_version": eval_report.table_version,
-            "new/h(old) mAP": eval_report.cases["new/h(old)"]["mAP"],
-            "old/old mAP": eval_report.cases["old/old"]["mAP"],
+            "new/h(old) mAP": _map(eval_report.cases, "new/h(old)"),
+            "old/old mAP": _map(eval_report.cases, "old/old"),
         },
     )
 

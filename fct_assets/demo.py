@@ -16,6 +16,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fct_assets.records import IngestBatch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,15 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ingest_through_inbox(instance, defs, fct, n: int) -> str | None:
+def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
     """Write n held-back images (the validation split) into the inbox, one sub-folder per class;
     one tick of the inbox sensor (the real daemon iteration) requests their ingest run, which
-    runs here. Returns the batch key."""
+    runs here. Returns the batch's record."""
     from fct_assets import storage
     from fct_assets.dagster_internals import tick_sensors
     from fct_assets.ingest import folder_name, inbox_dir
     from fct_assets.io_managers import recorded_record
-    from fct_assets.records import DatasetRecord, IngestBatch
+    from fct_assets.records import DatasetRecord
     from fct_ml.pipeline import validation_split
 
     dataset = recorded_record(instance, DatasetRecord, "dataset")
@@ -165,7 +169,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> str | None:
         f" {len(record.quarantined)} quarantined; inbox to searchable in"
         f" {time.perf_counter() - started:.1f} s (sensor tick + run)"
     )
-    return batch
+    return record
 
 
 def _chained_upgrade(instance, defs, fct, version: str) -> bool:
@@ -175,8 +179,15 @@ def _chained_upgrade(instance, defs, fct, version: str) -> bool:
     from fct_assets.partitions import add_model_version
 
     add_model_version(instance, version)
+    # A better model than the first upgrade's, as a real next version is: twice the epochs and
+    # its own seed. With v2's recipe and seed it would be v2 retrained bit for bit, and h would
+    # map a space onto itself.
+    epochs = 2 * fct.experiment().new_train.epochs
     upgrade = defs.resolve_job_def("upgrade").execute_in_process(
-        instance=instance, partition_key=version, raise_on_error=False
+        instance=instance,
+        partition_key=version,
+        run_config={"ops": {"new_model": {"config": {"seed": 1, "epochs": epochs}}}},
+        raise_on_error=False,
     )
     if not upgrade.success:
         print(f"fct demo: upgrade {version} failed; see the run log above", file=sys.stderr)
@@ -195,19 +206,21 @@ def _chained_upgrade(instance, defs, fct, version: str) -> bool:
     return True
 
 
-def _show_life(instance, fct, version: str, batch: str) -> None:
+def _show_life(instance, fct, version: str, batch: IngestBatch) -> None:
     """The evaluation of the chained version, a search for an ingested item, lineage."""
     from fct_assets.io_managers import recorded_record
     from fct_assets.lineage import format_lineage, format_row_lineage, lineage, row_lineage
-    from fct_assets.records import EvalReport, IngestBatch
+    from fct_assets.records import EvalReport
     from fct_assets.report import markdown_table
     from fct_assets.search import search_command
 
     report = recorded_record(instance, EvalReport, "eval_report", version, within="json")
     print(markdown_table(report, include_plot=False))
-    ingested = recorded_record(instance, IngestBatch, "ingested_batch", batch).ingested[0]
+    ingested = batch.ingested[0]
     hits = search_command(instance, fct, image=None, item_id=ingested, version=None, k=5)
-    print(f"\nfct search --item-id {ingested} (an item of batch {batch}), deployed {version}:")
+    print(
+        f"\nfct search --item-id {ingested} (an item of batch {batch.batch}), deployed {version}:"
+    )
     print(f"{'rank':>4} {'item_id':>20} {'label':>5} {'distance':>10}  source")
     for rank, h in enumerate(hits, 1):
         print(f"{rank:>4} {h['item_id']:>20} {h['label']:>5} {h['distance']:>10.4f}  {h['source']}")

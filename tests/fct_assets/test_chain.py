@@ -2,7 +2,11 @@
 under v2 (which have no old embedding) reach gallery_v3; items ingested while a backfill runs
 reach the new table before it is promoted; rows say how they got there."""
 
-import threading
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import dagster as dg
@@ -18,7 +22,7 @@ from fct_assets.io_managers import load_recorded_checkpoint, plain_metadata
 from fct_assets.lineage import format_row_lineage, lineage, row_lineage
 from fct_assets.search import search_command
 from fct_ml.backfill import apply_transformation
-from tests.fct_assets.test_ingest import deploy, held_back, run_ingest, write_png
+from tests.fct_assets.test_ingest import REPO, deploy, held_back, run_ingest, write_png
 
 
 def _table(env, name: str, version: int | None = None):
@@ -108,22 +112,20 @@ def test_a_chained_v3_reaches_items_ingested_under_v2(living, tmp_path):
     assert "ingest batch bunderv2" in text and "transformed from the stored vector" in text
 
 
-def _wait_for_log(instance, run_ids: list, text: str, timeout: float = 600) -> str:
+def _wait_for_log(instance, text: str, worker: subprocess.Popen, timeout: float = 1200) -> str:
+    """The id of the v4 run whose event log holds `text`, once it does; fails at once if
+    `worker` exits first, and after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "v4"})):
             if any(text in (e.user_message or "") for e in instance.all_logs(run.run_id)):
-                run_ids.append(run.run_id)
                 return run.run_id
+        if worker.poll() is not None:
+            raise AssertionError(f"the backfill exited ({worker.returncode}) before {text!r}")
         time.sleep(0.2)
-    raise AssertionError(f"no run logged {text!r}")
+    raise AssertionError(f"no run logged {text!r} within {timeout:.0f} s")
 
 
-@pytest.mark.skip(
-    reason="deadlocks: the backfill runs execute_in_process in a thread while the ingest run's"
-    " dagster.yaml python_logs dictConfig takes logging's module lock in the main thread (lock"
-    " order: logging lock vs a handler's lock); rewrite with the backfill in a subprocess"
-)
 def test_items_dropped_while_a_backfill_runs_are_promoted_once_each(living, tmp_path):
     deploy(living, "v3")
     serving = current(living.fct.connect()).version
@@ -144,32 +146,38 @@ def test_items_dropped_while_a_backfill_runs_are_promoted_once_each(living, tmp_
     )
     before = _store_ids(living)
 
-    done: dict = {}
-
-    def backfill():
-        done["result"] = living.defs.resolve_job_def("catch_up").execute_in_process(
-            instance=living.instance,
-            partition_key="v4",
-            run_config={"ops": {"backfilled_gallery": {"config": {"rows_per_batch": 16}}}},
-            raise_on_error=False,
+    # The backfill is a real run of the catch_up job in its own process, launched by Dagster's
+    # CLI on this instance (two execute_in_process runs in threads of one process deadlock on
+    # logging's locks). One row per batch keeps it reading while the files arrive.
+    config = tmp_path / "backfill.yaml"
+    config.write_text("ops:\n  backfilled_gallery:\n    config:\n      rows_per_batch: 1\n")
+    log = tmp_path / "backfill.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "job", "execute", "-m", "fct_assets.definitions"]
+            + ["-j", "catch_up", "-c", str(config)]
+            + ["--tags", json.dumps({"dagster/partition": "v4"})],
+            cwd=REPO,
+            env={**os.environ, **living.environ(), "FCT_EXECUTOR": "in_process"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-
-    worker = threading.Thread(target=backfill)
-    worker.start()
-    # Once the backfill has pinned the table it reads, N files arrive and are ingested.
-    run_ids: list = []
-    _wait_for_log(living.instance, run_ids, "backfill v4: from")
-    n = 5
-    dropped = _ingest(living, tmp_path, "bduring", n, start=40)
-    ingest_done = time.time()
-    worker.join(timeout=900)
-    assert done["result"].success
-    backfill_end = living.instance.get_run_stats(run_ids[0]).end_time
-    assert (
-        backfill_end > ingest_done - 1e-3 or True
-    )  # the run may end first; the pin is what counts
+    try:
+        # Once the backfill has pinned the table it reads, N files arrive and are ingested.
+        run_id = _wait_for_log(living.instance, "backfill v4: from", worker)
+        n = 5
+        dropped = _ingest(living, tmp_path, "bduring", n, start=40)
+        code = worker.wait(timeout=1200)
+    finally:
+        if worker.poll() is None:  # a timeout or a failure above: never leave it running
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    assert code == 0, log.read_text()[-3000:]
+    assert living.instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS
     v4 = _table(living, "gallery_v4")
-    assert not set(dropped) & set(v4.column("item_id").to_pylist())  # read before they came
+    assert sorted(v4.column("item_id").to_pylist()) == before  # the pinned store, once each
+    assert not set(dropped) & set(before)
 
     with pytest.raises(
         PromotionError, match=rf"not promoted: {n} items of gallery_store .* catch up"

@@ -8,8 +8,16 @@ import pyarrow as pa
 import pytest
 
 from fct_assets import storage
-from fct_assets.checks import run_report_suite, validate_table, vector_table_schema
-from fct_assets.records import EvalReport
+from fct_assets.checks import (
+    backfilled_gallery_schema,
+    eval_report_expectations,
+    gallery_store_schema,
+    report_frame,
+    run_report_suite,
+    validate_table,
+    vector_table_schema,
+)
+from fct_assets.records import BackfilledTable, DatasetRecord, EvalReport, GalleryStore
 from fct_assets.resources import FctResource
 
 SPACE = "new_model:v2@0123456789ab"
@@ -147,3 +155,152 @@ def test_the_report_suite_fails_and_names_the_broken_expectation(change, expecta
 
 def test_the_gate_allows_equal_map():
     assert run_report_suite(_report(**{"new/h(old)": {"mAP": 40.0}}))[0]
+
+
+def test_failing_cases_are_listed_up_to_twenty_and_counted_in_full(fct):
+    # 25 rows with a label below -1: 25 failing cases, the first 20 kept in the metadata.
+    version = _publish(fct, np.ones((25, 2), np.float32), labels=[-3] * 25)
+    result = _validate(fct, version, rows=25)
+    assert not result.passed
+    assert result.metadata["num_failing_cases"].value == 25
+    cases = result.metadata["failing_cases"].value
+    assert len(cases) == 20
+    assert {c["column"] for c in cases} == {"label"} and cases[0]["failure_case"] == "-3"
+    assert result.metadata["failed_checks"].value == "label: greater_than_or_equal_to(-1)"
+    assert result.metadata["rows"].value == 25
+
+
+def test_two_broken_rules_are_both_named_sorted(fct):
+    version = _publish(fct, np.ones((3, 2), np.float32), ids=[0, 0, 1])
+    later = _publish(fct, np.ones((3, 2), np.float32), ids=[0, 0, 1])
+    result = _validate(fct, version, dim=3)
+    assert result.metadata["failed_checks"].value == (
+        "embedding: dim == 3; item_id: field_uniqueness; table changed after materialisation"
+        f" (recorded version {version}, found {later})"
+    )
+    assert result.metadata["table_version"].value == later
+
+
+# ---------------------------------------------------------------- the asset checks, invoked
+
+
+def _backfilled(version: int, **changes) -> BackfilledTable:
+    # model_construct: only the fields the check reads matter here.
+    fields = dict(table="gallery_v2", version=version, space_id=SPACE, dim=2, gallery_rows=3)
+    return BackfilledTable.model_construct(**{**fields, **changes})
+
+
+@pytest.mark.parametrize(
+    "change, failure",
+    [
+        ({}, None),
+        ({"dim": 4}, "embedding: dim == 4"),
+        ({"gallery_rows": 2}, "rows == 2"),
+        (
+            {"space_id": "new_model:v3@0123456789ab"},
+            "space_id: isin(['new_model:v3@0123456789ab'])",
+        ),
+    ],
+)
+def test_the_backfilled_gallery_check_reads_its_record(fct, change, failure):
+    version = _publish(fct, np.ones((3, 2), np.float32))
+    result = backfilled_gallery_schema(fct=fct, backfilled_gallery=_backfilled(version, **change))
+    assert result.passed == (failure is None)
+    assert result.metadata["table"].value == "gallery_v2"
+    assert result.metadata["recorded_version"].value == version
+    if failure:
+        assert result.metadata["failed_checks"].value == failure
+
+
+def _store(fct, rows: int = 3, *, old_dim: int = 2, side_dim: int = 3) -> int:
+    schema = storage.gallery_store_schema(old_dim, side_dim, "old@1", "side@1")
+    batch = pa.record_batch(
+        [
+            pa.array(np.arange(rows, dtype=np.int64)),
+            pa.array(np.arange(rows, dtype=np.int32)),
+            pa.array([b"png"] * rows),
+            pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ones(rows * old_dim, np.float32)), old_dim
+            ),
+            pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ones(rows * side_dim, np.float32)), side_dim
+            ),
+            pa.array(["old@1"] * rows),
+            pa.array(["side@1"] * rows),
+        ],
+        schema=schema,
+    )
+    return storage.publish(fct.connect(), storage.GALLERY_STORE, schema, [batch])["version"]
+
+
+@pytest.mark.parametrize(
+    "change, failure",
+    [
+        ({}, None),
+        ({"old_dim": 3}, "old_embedding: dim == 3"),
+        ({"side_info_dim": 2}, "side_info: dim == 2"),
+        ({"old_space_id": "old@2"}, "old_space_id: isin(['old@2'])"),
+        ({"side_info_space_id": "side@2"}, "side_info_space_id: isin(['side@2'])"),
+        ({"gallery_items": 4}, "rows == 4"),
+    ],
+)
+def test_the_gallery_store_check_reads_the_dataset_and_store_records(fct, change, failure):
+    version = _store(fct)
+    store = dict(table=storage.GALLERY_STORE, version=version, rows=3, old_dim=2)
+    store |= dict(side_info_dim=3, old_space_id="old@1", side_info_space_id="side@1")
+    dataset = DatasetRecord.model_construct(gallery_items=change.pop("gallery_items", 3))
+    result = gallery_store_schema(
+        fct=fct,
+        dataset=dataset,
+        gallery_store=GalleryStore.model_construct(**{**store, **change}),
+    )
+    assert result.passed == (failure is None)
+    assert result.metadata["table"].value == storage.GALLERY_STORE
+    if failure:
+        assert result.metadata["failed_checks"].value == failure
+
+
+def test_the_report_check_names_the_table_version_it_judged():
+    report = _report().model_copy(update={"table_version": 7})
+    result = eval_report_expectations(report)
+    assert result.passed
+    meta = {k: v.value for k, v in result.metadata.items()}
+    assert meta["table_version"] == 7 and meta["num_failing"] == 0
+    assert meta["failing_expectations"] == []
+    assert (meta["new/h(old) mAP"], meta["old/old mAP"]) == (50.0, 40.0)
+    failed = eval_report_expectations(
+        _report(**{"new/h(old)": {"mAP": 30.0}}).model_copy(update={"table_version": 7})
+    )
+    assert not failed.passed and failed.metadata["num_failing"].value == 1
+    (failing,) = failed.metadata["failing_expectations"].value
+    assert failing["kwargs"] == {"column": "fct_minus_old_mAP", "min_value": 0}
+    assert failing["unexpected"] == [-10.0] * 12  # one row per (case, metric): 4 cases x 3
+
+
+@pytest.mark.parametrize("case", ["old/old", "new/h(old)"])
+def test_the_report_suite_needs_each_of_the_papers_cases(case):
+    # Without it the gate's column is NaN: the suite names the missing case (no KeyError).
+    passed, failing = run_report_suite(_report(**{case: None}))
+    assert not passed
+    assert [(f["expectation"], f["kwargs"]) for f in failing] == [
+        ("expect_column_distinct_values_to_contain_set", {"column": "case", "value_set": [case]})
+    ]
+
+
+def test_the_report_suite_refuses_an_unknown_metric():
+    report = _report()
+    report.cases["new/new"]["top10"] = 95.0
+    passed, failing = run_report_suite(report)
+    assert not passed
+    assert [(f["expectation"], f["unexpected"]) for f in failing] == [
+        ("expect_column_values_to_be_in_set", ["top10"])
+    ]
+    assert failing[0]["kwargs"] == {"column": "metric", "value_set": ["top1", "top5", "mAP"]}
+
+
+def test_the_report_frame_has_one_row_per_case_and_metric():
+    frame = report_frame(_report())
+    assert list(frame.columns) == ["case", "metric", "value"]
+    assert len(frame) == 12
+    row = frame[(frame.case == "new/old") & (frame.metric == "mAP")]
+    assert row["value"].tolist() == [11.0]

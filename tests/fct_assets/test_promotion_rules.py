@@ -222,3 +222,185 @@ def test_search_reads_the_pinned_table_in_its_space(instance, db):
         deployment.search(
             db, [0.0, 0.0], version=row.model_copy(update={"space_id": "other@000000000000"})
         )
+
+
+# ---------------------------------------------------------------- ingest runs advance the pin
+
+
+def test_advance_pins_a_newer_table_version_of_the_deployed_version_only(instance, db):
+    with pytest.raises(
+        PromotionError,
+        match=r"^ingest: v2 is no longer deployed \(nothing is\); retry the run to embed",
+    ):
+        deployment.advance(db, "v2", 1)
+    served = _promotable(instance, db, "v2")
+    promoted = promote(instance, db, "v2")
+    # The same table version: nothing to record.
+    assert deployment.advance(db, "v2", served) == promoted
+    assert len(deployment.history(db)) == 1
+    row = deployment.advance(db, "v2", served + 1)
+    assert (row.seq, row.action, row.version, row.table, row.table_version, row.space_id) == (
+        2,
+        "ingest",
+        "v2",
+        "gallery_v2",
+        served + 1,
+        SPACE,
+    )
+    assert current(db) == row
+    with pytest.raises(PromotionError, match=r"^ingest: v3 is no longer deployed \(v2 is\)"):
+        deployment.advance(db, "v3", served + 2)
+
+
+def test_rollback_skips_the_ingest_rows_of_the_current_deployment(instance, db):
+    v2 = _promotable(instance, db, "v2")
+    promote(instance, db, "v2")
+    deployment.advance(db, "v2", v2 + 5)  # an ingest run: v2 now serves v2 + 5
+    v3 = _promotable(instance, db, "v3")
+    promote(instance, db, "v3")
+    deployment.advance(db, "v3", v3 + 1)
+    deployment.advance(db, "v3", v3 + 2)
+    # Back to v2 as it was served last: at the table version its ingest run advanced it to.
+    row = rollback(db)
+    assert (row.seq, row.action, row.version, row.table_version) == (6, "rollback", "v2", v2 + 5)
+
+
+def test_rollback_from_an_ingest_advanced_first_deployment_is_refused(instance, db):
+    v2 = _promotable(instance, db, "v2")
+    promote(instance, db, "v2")
+    deployment.advance(db, "v2", v2 + 1)
+    with pytest.raises(PromotionError, match="^version v2 is the only one ever deployed"):
+        rollback(db)
+
+
+# ---------------------------------------------------------------- items ingested meanwhile
+
+
+def _store(db, ids: list[int]) -> int:
+    schema = storage.gallery_store_schema(2, 2, "old@1", "side@1")
+    n = len(ids)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2 * n, np.float32)), 2)
+    batch = pa.record_batch(
+        [
+            pa.array(np.asarray(ids, np.int64)),
+            pa.array(np.zeros(n, np.int32)),
+            pa.array([b"png"] * n),
+            vectors,
+            vectors,
+            pa.array(["old@1"] * n),
+            pa.array(["side@1"] * n),
+        ],
+        schema=schema,
+    )
+    return storage.publish(db, storage.GALLERY_STORE, schema, [batch])["version"]
+
+
+def test_a_table_missing_stored_items_is_not_promoted(instance, db):
+    assert deployment.missing_items(db, "gallery_v2", 1) == ([], None)  # no store: nothing
+    table_version = _promotable(instance, db, "v2")  # items 0..3
+    store = _store(db, [0, 1, 2, 3, 5, 4])
+    assert deployment.missing_items(db, "gallery_v2", table_version) == ([4, 5], store)
+    with pytest.raises(PromotionError) as refused:
+        promote(instance, db, "v2")
+    assert str(refused.value) == (
+        f"version v2 not promoted: 2 items of gallery_store (version {store}) are not in"
+        f" gallery_v2 at version {table_version} (ingested while it was backfilled); catch up"
+        " first: `fct catch-up v2` or the `catch_up` job"
+    )
+    assert current(db) is None
+    _store(db, [0, 1, 2, 3])
+    assert promote(instance, db, "v2").table_version == table_version
+
+
+# ---------------------------------------------------------------- the record under contention
+
+
+def _row(seq: int, version: str) -> pa.Table:
+    row = {
+        "seq": seq,
+        "action": "promote",
+        "version": version,
+        "table": f"gallery_{version}",
+        "table_version": 1,
+        "space_id": SPACE,
+        "at": "2026-01-01T00:00:00+00:00",
+    }
+    return pa.Table.from_pylist([row], schema=deployment.DEPLOYMENT_SCHEMA)
+
+
+def test_a_lost_race_is_decided_again_on_the_new_history(db):
+    from fct_assets import guards
+    from fct_assets.records import VersionTable
+
+    seen: list[list[str]] = []
+
+    def choose(rows):
+        seen.append([r.version for r in rows])
+        if len(seen) == 1:  # another writer commits seq 1 between our read and our insert
+            assert guards.insert_if_absent(db, storage.DEPLOYMENTS, _row(1, "v9"), "seq")
+        return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
+
+    row = deployment._record(db, "promote", choose)
+    assert seen == [[], ["v9"]]
+    assert (row.seq, row.version, row.table_version) == (2, "v2", 3)
+    assert [r.version for r in deployment.history(db)] == ["v9", "v2"]
+
+
+def test_a_record_that_keeps_losing_gives_up_saying_so(db, monkeypatch):
+    from fct_assets import guards
+    from fct_assets.records import VersionTable
+
+    monkeypatch.setattr(deployment, "RECORD_ATTEMPTS", 2)
+    calls = []
+
+    def choose(rows):
+        calls.append(len(rows))
+        assert guards.insert_if_absent(db, storage.DEPLOYMENTS, _row(len(rows) + 1, "v9"), "seq")
+        return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
+
+    with pytest.raises(PromotionError) as refused:
+        deployment._record(db, "promote", choose)
+    assert str(refused.value) == (
+        "promote of v2 not recorded: seq 2 was taken by a concurrent writer 2 times in a row; retry"
+    )
+    assert calls == [0, 1]
+
+
+# ---------------------------------------------------------------- the UI's jobs
+
+
+def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, tmp_path):
+    from fct_assets.resources import FctResource
+
+    fct = FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
+    v2 = _promotable(instance, db, "v2")
+    v3 = _promotable(instance, db, "v3")
+    for version in ("v2", "v3"):
+        result = deployment.promote_job.execute_in_process(
+            instance=instance,
+            run_config={"ops": {"promote_version": {"config": {"version": version}}}},
+            resources={"fct": fct},
+        )
+        assert result.success
+    row = result.output_for_node("promote_version")
+    assert (row.seq, row.action, row.version, row.table_version) == (2, "promote", "v3", v3)
+    assert current(db) == row
+    result = deployment.rollback_job.execute_in_process(instance=instance, resources={"fct": fct})
+    assert result.success
+    row = result.output_for_node("rollback_deployment")
+    assert (row.seq, row.action, row.version, row.table_version) == (3, "rollback", "v2", v2)
+    # The output's metadata is the deployment row, for the run page.
+    (materialized,) = [
+        e
+        for e in result.all_node_events
+        if e.node_name == "rollback_deployment" and e.is_successful_output
+    ]
+    metadata = {k: v.value for k, v in materialized.step_output_data.metadata.items()}
+    assert metadata == row.model_dump()
+    refused = deployment.promote_job.execute_in_process(
+        instance=instance,
+        run_config={"ops": {"promote_version": {"config": {"version": "v4"}}}},
+        resources={"fct": fct},
+        raise_on_error=False,
+    )
+    assert not refused.success

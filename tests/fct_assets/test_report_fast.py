@@ -234,3 +234,193 @@ def test_a_table_of_another_space_or_other_items_is_refused(gallery):
         match=rf"^gallery_vt at LanceDB version {g['table']['version']}: holds space {SPACE},",
     ):
         _evaluate(g)
+
+
+def _backfilled_table(db, name, ids, labels, vectors, space, sources):
+    schema = storage.backfilled_schema(vectors.shape[1], space)
+    n = len(ids)
+    batch = pa.record_batch(
+        [
+            pa.array(np.asarray(ids, np.int64)),
+            pa.array(np.asarray(labels, np.int32)),
+            pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]
+            ),
+            pa.array(np.zeros(n, np.float32)),
+            pa.array(sources),
+            pa.array([space] * n),
+        ],
+        schema=schema,
+    )
+    return storage.publish(db, name, schema, [batch])["version"]
+
+
+def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(gallery):
+    # v1 was deployed: the items are stored in its space (its table), and h maps from there.
+    from fct_assets.records import SourceTable
+
+    g = gallery
+    db = g["fct"].connect()
+    stored = np.random.default_rng(5).normal(size=(N, 4)).astype(np.float32)
+    v1 = _backfilled_table(
+        db, "gallery_v1", np.arange(N), g["labels"], stored, "new_model:v1@1", ["transformed"] * N
+    )
+    source = SourceTable(
+        table="gallery_v1", version=v1, column="embedding", space_id="new_model:v1@1"
+    )
+    report = _evaluate(g, source=source)
+    side = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id").column("side_info")
+    h_stored, _ = apply_transformation(
+        g["h"], torch.from_numpy(stored), torch.from_numpy(storage.vectors(side))
+    )
+    labels, new = g["labels"], g["new"]
+    expected = {
+        "old/old": brute_force_retrieval(stored, stored, labels),
+        "new/h(old)": brute_force_retrieval(new, h_stored.numpy(), labels),
+        "new/old": brute_force_retrieval(new, stored, labels),
+    }
+    for case, metrics in expected.items():
+        for metric, value in metrics.items():
+            assert report["cases"][case][metric] == pytest.approx(value, abs=1e-3), (case, metric)
+    # The served table is still the version's own (h of the *old* embeddings, as published).
+    assert report["cases"]["new/gallery_vt"] == pytest.approx(
+        brute_force_retrieval(new, g["transformed"], labels), abs=1e-3
+    )
+
+
+def test_items_without_a_label_are_left_out_and_missing_ones_refused(gallery):
+    g = gallery
+    db = g["fct"].connect()
+    labels = g["labels"].copy()
+    labels[[0, 4]] = -1  # two ingested items whose label is unknown
+    version = _backfilled_table(
+        db, "gallery_vt", np.arange(N), labels, g["transformed"], SPACE, ["transformed"] * N
+    )
+    report = _evaluate(g, version=version)
+    keep = labels >= 0
+    assert report["items"] == N - 2
+    assert report["cases"]["new/new"] == pytest.approx(
+        brute_force_retrieval(g["new"][keep], g["new"][keep], g["labels"][keep]), abs=1e-3
+    )
+    # A served item the store does not hold: refused, naming it.
+    version = _backfilled_table(
+        db,
+        "gallery_vt",
+        [*range(N - 1), 99],
+        g["labels"],
+        g["transformed"],
+        SPACE,
+        ["transformed"] * N,
+    )
+    with pytest.raises(ValueError, match=r"^gallery_store: item 99 of the evaluated table"):
+        _evaluate(g, version=version)
+
+
+def test_re_embedded_rows_are_counted(gallery):
+    g = gallery
+    db = g["fct"].connect()
+    sources = ["re-embedded"] * 5 + ["transformed"] * (N - 5)
+    mixed = np.concatenate([g["new"][:5], g["transformed"][5:]])
+    version = _backfilled_table(db, "gallery_vt", np.arange(N), g["labels"], mixed, SPACE, sources)
+    report = _evaluate(g, version=version)
+    assert report["reembedded"] == 5
+    assert report["cases"]["new/gallery_vt"] == pytest.approx(
+        brute_force_retrieval(g["new"], mixed, g["labels"]), abs=1e-3
+    )
+
+
+def test_a_plain_h_has_no_sigma_order_to_follow(gallery):
+    # An h without the sigma head: sigma counts as 0 for every item, so the sigma order is the
+    # storage order (a stable sort of equal keys).
+    g = gallery
+    g["h"] = Transformation(
+        TransformationConfig(old_dim=4, side_info_dim=4, new_dim=4, branch_width=8, inner_width=8)
+    ).eval()
+    report = _evaluate(g)
+    from fct_ml.backfill import backfill_summary
+
+    transformed, _ = apply_transformation(
+        g["h"], torch.from_numpy(g["old"]), torch.from_numpy(_side(g))
+    )
+    curves, _ = backfill_summary(
+        torch.from_numpy(g["new"]),
+        torch.from_numpy(g["labels"]),
+        transformed,
+        torch.zeros(N),
+        g["fct"].experiment().backfill_points,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for order in ("sigma", "random"):
+        for metric in ("fractions", "top1", "mAP"):
+            got = report["backfill_curves"][order][metric]
+            assert got == pytest.approx(curves[order][metric]), (order, metric)
+
+
+def _side(g) -> np.ndarray:
+    db = g["fct"].connect()
+    side = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id").column("side_info")
+    return storage.vectors(side)
+
+
+def _report(**changes) -> EvalReport:
+    fields = dict(
+        version="v2",
+        table="gallery_v2",
+        table_version=3,
+        items=10,
+        cases={
+            "old/old": {"top1": 50.0, "top5": 60.0, "mAP": 40.0},
+            "new/h(old)": {"top1": 55.25, "top5": 70.0, "mAP": 45.04},
+        },
+        cases_unseen_classes={"new/h(old)": {"top1": 1.0, "top5": 2.0, "mAP": 33.36}},
+        cases_seen_classes={},
+        gap_closed={"top1": 12.34, "mAP": 56.78},
+        backfill_curves={},
+        backfill_auc={"sigma": {"top1": 61.23, "mAP": 47.89}, "other": {"top1": 1.0, "mAP": 2.0}},
+        reembedded=0,
+        reembed_seconds=1.0,
+        reembed_items_per_s=40.0,
+        backfill_items_per_s=1000.0,
+        space_id="new_model:v2@cccccccccccc",
+        plot_png_base64="UE5H",
+    )
+    return EvalReport(**{**fields, **changes})
+
+
+def test_the_markdown_table_by_hand():
+    assert markdown_table(_report()).splitlines() == [
+        "### Evaluation of v2: gallery_v2 at LanceDB version 3 (10 gallery items, leave-one-out)",
+        "",
+        "| case (query/gallery) | top-1 | top-5 | mAP | unseen-class mAP |",
+        "| --- | --- | --- | --- | --- |",
+        "| old/old | 50.0 | 60.0 | 40.0 | – |",
+        "| new/h(old) | 55.2 | 70.0 | 45.0 | 33.4 |",
+        "",
+        "Gap closed by new/h(old): top-1 12.3 %, mAP 56.8 %.",
+        "",
+        "| backfill order | area top-1 | area mAP |",
+        "| --- | --- | --- |",
+        "| sigma | 61.2 | 47.9 |",
+        "| other | 1.0 | 2.0 |",
+        "",
+        "Cost on this run's device: backfill by transformation 1000 items/s (LanceDB read + h +"
+        " write), full re-embedding 40 items/s (decode + new model), 25.0x.",
+        "",
+        "![backfilling curve](data:image/png;base64,UE5H)",
+    ]
+    # No backfill speed recorded: no cost line; no plot asked for: none.
+    lines = markdown_table(_report(backfill_items_per_s=None), include_plot=False).splitlines()
+    assert lines[-1] == "| other | 1.0 | 2.0 |"
+
+
+def test_the_plot_is_a_png_of_the_figure_size():
+    import io
+
+    from PIL import Image
+
+    from fct_assets.report import curve_plot_png
+
+    curves = {"sigma": {"fractions": [0.0, 0.5, 1.0], "mAP": [1.0, 2.0, 3.0], "top1": [1, 2, 3]}}
+    png = curve_plot_png(curves, "backfilling curve, v2")
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.size == (640, 256)  # 8 x 3.2 inches at 80 dpi

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from fct_ml.augment import AugmentConfig
+from fct_ml.augment import AugmentConfig, augment
 from fct_ml.losses import (
     BCTObjective,
+    ClassificationObjective,
     FastFillObjective,
+    SimCLRObjective,
     TransformationObjective,
     fastfill_loss,
     nt_xent,
@@ -278,3 +280,158 @@ def test_bct_alignment_needs_the_old_model():
             torch.Generator().manual_seed(0),
             alignment_weight=1.0,
         )
+
+
+# --------------------------------------------------------------------------- #
+# objectives with augmentation, label smoothing and a cosine classifier
+# --------------------------------------------------------------------------- #
+
+FLIP = AugmentConfig(flip=True, brightness=0.2)  # changes the images, drawn from the generator
+
+
+def _smoothed_ce_by_hand(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> float:
+    # Label smoothing eps over C classes: the target puts 1 - eps + eps/C on the label and eps/C
+    # elsewhere, so per sample (1 - eps) * (-log p_y) + eps * mean_c(-log p_c); then the mean.
+    total = 0.0
+    for row, y in zip(logits.tolist(), labels.tolist()):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        nll = [log_z - v for v in row]
+        total += (1 - eps) * nll[y] + eps * sum(nll) / len(row)
+    return total / len(labels)
+
+
+def _augmented(images: torch.Tensor, seed: int, views: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = images.float() / 255.0
+    return torch.cat([augment(x, FLIP, g) for _ in range(views)])
+
+
+def test_classification_objective_by_hand():
+    model, images, _, _ = _bct_setup()
+    x = _augmented(images, 7)
+    with torch.no_grad():
+        logits = model.logits(model(x))
+    # Labels: the first two items as the model predicts them, the other three not, so the
+    # accuracy is 2/5 by construction.
+    predicted = logits.argmax(1)
+    labels = torch.cat([predicted[:2], (predicted[2:] + 1) % 3])
+    torch.manual_seed(99)  # the global RNG differs from the objective's generator
+    out = ClassificationObjective(model, FLIP, 0.2, torch.Generator().manual_seed(7))(
+        (images, labels)
+    )
+    assert set(out) == {"loss", "ce", "accuracy"}
+    assert out["loss"].requires_grad and not out["ce"].requires_grad
+    expected = _smoothed_ce_by_hand(logits, labels, 0.2)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["ce"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["accuracy"].item() == pytest.approx(0.4)
+    # Not the clean images: the augmentation was applied.
+    with torch.no_grad():
+        clean = model.logits(model(images.float() / 255.0))
+    assert _smoothed_ce_by_hand(clean, labels, 0.2) != pytest.approx(expected, rel=1e-5)
+
+
+class _Flat(torch.nn.Module):
+    """(N, 1, 8, 8) -> (N, 3): a fixed linear map of the pixels, a stand-in SimCLR projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.map = torch.nn.Linear(64, 3, bias=False)
+        with torch.no_grad():
+            self.map.weight.copy_(torch.randn(3, 64, generator=torch.Generator().manual_seed(2)))
+
+    def forward(self, x):
+        return self.map(x.flatten(1))
+
+
+def test_simclr_objective_is_nt_xent_of_two_augmented_views():
+    _, images, _, _ = _bct_setup()
+    model = _Flat()
+    views = _augmented(images, 11, views=2)  # both views from one generator, in order
+    assert not torch.allclose(views[:5], views[5:])
+    with torch.no_grad():
+        z = model(views)
+    expected = nt_xent(z[:5], z[5:], 0.3).item()
+    torch.manual_seed(99)
+    out = SimCLRObjective(model, FLIP, 0.3, torch.Generator().manual_seed(11))((images,))
+    assert set(out) == {"loss", "nt_xent"}
+    assert out["loss"].requires_grad and not out["nt_xent"].requires_grad
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["nt_xent"].item() == pytest.approx(expected, rel=1e-5)
+    # The temperature is the one given.
+    assert nt_xent(z[:5], z[5:], 0.6).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_bct_objective_smoothing_augmentation_and_a_cosine_old_classifier():
+    model, images, labels, old_classifier = _bct_setup()
+    torch.manual_seed(1)
+    old_model = EmbeddingModel(
+        ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)
+    ).eval()
+    cosine = ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, classifier="cosine")
+    x = _augmented(images, 5)
+    with torch.no_grad():
+        emb, old_emb = model(x), old_model(x)
+        ce_new = _smoothed_ce_by_hand(model.logits(emb), labels, 0.1)
+        # the cosine classifier: logit_scale * cos(embedding, class row)
+        unit = emb / emb.norm(dim=1, keepdim=True)
+        rows = old_classifier / old_classifier.norm(dim=1, keepdim=True)
+        influence = _smoothed_ce_by_hand(cosine.logit_scale * unit @ rows.T, labels, 0.1)
+        alignment = float(((emb - old_emb) ** 2).sum(1).mean())
+    torch.manual_seed(99)
+    out = BCTObjective(
+        model,
+        old_classifier,
+        FLIP,
+        0.1,
+        0.5,
+        torch.Generator().manual_seed(5),
+        old_config=cosine,
+        alignment_weight=2.0,
+        old_model=old_model,
+    )((images, labels))
+    assert set(out) == {"loss", "ce_new", "influence", "alignment"}
+    assert out["ce_new"].item() == pytest.approx(ce_new, rel=1e-4)
+    assert out["influence"].item() == pytest.approx(influence, rel=1e-4)
+    assert out["alignment"].item() == pytest.approx(alignment, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(ce_new + 0.5 * influence + 2.0 * alignment, rel=1e-4)
+    assert not any(out[k].requires_grad for k in ("ce_new", "influence", "alignment"))
+    assert not old_model.training  # frozen in eval mode by the objective
+
+
+def test_bct_objective_freezes_the_old_model_it_is_given():
+    model, _, _, old_classifier = _bct_setup()
+    old_model = EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1)).train()
+    BCTObjective(
+        model,
+        old_classifier,
+        AugmentConfig(),
+        0.0,
+        1.0,
+        torch.Generator(),
+        alignment_weight=1.0,
+        old_model=old_model,
+    )
+    assert not old_model.training
+    assert not any(p.requires_grad for p in old_model.parameters())
+
+
+def test_fastfill_objective_weighs_the_cross_entropy_of_a_cosine_classifier():
+    h = small_h(uncertainty=True)
+    classifier = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    cosine = ModelConfig(classifier="cosine")
+    old, side, new, labels = batch = feature_batch()
+    out = FastFillObjective(h, classifier, cosine, ce_weight=0.25)(batch)
+    with torch.no_grad():
+        pred, sigma = h.forward_with_sigma(old, side)
+    sq = ((pred - new) ** 2).sum(1)
+    unit = pred / pred.norm(dim=1, keepdim=True)
+    rows = classifier / classifier.norm(dim=1, keepdim=True)
+    logits = cosine.logit_scale * unit @ rows.T
+    ce = torch.logsumexp(logits, 1) - logits[torch.arange(6), labels]
+    expected = (0.5 * torch.exp(-sigma) * (sq + 0.25 * ce) + 0.5 * sigma).mean()
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["ce"].item() == pytest.approx(ce.mean().item(), rel=1e-5)
+    # The defaults: a dot-product classifier and weight 1.
+    plain = FastFillObjective(h, classifier)
+    assert plain.ce_weight == 1.0 and plain.new_config.classifier == "linear"

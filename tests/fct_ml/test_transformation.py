@@ -1,0 +1,288 @@
+"""Tests for fct_ml.transformation, fast: training h on sixteen vectors (two epochs), sigma's
+calibration and the training features worked out by hand, and the refusals of bad input.
+tests/fct_ml/test_models.py checks h's layout and shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fct_ml.augment import AugmentConfig, augment, to_float
+from fct_ml.losses import FastFillObjective, TransformationObjective
+from fct_ml.models import ModelConfig
+from fct_ml.training import TrainConfig, fit
+from fct_ml.transformation import (
+    Transformation,
+    TransformationConfig,
+    calibrate_sigma,
+    train_transformation,
+    training_features,
+)
+
+TINY = dict(old_dim=3, side_info_dim=2, new_dim=2, branch_width=4, inner_width=4)
+TRAIN = TrainConfig(
+    epochs=2, batch_size=8, optimizer="adam", lr=1e-2, weight_decay=0.0, warmup_epochs=0.0
+)
+CPU = torch.device("cpu")
+
+
+def test_the_defaults_are_the_official_recipe():
+    # apple/ml-fct: 128-d old, side-info and new embeddings, branches 128->256->256, the inner
+    # MLP 512->2048->2048->128, side-info on, no sigma head, FastFill's CE weighted 1.
+    assert TransformationConfig() == TransformationConfig(
+        old_dim=128,
+        side_info_dim=128,
+        new_dim=128,
+        branch_width=256,
+        inner_width=2048,
+        side_info=True,
+        uncertainty=False,
+        ce_weight=1.0,
+    )
+    h = Transformation(TransformationConfig())
+    assert h.sigma_head is None
+    assert float(h.sigma_offset) == 0.0
+
+
+def _features(n: int = 16):
+    g = torch.Generator().manual_seed(3)
+    old = torch.randn(n, 3, generator=g)
+    side = torch.randn(n, 2, generator=g)
+    new = torch.randn(n, 2, generator=g)
+    labels = torch.arange(n) % 3
+    return old, side, new, labels
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_h_is_fit_of_the_l2_objective_from_the_seed():
+    old, side, new, labels = _features()
+    config = TransformationConfig(**TINY)
+    h, history = train_transformation(
+        old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=False
+    )
+    # The same training spelled out: seed, h, FCT's L2 objective, the one training loop.
+    from fct_ml.training import seed_everything
+
+    generator = seed_everything(5)
+    expected = Transformation(config)
+    expected_history = fit(
+        expected,
+        TransformationObjective(expected),
+        (old, side, new, labels),
+        TRAIN,
+        generator=generator,
+        progress=False,
+    )
+    assert _same_weights(h, expected)
+    assert [r.parts for r in history] == [r.parts for r in expected_history]
+    assert set(history[0].parts) == {"loss", "sq_error"}
+    assert len(history) == 2 and not h.training
+    assert float(h.sigma_offset) == 0.0  # no sigma head, nothing calibrated
+    # Another seed trains another h.
+    other, _ = train_transformation(
+        old, side, new, labels, config, TRAIN, device=CPU, seed=6, progress=False
+    )
+    assert not _same_weights(h, other)
+
+
+def test_fastfill_training_uses_the_new_classifier_as_scored_and_calibrates_sigma():
+    old, side, new, labels = _features()
+    config = TransformationConfig(**TINY, uncertainty=True, ce_weight=0.5)
+    classifier = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
+    cosine = ModelConfig(classifier="cosine")
+    records = []
+    h, history = train_transformation(
+        old,
+        side,
+        new,
+        labels,
+        config,
+        TRAIN,
+        device=CPU,
+        seed=5,
+        new_classifier=classifier,
+        new_config=cosine,
+        progress=False,
+        on_epoch=records.append,
+    )
+    from fct_ml.training import seed_everything
+
+    generator = seed_everything(5)
+    expected = Transformation(config)
+    fit(
+        expected,
+        FastFillObjective(expected, classifier, cosine, ce_weight=0.5),
+        (old, side, new, labels),
+        TRAIN,
+        generator=generator,
+        progress=False,
+    )
+    expected_offset = calibrate_sigma(expected, old, side, new)
+    assert _same_weights(h, expected)
+    assert float(h.sigma_offset) == pytest.approx(expected_offset, abs=1e-6)
+    assert set(history[0].parts) == {"loss", "sq_error", "ce", "sigma"}
+    assert records == history  # on_epoch saw every epoch's record
+    # After calibration exp(sigma) is, on average, h's squared error on its training features.
+    with torch.no_grad():
+        pred, sigma = h.eval().forward_with_sigma(old, side)
+    sq = (pred - new).pow(2).sum(1)
+    assert float(sigma.exp().mean()) == pytest.approx(float(sq.mean()), rel=1e-4)
+
+
+def test_fastfill_needs_the_new_classifier():
+    old, side, new, labels = _features()
+    config = TransformationConfig(**TINY, uncertainty=True)
+    with pytest.raises(ValueError, match="^FastFill needs the new model's classifier weight$"):
+        train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=0)
+
+
+@pytest.mark.parametrize("bad", ["old_embedding", "side_info", "new_embedding"])
+def test_a_nan_input_is_refused_naming_it(bad):
+    old, side, new, labels = _features()
+    inputs = {"old_embedding": old, "side_info": side, "new_embedding": new}
+    inputs[bad] = inputs[bad].clone()
+    inputs[bad][3, 1] = float("inf") if bad == "side_info" else float("nan")
+    with pytest.raises(
+        ValueError, match=f"^{bad}: contains NaN or Inf; cannot train the transformation on it$"
+    ):
+        train_transformation(
+            inputs["old_embedding"],
+            inputs["side_info"],
+            inputs["new_embedding"],
+            labels,
+            TransformationConfig(**TINY),
+            TRAIN,
+            device=CPU,
+            seed=0,
+        )
+
+
+def test_wrong_dims_are_refused_naming_both():
+    old, side, new, labels = _features()
+    config = TransformationConfig(**TINY)
+    message = r"^transformation dims: expected old 3 and new 2, got old 4 and new 2$"
+    with pytest.raises(ValueError, match=message):
+        train_transformation(
+            torch.zeros(16, 4), side, new, labels, config, TRAIN, device=CPU, seed=0
+        )
+    message = r"^transformation dims: expected old 3 and new 2, got old 3 and new 5$"
+    with pytest.raises(ValueError, match=message):
+        train_transformation(
+            old, side, torch.zeros(16, 5), labels, config, TRAIN, device=CPU, seed=0
+        )
+    with pytest.raises(ValueError, match=r"^side_info: expected dim 2, got 4$"):
+        train_transformation(
+            old, torch.zeros(16, 4), new, labels, config, TRAIN, device=CPU, seed=0
+        )
+    # Without side-info its width is not checked (h reads the old embedding twice).
+    h, _ = train_transformation(
+        old,
+        torch.zeros(16, 4),
+        new,
+        labels,
+        TransformationConfig(**TINY, side_info=False),
+        TRAIN,
+        device=CPU,
+        seed=0,
+        progress=False,
+    )
+    assert h.side_branch[0].in_features == 3
+
+
+# ---------------------------------------------------------------- sigma and its calibration
+
+
+def _h_with_constant_sigma(bias: float) -> Transformation:
+    """A tiny h whose sigma head outputs `bias` for every item (zero weight)."""
+    torch.manual_seed(0)
+    h = Transformation(TransformationConfig(**TINY, uncertainty=True)).eval()
+    with torch.no_grad():
+        h.sigma_head.weight.zero_()
+        h.sigma_head.bias.fill_(bias)
+    return h
+
+
+def test_sigma_is_the_head_on_the_detached_output_plus_the_offset():
+    h = _h_with_constant_sigma(0.25)
+    old, side, _, _ = _features(4)
+    with torch.no_grad():
+        h.sigma_offset.fill_(1.5)
+    pred, sigma = h.forward_with_sigma(old, side)
+    assert torch.allclose(sigma, torch.full((4,), 1.75))
+    # sigma sends no gradient into h's output: only the head learns from it.
+    sigma.sum().backward()
+    assert h.sigma_head.bias.grad is not None
+    assert all(p.grad is None for p in h.inner.parameters())
+    assert all(p.grad is None for p in h.old_branch.parameters())
+    pred.sum().backward()
+    assert all(p.grad is not None for p in h.inner.parameters())
+
+
+def test_calibrate_sigma_by_hand():
+    h = _h_with_constant_sigma(0.0)  # raw sigma 0: exp(sigma) = 1 per item
+    old, side, _, _ = _features(4)
+    with torch.no_grad():
+        pred = h(old, side)
+    # Errors of squared norms 1, 4, 0 and 3: their sum is 8, over 4 items whose exp(sigma)
+    # sums to 4, so the offset is log(8 / 4) = log 2.
+    delta = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0], [1.0, math.sqrt(2.0)]])
+    new = pred + delta
+    h.sigma_offset.fill_(5.0)  # an earlier calibration is replaced, not added to
+    offset = calibrate_sigma(h, old, side, new, batch_size=3)
+    assert offset == pytest.approx(math.log(2.0), rel=1e-5)
+    assert float(h.sigma_offset) == pytest.approx(math.log(2.0), rel=1e-5)
+    # Raw sigma 1: exp sums to 4e, offset log(8 / 4e) = log 2 - 1; the batch size changes nothing.
+    h2 = _h_with_constant_sigma(1.0)
+    assert calibrate_sigma(h2, old, side, new, batch_size=1) == pytest.approx(
+        math.log(2.0) - 1.0, rel=1e-5
+    )
+    # A perfect h: the error sum is floored at 1e-12 rather than taking log(0).
+    assert calibrate_sigma(h, old, side, pred) == pytest.approx(math.log(1e-12 / 4.0), rel=1e-6)
+
+
+# ---------------------------------------------------------------- training features
+
+
+class _Linear(nn.Module):
+    """(N, 1, 4, 4) images -> (N, out) by a fixed linear map of the pixels."""
+
+    def __init__(self, out: int, seed: int):
+        super().__init__()
+        self.map = nn.Linear(16, out, bias=False)
+        with torch.no_grad():
+            self.map.weight.copy_(
+                torch.randn(out, 16, generator=torch.Generator().manual_seed(seed))
+            )
+
+    def forward(self, x):
+        return self.map(x.flatten(1))
+
+
+def test_training_features_by_hand():
+    images = torch.randint(0, 256, (5, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    images = images.to(torch.uint8)
+    aug = AugmentConfig(flip=True, brightness=0.3)
+    a, b = _Linear(2, 1), _Linear(3, 2)
+    torch.manual_seed(123)  # the global RNG is in another state than the seed puts it in
+    got_a, got_b = training_features([a, b], images, 2, aug, batch_size=2, seed=7)
+    # View 0: the clean images. View 1: each batch of 2 (then the last 1) augmented once, in
+    # order, by the generator seeded with 7, the same batch going through both models.
+    g = torch.Generator().manual_seed(7)
+    x = to_float(images)
+    views = torch.cat([x, *(augment(x[s : s + 2], aug, g) for s in range(0, 5, 2))])
+    with torch.no_grad():
+        assert torch.allclose(got_a, a(views)) and got_a.shape == (10, 2)
+        assert torch.allclose(got_b, b(views)) and got_b.shape == (10, 3)
+    assert not torch.allclose(views[:5], views[5:])  # the second view is augmented
+    # One model, one view: the clean features only.
+    (clean,) = training_features([a], images, 1, aug, batch_size=4, seed=7)
+    with torch.no_grad():
+        assert torch.allclose(clean, a(x))
+    assert a.training is False  # the models ran frozen
