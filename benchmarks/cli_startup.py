@@ -112,7 +112,13 @@ def _time(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "fct_assets.cli", *args], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "fct_assets.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        # Not the checkout: `python -m` puts the working directory first on sys.path, ahead of
+        # PYTHONPATH, and the baseline's code must win there.
+        cwd=tempfile.gettempdir(),
     )
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
