@@ -83,7 +83,23 @@ CHUNKS = (
     "the chunk size only batches the queries; results do not depend on it"
     " (test_retrieval.py: chunking does not change results, exact ties included)"
 )
+PROGRESS = "the progress bar is display only (tqdm, disabled or not); nothing computed reads it"
+BATCHING = (
+    "the batch size only splits the items into batches of the same frozen forward pass (eval"
+    " mode); results do not depend on it ({test})"
+)
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    ("fct_ml/bct.py", "progress: bool = True,", "progress: bool = False,"): PROGRESS,
+    ("fct_ml/transformation.py", "progress: bool = True,", "progress: bool = False,"): PROGRESS,
+    ("fct_ml/bct.py", "batch_size: int = 1024,", "batch_size: int = 1025,"): BATCHING.format(
+        test="test_models.py: extended_old_classifier with batch_size=3"
+    ),
+    ("fct_ml/transformation.py", "batch_size: int = 4096,", "batch_size: int = 4097,"): (
+        BATCHING.format(test="test_transformation.py: calibrate_sigma with batch sizes 1, 3, 4096")
+    ),
+    ("fct_ml/backfill.py", "batch_size: int = 4096,", "batch_size: int = 4097,"): BATCHING.format(
+        test="test_backfill.py: apply_transformation in batches equals one batch"
+    ),
     ("fct_ml/evaluation.py", "chunk_size: int = 1024,", "chunk_size: int = 1025,"): CHUNKS,
     ("fct_ml/evaluation.py", "chunk_size=chunk_size,", ")"): CHUNKS,
     (

@@ -5,8 +5,10 @@
 Runs `pytest tests/reliability` with FCT_RELIABILITY_RECORDS set; each test records its bad
 input or injected fault and the outcome it observed. Writes benchmarks/results/reliability.md
 and reliability.json from those records, and prints the table. The promotion race runs at full
-size here (100 promotions from 4 processes; `make test` runs 12 from 3); the JSON gets its
-figures as "promotion_race" and the config fuzz's as "config_fuzz".
+size here (100 promotions from 4 processes; `make test` runs 12 from 3), and the concurrency
+harness with 4 reader processes for at least 60 s and 4 ingest batches (FCT_CONCURRENCY=R,S,B;
+`make test`: 2,10,2). The JSON gets their figures as "promotion_race", "concurrency",
+"hostile_files", "faults" and "config_fuzz".
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`--only FILE...`: run those test files alone and keep the other files' records (and the
+    figures they gave) from the committed reliability.json, saying so in the report."""
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[1:] if argv[:1] == ["--only"] else []
+    if argv and not only:
+        print("usage: python benchmarks/reliability.py [--only TEST_FILE...]", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         records_path = Path(tmp) / "records.json"
         env = {
@@ -34,10 +43,13 @@ def main() -> int:
             "FCT_PROMOTION_RACE": "100,4",
             "FCT_PROMOTION_RACE_COMMIT_ONLY": "12,3",
             "FCT_CONFIG_FUZZ": "200",
+            # readers, seconds at least, ingest batches (FCT_CONCURRENCY overrides)
+            "FCT_CONCURRENCY": os.environ.get("FCT_CONCURRENCY", "4,60,4"),
         }
         started = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/reliability"],
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            + (only or ["tests/reliability"]),
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -54,6 +66,17 @@ def main() -> int:
     for r in records:
         r["outcome"] = tmp_path.sub("<tmp>", r["outcome"])
         r["case"] = tmp_path.sub("<tmp>", r["case"])
+    kept_note = ""
+    if only:
+        earlier = json.loads((RESULTS / "reliability.json").read_text())
+        ran = {Path(f).as_posix() for f in only}
+        kept = [r for r in earlier["records"] if r["test"].split("::")[0] not in ran]
+        records = kept + records
+        kept_note = (
+            f" Only {', '.join(sorted(ran))} ran this time; the records of the other test files"
+            f" are kept from the earlier run (pytest: {earlier['pytest']})."
+        )
+        summary = f"{summary} ({', '.join(sorted(ran))})"
     counts = Counter(r["category"] for r in records)
     figures = _figures(records)
     lines = [
@@ -62,7 +85,7 @@ def main() -> int:
         (
             "Produced by `python benchmarks/reliability.py` from the records of"
             f" `tests/reliability` (pytest: {summary}; wall time {wall / 60:.1f} min). Each row is"
-            " one check a test made; the outcome is what the test observed."
+            " one check a test made; the outcome is what the test observed." + kept_note
         ),
         "",
         *(f"- **{key}**: {json.dumps(value)}" for key, value in figures.items()),
@@ -102,6 +125,12 @@ def _figures(records: list[dict]) -> dict:
                 out.setdefault("promotion_race", {})["without_file_lock"] = race
             else:
                 out.setdefault("promotion_race", {}).update(race)
+        elif r["category"] == "concurrency" and r["detail"]:
+            out["concurrency"] = json.loads(r["detail"])
+        elif r["category"] == "hostile file" and r["detail"]:
+            out["hostile_files"] = json.loads(r["detail"])
+        elif r["category"] == "fault" and r["detail"]:
+            out.setdefault("faults", []).append(json.loads(r["detail"]))
         elif r["category"] == "config fuzz" and r["detail"]:
             fuzz = json.loads(r["detail"])
             seen = out.setdefault("config_fuzz", {"cases": 0, "refused_with_one_line": 0})

@@ -12,13 +12,14 @@ another config makes everything downstream stale, and nothing upstream.
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
 import numpy as np
 import pyarrow as pa
 
-from fct_assets import storage
+from fct_assets import guards, storage
 from fct_assets.backfill_ops import (
     GPU_POOL,
     backfill_config,
@@ -82,11 +83,14 @@ def base_asset(*, kind: str, io_manager_key: str, runs_model: bool = False):
     )
 
 
-def upgrade_asset(*, kind: str, io_manager_key: str, runs_model: bool = False):
+def upgrade_asset(
+    *, kind: str, io_manager_key: str, runs_model: bool = False, output_required: bool = True
+):
     """An asset of one upgrade: partitioned by model version, materialised by itself (eager) when
     a version is added or an input changes; in the `gpu` pool when it trains or runs a model."""
     return versioned(
         dg.asset,
+        output_required=output_required,
         group_name="upgrade",
         kinds={kind},
         partitions_def=model_version,
@@ -96,6 +100,13 @@ def upgrade_asset(*, kind: str, io_manager_key: str, runs_model: bool = False):
         owners=OWNERS,
         tags={"fct/artifact": ARTIFACT[kind]},
     )
+
+
+NO_OP_TAG = "fct/no_op"  # on a run of a current version: why it did nothing
+UPGRADE_KEYS = {
+    dg.AssetKey(name)
+    for name in ("new_model", "transformation", "backfilled_gallery", "eval_report")
+}
 
 
 def _overrides(exp, config, model: str, train: str):
@@ -306,9 +317,14 @@ def gallery_store(
             )
             context.log.info(f"gallery_store: {stop}/{len(labels)} items written")
 
-    info = storage.publish(
-        fct.connect(), storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run.run_id[:8]}"
-    )
+    db = fct.connect()
+    # Ingest runs append to gallery_store: the rebuild waits for one in flight (guards.leased).
+    me = guards.Writer.me(run_id=context.run.run_id, purpose="gallery_store")
+    ended = guards.ended_check(context.instance)
+    with guards.leased(db, [storage.GALLERY_STORE], me, ended=ended, wait_s=300.0):
+        info = storage.publish(
+            db, storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run.run_id[:8]}"
+        )
     record = GalleryStore(
         **info,
         old_space_id=old_space,
@@ -335,20 +351,33 @@ def gallery_store(
 # ---------------------------------------------------------------- upgrade (one partition per model version)
 
 
-@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
+# Not required: a run of a version that is current yields nothing, and the run's other steps skip.
+@upgrade_asset(
+    kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True, output_required=False
+)
 def new_model(
     context: dg.AssetExecutionContext,
     config: ModelTrainingConfig,
     fct: FctResource,
     dataset: DatasetRecord,
-) -> dg.Output:
+) -> Iterator[dg.Output]:
     """The new embedding model phi_new of this version, trained on all classes."""
+    from fct_assets.deployment import upgrade_is_current
     from fct_ml import pipeline
 
     require_registered(context.instance, context.partition_key)  # before anything trains
+    # The run's selection (empty: the whole job's), not this asset's own.
+    selected = context.run.asset_selection or context.job_def.asset_layer.executable_asset_keys
+    if context.has_partition_key and set(selected) >= UPGRADE_KEYS:
+        why = upgrade_is_current(context, fct.connect())
+        if why is not None:  # a second run of the version: no-op, and it says so
+            context.log.warning(why)
+            context.instance.add_run_tags(context.run.run_id, {NO_OP_TAG: why})
+            return
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     if config.source != "train":
-        return _external_output(context, config, data)
+        yield _external_output(context, config, data)
+        return
     exp = _overrides(fct.experiment(), config, "new_model", "new_train")
     stage = f"new_model[{context.partition_key}]"
     model, history = pipeline.train_new_model(
@@ -360,7 +389,7 @@ def new_model(
             context, stage, exp.new_train.epochs, len(pipeline.fit_split(data, exp))
         ),
     )
-    return _model_output(
+    yield _model_output(
         model, history, context, arch=model.config.arch, embed_dim=model.config.embed_dim
     )
 

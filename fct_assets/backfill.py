@@ -100,6 +100,9 @@ def read_ahead(items: Iterable, depth: int) -> Iterator:
                 pass
 
 
+WAIT_FOR_INGEST_S = 120.0  # how long a backfill waits for an ingest batch writing its table
+
+
 def staging_table(version: str, run_id: str, shard: int, shards: int) -> str:
     """`_staging_gallery_<version>_<run8>_<k>of<N>`: one writer (one shard of one run) per table."""
     return f"{STAGING_PREFIX}{storage.version_table(version)}_{(run_id or 'local')[:8]}_{shard}of{shards}"
@@ -110,15 +113,17 @@ def claim_table(db, version: str, run_id: str = "", instance=None) -> guards.Wri
     `instance` are given, else this process) before anything is written, and drop the staging
     tables an ended run of the version left. Raises guards.TableBusyError, one line naming the
     run or process that is writing the version now: its staging tables are never touched."""
-    me = guards.Writer.me(run_id=run_id if instance is not None else "")
-
-    def ended(writer: guards.Writer) -> bool:
-        if writer.run_id and instance is not None:
-            run = instance.get_run_by_id(writer.run_id)
-            return run is None or run.is_finished
-        return guards.process_ended(writer)
-
-    guards.claim(db, storage.version_table(version), me, ended=ended)
+    me = guards.Writer.me(run_id=run_id if instance is not None else "", purpose="backfill")
+    # An ingest batch holds the deployed version's table for seconds: wait for it; another
+    # backfill would hold it for minutes: refuse at once.
+    guards.claim(
+        db,
+        storage.version_table(version),
+        me,
+        ended=guards.ended_check(instance),
+        wait_s=WAIT_FOR_INGEST_S,
+        wait_for=lambda writer: writer.purpose == "ingest",
+    )
     return me
 
 

@@ -115,7 +115,10 @@ def _ingest(args) -> int:
             (e for e in result.all_events if e.is_step_failure),
             None,
         )
-        why = failure.step_failure_data.error.message.strip().splitlines()[-1] if failure else ""
+        error = failure.step_failure_data.error if failure else None
+        while error is not None and error.cause is not None:  # the step's own exception
+            error = error.cause
+        why = error.message.strip().splitlines()[-1] if error else ""
         raise ValueError(f"ingest run {result.run_id[:8]} failed: {why}")
     batch = result.dagster_run.tags.get("dagster/partition")
     import dagster as dg

@@ -32,14 +32,18 @@ __all__ = [
 def latest_check_execution(
     instance: dg.DagsterInstance, check_key: dg.AssetCheckKey, partition: str
 ) -> Any | None:
-    """The latest execution record of `check_key` on one partition, or None.
+    """The latest execution record of `check_key` on one partition that has a result, else the
+    latest one, or None.
 
     The public instance API has no per-partition check history; promotion needs the latest
-    result for the version being promoted, not for whichever version ran last."""
+    result for the version being promoted, not for whichever version ran last. A run planned
+    the check but never ran it when it failed before (a second backfill refused by the first's
+    lease): that record has no result and must not hide the result of the run that did."""
     records = instance.event_log_storage.get_asset_check_execution_history(
-        check_key, limit=1, partition_filter=PartitionKeyFilter(key=partition)
+        check_key, limit=20, partition_filter=PartitionKeyFilter(key=partition)
     )
-    return records[0] if records else None
+    evaluated = [r for r in records if r.evaluation is not None]
+    return (evaluated or records or [None])[0]
 
 
 def executor_config(job: dg.JobDefinition, run_config: dict | None = None) -> dict[str, Any]:

@@ -14,7 +14,8 @@ Two mechanisms, each where it works:
   (a sharded backfill: plan, shards and publish are separate processes), one row of the
   `_writers` table keyed by the table name, inserted conditionally as above. A second writer
   is refused with one line naming the run that holds it, unless that run has ended (failed,
-  cancelled, killed): then its lease is taken over.
+  cancelled, killed): then its lease is taken over. A short writer (an ingest batch) waits for
+  the lease instead, up to a bound, and is then refused the same way (`leased`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from fct_assets.resources import is_object_store
 # `Table.set_unenforced_primary_key` writes it.
 PRIMARY_KEY = {"lance-schema:unenforced-primary-key:position": "1"}
 WRITERS = "_writers"
+ONE_PROCESS = ("ingest", "gallery_store")  # purposes whose lease one process holds, start to end
 
 
 class TableBusyError(RuntimeError):
@@ -54,15 +56,25 @@ class Writer(BaseModel):
     pid: int
     host: str
     since: str
+    # What it is writing for: "backfill", "ingest", "gallery_store" ("" in leases written before
+    # the field existed). A backfill waits for an ingest's lease (seconds), not for a backfill's.
+    purpose: str = ""
 
     @classmethod
-    def me(cls, run_id: str = "") -> Writer:
+    def me(cls, run_id: str = "", purpose: str = "") -> Writer:
         now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        return cls(run_id=run_id or "", pid=os.getpid(), host=socket.gethostname(), since=now)
+        return cls(
+            run_id=run_id or "",
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            since=now,
+            purpose=purpose,
+        )
 
     def describe(self) -> str:
         who = f"run {self.run_id}" if self.run_id else f"process {self.pid} on {self.host}"
-        return f"{who} (since {self.since})"
+        what = f"{self.purpose}, " if self.purpose else ""
+        return f"{who} ({what}since {self.since})"
 
     def same(self, other: Writer) -> bool:
         if self.run_id or other.run_id:
@@ -186,12 +198,19 @@ def claim(
     *,
     ended: Callable[[Writer], bool],
     attempts: int = 20,
+    wait_s: float = 0.0,
+    wait_for: Callable[[Writer], bool] = lambda writer: True,
+    poll_s: float = 0.25,
 ) -> Writer | None:
     """Take the lease on `table` for `me`; returns the ended writer it took over from (whose
-    leftovers the caller may now clean), or None. Raises TableBusyError naming a live holder."""
+    leftovers the caller may now clean), or None. A live holder that `wait_for` accepts is waited
+    for up to `wait_s`; then (or at once) raises TableBusyError, one line naming the holder."""
     row = pa.Table.from_pylist([{"table": table, "writer": me.model_dump_json()}], WRITERS_SCHEMA)
     took_over: Writer | None = None
-    for _ in range(attempts):
+    started = time.monotonic()
+    tries = 0
+    while tries < attempts:
+        tries += 1
         if insert_if_absent(db, WRITERS, row, "table"):
             return took_over
         other = holder(db, table)
@@ -200,9 +219,15 @@ def claim(
         if other.same(me):
             return None
         if not ended(other):
+            waited = time.monotonic() - started
+            if wait_for(other) and waited < wait_s:
+                tries -= 1  # waiting for a live holder is not a lost race
+                time.sleep(poll_s)
+                continue
+            after = f" after waiting {waited:.0f} s" if wait_s > 0 else ""
             raise TableBusyError(
-                f"{table}: {other.describe()} is writing it; refused (nothing was written),"
-                " retry when that run has ended"
+                f"{table}: {other.describe()} is writing it; refused{after} (nothing was"
+                " written), retry when that run has ended"
             )
         # Its run ended without releasing (failed, killed): take over. Deleting by its exact row
         # leaves a lease another taker inserted meanwhile untouched.
@@ -221,6 +246,48 @@ def release(db, table: str, me: Writer) -> None:
     held = holder(db, table)
     if held is not None and held.same(me):
         db.open_table(WRITERS).delete(f"`table` = '{table}' AND writer = '{_quoted(held)}'")
+
+
+def ended_check(instance=None) -> Callable[[Writer], bool]:
+    """Whether a lease's holder has ended: a Dagster run by its status on `instance` (a run the
+    instance does not know has ended), a process outside Dagster by its pid. A one-process write
+    (ingest, the gallery_store rebuild) has also ended when its process is gone: a run executed
+    in a process that was killed stays "started" in the run storage forever. A backfill's lease
+    spans the processes of its ops, so only its run's status counts."""
+
+    def ended(writer: Writer) -> bool:
+        if writer.purpose in ONE_PROCESS and process_ended(writer):
+            return True
+        if writer.run_id and instance is not None:
+            run = instance.get_run_by_id(writer.run_id)
+            return run is None or run.is_finished
+        return process_ended(writer)
+
+    return ended
+
+
+@contextlib.contextmanager
+def leased(
+    db,
+    tables: list[str],
+    me: Writer,
+    *,
+    ended: Callable[[Writer], bool],
+    wait_s: float,
+) -> Iterator[None]:
+    """Hold the leases on `tables` (taken in name order, so two writers of overlapping tables
+    never wait for each other in a circle) for a short write; waits up to `wait_s` for each live
+    holder, then raises TableBusyError naming it. Released on exit, failed or not; a process
+    killed meanwhile leaves its leases, which the next writer takes over (`ended`)."""
+    held: list[str] = []
+    try:
+        for table in sorted(set(tables)):
+            claim(db, table, me, ended=ended, wait_s=wait_s)
+            held.append(table)
+        yield
+    finally:
+        for table in reversed(held):
+            release(db, table, me)
 
 
 def process_ended(writer: Writer) -> bool:

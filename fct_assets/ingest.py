@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +31,39 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from fct_assets import storage
+from fct_assets import guards, storage
 from fct_assets.records import Checkpoint, DatasetRecord, IngestBatch, Quarantined
 from fct_assets.resources import DATA_ROOT
 
 INBOX_ENV = "FCT_INBOX"
+WAIT_ENV = "FCT_INGEST_WAIT_S"  # how long a batch waits for another writer of its tables
+DEFAULT_WAIT_S = 300
 PROCESSED = ".processed"  # <inbox>/.processed/<batch>/<file>: landed
 QUARANTINE = ".quarantine"  # <inbox>/.quarantine/<batch>/<file> + <file>.reason.txt
 UNKNOWN_LABEL = -1
 # PIL refuses images above ~89 MP (decompression bombs); an item is a photo, not a poster.
 MAX_PIXELS = 40_000_000
+MAX_FILE_BYTES = 64 * 2**20  # a bigger file is refused unread (a 2 GB "image" is not a photo)
+# Decoders PIL may use: raster formats parsed in Python or libpng/libjpeg/libtiff/libwebp. Never
+# EPS/PS (they run Ghostscript) nor the long tail of rare parsers.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
 class IngestError(ValueError):
     """A batch that cannot be ingested at all (one line saying why); nothing was written."""
+
+
+def lease_wait_s() -> float:
+    """FCT_INGEST_WAIT_S (default 300): seconds an ingest batch waits for a backfill or another
+    writer of gallery_store or the deployed table before it is refused."""
+    value = os.environ.get(WAIT_ENV, str(DEFAULT_WAIT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise IngestError(f"{WAIT_ENV}={value!r}: expected seconds >= 0")
+    return seconds
 
 
 def inbox_dir() -> Path:
@@ -115,16 +136,21 @@ def decode_image(blob: bytes, channels: int, size: tuple[int, int]) -> np.ndarra
     if not blob:
         raise ValueError("empty file")
     try:
-        img = Image.open(io.BytesIO(blob))
-        if img.width * img.height > MAX_PIXELS:
-            raise ValueError(f"{img.width}x{img.height} pixels, more than {MAX_PIXELS:,}")
-        img.load()
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(blob), formats=FORMATS)
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(f"{img.width}x{img.height} pixels, more than {MAX_PIXELS:,}")
+            img.load()
     except ValueError:
         raise
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         if "cannot identify image file" in reason:
-            reason = f"not an image (starts with {bytes(blob[:8])!r})"
+            reason = f"not an image of {'/'.join(FORMATS)} (starts with {bytes(blob[:8])!r})"
+        elif "truncated" in reason or "broken data stream" in reason:
+            reason += "; still being written?"
         raise ValueError(f"unreadable image ({reason})") from None
     img = img.convert("L" if channels == 1 else "RGB")
     h, w = size
@@ -132,6 +158,34 @@ def decode_image(blob: bytes, channels: int, size: tuple[int, int]) -> np.ndarra
         img = img.resize((w, h), Image.BILINEAR)
     array = np.asarray(img)
     return array[None] if channels == 1 else np.transpose(array, (2, 0, 1)).copy()
+
+
+def shown(path: str) -> str:
+    """A file name as one printable line: names with a newline or other control character are
+    shown quoted and escaped (repr), so a log or error line stays one line."""
+    return path if path.isprintable() else repr(path)
+
+
+def read_item(path: str, inbox: Path | None = None) -> bytes:
+    """The bytes of one arriving file; raises ValueError with a one-line reason, reading nothing,
+    for a path that leaves the inbox (`..`, a symlink pointing out), something that is not a
+    regular file (a FIFO would block, a device never end) or a file above MAX_FILE_BYTES."""
+    where = Path(path)
+    if inbox is not None:
+        real, root = where.resolve(), inbox.resolve()
+        if not real.is_relative_to(root):
+            link = " (a symlink)" if where.is_symlink() else ""
+            raise ValueError(f"outside the inbox{link}: resolves to {shown(str(real))}")
+    info = where.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{info.st_size:,} bytes, more than {MAX_FILE_BYTES:,}; not read")
+    with open(where, "rb") as handle:
+        blob = handle.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+    if len(blob) > MAX_FILE_BYTES:
+        raise ValueError(f"more than {MAX_FILE_BYTES:,} bytes (growing); not read")
+    return blob
 
 
 def content_id(image: np.ndarray) -> int:
@@ -197,7 +251,7 @@ def decode_files(
 ) -> Decoded:
     """Decode (path, label) pairs; a file that cannot be read or decoded is quarantined with its
     reason; a picture twice in the batch is kept once."""
-    read = read or (lambda p: Path(p).read_bytes())
+    read = read or read_item
     kept_files, images, labels, ids, quarantined = [], [], [], [], []
     seen: set[int] = set()
     duplicates = 0
@@ -205,7 +259,8 @@ def decode_files(
         try:
             image = decode_image(read(path), channels, size)
         except OSError as err:
-            quarantined.append(Quarantined(file=path, reason=f"cannot read ({err.strerror})"))
+            why = err.strerror or type(err).__name__
+            quarantined.append(Quarantined(file=path, reason=f"cannot read ({why})"))
             continue
         except ValueError as err:
             quarantined.append(Quarantined(file=path, reason=str(err)))
@@ -240,114 +295,134 @@ def ingest_files(
     side_info_model: Checkpoint,
     advance_deployment: Callable[[int], int | None] | None = None,
     log: Callable[[str], None] = print,
+    run_id: str = "",
+    instance=None,
+    inbox: Path | None = None,
 ) -> IngestBatch:
     """Ingest (path, label) files as batch `batch` into gallery_store and the target's table.
 
     `advance_deployment(table_version)` is called after the deployed table's commit and returns
-    the deployments row that serves the new table version (fct_assets.deployment.advance)."""
+    the deployments row that serves the new table version (fct_assets.deployment.advance).
+    The tables are written under their leases (fct_assets.guards), held by Dagster run `run_id`
+    of `instance` when given, else by this process; raises guards.TableBusyError naming the
+    holder when one is still writing after `FCT_INGEST_WAIT_S` seconds (nothing written).
+    With `inbox`, a file that resolves outside it is quarantined unread (read_item)."""
     import torch
 
     from fct_ml.pipeline import embed
 
     started = time.perf_counter()
     db = fct.connect()
-    decoded = decode_files(files, dataset.channels, tuple(dataset.image_size))
-    for q in decoded.quarantined:
-        log(f"ingest {batch}: quarantined {q.file}: {q.reason}")
-    store = db.open_table(storage.GALLERY_STORE)
-    if "ingest_batch" not in store.schema.names:
-        raise IngestError(
-            "gallery_store was written before ingestion existed (no ingest_batch column);"
-            " re-materialise gallery_store"
-        )
-    declared = storage.table_space_ids(store)
-    if side_info_model.space_id != declared.get("side_info_space_id"):
-        raise IngestError(
-            f"side_info_model is {side_info_model.space_id} but gallery_store holds side-info of"
-            f" {declared.get('side_info_space_id')}; re-materialise gallery_store"
-        )
-    in_store = existing_ids(store, decoded.ids.tolist())
-    table = db.open_table(target.table) if target.version is not None else None
-    in_table = existing_ids(table, decoded.ids.tolist()) if table is not None else in_store
-    # Embedded: the items some table lacks (a retried run may find an item in gallery_store but
-    # not yet in the deployed table); a batch already stored everywhere runs no model.
-    need = np.array(
-        [int(i) not in in_store or int(i) not in in_table for i in decoded.ids], dtype=bool
+    decoded = decode_files(
+        files, dataset.channels, tuple(dataset.image_size), read=lambda p: read_item(p, inbox)
     )
-    exp, device = fct.experiment(), fct.torch_device()
-    images = torch.from_numpy(decoded.images[need])
-    emb = embed(target.model.model.to(device), images, exp).numpy()  # (M, deployed_dim)
-    side = embed(side_info_model.model.to(device), images, exp).numpy()  # (M, side_dim)
-    bad = ~(np.isfinite(emb).all(axis=1) & np.isfinite(side).all(axis=1)) if len(emb) else []
-    quarantined = list(decoded.quarantined)
-    embedded_files = [f for f, n in zip(decoded.files, need) if n]
-    for i in np.nonzero(bad)[0]:
-        quarantined.append(Quarantined(file=embedded_files[i], reason="embedding is NaN or Inf"))
-    keep = ~np.asarray(bad, dtype=bool) if len(emb) else np.zeros(0, bool)
-    already = decoded.ids[~need]  # in every table: nothing to write
-    ids, labels = decoded.ids[need][keep], decoded.labels[need][keep]
-    emb, side = emb[keep], side[keep]
-    kept_images = decoded.images[need][keep]
-
-    new_in_store = np.array([int(i) not in in_store for i in ids], dtype=bool)
-    n_store = int(new_in_store.sum())
-    old_dim = store.schema.field("old_embedding").type.list_size
-    if target.version is None and len(emb) and emb.shape[1] != old_dim:
-        raise IngestError(f"old_model gives dim {emb.shape[1]}, gallery_store holds {old_dim}")
-    store_version = store.version
-    if n_store:
-        pick = new_in_store
-        n = n_store
-        old_space = declared.get("old_space_id")
-        rows = pa.table(
-            {
-                "item_id": pa.array(ids[pick], pa.int64()),
-                "label": pa.array(labels[pick], pa.int32()),
-                "image": pa.array(
-                    [storage.encode_png(img) for img in kept_images[pick]], pa.binary()
-                ),
-                # The old model embeds arriving items only while it is deployed.
-                "old_embedding": _fixed(emb[pick] if target.version is None else None, old_dim, n),
-                "side_info": _fixed(side[pick], side.shape[1], n),
-                "old_space_id": pa.array(
-                    [old_space if target.version is None else None] * n, pa.string()
-                ),
-                "side_info_space_id": pa.array([side_info_model.space_id] * n, pa.string()),
-                "ingest_batch": pa.array([batch] * n, pa.string()),
-            }
-        )
-        store_version = _append_commit(store, rows)
-        log(f"ingest {batch}: {n} items added to gallery_store (version {store_version})")
-
-    table_version, added_table, seq = store_version, n_store, None
-    if target.version is not None:
-        space = storage.table_space_ids(table).get("space_id")
-        if space != target.model.space_id:
-            raise storage.SpaceMismatchError(
-                f"{target.table}: holds space {space}, the deployed model is"
-                f" {target.model.space_id}"
+    for q in decoded.quarantined:
+        log(f"ingest {batch}: quarantined {shown(q.file)}: {q.reason}")
+    # One writer per table: gallery_store and the deployed version's table are leased for the
+    # read-decide-append below, so a backfill republishing the deployed table (or gallery_store
+    # being rebuilt) never interleaves with it: this waits, bounded, and is refused naming it.
+    tables = [storage.GALLERY_STORE] + ([target.table] if target.version is not None else [])
+    me = guards.Writer.me(run_id=run_id if instance is not None else "", purpose="ingest")
+    ended = guards.ended_check(instance)
+    with guards.leased(db, tables, me, ended=ended, wait_s=lease_wait_s()):
+        store = db.open_table(storage.GALLERY_STORE)
+        if "ingest_batch" not in store.schema.names:
+            raise IngestError(
+                "gallery_store was written before ingestion existed (no ingest_batch column);"
+                " re-materialise gallery_store"
             )
-        pick = np.array([int(i) not in in_table for i in ids], dtype=bool)
-        added_table = int(pick.sum())
-        table_version = table.version
-        if added_table:
-            n = added_table
+        declared = storage.table_space_ids(store)
+        if side_info_model.space_id != declared.get("side_info_space_id"):
+            raise IngestError(
+                f"side_info_model is {side_info_model.space_id} but gallery_store holds side-info of"
+                f" {declared.get('side_info_space_id')}; re-materialise gallery_store"
+            )
+        in_store = existing_ids(store, decoded.ids.tolist())
+        table = db.open_table(target.table) if target.version is not None else None
+        in_table = existing_ids(table, decoded.ids.tolist()) if table is not None else in_store
+        # Embedded: the items some table lacks (a retried run may find an item in gallery_store but
+        # not yet in the deployed table); a batch already stored everywhere runs no model.
+        need = np.array(
+            [int(i) not in in_store or int(i) not in in_table for i in decoded.ids], dtype=bool
+        )
+        exp, device = fct.experiment(), fct.torch_device()
+        images = torch.from_numpy(decoded.images[need])
+        emb = embed(target.model.model.to(device), images, exp).numpy()  # (M, deployed_dim)
+        side = embed(side_info_model.model.to(device), images, exp).numpy()  # (M, side_dim)
+        bad = ~(np.isfinite(emb).all(axis=1) & np.isfinite(side).all(axis=1)) if len(emb) else []
+        quarantined = list(decoded.quarantined)
+        embedded_files = [f for f, n in zip(decoded.files, need) if n]
+        for i in np.nonzero(bad)[0]:
+            quarantined.append(
+                Quarantined(file=embedded_files[i], reason="embedding is NaN or Inf")
+            )
+        keep = ~np.asarray(bad, dtype=bool) if len(emb) else np.zeros(0, bool)
+        already = decoded.ids[~need]  # in every table: nothing to write
+        ids, labels = decoded.ids[need][keep], decoded.labels[need][keep]
+        emb, side = emb[keep], side[keep]
+        kept_images = decoded.images[need][keep]
+
+        new_in_store = np.array([int(i) not in in_store for i in ids], dtype=bool)
+        n_store = int(new_in_store.sum())
+        old_dim = store.schema.field("old_embedding").type.list_size
+        if target.version is None and len(emb) and emb.shape[1] != old_dim:
+            raise IngestError(f"old_model gives dim {emb.shape[1]}, gallery_store holds {old_dim}")
+        store_version = store.version
+        if n_store:
+            pick = new_in_store
+            n = n_store
+            old_space = declared.get("old_space_id")
             rows = pa.table(
                 {
                     "item_id": pa.array(ids[pick], pa.int64()),
                     "label": pa.array(labels[pick], pa.int32()),
-                    "embedding": _fixed(emb[pick], emb.shape[1], n),
-                    "sigma": pa.array(np.zeros(n, np.float32)),
-                    "source": pa.array(["ingested"] * n, pa.string()),
-                    "space_id": pa.array([space] * n, pa.string()),
-                    "chain": pa.array([space] * n, pa.string()),
+                    "image": pa.array(
+                        [storage.encode_png(img) for img in kept_images[pick]], pa.binary()
+                    ),
+                    # The old model embeds arriving items only while it is deployed.
+                    "old_embedding": _fixed(
+                        emb[pick] if target.version is None else None, old_dim, n
+                    ),
+                    "side_info": _fixed(side[pick], side.shape[1], n),
+                    "old_space_id": pa.array(
+                        [old_space if target.version is None else None] * n, pa.string()
+                    ),
+                    "side_info_space_id": pa.array([side_info_model.space_id] * n, pa.string()),
                     "ingest_batch": pa.array([batch] * n, pa.string()),
                 }
             )
-            table_version = _append_commit(table, rows)
-            log(f"ingest {batch}: {n} items added to {target.table} (version {table_version})")
-        if advance_deployment is not None:
-            seq = advance_deployment(table_version)
+            store_version = _append_commit(store, rows)
+            log(f"ingest {batch}: {n} items added to gallery_store (version {store_version})")
+
+        table_version, added_table, seq = store_version, n_store, None
+        if target.version is not None:
+            space = storage.table_space_ids(table).get("space_id")
+            if space != target.model.space_id:
+                raise storage.SpaceMismatchError(
+                    f"{target.table}: holds space {space}, the deployed model is"
+                    f" {target.model.space_id}"
+                )
+            pick = np.array([int(i) not in in_table for i in ids], dtype=bool)
+            added_table = int(pick.sum())
+            table_version = table.version
+            if added_table:
+                n = added_table
+                rows = pa.table(
+                    {
+                        "item_id": pa.array(ids[pick], pa.int64()),
+                        "label": pa.array(labels[pick], pa.int32()),
+                        "embedding": _fixed(emb[pick], emb.shape[1], n),
+                        "sigma": pa.array(np.zeros(n, np.float32)),
+                        "source": pa.array(["ingested"] * n, pa.string()),
+                        "space_id": pa.array([space] * n, pa.string()),
+                        "chain": pa.array([space] * n, pa.string()),
+                        "ingest_batch": pa.array([batch] * n, pa.string()),
+                    }
+                )
+                table_version = _append_commit(table, rows)
+                log(f"ingest {batch}: {n} items added to {target.table} (version {table_version})")
+            if advance_deployment is not None:
+                seq = advance_deployment(table_version)
     seconds = time.perf_counter() - started
     return IngestBatch(
         batch=batch,
@@ -379,10 +454,13 @@ def batch_key(files: Sequence[InboxFile], now: float | None = None) -> str:
 def settle(inbox: Path, relpath: str, batch: str, reason: str | None) -> None:
     """Move an inbox file out of the way once its batch landed: into .processed/<batch>/, or into
     .quarantine/<batch>/ with `<name>.reason.txt` holding its one-line reason."""
-    src = inbox / relpath
-    if not src.exists():
+    rel = os.path.normpath(relpath)
+    if os.path.isabs(rel) or rel.split(os.sep)[0] == "..":
+        return  # named outside the inbox (refused unread): never moved
+    src = inbox / rel
+    if not src.exists() and not src.is_symlink():
         return  # a retried run: moved the first time
-    dest = inbox / (QUARANTINE if reason else PROCESSED) / batch / relpath
+    dest = inbox / (QUARANTINE if reason else PROCESSED) / batch / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest)
     if reason:

@@ -110,6 +110,9 @@ def ingested_batch(
             (lambda v: advance(db, target.version, v).seq) if target.version else None
         ),
         log=context.log.info,
+        run_id=context.run.run_id,
+        instance=context.instance,
+        inbox=inbox,
     )
     if inbox is not None:
         reasons = {q.file: q.reason for q in record.quarantined}
@@ -120,7 +123,9 @@ def ingested_batch(
         metadata={
             **record.model_dump(exclude={"ingested", "quarantined"}),
             "quarantined": dg.MetadataValue.json([q.model_dump() for q in record.quarantined]),
-            "quarantine_reasons": "\n".join(f"{q.file}: {q.reason}" for q in record.quarantined)
+            "quarantine_reasons": "\n".join(
+                f"{ingest.shown(q.file)}: {q.reason}" for q in record.quarantined
+            )
             or "none",
             "ingested_items": len(record.ingested),
             "dagster/row_count": len(record.ingested),

@@ -14,6 +14,7 @@ no row (`build_ann_index`); search uses it when present (`ann_params`).
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 from collections.abc import Iterable, Iterator
@@ -273,6 +274,12 @@ def publish(
         # An object store that went down or refused the credentials: one line naming the endpoint
         # (LanceDB's own message is a multi-line Rust error chain). Nothing was committed.
         uri = str(getattr(db, "uri", ""))
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
+            raise OSError(
+                errno.ENOSPC,
+                f"{name}: no space left on device under {uri} while publishing; nothing was"
+                f" published ({name} is as it was); free space and run again",
+            ) from None
         if not is_object_store(uri) or object_store_cause(err) is None:
             raise
         raise object_store_error(f"{uri.rstrip('/')}/{name}", err, "publish failed:") from err

@@ -424,3 +424,24 @@ def test_the_plot_is_a_png_of_the_figure_size():
     png = curve_plot_png(curves, "backfilling curve, v2")
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.size == (640, 256)  # 8 x 3.2 inches at 80 dpi
+
+
+def test_a_served_item_without_a_stored_vector_is_refused(gallery):
+    # A living store: an item ingested after a promotion has no old embedding; h cannot map it.
+    g = gallery
+    db = g["fct"].connect()
+    store = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id")
+    schema = storage.gallery_store_schema(4, 4, "old@1", "side@1", living=True)
+    old = store.column("old_embedding").to_pylist()
+    old[3] = None
+    rows = store.set_column(
+        store.schema.get_field_index("old_embedding"),
+        schema.field("old_embedding"),
+        pa.array(old, schema.field("old_embedding").type),
+    ).append_column(schema.field("ingest_batch"), pa.array([None] * N, pa.string()))
+    g["store"] = storage.publish(db, storage.GALLERY_STORE, schema, rows.cast(schema).to_batches())
+    with pytest.raises(
+        ValueError,
+        match=r"^gallery_vt: 1 evaluated items have no vector in the space h maps from$",
+    ):
+        _evaluate(g)

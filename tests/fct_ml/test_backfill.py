@@ -385,3 +385,24 @@ def test_sigma_sends_no_gradient_into_h():
     sigma.sum().backward()
     assert h.sigma_head.weight.grad is not None
     assert all(p.grad is None for p in h.inner.parameters())
+
+
+@pytest.mark.parametrize("side_info", [True, False])
+def test_a_nan_or_inf_input_is_refused_naming_its_row(side_info: bool):
+    h = small_h(side_info=side_info).eval()
+    old, side = torch.zeros(4, 4), torch.zeros(4, 3)
+    bad_old = old.clone()
+    bad_old[2, 1] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"^old_embedding: row 2 contains NaN or Inf; expected finite vectors$"
+    ):
+        apply_transformation(h, bad_old, side)
+    bad_side = side.clone()
+    bad_side[3, 0] = float("inf")
+    bad_side[1, 2] = float("-inf")
+    if side_info:
+        with pytest.raises(ValueError, match=r"^side_info: row 1 contains NaN or Inf"):
+            apply_transformation(h, old, bad_side)
+    else:  # h does not read side-info: it is not checked
+        transformed, _ = apply_transformation(h, old, bad_side)
+        assert torch.isfinite(transformed).all()

@@ -185,3 +185,19 @@ def test_extended_old_classifier_with_a_cosine_classifier_averages_directions():
     assert torch.allclose(rows[2], unit[3:6].mean(0), atol=1e-6)
     assert not torch.allclose(rows[2], emb[3:6].mean(0), atol=1e-3)
     assert torch.equal(rows[0], old.classifier.weight.detach()[0])
+
+
+def test_no_training_data_is_refused_naming_the_stage():
+    images, labels = _tiny_images()
+    with pytest.raises(ValueError, match="^bct_model: no training data$"):
+        train_bct_model(
+            images[:0],
+            labels[:0],
+            ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3),
+            TrainConfig(epochs=1, batch_size=6),
+            BCTConfig(alignment_weight=0.0),
+            torch.zeros(3, 4),
+            AugmentConfig(),
+            device=CPU,
+            seed=0,
+        )

@@ -243,6 +243,9 @@ def test_calibrate_sigma_by_hand():
     assert calibrate_sigma(h2, old, side, new, batch_size=1) == pytest.approx(
         math.log(2.0) - 1.0, rel=1e-5
     )
+    # exp(sigma) underflowing to ~0 is floored at 1e-12 too: log(8 / 1e-12).
+    h3 = _h_with_constant_sigma(-100.0)
+    assert calibrate_sigma(h3, old, side, new) == pytest.approx(math.log(8.0 / 1e-12), rel=1e-5)
     # A perfect h: the error sum is floored at 1e-12 rather than taking log(0).
     assert calibrate_sigma(h, old, side, pred) == pytest.approx(math.log(1e-12 / 4.0), rel=1e-6)
 
@@ -286,3 +289,11 @@ def test_training_features_by_hand():
     with torch.no_grad():
         assert torch.allclose(clean, a(x))
     assert a.training is False  # the models ran frozen
+
+
+def test_no_training_data_is_refused_naming_the_stage():
+    old, side, new, labels = (t[:0] for t in _features())
+    with pytest.raises(ValueError, match="^transformation: no training data$"):
+        train_transformation(
+            old, side, new, labels, TransformationConfig(**TINY), TRAIN, device=CPU, seed=0
+        )
