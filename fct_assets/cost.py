@@ -13,6 +13,7 @@ process's peak since it started is reported instead (`cost/peak_rss_scope`: "pro
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import resource
 import time
@@ -81,15 +82,34 @@ def cost_metadata(cost: StepCost, prefix: str = "cost/") -> dict[str, Any]:
     }
 
 
+def _with_cost(out, spent: StepCost):
+    """A dg.Output with the cost added to its metadata; anything else unchanged."""
+    import dagster as dg
+
+    if not isinstance(out, dg.Output):
+        return out
+    return out.with_metadata({**(out.metadata or {}), **cost_metadata(spent)})
+
+
 def measured(fn: Callable) -> Callable:
-    """`fn` (an asset's compute function returning a dg.Output) with its cost added to the
-    output's metadata. The signature and annotations stay `fn`'s (Dagster reads them)."""
+    """`fn` (an asset's compute function that returns or yields dg.Output) with its cost added to
+    the output's metadata; a generator that yields nothing (a no-op run) stays silent. The
+    signature, annotations and generator-ness stay `fn`'s (Dagster reads them)."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def timed_outputs(*args, **kwargs):
+            with measure() as cost:
+                for out in fn(*args, **kwargs):
+                    yield _with_cost(out, cost())
+
+        return timed_outputs
 
     @functools.wraps(fn)
     def timed(*args, **kwargs):
         with measure() as cost:
             out = fn(*args, **kwargs)
             spent = cost()
-        return out.with_metadata({**(out.metadata or {}), **cost_metadata(spent)})
+        return _with_cost(out, spent)
 
     return timed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import dagster as dg
 import numpy as np
 import pytest
@@ -38,9 +40,20 @@ def test_measured_adds_the_cost_to_the_outputs_metadata_and_keeps_the_signature(
     assert out.value == 2 and out.metadata["kept"].value == 1
     assert {"cost/wall_s", "cost/cpu_s", "cost/peak_rss_mb"} <= set(out.metadata)
     assert all(isinstance(out.metadata[f"cost/{k}"].value, float) for k in ("wall_s", "cpu_s"))
-    import inspect
-
     assert list(inspect.signature(wrapped).parameters) == ["context", "x"]
+    assert not inspect.isgeneratorfunction(wrapped)
+
+
+def test_measured_keeps_a_generator_a_generator_and_a_no_op_silent():
+    def compute(context, train: bool):
+        if train:
+            yield dg.Output(3)
+
+    wrapped = measured(compute)
+    assert inspect.isgeneratorfunction(wrapped)
+    (out,) = list(wrapped(None, train=True))
+    assert out.value == 3 and isinstance(out.metadata["cost/cpu_s"].value, float)
+    assert list(wrapped(None, train=False)) == []
 
 
 @pytest.mark.parametrize("asset", ["new_model", "transformation", "eval_report"])
