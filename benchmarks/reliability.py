@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     print("\n".join(lines))
+    if done.returncode != 0:  # which tests failed, and why, in pytest's own short summary
+        print(done.stdout[-6000:], file=sys.stderr)
     return 0 if done.returncode == 0 else 1
 
 

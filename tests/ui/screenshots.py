@@ -1,11 +1,13 @@
 """`make screenshots`: the README's pictures of the UI, taken from the `make demo` instance.
 
 Starts `dagster dev` over the checkout's dagster_home and data/ (what `make demo` left: the base
-assets on Fashion-MNIST and model version v2, demo preset), opens the asset graph, the upgrade
-launchpad with v2's config and v2's eval report in Chromium, saves them to docs/ui/, and stops
-the server by its PID. Nothing is launched or written to the instance. Run `make demo` first.
+assets on Fashion-MNIST, model versions v2 and v3, demo preset, a batch ingested through the
+inbox), opens the asset graph, the upgrade launchpad with v3's config, v3's eval report, the
+latest ingest run's page and its batch (a partition of `ingested_batch`) in Chromium, saves them
+to docs/ui/, and stops the server by its PID. Nothing is launched from here (automatic upgrades
+are off). Run `make demo` first.
 
-    python -m tests.ui.screenshots [--version v2] [--out docs/ui]
+    python -m tests.ui.screenshots [--version v3] [--out docs/ui]
 """
 
 from __future__ import annotations
@@ -44,10 +46,28 @@ def _materialised(env: dict[str, str], version: str) -> bool:
         os.environ.pop("DAGSTER_HOME") if saved is None else os.environ.update(DAGSTER_HOME=saved)
 
 
-def take(url: str, version: str, out: Path) -> list[Path]:
+def _latest_ingest(env: dict[str, str]) -> tuple[str, str] | None:
+    """(run id, batch) of the latest successful ingest run in the instance, or None."""
+    import dagster as dg
+
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    try:
+        with dg.DagsterInstance.get() as instance:
+            runs = instance.get_runs(
+                dg.RunsFilter(job_name="ingest", statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1
+            )
+            return (runs[0].run_id, runs[0].tags["dagster/partition"]) if runs else None
+    finally:
+        os.environ.pop("DAGSTER_HOME") if saved is None else os.environ.update(DAGSTER_HOME=saved)
+
+
+def take(url: str, version: str, out: Path, ingest: tuple[str, str] | None = None) -> list[Path]:
     from playwright.sync_api import expect, sync_playwright
 
     shots = []
+    # Assertions wait as long as actions: on a loaded machine a page can take a minute.
+    expect.set_options(timeout=120_000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -61,6 +81,23 @@ def take(url: str, version: str, out: Path) -> list[Path]:
             page.wait_for_timeout(2000)  # the graph's layout settles after the nodes appear
             shots.append(out / "asset_graph.png")
             page.screenshot(path=str(shots[-1]))
+
+            # The ingest pictures first: the launchpad's are the slowest to load.
+            if ingest is not None:
+                run_id, batch = ingest
+                page.goto(f"{url}/runs/{run_id}")
+                expect(page.locator("text=/^Success$/").first).to_be_visible()
+                expect(page.get_by_text(f"ingest {batch}:").first).to_be_visible()
+                page.wait_for_timeout(1000)
+                shots.append(out / "ingest_run.png")
+                page.screenshot(path=str(shots[-1]))
+
+                page.goto(f"{url}/assets/ingested_batch?view=partitions")
+                page.get_by_text(batch, exact=True).first.click()
+                expect(page.get_by_text("added_to_store").first).to_be_visible()
+                page.wait_for_timeout(1000)
+                shots.append(out / "ingest_batch.png")
+                page.screenshot(path=str(shots[-1]))
 
             page.set_viewport_size({"width": 1280, "height": 800})
             page.goto(f"{url}/locations/fct/jobs/upgrade/playground")
@@ -100,7 +137,7 @@ def take(url: str, version: str, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.ui.screenshots")
-    parser.add_argument("--version", default="v2", help="the model version `make demo` built")
+    parser.add_argument("--version", default="v3", help="the model version `make demo` built last")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "ui")
     args = parser.parse_args(argv)
     env = demo_environment()
@@ -111,13 +148,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    ingest = _latest_ingest(env)
+    if ingest is None:
+        print(
+            "screenshots: no successful ingest run in the instance (was the demo run with"
+            " --ingest 0?); the ingest pictures are left as they are",
+            file=sys.stderr,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     log = REPO / "test-artifacts" / "screenshots_dagster_dev.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     server = DagsterDev(env, log)
     try:
         server.wait_ready()
-        for path in take(server.url, args.version, args.out):
+        for path in take(server.url, args.version, args.out, ingest):
             print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     finally:
         server.stop()

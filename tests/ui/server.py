@@ -23,8 +23,9 @@ def free_port() -> int:
 
 
 def ui_environment(root: Path) -> dict[str, str]:
-    """Environment of the server and of the in-process base run: everything under `root`,
-    tiny preset, CPU, and no automatic upgrade (the test launches it from the UI)."""
+    """Environment of the server and of the in-process base run: everything under `root` (the
+    inbox too: the sensor must never watch the checkout's data/inbox), tiny preset, CPU, and no
+    automatic upgrade (the test launches it from the UI)."""
     home = root / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(
@@ -37,6 +38,7 @@ def ui_environment(root: Path) -> dict[str, str]:
         "FCT_PRESET": "tiny",
         "FCT_DEVICE": "cpu",
         "FCT_AUTO_UPGRADE": "off",
+        "FCT_INBOX": str(root / "inbox"),
     }
 
 
