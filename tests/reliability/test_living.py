@@ -425,7 +425,9 @@ def test_concurrency_harness(env, tmp_path, reliability):
                 str(gates["stop"]),
                 str(tmp_path / f"reader{i}.json"),
             ],
-            **spawn,
+            # stderr to a file: LanceDB logs warnings there, and a pipe nobody drains until the
+            # end fills and blocks the reader for ever.
+            **{**spawn, "stderr": open(tmp_path / f"reader{i}.err", "w")},  # noqa: SIM115
         )
         for i in range(n_readers)
     ]
