@@ -33,6 +33,7 @@ from fct_assets.config import (
     ModelTrainingConfig,
     TransformationTrainingConfig,
 )
+from fct_assets.cost import measured
 from fct_assets.partitions import model_version, require_registered
 from fct_assets.provenance import code_version, epoch_logger, history_metadata, source_version
 from fct_assets.records import (
@@ -60,7 +61,10 @@ def versioned(decorator, **kwargs):
     the decorated function's source and of the project code it reaches (provenance.source_version)."""
 
     def decorate(fn):
-        return decorator(code_version=source_version(fn), **kwargs)(fn)
+        # A plain asset records what it cost (cost/wall_s, cost/cpu_s, cost/peak_rss_mb); the graph
+        # asset's ops record their own (backfill_ops).
+        compute = measured(fn) if decorator is dg.asset else fn
+        return decorator(code_version=source_version(fn), **kwargs)(compute)
 
     return decorate
 

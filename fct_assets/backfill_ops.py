@@ -15,6 +15,7 @@ import dagster as dg
 
 from fct_assets import storage
 from fct_assets.config import BackfillConfig, validated
+from fct_assets.cost import cost_metadata, measure
 from fct_assets.partitions import require_registered
 from fct_assets.provenance import code_version
 from fct_assets.records import (
@@ -24,11 +25,31 @@ from fct_assets.records import (
     GalleryStore,
     ShardRange,
     ShardResult,
+    StepCost,
 )
 from fct_assets.resources import FctResource
 
 GPU_POOL = "gpu"
 RECORDS = "record_io_manager"
+
+
+def backfill_cost_metadata(
+    plan: BackfillPlan, shards: list[ShardResult], publish: StepCost, wall_s: float | None
+) -> dict:
+    """The backfill's cost as numeric metadata: each op's (cost/plan_*, cost/shard_<k>_*,
+    cost/publish_*) and the whole's: wall from the plan's start to the publish's end (waits
+    between the ops included), CPU summed, the largest peak RSS of its processes."""
+    parts = {"plan": plan.cost, **{f"shard_{s.index}": s.cost for s in shards}, "publish": publish}
+    known = [c for c in parts.values() if c is not None]
+    meta: dict = {}
+    for name, c in parts.items():
+        if c is not None:
+            meta.update(cost_metadata(c, prefix=f"cost/{name}_"))
+            del meta[f"cost/{name}_peak_rss_scope"]
+    meta["cost/wall_s"] = float(wall_s if wall_s is not None else sum(c.wall_s for c in known))
+    meta["cost/cpu_s"] = float(round(sum(c.cpu_s for c in known), 3))
+    meta["cost/peak_rss_mb"] = float(max(c.peak_rss_mb for c in known))
+    return meta
 
 
 @dg.config_mapping(config_schema=BackfillConfig.to_config_schema())
@@ -87,18 +108,19 @@ def plan_backfill(
             f"backfill {version}: dropped {len(dropped)} staging tables of earlier runs"
         )
     started = time.time()
-    plan = plan_fn(
-        fct,
-        version,
-        gallery_store,
-        transformation.model,
-        reembed_fraction=config.reembed_fraction,
-        rows_per_batch=config.rows_per_batch,
-        shards=config.shards,
-        ann_min_rows=config.ann_min_rows,
-        run_id=context.run.run_id,
-        source=source,
-    ).model_copy(update={"started_at": started})
+    with measure() as cost:
+        plan = plan_fn(
+            fct,
+            version,
+            gallery_store,
+            transformation.model,
+            reembed_fraction=config.reembed_fraction,
+            rows_per_batch=config.rows_per_batch,
+            shards=config.shards,
+            ann_min_rows=config.ann_min_rows,
+            run_id=context.run.run_id,
+            source=source,
+        ).model_copy(update={"started_at": started, "cost": cost()})
     context.log.info(
         f"backfill {version}: {plan.rows} items in {len(plan.shards)} shards, "
         f"{len(plan.reembed_ids)} to re-embed"
@@ -127,7 +149,11 @@ def backfill_shard(
 
     from fct_assets.backfill import write_shard
 
-    result = write_shard(fct, plan, shard, transformation.model, new_model, log=context.log.info)
+    with measure() as cost:
+        result = write_shard(
+            fct, plan, shard, transformation.model, new_model, log=context.log.info
+        )
+        spent = cost()
     # Provenance travels with the rows: the checkpoints this process loaded (verified against their
     # sha256).
     return result.model_copy(
@@ -135,6 +161,7 @@ def backfill_shard(
             "pid": os.getpid(),
             "transformation_sha256": transformation.sha256,
             "new_model_sha256": new_model.sha256,
+            "cost": spent,
         }
     )
 
@@ -154,6 +181,7 @@ def publish_backfill(
 ) -> dg.Output[BackfilledTable]:
     from fct_assets import guards
     from fct_assets.backfill import publish_shards, release_table
+    from fct_assets.lineage import count_rows_by_source
 
     for key in ("transformation_sha256", "new_model_sha256"):
         used = {getattr(s, key) for s in shards}
@@ -161,7 +189,15 @@ def publish_backfill(
             raise RuntimeError(
                 f"backfill {plan.version}: shards used different {key} {sorted(used)}"
             )
-    record = publish_shards(fct, plan, shards, log=context.log.info).model_copy(
+    with measure() as cost:
+        record = publish_shards(fct, plan, shards, log=context.log.info)
+        # Counted now, on the version just published, so that `fct lineage` reads them from the
+        # event log without opening LanceDB.
+        by_source = count_rows_by_source(
+            storage.open_pinned(fct.connect(), record.table, record.version)
+        )
+        spent = cost()
+    record = record.model_copy(
         update={
             "transformation_sha256": shards[0].transformation_sha256,
             "new_model_sha256": shards[0].new_model_sha256,
@@ -177,6 +213,8 @@ def publish_backfill(
             "ann_params": dg.MetadataValue.json(record.ann_params or {}),
             "source": dg.MetadataValue.json(record.source.model_dump() if record.source else {}),
             "dagster/row_count": record.rows,
+            "rows_by_source": dg.MetadataValue.json(by_source),
+            **backfill_cost_metadata(plan, shards, spent, record.backfill_wall_seconds),
             "code_version": code_version(),
             **storage.table_metadata(
                 fct.lancedb_uri,

@@ -72,7 +72,8 @@ def _lineage(args) -> int:
             return _print_json(info)
         print(format_row_lineage(info))
         return 0
-    info = lineage(_instance(), args.version, _fct().connect())
+    # The connection opened only if needed: importing lancedb costs ~2 s of CPU (cli_startup.py).
+    info = lineage(_instance(), args.version, _fct().connect)
     if args.json:
         return _print_json(info)
     print(format_lineage(info))

@@ -19,6 +19,7 @@ embedding space and the metadata of the materialisation that wrote it.
     Deployment         the deployments table   one promote/rollback row
     EvalReport         eval_report             the version's metrics
     IngestBatch        ingested_batch          one batch of items that arrived (inbox, `fct ingest`)
+    StepCost           every asset, backfill op  wall time, CPU time, peak RSS (fct_assets.cost)
 """
 
 from __future__ import annotations
@@ -111,6 +112,16 @@ class ShardRange(Record):
     stop: int
 
 
+class StepCost(Record):
+    """What one step cost (fct_assets.cost.measure): wall and CPU seconds, peak RSS in MB, and
+    whether that peak is the step's own ("step") or its process's since it started."""
+
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    peak_rss_scope: str = "step"
+
+
 class BackfillPlan(Record):
     """Pass 1 of a version's backfill: the items to re-embed and the shards (plain JSON, so it
     travels between processes without pickling)."""
@@ -131,6 +142,7 @@ class BackfillPlan(Record):
     # Where the stored vectors come from (chained upgrades): gallery_store's old_embedding, or
     # the deployed version's table, pinned at the LanceDB version read.
     source: SourceTable | None = None
+    cost: StepCost | None = None  # of the plan op (fct_assets.cost)
 
 
 class ShardResult(TableRecord):
@@ -145,6 +157,7 @@ class ShardResult(TableRecord):
     pid: int | None = None
     transformation_sha256: str | None = None
     new_model_sha256: str | None = None
+    cost: StepCost | None = None  # of the shard op, its process's model loading excluded
 
 
 class BackfilledTable(TableRecord):

@@ -127,6 +127,22 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
         and record["version"] == db.open_table(f"gallery_{version}").version
     )
     assert _staging_tables(db) == []
+    # Each op's cost, numeric (the UI plots it), the shards' each from its own process; the whole's
+    # CPU is the parts' sum and its peak RSS the largest part's.
+    meta = recorded_metadata(env.instance, dg.AssetKey("backfilled_gallery"), version)
+    parts = ["plan", "publish"] + [f"shard_{k}" for k in range(shards)]
+    for part in parts:
+        for what in ("wall_s", "cpu_s", "peak_rss_mb"):
+            assert isinstance(meta[f"cost/{part}_{what}"], float), (part, what)
+        assert meta[f"cost/{part}_peak_rss_mb"] > 0
+    assert meta["cost/cpu_s"] == pytest.approx(
+        sum(meta[f"cost/{p}_cpu_s"] for p in parts), abs=1e-3
+    )
+    assert meta["cost/peak_rss_mb"] == max(meta[f"cost/{p}_peak_rss_mb"] for p in parts)
+    assert meta["rows_by_source"] == {
+        "re-embedded/base": round(fraction * n),
+        "transformed/base": n - round(fraction * n),
+    }
 
     # Expected by hand: h over the stored vectors; the re-embedded items are the round(0.25 n)
     # highest sigma.

@@ -415,6 +415,7 @@ def test_concurrency_harness(env, tmp_path, reliability):
         "env": {**os.environ, **env.environ(), "PYTHONPATH": str(REPO)},
     }
     gates = {name: tmp_path / name for name in ("read", "catch_up", "promote", "stop")}
+    logs = [open(tmp_path / f"reader{i}.err", "w") for i in range(n_readers)]  # noqa: SIM115
     readers = [
         subprocess.Popen(
             [
@@ -425,7 +426,9 @@ def test_concurrency_harness(env, tmp_path, reliability):
                 str(gates["stop"]),
                 str(tmp_path / f"reader{i}.json"),
             ],
-            **spawn,
+            # stderr to a file: LanceDB logs warnings there, and a pipe nobody drains until the
+            # end fills and blocks the reader for ever.
+            **{**spawn, "stderr": logs[i]},
         )
         for i in range(n_readers)
     ]
@@ -460,6 +463,8 @@ def test_concurrency_harness(env, tmp_path, reliability):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for log in logs:
+            log.close()
     elapsed = time.monotonic() - started
     reads = [json.loads((tmp_path / f"reader{i}.json").read_text()) for i in range(n_readers)]
 

@@ -3,13 +3,16 @@
 One flow, as a person does it: open the asset graph; add model version v3 from the
 materialise dialog; open the `upgrade` launchpad, pick v3, change the config by typing;
 launch; wait for the run to succeed; read the eval report (table and plot); see the blocking
-check's status; the graph again. Every action goes through the UI's own controls, never GraphQL. Screenshots
-land in test-artifacts/ui/ (the README's pictures come from `make screenshots`, over the demo).
+check's status; the graph again. Then items arrive: files dropped into the inbox, the
+sensor's ingest run found in the job's run list and followed to its success, the batch's
+metadata. Every action goes through the UI's own controls, never GraphQL. Screenshots land in
+test-artifacts/ui/ (the README's pictures come from `make screenshots`, over the demo).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -127,3 +130,61 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
     expect(page.get_by_text("Asset checks").first).to_be_visible()
     page.wait_for_timeout(1500)
     _shot(page, artifacts, "asset_graph")
+
+
+def _held_back_pngs(n: int) -> list[bytes]:
+    """n PNG files of digits' validation split: never trained on, not in the gallery."""
+    from fct_assets import storage
+    from fct_assets.resources import FctResource
+    from fct_ml.pipeline import validation_split
+
+    fct = FctResource(lancedb_uri="unused", preset="tiny", device="cpu", data_dir=None)
+    val = validation_split(fct.load_dataset("digits"), fct.experiment())
+    return [storage.encode_png(val.images[i].numpy()) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_an_ingest_run_in_the_ui(dagster_dev, ui_root, page: Page, artifacts):
+    root, _ = ui_root
+    base = dagster_dev.url
+    # Three held-back images and a broken file dropped into the inbox (dot-name, then renamed,
+    # as the README asks); the inbox sensor of the running daemon launches one run for them.
+    inbox = root / "inbox"
+    (inbox / "3").mkdir(parents=True)
+    for k, png in enumerate(_held_back_pngs(3)):
+        (inbox / "3" / f".item{k}.png").write_bytes(png)
+        (inbox / "3" / f".item{k}.png").rename(inbox / "3" / f"item{k}.png")
+    (inbox / ".broken.png").write_bytes(b"not an image")
+    (inbox / ".broken.png").rename(inbox / "broken.png")
+
+    # 1. The ingest job's runs, as the UI lists them: wait for the sensor's run and open it.
+    runs = f"{base}/locations/fct/jobs/ingest/runs"
+    page.goto(runs)
+    # The list refreshes itself (a reload would restart its loading, slow on a loaded machine).
+    link = page.locator("a[href*='/runs/']").filter(has_text=re.compile(r"^[0-9a-f]{8}$"))
+    expect(link.first).to_be_visible(timeout=RUN_TIMEOUT_S * 1000)
+    link.first.click()
+    page.wait_for_url("**/runs/**")
+    status = page.locator("text=/^(Success|Failure|Canceled)$/").first
+    expect(status).to_be_visible(timeout=RUN_TIMEOUT_S * 1000)
+    assert status.inner_text() == "Success", f"ingest run ended {status.inner_text()}"
+    expect(page.get_by_text("broken.png").first).to_be_visible(timeout=60_000)  # in its log
+    _shot(page, artifacts, "ingest_run")
+
+    # 2. The batch, a partition of ingested_batch: its metadata counts the rows and names the
+    # quarantined file with its reason.
+    page.goto(f"{base}/assets/ingested_batch?view=partitions")
+    # Visible only: the partition list also draws each key into hidden divs to measure it.
+    batch = page.get_by_text(re.compile(r"^b\d{8}-\d{6}-[0-9a-f]{8}$")).filter(visible=True).first
+    expect(batch).to_be_visible(timeout=60_000)
+    batch.click()
+    expect(page.get_by_text("added_to_store").first).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("quarantine_reasons").first).to_be_visible(timeout=60_000)
+    _shot(page, artifacts, "ingest_batch")
+    # The three items landed, the broken file was quarantined beside its reason.
+    assert sorted(p.name for p in (inbox / ".processed").rglob("*.png")) == [
+        "item0.png",
+        "item1.png",
+        "item2.png",
+    ]
+    assert [p.name for p in (inbox / ".quarantine").rglob("broken.png")] == ["broken.png"]

@@ -1,0 +1,232 @@
+"""Cold start of the `fct` serving commands: `search --item-id`, `lineage`, `promote`.
+
+    python benchmarks/cli_startup.py                    # this checkout, 5 runs each
+    python benchmarks/cli_startup.py --baseline b41e128 # and the code of that commit, same run
+
+Each run is a fresh `python -m fct_assets.cli ...` process (imports, instance, LanceDB, model
+loading: everything a user's call pays) against a tiny instance built once in a temporary
+folder: the base assets and model version v2 on the digits dataset (tiny preset), v2 promoted.
+Wall time is the median of the runs; CPU time (user + system of the child) is reported beside it
+because wall time on a shared 2-core machine moves with whatever else runs. With --baseline, the
+same commands run with that commit's fct_ml/fct_assets first on PYTHONPATH, alternating with
+this checkout's run by run, so both see the same load.
+
+Writes benchmarks/results/cli_startup.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("LANCE_LOG", "error")
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+
+# (name in the JSON, arguments); the targets are issue 15's.
+COMMANDS = {
+    "search": ["search", "--item-id", "3", "--json"],
+    "lineage": ["lineage", "v2", "--json"],
+    "promote": ["promote", "v2", "--json"],
+}
+TARGETS_S = {"search": 3.0, "lineage": 1.5}
+
+
+def _build(root: Path) -> dict[str, str]:
+    """Base assets + v2 (tiny preset, digits) under `root`, v2 promoted; the CLI's environment."""
+    import dagster as dg
+
+    from fct_assets.definitions import build_defs
+    from fct_assets.deployment import promote
+    from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
+    from fct_assets.partitions import add_model_version
+    from fct_assets.resources import FctResource
+
+    home = root / "dagster_home"
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
+    defs = build_defs(
+        {
+            "fct": fct,
+            "checkpoint_io_manager": CheckpointIOManager(uri=str(root / "checkpoints")),
+            "record_io_manager": RecordIOManager(uri=str(root / "records")),
+        }
+    )
+    instance = dg.DagsterInstance.from_config(str(home))
+    config = {"ops": {"dataset": {"config": {"dataset": "digits", "old_classes": "0-4"}}}}
+    if (
+        not defs.resolve_job_def("base")
+        .execute_in_process(run_config=config, instance=instance)
+        .success
+    ):
+        raise RuntimeError("the base assets failed")
+    add_model_version(instance, "v2")
+    if (
+        not defs.resolve_job_def("upgrade")
+        .execute_in_process(instance=instance, partition_key="v2")
+        .success
+    ):
+        raise RuntimeError("the upgrade v2 failed")
+    promote(instance, fct.connect(), "v2")
+    return {
+        "DAGSTER_HOME": str(home),
+        "FCT_LANCEDB_URI": fct.lancedb_uri,
+        "FCT_STORAGE_URI": str(root),
+        "FCT_PRESET": "tiny",
+        "FCT_DEVICE": "cpu",
+    }
+
+
+def _export(ref: str, into: Path) -> str:
+    """fct_ml/ and fct_assets/ of commit `ref` extracted under `into`; its short hash."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    archive = into / "code.tar"
+    with archive.open("wb") as out:
+        subprocess.run(
+            ["git", "archive", "--format=tar", ref, "fct_ml", "fct_assets"],
+            cwd=REPO,
+            stdout=out,
+            check=True,
+        )
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    archive.unlink()
+    return sha
+
+
+def _time(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall s, CPU s of the child) of one `fct ARGS` process; refuses a failed command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "fct_assets.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        # Not the checkout: `python -m` puts the working directory first on sys.path, ahead of
+        # PYTHONPATH, and the baseline's code must win there.
+        cwd=tempfile.gettempdir(),
+    )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"fct {' '.join(args)} exited {done.returncode}: {done.stderr[-500:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def _summary(walls: list[float], cpus: list[float]) -> dict:
+    return {
+        "median_s": round(statistics.median(walls), 3),
+        "runs_s": [round(w, 3) for w in walls],
+        "cpu_median_s": round(statistics.median(cpus), 3),
+        "cpu_runs_s": [round(c, 3) for c in cpus],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (file cache)")
+    parser.add_argument("--baseline", default=None, help="a git ref to time beside this checkout")
+    parser.add_argument("--out", default=str(RESULTS / "cli_startup"), help="path without suffix")
+    parser.add_argument(
+        "--state", default=None, help="keep the tiny instance in this folder (reused when there)"
+    )
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fct-cli-") as tmp:
+        root = Path(tmp)
+        print("the tiny instance (base + v2) ...", file=sys.stderr, flush=True)
+        state = Path(args.state) if args.state else root / "state"
+        if (state / "env.json").exists():
+            built = json.loads((state / "env.json").read_text())
+        else:
+            built = _build(state)
+            (state / "env.json").write_text(json.dumps(built))
+        env = {**os.environ, **built, "PYTHONWARNINGS": "ignore"}
+        codes = {"current": dict(env)}
+        baseline_sha = None
+        if args.baseline:
+            (root / "baseline").mkdir()
+            baseline_sha = _export(args.baseline, root / "baseline")
+            codes["baseline"] = {**env, "PYTHONPATH": str(root / "baseline")}
+        timings: dict[str, dict[str, tuple[list[float], list[float]]]] = {
+            code: {name: ([], []) for name in COMMANDS} for code in codes
+        }
+        for name, cli_args in COMMANDS.items():
+            for _ in range(args.warmup):  # the OS's file cache
+                for code_env in codes.values():
+                    _time(cli_args, code_env)
+            for _ in range(args.runs):
+                for code, code_env in codes.items():
+                    wall, cpu = _time(cli_args, code_env)
+                    timings[code][name][0].append(wall)
+                    timings[code][name][1].append(cpu)
+                    print(f"{code:>8} {name:>8}: {wall:.2f} s ({cpu:.2f} s CPU)", file=sys.stderr)
+    result = {name: _summary(*timings["current"][name]) for name in COMMANDS}
+    if baseline_sha:
+        result["baseline"] = {
+            "ref": baseline_sha,
+            **{name: _summary(*timings["baseline"][name]) for name in COMMANDS},
+        }
+    result["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+    )
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(_markdown(result, args.runs))
+    print(f"wrote {out.with_suffix('.json')} and .md", file=sys.stderr)
+    return 0
+
+
+def _markdown(result: dict, runs: int) -> str:
+    base = result.get("baseline")
+    lines = [
+        "# `fct` cold start",
+        "",
+        f"Machine: {result['machine']}; load average at the end {result['load_average_1m']}."
+        f" {runs} runs per command, each a fresh process; median wall time, CPU = user + system of"
+        " the process. Tiny instance: digits, tiny preset, base assets + v2 promoted.",
+        "",
+    ]
+    head = "| command | wall median (s) | CPU median (s) |"
+    rule = "|---|---:|---:|"
+    if base:
+        head += f" before ({base['ref']}) wall (s) | before CPU (s) | wall after / before |"
+        rule += "---:|---:|---:|"
+    lines += [head, rule]
+    for name, cli_args in COMMANDS.items():
+        row = f"| `fct {' '.join(cli_args)}` | {result[name]['median_s']} |"
+        row += f" {result[name]['cpu_median_s']} |"
+        if base:
+            ratio = result[name]["median_s"] / base[name]["median_s"]
+            row += f" {base[name]['median_s']} | {base[name]['cpu_median_s']} | {ratio:.2f} |"
+        lines.append(row)
+    lines += ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for name, goal in TARGETS_S.items():
+        got = result[name]["median_s"]
+        met = "yes" if got <= goal else "no"
+        lines.append(f"| `fct {name}` wall, median of {runs} | <= {goal} s | {got} s | {met} |")
+    lines += ["", "## Command", "", "```", "python benchmarks/cli_startup.py --baseline REF", "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
