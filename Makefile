@@ -98,7 +98,8 @@ test: lint venv data browser postgres
 	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 
 # The README's UI screenshots (docs/ui), from the instance `make demo` left (Fashion-MNIST, demo
-# preset, v2): a `dagster dev` over it, Chromium, three pictures, the server stopped.
+# preset, v2 and v3, an ingested batch): a `dagster dev` over it, Chromium, five pictures (asset
+# graph, ingest run, ingest batch, launchpad, eval report of v3), the server stopped.
 screenshots: venv browser
 	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m tests.ui.screenshots
 
