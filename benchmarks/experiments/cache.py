@@ -25,7 +25,7 @@ from fct_ml.models import train_embedding_model
 from fct_ml.presets import preset
 from fct_ml.side_info import train_side_info_model
 from fct_ml.training import encode
-from fct_ml.transformation import training_features
+from fct_ml.transformation import TransformationConfig, train_transformation, training_features
 
 CACHE = Path("runs/cache")
 VAL_FRACTION = 0.1
@@ -33,6 +33,35 @@ VAL_FRACTION = 0.1
 
 def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def train_h(old, side, new, labels, new_model, cfg, *, side_info, uncertainty, ce_weight):
+    """h trained on cached features ({"train", "val"} dicts as saved here), as the probes share it:
+    the preset's widths and schedule, seed 6, on CPU. Returns (h in eval mode, history)."""
+    h_cfg = TransformationConfig(
+        old_dim=old["train"].shape[1],
+        side_info_dim=side["train"].shape[1],
+        new_dim=new["train"].shape[1],
+        branch_width=cfg.transformation.branch_width,
+        inner_width=cfg.transformation.inner_width,
+        side_info=side_info,
+        uncertainty=uncertainty,
+        ce_weight=ce_weight,
+    )
+    h, history = train_transformation(
+        old["train"],
+        side["train"],
+        new["train"],
+        labels["train"],
+        h_cfg,
+        cfg.transformation_train,
+        device=torch.device("cpu"),
+        seed=6,
+        new_classifier=new_model.classifier.weight.detach(),
+        new_config=new_model.config,
+        progress=False,
+    )
+    return h.eval(), history
 
 
 def main(argv: list[str]) -> None:

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from fct_ml.backfill import backfill_summary
 from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.presets import preset
-from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
+from fct_ml.transformation import Transformation
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cache import train_h  # noqa: E402  (benchmarks/experiments/cache.py, beside this file)
 
 DETACHED = Transformation.forward_with_sigma
 
@@ -59,30 +63,17 @@ def main(argv: list[str]) -> None:
         name, _, noside = base.partition("-")
         fastfill = name != "mse"
         ce_weight = 1.0 if name in ("sum", "mse") else float(name[2:])
-        h_cfg = TransformationConfig(
-            old_dim=old["train"].shape[1],
-            side_info_dim=side["train"].shape[1],
-            new_dim=new["train"].shape[1],
-            branch_width=cfg.transformation.branch_width,
-            inner_width=cfg.transformation.inner_width,
+        h, hist = train_h(
+            old,
+            side,
+            new,
+            labels,
+            new_model,
+            cfg,
             side_info=not noside,
             uncertainty=fastfill,
             ce_weight=ce_weight,
         )
-        h, hist = train_transformation(
-            old["train"],
-            side["train"],
-            new["train"],
-            labels["train"],
-            h_cfg,
-            cfg.transformation_train,
-            device=torch.device("cpu"),
-            seed=6,
-            new_classifier=new_model.classifier.weight.detach(),
-            new_config=new_model.config,
-            progress=False,
-        )
-        h.eval()
         with torch.no_grad():
             if fastfill:
                 out, sigma = h.forward_with_sigma(old["val"], side["val"])

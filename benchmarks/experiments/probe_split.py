@@ -23,7 +23,6 @@ import torch
 
 from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.presets import preset
-from fct_ml.transformation import TransformationConfig, train_transformation
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cache  # noqa: E402  (benchmarks/experiments/cache.py, beside this file)
@@ -75,30 +74,18 @@ def probe(args, split: str) -> dict:
     unseen_mask = ~torch.isin(labels["val"], seen)
     cases = {"old/old": (old["val"], old["val"]), "new/new": (new["val"], new["val"])}
     for side_info in (True, False):
-        h_cfg = TransformationConfig(
-            old_dim=old["train"].shape[1],
-            side_info_dim=side["train"].shape[1],
-            new_dim=new["train"].shape[1],
-            branch_width=cfg.transformation.branch_width,
-            inner_width=cfg.transformation.inner_width,
+        # The FastFill h, the one the product deploys.
+        h, _ = cache.train_h(
+            old,
+            side,
+            new,
+            labels,
+            new_model,
+            cfg,
             side_info=side_info,
-            uncertainty=True,  # the FastFill h, the one the product deploys
+            uncertainty=True,
             ce_weight=cfg.transformation.ce_weight,
         )
-        h, _ = train_transformation(
-            old["train"],
-            side["train"],
-            new["train"],
-            labels["train"],
-            h_cfg,
-            cfg.transformation_train,
-            device=torch.device("cpu"),
-            seed=6,
-            new_classifier=new_model.classifier.weight.detach(),
-            new_config=new_model.config,
-            progress=False,
-        )
-        h.eval()
         with torch.no_grad():
             out = h(old["val"], side["val"])
         cases["new/h(old)" if side_info else "new/h(old) no side-info"] = (new["val"], out)
