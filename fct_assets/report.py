@@ -198,7 +198,6 @@ def evaluate_version(
         exp.backfill_points,
         generator=torch.Generator().manual_seed(0),
         metric=exp.metric,
-        chunk_size=exp.eval_chunk_size,
     )
     version = backfilled.table.removeprefix("gallery_")
     png = curve_plot_png(curves, f"backfilling curve, {version}")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fct_ml.retrieval import Metric, retrieve
+from fct_ml.retrieval import Metric, retrieve_mixed
 from fct_ml.training import Frozen
 
 ORDERS = ("random", "sigma", "true_error")
@@ -133,36 +133,46 @@ def backfill_curves(
     *,
     leave_one_out: bool = False,
     metric: Metric = "l2",
-    chunk_size: int = 1024,
 ) -> dict[str, list[dict[str, float]]]:
     """For each order, the metrics at each fraction of the gallery re-embedded.
 
     query (Q, D) in the new space; transformed / reembedded (G, D): the gallery through h and
-    through the new model. Returns {order: [summary at fractions[0], ...]}. The end points
-    (0 and 1) do not depend on the order and are computed once.
+    through the new model. Returns {order: [summary at fractions[0], ...]}, each point equal
+    to `retrieve` on that mixed gallery; all orders and points are ranked together by
+    `retrieve_mixed` (one sort per query, not one per point).
     """
     n = transformed.shape[0]
-    cache: dict[int, dict[str, float]] = {}
-
-    def at(order: torch.Tensor, k: int) -> dict[str, float]:
-        if k in (0, n) and k in cache:
-            return cache[k]
-        gallery = transformed.clone()
-        gallery[order[:k]] = reembedded[order[:k]]
-        out = retrieve(
-            query,
-            query_labels,
-            gallery,
-            gallery_labels,
-            leave_one_out=leave_one_out,
-            metric=metric,
-            chunk_size=chunk_size,
-        ).summary()
-        if k in (0, n):
-            cache[k] = out
-        return out
-
-    return {name: [at(order, round(f * n)) for f in fractions] for name, order in orders.items()}
+    if transformed.shape != reembedded.shape:
+        raise ValueError(
+            f"backfill curves: transformed {tuple(transformed.shape)} and re-embedded"
+            f" {tuple(reembedded.shape)} galleries must have one shape"
+        )
+    # The distinct gallery sizes k = round(f * n), ascending: point i re-embeds the first
+    # ks[i] items of an order, so the item at position j of an order is re-embedded from the
+    # first point with ks[i] > j on (len(ks): never).
+    ks = sorted({round(f * n) for f in fractions})
+    switch = torch.empty(len(orders), n, dtype=torch.long)
+    positions = torch.arange(n)
+    for o, order in enumerate(orders.values()):
+        if sorted(order.tolist()) != list(range(n)):
+            raise ValueError(f"backfill order: expected a permutation of the {n} gallery items")
+        switch[o, order] = torch.searchsorted(torch.tensor(ks), positions, right=True)
+    results = retrieve_mixed(
+        query,
+        query_labels,
+        transformed,
+        reembedded,
+        gallery_labels,
+        switch,
+        len(ks),
+        leave_one_out=leave_one_out,
+        metric=metric,
+    )
+    point = {k: i for i, k in enumerate(ks)}
+    return {
+        name: [results[o][point[round(f * n)]].summary() for f in fractions]
+        for o, name in enumerate(orders)
+    }
 
 
 def curve_area(values: Sequence[float]) -> float:
@@ -181,7 +191,6 @@ def backfill_summary(
     *,
     generator: torch.Generator,
     metric: Metric = "l2",
-    chunk_size: int = 1024,
     expected_error: bool = False,
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, float]]]:
     """FastFill's backfilling curves for the three orders, and their areas, in percent.
@@ -211,7 +220,6 @@ def backfill_summary(
         fractions,
         leave_one_out=True,
         metric=metric,
-        chunk_size=chunk_size,
     )
     curves = {
         order: {

@@ -136,7 +136,6 @@ def evaluate_split(
             config.backfill_points,
             generator=torch.Generator().manual_seed(backfill_seed),
             metric=config.metric,
-            chunk_size=config.eval_chunk_size,
         )
     return out
 

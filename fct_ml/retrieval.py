@@ -141,3 +141,169 @@ def evaluate_retrieval(
 ) -> dict[str, float]:
     """`retrieve(...).summary()`: {"top1", "top5", "mAP"} as fractions, and "n_queries"."""
     return retrieve(query, query_labels, gallery, gallery_labels, **kwargs).summary()
+
+
+def retrieve_mixed(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    switch: torch.Tensor,
+    n_points: int,
+    *,
+    leave_one_out: bool = False,
+    metric: Metric = "l2",
+    topk: Sequence[int] = (1, 5),
+    max_chunk_elements: int = 1 << 22,
+) -> list[list[RetrievalResult]]:
+    """`retrieve` over many galleries that each mix two versions of the same items, exactly,
+    with one sort per query instead of one per gallery.
+
+    Every gallery item c has two versions, first[c] and second[c] (e.g. h(old) and the new
+    model's embedding). Gallery (o, p), for o < O "schedules" and p < n_points "points", holds
+    second[c] for the items with switch[o, c] <= p and first[c] for the others (switch[o, c] =
+    n_points: never switched). Returns results[o][p], each equal to `retrieve` on that gallery
+    (same tie rule, same leave-one-out; AP agrees to float32 rounding, ~1e-7).
+
+    Why it is exact: a query's ranking of any mixed gallery is its ranking of all 2G versions
+    with the versions that gallery does not hold left out, and leaving items out of a sorted
+    list keeps it sorted. So the 2G versions are sorted once; for each gallery only the ranks
+    of its matches are needed, and the rank of a match is the number of held versions at or
+    before it. Those counts come from one histogram per schedule of (matches seen so far,
+    point at which a version enters or leaves), whose cumulative sums give every point at
+    once: O(G log G + O * (G + matches * points)) per query, against O(O * points * G log G)
+    for one `retrieve` per gallery. The backfilling curves (22 points, 3 orders) run ~7x faster.
+    """
+    if query.ndim != 2 or first.ndim != 2 or query.shape[1] != first.shape[1]:
+        raise ValueError(
+            f"retrieval: query {tuple(query.shape)} and gallery {tuple(first.shape)} must be (N,"
+            " D) with one D"
+        )
+    if second.shape != first.shape:
+        raise ValueError(
+            f"retrieval: the two gallery versions must have one shape, got {tuple(first.shape)}"
+            f" and {tuple(second.shape)}"
+        )
+    g_count, q_count = first.shape[0], query.shape[0]
+    if switch.ndim != 2 or switch.shape[1] != g_count:
+        raise ValueError(
+            f"retrieval: switch must be (schedules, {g_count}), got {tuple(switch.shape)}"
+        )
+    if switch.numel() and (int(switch.min()) < 0 or int(switch.max()) > n_points):
+        raise ValueError(f"retrieval: switch points must lie in [0, {n_points}]")
+    if g_count >= 1 << 30:
+        raise ValueError(f"retrieval: a mixed gallery holds at most 2^30 items, got {g_count}")
+    for name, t in (("query", query), ("gallery", first), ("gallery", second)):
+        if not torch.isfinite(t).all():
+            row = int((~torch.isfinite(t)).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"retrieval: {name} embeddings contain NaN or Inf (first at row {row}); expected"
+                " finite vectors"
+            )
+    if leave_one_out and q_count != g_count:
+        raise ValueError(
+            "retrieval: leave_one_out needs the query set to be the gallery (same length)"
+        )
+    topk = tuple(topk)
+    n_sched, n_pts = switch.shape[0], n_points
+    query, first, second = query.float(), first.float(), second.float()
+    sw = switch.numpy().astype(np.int64)  # (O, G)
+    ap = np.zeros((n_sched, n_pts, q_count))
+    hits = np.zeros((n_sched, n_pts, q_count, len(topk)), dtype=bool)
+    has_match = np.zeros((n_sched, n_pts, q_count), dtype=bool)
+    col = np.arange(g_count, dtype=np.uint64)
+    is_second = np.uint64(1 << 30)
+    col_mask = np.uint64((1 << 30) - 1)
+    points = np.arange(n_pts)
+    # Per query: 2G sort keys, and (matches x points) counts; a query has at most two versions
+    # of each item of its class as matches.
+    most = int(torch.unique(gallery_labels, return_counts=True)[1].max()) if g_count else 0
+    per_query = max(2 * g_count, (2 * most + 1) * (n_pts + 1))
+    chunk = max(1, max_chunk_elements // max(1, per_query))
+    for start in range(0, q_count, chunk):
+        rows = torch.arange(start, min(start + chunk, q_count))
+        b = len(rows)
+        match = (query_labels[rows, None] == gallery_labels[None, :]).numpy()  # (b, G)
+        if leave_one_out:  # the query's own item stops being a match and goes last
+            match[np.arange(b), rows.numpy()] = False
+        keys = []
+        for version, tag in ((first, np.uint64(0)), (second, is_second)):
+            dist = pairwise_distance(query[rows], version, metric).clamp_(min=0.0).add_(0.0)
+            if leave_one_out:
+                dist[torch.arange(b), rows] = float("inf")
+            # (distance bits, is_match, version, item): retrieve's tie rule in the top 33 bits,
+            # then enough to tell the versions apart after the sort.
+            key = dist.numpy().view(np.uint32).astype(np.uint64) << np.uint64(32)
+            key |= match.astype(np.uint64) << np.uint64(31)
+            key |= tag | col
+            keys.append(key)
+        key = np.concatenate(keys, axis=1)
+        del keys
+        key.sort(axis=1)  # (b, 2G)
+        m_flag = ((key >> np.uint64(31)) & np.uint64(1)).astype(bool)
+        second_flag = (key & is_second).astype(bool)
+        item = (key & col_mask).astype(np.int64)
+        del key
+        n_match = m_flag.sum(1)  # (b,) matches among the 2G versions
+        k_max = int(n_match.max()) if b else 0
+        slot = np.cumsum(m_flag, axis=1) - m_flag  # matches strictly before each version
+        # The matches, padded to k_max per row; padding is a "second" version that never enters.
+        m_row, m_pos = np.nonzero(m_flag)
+        m_ord = np.arange(len(m_row)) - np.repeat(np.cumsum(n_match) - n_match, n_match)
+        m_item = np.zeros((b, k_max), dtype=np.int64)
+        m_second = np.ones((b, k_max), dtype=bool)
+        m_item[m_row, m_ord] = item[m_row, m_pos]
+        m_second[m_row, m_ord] = second_flag[m_row, m_pos]
+        pad = np.ones((b, k_max), dtype=bool)
+        pad[m_row, m_ord] = False
+        # One histogram per schedule over (slot, entry point, version): slot = matches before a
+        # version, so the versions at or before match k are those of slot <= k.
+        cells = (k_max + 1) * (n_pts + 1) * 2
+        base = torch.from_numpy(
+            ((np.arange(b)[:, None] * (k_max + 1) + slot) * (n_pts + 1)) * 2 + second_flag
+        )  # (b, 2G)
+        item_t = torch.from_numpy(item)
+        m_item_t, pad_t = torch.from_numpy(m_item), torch.from_numpy(pad)
+        m_second_t = torch.from_numpy(m_second)[:, :, None]
+        points_t = torch.from_numpy(points)
+        for o in range(n_sched):
+            sw_o = torch.from_numpy(sw[o])
+            enter = sw_o[item_t]  # (b, 2G): the point at which each version's item switches
+            # numpy's bincount is ~3x faster than torch's here.
+            hist = np.bincount((base + 2 * enter).numpy().ravel(), minlength=b * cells)
+            hist = torch.from_numpy(hist.astype(np.int32)).view(b, k_max + 1, n_pts + 1, 2)
+            # A second version is held from its entry point on (p >= enter), a first version
+            # until then (p < enter): held = firsts + cumsum over p of (seconds - firsts).
+            held = (hist[..., 1] - hist[..., 0])[:, :, :n_pts].cumsum(2, dtype=torch.int32)
+            held += hist[..., 0].sum(2, keepdim=True, dtype=torch.int32)
+            rank = held.cumsum(1, dtype=torch.int32)[:, :k_max, :]  # (b, k_max, P)
+            m_enter = torch.where(pad_t, n_pts, sw_o[m_item_t])[:, :, None]
+            held_m = torch.where(m_second_t, points_t >= m_enter, points_t < m_enter)
+            found = held_m.cumsum(1, dtype=torch.int32)  # held matches up to match k
+            total = found[:, -1, :] if k_max else torch.zeros(b, n_pts, dtype=torch.int32)
+            precision = (
+                torch.where(held_m, found.float() / rank.clamp(min=1), 0.0).sum(
+                    1, dtype=torch.float64
+                )
+                if k_max
+                else torch.zeros(b, n_pts, dtype=torch.float64)
+            )
+            ap[o, :, start : start + b] = (precision / total.clamp(min=1)).T.numpy()
+            has_match[o, :, start : start + b] = (total > 0).T.numpy()
+            if k_max:
+                first_rank = torch.where(held_m, rank, g_count + 1).amin(1)  # (b, P)
+                for j, k in enumerate(topk):
+                    hits[o, :, start : start + b, j] = (first_rank <= k).T.numpy()
+    return [
+        [
+            RetrievalResult(
+                average_precision=torch.from_numpy(ap[o, p]).float(),
+                hits=torch.from_numpy(hits[o, p]),
+                has_match=torch.from_numpy(has_match[o, p]),
+                topk=topk,
+            )
+            for p in range(n_pts)
+        ]
+        for o in range(n_sched)
+    ]

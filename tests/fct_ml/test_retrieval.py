@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from fct_ml.retrieval import RetrievalResult, evaluate_retrieval, pairwise_distance, retrieve
+from fct_ml.retrieval import (
+    RetrievalResult,
+    evaluate_retrieval,
+    pairwise_distance,
+    retrieve,
+    retrieve_mixed,
+)
 
 
 def col(*values: float) -> torch.Tensor:
@@ -349,3 +355,116 @@ def test_leave_one_out_needs_same_length():
         retrieve(
             torch.zeros(2, 2), labels(0, 1), torch.zeros(3, 2), labels(0, 1, 0), leave_one_out=True
         )
+
+
+# --------------------------------------------------------------------------- #
+# retrieve_mixed: every mixed gallery at once, checked against `retrieve` on each one
+# --------------------------------------------------------------------------- #
+
+
+def _mixed_case(seed, *, n_query, n_gallery, n_classes, ints, leave_one_out, n_points, n_sched):
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        # Small integer coordinates make many exact distance ties, within and across versions.
+        if ints:
+            return torch.randint(0, 3, (n, 3), generator=g).float()
+        return torch.randn(n, 3, generator=g)
+
+    first, second = draw(n_gallery), draw(n_gallery)
+    labels = torch.randint(0, n_classes, (n_gallery,), generator=g)
+    if leave_one_out:
+        query, query_labels = second.clone(), labels.clone()
+    else:  # one label the gallery never has: queries without a match
+        query, query_labels = (
+            draw(n_query),
+            torch.randint(0, n_classes + 1, (n_query,), generator=g),
+        )
+    switch = torch.randint(0, n_points + 1, (n_sched, n_gallery), generator=g)
+    return query, query_labels, first, second, labels, switch
+
+
+@pytest.mark.parametrize(
+    "seed, ints, leave_one_out, metric",
+    [
+        (0, False, False, "l2"),
+        (1, True, False, "l2"),
+        (2, True, True, "l2"),
+        (3, True, True, "l2"),
+        # Cosine only on random vectors: with exact ties, cosine distances computed against
+        # differently shaped galleries may differ in the last bit and break a tie either way.
+        (4, False, True, "cosine"),
+        (5, False, False, "cosine"),
+    ],
+)
+def test_retrieve_mixed_equals_retrieve_on_every_mixed_gallery(seed, ints, leave_one_out, metric):
+    n_points, n_sched = 6, 2
+    query, query_labels, first, second, labels, switch = _mixed_case(
+        seed,
+        n_query=30,
+        n_gallery=30,
+        n_classes=3,
+        ints=ints,
+        leave_one_out=leave_one_out,
+        n_points=n_points,
+        n_sched=n_sched,
+    )
+    # a small element budget forces several query chunks
+    got = retrieve_mixed(
+        query,
+        query_labels,
+        first,
+        second,
+        labels,
+        switch,
+        n_points,
+        leave_one_out=leave_one_out,
+        metric=metric,
+        topk=(1, 3),
+        max_chunk_elements=500,
+    )
+    assert len(got) == n_sched and all(len(r) == n_points for r in got)
+    for o in range(n_sched):
+        for p in range(n_points):
+            gallery = torch.where((switch[o] <= p)[:, None], second, first)
+            want = retrieve(
+                query,
+                query_labels,
+                gallery,
+                labels,
+                leave_one_out=leave_one_out,
+                metric=metric,
+                topk=(1, 3),
+            )
+            assert torch.equal(got[o][p].has_match, want.has_match)
+            assert torch.equal(got[o][p].hits, want.hits)
+            assert torch.allclose(got[o][p].average_precision, want.average_precision, atol=1e-6)
+
+
+def test_retrieve_mixed_by_hand():
+    # 1-D, two items of class 0 and one of class 1; one query at 0 with label 0.
+    # first versions: 5, 1, 2 (labels 0, 0, 1); second versions: 0, 9, 3.
+    # point 0 (all first): 1 (match), 2 (miss), 5 (match) -> AP = (1/1 + 2/3) / 2 = 5/6
+    # point 1 (item 0 switched): 0 (match), 1 (match), 2 -> AP = 1
+    # point 2 (items 0, 2 switched): 0, 1, 3 -> AP = 1; the schedule never switches item 1
+    first = torch.tensor([[5.0], [1.0], [2.0]])
+    second = torch.tensor([[0.0], [9.0], [3.0]])
+    labels = torch.tensor([0, 0, 1])
+    switch = torch.tensor([[1, 3, 2]])
+    got = retrieve_mixed(torch.zeros(1, 1), torch.tensor([0]), first, second, labels, switch, 3)
+    assert [float(r.average_precision[0]) for r in got[0]] == pytest.approx([5 / 6, 1.0, 1.0])
+    assert [bool(r.hits[0, 0]) for r in got[0]] == [True, True, True]
+
+
+def test_retrieve_mixed_errors():
+    x, y = torch.zeros(3, 2), torch.tensor([0, 1, 0])
+    with pytest.raises(ValueError, match="one shape"):
+        retrieve_mixed(x, y, x, torch.zeros(3, 3), y, torch.zeros(1, 3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"switch must be \(schedules, 3\)"):
+        retrieve_mixed(x, y, x, x, y, torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"switch points must lie in \[0, 2\]"):
+        retrieve_mixed(x, y, x, x, y, torch.full((1, 3), 3), 2)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="gallery embeddings contain NaN or Inf .first at row 1"):
+        retrieve_mixed(x, y, x, bad, y, torch.zeros(1, 3, dtype=torch.long), 2)
