@@ -3,7 +3,7 @@
     python benchmarks/chain.py                      # demo preset, seeds 0 1 2
     python benchmarks/chain.py --preset tiny --dataset digits --seeds 0 --out /tmp/x   # a check
 
-The old model sees the dataset's default old classes (Fashion-MNIST: 1,3,5,7,9), the v2 model
+The old model sees the dataset's default old classes (Fashion-MNIST: 5,6,7,8,9), the v2 model
 those plus --v2-extra (default 0,2: T-shirt and Pullover), v3 every class. Writes
 benchmarks/results/chain_<dataset>.{json,md}: {"runs": [one per seed], "mean":
 {"gap_closed_chained": {"top1", "mAP"}, "gap_closed_chained_no_side_info": {...},

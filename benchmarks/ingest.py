@@ -41,6 +41,8 @@ def _setup(root: Path, items: int):
     from fct_assets.records import Checkpoint, DatasetRecord, VersionTable
     from fct_assets.resources import FctResource
     from fct_ml.checkpoint import checkpoint_bytes, space_id
+    from fct_ml.data import parse_class_list
+    from fct_ml.datasets import default_old_classes
     from fct_ml.models import EmbeddingModel
     from fct_ml.pipeline import validation_split
     from fct_ml.presets import preset
@@ -121,7 +123,7 @@ def _setup(root: Path, items: int):
         spec="fashion-mnist",
         name=data.name,
         fingerprint="",
-        old_classes=(1, 3, 5, 7, 9),
+        old_classes=tuple(parse_class_list(default_old_classes("fashion-mnist", 10), 10)),
         class_names=tuple(data.class_names),
         num_classes=10,
         channels=1,

@@ -26,7 +26,7 @@ def test_registries_load_without_torch():
 
 def test_dataset_specs_and_default_splits():
     assert dataset_names() == "fashion-mnist | digits | cifar100 | imagefolder:PATH"
-    assert default_old_classes("fashion-mnist", 10) == "1,3,5,7,9"
+    assert default_old_classes("fashion-mnist", 10) == "5,6,7,8,9"
     assert default_old_classes("digits", 10) == "0-4"
     assert default_old_classes("cifar100", 100) == "0-49"
     # A dataset without its own split: the first half of its classes.
@@ -55,7 +55,7 @@ def test_cli_help_and_launchpad_come_from_the_registries():
     reproduce = build_parser()._subparsers._group_actions[0].choices["reproduce"]
     options = {a.dest: a for a in reproduce._actions}
     assert options["dataset"].help == dataset_names()
-    assert "fashion-mnist 1,3,5,7,9; digits 0-4; cifar100 0-49" in options["old_classes"].help
+    assert "fashion-mnist 5,6,7,8,9; digits 0-4; cifar100 0-49" in options["old_classes"].help
     assert list(options["preset"].choices) == list(PRESETS)
 
     assert DatasetConfig.model_fields["dataset"].description.startswith(dataset_names())
