@@ -17,6 +17,9 @@ from dagster._core.definitions.data_version import CachingStaleStatusResolver
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.loader import LoadingContextForTest
+from dagster._core.storage.asset_check_execution_record import (
+    COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
+)
 from dagster._core.system_config.objects import ResolvedRunConfig
 
 __all__ = [
@@ -42,7 +45,9 @@ def latest_check_execution(
     records = instance.event_log_storage.get_asset_check_execution_history(
         check_key, limit=20, partition_filter=PartitionKeyFilter(key=partition)
     )
-    evaluated = [r for r in records if r.evaluation is not None]
+    # By status, not by `record.evaluation`: for a planned record that property returns the
+    # planned event (cast to an evaluation), so it is never None once a run has started.
+    evaluated = [r for r in records if r.status in COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES]
     return (evaluated or records or [None])[0]
 
 

@@ -58,6 +58,45 @@ def test_latest_check_execution_is_per_partition():
         assert latest_check_execution(instance, key, "z") is None
 
 
+def test_latest_check_execution_skips_a_later_run_that_only_planned_the_check():
+    # A second run planned the check on x and stopped before it ran (a backfill refused by
+    # another's lease): its record must not hide the evaluation of the run before it.
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationPlanned,
+    )
+    from dagster._core.events import DagsterEvent, DagsterEventType
+    from dagster._core.utils import make_new_run_id
+
+    @dg.asset(partitions_def=VERSIONS)
+    def table(context: dg.AssetExecutionContext) -> str:
+        return context.partition_key
+
+    @dg.asset_check(asset=table, partitions_def=VERSIONS, blocking=True)
+    def named_x(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=context.partition_key == "x")
+
+    key = dg.AssetCheckKey(dg.AssetKey("table"), "named_x")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([table, named_x], instance=instance, partition_key="x")
+        planned_run = make_new_run_id()
+        instance.report_dagster_event(
+            DagsterEvent(
+                event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED.value,
+                event_specific_data=AssetCheckEvaluationPlanned(
+                    asset_key=dg.AssetKey("table"),
+                    check_name="named_x",
+                    partitions_subset=VERSIONS.empty_subset().with_partition_keys(["x"]),
+                ),
+                job_name="catch_up",
+            ),
+            run_id=planned_run,
+        )
+        history = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
+        assert history[0].run_id == planned_run  # the planned record is the latest one
+        got = latest_check_execution(instance, key, "x")
+        assert got.run_id == result.run_id and got.evaluation.passed
+
+
 def test_executor_config_resolves_and_refuses_unknown_keys():
     @dg.asset
     def one() -> int:
