@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--old-classes", default=None, help="default: the dataset's split")
     parser.add_argument("--v2-extra", default="0,2", help="classes v2 adds to the old ones")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/")
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs/chain"),
+        help="one JSON per seed; a seed whose JSON exists is read back, not re-run",
+    )
     args = parser.parse_args(argv)
 
     from fct_ml.chain import run_chain
@@ -106,16 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     from fct_ml.presets import preset
 
     torch.set_num_threads(2)
-    started = time.perf_counter()
     data = load_dataset(args.dataset)
     split = args.old_classes or default_old_classes(args.dataset, data.num_classes)
     old = parse_class_list(split, data.num_classes, what="old_classes")
     extra = parse_class_list(args.v2_extra, data.num_classes, what="v2_extra")
     config = preset(args.preset)
     runs = []
+    # Seeds land in --runs-dir one by one, so a study can be run a seed at a time (or resume
+    # after an interruption); a run's file names everything that determines it.
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
+        name = f"{args.dataset}_{args.preset}_old{'-'.join(map(str, old))}_v2extra"
+        path = args.runs_dir / f"{name}{'-'.join(map(str, extra))}_seed{seed}.json"
+        if path.exists():
+            runs.append(json.loads(path.read_text()))
+            continue
+        start = time.perf_counter()
         result = run_chain(data, old, extra, config, seed, log=lambda m: print(m, flush=True))
-        runs.append(dataclasses.asdict(result))
+        run = {**dataclasses.asdict(result), "wall_s": round(time.perf_counter() - start, 1)}
+        path.write_text(json.dumps(run))
+        runs.append(run)
     mean, std = summarise(runs, "test")
     vmean, vstd = summarise(runs, "validation")
     spread = std["gap_closed_chained"]["mAP"] + std["gap_closed_chained_no_side_info"]["mAP"]
@@ -139,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 "measured": f"+{lead:.1f} points vs spread {spread:.1f}",
             },
         },
-        "wall_s": round(time.perf_counter() - started, 1),
+        # each seed's own run, also when it was read back from --runs-dir
+        "wall_s": round(sum(r.get("wall_s", 0.0) for r in runs), 1),
+        "wall_s_per_seed": [r.get("wall_s") for r in runs],
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
     }
     out = args.out or RESULTS
