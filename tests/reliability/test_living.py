@@ -394,10 +394,6 @@ def outcome(proc: subprocess.Popen) -> dict:
     return json.loads(lines[-1])
 
 
-@pytest.mark.skip(
-    reason="its promotion phase was refused (checks 'status PLANNED') in the first complete"
-    " run, in a full `make test`; open in issue 14 until the harness is debugged"
-)
 def test_concurrency_harness(env, tmp_path, reliability):
     """Reader processes search the deployed table all along while, one after the other, ingest
     batches arrive (`fct ingest`), two backfills of v3 (catch_up runs) are released at the same
