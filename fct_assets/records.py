@@ -218,6 +218,10 @@ class EvalReport(Record):
     space_id: str
     plot_png_base64: str = ""  # left out of the event-log copy (metadata "json")
     seconds: float | None = None
+    # What "old" stands for in the cases: the stored space h maps from. The old model's before
+    # any promotion; in a chained upgrade the deployed version's table (e.g. "gallery_v2 at
+    # LanceDB version 3, space new_model:v2@..."). Empty in reports written before it existed.
+    old_space: str = ""
 
 
 class Quarantined(Record):

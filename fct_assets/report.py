@@ -69,6 +69,10 @@ def markdown_table(report: EvalReport, *, include_plot: bool = True) -> str:
             f" {report.table_version} ({report.items} gallery items, leave-one-out)"
         ),
         "",
+    ]
+    if report.old_space:
+        lines += [f'"old" is the stored space h maps from: {report.old_space}.', ""]
+    lines += [
         "| case (query/gallery) | top-1 | top-5 | mAP | unseen-class mAP |",
         "| --- | --- | --- | --- | --- |",
     ]
@@ -218,4 +222,15 @@ def evaluate_version(
         backfill_items_per_s=backfilled.backfill_items_per_s,
         space_id=declared["space_id"],
         plot_png_base64=base64.b64encode(png).decode(),
+        old_space=(
+            f"gallery_store at LanceDB version {store_version}, space {gallery_store.old_space_id}"
+            " (the old model)"
+            if from_store
+            else f"{source.table} at LanceDB version {source.version}, space {source.space_id}"
+            + (
+                f" (model version {source.model_version}, deployed when the upgrade began)"
+                if source.model_version
+                else ""
+            )
+        ),
     )

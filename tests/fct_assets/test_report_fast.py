@@ -194,6 +194,10 @@ def test_every_case_by_brute_force(gallery):
         assert len(curve["fractions"]) == g["fct"].experiment().backfill_points
         assert curve["top1"][-1] == pytest.approx(cases["new/new"]["top1"]), order
         assert report["backfill_auc"][order]["mAP"] == pytest.approx(np.mean(curve["mAP"]))
+    # Before any promotion "old" is the old model's space, in the pinned store.
+    assert report["old_space"] == (
+        f"gallery_store at LanceDB version {g['store']['version']}, space old@1 (the old model)"
+    )
     markdown = markdown_table(EvalReport.model_validate(report))
     heading = markdown.splitlines()[0]
     assert heading == (
@@ -282,6 +286,11 @@ def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(galle
     for case, metrics in expected.items():
         for metric, value in metrics.items():
             assert report["cases"][case][metric] == pytest.approx(value, abs=1e-3), (case, metric)
+    # The report says what "old" stands for: the deployed version's table, pinned.
+    assert report["old_space"] == f"gallery_v1 at LanceDB version {v1}, space new_model:v1@1"
+    assert markdown_table(EvalReport.model_validate(report), include_plot=False).splitlines()[
+        2
+    ] == (f'"old" is the stored space h maps from: {report["old_space"]}.')
     # The served table is still the version's own (h of the *old* embeddings, as published).
     assert report["cases"]["new/gallery_vt"] == pytest.approx(
         brute_force_retrieval(new, g["transformed"], labels), abs=1e-3
