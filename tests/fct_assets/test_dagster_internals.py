@@ -15,6 +15,21 @@ from fct_assets.dagster_internals import (
 VERSIONS = dg.StaticPartitionsDefinition(["x", "y", "z"])
 
 
+@dg.asset(partitions_def=VERSIONS)
+def table(context: dg.AssetExecutionContext) -> str:
+    return context.partition_key
+
+
+@dg.asset_check(asset=table, partitions_def=VERSIONS, blocking=True)
+def named_x(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=context.partition_key == "x")
+
+
+def _table_checked_for_x():
+    """A partitioned asset and a blocking check that passes on partition x only, and its key."""
+    return table, named_x, dg.AssetCheckKey(dg.AssetKey("table"), "named_x")
+
+
 def test_stale_status_follows_data_versions():
     @dg.asset
     def upstream(context: dg.AssetExecutionContext) -> dg.Output[int]:
@@ -40,15 +55,7 @@ def test_stale_status_follows_data_versions():
 
 
 def test_latest_check_execution_is_per_partition():
-    @dg.asset(partitions_def=VERSIONS)
-    def table(context: dg.AssetExecutionContext) -> str:
-        return context.partition_key
-
-    @dg.asset_check(asset=table, partitions_def=VERSIONS, blocking=True)
-    def named_x(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(passed=context.partition_key == "x")
-
-    key = dg.AssetCheckKey(dg.AssetKey("table"), "named_x")
+    table, named_x, key = _table_checked_for_x()
     with dg.instance_for_test() as instance:
         assert dg.materialize([table, named_x], instance=instance, partition_key="x").success
         # The blocking check fails on y (the run fails), after x's passed.
@@ -67,15 +74,7 @@ def test_latest_check_execution_skips_a_later_run_that_only_planned_the_check():
     from dagster._core.events import DagsterEvent, DagsterEventType
     from dagster._core.utils import make_new_run_id
 
-    @dg.asset(partitions_def=VERSIONS)
-    def table(context: dg.AssetExecutionContext) -> str:
-        return context.partition_key
-
-    @dg.asset_check(asset=table, partitions_def=VERSIONS, blocking=True)
-    def named_x(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(passed=context.partition_key == "x")
-
-    key = dg.AssetCheckKey(dg.AssetKey("table"), "named_x")
+    table, named_x, key = _table_checked_for_x()
     with dg.instance_for_test() as instance:
         result = dg.materialize([table, named_x], instance=instance, partition_key="x")
         planned_run = make_new_run_id()
