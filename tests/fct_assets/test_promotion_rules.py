@@ -407,30 +407,37 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
 
 
 def test_a_check_planned_but_never_evaluated_is_reported_by_its_status(instance, db):
-    # A run that planned the check and stopped before it ran (a crash, a cancelled run): the
-    # execution record has no evaluation, and its status says what became of it.
+    # A run that planned the check and stopped before it ran (a crash, a cancelled run, a
+    # backfill refused by another's lease). With no evaluation before it, the execution record
+    # has none, and its status says what became of it.
     from dagster._core.definitions.asset_checks.asset_check_evaluation import (
         AssetCheckEvaluationPlanned,
     )
 
     from fct_assets.partitions import model_version
 
-    table_version = _promotable(instance, db, "v2")
-    planned = AssetCheckEvaluationPlanned(
-        asset_key=dg.AssetKey("eval_report"),
-        check_name="eval_report_expectations",
-        partitions_subset=model_version.empty_subset().with_partition_keys(["v2"]),
+    def planned() -> None:
+        instance.report_dagster_event(
+            DagsterEvent(
+                event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED.value,
+                event_specific_data=AssetCheckEvaluationPlanned(
+                    asset_key=dg.AssetKey("eval_report"),
+                    check_name="eval_report_expectations",
+                    partitions_subset=model_version.empty_subset().with_partition_keys(["v2"]),
+                ),
+                job_name="verify",
+            ),
+            run_id=make_new_run_id(),
+        )
+
+    table_version = _table(db, "v2")
+    _materialised(instance, "v2", table_version)
+    _check_evaluation(
+        instance, "backfilled_gallery", "backfilled_gallery_schema", "v2", True, table_version
     )
-    instance.report_dagster_event(
-        DagsterEvent(
-            event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED.value,
-            event_specific_data=planned,
-            job_name="verify",
-        ),
-        run_id=make_new_run_id(),
-    )
+    planned()
     result = check_results(instance, "v2")["eval_report:eval_report_expectations"]
-    assert not result["passed"] and result["why"].startswith("status ")
+    assert not result["passed"] and result["why"] == "status PLANNED"
     assert result["table_version"] is None
     assert (
         check_results(instance, "v2")["backfilled_gallery:backfilled_gallery_schema"][
@@ -440,3 +447,11 @@ def test_a_check_planned_but_never_evaluated_is_reported_by_its_status(instance,
     )
     with pytest.raises(PromotionError, match="'eval_report:eval_report_expectations': 'status "):
         promote(instance, db, "v2")
+    # Evaluated (passed) on the current materialisation, then planned again by a run that stopped
+    # first: the later planned record does not hide the evaluation, so the version promotes.
+    _check_evaluation(
+        instance, "eval_report", "eval_report_expectations", "v2", True, table_version
+    )
+    planned()
+    assert check_results(instance, "v2")["eval_report:eval_report_expectations"]["why"] == "passed"
+    assert promote(instance, db, "v2").table_version == table_version
