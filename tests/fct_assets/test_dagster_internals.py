@@ -11,6 +11,7 @@ from fct_assets.dagster_internals import (
     stale_status,
     validate_config,
 )
+from tests.fct_assets.check_events import report_planned_check
 
 VERSIONS = dg.StaticPartitionsDefinition(["x", "y", "z"])
 
@@ -68,28 +69,10 @@ def test_latest_check_execution_is_per_partition():
 def test_latest_check_execution_skips_a_later_run_that_only_planned_the_check():
     # A second run planned the check on x and stopped before it ran (a backfill refused by
     # another's lease): its record must not hide the evaluation of the run before it.
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-        AssetCheckEvaluationPlanned,
-    )
-    from dagster._core.events import DagsterEvent, DagsterEventType
-    from dagster._core.utils import make_new_run_id
-
     table, named_x, key = _table_checked_for_x()
     with dg.instance_for_test() as instance:
         result = dg.materialize([table, named_x], instance=instance, partition_key="x")
-        planned_run = make_new_run_id()
-        instance.report_dagster_event(
-            DagsterEvent(
-                event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED.value,
-                event_specific_data=AssetCheckEvaluationPlanned(
-                    asset_key=dg.AssetKey("table"),
-                    check_name="named_x",
-                    partitions_subset=VERSIONS.empty_subset().with_partition_keys(["x"]),
-                ),
-                job_name="catch_up",
-            ),
-            run_id=planned_run,
-        )
+        planned_run = report_planned_check(instance, "table", "named_x", VERSIONS, "x", "catch_up")
         history = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
         assert history[0].run_id == planned_run  # the planned record is the latest one
         got = latest_check_execution(instance, key, "x")

@@ -17,6 +17,7 @@ from dagster._core.utils import make_new_run_id
 from fct_assets import deployment, storage
 from fct_assets.deployment import PromotionError, check_results, current, promote, rollback
 from fct_assets.records import BackfilledTable
+from tests.fct_assets.check_events import report_planned_check
 
 SPACE = "new_model:v2@0123456789ab"
 
@@ -410,24 +411,11 @@ def test_a_check_planned_but_never_evaluated_is_reported_by_its_status(instance,
     # A run that planned the check and stopped before it ran (a crash, a cancelled run, a
     # backfill refused by another's lease). With no evaluation before it, the execution record
     # has none, and its status says what became of it.
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-        AssetCheckEvaluationPlanned,
-    )
-
     from fct_assets.partitions import model_version
 
     def planned() -> None:
-        instance.report_dagster_event(
-            DagsterEvent(
-                event_type_value=DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED.value,
-                event_specific_data=AssetCheckEvaluationPlanned(
-                    asset_key=dg.AssetKey("eval_report"),
-                    check_name="eval_report_expectations",
-                    partitions_subset=model_version.empty_subset().with_partition_keys(["v2"]),
-                ),
-                job_name="verify",
-            ),
-            run_id=make_new_run_id(),
+        report_planned_check(
+            instance, "eval_report", "eval_report_expectations", model_version, "v2"
         )
 
     table_version = _table(db, "v2")
