@@ -177,12 +177,15 @@ def check_targets(
         if cached
         else "its own runs, every stage trained"
     )
-    add(
-        f"slowest seed, wall minutes ({how})",
-        max(wall) / 60,
-        "<= 25",
-        max(wall) <= 25 * 60,
-    )
+    if hard:  # the time target is the `cpu` setting's; this one's time is shown
+        add(f"slowest seed, wall minutes ({how})", max(wall) / 60, "(reported)", True)
+    else:
+        add(
+            f"slowest seed, wall minutes ({how})",
+            max(wall) / 60,
+            "<= 25",
+            max(wall) <= 25 * 60,
+        )
     return targets
 
 
