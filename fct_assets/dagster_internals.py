@@ -15,6 +15,7 @@ import dagster as dg
 from dagster._config import process_config
 from dagster._core.definitions.data_version import CachingStaleStatusResolver
 from dagster._core.event_api import PartitionKeyFilter
+from dagster._core.events import JobFailureData, RunFailureReason
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.loader import LoadingContextForTest
 from dagster._core.storage.asset_check_execution_record import (
@@ -27,6 +28,7 @@ __all__ = [
     "executor_config",
     "instance_config",
     "latest_check_execution",
+    "report_run_worker_lost",
     "stale_status",
     "validate_config",
 ]
@@ -49,6 +51,40 @@ def latest_check_execution(
     # planned event (cast to an evaluation), so it is never None once a run has started.
     evaluated = [r for r in records if r.status in COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES]
     return (evaluated or records or [None])[0]
+
+
+def report_run_worker_lost(instance: dg.DagsterInstance, run: dg.DagsterRun, message: str) -> int:
+    """Mark `run` failed because its worker process died (reason UNEXPECTED_TERMINATION), and
+    free the pool slots its steps held or waited for; returns how many (claimed + queued).
+
+    The public `report_run_failed` takes the reason only inside `JobFailureData`, a private
+    class. Without a reason the run's failure is "unknown"; with it, run retries (which skip a
+    run that failed by a step's own error when `retry_on_asset_or_op_failure` is off) retry it,
+    and the UI says why it failed. A step killed with its run never releases its claim on a
+    pool slot (pool `gpu` has one), so the retry would wait in the queue behind a dead run
+    until run monitoring's `free_slots_after_run_end_seconds`; the storage call that frees them
+    is what that monitoring calls."""
+    instance.report_run_failed(
+        run,
+        message,
+        job_failure_data=JobFailureData(
+            error=None, failure_reason=RunFailureReason.UNEXPECTED_TERMINATION
+        ),
+    )
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return 0
+    held = 0
+    for key in storage.get_concurrency_keys():
+        info = storage.get_concurrency_info(key)
+        held += sum(slot.run_id == run.run_id for slot in info.claimed_slots)
+        # A claimed slot is also a pending step with an assigned time: count the others.
+        held += sum(
+            step.run_id == run.run_id and step.assigned_timestamp is None
+            for step in info.pending_steps
+        )
+    storage.free_concurrency_slots_for_run(run.run_id)
+    return held
 
 
 def executor_config(job: dg.JobDefinition, run_config: dict | None = None) -> dict[str, Any]:

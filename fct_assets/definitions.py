@@ -78,6 +78,7 @@ def build_defs(
     from fct_assets.deployment import promote_job, rollback_job
     from fct_assets.housekeeping import daily_housekeeping, housekeeping_job
     from fct_assets.ingest_assets import fct_inbox, ingest_job, ingested_batch
+    from fct_assets.run_reaper import run_reaper
 
     return dg.Definitions(
         assets=[*ALL_ASSETS, ingested_batch],
@@ -94,7 +95,7 @@ def build_defs(
             housekeeping_job,
         ],
         schedules=[daily_evaluation, daily_housekeeping],
-        sensors=[automation_sensor, fct_inbox],
+        sensors=[automation_sensor, fct_inbox, run_reaper],
         resources=resource_defs or resources(),
         executor=executor or executor_from_env(),
     )

@@ -1,5 +1,6 @@
-"""Test-only: record that a run planned an asset check and never ran it (a crash, a cancelled
-run, a backfill refused by another's lease), as Dagster records it at run start."""
+"""Test-only: events Dagster records that a test needs without the real thing happening: a run
+that planned an asset check and never ran it (a crash, a cancelled run, a backfill refused by
+another's lease), as Dagster records it at run start; a run worker reporting its pid."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dagster as dg
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationPlanned,
 )
-from dagster._core.events import DagsterEvent, DagsterEventType
+from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 from dagster._core.utils import make_new_run_id
 
 
@@ -34,3 +35,10 @@ def report_planned_check(
         run_id=run_id,
     )
     return run_id
+
+
+def report_run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun, pid: int) -> None:
+    """The engine event a run worker writes first (dagster/_grpc/impl.py), naming its pid."""
+    instance.report_engine_event(
+        f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid)
+    )
