@@ -4,6 +4,10 @@ Shape as the official apple/ml-fct code: two input branches (old 128->256->256 a
 128->256->256, each Linear-BN-ReLU, the paper's 1x1 convolutions on a 1x1 map), their
 concatenation, then an MLP 512->2048->2048->new_dim whose last layer is plain. FastFill adds
 a linear head new_dim->1 on h's output that predicts the log of the sample's error.
+
+The inner MLP's depth (`inner_depth` hidden layers of `inner_width`, 2 as the official code) and
+a low-rank variant (`inner_rank`) exist for the quality-cost frontier of h
+(benchmarks/h_frontier.py); `transformation_macs` is h's cost per item.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from fct_ml.augment import AugmentConfig, augment, to_float
+from fct_ml.config import ConfigError
 from fct_ml.losses import FastFillObjective, TransformationObjective
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.training import EpochRecord, Frozen, TrainConfig, fit, seed_everything
@@ -35,16 +40,76 @@ class TransformationConfig:
     # FastFill: weight of the cross-entropy through the new classifier against the squared
     # error (chosen on validation: benchmarks/results/experiments.md).
     ce_weight: float = 1.0
+    # Hidden layers of width inner_width in the inner MLP (2: 2w->W->W->new_dim, the official
+    # shape); 1 drops the W->W layer.
+    inner_depth: int = 2
+    # 0: full. r > 0: each inner_width x inner_width layer is two Linear layers W->r->W with no
+    # nonlinearity between them (a rank-r product, 2*W*r multiply-adds instead of W*W).
+    inner_rank: int = 0
+
+    def __post_init__(self) -> None:
+        # from_dict checks types only; these ranges are what the layout can be built from.
+        if isinstance(self.inner_depth, bool) or self.inner_depth < 1:
+            raise ConfigError(f"inner_depth: expected an integer >= 1, got {self.inner_depth!r}")
+        if isinstance(self.inner_rank, bool) or self.inner_rank < 0:
+            raise ConfigError(
+                f"inner_rank: expected an integer >= 0 (0: full rank), got {self.inner_rank!r}"
+            )
+        if self.inner_rank > 0 and self.inner_depth < 2:
+            # A rank that changes nothing would be recorded as if it had: refused instead.
+            raise ConfigError(
+                f"inner_rank: {self.inner_rank} needs inner_depth >= 2 (depth"
+                f" {self.inner_depth} has no inner_width x inner_width layer to factorise)"
+            )
 
 
-def _mlp(dims: list[int], plain_last: bool) -> nn.Sequential:
+def _mlp(
+    dims: list[int], plain_last: bool, rank: int = 0, low_rank: Sequence[int] = ()
+) -> nn.Sequential:
+    """Linear-BN-ReLU per step of `dims`, the last Linear plain (with bias) if `plain_last`.
+    With rank > 0, each step listed in `low_rank` is a bias-free Linear pair a -> rank -> b (no
+    nonlinearity between them); every other layer keeps the index and name it has in the full
+    MLP, so a full-rank h's state dict is the same at every release."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2
-        layers.append(nn.Linear(a, b, bias=last and plain_last))
+        if rank > 0 and i in low_rank:
+            layers.append(
+                nn.Sequential(nn.Linear(a, rank, bias=False), nn.Linear(rank, b, bias=False))
+            )
+        else:
+            layers.append(nn.Linear(a, b, bias=last and plain_last))
         if not (last and plain_last):
             layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
+
+
+def _inner_dims(config: TransformationConfig) -> list[int]:
+    return [2 * config.branch_width, *[config.inner_width] * config.inner_depth, config.new_dim]
+
+
+def _square_steps(config: TransformationConfig) -> range:
+    """The inner MLP's inner_width x inner_width steps (hidden to hidden): the ones `inner_rank`
+    factorises. Step 0 (2 * branch_width -> inner_width) never is, even when the two are equal."""
+    return range(1, config.inner_depth)
+
+
+def transformation_macs(config: TransformationConfig) -> int:
+    """Multiply-accumulates per item of h's forward pass (with the sigma head when
+    `config.uncertainty`), counting the Linear layers only: in_features * out_features each.
+    BatchNorm, ReLU, bias adds and the concatenation are left out (O(width) each, against
+    O(width^2) for a Linear)."""
+    w = config.branch_width
+    side_in = config.side_info_dim if config.side_info else config.old_dim
+    branches = (config.old_dim + side_in) * w + 2 * w * w
+    dims = _inner_dims(config)
+    low_rank = _square_steps(config) if config.inner_rank > 0 else range(0)
+    inner = sum(
+        (a + b) * config.inner_rank if i in low_rank else a * b
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))
+    )
+    sigma = config.new_dim if config.uncertainty else 0
+    return branches + inner + sigma
 
 
 class Transformation(nn.Module):
@@ -58,7 +123,10 @@ class Transformation(nn.Module):
         self.old_branch = _mlp([config.old_dim, w, w], plain_last=False)
         self.side_branch = _mlp([side_in, w, w], plain_last=False)
         self.inner = _mlp(
-            [2 * w, config.inner_width, config.inner_width, config.new_dim], plain_last=True
+            _inner_dims(config),
+            plain_last=True,
+            rank=config.inner_rank,
+            low_rank=_square_steps(config),
         )
         self.sigma_head = nn.Linear(config.new_dim, 1) if config.uncertainty else None
         # log(mean squared error / mean exp(sigma)) over h's training features, set after

@@ -112,3 +112,34 @@ def test_weights_that_do_not_fit_the_config_are_refused_in_one_line(tmp_path, ch
     with pytest.raises(CheckpointError, match=r"state dict does not match its config") as err:
         load_checkpoint(path, hashlib.sha256(blob).hexdigest())
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_transformation_saved_before_depth_and_rank_existed_loads(tmp_path):
+    # Its config has no inner_depth or inner_rank: the defaults (2, full rank) are its layout,
+    # so its tensors fit the h they build.
+    from safetensors.torch import save as save_safetensors
+
+    small = TransformationConfig(
+        old_dim=3, side_info_dim=2, new_dim=4, branch_width=4, inner_width=4, uncertainty=True
+    )
+    h = Transformation(small).eval()
+    before = {
+        k: v for k, v in dataclasses.asdict(small).items() if k not in ("inner_depth", "inner_rank")
+    }
+    header = {
+        "kind": "transformation",
+        "name": "h",
+        "provenance": "{}",
+        "config": json.dumps(before),
+    }
+    blob = save_safetensors({k: v.contiguous() for k, v in h.state_dict().items()}, metadata=header)
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(blob)
+    loaded, meta = load_checkpoint(path, hashlib.sha256(blob).hexdigest())
+    assert loaded.config == small and "inner_depth" not in meta["config"]
+    old, side = torch.rand(5, 3), torch.rand(5, 2)
+    with torch.no_grad():
+        assert torch.equal(
+            h.forward_with_sigma(old, side)[1], loaded.forward_with_sigma(old, side)[1]
+        )
+        assert torch.equal(h(old, side), loaded(old, side))

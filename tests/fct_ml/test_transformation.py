@@ -1,5 +1,6 @@
 """Tests for fct_ml.transformation, fast: training h on sixteen vectors (two epochs), sigma's
-calibration and the training features worked out by hand, and the refusals of bad input.
+calibration and the training features worked out by hand, and the refusals of bad input;
+h's inner depth, low-rank variant, parameter count and multiply-accumulates by hand.
 tests/fct_ml/test_models.py checks h's layout and shapes."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from fct_ml.augment import AugmentConfig, augment, to_float
+from fct_ml.config import ConfigError, from_dict, replace
 from fct_ml.losses import FastFillObjective, TransformationObjective
 from fct_ml.models import ModelConfig
 from fct_ml.training import TrainConfig, fit
@@ -20,6 +22,7 @@ from fct_ml.transformation import (
     calibrate_sigma,
     train_transformation,
     training_features,
+    transformation_macs,
 )
 
 TINY = dict(old_dim=3, side_info_dim=2, new_dim=2, branch_width=4, inner_width=4)
@@ -41,6 +44,8 @@ def test_the_defaults_are_the_official_recipe():
         side_info=True,
         uncertainty=False,
         ce_weight=1.0,
+        inner_depth=2,
+        inner_rank=0,
     )
     h = Transformation(TransformationConfig())
     assert h.sigma_head is None
@@ -297,3 +302,139 @@ def test_no_training_data_is_refused_naming_the_stage():
         train_transformation(
             old, side, new, labels, TransformationConfig(**TINY), TRAIN, device=CPU, seed=0
         )
+
+
+# ---------------------------------------------------------------- depth, rank and cost
+
+# old 3, side 2, new 4, branches 5 wide, inner 6 wide: small enough to count by hand.
+SMALL = dict(old_dim=3, side_info_dim=2, new_dim=4, branch_width=5, inner_width=6)
+
+
+def _params(h: nn.Module) -> int:
+    return sum(p.numel() for p in h.parameters())
+
+
+@pytest.mark.parametrize(
+    "depth, rank, params, macs",
+    [
+        # Branches, the same for every row: old Linear(3,5) 15 + BN(5) 10 + Linear(5,5) 25 +
+        # BN 10 = 60 parameters; side Linear(2,5) 10 + 10 + 25 + 10 = 55. MACs: 15 + 25 + 10 +
+        # 25 = 75. Inner input 2 * 5 = 10. A BN of width 6 has 12 parameters; the last
+        # Linear(6,4) has a bias: 28 parameters, 24 MACs.
+        # depth 1: Linear(10,6) 60 + BN 12 + last 28 = 100; MACs 60 + 24 = 84.
+        (1, 0, 60 + 55 + 100, 75 + 84),
+        # depth 2 (today's): + Linear(6,6) 36 + BN 12 -> inner 148; MACs 60 + 36 + 24 = 120.
+        (2, 0, 60 + 55 + 148, 75 + 120),
+        # depth 3: two Linear(6,6)-BN -> inner 196; MACs 60 + 36 + 36 + 24 = 156.
+        (3, 0, 60 + 55 + 196, 75 + 156),
+        # depth 2, rank 2: Linear(6,6) 36 becomes Linear(6,2) 12 + Linear(2,6) 12 = 24 -> inner
+        # 136; MACs 60 + 24 + 24 = 108.
+        (2, 2, 60 + 55 + 136, 75 + 108),
+        # depth 3, rank 2: both square layers factorised -> inner 172; MACs 60 + 24 + 24 + 24
+        # = 132. Step 0 (10 -> 6) and the last layer are never factorised.
+        (3, 2, 60 + 55 + 172, 75 + 132),
+    ],
+)
+def test_parameters_and_macs_by_hand(depth, rank, params, macs):
+    config = TransformationConfig(**SMALL, inner_depth=depth, inner_rank=rank)
+    h = Transformation(config)
+    assert _params(h) == params
+    assert transformation_macs(config) == macs
+    # The count is h's Linear layers, one multiply-accumulate per weight: the built module's.
+    linears = [m for m in h.modules() if isinstance(m, nn.Linear)]
+    assert sum(m.in_features * m.out_features for m in linears) == macs
+    with torch.no_grad():
+        assert h.eval()(torch.randn(2, 3), torch.randn(2, 2)).shape == (2, 4)
+    # FastFill's sigma head: Linear(4,1) with a bias, 5 parameters, 4 MACs.
+    with_sigma = replace(config, uncertainty=True)
+    assert _params(Transformation(with_sigma)) == params + 5
+    assert transformation_macs(with_sigma) == macs + 4
+    # Without side-info the side branch reads the old embedding (3 wide, not 2): + 5 MACs.
+    plain = replace(config, side_info=False)
+    assert _params(Transformation(plain)) == params + 5
+    assert transformation_macs(plain) == macs + 5
+
+
+def test_macs_of_the_presets_widths_by_hand():
+    # The official h (inner 2048): branches 2 * (128*256 + 256*256) = 196,608; inner
+    # 512*2048 + 2048*2048 + 2048*128 = 5,505,024.
+    assert transformation_macs(TransformationConfig()) == 196_608 + 5_505_024
+    # The cpu preset's (inner 1024) with FastFill's head: 196,608 + 512*1024 + 1024*1024 +
+    # 1024*128 = 1,703,936, + 128 for sigma.
+    cpu = TransformationConfig(inner_width=1024, uncertainty=True)
+    assert transformation_macs(cpu) == 196_608 + 1_703_936 + 128
+    # Rank 64 replaces 1024*1024 = 1,048,576 by 2 * 1024 * 64 = 131,072.
+    low = replace(cpu, inner_rank=64)
+    assert transformation_macs(low) == 196_608 + 1_703_936 - 1_048_576 + 131_072 + 128
+
+
+def test_the_default_layout_keeps_its_parameter_names_and_shapes():
+    # Checkpoints written before inner_depth and inner_rank existed hold exactly these tensors
+    # (besides the branches): the defaults must build the same ones to load them.
+    h = Transformation(TransformationConfig(**SMALL, uncertainty=True))
+    inner = {k: tuple(v.shape) for k, v in h.state_dict().items() if k.startswith("inner.")}
+    bn6 = {"weight": (6,), "bias": (6,), "running_mean": (6,), "running_var": (6,)}
+    expected = {
+        "inner.0.weight": (6, 10),
+        **{f"inner.1.{k}": s for k, s in bn6.items()},
+        "inner.1.num_batches_tracked": (),
+        "inner.3.weight": (6, 6),
+        **{f"inner.4.{k}": s for k, s in bn6.items()},
+        "inner.4.num_batches_tracked": (),
+        "inner.6.weight": (4, 6),
+        "inner.6.bias": (4,),
+    }
+    assert inner == expected
+    others = {k for k in h.state_dict() if not k.startswith("inner.")}
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    branch = {
+        key
+        for b in ("old_branch", "side_branch")
+        for key in (f"{b}.0.weight", f"{b}.3.weight", *(f"{b}.{i}.{k}" for i in (1, 4) for k in bn))
+    }
+    assert others == branch | {"sigma_head.weight", "sigma_head.bias", "sigma_offset"}
+
+
+def test_low_rank_is_a_product_with_no_nonlinearity_between():
+    torch.manual_seed(0)
+    low = Transformation(TransformationConfig(**SMALL, inner_rank=2)).eval()
+    assert [type(m).__name__ for m in low.inner[3]] == ["Linear", "Linear"]
+    down, up = low.inner[3]
+    assert (down.in_features, down.out_features, up.out_features) == (6, 2, 6)
+    assert down.bias is None and up.bias is None  # a BN follows, as after the full layer
+    # The same h at full rank, its 6x6 weight the product up @ down, computes the same thing.
+    full = Transformation(TransformationConfig(**SMALL)).eval()
+    state = {k: v for k, v in low.state_dict().items() if not k.startswith("inner.3.")}
+    state["inner.3.weight"] = up.weight @ down.weight
+    full.load_state_dict(state)
+    old, side = torch.randn(8, 3), torch.randn(8, 2)
+    with torch.no_grad():
+        assert torch.allclose(low(old, side), full(old, side), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("inner_depth", 0, r"^inner_depth: expected an integer >= 1, got 0$"),
+        ("inner_depth", -2, r"^inner_depth: expected an integer >= 1, got -2$"),
+        ("inner_rank", -1, r"^inner_rank: expected an integer >= 0 \(0: full rank\), got -1$"),
+    ],
+)
+def test_bad_depth_or_rank_is_refused_in_one_line(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TransformationConfig(**{field: value})
+    # The same refusal when the config comes from a mapping (a checkpoint's metadata, JSON).
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TransformationConfig, {field: value})
+    # A wrong type is from_dict's: it names the field too.
+    with pytest.raises(ConfigError, match=f"^{field}: expected an integer, got '2'$"):
+        from_dict(TransformationConfig, {field: "2"})
+
+
+def test_a_rank_with_no_square_layer_to_factorise_is_refused():
+    with pytest.raises(
+        ConfigError,
+        match=r"^inner_rank: 8 needs inner_depth >= 2 \(depth 1 has no inner_width x"
+        r" inner_width layer to factorise\)$",
+    ):
+        TransformationConfig(inner_depth=1, inner_rank=8)
