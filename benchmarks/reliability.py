@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+LOG = REPO / "runs" / "reliability" / "pytest.log"  # git-ignored, as runs/ is
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
         wall = time.monotonic() - started
+        # The whole pytest output, for a failure's traceback (the report keeps the summary).
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        LOG.write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            print(f"pytest failed ({summary}); its whole output: {LOG}", file=sys.stderr)
         if not records_path.exists():
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
             return 1

@@ -79,9 +79,11 @@ class ModelTrainingConfig(dg.Config):
     epochs: int | None = Field(
         None, ge=1, le=100_000, description="Training epochs. Unset: the preset's."
     )
+    # At most 10**12: each stage seeds torch with seed * 1000 + k, and torch takes 64 bits.
     seed: int = Field(
         0,
         ge=0,
+        le=10**12,
         description=(
             "The run's seed (initialisation, data order, augmentation); the model derives its own"
             " from it as `fct reproduce --seed` does, so the same seed gives the same model."
@@ -139,6 +141,7 @@ class TransformationTrainingConfig(dg.Config):
     seed: int = Field(
         0,
         ge=0,
+        le=10**12,  # as the new model's seed
         description=(
             "The run's seed (features' augmentation, initialisation, data order), as `fct"
             " reproduce --seed`."

@@ -394,6 +394,27 @@ def outcome(proc: subprocess.Popen) -> dict:
     return json.loads(lines[-1])
 
 
+def meet(db, table: str, procs: list[subprocess.Popen]) -> list[dict]:
+    """The outcomes of two writers of `table` released together, made to overlap: the one that
+    takes the lease first is paused (SIGSTOP) while it holds it, until the other has finished.
+    Released together, one tiny backfill can otherwise be done before the other starts (seen
+    with 4 reader processes on 2 cores), and the race would not be run at all."""
+    by_pid = {p.pid: p for p in procs}
+    deadline = time.monotonic() + 300
+    while (held := guards.holder(db, table)) is None or held.pid not in by_pid:
+        assert time.monotonic() < deadline, f"no writer took {table}'s lease in 300 s"
+        assert all(p.poll() is None for p in procs), "a writer ended before either held the lease"
+        time.sleep(0.01)
+    first = by_pid[held.pid]
+    (second,) = [p for p in procs if p is not first]
+    first.send_signal(signal.SIGSTOP)
+    try:
+        met = outcome(second)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    return [outcome(first), met]
+
+
 def test_concurrency_harness(env, tmp_path, reliability):
     """Reader processes search the deployed table all along while, one after the other, ingest
     batches arrive (`fct ingest`), two backfills of v3 (catch_up runs) are released at the same
@@ -433,9 +454,12 @@ def test_concurrency_harness(env, tmp_path, reliability):
         for i in range(n_readers)
     ]
     writer = str(REPO / "tests/reliability/writer_worker.py")
+    extra = {"catch_up": ["32"], "promote": []}  # catch_up: 32-row pages, a longer backfill
     writers = {
         what: [
-            subprocess.Popen([sys.executable, writer, str(gates[what]), what, "v3"], **spawn)
+            subprocess.Popen(
+                [sys.executable, writer, str(gates[what]), what, "v3", *extra[what]], **spawn
+            )
             for _ in range(2)
         ]
         for what in ("catch_up", "promote")
@@ -451,7 +475,7 @@ def test_concurrency_harness(env, tmp_path, reliability):
             _, err = ingest.communicate(timeout=900)
             assert ingest.returncode == 0, err[-2000:]
         release(writers["catch_up"], gates["catch_up"])
-        backfills = [outcome(p) for p in writers["catch_up"]]
+        backfills = meet(db, "gallery_v3", writers["catch_up"])
         release(writers["promote"], gates["promote"])
         promotions = [outcome(p) for p in writers["promote"]]
         time.sleep(max(0.0, seconds - (time.monotonic() - started)))

@@ -1,6 +1,7 @@
 """A writer process for the concurrency harness, released at an instant the parent chooses.
 
-    python writer_worker.py GO_FILE catch_up VERSION    # the catch_up job, run in this process
+    python writer_worker.py GO_FILE catch_up VERSION [ROWS_PER_BATCH]   # the catch_up job,
+                                                                          # in this process
     python writer_worker.py GO_FILE promote VERSION     # `fct promote VERSION`
 
 DAGSTER_HOME, FCT_LANCEDB_URI, FCT_STORAGE_URI, FCT_PRESET and FCT_DEVICE point it at the test's
@@ -38,8 +39,12 @@ def main() -> None:
         time.sleep(0.005)
     out = {"what": f"{what} {version}", "ok": False, "run_id": "", "line": ""}
     if what == "catch_up":
+        config = {}
+        if len(sys.argv) > 4:  # smaller pages: a longer backfill, for a race to meet it
+            rows = int(sys.argv[4])
+            config = {"ops": {"backfilled_gallery": {"config": {"rows_per_batch": rows}}}}
         result = defs.resolve_job_def("catch_up").execute_in_process(
-            instance=instance, partition_key=version, raise_on_error=False
+            instance=instance, partition_key=version, run_config=config, raise_on_error=False
         )
         out.update(ok=result.success, run_id=result.run_id)
         if not result.success:
