@@ -94,7 +94,7 @@ def _refusal(job: dg.JobDefinition, op: str, field: str, value: object) -> tuple
 
 
 def test_every_launchpad_field_refuses_what_cannot_be_right(reliability):
-    job = build_defs().get_job_def("upgrade")
+    job = build_defs().resolve_job_def("upgrade")
     cases = _cases()
     where = {"launch": 0, "step start": 0}
     one_line = 0
@@ -107,7 +107,7 @@ def test_every_launchpad_field_refuses_what_cannot_be_right(reliability):
             assert any(text in line for text in _shown(value)), (value, line)
         one_line += 1
     assert where["launch"] >= 50
-    promote = build_defs().get_job_def("promote")
+    promote = build_defs().resolve_job_def("promote")
     for value in (5, None, ["v2"]):
         with pytest.raises(dg.DagsterInvalidConfigError) as err:
             dg.validate_run_config(
@@ -127,7 +127,7 @@ def test_every_launchpad_field_refuses_what_cannot_be_right(reliability):
 
 
 def test_an_out_of_range_backfill_value_names_field_bound_and_value():
-    job = build_defs().get_job_def("upgrade")
+    job = build_defs().resolve_job_def("upgrade")
     for field, value, bound in (("reembed_fraction", 1.5, "<= 1.0"), ("shards", 0, ">= 1")):
         with pytest.raises(cfg.LaunchConfigError) as err:
             dg.validate_run_config(job, {"ops": {"backfilled_gallery": {"config": {field: value}}}})
