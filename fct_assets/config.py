@@ -7,6 +7,7 @@ launchpad works with no YAML at all and every field says what it changes.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal
 
 import dagster as dg
@@ -37,6 +38,14 @@ def _one_line(err: ValidationError, where: str) -> str:
         why = first["msg"][0].lower() + first["msg"][1:]
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{where}.{field}: {shown} refused: {why}{more}"
+
+
+def seconds_from_env(name: str, default: int) -> int:
+    """A sensor's interval from the environment variable `name` (whole seconds >= 1)."""
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: expected whole seconds >= 1")
+    return int(value)
 
 
 def validated(cls: type[dg.Config], values: dict[str, Any], where: str) -> dg.Config:

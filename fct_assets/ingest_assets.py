@@ -2,13 +2,13 @@
 inbox sensor that launches one run per batch of new files (logic in fct_assets/ingest.py)."""
 
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from fct_assets.assets import CODE_VERSION, OWNERS, versioned
+from fct_assets.config import seconds_from_env
 from fct_assets.partitions import ingest_batch
 from fct_assets.records import DatasetRecord, IngestBatch
 from fct_assets.resources import FctResource
@@ -145,10 +145,7 @@ ingest_job = dg.define_asset_job(
 
 
 def inbox_interval() -> int:
-    value = os.environ.get(INTERVAL_ENV, "10")
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{INTERVAL_ENV}={value!r}: expected whole seconds >= 1")
-    return int(value)
+    return seconds_from_env(INTERVAL_ENV, 10)
 
 
 @dg.sensor(

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from fct_assets.config import seconds_from_env
 from fct_assets.dagster_internals import report_run_worker_lost
 
 STARTED_PROCESS = "Started process for run (pid: "
@@ -120,14 +121,7 @@ def reap(instance: dg.DagsterInstance) -> list[tuple[str, str]]:
 
 def reaper_interval() -> int:
     """Seconds between the reaper's ticks (FCT_REAPER_INTERVAL, default 30)."""
-    raw = os.environ.get("FCT_REAPER_INTERVAL", "30")
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"FCT_REAPER_INTERVAL={raw!r}: expected whole seconds >= 1") from None
-    if value < 1:
-        raise ValueError(f"FCT_REAPER_INTERVAL={raw!r}: expected whole seconds >= 1")
-    return value
+    return seconds_from_env("FCT_REAPER_INTERVAL", 30)
 
 
 @dg.sensor(
