@@ -111,8 +111,9 @@ def _markdown(result: dict) -> str:
         "# An upgrade's cost, by asset",
         "",
         f"Machine: {result['machine']}; load average at the end {result['load_average_1m']}"
-        " (other jobs shared the machine: wall times include waiting for a core, CPU times do"
-        " not).",
+        " (the benchmark's own threads give about the number of torch threads; above that,"
+        " other jobs shared the machine and wall times include waiting for a core; CPU times"
+        " do not).",
         f"Preset `{result['preset']}`, {result['dataset']}, gallery of {result['gallery_rows']}"
         f" items; one upgrade (v2), the `upgrade` job in process as `make demo` runs it:"
         f" {result['upgrade_seconds']} s (base assets before it: {result['base_seconds']} s).",
