@@ -61,7 +61,7 @@ from fct_ml.datasets import default_old_classes
 from fct_ml.evaluation import evaluate_cases
 from fct_ml.models import EmbeddingModel
 from fct_ml.presets import ExperimentConfig, preset
-from fct_ml.reproduce import StageCache
+from fct_ml.reproduce import StageCache, cache_fingerprint, stage_key
 from fct_ml.training import Frozen
 from fct_ml.transformation import Transformation, TransformationConfig, transformation_macs
 
@@ -296,12 +296,10 @@ def run_seed(
         log(f"[seed {seed}] every variant already in {path}")
         return record
     run = pipeline.Run(seed=seed, device=CPU, progress=False)
-    cache = StageCache(
-        cache_dir, f"{dataset.fingerprint()}:{config.validation_fraction}", seed, CPU
-    )
+    cache = StageCache(cache_dir, cache_fingerprint(dataset, config), seed, CPU)
 
-    def stage(name: str, key: list, train: Callable[[], Any]):
-        # The keys are fct_ml.reproduce.run_experiment's, so its cached models are found.
+    def stage(name: str, train: Callable[[], Any]):
+        # fct_ml.reproduce's own keys, so the models `fct reproduce --cache-dir` cached are found.
         def missing():
             if require_cached:
                 raise SystemExit(
@@ -313,23 +311,20 @@ def run_seed(
 
         t = time.perf_counter()
         record["stages"][name] = "cached"
-        model, _ = cache(name, key, missing)
+        model, _ = cache(name, stage_key(name, config, old_classes), missing)
         log(f"[seed {seed}] {name}: {record['stages'][name]} ({time.perf_counter() - t:.1f} s)")
         return model
 
     old_model = stage(
         "old_model",
-        [config.old_model, config.old_train, old_classes],
         lambda: pipeline.train_old_model(dataset, old_classes, config, run),
     )
     side_model = stage(
         "side_info_model",
-        [config.side_info, config.side_info_train, old_classes],
         lambda: pipeline.train_side_info(dataset, old_classes, config, run),
     )
     new_model = stage(
         "new_model",
-        [config.new_model, config.new_train],
         lambda: pipeline.train_new_model(dataset, config, run),
     )
     t = time.perf_counter()

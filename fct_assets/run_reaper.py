@@ -26,6 +26,7 @@ monitoring checks the run's pod, deploy/dagster.yaml).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -54,11 +55,20 @@ def run_worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] |
     return None
 
 
+@functools.cache
+def _boot_time() -> int:
+    """When this machine booted (seconds since the epoch: /proc/stat's btime); fixed until the
+    next boot, so read once per process, not once per run checked."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/stat has no btime line")
+
+
 def process_start_time(pid: int) -> float | None:
     """When process `pid` started (seconds since the epoch), or None if there is no such process.
     From /proc on Linux; elsewhere only whether it exists (start time 0: never taken as reused)."""
-    stat = Path(f"/proc/{pid}/stat")
-    if not stat.parent.parent.joinpath("self").exists():
+    if not Path("/proc/self").exists():
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -67,18 +77,12 @@ def process_start_time(pid: int) -> float | None:
             pass
         return 0.0
     try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # Field 22 of /proc/PID/stat (the 20th after the command name): start time in clock ticks
-    # since boot; the boot time is /proc/stat's btime.
-    ticks = int(fields[19])
-    boot = next(
-        int(line.split()[1])
-        for line in Path("/proc/stat").read_text().splitlines()
-        if line.startswith("btime ")
-    )
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    # since boot.
+    return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def worker_gone(pid: int, reported_at: float) -> str | None:

@@ -46,6 +46,30 @@ def _history(records: list[EpochRecord]) -> list[dict[str, Any]]:
     return [asdict(r) for r in records]
 
 
+def stage_key(stage: str, config: ExperimentConfig, old_classes: Sequence[int]) -> list[Any]:
+    """What determines a trained model stage besides the seed and the data: its StageCache key.
+    One definition, so that a script reusing `fct reproduce --cache-dir` finds its models."""
+    keys = {
+        "old_model": [config.old_model, config.old_train, old_classes],
+        "side_info_model": [config.side_info, config.side_info_train, old_classes],
+        "new_model": [config.new_model, config.new_train],
+        "bct_model": [
+            config.old_model,
+            config.old_train,
+            config.new_model,
+            config.new_train,
+            config.bct,
+            old_classes,
+        ],
+    }
+    return keys[stage]
+
+
+def cache_fingerprint(dataset: Dataset, config: ExperimentConfig) -> str:
+    """The training data a cached stage was trained on: the dataset and its validation split."""
+    return f"{dataset.fingerprint()}:{config.validation_fraction}"
+
+
 class StageCache:
     """Trained models kept in a folder, keyed by everything that determines them (the stage,
     its configs, the run's seed and the training data's fingerprint), so settings that share a
@@ -197,9 +221,7 @@ def run_experiment(
     old_classes = pipeline.old_class_tuple(old_classes)
     # Every stage trains on the training set minus the validation split (pipeline.fit_split).
     val = pipeline.validation_split(dataset, config)
-    cache = StageCache(
-        cache_dir, f"{dataset.fingerprint()}:{config.validation_fraction}", seed, device
-    )
+    cache = StageCache(cache_dir, cache_fingerprint(dataset, config), seed, device)
     unseen_classes = tuple(c for c in range(dataset.num_classes) if c not in old_classes)
     timings: dict[str, float] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
@@ -237,7 +259,7 @@ def run_experiment(
             "old_model",
             cache(
                 "old_model",
-                [config.old_model, config.old_train, old_classes],
+                stage_key("old_model", config, old_classes),
                 lambda: pipeline.train_old_model(
                     dataset,
                     old_classes,
@@ -252,7 +274,7 @@ def run_experiment(
             "side_info_model",
             cache(
                 "side_info_model",
-                [config.side_info, config.side_info_train, old_classes],
+                stage_key("side_info_model", config, old_classes),
                 lambda: pipeline.train_side_info(
                     dataset,
                     old_classes,
@@ -267,7 +289,7 @@ def run_experiment(
             "new_model",
             cache(
                 "new_model",
-                [config.new_model, config.new_train],
+                stage_key("new_model", config, old_classes),
                 lambda: pipeline.train_new_model(
                     dataset, config, run, on_epoch=epochs("new_model", config.new_train.epochs)
                 ),
@@ -278,14 +300,7 @@ def run_experiment(
             "bct_model",
             cache(
                 "bct_model",
-                [
-                    config.old_model,
-                    config.old_train,
-                    config.new_model,
-                    config.new_train,
-                    config.bct,
-                    old_classes,
-                ],
+                stage_key("bct_model", config, old_classes),
                 lambda: pipeline.train_bct(
                     dataset,
                     old_model,
