@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -61,7 +60,7 @@ from fct_ml.datasets import default_old_classes
 from fct_ml.evaluation import evaluate_cases
 from fct_ml.models import EmbeddingModel
 from fct_ml.presets import ExperimentConfig, preset
-from fct_ml.reproduce import StageCache, cache_fingerprint, stage_key
+from fct_ml.reproduce import StageCache, cache_fingerprint, dumps, stage_key
 from fct_ml.training import Frozen
 from fct_ml.transformation import Transformation, TransformationConfig, transformation_macs
 
@@ -257,7 +256,7 @@ def setting_of(
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(dumps(data) + "\n")  # NaN/Inf as null: strict JSON readers refuse them
     tmp.replace(path)  # an interrupted run never leaves half a record
 
 
@@ -911,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     png = args.out_dir / "h_frontier.png"
     drawn = plot(result, png)
-    _write_json(args.out_dir / "h_frontier.json", _clean(result))
+    _write_json(args.out_dir / "h_frontier.json", result)
     md = markdown(result, png.name if drawn else None)
     (args.out_dir / "h_frontier.md").write_text(md)
     print(table(result))
@@ -920,17 +919,6 @@ def main(argv: list[str] | None = None) -> int:
         f" wrote {args.out_dir / 'h_frontier.json'}, .md{', .png' if drawn else ''}"
     )
     return 0
-
-
-def _clean(x: Any) -> Any:
-    """NaN/Inf as null: strict JSON readers refuse them."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
 
 
 if __name__ == "__main__":
