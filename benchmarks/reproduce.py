@@ -99,6 +99,33 @@ def cached_stages(run: dict[str, Any]) -> list[str]:
     return [s for s in training if run.get("timings_s", {}).get(s, 1.0) < 0.5]
 
 
+def charge_cached_stages(run: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
+    """Give each stage `run` read from the stage cache the training time it took in the earlier
+    run that trained it (the same model digest: the very weights), and add it to the run's wall
+    time, so that a study reusing cached models reports the time of training every stage."""
+    for stage in cached_stages(run):
+        digest = run["model_digests"][stage]
+        trained = next(
+            (
+                e
+                for e in earlier
+                if e["model_digests"].get(stage) == digest and stage not in cached_stages(e)
+            ),
+            None,
+        )
+        if trained is None:
+            raise SystemExit(
+                f"--stage-times-from: no run trained {stage} of {run['setting']} seed"
+                f" {run['seed']} (digest {digest[:12]})"
+            )
+        seconds = trained["timings_s"][stage]
+        run["wall_s"] = round(run["wall_s"] - run["timings_s"][stage] + seconds, 1)
+        run["timings_s"][stage] = seconds
+        run.setdefault("charged_from", {})[stage] = (
+            f"{trained['setting']}_seed{trained['seed']}: {seconds} s"
+        )
+
+
 def check_targets(
     setting: str,
     runs: list[dict[str, Any]],
@@ -172,11 +199,16 @@ def check_targets(
                 gain > spread,
             )
     cached = sorted({s for r in runs for s in cached_stages(r)})
-    how = (
-        f"all of the seed's runs: this setting reused {', '.join(cached)}"
-        if cached
-        else "its own runs, every stage trained"
-    )
+    charged = sorted({s for r in runs for s in r.get("charged_from", {})})
+    if cached:
+        how = f"all of the seed's runs: this setting reused {', '.join(cached)}"
+    elif charged:
+        how = (
+            f"its own run, with {', '.join(charged)} from the stage cache charged the training"
+            " time measured where they were trained"
+        )
+    else:
+        how = "its own runs, every stage trained"
     if hard:  # the issue's time target is the `cpu` setting's; this one's time is shown
         add(f"slowest seed, wall minutes ({how})", max(wall) / 60, "(reported)", True)
     else:
@@ -383,6 +415,13 @@ def main() -> int:
         help="aggregate existing run JSONs instead of running",
     )
     parser.add_argument(
+        "--stage-times-from",
+        nargs="*",
+        default=None,
+        help="earlier run JSONs: a stage read from the stage cache is charged the training time"
+        " it took where it was trained (matched by model digest)",
+    )
+    parser.add_argument(
         "--note",
         default="",
         help="a paragraph on how this study was run (seeds missing, machine load), put in the markdown",
@@ -434,6 +473,10 @@ def main() -> int:
                 runs.append(run)
                 out.write_text(json.dumps(run))
                 partial.unlink()
+    if args.stage_times_from:
+        earlier = [json.loads(Path(p).read_text()) for p in args.stage_times_from]
+        for run in runs:
+            charge_cached_stages(run, earlier)
     import os
     import platform
 

@@ -118,6 +118,8 @@ def _overrides(exp, config, model: str, train: str):
         f"{model}__arch": getattr(config, "arch", None),
         f"{model}__embed_dim": getattr(config, "embed_dim", None),
         f"{model}__inner_width": getattr(config, "inner_width", None),
+        f"{model}__inner_depth": getattr(config, "inner_depth", None),
+        f"{model}__inner_rank": getattr(config, "inner_rank", None),
         f"{train}__epochs": config.epochs,
     }
     return replace(exp, **{k: v for k, v in chosen.items() if v is not None})

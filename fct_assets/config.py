@@ -11,7 +11,7 @@ import os
 from typing import Any, Literal
 
 import dagster as dg
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from fct_ml.backbones import backbone_names
 from fct_ml.datasets import dataset_names, default_splits
@@ -132,6 +132,21 @@ class TransformationTrainingConfig(dg.Config):
         le=65536,
         description="Width of h's inner MLP (paper: 2048). Unset: the preset's.",
     )
+    inner_depth: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Hidden layers of inner_width in h's inner MLP (paper: 2). Unset: the preset's.",
+    )
+    inner_rank: int | None = Field(
+        None,
+        ge=0,
+        le=65536,
+        description=(
+            "0: full rank. r > 0: each inner_width x inner_width layer factorised through rank r"
+            " (needs inner_depth >= 2). Unset: the preset's."
+        ),
+    )
     epochs: int | None = Field(
         None, ge=1, le=100_000, description="Training epochs (paper: 80). Unset: the preset's."
     )
@@ -156,6 +171,15 @@ class TransformationTrainingConfig(dg.Config):
             " reproduce --seed`."
         ),
     )
+
+    @field_validator("inner_rank")
+    @classmethod
+    def _rank_needs_depth(cls, rank: int | None, info: ValidationInfo) -> int | None:
+        # Checked at launch: fct_ml refuses it too, but only once the step has started.
+        depth = info.data.get("inner_depth")
+        if rank and depth is not None and depth < 2:
+            raise ValueError(f"needs inner_depth >= 2 (inner_depth is {depth})")
+        return rank
 
 
 class BackfillConfig(dg.Config):

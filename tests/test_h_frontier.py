@@ -10,6 +10,7 @@ import pytest
 from benchmarks.h_frontier import (
     Variant,
     aggregate,
+    baseline_h,
     choose_default,
     select,
     variants_for,
@@ -18,7 +19,7 @@ from fct_ml.presets import preset
 
 
 def test_the_cpu_presets_frontier_is_the_issues_list():
-    variants = variants_for(preset("cpu").transformation)
+    variants = variants_for(baseline_h("cpu"))
     assert [v.name for v in variants] == [
         "w1024-d2",  # today's h
         "w512-d2",
@@ -34,12 +35,12 @@ def test_the_cpu_presets_frontier_is_the_issues_list():
     # The precisions run today's trained h.
     assert variants[7].trained == variants[8].trained == variants[0]
     # The tiny preset's (inner 64) is the same sweep at its own width.
-    tiny = [v.name for v in variants_for(preset("tiny").transformation)]
+    tiny = [v.name for v in variants_for(baseline_h("tiny"))]
     assert tiny[:7] == ["w64-d2", "w32-d2", "w16-d2", "w8-d2", "w64-d1", "w16-d1", "w64-d2-r4"]
 
 
 def test_a_subset_keeps_the_baseline_and_the_h_a_precision_runs():
-    variants = variants_for(preset("cpu").transformation)
+    variants = variants_for(baseline_h("cpu"))
     chosen = select(variants, ["w256-d1", "w1024-d2-int8"])
     assert [v.name for v in chosen] == ["w1024-d2", "w256-d1", "w1024-d2-int8"]
     with pytest.raises(ValueError, match=r"^--variants: unknown 'w999-d2' \(known: w1024-d2, "):
@@ -132,3 +133,23 @@ def test_the_default_is_the_cheapest_variant_within_a_point_on_both_metrics():
 def test_a_variant_better_than_the_baseline_by_more_than_a_point_still_qualifies():
     rows = _rows({"base": _entry(100, 80.0, 80.0), "small": _entry(10, 85.0, 82.0)})
     assert choose_default(rows, "base")["default"] == "small"
+
+
+def test_the_cpu_presets_h_is_the_knee_of_the_committed_frontier():
+    # The preset's h is the one the study chose on validation, not a width typed by hand; the
+    # frontier stays built around the h it was chosen against (width 1024).
+    import json
+    from pathlib import Path
+
+    study = json.loads(
+        (Path(__file__).parent.parent / "benchmarks/results/h_frontier.json").read_text()
+    )
+    (knee,) = [v for v in study["variants"] if v["default"]]
+    h = preset("cpu").transformation
+    assert (h.inner_width, h.inner_depth, h.inner_rank) == (
+        knee["inner_width"],
+        knee["inner_depth"],
+        knee["inner_rank"],
+    )
+    assert knee["precision"] == "fp32"
+    assert study["baseline"] == "w1024-d2" and baseline_h("cpu").inner_width == 1024

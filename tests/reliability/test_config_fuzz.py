@@ -32,6 +32,8 @@ BAD = {
     ("new_model", "seed"): [-1, "zero", 0.5, 10**12 + 1],
     ("new_model", "arch"): [5, ["cnn-s"]],
     ("transformation", "inner_width"): [0, -8, 10**9, "wide"],
+    ("transformation", "inner_depth"): [0, -1, 65, "deep"],
+    ("transformation", "inner_rank"): [-1, 65537, "low"],
     ("transformation", "epochs"): [0, -1, "x"],
     ("transformation", "side_info"): ["maybe", 2],
     ("transformation", "seed"): [-2, "s", 2**64],
