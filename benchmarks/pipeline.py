@@ -14,7 +14,7 @@ stream: a gallery_store of `--items` random vectors of `--dim` dimensions (old a
 written in one streamed commit, then ONE transform backfill of it in a subprocess, which records
 the time and its peak RSS (VmHWM) when it has passed 1M, 5M and 10M items. `--dim` below 128
 keeps the 10M-item tables within the disk (at 128-d they take ~16 GB); h's inner MLP, which
-dominates its cost, is the default's (1024 wide).
+dominates its cost, is the cpu preset's (benchmarks/backfill.py's default pair).
 
 Writes benchmarks/results/pipeline.{json,md} (each part its own key; a part not run keeps its
 earlier result) and, for a 10M stream, `stream_10m` in benchmarks/results/backfill.json.
@@ -162,7 +162,7 @@ def child_stream(uri: str, version: int, n: int, dim: int, batch_size: int) -> d
             side_info_dim=dim,
             new_dim=dim,
             branch_width=256,
-            inner_width=1024,
+            inner_width=bench.PAIRS["cpu_default"][2],
             uncertainty=True,
         )
     ).eval()
@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("part", choices=["overlap", "stream", "child-stream"])
     parser.add_argument("--n-cpu", type=int, default=10_000)
     parser.add_argument("--n-resnet", type=int, default=1_000)
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument(
+        "--batch-size", type=int, default=4096, help="rows per batch (the backfill's default)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--items", type=int, default=10_000_000)
     parser.add_argument("--dim", type=int, default=128)
@@ -359,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                 "dim": stream["dim"],
                 "measured_by": command,
             }
+            if "pairs" in data:  # the targets table there gains the stream's rows
+                data["targets"] = bench.check_targets(data)
+                (RESULTS / "backfill.md").write_text(bench.markdown(data))
             backfill_json.write_text(json.dumps(data, indent=2) + "\n")
     result["commands"] = sorted({*result.get("commands", []), command})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -152,7 +152,7 @@ def check_stack(stack: LocalStack, steps: Steps, checks: dict[str, bool], notes:
     import dagster as dg
     import lancedb
 
-    from fct_assets.io_managers import recorded_metadata
+    from fct_assets.event_log import recorded_metadata
     from fct_assets.partitions import add_model_version
     from fct_assets.resources import lancedb_storage_options
 

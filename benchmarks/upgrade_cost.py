@@ -40,7 +40,8 @@ def run(preset: str, dataset: str, old_classes: str | None, root: Path) -> dict:
     import dagster as dg
 
     from fct_assets.definitions import build_defs
-    from fct_assets.io_managers import CheckpointIOManager, RecordIOManager, recorded_metadata
+    from fct_assets.event_log import recorded_metadata
+    from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
     from fct_assets.partitions import add_model_version
     from fct_assets.resources import FctResource
 

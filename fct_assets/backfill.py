@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from fct_assets import guards, storage
@@ -384,7 +385,7 @@ def _shard_rows(
 
     source = plan.source
     transform = _transformer(h, plan.rows_per_batch, source)
-    reembed = set(plan.reembed_ids)
+    reembed = np.unique(np.asarray(plan.reembed_ids, dtype=np.int64))
     space_id, dim = new_model.space_id, h.config.new_dim
     channels = new_model.model.config.in_channels
     schema = storage.backfilled_schema(dim, space_id, lineage=True)
@@ -394,15 +395,14 @@ def _shard_rows(
     in_store = source.table == storage.GALLERY_STORE
     side = None if in_store else SideInfo(db, plan.gallery_store_version)
     cols = ["label", "chain", "ingest_batch", "space_id"] + (
-        ["image"] if reembed and in_store else []
+        ["image"] if reembed.size and in_store else []
     )
     started = time.perf_counter()
     for batch in source_pages(db, source, side, cols, plan.rows_per_batch, shard.start, shard.stop):
         emb, sigma = transform(batch)
         emb = emb.numpy()
         item_ids = batch.column("item_id").to_numpy()
-        pick = np.array([i in reembed for i in item_ids.tolist()], dtype=bool)
-        source_kind = np.where(pick, "re-embedded", "transformed")
+        pick = np.isin(item_ids, reembed)
         if pick.any():
             chosen = item_ids[pick].tolist()
             if in_store:
@@ -428,17 +428,19 @@ def _shard_rows(
             f"backfill {plan.version}{where}: {done['rows']}/{total} items ({done['reembedded']}"
             f" re-embedded), {rate:,.0f} items/s, ETA {eta:.0f} s"
         )
+        # Columns built by Arrow from arrays (no Python loop over rows), vectors without a copy
+        # where they are float32 already.
         yield pa.record_batch(
             [
-                pa.array(item_ids.astype(np.int64)),
+                pa.array(item_ids.astype(np.int64, copy=False)),
                 batch.column("label"),
                 pa.FixedSizeListArray.from_arrays(
-                    pa.array(emb.astype(np.float32).reshape(-1)), dim
+                    pa.array(emb.astype(np.float32, copy=False).reshape(-1)), dim
                 ),
-                pa.array(sigma.numpy().astype(np.float32)),
-                pa.array(source_kind.tolist()),
-                pa.array([space_id] * len(item_ids)),
-                pa.array(_chains(batch, source, space_id, pick)),
+                pa.array(sigma.numpy().astype(np.float32, copy=False)),
+                pc.if_else(pa.array(pick, pa.bool_()), "re-embedded", "transformed"),
+                pa.repeat(space_id, len(item_ids)),
+                _chains(batch, source, space_id, pick),
                 _column_or_nulls(batch, "ingest_batch"),
             ],
             schema=schema,
@@ -453,22 +455,24 @@ def _column_or_nulls(batch: pa.RecordBatch, name: str) -> pa.Array:
 
 def _chains(
     batch: pa.RecordBatch, source: SourceTable, space_id: str, reembedded: np.ndarray
-) -> list[str]:
+) -> pa.Array:
     """Each row's chain of spaces: the source row's chain (its space, when the source has no
-    chain column or the row none) then this version's space; a re-embedded row starts afresh."""
-    n = batch.num_rows
-    if "chain" in batch.schema.names:
-        before = batch.column("chain").to_pylist()
+    chain column or the row none) then this version's space; a re-embedded row starts afresh.
+    Arrow compute, not a Python loop over rows: the backfill's pace is set per row here."""
+    n, names = batch.num_rows, batch.schema.names
+    if "space_id" in names and source.table != storage.GALLERY_STORE:
+        spaces = batch.column("space_id").cast(pa.string())
     else:
-        before = [None] * n
-    if "space_id" in batch.schema.names and source.table != storage.GALLERY_STORE:
-        spaces = batch.column("space_id").to_pylist()
+        spaces = pa.repeat(source.space_id, n)
+    if "chain" in names:
+        before = batch.column("chain").cast(pa.string())
+        # An empty chain is no chain (as a missing one): the row's own space starts it.
+        before = pc.if_else(pc.equal(before, ""), pa.scalar(None, pa.string()), before)
+        before = pc.coalesce(before, spaces)
     else:
-        spaces = [source.space_id] * n
-    return [
-        space_id if again else f"{b or s}{storage.CHAIN_SEP}{space_id}"
-        for b, s, again in zip(before, spaces, reembedded.tolist())
-    ]
+        before = spaces
+    chained = pc.binary_join_element_wise(before, space_id, storage.CHAIN_SEP)
+    return pc.if_else(pa.array(reembedded, pa.bool_()), space_id, chained)
 
 
 def write_shard(

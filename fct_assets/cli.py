@@ -105,8 +105,8 @@ def _estimate(args) -> int:
 
 def _ingest(args) -> int:
     from fct_assets.definitions import build_defs
+    from fct_assets.event_log import plain_metadata
     from fct_assets.ingest_assets import ingest_paths
-    from fct_assets.io_managers import plain_metadata
 
     instance = _instance()
     result = ingest_paths(instance, build_defs(), args.paths, label=args.label)

@@ -97,7 +97,7 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
     version it checked (None if its metadata names none)."""
     from fct_assets.checks import ALL_CHECKS
     from fct_assets.dagster_internals import latest_check_execution
-    from fct_assets.io_managers import latest_materialization
+    from fct_assets.event_log import latest_materialization
 
     out: dict[str, dict[str, Any]] = {}
     for check_key in (key for check in ALL_CHECKS for key in check.check_keys):
@@ -277,7 +277,7 @@ def search(db, query, *, version: VersionTable, k: int = 10) -> list[dict[str, A
             table.count_rows(), table.schema.field("embedding").type.list_size
         )
         search = search.nprobes(params["nprobes"]).refine_factor(params["refine_factor"])
-    hits = search.select(["item_id", "label", "source"]).limit(k).to_list()
+    hits = search.select(["item_id", "label", "source", "_distance"]).limit(k).to_list()
     return [
         {
             "item_id": h["item_id"],
@@ -364,7 +364,7 @@ def upgrade_is_current(context: dg.AssetExecutionContext, db) -> str | None:
     the same launchpad config for it as this run, by the same code version, and h maps from the
     space it would map from now. A second run of a version (the automation sensor's and a
     launchpad run, queued one behind the other) then retrains nothing and overwrites nothing."""
-    from fct_assets.io_managers import latest_materialization, plain_metadata
+    from fct_assets.event_log import latest_materialization, plain_metadata
 
     version = context.partition_key
     latest = {

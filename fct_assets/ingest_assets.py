@@ -159,7 +159,7 @@ def inbox_interval() -> int:
 )
 def fct_inbox(context: dg.SensorEvaluationContext):
     from fct_assets import ingest
-    from fct_assets.io_managers import latest_materialization
+    from fct_assets.event_log import latest_materialization
 
     inbox = ingest.inbox_dir()
     # cursor: {relpath: stamp} of files already launched and still in the inbox (their run moves

@@ -24,6 +24,7 @@ from pydantic import Field
 from upath import UPath
 
 from fct_assets import records
+from fct_assets.event_log import _where, recorded_metadata
 from fct_assets.partitions import check_version
 from fct_assets.resources import (
     DATA_ROOT,
@@ -55,36 +56,6 @@ def _store_failure(path: UPath, err: Exception, doing: str) -> Exception:
     if is_object_store(str(path)):
         return object_store_error(str(path), err, doing)
     return err
-
-
-def latest_materialization(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None
-):
-    """The event-log record of the latest materialisation of (asset, partition), or None."""
-    flt = dg.AssetRecordsFilter(
-        asset_key=asset_key, asset_partitions=[partition] if partition else None
-    )
-    found = instance.fetch_materializations(flt, limit=1).records
-    return found[0] if found else None
-
-
-def plain_metadata(record) -> dict[str, Any]:
-    """A materialisation record's metadata as plain values."""
-    return {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
-
-
-def _where(asset_key: dg.AssetKey, partition: str | None) -> str:
-    return asset_key.to_user_string() + (f"[{partition}]" if partition else "")
-
-
-def recorded_metadata(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None
-) -> dict[str, Any]:
-    """The metadata of the latest materialisation of (asset, partition), as plain values."""
-    record = latest_materialization(instance, asset_key, partition)
-    if record is None:
-        raise LookupError(f"{_where(asset_key, partition)}: never materialised")
-    return plain_metadata(record)
 
 
 def recorded_record(

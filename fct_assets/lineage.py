@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from fct_assets.io_managers import latest_materialization, plain_metadata
+from fct_assets.event_log import latest_materialization, plain_metadata
 from fct_assets.partitions import check_version
 
 # (asset, partitioned?) in graph order

@@ -17,8 +17,9 @@ import torch
 
 from fct_assets import storage
 from fct_assets.deployment import PromotionError, current, promote
+from fct_assets.event_log import plain_metadata
 from fct_assets.ingest import content_id
-from fct_assets.io_managers import load_recorded_checkpoint, plain_metadata
+from fct_assets.io_managers import load_recorded_checkpoint
 from fct_assets.lineage import format_row_lineage, lineage, row_lineage
 from fct_assets.search import search_command
 from fct_ml.backfill import apply_transformation

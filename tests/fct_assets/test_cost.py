@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fct_assets.cost import measure, measured
-from fct_assets.io_managers import recorded_metadata
+from fct_assets.event_log import recorded_metadata
 from fct_assets.lineage import count_rows_by_source, lineage
 
 

@@ -14,8 +14,8 @@ import pyarrow.compute as pc
 from fct_assets import storage
 from fct_assets.cli import main as fct_main
 from fct_assets.deployment import current, promote
+from fct_assets.event_log import plain_metadata
 from fct_assets.ingest import content_id, decode_image, label_of
-from fct_assets.io_managers import plain_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,12 +15,8 @@ import torch
 from fct_assets import records, storage
 from fct_assets.backfill import STAGING_PREFIX
 from fct_assets.definitions import build_defs
-from fct_assets.io_managers import (
-    CheckpointIOManager,
-    RecordIOManager,
-    load_recorded_checkpoint,
-    recorded_metadata,
-)
+from fct_assets.event_log import recorded_metadata
+from fct_assets.io_managers import CheckpointIOManager, RecordIOManager, load_recorded_checkpoint
 from fct_assets.resources import FctResource
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation

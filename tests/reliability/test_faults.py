@@ -204,7 +204,7 @@ def test_a_run_for_an_unregistered_version_is_refused_before_anything_trains(env
 def _recorded(env, asset: str, partition: str) -> dict:
     import dagster as dg
 
-    from fct_assets.io_managers import recorded_metadata
+    from fct_assets.event_log import recorded_metadata
 
     return recorded_metadata(env.instance, dg.AssetKey(asset), partition)
 

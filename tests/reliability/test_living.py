@@ -191,7 +191,7 @@ def test_a_second_run_of_a_current_version_is_a_no_op_that_says_so(env, reliabil
     import dagster as dg
 
     from fct_assets.assets import NO_OP_TAG
-    from fct_assets.io_managers import latest_materialization
+    from fct_assets.event_log import latest_materialization
 
     checkpoint = env.root / "checkpoints" / "new_model" / "v2.safetensors"
     before_bytes, before_mtime = checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns

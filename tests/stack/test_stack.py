@@ -22,7 +22,8 @@ import pytest
 from deploy.local_stack import LocalStack, Relay, postgres_missing_reason
 from fct_assets import storage
 from fct_assets.definitions import build_defs
-from fct_assets.io_managers import recorded_metadata, store_path
+from fct_assets.event_log import recorded_metadata
+from fct_assets.io_managers import store_path
 from fct_assets.lineage import lineage
 from fct_assets.partitions import add_model_version
 from fct_assets.resources import FctResource, lancedb_storage_options
