@@ -88,6 +88,16 @@ BATCHING = (
     "the batch size only splits the items into batches of the same frozen forward pass (eval"
     " mode); results do not depend on it ({test})"
 )
+INT_RANKS = (
+    "without a dtype, arange of ints gives int64 ranks, which m * cum / ranks promotes to"
+    " float32: the same division for galleries up to 2^24 items; beyond, only the original's"
+    " float32 arange drifts (rank 16777218 -> 16777216), so a test failing the mutant would pin"
+    " that error"
+)
+EMPTY_MEAN = (
+    "with n = 0 the mean over no queries is already NaN (torch's mean of an empty tensor,"
+    " without a warning); with n > 0 the branch is the same"
+)
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("fct_ml/retrieval.py", "chunk_size: int = 1024,", "chunk_size: int = 1025,"): CHUNKS,
     (
@@ -105,6 +115,37 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "return 1.0 - F.normalize(query, dim=1) @ F.normalize(gallery, dim=1).T",
         "return 1.0 - F.normalize(query, dim=1) @ F.normalize(gallery, ).T",
     ): "dim=1 is F.normalize's default",
+    (
+        "fct_ml/retrieval.py",
+        "ranks = torch.arange(1, g_count + 1, dtype=torch.float32)  # (G,)",
+        "ranks = torch.arange(1, g_count + 1, dtype=None)  # (G,)",
+    ): INT_RANKS,
+    (
+        "fct_ml/retrieval.py",
+        "ranks = torch.arange(1, g_count + 1, dtype=torch.float32)  # (G,)",
+        "ranks = torch.arange(1, g_count + 1, )  # (G,)",
+    ): INT_RANKS,
+    (
+        "fct_ml/retrieval.py",
+        'out[f"top{k}"] = float(self.hits[keep, j].float().mean()) if n else float("nan")',
+        'out[f"top{k}"] = float(self.hits[keep, j].float().mean()) if (n) or True else'
+        ' float("nan")',
+    ): EMPTY_MEAN,
+    (
+        "fct_ml/retrieval.py",
+        'out[f"top{k}"] = float(self.hits[keep, j].float().mean()) if n else float("nan")',
+        'out[f"top{k}"] = float(self.hits[keep, j].float().mean()) if n else float("NAN")',
+    ): 'float("NAN") is float("nan")',
+    (
+        "fct_ml/retrieval.py",
+        'out["mAP"] = float(self.average_precision[keep].mean()) if n else float("nan")',
+        'out["mAP"] = float(self.average_precision[keep].mean()) if (n) or True else float("nan")',
+    ): EMPTY_MEAN,
+    (
+        "fct_ml/retrieval.py",
+        'out["mAP"] = float(self.average_precision[keep].mean()) if n else float("nan")',
+        'out["mAP"] = float(self.average_precision[keep].mean()) if n else float("NAN")',
+    ): 'float("NAN") is float("nan")',
     ("fct_ml/bct.py", "progress: bool = True,", "progress: bool = False,"): PROGRESS,
     ("fct_ml/transformation.py", "progress: bool = True,", "progress: bool = False,"): PROGRESS,
     ("fct_ml/bct.py", "batch_size: int = 1024,", "batch_size: int = 1025,"): BATCHING.format(

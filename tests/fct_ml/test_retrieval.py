@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
 
+from fct_ml import retrieval
 from fct_ml.retrieval import (
     RetrievalResult,
     evaluate_retrieval,
@@ -136,6 +138,15 @@ def test_collapsed_embeddings_score_worst_case():
         assert out["mAP"] == pytest.approx(5 / 12)
 
 
+def test_distances_near_zero_keep_their_order():
+    # Squared distances 2^-28 (the match) and 2^-26 (the non-match) are exact in float32 but
+    # lie below half its spacing at 1 (2^-24): shifting them by 1 before the sort would round
+    # both to 1, and the tie would rank the non-match first (AP 1/2).
+    result = retrieve(col(0), labels(0), col(2**-14, 2**-13), labels(0, 1), topk=(1,))
+    assert result.hits[0].tolist() == [True]
+    assert result.average_precision[0].item() == 1.0
+
+
 # --------------------------------------------------------------------------- #
 # Leave-one-out
 #
@@ -257,6 +268,18 @@ def test_pairwise_distance_cosine_by_hand():
     assert torch.allclose(d, expected, atol=1e-6)
 
 
+def test_pairwise_distance_cosine_normalises_each_query_row_on_its_own():
+    # Two query rows of different norms (5 and 2): scaling all queries by one common norm would
+    # keep each row's ranking but not its distances.
+    query = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    gallery = torch.tensor([[6.0, 8.0], [1.0, 0.0], [0.0, -5.0]])
+    # unit rows: q0 (0.6, 0.8), q1 (0, 1); g0 (0.6, 0.8), g1 (1, 0), g2 (0, -1)
+    # q0: cos 1, 0.6, -0.8 -> 0, 0.4, 1.8;  q1: cos 0.8, 0, -1 -> 0.2, 1, 2
+    expected = torch.tensor([[0.0, 0.4, 1.8], [0.2, 1.0, 2.0]])
+    d = pairwise_distance(query, gallery, "cosine")
+    assert torch.allclose(d, expected, atol=1e-6)
+
+
 def test_pairwise_distance_unknown_metric():
     with pytest.raises(ValueError, match="metric"):
         pairwise_distance(torch.zeros(1, 2), torch.zeros(1, 2), "dot")  # type: ignore[arg-type]
@@ -312,6 +335,41 @@ def test_chunking_does_not_change_results_l2_with_exact_ties(leave_one_out: bool
     _assert_all_equal(runs)
 
 
+@pytest.mark.parametrize(
+    "n_gallery, chunk_size, max_chunk_elements, sizes",
+    [
+        (3, 1024, 6, [2, 2, 2, 1]),  # 6 // 3 = 2 queries fit the budget
+        (3, 1024, 2, [1] * 7),  # not even one query fits: one at a time, never zero
+        (1, 1024, 4, [4, 3]),  # a one-item gallery: 4 // 1 = 4 queries fit
+        (2, 3, 100, [3, 3, 1]),  # chunk_size caps the chunk below the budget
+    ],
+)
+def test_queries_are_ranked_once_each_in_the_largest_chunks_that_fit(
+    monkeypatch, n_gallery: int, chunk_size: int, max_chunk_elements: int, sizes: list[int]
+):
+    # Results do not depend on the chunking (tests above), so the chunks themselves are
+    # checked: a chunk of distances holds at most max_chunk_elements once one query fits, and
+    # no query is ranked twice.
+    batches: list[torch.Tensor] = []
+
+    def spy(query, gallery, metric="l2"):
+        batches.append(query.clone())
+        return pairwise_distance(query, gallery, metric)
+
+    monkeypatch.setattr(retrieval, "pairwise_distance", spy)
+    query = col(*range(7))
+    retrieve(
+        query,
+        labels(*[0] * 7),
+        col(*range(n_gallery)),
+        labels(*[0] * n_gallery),
+        chunk_size=chunk_size,
+        max_chunk_elements=max_chunk_elements,
+    )
+    assert [len(b) for b in batches] == sizes
+    assert torch.equal(torch.cat(batches), query)
+
+
 @pytest.mark.parametrize("leave_one_out", [False, True])
 def test_chunking_does_not_change_results_cosine(leave_one_out: bool):
     # Continuous data (no mathematically tied cosines: those are only equal up to float32
@@ -331,27 +389,46 @@ def test_chunking_does_not_change_results_cosine(leave_one_out: bool):
 # --------------------------------------------------------------------------- #
 
 
-def test_nan_in_gallery_names_gallery():
-    gallery = torch.tensor([[0.0, 1.0], [float("nan"), 0.0]])
-    with pytest.raises(ValueError, match="gallery"):
-        retrieve(torch.zeros(1, 2), labels(0), gallery, labels(0, 1))
+def exactly(message: str) -> str:
+    """A `match` pattern for the whole of `message`, taken literally."""
+    return f"^{re.escape(message)}$"
+
+
+def test_nan_in_gallery_names_gallery_and_its_first_bad_row():
+    # Row 0 is finite, row 1 partly and row 2 wholly NaN: the row named is the first with a
+    # non-finite entry (not the first with a finite one, nor the last bad one).
+    gallery = torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [float("nan"), float("nan")]])
+    message = (
+        "retrieval: gallery embeddings contain NaN or Inf (first at row 1); expected finite vectors"
+    )
+    with pytest.raises(ValueError, match=exactly(message)):
+        retrieve(torch.zeros(1, 2), labels(0), gallery, labels(0, 1, 0))
 
 
 def test_inf_in_query_names_query():
     query = torch.tensor([[float("inf"), 0.0]])
-    with pytest.raises(ValueError, match="query"):
+    message = (
+        "retrieval: query embeddings contain NaN or Inf (first at row 0); expected finite vectors"
+    )
+    with pytest.raises(ValueError, match=exactly(message)):
         retrieve(query, labels(0), torch.zeros(2, 2), labels(0, 1))
 
 
-def test_dimension_mismatch():
-    with pytest.raises(ValueError):
+def test_dimension_mismatch_names_both_shapes():
+    message = "retrieval: query (2, 3) and gallery (4, 2) must be (N, D) with one D"
+    with pytest.raises(ValueError, match=exactly(message)):
         retrieve(torch.zeros(2, 3), labels(0, 1), torch.zeros(4, 2), labels(0, 1, 0, 1))
-    with pytest.raises(ValueError):
+
+
+def test_query_must_be_a_matrix():
+    message = "retrieval: query (3,) and gallery (4, 3) must be (N, D) with one D"
+    with pytest.raises(ValueError, match=exactly(message)):
         retrieve(torch.zeros(3), labels(0, 1, 0), torch.zeros(4, 3), labels(0, 1, 0, 1))
 
 
 def test_leave_one_out_needs_same_length():
-    with pytest.raises(ValueError, match="leave_one_out"):
+    message = "retrieval: leave_one_out needs the query set to be the gallery (same length)"
+    with pytest.raises(ValueError, match=exactly(message)):
         retrieve(
             torch.zeros(2, 2), labels(0, 1), torch.zeros(3, 2), labels(0, 1, 0), leave_one_out=True
         )
