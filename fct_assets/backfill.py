@@ -162,7 +162,7 @@ def _transformer(
     embeddings (B, new_dim), sigma (B,)).
 
     Refuses non-finite, missing or mis-sized input."""
-    from fct_ml.backfill import apply_transformation
+    from fct_ml.backfill import all_finite, apply_transformation
 
     use_side = h.config.side_info
     where = f"{source.table}.{source.column}" if source else "gallery_store.old_embedding"
@@ -178,7 +178,7 @@ def _transformer(
         old = torch.from_numpy(storage.vectors(column))
         side = torch.from_numpy(storage.vectors(batch.column("side_info"))) if use_side else None
         for name, t in ((where, old), ("gallery_store.side_info", side)):
-            if t is not None and not torch.isfinite(t).all():
+            if t is not None and not all_finite(t):
                 raise ValueError(f"{name}: NaN or Inf in stored vectors; nothing was published")
         if old.shape[1] != h.config.old_dim:
             raise ValueError(f"{where}: dim {old.shape[1]}, but h expects {h.config.old_dim}")

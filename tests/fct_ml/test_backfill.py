@@ -7,6 +7,7 @@ import torch
 
 from fct_ml.backfill import (
     ORDERS,
+    all_finite,
     apply_transformation,
     backfill_curves,
     backfill_order,
@@ -406,3 +407,29 @@ def test_a_nan_or_inf_input_is_refused_naming_its_row(side_info: bool):
     else:  # h does not read side-info: it is not checked
         transformed, _ = apply_transformation(h, old, bad_side)
         assert torch.isfinite(transformed).all()
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "finite"),
+    [
+        ([[1.0, -2.0], [0.5, 3.0]], torch.float32, True),
+        ([[1.0, float("nan")], [0.5, 3.0]], torch.float32, False),
+        ([[1.0, 2.0], [float("-inf"), 3.0]], torch.float32, False),
+        # +Inf and -Inf: their sum is NaN, still caught
+        ([[float("inf"), float("-inf")]], torch.float32, False),
+        # float32's largest values: a float32 sum would overflow, the float64 one does not
+        ([[3e38, 3e38], [3e38, 3e38]], torch.float32, True),
+        # float64 sums can overflow: then the elementwise test decides
+        ([[1e308, 1e308]], torch.float64, True),
+        ([[1e308, float("inf")]], torch.float64, False),
+        ([[1, 2], [3, 4]], torch.int64, True),
+    ],
+)
+def test_all_finite_is_the_elementwise_test(values, dtype, finite):
+    t = torch.tensor(values, dtype=dtype)
+    assert all_finite(t) is finite
+    assert finite == bool(torch.isfinite(t).all())
+
+
+def test_all_finite_of_nothing_is_true():
+    assert all_finite(torch.empty(0, 4)) is True
