@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -196,12 +197,17 @@ def _setup(workdir: Path, modules: list[str], tests: list[str]) -> None:
 
 
 def _mutmut(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    # One torch/OpenMP thread: mutmut forks each mutant's test run from a process whose tests have
+    # already run torch, and a child forked after OpenMP started its thread pool waits forever at
+    # its first parallel region (fct_ml/backfill.py's mutants sat at 0 % CPU for minutes).
+    threads = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     return subprocess.run(
         [sys.executable, "-m", "mutmut", *args],
         cwd=workdir,
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, **threads},
     )
 
 
