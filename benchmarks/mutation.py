@@ -165,6 +165,41 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         'out[metric] = 100 * (cases[case][metric] - lo) / (hi - lo) if hi != lo else float("nan")',
         'out[metric] = 100 * (cases[case][metric] - lo) / (hi - lo) if hi != lo else float("NAN")',
     ): 'float("NAN") is float("nan")',
+    # fct_ml/backfill.py
+    (
+        "fct_ml/backfill.py",
+        "total = t.sum(dtype=torch.float64) if t.is_floating_point() else None",
+        "total = None",
+    ): "all_finite without its fast path: every tensor takes the elementwise test, the answer"
+    " the fast path gives (slower only; test_backfill.py: all_finite is the elementwise test)",
+    (
+        "fct_ml/backfill.py",
+        "total = t.sum(dtype=torch.float64) if t.is_floating_point() else None",
+        "total = t.sum(dtype=torch.float64) if (t.is_floating_point()) and False else None",
+    ): "all_finite without its fast path: every tensor takes the elementwise test, the answer"
+    " the fast path gives (slower only)",
+    (
+        "fct_ml/backfill.py",
+        "total = t.sum(dtype=torch.float64) if t.is_floating_point() else None",
+        "total = t.sum(dtype=None) if t.is_floating_point() else None",
+    ): "a sum in t's own dtype is finite only when every element is (a NaN/Inf propagates);"
+    " when it overflows (e.g. float32 3e38s) the elementwise test decides: same answer, slower",
+    (
+        "fct_ml/backfill.py",
+        "if total is not None and bool(torch.isfinite(total)):",
+        "if total is not None and bool(None):",
+    ): "all_finite never trusts the sum: every tensor takes the elementwise test, the answer"
+    " the fast path gives (slower only)",
+    (
+        "fct_ml/backfill.py",
+        '"sigma": backfill_order("sigma", len(labels), sigma=sigma),',
+        '"sigma": backfill_order("sigma", None, sigma=sigma),',
+    ): "backfill_order reads n only for the random order; the sigma order is argsort(sigma)",
+    (
+        "fct_ml/backfill.py",
+        '"true_error": backfill_order("true_error", len(labels), error=error),',
+        '"true_error": backfill_order("true_error", None, error=error),',
+    ): "backfill_order reads n only for the random order; the true_error order is argsort(error)",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -36,6 +38,22 @@ def test_sigma_order_ties_keep_storage_order():
     assert backfill_order("sigma", 4, sigma=sigma).tolist() == [1, 3, 0, 2]
 
 
+def test_sigma_order_ties_keep_storage_order_among_many():
+    # 64 items, sigma 1 at odd indices and 0 at even ones: the odd items first, then the even
+    # ones, each group in storage order. (Four items are too few to tell: torch's CPU sort is
+    # stable anyway below 17 items; an unstable sort reorders these ties.)
+    sigma = torch.tensor([float(i % 2) for i in range(64)])
+    expected = list(range(1, 64, 2)) + list(range(0, 64, 2))
+    assert backfill_order("sigma", 64, sigma=sigma).tolist() == expected
+
+
+def test_true_error_order_ties_keep_storage_order_among_many():
+    # as for sigma: errors 1 at odd indices, 0 at even ones -> odd items, then even, in order
+    error = torch.tensor([float(i % 2) for i in range(64)])
+    expected = list(range(1, 64, 2)) + list(range(0, 64, 2))
+    assert backfill_order("true_error", 64, error=error).tolist() == expected
+
+
 def test_true_error_order_is_largest_error_first():
     error = torch.tensor([2.0, 0.0, 5.0, 1.0])
     # descending: 5 (item 2), 2 (item 0), 1 (item 3), 0 (item 1)
@@ -54,11 +72,24 @@ def test_random_order_is_a_reproducible_permutation():
 
 def test_order_errors():
     assert set(ORDERS) == {"random", "sigma", "true_error"}
-    with pytest.raises(ValueError, match="sigma"):
+    # each message in full: it names the order and what it lacks
+    with pytest.raises(
+        ValueError, match=r"^backfill order 'sigma' needs the transformation's sigma$"
+    ):
         backfill_order("sigma", 3)
-    with pytest.raises(ValueError, match="true_error"):
+    with pytest.raises(
+        ValueError,
+        match=r"^backfill order 'true_error' needs the true error of each transformed item$",
+    ):
         backfill_order("true_error", 3)
-    with pytest.raises(ValueError, match="backfill order"):
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "backfill order: expected one of ('random', 'sigma', 'true_error'), got 'greedy'"
+        )
+        + "$",
+    ):
         backfill_order("greedy", 3)
 
 
@@ -164,6 +195,59 @@ def test_end_points_are_all_transformed_and_all_reembedded():
     assert [p["top1"] for p in curves["o"]] == [0.0, 1.0]
 
 
+def test_backfill_curves_galleries_of_two_shapes_are_refused_naming_both():
+    message = (
+        "backfill curves: transformed (4, 1) and re-embedded (3, 1) galleries must have one shape"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        backfill_curves(R, Y, T, R[:3], Y, {"o": torch.arange(4)}, FRACTIONS)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [[0, 0, 1, 2], [0, 1, 2], [0, 1, 2, 3, 4]],
+    ids=["repeated item", "too short", "too long"],
+)
+def test_backfill_curves_order_not_a_permutation_is_refused(order: list[int]):
+    with pytest.raises(
+        ValueError, match=r"^backfill order: expected a permutation of the 4 gallery items$"
+    ):
+        backfill_curves(R, Y, T, R, Y, {"o": torch.tensor(order)}, FRACTIONS)
+
+
+# 2-D, leave-one-out, two classes: each class has a short vector and a long one along the same
+# direction, and the two short vectors lie close together.
+#   item 0 (1, 0) and item 1 (10, 1): class 0 ; item 2 (0, 1) and item 3 (1, 10): class 1
+# squared L2: query 0 finds item 2 (2) before item 1 (82) and item 3 (100): a miss, AP 1/2;
+#   query 1 finds item 0 (82) before item 2 (100), item 3 (162): a hit, AP 1; queries 2, 3 by
+#   symmetry. top1 2/4, mAP (1/2 + 1 + 1/2 + 1)/4 = 3/4.
+# cosine: query 0 finds item 1 (1 - 10/sqrt(101) = 0.005) before item 3 (0.90) and item 2 (1);
+#   query 1 finds item 0 (0.005) first: every query hits with AP 1. top1 1, mAP 1.
+COS_GALLERY = torch.tensor([[1.0, 0.0], [10.0, 1.0], [0.0, 1.0], [1.0, 10.0]])
+COS_LABELS = torch.tensor([0, 0, 1, 1])
+
+
+def test_backfill_curves_rank_by_the_metric_asked_for():
+    # transformed = re-embedded: every point scores the same gallery
+    def curve(**kwargs):
+        return backfill_curves(
+            COS_GALLERY,
+            COS_LABELS,
+            COS_GALLERY,
+            COS_GALLERY,
+            COS_LABELS,
+            {"o": torch.arange(4)},
+            [0.0, 1.0],
+            leave_one_out=True,
+            **kwargs,
+        )["o"]
+
+    for point in curve(metric="cosine"):
+        assert (point["top1"], point["mAP"]) == pytest.approx((1.0, 1.0))
+    for point in curve(metric="l2"):
+        assert (point["top1"], point["mAP"]) == pytest.approx((0.5, 0.75))
+
+
 # --------------------------------------------------------------------------- #
 # curve_area
 # --------------------------------------------------------------------------- #
@@ -178,7 +262,7 @@ def test_curve_area_is_mean_of_points():
 
 
 def test_curve_area_empty_raises():
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"^curve_area: empty curve$"):
         curve_area([])
 
 
@@ -284,6 +368,21 @@ def test_apply_transformation_wrong_dims_name_the_field():
         apply_transformation(h, old, side[:5])  # row count mismatch
 
 
+def test_apply_transformation_side_info_errors_give_the_shapes():
+    # the whole message: expected and received shapes; rows (5) != columns (3) of side_info and
+    # rows (7) != columns (4) of old_embedding, so each count comes from the right axis
+    h = small_h()
+    old, side = _inputs()
+    cases = [
+        (torch.zeros(7, 4), "side_info: expected (N, 3), got (7, 4)"),
+        (None, "side_info: expected (N, 3), got None"),
+        (side[:5], "side_info: 5 rows but old_embedding has 7"),
+    ]
+    for side_info, message in cases:
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            apply_transformation(h, old, side_info)
+
+
 # --------------------------------------------------------------------------- #
 # a partly backfilled gallery: transformed items carry their expected error
 # --------------------------------------------------------------------------- #
@@ -295,6 +394,15 @@ def test_with_expected_error_adds_it_to_the_squared_distance():
     query = with_expected_error(torch.tensor([[1.0, 0.0]]), None)  # (1, 0, 0)
     # item 0: (1 - 0)^2 + 0 + (0 - 2)^2 = 1 + 4 = 5 ; item 1: (1 - 3)^2 = 4
     assert pairwise_distance(query, gallery).tolist() == [[5.0, 4.0]]
+
+
+def test_with_expected_error_keeps_the_vectors_device():
+    # The zero column of re-embedded items (expected error None) is made on the CPU and must
+    # follow the vectors to their device (a GPU in use). The meta device stands in for one here:
+    # concatenating a CPU column to meta vectors would fail.
+    out = with_expected_error(torch.zeros(3, 2, device="meta"), None)
+    assert out.device.type == "meta"
+    assert out.shape == (3, 3)
 
 
 def _synthetic_upgrade(seed: int):
@@ -423,6 +531,13 @@ def test_a_nan_or_inf_input_is_refused_naming_its_row(side_info: bool):
         ([[1e308, 1e308]], torch.float64, True),
         ([[1e308, float("inf")]], torch.float64, False),
         ([[1, 2], [3, 4]], torch.int64, True),
+        # one element: a NaN there is not finite (only an empty tensor is finite by default)
+        ([float("nan")], torch.float32, False),
+        ([float("inf")], torch.float64, False),
+        # complex: a NaN imaginary part is not finite (a float64 sum would drop it: the fast
+        # path is for real floating types only)
+        ([complex(1.0, float("nan")), complex(2.0, 0.0)], torch.complex64, False),
+        ([complex(1.0, 2.0)], torch.complex64, True),
     ],
 )
 def test_all_finite_is_the_elementwise_test(values, dtype, finite):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fct_ml.backfill import backfill_summary
+from fct_ml.backfill import backfill_curves, backfill_summary
 
 # Four items in 1-D, two classes. The new model puts each class in its own cluster; h maps item 0
 # (class 0) into class 1's cluster and every other item exactly where the new model does.
@@ -58,10 +58,9 @@ def test_the_reversed_order_re_embeds_the_wrong_item_last():
     assert curves["true_error"]["top1"] == pytest.approx([25.0, 100.0, 100.0, 100.0, 100.0])
 
 
-def test_sigma_as_the_true_error_dominates_the_reversed_order_on_a_larger_gallery():
-    # 300 items, 6 classes in 8-D. h maps a tenth of the items into the next class's cluster
-    # and the rest close to where the new model puts them. With sigma = the true error, the sigma
-    # order IS the true-error order.
+def _larger_gallery():
+    """300 items, 6 classes in 8-D. h maps a tenth of the items into the next class's cluster
+    and the rest close to where the new model puts them: (new, labels, transformed, error)."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(300) % 6
     centres = 6.0 * torch.randn(6, 8, generator=g)
@@ -69,7 +68,12 @@ def test_sigma_as_the_true_error_dominates_the_reversed_order_on_a_larger_galler
     transformed = new + 0.1 * torch.randn(300, 8, generator=g)
     astray = torch.arange(300) % 10 == 0
     transformed[astray] = centres[(labels[astray] + 1) % 6] + 0.5 * torch.randn(30, 8, generator=g)
-    error = (transformed - new).pow(2).sum(1)
+    return new, labels, transformed, (transformed - new).pow(2).sum(1)
+
+
+def test_sigma_as_the_true_error_dominates_the_reversed_order_on_a_larger_gallery():
+    # With sigma = the true error, the sigma order IS the true-error order.
+    new, labels, transformed, error = _larger_gallery()
 
     def run(sigma):
         return backfill_summary(
@@ -112,3 +116,76 @@ def test_the_expected_error_coordinate_moves_only_transformed_items():
     assert curves["sigma"]["top1"][0] == pytest.approx(75.0)
     assert curves["sigma"]["mAP"][0] == pytest.approx((1 + 1 / 3 + 1 + 1) / 4 * 100)
     assert curves["sigma"]["top1"][1:] == pytest.approx([100.0] * 4)
+
+
+def test_summary_names_the_three_orders_and_their_fields():
+    curves, areas = _summary(ERROR)
+    assert list(curves) == ["random", "sigma", "true_error"]
+    assert list(areas) == ["random", "sigma", "true_error"]
+    for order in curves:
+        assert set(curves[order]) == {"fractions", "top1", "mAP"}
+        assert set(areas[order]) == {"top1", "mAP"}
+
+
+def test_random_curve_follows_the_generator():
+    # The random order is torch.randperm drawn from the caller's generator: two calls with one
+    # seed give one curve, equal to the curve of that permutation built by hand (and another
+    # seed gives another curve: on this gallery the curve tells the orders apart).
+    new, labels, transformed, error = _larger_gallery()
+
+    def random_curve(seed: int) -> list[float]:
+        curves, _ = backfill_summary(
+            new, labels, transformed, error, 11, generator=torch.Generator().manual_seed(seed)
+        )
+        return curves["random"]["mAP"]
+
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(5))
+    by_hand = backfill_curves(
+        new,
+        labels,
+        transformed,
+        new,
+        labels,
+        {"random": order},
+        [i / 10 for i in range(11)],
+        leave_one_out=True,
+    )["random"]
+    assert random_curve(5) == random_curve(5) == [100 * p["mAP"] for p in by_hand]
+    assert random_curve(6) != random_curve(5)
+
+
+def test_expected_error_is_off_by_default():
+    # sigma as in the expected-error test below: with the coordinate, top-1 at fraction 0 is 75 %;
+    # without it 25 % (WRONG). A call that does not say gets the latter.
+    sigma = torch.log(torch.tensor([4.0, 1e-12, 1e-12, 1e-12]))
+
+    def summary(**kwargs):
+        return backfill_summary(
+            NEW, LABELS, TRANSFORMED, sigma, 5, generator=torch.Generator().manual_seed(0), **kwargs
+        )
+
+    default = summary()
+    assert default == summary(expected_error=False)
+    assert default[0]["sigma"]["top1"][0] == pytest.approx(WRONG["top1"])
+    assert summary(expected_error=True)[0]["sigma"]["top1"][0] == pytest.approx(75.0)
+
+
+def test_summary_ranks_by_the_metric_asked_for():
+    # 2-D, two classes, each a short and a long vector along one direction, the short vectors
+    # close together (as in test_backfill.py's metric test). transformed = new: every curve is
+    # flat. Squared L2 (leave-one-out): queries 0 and 2 find the other class's short vector
+    # first (miss, AP 1/2), queries 1 and 3 their class-mate (hit, AP 1): top-1 50 %, mAP 75 %.
+    # Cosine: every query finds its class-mate first: 100 % and 100 %.
+    new = torch.tensor([[1.0, 0.0], [10.0, 1.0], [0.0, 1.0], [1.0, 10.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    sigma = torch.zeros(4)
+
+    def areas(**kwargs):
+        return backfill_summary(
+            new, labels, new, sigma, 3, generator=torch.Generator().manual_seed(0), **kwargs
+        )[1]
+
+    for area in areas(metric="cosine").values():
+        assert area == pytest.approx({"top1": 100.0, "mAP": 100.0})
+    for area in areas(metric="l2").values():
+        assert area == pytest.approx({"top1": 50.0, "mAP": 75.0})
