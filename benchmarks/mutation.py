@@ -99,6 +99,25 @@ EMPTY_MEAN = (
     "with n = 0 the mean over no queries is already NaN (torch's mean of an empty tensor,"
     " without a warning); with n > 0 the branch is the same"
 )
+CPU_DEVICE = (
+    "CPU-only test machine: .to(None) (prepare_model(m, None): channels_last, no move) leaves it"
+    " where it is, on the CPU the tests ask for; only a CUDA run could tell, and"
+    " benchmarks/gpu_check.py does not reach this line"
+)
+FEATURES_DEVICE = (
+    "the images stay on the CPU, where augment draws its numbers anyway, and Frozen moves each"
+    " batch to the model's device: on the CPU the same run; on CUDA only where augment computes"
+    " changes (speed, rounding), which no CPU test sees"
+)
+NO_BIAS = "nn.Linear tests `if bias:`; None, like False, builds no bias"
+RELU_INPLACE = (
+    "ReLU in place or not gives the same values and gradients (nothing else reads the BN output"
+    " it overwrites); only the module's repr differs"
+)
+PLAIN_NONE = (
+    "`last and plain_last` is then None, not False: a falsy bias (none) for nn.Linear and"
+    " `not (last and plain_last)` still True, so BN-ReLU follow as with False"
+)
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("fct_ml/retrieval.py", "chunk_size: int = 1024,", "chunk_size: int = 1025,"): CHUNKS,
     (
@@ -200,6 +219,93 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         '"true_error": backfill_order("true_error", len(labels), error=error),',
         '"true_error": backfill_order("true_error", None, error=error),',
     ): "backfill_order reads n only for the random order; the true_error order is argsort(error)",
+    # fct_ml/transformation.py, bct.py, losses.py
+    (
+        "fct_ml/transformation.py",
+        "nn.Sequential(nn.Linear(a, rank, bias=False), nn.Linear(rank, b, bias=False))",
+        "nn.Sequential(nn.Linear(a, rank, bias=None), nn.Linear(rank, b, bias=False))",
+    ): NO_BIAS,
+    (
+        "fct_ml/transformation.py",
+        "nn.Sequential(nn.Linear(a, rank, bias=False), nn.Linear(rank, b, bias=False))",
+        "nn.Sequential(nn.Linear(a, rank, bias=False), nn.Linear(rank, b, bias=None))",
+    ): NO_BIAS,
+    (
+        "fct_ml/transformation.py",
+        "layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]",
+        "layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=None)]",
+    ): RELU_INPLACE,
+    (
+        "fct_ml/transformation.py",
+        "layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]",
+        "layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=False)]",
+    ): RELU_INPLACE,
+    (
+        "fct_ml/transformation.py",
+        "self.old_branch = _mlp([config.old_dim, w, w], plain_last=False)",
+        "self.old_branch = _mlp([config.old_dim, w, w], plain_last=None)",
+    ): PLAIN_NONE,
+    (
+        "fct_ml/transformation.py",
+        "self.side_branch = _mlp([side_in, w, w], plain_last=False)",
+        "self.side_branch = _mlp([side_in, w, w], plain_last=None)",
+    ): PLAIN_NONE,
+    (
+        "fct_ml/transformation.py",
+        "h = Transformation(config).to(device)",
+        "h = Transformation(config).to(None)",
+    ): CPU_DEVICE,
+    (
+        "fct_ml/transformation.py",
+        "h, new_classifier.to(device), new_config, ce_weight=config.ce_weight",
+        "h, new_classifier.to(None), new_config, ce_weight=config.ce_weight",
+    ): CPU_DEVICE,
+    (
+        "fct_ml/transformation.py",
+        "device = next(models[0].parameters()).device",
+        "device = None",
+    ): FEATURES_DEVICE,
+    (
+        "fct_ml/transformation.py",
+        "x = to_float(images[start : start + batch_size].to(device))",
+        "x = to_float(images[start : start + batch_size].to(None))",
+    ): FEATURES_DEVICE,
+    (
+        "fct_ml/bct.py",
+        "emb = torch.nn.functional.normalize(emb, dim=1)",
+        "emb = torch.nn.functional.normalize(emb, )",
+    ): "dim=1 is F.normalize's default",
+    (
+        "fct_ml/bct.py",
+        "model = prepare_model(EmbeddingModel(config), device)",
+        "model = prepare_model(EmbeddingModel(config), None)",
+    ): CPU_DEVICE,
+    ("fct_ml/bct.py", "old_classifier.to(device),", "old_classifier.to(None),"): CPU_DEVICE,
+    (
+        "fct_ml/bct.py",
+        "old_model=prepare_model(old_model, device) if old_model is not None else None,",
+        "old_model=prepare_model(old_model, None) if old_model is not None else None,",
+    ): CPU_DEVICE,
+    (
+        "fct_ml/losses.py",
+        "z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, D)",
+        "z = F.normalize(torch.cat([z1, z2]).float(), )  # (2N, D)",
+    ): "dim=1 is F.normalize's default",
+    (
+        "fct_ml/losses.py",
+        'sim.fill_diagonal_(float("-inf"))  # a view is not its own partner',
+        'sim.fill_diagonal_(float("-INF"))  # a view is not its own partner',
+    ): 'float("-INF") is float("-inf")',
+    (
+        "fct_ml/losses.py",
+        "target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)",
+        "target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(None)",
+    ): CPU_DEVICE,
+    (
+        "fct_ml/losses.py",
+        "target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)",
+        "target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)",
+    ): "torch.arange(n) is torch.arange(0, n)",
 }
 
 

@@ -201,3 +201,22 @@ def test_no_training_data_is_refused_naming_the_stage():
             device=CPU,
             seed=0,
         )
+
+
+def test_train_bct_model_shows_a_progress_bar_only_when_asked(capsys):
+    images, labels = _tiny_images()
+    config = ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)
+    args = (
+        images,
+        labels,
+        config,
+        TrainConfig(epochs=1, batch_size=6),
+        BCTConfig(alignment_weight=0.0),
+        torch.zeros(3, 4),
+        AugmentConfig(),
+    )
+    train_bct_model(*args, device=CPU, seed=0, progress=False)
+    assert capsys.readouterr().err == ""
+    train_bct_model(*args, device=CPU, seed=0, progress=True)
+    # tqdm's bar on stderr, named after the stage: 1 epoch of 12 // 6 = 2 steps.
+    assert "bct_model: 100%" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -239,7 +240,9 @@ def test_bct_objective_gradients_reach_the_new_model_only():
     assert old_classifier.grad is None  # the old classifier is detached
 
 
-def test_bct_alignment_term_is_the_summed_squared_distance_to_the_old_embedding():
+# 0.5: a weight below 1 adds the term too, only a weight of 0 leaves it out.
+@pytest.mark.parametrize("weight", [2.0, 0.5])
+def test_bct_alignment_term_is_the_summed_squared_distance_to_the_old_embedding(weight):
     model, images, labels, old_classifier = _bct_setup()
     torch.manual_seed(1)
     old_model = EmbeddingModel(
@@ -259,18 +262,20 @@ def test_bct_alignment_term_is_the_summed_squared_distance_to_the_old_embedding(
         0.0,
         0.5,
         torch.Generator().manual_seed(0),
-        alignment_weight=2.0,
+        alignment_weight=weight,
         old_model=old_model,
     )((images, labels))
     assert out["alignment"].item() == pytest.approx(alignment, rel=1e-4)
-    assert out["loss"].item() == pytest.approx(ce_new + 0.5 * influence + 2.0 * alignment, rel=1e-4)
+    expected = ce_new + 0.5 * influence + weight * alignment
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-4)
     out["loss"].backward()
     assert all(p.grad is None for p in old_model.parameters())  # the old model stays frozen
 
 
 def test_bct_alignment_needs_the_old_model():
     model, _, _, old_classifier = _bct_setup()
-    with pytest.raises(ValueError, match="alignment_weight > 0 needs the frozen old model"):
+    message = "BCT: alignment_weight > 0 needs the frozen old model"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         BCTObjective(
             model,
             old_classifier,
@@ -329,6 +334,26 @@ def test_classification_objective_by_hand():
     with torch.no_grad():
         clean = model.logits(model(images.float() / 255.0))
     assert _smoothed_ce_by_hand(clean, labels, 0.2) != pytest.approx(expected, rel=1e-5)
+
+
+class _PixelLogits(torch.nn.Module):
+    """(N, 1, 1, 3) images -> their 3 pixels (0..255) as the logits of 3 classes."""
+
+    def forward(self, x):
+        return x.flatten(1) * 255.0
+
+    def logits(self, embedding):
+        return embedding
+
+
+def test_classification_accuracy_is_each_rows_argmax_against_its_label():
+    # Rows predict 0, 1, 2, 0 against labels 0, 1, 2, 1: 3 of 4 right. The largest logit of the
+    # whole batch (9, flat index 4) is no class, so a batch-wide argmax would score 0.
+    pixels = [[5, 0, 0], [0, 9, 0], [0, 0, 5], [5, 0, 0]]
+    images = torch.tensor(pixels, dtype=torch.uint8).reshape(4, 1, 1, 3)
+    labels = torch.tensor([0, 1, 2, 1])
+    objective = ClassificationObjective(_PixelLogits(), AugmentConfig(), 0.0, torch.Generator())
+    assert objective((images, labels))["accuracy"].item() == pytest.approx(0.75)
 
 
 class _Flat(torch.nn.Module):

@@ -3,6 +3,8 @@ fct_ml.bct.extended_old_classifier: shapes, non-negativity, classifier layout, h
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -116,13 +118,14 @@ def test_transformation_shapes(side_info: bool) -> None:
     # The side branch takes side_info_dim with side-info, old_dim without (fed `old` again).
     assert h.side_branch[0].in_features == (3 if side_info else 5)
     assert h.sigma_head is None
-    with pytest.raises(ValueError, match="uncertainty"):
+    message = "this transformation has no uncertainty head (uncertainty=False)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         h.forward_with_sigma(old, side)
 
 
 def test_transformation_needs_side_info_when_configured() -> None:
     h = Transformation(TransformationConfig(**TINY_H, side_info=True)).eval()
-    with pytest.raises(ValueError, match="side_info"):
+    with pytest.raises(ValueError, match="^this transformation needs side_info$"):
         h(torch.randn(2, 5), None)
 
 
@@ -261,3 +264,16 @@ def test_extended_old_classifier_unseen_class_without_items_raises() -> None:
     images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="class 2"):
         extended_old_classifier(old_model, (0,), images, torch.tensor([0, 1]), 3)
+
+
+def test_extended_old_classifier_encodes_in_batches_of_batch_size() -> None:
+    # The batch size bounds the memory of the old model's pass over the unseen classes' items:
+    # 5 unseen items in batches of 2 are 3 forward passes of 2, 2 and 1 items.
+    old_model = _tiny_old_model(num_old=1)
+    sizes: list[int] = []
+    # On the backbone: Frozen calls the model's forward itself, which skips the model's hooks.
+    old_model.backbone.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    images = torch.zeros(6, 1, 8, 8, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 1, 2, 2, 2])
+    extended_old_classifier(old_model, (0,), images, labels, 3, batch_size=2)
+    assert sizes == [2, 2, 1]

@@ -6,6 +6,7 @@ tests/fct_ml/test_models.py checks h's layout and shapes."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -15,10 +16,11 @@ from fct_ml.augment import AugmentConfig, augment, to_float
 from fct_ml.config import ConfigError, from_dict, replace
 from fct_ml.losses import FastFillObjective, TransformationObjective
 from fct_ml.models import ModelConfig
-from fct_ml.training import TrainConfig, fit
+from fct_ml.training import TrainConfig, fit, seed_everything
 from fct_ml.transformation import (
     Transformation,
     TransformationConfig,
+    _mlp,
     calibrate_sigma,
     train_transformation,
     training_features,
@@ -73,8 +75,6 @@ def test_training_h_is_fit_of_the_l2_objective_from_the_seed():
         old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=False
     )
     # The same training spelled out: seed, h, FCT's L2 objective, the one training loop.
-    from fct_ml.training import seed_everything
-
     generator = seed_everything(5)
     expected = Transformation(config)
     expected_history = fit(
@@ -117,8 +117,6 @@ def test_fastfill_training_uses_the_new_classifier_as_scored_and_calibrates_sigm
         progress=False,
         on_epoch=records.append,
     )
-    from fct_ml.training import seed_everything
-
     generator = seed_everything(5)
     expected = Transformation(config)
     fit(
@@ -139,6 +137,16 @@ def test_fastfill_training_uses_the_new_classifier_as_scored_and_calibrates_sigm
         pred, sigma = h.eval().forward_with_sigma(old, side)
     sq = (pred - new).pow(2).sum(1)
     assert float(sigma.exp().mean()) == pytest.approx(float(sq.mean()), rel=1e-4)
+
+
+def test_training_h_shows_a_progress_bar_only_when_asked(capsys):
+    old, side, new, labels = _features()
+    config = TransformationConfig(**TINY)
+    train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=False)
+    assert capsys.readouterr().err == ""
+    train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=True)
+    # tqdm's bar on stderr, named after the stage: 2 epochs of 16 // 8 = 2 steps each.
+    assert "transformation: 100%" in capsys.readouterr().err
 
 
 def test_fastfill_needs_the_new_classifier():
@@ -296,6 +304,19 @@ def test_training_features_by_hand():
     assert a.training is False  # the models ran frozen
 
 
+def test_training_features_draw_augmentations_from_their_generator_not_the_global_rng():
+    # seed_everything seeds torch's global RNG and the generator it returns alike, so features
+    # drawn from either would be the same; the augmentations must come from the generator, which
+    # leaves the global RNG where seeding put it for whatever runs next.
+    images = torch.randint(0, 256, (5, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    images = images.to(torch.uint8)
+    aug = AugmentConfig(flip=True, brightness=0.3)
+    training_features([_Linear(2, 1)], images, 3, aug, batch_size=2, seed=7)
+    after = torch.rand(4)
+    seed_everything(7)
+    assert torch.equal(after, torch.rand(4))
+
+
 def test_no_training_data_is_refused_naming_the_stage():
     old, side, new, labels = (t[:0] for t in _features())
     with pytest.raises(ValueError, match="^transformation: no training data$"):
@@ -330,6 +351,9 @@ def _params(h: nn.Module) -> int:
         # depth 2, rank 2: Linear(6,6) 36 becomes Linear(6,2) 12 + Linear(2,6) 12 = 24 -> inner
         # 136; MACs 60 + 24 + 24 = 108.
         (2, 2, 60 + 55 + 136, 75 + 108),
+        # depth 2, rank 1 (the smallest rank, still factorised): Linear(6,1) 6 + Linear(1,6) 6
+        # = 12 -> inner 124; MACs 60 + 12 + 24 = 96.
+        (2, 1, 60 + 55 + 124, 75 + 96),
         # depth 3, rank 2: both square layers factorised -> inner 172; MACs 60 + 24 + 24 + 24
         # = 132. Step 0 (10 -> 6) and the last layer are never factorised.
         (3, 2, 60 + 55 + 172, 75 + 132),
@@ -431,10 +455,22 @@ def test_bad_depth_or_rank_is_refused_in_one_line(field, value, message):
         from_dict(TransformationConfig, {field: "2"})
 
 
-def test_a_rank_with_no_square_layer_to_factorise_is_refused():
-    with pytest.raises(
-        ConfigError,
-        match=r"^inner_rank: 8 needs inner_depth >= 2 \(depth 1 has no inner_width x"
-        r" inner_width layer to factorise\)$",
-    ):
-        TransformationConfig(inner_depth=1, inner_rank=8)
+@pytest.mark.parametrize("rank", [8, 1])  # 1: the smallest rank is a rank too
+def test_a_rank_with_no_square_layer_to_factorise_is_refused(rank):
+    message = (
+        f"inner_rank: {rank} needs inner_depth >= 2 (depth 1 has no inner_width x"
+        " inner_width layer to factorise)"
+    )
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        TransformationConfig(inner_depth=1, inner_rank=rank)
+
+
+def test_mlp_without_a_rank_keeps_the_listed_steps_full():
+    # low_rank only lists the steps a rank would factorise; with no rank given (0: full) every
+    # step is one Linear, as in the branches, which are built without a rank.
+    mlp = _mlp([2, 3, 3], plain_last=True, low_rank=[1])
+    assert [type(m).__name__ for m in mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert (mlp[3].in_features, mlp[3].out_features) == (3, 3) and mlp[3].bias is not None
+    # The same step with a rank given is the pair 3 -> 1 -> 3.
+    low = _mlp([2, 3, 3], plain_last=True, rank=1, low_rank=[1])
+    assert [(m.in_features, m.out_features) for m in low[3]] == [(3, 1), (1, 3)]
