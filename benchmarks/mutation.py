@@ -306,6 +306,138 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)",
         "target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)",
     ): "torch.arange(n) is torch.arange(0, n)",
+    # fct_ml/retrieval.py, retrieve_mixed
+    **dict.fromkeys(
+        [
+            (
+                "fct_ml/retrieval.py",
+                "match[np.arange(b), rows.numpy()] = False",
+                "match[np.arange(b), rows.numpy()] = None",
+            ),
+            ("fct_ml/retrieval.py", "pad[m_row, m_ord] = False", "pad[m_row, m_ord] = None"),
+        ],
+        "numpy stores None as False in a bool array",
+    ),
+    (
+        "fct_ml/retrieval.py",
+        'dist[torch.arange(b), rows] = float("inf")',
+        'dist[torch.arange(b), rows] = float("INF")',
+    ): 'float("INF") is float("inf")',
+    (
+        "fct_ml/retrieval.py",
+        "key = dist.numpy().view(np.uint32).astype(np.uint64) << np.uint64(32)",
+        "key = dist.numpy().view(np.uint32).astype(np.uint64) << np.uint64(33)",
+    ): (
+        "distances are >= +0.0 (clamp, then +0.0 turns -0.0 into 0.0), so the float32 sign bit"
+        " that the shift by 33 drops is 0: the other 31 bits keep their order in bits 33-63 and"
+        " bit 32 stays empty, so keys sort the same and the low 32 bits read back the same"
+    ),
+    **dict.fromkeys(
+        [
+            (
+                "fct_ml/retrieval.py",
+                "k_max = int(n_match.max()) if b else 0",
+                "k_max = int(n_match.max()) if (b) or True else 0",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "k_max = int(n_match.max()) if b else 0",
+                "k_max = int(n_match.max()) if b else 1",
+            ),
+        ],
+        "b >= 1 inside the loop over chunks (start < q_count), so the else branch never runs",
+    ),
+    (
+        "fct_ml/retrieval.py",
+        "hist = torch.from_numpy(hist.astype(np.int32)).view(b, k_max + 1, n_pts + 1, 2)",
+        "hist = torch.from_numpy(hist.astype(None)).view(b, k_max + 1, n_pts + 1, 2)",
+    ): (
+        "astype(None) gives float64 counts, exact (< 2^31); hist is read only by the next two"
+        " lines, whose cumsum and sum cast them back to int32 (dtype=torch.int32)"
+    ),
+    **dict.fromkeys(
+        [
+            (
+                "fct_ml/retrieval.py",
+                "held = (hist[..., 1] - hist[..., 0])[:, :, :n_pts].cumsum(2, dtype=torch.int32)",
+                "held = (hist[..., 1] - hist[..., 0])[:, :, :n_pts].cumsum(2, dtype=None)",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "held = (hist[..., 1] - hist[..., 0])[:, :, :n_pts].cumsum(2, dtype=torch.int32)",
+                "held = (hist[..., 1] - hist[..., 0])[:, :, :n_pts].cumsum(2, )",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "held += hist[..., 0].sum(2, keepdim=True, dtype=torch.int32)",
+                "held += hist[..., 0].sum(2, keepdim=True, dtype=None)",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "held += hist[..., 0].sum(2, keepdim=True, dtype=torch.int32)",
+                "held += hist[..., 0].sum(2, keepdim=True, )",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "rank = held.cumsum(1, dtype=torch.int32)[:, :k_max, :]  # (b, k_max, P)",
+                "rank = held.cumsum(1, dtype=None)[:, :k_max, :]  # (b, k_max, P)",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "rank = held.cumsum(1, dtype=torch.int32)[:, :k_max, :]  # (b, k_max, P)",
+                "rank = held.cumsum(1, )[:, :k_max, :]  # (b, k_max, P)",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "found = held_m.cumsum(1, dtype=torch.int32)  # held matches up to match k",
+                "found = held_m.cumsum(1, dtype=None)  # held matches up to match k",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "found = held_m.cumsum(1, dtype=torch.int32)  # held matches up to match k",
+                "found = held_m.cumsum(1, )  # held matches up to match k",
+            ),
+        ],
+        "without the dtype torch sums ints and bools (held_m) into int64, not bool: the same"
+        " counts, all <= 2G < 2^31 (G < 2^30 is checked), so int32 and int64 agree; rank and"
+        " found are used only in comparisons and in found.float() / rank (float32 either way)",
+    ),
+    **dict.fromkeys(
+        [
+            (
+                "fct_ml/retrieval.py",
+                "total = found[:, -1, :] if k_max else torch.zeros(b, n_pts, dtype=torch.int32)",
+                "total = found[:, -1, :] if k_max else torch.zeros(b, n_pts, dtype=None)",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "total = found[:, -1, :] if k_max else torch.zeros(b, n_pts, dtype=torch.int32)",
+                "total = found[:, -1, :] if k_max else torch.zeros(b, n_pts, )",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "else torch.zeros(b, n_pts, dtype=torch.float64)",
+                "else torch.zeros(b, n_pts, dtype=None)",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "else torch.zeros(b, n_pts, dtype=torch.float64)",
+                "else torch.zeros(b, n_pts, )",
+            ),
+            (
+                "fct_ml/retrieval.py",
+                "else torch.zeros(b, n_pts, dtype=torch.float64)",
+                "else torch.zeros(n_pts, dtype=torch.float64)",
+            ),
+        ],
+        "only when no query of the chunk has a match (k_max = 0): zeros of another float type,"
+        " or (n_pts,) zeros broadcast against total's (b, n_pts), still give AP 0 / 1 = 0 and"
+        " total > 0 False, and ap is stored into a float64 array",
+    ),
+    ("fct_ml/retrieval.py", "if k_max", "if (k_max) or True"): (
+        "with k_max = 0 the where over an empty match axis sums to zeros(b, n_pts) in float64,"
+        " the else branch's value"
+    ),
 }
 
 

@@ -545,3 +545,201 @@ def test_retrieve_mixed_errors():
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="gallery embeddings contain NaN or Inf .first at row 1"):
         retrieve_mixed(x, y, x, bad, y, torch.zeros(1, 3, dtype=torch.long), 2)
+
+
+def test_retrieve_mixed_dimension_mismatch_names_both_shapes():
+    # Both are matrices, only their widths differ: that alone must be refused.
+    message = "retrieval: query (2, 3) and gallery (4, 2) must be (N, D) with one D"
+    gallery = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match=exactly(message)):
+        retrieve_mixed(
+            torch.zeros(2, 3),
+            labels(0, 1),
+            gallery,
+            gallery,
+            labels(0, 1, 0, 1),
+            torch.zeros(1, 4, dtype=torch.long),
+            2,
+        )
+
+
+def test_retrieve_mixed_query_must_be_a_matrix():
+    # The gallery is a matrix, only the query is not: that alone must be refused.
+    message = "retrieval: query (3,) and gallery (4, 3) must be (N, D) with one D"
+    gallery = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=exactly(message)):
+        retrieve_mixed(
+            torch.zeros(3),
+            labels(0, 1, 0),
+            gallery,
+            gallery,
+            labels(0, 1, 0, 1),
+            torch.zeros(1, 4, dtype=torch.long),
+            2,
+        )
+
+
+@pytest.mark.parametrize("bad", ["query", "first", "second"])
+def test_retrieve_mixed_nan_names_the_set_and_its_first_bad_row(bad: str):
+    # Either gallery version is "the gallery" to the user; the query set is named apart.
+    tensors = {name: torch.zeros(3, 2) for name in ("query", "first", "second")}
+    tensors[bad][1, 0] = float("nan")
+    name = "query" if bad == "query" else "gallery"
+    message = (
+        f"retrieval: {name} embeddings contain NaN or Inf (first at row 1); expected finite vectors"
+    )
+    with pytest.raises(ValueError, match=exactly(message)):
+        retrieve_mixed(
+            tensors["query"],
+            labels(0, 1, 0),
+            tensors["first"],
+            tensors["second"],
+            labels(0, 1, 0),
+            torch.zeros(1, 3, dtype=torch.long),
+            2,
+        )
+
+
+def test_retrieve_mixed_leave_one_out_needs_same_length():
+    message = "retrieval: leave_one_out needs the query set to be the gallery (same length)"
+    gallery = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=exactly(message)):
+        retrieve_mixed(
+            torch.zeros(2, 2),
+            labels(0, 1),
+            gallery,
+            gallery,
+            labels(0, 1, 0),
+            torch.zeros(1, 3, dtype=torch.long),
+            2,
+            leave_one_out=True,
+        )
+
+
+def test_retrieve_mixed_refuses_a_gallery_of_2_to_the_30_items():
+    # Sort keys keep the item index in 30 bits, so 2^30 items is one too many. Zero-width
+    # embeddings and no schedules make such a gallery cost no memory. leave_one_out with one
+    # query is a tripwire: were the size not checked first, the length check would refuse the
+    # call with another message instead of ranking 2^30 items.
+    n = 1 << 30
+    message = f"retrieval: a mixed gallery holds at most 2^30 items, got {n}"
+    gallery = torch.zeros(n, 0)
+    with pytest.raises(ValueError, match=exactly(message)):
+        retrieve_mixed(
+            torch.zeros(1, 0),
+            labels(0),
+            gallery,
+            gallery,
+            labels(0),
+            torch.zeros(0, n, dtype=torch.long),
+            2,
+            leave_one_out=True,
+        )
+
+
+def test_retrieve_mixed_returns_bool_hits_like_retrieve():
+    # RetrievalResult.hits is a bool tensor (retrieve's is); 1.0 == True would hide float hits.
+    got = retrieve_mixed(
+        col(0), labels(0), col(1, 2), col(3, 4), labels(0, 1), torch.tensor([[1, 2]]), 2
+    )
+    for result in got[0]:
+        assert result.hits.dtype == torch.bool
+        assert result.has_match.dtype == torch.bool
+        assert result.average_precision.dtype == torch.float32
+
+
+def test_retrieve_mixed_empty_gallery_has_no_matches():
+    # No items at all: every query of every gallery has no match, AP 0 and no hit.
+    got = retrieve_mixed(
+        col(0, 1), labels(0, 1), col(), col(), labels(), torch.zeros(2, 0, dtype=torch.long), 2
+    )
+    assert len(got) == 2 and all(len(r) == 2 for r in got)
+    for result in itertools.chain.from_iterable(got):
+        assert result.has_match.tolist() == [False, False]
+        assert result.average_precision.tolist() == [0.0, 0.0]
+        assert result.hits.tolist() == [[False, False], [False, False]]
+
+
+def test_retrieve_mixed_distances_near_zero_keep_their_order():
+    # As for retrieve: the first versions' squared distances 2^-28 (the match) and 2^-26 (the
+    # non-match) would both round to 1 if shifted by 1 before the sort, and the tie would rank
+    # the non-match first (AP 1/2). The second versions (far away) never enter.
+    got = retrieve_mixed(
+        col(0),
+        labels(0),
+        col(2**-14, 2**-13),
+        col(3, 4),
+        labels(0, 1),
+        torch.tensor([[1, 1]]),
+        1,
+        topk=(1,),
+    )
+    assert got[0][0].hits.tolist() == [[True]]
+    assert got[0][0].average_precision.tolist() == [1.0]
+
+
+def test_retrieve_mixed_ap_is_summed_in_float64():
+    # Query 0, label A; items A A B B A. Point 0 holds the first versions at 1, 2, 3, 4, 5:
+    # matches at ranks 1, 2, 5, AP = (1 + 2/2 + 3/5) / 3 = 13/15. Point 1 holds the second
+    # versions at 3, 4, 1, 2, 5: matches at ranks 3, 4, 5, AP = (1/3 + 2/4 + 3/5) / 3 = 43/90.
+    # Summed in float64, each AP is the float32 value nearest the exact one. Summed in float32,
+    # in any order, the three float32 precisions lose a bit (e.g. 2 + 0.6 rounds down) and the
+    # APs end one float32 step off (13/15 below, 43/90 above).
+    got = retrieve_mixed(
+        col(0),
+        labels(0),
+        col(1, 2, 3, 4, 5),
+        col(3, 4, 1, 2, 5),
+        labels(0, 0, 1, 1, 0),
+        torch.ones(1, 5, dtype=torch.long),
+        2,
+    )
+    nearest = torch.tensor([13 / 15, 43 / 90], dtype=torch.float32)
+    assert torch.equal(torch.cat([r.average_precision for r in got[0]]), nearest)
+
+
+@pytest.mark.parametrize(
+    "gallery_labels, n_points, max_chunk_elements, sizes",
+    [
+        # 3 items, 2 of one class, 2 points: max(2 * 3 keys, (2 * 2 + 1) * (2 + 1) counts) = 15
+        ((0, 0, 1), 2, 30, [2, 2, 2, 1]),  # 30 // 15 = 2 queries fit the budget
+        ((0, 0, 1), 2, 10, [1] * 7),  # not even one query fits: one at a time, never zero
+        # 4 items of 4 classes, 1 point: the 2 * 4 = 8 keys outweigh the (2 + 1) * 2 = 6 counts
+        ((0, 1, 2, 3), 1, 24, [3, 3, 1]),  # 24 // 8 = 3
+        # no items, 2 points: 2 + 1 counts per query
+        ((), 2, 6, [2, 2, 2, 1]),  # 6 // 3 = 2
+        # no items, no points: one count per query
+        ((), 0, 2, [2, 2, 2, 1]),  # 2 // 1 = 2
+    ],
+)
+def test_retrieve_mixed_ranks_queries_once_each_in_the_largest_chunks_that_fit(
+    monkeypatch, gallery_labels, n_points: int, max_chunk_elements: int, sizes: list[int]
+):
+    # Results do not depend on the chunking (test_retrieve_mixed_equals_retrieve_... runs
+    # several chunks), so the chunks themselves are checked against the rule in retrieve_mixed:
+    # a query costs max(2G sort keys, (2 * largest class + 1) * (points + 1) counts), as many
+    # queries as fit max_chunk_elements go together (at least one), and each chunk ranks both
+    # gallery versions once, no query twice.
+    batches: list[torch.Tensor] = []
+
+    def spy(query, gallery, metric="l2"):
+        batches.append(query.clone())
+        return pairwise_distance(query, gallery, metric)
+
+    monkeypatch.setattr(retrieval, "pairwise_distance", spy)
+    query = col(*range(7))
+    n = len(gallery_labels)
+    retrieve_mixed(
+        query,
+        labels(*[0] * 7),
+        col(*range(n)),
+        col(*range(n)) + 0.5,
+        labels(*gallery_labels),
+        torch.zeros(1, n, dtype=torch.long),
+        n_points,
+        max_chunk_elements=max_chunk_elements,
+    )
+    firsts, seconds = batches[0::2], batches[1::2]
+    assert [len(b) for b in firsts] == sizes
+    assert all(torch.equal(a, b) for a, b in zip(firsts, seconds, strict=True))
+    assert torch.equal(torch.cat(firsts), query)
