@@ -743,3 +743,25 @@ def test_retrieve_mixed_ranks_queries_once_each_in_the_largest_chunks_that_fit(
     assert [len(b) for b in firsts] == sizes
     assert all(torch.equal(a, b) for a, b in zip(firsts, seconds, strict=True))
     assert torch.equal(torch.cat(firsts), query)
+
+
+def test_retrieve_mixed_counts_no_hit_for_a_query_without_a_match_at_any_k():
+    # Two gallery items; query 0 matches item 0, query 1 (label 7) matches nothing. With k up to
+    # 4 > G = 2, `retrieve` reports no hit for query 1 at any k; retrieve_mixed used to report
+    # hits at k >= G + 1 when another query of its chunk had a match.
+    query = torch.tensor([[0.0, 0.0], [5.0, 5.0]])
+    query_labels = torch.tensor([1, 7])
+    first = torch.tensor([[0.1, 0.0], [3.0, 3.0]])
+    second = torch.tensor([[0.0, 0.1], [3.0, 2.9]])
+    gallery_labels = torch.tensor([1, 2])
+    switch = torch.tensor([[0, 1]])  # item 0 switched at point 0, item 1 at point 1
+    topk = (1, 2, 3, 4)
+    results = retrieve_mixed(
+        query, query_labels, first, second, gallery_labels, switch, 2, topk=topk
+    )
+    for p, gallery in enumerate([torch.stack([second[0], first[1]]), second]):
+        expected = retrieve(query, query_labels, gallery, gallery_labels, topk=topk)
+        got = results[0][p]
+        assert got.hits[1].tolist() == [False, False, False, False]
+        assert torch.equal(got.hits, expected.hits)
+        assert got.has_match.tolist() == [True, False]
