@@ -307,6 +307,12 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)",
     ): "torch.arange(n) is torch.arange(0, n)",
     # fct_ml/retrieval.py, retrieve_mixed
+    (
+        "fct_ml/retrieval.py",
+        "first_rank = torch.where(held_m, rank, g_count + 1).amin(1)  # (b, P)",
+        "first_rank = torch.where(held_m, rank, g_count + 2).amin(1)  # (b, P)",
+    ): "any sentinel above G: a query with a match has first_rank <= G, one without is masked"
+    " by found_any (test_retrieve_mixed_counts_no_hit_for_a_query_without_a_match_at_any_k)",
     **dict.fromkeys(
         [
             (

@@ -765,3 +765,21 @@ def test_retrieve_mixed_counts_no_hit_for_a_query_without_a_match_at_any_k():
         assert got.hits[1].tolist() == [False, False, False, False]
         assert torch.equal(got.hits, expected.hits)
         assert got.has_match.tolist() == [True, False]
+
+
+def test_retrieve_mixed_a_match_ranked_last_is_a_hit_only_at_k_of_the_gallery_size():
+    # G = 2: the query's only match (item 1) is ranked 2nd at both points, behind item 0. Hits at
+    # k = 1 must be False and at k = 2 True, as `retrieve` says; each result carries its topk.
+    query = torch.tensor([[0.0, 0.0]])
+    query_labels = torch.tensor([4])
+    first = torch.tensor([[0.1, 0.0], [2.0, 0.0]])
+    second = torch.tensor([[0.0, 0.1], [0.0, 2.0]])
+    gallery_labels = torch.tensor([3, 4])
+    switch = torch.tensor([[1, 0]])  # item 1 switched at point 0, item 0 at point 1
+    results = retrieve_mixed(
+        query, query_labels, first, second, gallery_labels, switch, 2, topk=(1, 2)
+    )
+    for p in range(2):
+        assert results[0][p].hits.tolist() == [[False, True]]
+        assert results[0][p].topk == (1, 2)
+        assert results[0][p].summary()["top1"] == 0.0
