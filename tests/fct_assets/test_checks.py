@@ -245,6 +245,7 @@ def _store(fct, rows: int = 3, *, old_dim: int = 2, side_dim: int = 3) -> int:
     ],
 )
 def test_the_gallery_store_check_reads_the_dataset_and_store_records(fct, change, failure):
+    change = dict(change)  # a copy: popping from the parametrized dict would change a rerun
     version = _store(fct)
     store = dict(table=storage.GALLERY_STORE, version=version, rows=3, old_dim=2)
     store |= dict(side_info_dim=3, old_space_id="old@1", side_info_space_id="side@1")
