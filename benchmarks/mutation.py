@@ -469,6 +469,10 @@ def _setup(workdir: Path, modules: list[str], tests: list[str]) -> None:
             # out mutants that do not loop, and a timeout counts as killed.
             "timeout_multiplier = 50.0",
             "timeout_constant = 30.0",
+            # Each mutant forked from a server process that never ran a test: the fct_assets
+            # tests open LanceDB (a tokio runtime, an event-loop thread) and Dagster, and a
+            # child forked from a process holding those deadlocks or segfaults.
+            'process_isolation = "forkserver"',
             "",
         ]
     )
