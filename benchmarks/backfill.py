@@ -675,8 +675,10 @@ def main() -> None:
     )
     # The 10M-item stream is benchmarks/pipeline.py's (minutes, a separate command): keep it.
     earlier = RESULTS / "backfill.json"
-    if not args.quick and earlier.exists() and "stream_10m" in json.loads(earlier.read_text()):
-        result["stream_10m"] = json.loads(earlier.read_text())["stream_10m"]
+    if not args.quick and earlier.exists():
+        stream_10m = json.loads(earlier.read_text()).get("stream_10m")
+        if stream_10m:
+            result["stream_10m"] = stream_10m
     result["targets"] = check_targets(result)
     cpu = result["pairs"]["cpu_default"]
     ceiling = cpu["h_only_items_per_s"] / cpu["reembed_items_per_s"]

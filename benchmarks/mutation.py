@@ -109,6 +109,11 @@ FEATURES_DEVICE = (
     " batch to the model's device: on the CPU the same run; on CUDA only where augment computes"
     " changes (speed, rounding), which no CPU test sees"
 )
+NO_FAST_PATH = (
+    "all_finite without its fast path (the float64 sum): every tensor takes the elementwise test,"
+    " the answer the fast path gives, only slower (test_backfill.py: all_finite is the"
+    " elementwise test)"
+)
 NO_BIAS = "nn.Linear tests `if bias:`; None, like False, builds no bias"
 RELU_INPLACE = (
     "ReLU in place or not gives the same values and gradients (nothing else reads the BN output"
@@ -185,30 +190,32 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         'out[metric] = 100 * (cases[case][metric] - lo) / (hi - lo) if hi != lo else float("NAN")',
     ): 'float("NAN") is float("nan")',
     # fct_ml/backfill.py
-    (
-        "fct_ml/backfill.py",
-        "total = t.sum(dtype=torch.float64) if t.is_floating_point() else None",
-        "total = None",
-    ): "all_finite without its fast path: every tensor takes the elementwise test, the answer"
-    " the fast path gives (slower only; test_backfill.py: all_finite is the elementwise test)",
-    (
-        "fct_ml/backfill.py",
-        "total = t.sum(dtype=torch.float64) if t.is_floating_point() else None",
-        "total = t.sum(dtype=torch.float64) if (t.is_floating_point()) and False else None",
-    ): "all_finite without its fast path: every tensor takes the elementwise test, the answer"
-    " the fast path gives (slower only)",
+    **dict.fromkeys(
+        [
+            (
+                "fct_ml/backfill.py",
+                "total = t.sum(dtype=torch.float64) if t.is_floating_point() else None",
+                "total = None",
+            ),
+            (
+                "fct_ml/backfill.py",
+                "total = t.sum(dtype=torch.float64) if t.is_floating_point() else None",
+                "total = t.sum(dtype=torch.float64) if (t.is_floating_point()) and False else None",
+            ),
+            (
+                "fct_ml/backfill.py",
+                "if total is not None and bool(torch.isfinite(total)):",
+                "if total is not None and bool(None):",
+            ),
+        ],
+        NO_FAST_PATH,
+    ),
     (
         "fct_ml/backfill.py",
         "total = t.sum(dtype=torch.float64) if t.is_floating_point() else None",
         "total = t.sum(dtype=None) if t.is_floating_point() else None",
     ): "a sum in t's own dtype is finite only when every element is (a NaN/Inf propagates);"
     " when it overflows (e.g. float32 3e38s) the elementwise test decides: same answer, slower",
-    (
-        "fct_ml/backfill.py",
-        "if total is not None and bool(torch.isfinite(total)):",
-        "if total is not None and bool(None):",
-    ): "all_finite never trusts the sum: every tensor takes the elementwise test, the answer"
-    " the fast path gives (slower only)",
     (
         "fct_ml/backfill.py",
         '"sigma": backfill_order("sigma", len(labels), sigma=sigma),',
@@ -480,9 +487,10 @@ def _setup(workdir: Path, modules: list[str], tests: list[str]) -> None:
 
 
 def _mutmut(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    # One torch/OpenMP thread: mutmut forks each mutant's test run from a process whose tests have
-    # already run torch, and a child forked after OpenMP started its thread pool waits forever at
-    # its first parallel region (fct_ml/backfill.py's mutants sat at 0 % CPU for minutes).
+    # One torch/OpenMP thread. With mutmut's plain fork isolation, a child forked after OpenMP had
+    # started its thread pool waited forever at its first parallel region (fct_ml/backfill.py's
+    # mutants sat at 0 % CPU for minutes). The forkserver isolation set in _setup was measured
+    # with this setting kept, not without it.
     threads = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     return subprocess.run(
         [sys.executable, "-m", "mutmut", *args],

@@ -290,12 +290,12 @@ def retrieve_mixed(
                 else torch.zeros(b, n_pts, dtype=torch.float64)
             )
             ap[o, :, start : start + b] = (precision / total.clamp(min=1)).T.numpy()
-            has_match[o, :, start : start + b] = (total > 0).T.numpy()
+            found_any = total > 0  # (b, P)
+            has_match[o, :, start : start + b] = found_any.T.numpy()
             if k_max:
                 first_rank = torch.where(held_m, rank, g_count + 1).amin(1)  # (b, P)
                 # A query with no match in the chunk (another one made k_max > 0) has first_rank
                 # G + 1, which a k > G would count as a hit: no match is never a hit (`retrieve`).
-                found_any = total > 0
                 for j, k in enumerate(topk):
                     hits[o, :, start : start + b, j] = ((first_rank <= k) & found_any).T.numpy()
     return [

@@ -149,23 +149,26 @@ def test_train_bct_model_is_fit_of_the_bct_objective_from_the_seed():
     assert model.config == config
 
 
+def _small_bct_args(images, labels, old_dim: int = 4) -> tuple:
+    """train_bct_model's positional arguments for a 4-d cnn-xs on 3 classes, one epoch of
+    batches of 6, no alignment term, old classifier rows of width `old_dim`."""
+    return (
+        images,
+        labels,
+        ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3),
+        TrainConfig(epochs=1, batch_size=6),
+        BCTConfig(alignment_weight=0.0),
+        torch.zeros(3, old_dim),
+        AugmentConfig(),
+    )
+
+
 def test_train_bct_model_refuses_another_embedding_width():
     images, labels = _tiny_images()
-    config = ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)
     with pytest.raises(
         ValueError, match=r"^BCT: the new embed_dim \(4\) must equal the old one \(5\)$"
     ):
-        train_bct_model(
-            images,
-            labels,
-            config,
-            TrainConfig(epochs=1, batch_size=6),
-            BCTConfig(alignment_weight=0.0),
-            torch.zeros(3, 5),
-            AugmentConfig(),
-            device=CPU,
-            seed=0,
-        )
+        train_bct_model(*_small_bct_args(images, labels, old_dim=5), device=CPU, seed=0)
 
 
 def test_extended_old_classifier_with_a_cosine_classifier_averages_directions():
@@ -190,31 +193,12 @@ def test_extended_old_classifier_with_a_cosine_classifier_averages_directions():
 def test_no_training_data_is_refused_naming_the_stage():
     images, labels = _tiny_images()
     with pytest.raises(ValueError, match="^bct_model: no training data$"):
-        train_bct_model(
-            images[:0],
-            labels[:0],
-            ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3),
-            TrainConfig(epochs=1, batch_size=6),
-            BCTConfig(alignment_weight=0.0),
-            torch.zeros(3, 4),
-            AugmentConfig(),
-            device=CPU,
-            seed=0,
-        )
+        train_bct_model(*_small_bct_args(images[:0], labels[:0]), device=CPU, seed=0)
 
 
 def test_train_bct_model_shows_a_progress_bar_only_when_asked(capsys):
     images, labels = _tiny_images()
-    config = ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)
-    args = (
-        images,
-        labels,
-        config,
-        TrainConfig(epochs=1, batch_size=6),
-        BCTConfig(alignment_weight=0.0),
-        torch.zeros(3, 4),
-        AugmentConfig(),
-    )
+    args = _small_bct_args(images, labels)
     train_bct_model(*args, device=CPU, seed=0, progress=False)
     assert capsys.readouterr().err == ""
     train_bct_model(*args, device=CPU, seed=0, progress=True)

@@ -547,36 +547,41 @@ def test_retrieve_mixed_errors():
         retrieve_mixed(x, y, x, bad, y, torch.zeros(1, 3, dtype=torch.long), 2)
 
 
-def test_retrieve_mixed_dimension_mismatch_names_both_shapes():
-    # Both are matrices, only their widths differ: that alone must be refused.
-    message = "retrieval: query (2, 3) and gallery (4, 2) must be (N, D) with one D"
-    gallery = torch.zeros(4, 2)
-    with pytest.raises(ValueError, match=exactly(message)):
-        retrieve_mixed(
-            torch.zeros(2, 3),
-            labels(0, 1),
-            gallery,
-            gallery,
-            labels(0, 1, 0, 1),
-            torch.zeros(1, 4, dtype=torch.long),
-            2,
-        )
+def _mixed(query, first, second=None, **kwargs):
+    """retrieve_mixed over one gallery in two versions (`second` defaults to `first`), labels
+    alternating 0, 1, ..., no item switched: the call the refusal tests vary one input of."""
+    second = first if second is None else second
+    n_query, n_gallery = query.shape[0], first.shape[0]
+    return retrieve_mixed(
+        query,
+        torch.arange(n_query) % 2,
+        first,
+        second,
+        torch.arange(n_gallery) % 2,
+        torch.zeros(1, n_gallery, dtype=torch.long),
+        2,
+        **kwargs,
+    )
 
 
-def test_retrieve_mixed_query_must_be_a_matrix():
-    # The gallery is a matrix, only the query is not: that alone must be refused.
-    message = "retrieval: query (3,) and gallery (4, 3) must be (N, D) with one D"
-    gallery = torch.zeros(4, 3)
-    with pytest.raises(ValueError, match=exactly(message)):
-        retrieve_mixed(
-            torch.zeros(3),
-            labels(0, 1, 0),
-            gallery,
-            gallery,
-            labels(0, 1, 0, 1),
-            torch.zeros(1, 4, dtype=torch.long),
-            2,
-        )
+@pytest.mark.parametrize(
+    ("query", "gallery", "kwargs", "message"),
+    [
+        # Both are matrices, only their widths differ: that alone must be refused.
+        ((2, 3), (4, 2), {}, "query (2, 3) and gallery (4, 2) must be (N, D) with one D"),
+        # The gallery is a matrix, only the query is not: that alone must be refused.
+        ((3,), (4, 3), {}, "query (3,) and gallery (4, 3) must be (N, D) with one D"),
+        (
+            (2, 2),
+            (3, 2),
+            {"leave_one_out": True},
+            "leave_one_out needs the query set to be the gallery (same length)",
+        ),
+    ],
+)
+def test_retrieve_mixed_refuses_shapes_that_cannot_be_ranked(query, gallery, kwargs, message):
+    with pytest.raises(ValueError, match=exactly(f"retrieval: {message}")):
+        _mixed(torch.zeros(query), torch.zeros(gallery), **kwargs)
 
 
 @pytest.mark.parametrize("bad", ["query", "first", "second"])
@@ -589,31 +594,7 @@ def test_retrieve_mixed_nan_names_the_set_and_its_first_bad_row(bad: str):
         f"retrieval: {name} embeddings contain NaN or Inf (first at row 1); expected finite vectors"
     )
     with pytest.raises(ValueError, match=exactly(message)):
-        retrieve_mixed(
-            tensors["query"],
-            labels(0, 1, 0),
-            tensors["first"],
-            tensors["second"],
-            labels(0, 1, 0),
-            torch.zeros(1, 3, dtype=torch.long),
-            2,
-        )
-
-
-def test_retrieve_mixed_leave_one_out_needs_same_length():
-    message = "retrieval: leave_one_out needs the query set to be the gallery (same length)"
-    gallery = torch.zeros(3, 2)
-    with pytest.raises(ValueError, match=exactly(message)):
-        retrieve_mixed(
-            torch.zeros(2, 2),
-            labels(0, 1),
-            gallery,
-            gallery,
-            labels(0, 1, 0),
-            torch.zeros(1, 3, dtype=torch.long),
-            2,
-            leave_one_out=True,
-        )
+        _mixed(tensors["query"], tensors["first"], tensors["second"])
 
 
 def test_retrieve_mixed_refuses_a_gallery_of_2_to_the_30_items():
