@@ -451,6 +451,88 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "with k_max = 0 the where over an empty match axis sums to zeros(b, n_pts) in float64,"
         " the else branch's value"
     ),
+    # fct_assets/checks.py
+    (
+        "fct_assets/checks.py",
+        'return float(cases.get(case, {}).get("mAP", float("nan")))',
+        'return float(cases.get(case, {}).get("mAP", float("NAN")))',
+    ): 'float() parses "nan" in any case: the same NaN',
+    **dict.fromkeys(
+        [
+            (
+                "fct_assets/checks.py",
+                'frame["fct_minus_old_mAP"] = _map(cases, "new/h(old)") - _map(cases, "old/old")',
+                f'frame["{name}"] = _map(cases, "new/h(old)") - _map(cases, "old/old")',
+            )
+            for name in ("fct_minus_old_map", "FCT_MINUS_OLD_MAP")
+        ],
+        "the frame is local to run_report_suite and GX 1.x finds an expectation's column by"
+        " casefold (expectations/metrics/util.py, _verify_column_names_exist_and_get_normalized_"
+        "typed_column_names_map): the expectation on fct_minus_old_mAP judges the same column,"
+        " and what the check shows names the expectation's column, not the frame's",
+    ),
+    **dict.fromkeys(
+        [
+            ("fct_assets/checks.py", f'{call}("{before}")', f'{call}("{after}")')
+            for call, before in (
+                ("context.data_sources.add_pandas", "fct"),
+                (".add_dataframe_asset", "eval_report"),
+                (".add_batch_definition_whole_dataframe", "all"),
+            )
+            for after in (f"XX{before}XX", before.upper())
+        ]
+        + [
+            (
+                "fct_assets/checks.py",
+                'suite = context.suites.add(gx.ExpectationSuite(name="eval_report"))',
+                f'suite = context.suites.add(gx.ExpectationSuite(name="{name}"))',
+            )
+            for name in ("XXeval_reportXX", "EVAL_REPORT")
+        ]
+        + [
+            (
+                "fct_assets/checks.py",
+                'gx.ValidationDefinition(name="eval_report", data=batch, suite=suite)',
+                f'gx.ValidationDefinition(name="{name}", data=batch, suite=suite)',
+            )
+            for name in ("XXeval_reportXX", "EVAL_REPORT")
+        ],
+        "names inside a fresh ephemeral context made for this one validation (test_checks.py: a"
+        " GX project in the working directory is neither read nor written), so none can clash;"
+        " the only one that reaches a result, the batch_id, is left out of the failing kwargs",
+    ),
+    **dict.fromkeys(
+        [
+            (
+                "fct_assets/checks.py",
+                '"partial_unexpected_list", (r.result or {}).get("observed_value")',
+                f'"partial_unexpected_list", {after}',
+            )
+            for after in (
+                "None",
+                ")",
+                "(r.result or {}).get(None)",
+                '(r.result and {}).get("observed_value")',
+                '(r.result or {}).get("XXobserved_valueXX")',
+                '(r.result or {}).get("OBSERVED_VALUE")',
+            )
+        ],
+        "with the locked great_expectations 1.24.1 the fallback is always None: the suite's"
+        " map expectations always report partial_unexpected_list, an expectation that raised"
+        " has result {} (never None: ExpectationValidationResult turns None into {}), and the"
+        " one aggregate, ExpectColumnDistinctValuesToContainSet, reports observed_value None"
+        " (its docstring: 'always None'); older GX 1.x (pyproject allows >=1.3) gave the"
+        " observed cases there",
+    ),
+    (
+        "fct_assets/checks.py",
+        'meta["failing_cases"] = dg.MetadataValue.json(cases.astype(str).to_dict(orient="records"))',
+        'meta["failing_cases"] = dg.MetadataValue.json(cases.astype(str).to_dict(orient="RECORDS"))',
+    ): "DataFrame.to_dict lower-cases orient (pandas/core/methods/to_dict.py)",
+    ("fct_assets/checks.py", "strict=False,", ")"): (
+        "strict=False is pandera DataFrameSchema's default"
+        " (test_checks.py: the schema allows columns it does not name)"
+    ),
 }
 
 

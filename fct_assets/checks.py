@@ -41,7 +41,8 @@ def vector_table_schema(expected_rows: int, dims: dict[str, int], spaces: dict[s
             ],
         )
     for name, space in spaces.items():
-        columns[name] = pa.Column(str, pa.Check.isin([space], name=f"space_id == {space}"))
+        # No name=: pandera reports a built-in check by its own text, isin([...]), never its name.
+        columns[name] = pa.Column(str, pa.Check.isin([space]))
     return pa.DataFrameSchema(
         columns,
         checks=[pa.Check(lambda df: len(df) == expected_rows, name=f"rows == {expected_rows}")],

@@ -105,6 +105,59 @@ def test_a_nan_vector_fails_as_not_finite():
     assert list(err.value.failure_cases["index"]) == [0]
 
 
+def _frame(**changes):
+    # The frame validate_table hands pandera: what LanceDB's to_pandas gives for a sound table.
+    import pandas as pd
+
+    columns = {
+        "item_id": np.arange(3, dtype=np.int64),
+        "label": np.zeros(3, np.int32),
+        "embedding": [np.ones(2, np.float32) for _ in range(3)],
+        "space_id": [SPACE] * 3,
+    }
+    return pd.DataFrame({**columns, **changes})
+
+
+@pytest.mark.parametrize(
+    "column, check",
+    [
+        ("item_id", "dtype('int64')"),
+        ("label", "dtype('int32')"),
+        ("embedding", "dtype('object')"),
+        # pandera's str: pandas 3's default string dtype.
+        ("space_id", "dtype('string[pyarrow]')"),
+    ],
+)
+def test_a_column_of_another_dtype_fails_on_its_dtype_alone(column, check):
+    # The values pass every other rule: the dtype is the only thing wrong, and named.
+    import pandas as pd
+    import pandera.errors
+
+    other = {
+        "item_id": np.arange(3, dtype=np.int32),
+        "label": np.zeros(3, np.int64),
+        # A pyarrow list column (to_pandas(types_mapper=pd.ArrowDtype)): each vector has the
+        # right length and is finite, the column is not numpy objects.
+        "embedding": pd.arrays.ArrowExtensionArray(
+            pa.array([[1.0, 1.0]] * 3, pa.list_(pa.float32()))
+        ),
+        "space_id": pd.Categorical([SPACE] * 3),
+    }
+    schema = vector_table_schema(3, {"embedding": 2}, {"space_id": SPACE})
+    schema.validate(_frame(), lazy=True)  # the sound frame passes
+    with pytest.raises(pandera.errors.SchemaErrors) as err:
+        schema.validate(_frame(**{column: other[column]}), lazy=True)
+    cases = err.value.failure_cases
+    assert list(zip(cases["column"], cases["check"])) == [(column, check)]
+
+
+def test_the_schema_allows_columns_it_does_not_name():
+    # The tables also carry images, norms, a source; only the named columns are judged.
+    schema = vector_table_schema(3, {"embedding": 2}, {"space_id": SPACE})
+    frame = _frame(image=[b"png"] * 3, norm=np.ones(3, np.float32))
+    assert list(schema.validate(frame, lazy=True).columns) == list(frame.columns)
+
+
 def test_a_write_after_the_materialisation_fails_the_check(fct):
     version = _publish(fct, np.ones((3, 2), np.float32))
     later = _publish(fct, np.ones((3, 2), np.float32))
@@ -155,6 +208,35 @@ def test_the_report_suite_fails_and_names_the_broken_expectation(change, expecta
 
 def test_the_gate_allows_equal_map():
     assert run_report_suite(_report(**{"new/h(old)": {"mAP": 40.0}}))[0]
+
+
+def test_metrics_of_0_and_100_are_in_range():
+    # Both ends are possible: a case retrieving nothing right, a case retrieving everything.
+    report = _report(**{"new/old": {"top1": 0.0, "mAP": 0.0}, "new/new": {"top5": 100.0}})
+    assert run_report_suite(report) == (True, [])
+
+
+def test_the_report_suite_draws_no_progress_bars(capfd):
+    # The check runs inside Dagster steps: GX's tqdm bars would fill the run's stderr log.
+    assert run_report_suite(_report())[0]
+    assert "Calculating Metrics" not in capfd.readouterr().err
+
+
+def test_the_report_suite_ignores_a_gx_project_in_the_working_directory(tmp_path, monkeypatch):
+    # The suite lives in an ephemeral context: a GX project where the check happens to run is
+    # neither read nor written (with it, the second run would find the first's data source).
+    import great_expectations as gx
+
+    gx.get_context(mode="file", project_root_dir=tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    def files():
+        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = files()
+    assert run_report_suite(_report()) == (True, [])
+    assert run_report_suite(_report()) == (True, [])
+    assert files() == before
 
 
 def test_failing_cases_are_listed_up_to_twenty_and_counted_in_full(fct):
