@@ -533,6 +533,32 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "strict=False is pandera DataFrameSchema's default"
         " (test_checks.py: the schema allows columns it does not name)"
     ),
+    # fct_assets/deployment.py (all but _op_config and upgrade_is_current)
+    **dict.fromkeys(
+        [
+            (
+                "fct_assets/deployment.py",
+                'np.asarray(query, dtype=np.float32), vector_column_name="embedding"',
+                'np.asarray(query, dtype=None), vector_column_name="embedding"',
+            ),
+            (
+                "fct_assets/deployment.py",
+                'np.asarray(query, dtype=np.float32), vector_column_name="embedding"',
+                'np.asarray(query, ), vector_column_name="embedding"',
+            ),
+        ],
+        "the mutant hands LanceDB np.asarray(query), an array of the query's own dtype, and"
+        " LanceDB casts it itself (0.40, query.py LanceQueryBuilder.create: q.astype(float32)):"
+        " any float query (a list of floats, a float16/32/64 array, the CLI's float32"
+        " embedding) becomes the same float32 vector, one rounding either way. Only a list of"
+        " integers beyond 2^53 could tell: numpy converts it to float32 through float64 (two"
+        " roundings), an int64 array's astype rounds once; no embedding is such a list",
+    ),
+    (
+        "fct_assets/deployment.py",
+        ').distance_type("l2")',
+        ').distance_type("L2")',
+    ): "LanceDB lowercases it (LanceVectorQueryBuilder.distance_type: distance_type.lower())",
 }
 
 

@@ -4,6 +4,8 @@ report them (no training). tests/fct_assets/test_deployment.py runs the same rul
 
 from __future__ import annotations
 
+import datetime as _dt
+import random
 import time
 
 import dagster as dg
@@ -11,12 +13,12 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
-from dagster._core.events import DagsterEvent, DagsterEventType
+from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
 from dagster._core.utils import make_new_run_id
 
-from fct_assets import deployment, storage
+from fct_assets import deployment, guards, storage
 from fct_assets.deployment import PromotionError, check_results, current, promote, rollback
-from fct_assets.records import BackfilledTable
+from fct_assets.records import BackfilledTable, VersionTable
 from tests.fct_assets.check_events import report_planned_check
 
 SPACE = "new_model:v2@0123456789ab"
@@ -36,9 +38,12 @@ def db(tmp_path):
     return lancedb.connect(str(tmp_path / "lancedb"))
 
 
-def _table(db, version: str, rows: int = 4, space: str = SPACE) -> int:
-    """gallery_<version> with `rows` 2-d vectors (item i at (i, 0)); its LanceDB version."""
-    vectors = np.array([[i, 0.0] for i in range(rows)], np.float32)
+def _table(db, version: str, rows: int = 4, space: str = SPACE, vectors=None) -> int:
+    """gallery_<version> with `rows` 2-d vectors (item i at (i, 0), or item i at vectors[i]); its
+    LanceDB version."""
+    if vectors is None:
+        vectors = np.array([[i, 0.0] for i in range(rows)], np.float32)
+    rows = len(vectors)
     batch = pa.record_batch(
         [
             pa.array(np.arange(rows, dtype=np.int64)),
@@ -54,7 +59,9 @@ def _table(db, version: str, rows: int = 4, space: str = SPACE) -> int:
     return info["version"]
 
 
-def _materialised(instance, version: str, table_version: int) -> None:
+def _materialised(instance, version: str, table_version: int, *, at=None) -> None:
+    """backfilled_gallery and eval_report materialised for `version`, at time `at` (default:
+    now, as runless reports)."""
     record = BackfilledTable(
         table=f"gallery_{version}",
         version=table_version,
@@ -70,19 +77,32 @@ def _materialised(instance, version: str, table_version: int) -> None:
         gallery_rows=4,
         ann_index="none",
     )
-    instance.report_runless_asset_event(
+    events = [
         dg.AssetMaterialization(
             asset_key="backfilled_gallery", partition=version, metadata=record.model_dump()
+        ),
+        dg.AssetMaterialization(asset_key="eval_report", partition=version),
+    ]
+    for event in events:
+        if at is None:
+            instance.report_runless_asset_event(event)
+            continue
+        instance.report_dagster_event(
+            DagsterEvent(
+                event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
+                event_specific_data=StepMaterializationData(event),
+                job_name="upgrade",
+            ),
+            run_id=make_new_run_id(),
+            timestamp=at,
         )
-    )
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization(asset_key="eval_report", partition=version)
-    )
 
 
-def _check_evaluation(instance, asset: str, check: str, version: str, ok: bool, read: int):
+def _check_evaluation(
+    instance, asset: str, check: str, version: str, ok: bool, read: int, *, at=None
+) -> str:
     """One evaluation of a blocking check, as a run of its own records it (a runless report
-    allows one per check and partition)."""
+    allows one per check and partition), at time `at` (default: now); its run id."""
     evaluation = dg.AssetCheckEvaluation(
         asset_key=dg.AssetKey(asset),
         check_name=check,
@@ -96,8 +116,10 @@ def _check_evaluation(instance, asset: str, check: str, version: str, ok: bool, 
             event_specific_data=evaluation,
             job_name="verify",
         ),
-        run_id=make_new_run_id(),
+        run_id=(run_id := make_new_run_id()),
+        timestamp=at,
     )
+    return run_id
 
 
 def _checked(instance, version: str, table_version: int, *, passed=(True, True)) -> None:
@@ -132,10 +154,35 @@ def test_passed_checks_promote_the_recorded_table_version(instance, db):
         "table_version": table_version,
     }
     assert row.space_id == SPACE and current(db) == row
+    # `at` is UTC, offset included, and the time of the promotion.
+    at = _dt.datetime.fromisoformat(row.at)
+    assert at.utcoffset() == _dt.timedelta(0)
+    assert abs((_dt.datetime.now(_dt.UTC) - at).total_seconds()) < 60
+
+
+def test_the_record_is_decided_under_the_deployments_lock(db):
+    # Every writer of this machine that takes the deployments table's lock queues behind a
+    # promotion that is deciding: a second holder is refused at once (wait_s=0), naming it.
+    refused = []
+
+    def choose(rows):
+        with pytest.raises(guards.TableBusyError, match="^deployments: still locked by process"):
+            with guards.local_lock(db, storage.DEPLOYMENTS, wait_s=0):
+                pass
+        refused.append(True)
+        return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
+
+    assert deployment._record(db, "promote", choose).seq == 1
+    assert refused == [True]
+    with guards.local_lock(db, storage.DEPLOYMENTS, wait_s=0):  # released after the commit
+        pass
 
 
 def test_never_ran_failed_and_stale_are_told_apart(instance, db):
-    assert {v["why"] for v in check_results(instance, "v2").values()} == {"never ran"}
+    assert {k: v["why"] for k, v in check_results(instance, "v2").items()} == {
+        "backfilled_gallery:backfilled_gallery_schema": "never ran",
+        "eval_report:eval_report_expectations": "never ran",
+    }
     with pytest.raises(PromotionError, match=r"^version v2 not promoted: .*'never ran'"):
         promote(instance, db, "v2")
     table_version = _table(db, "v2")
@@ -158,6 +205,55 @@ def test_never_ran_failed_and_stale_are_told_apart(instance, db):
     with pytest.raises(PromotionError, match="stale"):
         promote(instance, db, "v2")
     assert current(db) is None
+
+
+def test_a_check_at_the_time_of_its_materialisation_is_fresh(instance, db):
+    # A check evaluated at the very timestamp of the materialisation it checks (a coarse clock)
+    # ran after it, not before: fresh. Each result names the run that evaluated the check.
+    table_version = _table(db, "v2")
+    at = time.time()
+    _materialised(instance, "v2", table_version, at=at)
+    runs = {
+        f"{asset}:{check}": _check_evaluation(
+            instance, asset, check, "v2", True, table_version, at=at
+        )
+        for asset, check in (
+            ("backfilled_gallery", "backfilled_gallery_schema"),
+            ("eval_report", "eval_report_expectations"),
+        )
+    }
+    results = check_results(instance, "v2")
+    assert {k: (v["why"], v["ran_after_latest_materialization"]) for k, v in results.items()} == {
+        k: ("passed", True) for k in runs
+    }
+    assert {k: v["run_id"] for k, v in results.items()} == runs
+    assert promote(instance, db, "v2").table_version == table_version
+
+
+def test_no_guarding_check_promotes_nothing(instance, db, monkeypatch):
+    # Promotion needs at least one passed blocking check: were no guarded asset to have any,
+    # nothing would be promoted, and the refusal says so.
+    monkeypatch.setattr(deployment, "GUARDED", ())
+    _promotable(instance, db, "v2")
+    assert check_results(instance, "v2") == {}
+    with pytest.raises(PromotionError) as refused:
+        promote(instance, db, "v2")
+    assert (
+        str(refused.value) == "version v2 not promoted: blocking checks not passed (no checks ran)"
+    )
+
+
+def test_the_promoted_table_is_the_versions_own(instance, db):
+    # v3 materialised after v2: promoting v2 records v2's table, not the latest materialisation
+    # of backfilled_gallery across versions.
+    v2 = _promotable(instance, db, "v2")
+    v3 = _promotable(instance, db, "v3")
+    assert deployment.recorded_table(instance, "v2") == VersionTable(
+        version="v2", table="gallery_v2", table_version=v2, space_id=SPACE
+    )
+    assert deployment.recorded_table(instance, "v3").table_version == v3
+    row = promote(instance, db, "v2")
+    assert (row.version, row.table, row.table_version) == ("v2", "gallery_v2", v2)
 
 
 def test_checks_of_another_table_version_do_not_promote(instance, db):
@@ -223,17 +319,45 @@ def test_search_reads_the_pinned_table_in_its_space(instance, db):
         deployment.search(
             db, [0.0, 0.0], version=row.model_copy(update={"space_id": "other@000000000000"})
         )
+    # A query of another dimension is refused naming the embedding column and both dimensions.
+    with pytest.raises(ValueError, match=r"query dim\(3\) .* column embedding vector dim\(2\)"):
+        deployment.search(db, [0.0, 0.0, 0.0], version=row)
+
+
+def test_search_with_an_ann_index_probes_its_share_of_partitions_and_refines(db):
+    # 2,304 items: 9 IVF partitions (256 items each), of which ceil(9 / 8) = 2 are probed. The
+    # answer is approximate (some exact neighbours lie in partitions not probed) and re-ranked
+    # on the stored vectors (refine), so every distance it returns is the exact one.
+    rng = np.random.default_rng(0)
+    vectors = rng.uniform(size=(2304, 2)).astype(np.float32)
+    _table(db, "v2", vectors=vectors)
+    table = db.open_table("gallery_v2")
+    params = storage.build_ann_index(table, 2)
+    assert (params["num_partitions"], params["nprobes"], params["refine_factor"]) == (9, 2, 10)
+    row = VersionTable(
+        version="v2", table="gallery_v2", table_version=table.version, space_id=SPACE
+    )
+    missed = 0
+    for query in rng.uniform(size=(20, 2)):
+        hits = deployment.search(db, query, version=row, k=100)
+        exact = ((vectors - query.astype(np.float32)) ** 2).sum(1)
+        found = [h["item_id"] for h in hits]
+        assert [h["distance"] for h in hits] == pytest.approx(exact[found].tolist(), abs=1e-6)
+        missed += len(set(np.argsort(exact)[:100].tolist()) - set(found))
+    assert 0 < missed < 2000 * 0.2  # of 20 x 100 exact neighbours: approximate, not random
+    assert len(deployment.search(db, [0.5, 0.5], version=row)) == 10  # k = 10 by default
 
 
 # ---------------------------------------------------------------- ingest runs advance the pin
 
 
 def test_advance_pins_a_newer_table_version_of_the_deployed_version_only(instance, db):
-    with pytest.raises(
-        PromotionError,
-        match=r"^ingest: v2 is no longer deployed \(nothing is\); retry the run to embed",
-    ):
+    with pytest.raises(PromotionError) as refused:
         deployment.advance(db, "v2", 1)
+    assert str(refused.value) == (
+        "ingest: v2 is no longer deployed (nothing is); retry the run to embed the items with the"
+        " deployed model"
+    )
     served = _promotable(instance, db, "v2")
     promoted = promote(instance, db, "v2")
     # The same table version: nothing to record.
@@ -272,6 +396,18 @@ def test_rollback_from_an_ingest_advanced_first_deployment_is_refused(instance, 
     deployment.advance(db, "v2", v2 + 1)
     with pytest.raises(PromotionError, match="^version v2 is the only one ever deployed"):
         rollback(db)
+
+
+def test_a_history_that_starts_with_ingest_rows_has_nothing_to_roll_back_to(db):
+    # The walk back over the current deployment's ingest rows stops at the first row, without
+    # wrapping round to rows[-1]. fct itself never writes an ingest row first (advance needs a
+    # deployment), but a table edited by hand could start with v2's: no deployment before v2's.
+    for seq, table_version in ((1, 1), (2, 2)):
+        row = _row(seq, "v2", action="ingest", table_version=table_version)
+        assert guards.insert_if_absent(db, storage.DEPLOYMENTS, row, "seq")
+    with pytest.raises(PromotionError, match="^version v2 is the only one ever deployed"):
+        rollback(db)
+    assert len(deployment.history(db)) == 2
 
 
 # ---------------------------------------------------------------- items ingested meanwhile
@@ -316,13 +452,13 @@ def test_a_table_missing_stored_items_is_not_promoted(instance, db):
 # ---------------------------------------------------------------- the record under contention
 
 
-def _row(seq: int, version: str) -> pa.Table:
+def _row(seq: int, version: str, action: str = "promote", table_version: int = 1) -> pa.Table:
     row = {
         "seq": seq,
-        "action": "promote",
+        "action": action,
         "version": version,
         "table": f"gallery_{version}",
-        "table_version": 1,
+        "table_version": table_version,
         "space_id": SPACE,
         "at": "2026-01-01T00:00:00+00:00",
     }
@@ -365,6 +501,30 @@ def test_a_record_that_keeps_losing_gives_up_saying_so(db, monkeypatch):
         "promote of v2 not recorded: seq 2 was taken by a concurrent writer 2 times in a row; retry"
     )
     assert calls == [0, 1]
+
+
+def test_a_lost_race_waits_a_random_share_of_a_doubling_back_off(db, monkeypatch):
+    # After lost race i the writer waits uniform(0, min(0.5, 0.01 * 2**i)) s: 10 ms doubling,
+    # at most 0.5 s. The draws come from a seeded generator, so the waits are known; they are
+    # recorded, not slept, to keep the test fast.
+    monkeypatch.setattr(deployment, "RECORD_ATTEMPTS", 8)
+    waits: list[float] = []
+    monkeypatch.setattr(deployment.time, "sleep", waits.append)
+
+    def choose(rows):
+        assert guards.insert_if_absent(db, storage.DEPLOYMENTS, _row(len(rows) + 1, "v9"), "seq")
+        return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
+
+    state = random.getstate()
+    random.seed(20260101)
+    try:
+        with pytest.raises(PromotionError, match="taken by a concurrent writer 8 times"):
+            deployment._record(db, "promote", choose)
+    finally:
+        random.setstate(state)
+    draws = random.Random(20260101)
+    bounds = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.5, 0.5]
+    assert waits == [draws.uniform(0.0, bound) for bound in bounds]
 
 
 # ---------------------------------------------------------------- the UI's jobs
