@@ -559,6 +559,113 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         ').distance_type("l2")',
         ').distance_type("L2")',
     ): "LanceDB lowercases it (LanceVectorQueryBuilder.distance_type: distance_type.lower())",
+    # fct_assets/report.py
+    (
+        "fct_assets/report.py",
+        "ok = (pos < len(have)) & (have[np.minimum(pos, len(have) - 1)] == ids)",
+        "ok = (pos <= len(have)) & (have[np.minimum(pos, len(have) - 1)] == ids)",
+    ): (
+        "searchsorted gives pos <= len(have), so the mutant keeps only the equality, which is"
+        " already False where pos == len(have) (every stored id is below the id: have[-1] != id);"
+        " an empty store raises IndexError at have[-1] in both"
+    ),
+    **dict.fromkeys(
+        [
+            ("fct_assets/report.py", 'matplotlib.use("Agg")', 'matplotlib.use("agg")'),
+            ("fct_assets/report.py", 'matplotlib.use("Agg")', 'matplotlib.use("AGG")'),
+        ],
+        "matplotlib resolves builtin backend names case-insensitively: the same backend_agg and"
+        " FigureCanvasAgg draw the same PNG; only the spelling matplotlib.get_backend() echoes"
+        " differs",
+    ),
+    **dict.fromkeys(
+        [
+            (
+                "fct_assets/report.py",
+                'ax.plot(curve["fractions"], curve[metric], marker="o", label=order)',
+                'ax.plot(curve["fractions"], curve[metric], marker=None, label=order)',
+            ),
+            (
+                "fct_assets/report.py",
+                'ax.plot(curve["fractions"], curve[metric], marker="o", label=order)',
+                'ax.plot(curve["fractions"], curve[metric], label=order)',
+            ),
+        ],
+        "display only: the points drawn without a marker; the lines' data and labels are the same"
+        " (test_report_fast.py: the plot draws each order on a mAP and a top-1 panel)",
+    ),
+    ("fct_assets/report.py", "ax.grid(alpha=0.3)", "ax.grid(alpha=None)"): (
+        "display only: the grid drawn opaque instead of at alpha 0.3"
+    ),
+    ("fct_assets/report.py", 'fig.savefig(buf, format="png")', 'fig.savefig(buf, format="PNG")'): (
+        "print_figure lower-cases the format: the same PNG"
+    ),
+    ("fct_assets/report.py", "plt.close(fig)", "plt.close(None)"): (
+        "close(None) closes pyplot's active figure, which is fig: plt.subplots made it active and"
+        " nothing after creates or activates another, so pyplot lets go of fig in both"
+    ),
+    **dict.fromkeys(
+        [
+            ("fct_assets/report.py", "device = fct.torch_device()", "device = None"),
+            (
+                "fct_assets/report.py",
+                "new_model.model.to(device), [images], transform=to_float",
+                "new_model.model.to(None), [images], transform=to_float",
+            ),
+            (
+                "fct_assets/report.py",
+                "transformed, sigma = apply_transformation(h.model.to(device), old, side)",
+                "transformed, sigma = apply_transformation(h.model.to(None), old, side)",
+            ),
+        ],
+        "CPU-only test machine: Module.to(None) moves nothing, so the models stay on the CPU the"
+        " tests load them on and the tests ask for (device='cpu'); only a CUDA run could tell,"
+        " and benchmarks/gpu_check.py does not reach evaluate_version",
+    ),
+    (
+        "fct_assets/report.py",
+        'columns = ["item_id", "label", "image", "side_info"] + (["old_embedding"] if from_store'
+        " else [])",
+        'columns = ["item_id", "label", "image", "side_info"] + (["old_embedding"] if (from_store)'
+        " or True else [])",
+    ): (
+        "gallery_store always has the old_embedding column (nullable in a living store, never"
+        " absent: storage.gallery_store_schema); in a chained upgrade it is then read but not"
+        " used (the stored vectors come from the source table)"
+    ),
+    (
+        "fct_assets/report.py",
+        'labels = torch.from_numpy(store.column("label").to_numpy().astype(np.int64))',
+        'labels = torch.from_numpy(store.column("label").to_numpy().astype(None))',
+    ): (
+        "astype(None) gives float64 labels, exact for the store's int32 labels; labels are only"
+        " compared for equality (retrieve, retrieve_mixed, and torch.isin against old_classes"
+        " cast to labels.dtype), counted (torch.unique) and measured (len): the same matches"
+    ),
+    **dict.fromkeys(
+        [
+            (
+                "fct_assets/report.py",
+                "unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes,"
+                " dtype=labels.dtype))",
+                "unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes, dtype=None))",
+            ),
+            (
+                "fct_assets/report.py",
+                "unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes,"
+                " dtype=labels.dtype))",
+                "unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes, ))",
+            ),
+        ],
+        "labels is int64 (astype(np.int64)) and old_classes a tuple of ints (DatasetRecord), for"
+        " which torch.tensor infers int64: the same tensor; for an empty tuple it infers float32,"
+        " but isin against no classes is all False either way",
+    ),
+    (
+        "fct_assets/report.py",
+        "cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size",
+        "cases, labels, unseen_mask=unseen, metric=exp.metric, )",
+    ): CHUNKS,
 }
 
 

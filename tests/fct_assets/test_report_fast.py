@@ -174,6 +174,9 @@ def test_every_case_by_brute_force(gallery):
     assert report["cases_unseen_classes"]["new/h(old)"]["mAP"] == pytest.approx(
         _map_of(new, h, labels, unseen), abs=1e-3
     )
+    assert report["cases_seen_classes"]["new/h(old)"]["mAP"] == pytest.approx(
+        _map_of(new, h, labels, ~unseen), abs=1e-3
+    )
     cases = report["cases"]
     lo, hi = cases["old/old"]["mAP"], cases["new/new"]["mAP"]
     assert hi != lo
@@ -223,7 +226,8 @@ def test_the_pinned_table_version_is_read_not_the_latest(gallery):
     g = gallery
     first = g["table"]["version"]
     latest = g["republish"](g["new"], "re-embedded")["version"]
-    pinned = _evaluate(g, table_version=first)
+    # The record names the latest version; the deployment pins the first.
+    pinned = _evaluate(g, table_version=first, version=latest)
     assert (pinned["table_version"], pinned["reembedded"]) == (first, 0)
     newest = _evaluate(g, version=latest)
     assert (newest["table_version"], newest["reembedded"]) == (latest, N)
@@ -272,6 +276,9 @@ def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(galle
     source = SourceTable(
         table="gallery_v1", version=v1, column="embedding", space_id="new_model:v1@1"
     )
+    # Since the first upgrade the living store got a new version (here: other side-info): a
+    # chained upgrade reads its latest, not the version the gallery_store record named then.
+    _republish_store(g, side_info=np.random.default_rng(6).normal(size=(N, 4)))
     report = _evaluate(g, source=source)
     side = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id").column("side_info")
     h_stored, _ = apply_transformation(
@@ -322,6 +329,13 @@ def test_items_without_a_label_are_left_out_and_missing_ones_refused(gallery):
         ["transformed"] * N,
     )
     with pytest.raises(ValueError, match=r"^gallery_store: item 99 of the evaluated table"):
+        _evaluate(g, version=version)
+    # One the store lacks within its range of ids (a gap, not past its last id): refused too.
+    g["store"] = _republish_store(g, keep=np.arange(N) != 5)
+    version = _backfilled_table(
+        db, "gallery_vt", np.arange(N), g["labels"], g["transformed"], SPACE, ["transformed"] * N
+    )
+    with pytest.raises(ValueError, match=r"^gallery_store: item 5 of the evaluated table"):
         _evaluate(g, version=version)
 
 
@@ -420,19 +434,109 @@ def test_the_markdown_table_by_hand():
     # No backfill speed recorded: no cost line; no plot asked for: none.
     lines = markdown_table(_report(backfill_items_per_s=None), include_plot=False).splitlines()
     assert lines[-1] == "| other | 1.0 | 2.0 |"
+    # What "old" stands for, when known: a paragraph of its own between heading and table.
+    space = "gallery_v1 at LanceDB version 4, space s1"
+    assert markdown_table(_report(old_space=space)).splitlines()[:5] == [
+        "### Evaluation of v2: gallery_v2 at LanceDB version 3 (10 gallery items, leave-one-out)",
+        "",
+        f'"old" is the stored space h maps from: {space}.',
+        "",
+        "| case (query/gallery) | top-1 | top-5 | mAP | unseen-class mAP |",
+    ]
 
 
 def test_the_plot_is_a_png_of_the_figure_size():
     import io
 
+    import matplotlib
     from PIL import Image
 
     from fct_assets.report import curve_plot_png
 
     curves = {"sigma": {"fractions": [0.0, 0.5, 1.0], "mAP": [1.0, 2.0, 3.0], "top1": [1, 2, 3]}}
-    png = curve_plot_png(curves, "backfilling curve, v2")
+    # A PNG whatever format a matplotlibrc makes the default: the markdown embeds image/png.
+    with matplotlib.rc_context({"savefig.format": "svg"}):
+        png = curve_plot_png(curves, "backfilling curve, v2")
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.size == (640, 256)  # 8 x 3.2 inches at 80 dpi
+
+
+# Figures pyplot made while `_drawn_figures` is on: matplotlib's figure.hooks rcParam calls each
+# hook named there ("module:function") on every new pyplot figure.
+_FIGURES: list = []
+_HOOK = {"figure.hooks": [f"{__name__}:_keep_figure"]}
+
+
+def _keep_figure(fig) -> None:
+    _FIGURES.append(fig)
+
+
+def _drawn_figures():
+    import matplotlib
+
+    _FIGURES.clear()
+    return matplotlib.rc_context(_HOOK)
+
+
+def _plotted(fig) -> dict:
+    """What a reader of the plot sees: title, panels left to right, their axis labels, lines
+    (label, x, y) and legend entries."""
+    return {
+        "title": fig.get_suptitle(),
+        "panels": [
+            {
+                "x": ax.get_xlabel(),
+                "y": ax.get_ylabel(),
+                "lines": [
+                    (line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+                    for line in ax.get_lines()
+                ],
+                "legend": [t.get_text() for t in ax.get_legend().get_texts()]
+                if ax.get_legend()
+                else None,
+            }
+            for ax in sorted(fig.axes, key=lambda a: a.get_position().x0)
+        ],
+        # Side by side: one row of panels.
+        "rows": len({round(ax.get_position().y0, 6) for ax in fig.axes}),
+    }
+
+
+def test_the_plot_draws_each_order_on_a_map_and_a_top1_panel():
+    from fct_assets.report import curve_plot_png
+
+    curves = {
+        "sigma": {"fractions": [0.0, 0.5, 1.0], "mAP": [10.0, 20.0, 30.0], "top1": [1, 2, 3]},
+        "random": {"fractions": [0.0, 0.5, 1.0], "mAP": [10.0, 15.0, 30.0], "top1": [1, 4, 3]},
+    }
+    with _drawn_figures():
+        curve_plot_png(curves, "backfilling curve, v2")
+    (fig,) = _FIGURES
+    x = "fraction of gallery re-embedded"
+    assert _plotted(fig) == {
+        "title": "backfilling curve, v2",
+        "panels": [
+            {
+                "x": x,
+                "y": "mAP (%)",
+                "lines": [
+                    ("sigma", [0.0, 0.5, 1.0], [10.0, 20.0, 30.0]),
+                    ("random", [0.0, 0.5, 1.0], [10.0, 15.0, 30.0]),
+                ],
+                "legend": ["sigma", "random"],
+            },
+            {
+                "x": x,
+                "y": "top1 (%)",
+                "lines": [
+                    ("sigma", [0.0, 0.5, 1.0], [1, 2, 3]),
+                    ("random", [0.0, 0.5, 1.0], [1, 4, 3]),
+                ],
+                "legend": None,
+            },
+        ],
+        "rows": 1,
+    }
 
 
 def test_a_served_item_without_a_stored_vector_is_refused(gallery):
@@ -454,3 +558,154 @@ def test_a_served_item_without_a_stored_vector_is_refused(gallery):
         match=r"^gallery_vt: 1 evaluated items have no vector in the space h maps from$",
     ):
         _evaluate(g)
+
+
+def _republish_store(g, keep=None, **columns) -> dict:
+    """A new version of gallery_store: its rows (those where `keep` is True) with the vector
+    `columns` given replaced. The gallery_store record (g["store"]) still names the old one."""
+    db = g["fct"].connect()
+    schema = storage.gallery_store_schema(4, 4, "old@1", "side@1")
+    rows = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id").cast(schema)
+    for name, values in columns.items():
+        flat = pa.array(np.asarray(values, np.float32).reshape(-1))
+        vectors = pa.FixedSizeListArray.from_arrays(flat, 4)
+        rows = rows.set_column(schema.get_field_index(name), schema.field(name), vectors)
+    if keep is not None:
+        rows = rows.filter(pa.array(keep))
+    return storage.publish(db, storage.GALLERY_STORE, schema, rows.to_batches())
+
+
+def test_the_store_is_read_at_the_version_its_record_pins(gallery):
+    # Before any promotion "old" is the old model's space in the gallery_store version that the
+    # record names; a later version of the store (here: other old embeddings) is not read.
+    g = gallery
+    first = g["store"]["version"]
+    other = np.random.default_rng(7).normal(size=(N, 4))
+    assert _republish_store(g, old_embedding=other)["version"] != first
+    report = _evaluate(g)
+    old, labels = g["old"], g["labels"]
+    assert report["cases"]["old/old"] == pytest.approx(
+        brute_force_retrieval(old, old, labels), abs=1e-3
+    )
+    assert brute_force_retrieval(other, other, labels) != pytest.approx(
+        brute_force_retrieval(old, old, labels), abs=1e-3
+    )
+    assert report["old_space"] == (
+        f"gallery_store at LanceDB version {first}, space old@1 (the old model)"
+    )
+
+
+def test_a_chained_upgrade_names_the_deployed_model_version_and_refuses_missing_vectors(gallery):
+    from fct_assets.records import SourceTable
+
+    g = gallery
+    db = g["fct"].connect()
+    stored = np.random.default_rng(5).normal(size=(N, 4)).astype(np.float32)
+    full = _backfilled_table(
+        db, "gallery_v1", np.arange(N), g["labels"], stored, "new_model:v1@1", ["transformed"] * N
+    )
+    source = SourceTable(
+        table="gallery_v1",
+        version=full,
+        column="embedding",
+        space_id="new_model:v1@1",
+        model_version="v1",
+    )
+    report = _evaluate(g, source=source)
+    assert report["old_space"] == (
+        f"gallery_v1 at LanceDB version {full}, space new_model:v1@1 (model version v1, deployed"
+        " when the upgrade began)"
+    )
+    # The deployed version's table lacks an item the evaluated table serves: refused, naming
+    # the table h would have read it from.
+    short = _backfilled_table(
+        db,
+        "gallery_v1",
+        np.arange(N - 1),
+        g["labels"][:-1],
+        stored[:-1],
+        "new_model:v1@1",
+        ["transformed"] * (N - 1),
+    )
+    with pytest.raises(ValueError, match=rf"^gallery_v1: item {N - 1} of the evaluated table"):
+        _evaluate(g, source=source.model_copy(update={"version": short}))
+
+
+def _cosine(query, gallery, labels) -> dict[str, float]:
+    """brute_force_retrieval by cosine distance: squared L2 between unit vectors, 2 - 2 cos,
+    ranks the items as 1 - cos does."""
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return brute_force_retrieval(unit(query), unit(gallery), labels)
+
+
+def test_the_experiments_metric_ranks_the_cases_and_the_curves(gallery, monkeypatch):
+    import dataclasses
+
+    from fct_assets.resources import FctResource
+    from fct_ml import presets
+
+    # A preset like tiny but ranking by cosine distance (every built-in preset uses l2, the
+    # default of evaluate_cases and backfill_summary).
+    monkeypatch.setitem(
+        presets.PRESETS,
+        "tiny-cosine",
+        lambda: dataclasses.replace(presets.preset("tiny"), metric="cosine"),
+    )
+    g = gallery
+    g["fct"] = FctResource(lancedb_uri=g["fct"].lancedb_uri, preset="tiny-cosine", device="cpu")
+    report = _evaluate(g)
+    labels, old, new, h = g["labels"], g["old"], g["new"], g["transformed"]
+    expected = {
+        "old/old": _cosine(old, old, labels),
+        "new/new": _cosine(new, new, labels),
+        "new/h(old)": _cosine(new, h, labels),
+        "new/old": _cosine(new, old, labels),
+    }
+    for case, metrics in expected.items():
+        assert report["cases"][case] == pytest.approx(metrics, abs=1e-3), case
+    # The curves start at new/h(old) and end at new/new, by cosine distance too.
+    for order, curve in report["backfill_curves"].items():
+        assert curve["mAP"][0] == pytest.approx(expected["new/h(old)"]["mAP"], abs=1e-3), order
+        assert curve["mAP"][-1] == pytest.approx(expected["new/new"]["mAP"], abs=1e-3), order
+    # By L2 these vectors rank otherwise: the metric is what makes these numbers.
+    assert brute_force_retrieval(old, old, labels)["mAP"] != pytest.approx(
+        expected["old/old"]["mAP"], abs=1e-3
+    )
+    assert brute_force_retrieval(new, h, labels)["mAP"] != pytest.approx(
+        expected["new/h(old)"]["mAP"], abs=1e-3
+    )
+
+
+def test_the_report_plots_its_own_curves(gallery):
+    g = gallery
+    with _drawn_figures():
+        report = _evaluate(g)
+    (fig,) = _FIGURES
+    plotted = _plotted(fig)
+    assert plotted["title"] == "backfilling curve, vt"
+    curves = report["backfill_curves"]
+    for panel, metric in zip(plotted["panels"], ("mAP", "top1")):
+        assert panel["lines"] == [
+            (order, curve["fractions"], pytest.approx(curve[metric]))
+            for order, curve in curves.items()
+        ]
+
+
+def test_the_re_embedding_time_and_speed_are_rounded(gallery):
+    # Seconds to the microsecond, items/s to a tenth. The speed's tenths digit is the clock's:
+    # 0 in about one report of ten, so reports are drawn until one shows a nonzero tenth (after
+    # at least three, each checked): ten zeros in a row would be a one-in-ten-billion draw.
+    g = gallery
+    tenths = False
+    for drawn in range(1, 11):
+        report = _evaluate(g)
+        seconds, speed = report["reembed_seconds"], report["reembed_items_per_s"]
+        assert seconds == round(seconds, 6) and speed == round(speed, 1), (seconds, speed)
+        tenths = tenths or speed != round(speed)
+        if tenths and drawn >= 3:
+            break
+    assert tenths, "ten re-embedding speeds, all whole numbers"
