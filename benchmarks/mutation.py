@@ -62,7 +62,10 @@ TESTS_BY_MODULE = {
         "tests/fct_ml/test_losses.py",
         "tests/fct_ml/test_augment.py",
     ],
-    "fct_assets/deployment.py": ["tests/fct_assets/test_promotion_rules.py"],
+    "fct_assets/deployment.py": [
+        "tests/fct_assets/test_promotion_rules.py",
+        "tests/fct_assets/test_upgrade_is_current.py",
+    ],
     "fct_assets/checks.py": ["tests/fct_assets/test_checks.py"],
     "fct_assets/report.py": [
         "tests/fct_assets/test_report.py",
@@ -666,6 +669,24 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size",
         "cases, labels, unseen_mask=unseen, metric=exp.metric, )",
     ): CHUNKS,
+    # fct_assets/deployment.py: _op_config (upgrade_is_current's own are killed by
+    # tests/fct_assets/test_upgrade_is_current.py).
+    **dict.fromkeys(
+        [
+            (
+                "fct_assets/deployment.py",
+                'return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", {}) or {})',
+                'return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", None) or {})',
+            ),
+            (
+                "fct_assets/deployment.py",
+                'return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", {}) or {})',
+                'return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", ) or {})',
+            ),
+        ],
+        "an op's entry without a config gives None instead of {}, which the `or {}` after it"
+        " turns into {} again: the same dict either way",
+    ),
 }
 
 
