@@ -13,13 +13,13 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
-from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
+from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.utils import make_new_run_id
 
 from fct_assets import deployment, guards, storage
 from fct_assets.deployment import PromotionError, check_results, current, promote, rollback
 from fct_assets.records import BackfilledTable, VersionTable
-from tests.fct_assets.check_events import report_planned_check
+from tests.fct_assets.check_events import report_materialization, report_planned_check
 
 SPACE = "new_model:v2@0123456789ab"
 
@@ -87,15 +87,7 @@ def _materialised(instance, version: str, table_version: int, *, at=None) -> Non
         if at is None:
             instance.report_runless_asset_event(event)
             continue
-        instance.report_dagster_event(
-            DagsterEvent(
-                event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
-                event_specific_data=StepMaterializationData(event),
-                job_name="upgrade",
-            ),
-            run_id=make_new_run_id(),
-            timestamp=at,
-        )
+        report_materialization(instance, event, at=at)
 
 
 def _check_evaluation(

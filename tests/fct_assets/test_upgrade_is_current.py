@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import dagster as dg
 import lancedb
 import pytest
-from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
 
 from fct_assets import deployment
 from fct_assets.deployment import UPGRADE_ASSETS, upgrade_is_current
 from fct_assets.records import VersionTable
+from tests.fct_assets.check_events import report_materialization
 
 VERSIONS = dg.StaticPartitionsDefinition(["v1", "v2", "v3"])
 OLD_SPACE = "old_model@0123456789ab"
@@ -104,14 +104,8 @@ def _current(version: str, run_id: str) -> str:
 def _base(instance, name: str = "dataset", timestamp: float | None = None) -> None:
     """A materialisation of a base (unpartitioned) asset, reported without a run; at `timestamp`
     when given (the public report_runless_asset_event stamps it now)."""
-    instance.report_dagster_event(
-        DagsterEvent(
-            event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
-            event_specific_data=StepMaterializationData(dg.AssetMaterialization(asset_key=name)),
-            job_name="",
-        ),
-        run_id="",
-        timestamp=timestamp,
+    report_materialization(
+        instance, dg.AssetMaterialization(asset_key=name), at=timestamp, run_id="", job_name=""
     )
 
 
