@@ -263,19 +263,33 @@ def _backfilled_table(db, name, ids, labels, vectors, space, sources):
     return storage.publish(db, name, schema, [batch])["version"]
 
 
-def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(gallery):
-    # v1 was deployed: the items are stored in its space (its table), and h maps from there.
+def _deployed_v1(g, **source):
+    """v1 deployed: the items stored in its space (table gallery_v1), with the SourceTable that
+    names that table's version (and `source`'s other fields); (db, stored vectors, SourceTable)."""
     from fct_assets.records import SourceTable
 
-    g = gallery
     db = g["fct"].connect()
     stored = np.random.default_rng(5).normal(size=(N, 4)).astype(np.float32)
-    v1 = _backfilled_table(
+    version = _backfilled_table(
         db, "gallery_v1", np.arange(N), g["labels"], stored, "new_model:v1@1", ["transformed"] * N
     )
-    source = SourceTable(
-        table="gallery_v1", version=v1, column="embedding", space_id="new_model:v1@1"
+    return (
+        db,
+        stored,
+        SourceTable(
+            table="gallery_v1",
+            version=version,
+            column="embedding",
+            space_id="new_model:v1@1",
+            **source,
+        ),
     )
+
+
+def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(gallery):
+    # v1 was deployed: the items are stored in its space (its table), and h maps from there.
+    g = gallery
+    db, stored, source = _deployed_v1(g)
     # Since the first upgrade the living store got a new version (here: other side-info): a
     # chained upgrade reads its latest, not the version the gallery_store record named then.
     _republish_store(g, side_info=np.random.default_rng(6).normal(size=(N, 4)))
@@ -294,7 +308,9 @@ def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(galle
         for metric, value in metrics.items():
             assert report["cases"][case][metric] == pytest.approx(value, abs=1e-3), (case, metric)
     # The report says what "old" stands for: the deployed version's table, pinned.
-    assert report["old_space"] == f"gallery_v1 at LanceDB version {v1}, space new_model:v1@1"
+    assert report["old_space"] == (
+        f"gallery_v1 at LanceDB version {source.version}, space new_model:v1@1"
+    )
     assert markdown_table(EvalReport.model_validate(report), include_plot=False).splitlines()[
         2
     ] == (f'"old" is the stored space h maps from: {report["old_space"]}.')
@@ -596,25 +612,12 @@ def test_the_store_is_read_at_the_version_its_record_pins(gallery):
 
 
 def test_a_chained_upgrade_names_the_deployed_model_version_and_refuses_missing_vectors(gallery):
-    from fct_assets.records import SourceTable
-
     g = gallery
-    db = g["fct"].connect()
-    stored = np.random.default_rng(5).normal(size=(N, 4)).astype(np.float32)
-    full = _backfilled_table(
-        db, "gallery_v1", np.arange(N), g["labels"], stored, "new_model:v1@1", ["transformed"] * N
-    )
-    source = SourceTable(
-        table="gallery_v1",
-        version=full,
-        column="embedding",
-        space_id="new_model:v1@1",
-        model_version="v1",
-    )
+    db, stored, source = _deployed_v1(g, model_version="v1")
     report = _evaluate(g, source=source)
     assert report["old_space"] == (
-        f"gallery_v1 at LanceDB version {full}, space new_model:v1@1 (model version v1, deployed"
-        " when the upgrade began)"
+        f"gallery_v1 at LanceDB version {source.version}, space new_model:v1@1 (model version v1,"
+        " deployed when the upgrade began)"
     )
     # The deployed version's table lacks an item the evaluated table serves: refused, naming
     # the table h would have read it from.
