@@ -939,7 +939,7 @@ def markdown(result: dict) -> str:
     partial = [p for p in result["modules"] if p not in complete]
     lines += [
         "",
-        f"Complete: {', '.join(complete) or 'none'}. Partial or not run: {', '.join(partial)}.",
+        f"Complete: {', '.join(complete) or 'none'}. Partial or not run: {', '.join(partial) or 'none'}.",
         "",
     ]
     lines += ["## Survivors", "", "| file:line | mutant | why kept |", "| --- | --- | --- |"]
