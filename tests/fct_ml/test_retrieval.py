@@ -335,6 +335,19 @@ def test_chunking_does_not_change_results_l2_with_exact_ties(leave_one_out: bool
     _assert_all_equal(runs)
 
 
+@pytest.fixture
+def batches(monkeypatch) -> list[torch.Tensor]:
+    """The query chunks retrieval ranks, in order: pairwise_distance, spied on, still computes."""
+    seen: list[torch.Tensor] = []
+
+    def spy(query, gallery, metric="l2"):
+        seen.append(query.clone())
+        return pairwise_distance(query, gallery, metric)
+
+    monkeypatch.setattr(retrieval, "pairwise_distance", spy)
+    return seen
+
+
 @pytest.mark.parametrize(
     "n_gallery, chunk_size, max_chunk_elements, sizes",
     [
@@ -345,18 +358,11 @@ def test_chunking_does_not_change_results_l2_with_exact_ties(leave_one_out: bool
     ],
 )
 def test_queries_are_ranked_once_each_in_the_largest_chunks_that_fit(
-    monkeypatch, n_gallery: int, chunk_size: int, max_chunk_elements: int, sizes: list[int]
+    batches, n_gallery: int, chunk_size: int, max_chunk_elements: int, sizes: list[int]
 ):
     # Results do not depend on the chunking (tests above), so the chunks themselves are
     # checked: a chunk of distances holds at most max_chunk_elements once one query fits, and
     # no query is ranked twice.
-    batches: list[torch.Tensor] = []
-
-    def spy(query, gallery, metric="l2"):
-        batches.append(query.clone())
-        return pairwise_distance(query, gallery, metric)
-
-    monkeypatch.setattr(retrieval, "pairwise_distance", spy)
     query = col(*range(7))
     retrieve(
         query,
@@ -694,20 +700,13 @@ def test_retrieve_mixed_ap_is_summed_in_float64():
     ],
 )
 def test_retrieve_mixed_ranks_queries_once_each_in_the_largest_chunks_that_fit(
-    monkeypatch, gallery_labels, n_points: int, max_chunk_elements: int, sizes: list[int]
+    batches, gallery_labels, n_points: int, max_chunk_elements: int, sizes: list[int]
 ):
     # Results do not depend on the chunking (test_retrieve_mixed_equals_retrieve_... runs
     # several chunks), so the chunks themselves are checked against the rule in retrieve_mixed:
     # a query costs max(2G sort keys, (2 * largest class + 1) * (points + 1) counts), as many
     # queries as fit max_chunk_elements go together (at least one), and each chunk ranks both
     # gallery versions once, no query twice.
-    batches: list[torch.Tensor] = []
-
-    def spy(query, gallery, metric="l2"):
-        batches.append(query.clone())
-        return pairwise_distance(query, gallery, metric)
-
-    monkeypatch.setattr(retrieval, "pairwise_distance", spy)
     query = col(*range(7))
     n = len(gallery_labels)
     retrieve_mixed(
