@@ -289,15 +289,12 @@ def _deployed_v1(g, **source):
 def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(gallery):
     # v1 was deployed: the items are stored in its space (its table), and h maps from there.
     g = gallery
-    db, stored, source = _deployed_v1(g)
+    _, stored, source = _deployed_v1(g)
     # Since the first upgrade the living store got a new version (here: other side-info): a
     # chained upgrade reads its latest, not the version the gallery_store record named then.
     _republish_store(g, side_info=np.random.default_rng(6).normal(size=(N, 4)))
     report = _evaluate(g, source=source)
-    side = db.open_table(storage.GALLERY_STORE).to_arrow().sort_by("item_id").column("side_info")
-    h_stored, _ = apply_transformation(
-        g["h"], torch.from_numpy(stored), torch.from_numpy(storage.vectors(side))
-    )
+    h_stored, _ = apply_transformation(g["h"], torch.from_numpy(stored), torch.from_numpy(_side(g)))
     labels, new = g["labels"], g["new"]
     expected = {
         "old/old": brute_force_retrieval(stored, stored, labels),
