@@ -6,7 +6,7 @@
 Measures, in one run, with random weights (timing only) and torch.set_num_threads(2):
 
 * pairs: for each (new model, h) pair, a gallery_store table of N random PNG images with random
-  stored vectors, then (a) the transform backfill (`fct_assets.backfill.backfill_version`, LanceDB
+  stored vectors, then (a) the transform backfill (`fct_assets.upgrade.backfill.backfill_version`, LanceDB
   read -> h -> one LanceDB commit), (b) re-embedding (LanceDB read -> PNG decode -> new model ->
   one LanceDB commit; the cost FCT avoids) and (c) h alone over the vectors already in memory.
 * stream_1m: the transform backfill of a 1M-item gallery_store (vectors only), in a subprocess
@@ -92,7 +92,7 @@ def _vec(a: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def _store_schema() -> pa.Schema:
-    from fct_assets import storage
+    from fct_assets.lib import storage
 
     return storage.gallery_store_schema(DIM, DIM, OLD_SPACE, SIDE_SPACE)
 
@@ -138,7 +138,7 @@ def _new_model(kwargs: dict):
 
 def _records(version: int, rows: int, model):
     """The typed gallery_store record and new-model checkpoint that backfill_version takes."""
-    from fct_assets.records import Checkpoint, GalleryStore
+    from fct_assets.lib.records import Checkpoint, GalleryStore
 
     store = GalleryStore(
         table="gallery_store",
@@ -156,13 +156,13 @@ def _records(version: int, rows: int, model):
 
 
 def _fct(uri: str):
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.resources import FctResource
 
     return FctResource(lancedb_uri=uri, preset="cpu", device="cpu")
 
 
 def _read_batches(db, version: int, columns: list[str], batch_size: int):
-    from fct_assets import storage
+    from fct_assets.lib import storage
 
     table = db.open_table(storage.GALLERY_STORE)
     table.checkout(version)
@@ -173,7 +173,7 @@ def reembed_version(db, store, model, batch_size: int, name: str) -> dict:
     """Re-embed every stored image with `model`: read PNGs from LanceDB, decode, forward, publish."""
     import torch
 
-    from fct_assets import storage
+    from fct_assets.lib import storage
     from fct_ml.augment import to_float
     from fct_ml.training import encode
 
@@ -207,8 +207,8 @@ def reembed_version(db, store, model, batch_size: int, name: str) -> dict:
 def bench_pair(name: str, n: int, batch_size: int, seed: int = 0) -> dict:
     import torch
 
-    from fct_assets import storage
-    from fct_assets.backfill import backfill_version
+    from fct_assets.lib import storage
+    from fct_assets.upgrade.backfill import backfill_version
     from fct_ml.augment import to_float
     from fct_ml.backfill import apply_transformation
     from fct_ml.training import encode
@@ -286,7 +286,7 @@ def bench_pair(name: str, n: int, batch_size: int, seed: int = 0) -> dict:
 
 def write_stream_store(uri: str, n: int, batch: int = 65536, seed: int = 1) -> dict:
     """A gallery_store of n items (vectors only, empty image bytes), streamed from a generator."""
-    from fct_assets import storage
+    from fct_assets.lib import storage
 
     rng = np.random.default_rng(seed)
     db = _fct(uri).connect()
@@ -310,7 +310,7 @@ def _run_child(args: list[str]) -> dict:
 
 def child_stream(uri: str, version: int, rows: int, batch_size: int) -> dict:
     _threads()
-    from fct_assets.backfill import backfill_version
+    from fct_assets.upgrade.backfill import backfill_version
 
     h, model = _h(PAIRS["cpu_default"][2]), _new_model(PAIRS["cpu_default"][0])
     store, checkpoint = _records(version, rows, model)

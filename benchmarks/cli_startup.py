@@ -47,10 +47,10 @@ def _build(root: Path) -> dict[str, str]:
     import dagster as dg
 
     from fct_assets.definitions import build_defs
-    from fct_assets.deployment import promote
-    from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
-    from fct_assets.partitions import add_model_version
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.io_managers import CheckpointIOManager, RecordIOManager
+    from fct_assets.lib.partitions import add_model_version
+    from fct_assets.lib.resources import FctResource
+    from fct_assets.serving.deployment import promote
 
     home = root / "dagster_home"
     home.mkdir(parents=True)

@@ -20,7 +20,7 @@ Cost, measured at the end of each invocation for every variant in turn (rounds i
 a change of machine load hits all variants alike): MACs (fct_ml.transformation.
 transformation_macs: Linear layers only); items/s of h alone in memory (one batch of
 `--batch` stored vectors through the module, median of `--rounds` after `--warmup`); items/s
-end to end: the product's transform backfill (fct_assets.backfill.backfill_version: LanceDB
+end to end: the product's transform backfill (fct_assets.upgrade.backfill.backfill_version: LanceDB
 read -> h -> one LanceDB commit, nothing re-embedded) of `--e2e-items` random stored vectors.
 torch threads: `--threads` (default os.cpu_count()).
 
@@ -547,16 +547,16 @@ def items_per_s_end_to_end(
     warmup: int,
     preset_name: str,
 ) -> dict[str, float]:
-    """The product's transform backfill (fct_assets.backfill.backfill_version, nothing
+    """The product's transform backfill (fct_assets.upgrade.backfill.backfill_version, nothing
     re-embedded: LanceDB read -> h -> one LanceDB commit) of a gallery_store of `items` random
     stored vectors, in a temporary LanceDB folder; median over the rounds."""
     import numpy as np
     import pyarrow as pa
 
-    from fct_assets import storage
-    from fct_assets.backfill import backfill_version
-    from fct_assets.records import Checkpoint, GalleryStore
-    from fct_assets.resources import FctResource
+    from fct_assets.lib import storage
+    from fct_assets.lib.records import Checkpoint, GalleryStore
+    from fct_assets.lib.resources import FctResource
+    from fct_assets.upgrade.backfill import backfill_version
 
     config = next(iter(modules.values())).config
     old_space, side_space, new_space = "old_model@bench", "side_info@bench", "new_model:v2@bench"
@@ -685,7 +685,7 @@ def markdown(result: dict[str, Any], plot: str | None) -> str:
         f"- items/s in memory: one batch of {result['timing']['batch']} stored vectors through h"
         f" (no gradients, σ included), median of {result['timing']['rounds']} rounds after"
         f" {result['timing']['warmup']} warm-up; end to end: the product's transform backfill"
-        " (`fct_assets.backfill.backfill_version`: LanceDB read -> h -> one commit, nothing"
+        " (`fct_assets.upgrade.backfill.backfill_version`: LanceDB read -> h -> one commit, nothing"
         f" re-embedded) of {result['timing']['end_to_end_items']:,} random stored vectors,"
         f" {result['timing']['rows_per_batch']} rows per batch. Every variant measured in this"
         " run, rounds interleaved; torch threads"

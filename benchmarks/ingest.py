@@ -3,7 +3,7 @@
     python benchmarks/ingest.py                 # 2,000 Fashion-MNIST images (28x28), demo preset
     python benchmarks/ingest.py --items 200     # a quick check
 
-throughput: `fct_assets.ingest.ingest_files` over N PNG files of the validation split (never in
+throughput: `fct_assets.ingest.ingest.ingest_files` over N PNG files of the validation split (never in
 the gallery), with the demo preset's models (random weights: timing only) as the deployed model
 and the side-info model: read + decode + content id + both embeddings + one LanceDB commit to
 gallery_store and one to the deployed table + the deployment row. Items/s = N / wall time.
@@ -36,10 +36,10 @@ def _setup(root: Path, items: int):
     import pyarrow as pa
     import torch
 
-    from fct_assets import storage
-    from fct_assets.deployment import _append
-    from fct_assets.records import Checkpoint, DatasetRecord, VersionTable
-    from fct_assets.resources import FctResource
+    from fct_assets.lib import storage
+    from fct_assets.lib.records import Checkpoint, DatasetRecord, VersionTable
+    from fct_assets.lib.resources import FctResource
+    from fct_assets.serving.deployment import _append
     from fct_ml.checkpoint import checkpoint_bytes, space_id
     from fct_ml.data import parse_class_list
     from fct_ml.datasets import default_old_classes
@@ -137,8 +137,8 @@ def _setup(root: Path, items: int):
 def throughput(items: int) -> dict:
     import torch
 
-    from fct_assets.deployment import advance
-    from fct_assets.ingest import Target, ingest_files
+    from fct_assets.ingest.ingest import Target, ingest_files
+    from fct_assets.serving.deployment import advance
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,9 +54,9 @@ def _deploy(dataset: str, old_classes: str) -> float:
     import dagster as dg
 
     from fct_assets.definitions import build_defs
-    from fct_assets.deployment import promote
-    from fct_assets.partitions import add_model_version
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.partitions import add_model_version
+    from fct_assets.lib.resources import FctResource
+    from fct_assets.serving.deployment import promote
 
     started = time.perf_counter()
     defs = build_defs()
@@ -79,7 +79,7 @@ def _deploy(dataset: str, old_classes: str) -> float:
 
 def _held_back(dataset: str, n: int):
     """n (C, H, W) uint8 images of the validation split: never trained on, not in the gallery."""
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.resources import FctResource
     from fct_ml.pipeline import validation_split
 
     fct = FctResource()
@@ -118,9 +118,9 @@ def _parts(stats, dropped: float, found: float) -> dict:
 
 def trial(instance, fct, inbox: Path, queries: Path, k: int, image, timeout: float) -> dict:
     """Drop one image, poll search until it is the top hit; the latency."""
-    from fct_assets import storage
-    from fct_assets.ingest import content_id
-    from fct_assets.search import search_command
+    from fct_assets.ingest.ingest import content_id
+    from fct_assets.lib import storage
+    from fct_assets.serving.search import search_command
 
     item = content_id(image)
     query = queries / f"q{k}.png"
@@ -173,7 +173,7 @@ def add_parts(instance, trials: list[dict], timeout: float = 120.0) -> None:
 def measure(args, root: Path) -> dict:
     import dagster as dg
 
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.resources import FctResource
     from tests.ui.server import DagsterDev
 
     env = _environment(root, args.preset)

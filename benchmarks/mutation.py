@@ -37,9 +37,9 @@ MODULES = [
     "fct_ml/bct.py",
     "fct_ml/evaluation.py",
     "fct_ml/transformation.py",
-    "fct_assets/deployment.py",
+    "fct_assets/serving/deployment.py",
     "fct_assets/checks.py",
-    "fct_assets/report.py",
+    "fct_assets/upgrade/report.py",
 ]
 # The fast tests that cover each module (seconds each: no Dagster run, no training beyond a few
 # steps of a tiny model; tests marked slow are deselected). A run over some modules uses the union
@@ -62,12 +62,12 @@ TESTS_BY_MODULE = {
         "tests/fct_ml/test_losses.py",
         "tests/fct_ml/test_augment.py",
     ],
-    "fct_assets/deployment.py": [
+    "fct_assets/serving/deployment.py": [
         "tests/fct_assets/test_promotion_rules.py",
         "tests/fct_assets/test_upgrade_is_current.py",
     ],
     "fct_assets/checks.py": ["tests/fct_assets/test_checks.py"],
-    "fct_assets/report.py": [
+    "fct_assets/upgrade/report.py": [
         "tests/fct_assets/test_report.py",
         "tests/fct_assets/test_report_fast.py",
     ],
@@ -536,16 +536,16 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "strict=False is pandera DataFrameSchema's default"
         " (test_checks.py: the schema allows columns it does not name)"
     ),
-    # fct_assets/deployment.py (all but _op_config and upgrade_is_current)
+    # fct_assets/serving/deployment.py (all but _op_config and upgrade_is_current)
     **dict.fromkeys(
         [
             (
-                "fct_assets/deployment.py",
+                "fct_assets/serving/deployment.py",
                 'np.asarray(query, dtype=np.float32), vector_column_name="embedding"',
                 'np.asarray(query, dtype=None), vector_column_name="embedding"',
             ),
             (
-                "fct_assets/deployment.py",
+                "fct_assets/serving/deployment.py",
                 'np.asarray(query, dtype=np.float32), vector_column_name="embedding"',
                 'np.asarray(query, ), vector_column_name="embedding"',
             ),
@@ -558,13 +558,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         " roundings), an int64 array's astype rounds once; no embedding is such a list",
     ),
     (
-        "fct_assets/deployment.py",
+        "fct_assets/serving/deployment.py",
         ').distance_type("l2")',
         ').distance_type("L2")',
     ): "LanceDB lowercases it (LanceVectorQueryBuilder.distance_type: distance_type.lower())",
-    # fct_assets/report.py
+    # fct_assets/upgrade/report.py
     (
-        "fct_assets/report.py",
+        "fct_assets/upgrade/report.py",
         "ok = (pos < len(have)) & (have[np.minimum(pos, len(have) - 1)] == ids)",
         "ok = (pos <= len(have)) & (have[np.minimum(pos, len(have) - 1)] == ids)",
     ): (
@@ -574,8 +574,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ),
     **dict.fromkeys(
         [
-            ("fct_assets/report.py", 'matplotlib.use("Agg")', 'matplotlib.use("agg")'),
-            ("fct_assets/report.py", 'matplotlib.use("Agg")', 'matplotlib.use("AGG")'),
+            ("fct_assets/upgrade/report.py", 'matplotlib.use("Agg")', 'matplotlib.use("agg")'),
+            ("fct_assets/upgrade/report.py", 'matplotlib.use("Agg")', 'matplotlib.use("AGG")'),
         ],
         "matplotlib resolves builtin backend names case-insensitively: the same backend_agg and"
         " FigureCanvasAgg draw the same PNG; only the spelling matplotlib.get_backend() echoes"
@@ -584,12 +584,12 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     **dict.fromkeys(
         [
             (
-                "fct_assets/report.py",
+                "fct_assets/upgrade/report.py",
                 'ax.plot(curve["fractions"], curve[metric], marker="o", label=order)',
                 'ax.plot(curve["fractions"], curve[metric], marker=None, label=order)',
             ),
             (
-                "fct_assets/report.py",
+                "fct_assets/upgrade/report.py",
                 'ax.plot(curve["fractions"], curve[metric], marker="o", label=order)',
                 'ax.plot(curve["fractions"], curve[metric], label=order)',
             ),
@@ -597,26 +597,28 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "display only: the points drawn without a marker; the lines' data and labels are the same"
         " (test_report_fast.py: the plot draws each order on a mAP and a top-1 panel)",
     ),
-    ("fct_assets/report.py", "ax.grid(alpha=0.3)", "ax.grid(alpha=None)"): (
+    ("fct_assets/upgrade/report.py", "ax.grid(alpha=0.3)", "ax.grid(alpha=None)"): (
         "display only: the grid drawn opaque instead of at alpha 0.3"
     ),
-    ("fct_assets/report.py", 'fig.savefig(buf, format="png")', 'fig.savefig(buf, format="PNG")'): (
-        "print_figure lower-cases the format: the same PNG"
-    ),
-    ("fct_assets/report.py", "plt.close(fig)", "plt.close(None)"): (
+    (
+        "fct_assets/upgrade/report.py",
+        'fig.savefig(buf, format="png")',
+        'fig.savefig(buf, format="PNG")',
+    ): ("print_figure lower-cases the format: the same PNG"),
+    ("fct_assets/upgrade/report.py", "plt.close(fig)", "plt.close(None)"): (
         "close(None) closes pyplot's active figure, which is fig: plt.subplots made it active and"
         " nothing after creates or activates another, so pyplot lets go of fig in both"
     ),
     **dict.fromkeys(
         [
-            ("fct_assets/report.py", "device = fct.torch_device()", "device = None"),
+            ("fct_assets/upgrade/report.py", "device = fct.torch_device()", "device = None"),
             (
-                "fct_assets/report.py",
+                "fct_assets/upgrade/report.py",
                 "new_model.model.to(device), [images], transform=to_float",
                 "new_model.model.to(None), [images], transform=to_float",
             ),
             (
-                "fct_assets/report.py",
+                "fct_assets/upgrade/report.py",
                 "transformed, sigma = apply_transformation(h.model.to(device), old, side)",
                 "transformed, sigma = apply_transformation(h.model.to(None), old, side)",
             ),
@@ -626,7 +628,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         " and benchmarks/gpu_check.py does not reach evaluate_version",
     ),
     (
-        "fct_assets/report.py",
+        "fct_assets/upgrade/report.py",
         'columns = ["item_id", "label", "image", "side_info"] + (["old_embedding"] if from_store'
         " else [])",
         'columns = ["item_id", "label", "image", "side_info"] + (["old_embedding"] if (from_store)'
@@ -637,7 +639,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         " used (the stored vectors come from the source table)"
     ),
     (
-        "fct_assets/report.py",
+        "fct_assets/upgrade/report.py",
         'labels = torch.from_numpy(store.column("label").to_numpy().astype(np.int64))',
         'labels = torch.from_numpy(store.column("label").to_numpy().astype(None))',
     ): (
@@ -648,13 +650,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     **dict.fromkeys(
         [
             (
-                "fct_assets/report.py",
+                "fct_assets/upgrade/report.py",
                 "unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes,"
                 " dtype=labels.dtype))",
                 "unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes, dtype=None))",
             ),
             (
-                "fct_assets/report.py",
+                "fct_assets/upgrade/report.py",
                 "unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes,"
                 " dtype=labels.dtype))",
                 "unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes, ))",
@@ -665,21 +667,21 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         " but isin against no classes is all False either way",
     ),
     (
-        "fct_assets/report.py",
+        "fct_assets/upgrade/report.py",
         "cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size",
         "cases, labels, unseen_mask=unseen, metric=exp.metric, )",
     ): CHUNKS,
-    # fct_assets/deployment.py: _op_config (upgrade_is_current's own are killed by
+    # fct_assets/serving/deployment.py: _op_config (upgrade_is_current's own are killed by
     # tests/fct_assets/test_upgrade_is_current.py).
     **dict.fromkeys(
         [
             (
-                "fct_assets/deployment.py",
+                "fct_assets/serving/deployment.py",
                 'return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", {}) or {})',
                 'return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", None) or {})',
             ),
             (
-                "fct_assets/deployment.py",
+                "fct_assets/serving/deployment.py",
                 'return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", {}) or {})',
                 'return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", ) or {})',
             ),

@@ -5,7 +5,7 @@
 
 overlap: for each pair of benchmarks/backfill.py (random weights, timing only), a gallery_store
 of N random vectors, then rounds of (a) the transform backfill (`backfill_version`: LanceDB read
--> h -> one LanceDB commit) with fct_assets.backfill.READ_AHEAD = 0 (each page read after h
+-> h -> one LanceDB commit) with fct_assets.upgrade.backfill.READ_AHEAD = 0 (each page read after h
 finished the previous one: the pipeline before read-ahead), (b) the same with read-ahead on (the
 default), (c) h alone over the vectors in memory; the three alternate within each round, so that
 they share whatever load the machine has. Reports the median of the rounds.
@@ -47,7 +47,7 @@ TARGET_TRANSFORM_OVER_H = 0.85
 
 
 def _time_transform(fct, store, h, checkpoint, batch_size: int, read_ahead: int) -> float:
-    from fct_assets import backfill
+    from fct_assets.upgrade import backfill
 
     backfill.READ_AHEAD = read_ahead
     try:
@@ -65,7 +65,7 @@ def _time_transform(fct, store, h, checkpoint, batch_size: int, read_ahead: int)
 def overlap_pair(name: str, n: int, batch_size: int, rounds: int, seed: int = 0) -> dict:
     import torch
 
-    from fct_assets import storage
+    from fct_assets.lib import storage
     from fct_ml.backfill import apply_transformation
 
     model_kwargs, _, inner = bench.PAIRS[name]
@@ -111,14 +111,14 @@ def overlap_pair(name: str, n: int, batch_size: int, rounds: int, seed: int = 0)
 
 
 def _stream_schema(dim: int) -> pa.Schema:
-    from fct_assets import storage
+    from fct_assets.lib import storage
 
     return storage.gallery_store_schema(dim, dim, bench.OLD_SPACE, bench.SIDE_SPACE)
 
 
 def write_store(uri: str, n: int, dim: int, batch: int = 65536, seed: int = 1) -> dict:
     """A gallery_store of n items of `dim`-d random vectors, streamed in one commit."""
-    from fct_assets import storage
+    from fct_assets.lib import storage
 
     rng = np.random.default_rng(seed)
     schema = _stream_schema(dim)
@@ -151,8 +151,8 @@ def child_stream(uri: str, version: int, n: int, dim: int, batch_size: int) -> d
     """One transform backfill of the whole store; time and peak RSS when passing each mark."""
     import torch
 
-    from fct_assets.backfill import backfill_version
-    from fct_assets.records import Checkpoint, GalleryStore
+    from fct_assets.lib.records import Checkpoint, GalleryStore
+    from fct_assets.upgrade.backfill import backfill_version
     from fct_ml.transformation import Transformation, TransformationConfig
 
     torch.set_num_threads(2)

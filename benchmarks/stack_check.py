@@ -152,9 +152,9 @@ def check_stack(stack: LocalStack, steps: Steps, checks: dict[str, bool], notes:
     import dagster as dg
     import lancedb
 
-    from fct_assets.event_log import recorded_metadata
-    from fct_assets.partitions import add_model_version
-    from fct_assets.resources import lancedb_storage_options
+    from fct_assets.lib.event_log import recorded_metadata
+    from fct_assets.lib.partitions import add_model_version
+    from fct_assets.lib.resources import lancedb_storage_options
 
     instance = dg.DagsterInstance.get()
     checks["dagster_storage_is_postgres"] = all(
@@ -231,8 +231,8 @@ def check_stack(stack: LocalStack, steps: Steps, checks: dict[str, bool], notes:
 
     # One tick of the daily schedule, evaluated as the daemon would, and the run it asks for.
     def scheduled() -> dict:
-        from fct_assets.automation import daily_evaluation
-        from fct_assets.resources import FctResource
+        from fct_assets.lib.resources import FctResource
+        from fct_assets.upgrade.automation import daily_evaluation
 
         context = dg.build_schedule_context(instance=instance, resources={"fct": FctResource()})
         request = daily_evaluation(context)
@@ -255,8 +255,8 @@ def postgres_restart(stack: LocalStack, steps: Steps, checks: dict[str, bool], n
     import dagster as dg
     import lancedb
 
-    from fct_assets.partitions import add_model_version
-    from fct_assets.resources import lancedb_storage_options
+    from fct_assets.lib.partitions import add_model_version
+    from fct_assets.lib.resources import lancedb_storage_options
 
     instance = dg.DagsterInstance.get()
     add_model_version(instance, "v3")

@@ -5,7 +5,7 @@
 
 Materialises the base assets, then ONE upgrade (v2) as `make demo` runs it (the `upgrade` job,
 in process), on a fresh instance and storage in a temporary folder. What each asset cost is
-read back from its materialisation's metadata (fct_assets.cost: `cost/wall_s`, `cost/cpu_s`,
+read back from its materialisation's metadata (fct_assets.lib.cost: `cost/wall_s`, `cost/cpu_s`,
 `cost/peak_rss_mb`, the numbers the Dagster UI plots across materialisations); the backfill's
 are per op (plan, each shard, publish). Only the upgrade is reported: the base assets are paid
 once per old model.
@@ -40,10 +40,10 @@ def run(preset: str, dataset: str, old_classes: str | None, root: Path) -> dict:
     import dagster as dg
 
     from fct_assets.definitions import build_defs
-    from fct_assets.event_log import recorded_metadata
-    from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
-    from fct_assets.partitions import add_model_version
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.event_log import recorded_metadata
+    from fct_assets.lib.io_managers import CheckpointIOManager, RecordIOManager
+    from fct_assets.lib.partitions import add_model_version
+    from fct_assets.lib.resources import FctResource
 
     home = root / "dagster_home"
     home.mkdir(parents=True)

@@ -33,13 +33,13 @@ def _instance():
 
 
 def _fct():
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.resources import FctResource
 
     return FctResource()
 
 
 def _promote(args) -> int:
-    from fct_assets.deployment import promote
+    from fct_assets.serving.deployment import promote
 
     row = promote(_instance(), _fct().connect(), args.version)
     if args.json:
@@ -52,7 +52,7 @@ def _promote(args) -> int:
 
 
 def _rollback(args) -> int:
-    from fct_assets.deployment import rollback
+    from fct_assets.serving.deployment import rollback
 
     row = rollback(_fct().connect())
     if args.json:
@@ -64,7 +64,7 @@ def _rollback(args) -> int:
 
 
 def _lineage(args) -> int:
-    from fct_assets.lineage import format_lineage, format_row_lineage, lineage, row_lineage
+    from fct_assets.lineage.trace import format_lineage, format_row_lineage, lineage, row_lineage
 
     if args.item_id is not None:
         info = row_lineage(_instance(), _fct().connect(), args.version, args.item_id)
@@ -81,7 +81,7 @@ def _lineage(args) -> int:
 
 
 def _add_version(args) -> int:
-    from fct_assets.partitions import add_model_version
+    from fct_assets.lib.partitions import add_model_version
 
     add_model_version(_instance(), args.version)
     if args.json:
@@ -94,7 +94,7 @@ def _add_version(args) -> int:
 
 
 def _estimate(args) -> int:
-    from fct_assets.estimate import estimate, format_estimate
+    from fct_assets.upgrade.estimate import estimate, format_estimate
 
     info = estimate(_instance(), args.version, args.items)
     if args.json:
@@ -105,8 +105,8 @@ def _estimate(args) -> int:
 
 def _ingest(args) -> int:
     from fct_assets.definitions import build_defs
-    from fct_assets.event_log import plain_metadata
-    from fct_assets.ingest_assets import ingest_paths
+    from fct_assets.ingest.assets import ingest_paths
+    from fct_assets.lib.event_log import plain_metadata
 
     instance = _instance()
     result = ingest_paths(instance, build_defs(), args.paths, label=args.label)
@@ -156,7 +156,7 @@ def _ingest(args) -> int:
 
 def _catch_up(args) -> int:
     from fct_assets.definitions import build_defs
-    from fct_assets.partitions import check_version
+    from fct_assets.lib.partitions import check_version
 
     instance = _instance()
     version = check_version(args.version)
@@ -167,7 +167,7 @@ def _catch_up(args) -> int:
     )
     if not result.success:
         raise ValueError(f"catch-up of {version} failed (run {result.run_id[:8]}); see its log")
-    from fct_assets.deployment import recorded_table
+    from fct_assets.serving.deployment import recorded_table
 
     row = recorded_table(instance, version)
     if args.json:
@@ -177,7 +177,7 @@ def _catch_up(args) -> int:
 
 
 def _search(args) -> int:
-    from fct_assets.search import search_command
+    from fct_assets.serving.search import search_command
 
     hits = search_command(
         _instance(), _fct(), image=args.image, item_id=args.item_id, version=args.version, k=args.k

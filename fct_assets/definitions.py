@@ -8,8 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
-from fct_assets.resources import FctResource
+from fct_assets.lib.io_managers import CheckpointIOManager, RecordIOManager
+from fct_assets.lib.resources import FctResource
 
 
 def resources() -> dict[str, object]:
@@ -57,6 +57,19 @@ def executor_from_env() -> dg.ExecutorDefinition:
     raise ValueError(f"FCT_EXECUTOR={name!r}: expected one of {' | '.join(EXECUTORS)}")
 
 
+def asset_graph() -> tuple[list, list]:
+    """The eight assets of the graph (base, then upgrade) and their blocking checks."""
+    from fct_assets.base import assets as base_assets
+    from fct_assets.base import checks as base_checks
+    from fct_assets.upgrade import assets as upgrade_assets
+    from fct_assets.upgrade import checks as upgrade_checks
+
+    return (
+        [*base_assets.ASSETS, *upgrade_assets.ASSETS],
+        [*base_checks.CHECKS, *upgrade_checks.CHECKS],
+    )
+
+
 def build_defs(
     resource_defs: dict[str, object] | None = None, executor: dg.ExecutorDefinition | None = None
 ) -> dg.Definitions:
@@ -64,25 +77,24 @@ def build_defs(
 
     Tests pass temporary folders as resources."""
     # Imported here, not at module level: importing this module builds nothing.
-    from fct_assets.assets import ALL_ASSETS
-    from fct_assets.automation import (
+    from fct_assets.base.jobs import base_job
+    from fct_assets.ingest.assets import fct_inbox, ingest_job, ingested_batch
+    from fct_assets.ops.housekeeping import daily_housekeeping, housekeeping_job
+    from fct_assets.ops.run_reaper import run_reaper
+    from fct_assets.serving.jobs import promote_job, rollback_job
+    from fct_assets.upgrade.automation import (
         automation_sensor,
-        base_job,
         catch_up_job,
         daily_evaluation,
         scheduled_evaluation_job,
         upgrade_job,
         verify_job,
     )
-    from fct_assets.checks import ALL_CHECKS
-    from fct_assets.deployment import promote_job, rollback_job
-    from fct_assets.housekeeping import daily_housekeeping, housekeeping_job
-    from fct_assets.ingest_assets import fct_inbox, ingest_job, ingested_batch
-    from fct_assets.run_reaper import run_reaper
 
+    assets, checks = asset_graph()
     return dg.Definitions(
-        assets=[*ALL_ASSETS, ingested_batch],
-        asset_checks=ALL_CHECKS,
+        assets=[*assets, ingested_batch],
+        asset_checks=checks,
         jobs=[
             base_job,
             upgrade_job,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fct_assets.records import IngestBatch
+    from fct_assets.lib.records import IngestBatch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO / "dagster_home")))
     if args.fresh:
-        from fct_assets.resources import DATA_ROOT
+        from fct_assets.lib.resources import DATA_ROOT
 
         for name in (
             "storage",
@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     from fct_assets.definitions import build_defs
-    from fct_assets.deployment import PromotionError, promote
-    from fct_assets.lineage import format_lineage, lineage
-    from fct_assets.partitions import add_model_version
-    from fct_assets.report import markdown_table
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.partitions import add_model_version
+    from fct_assets.lib.resources import FctResource
+    from fct_assets.lineage.trace import format_lineage, lineage
+    from fct_assets.serving.deployment import PromotionError, promote
+    from fct_assets.upgrade.report import markdown_table
 
     instance = dg.DagsterInstance.get()
     defs = build_defs()
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except PromotionError as err:
         print(f"not promoted: {err}\n")
-    from fct_assets.io_managers import recorded_record
-    from fct_assets.records import EvalReport
+    from fct_assets.lib.io_managers import recorded_record
+    from fct_assets.lib.records import EvalReport
 
     report = recorded_record(instance, EvalReport, "eval_report", args.version, within="json")
     print(markdown_table(report, include_plot=False))
@@ -122,11 +122,11 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
     """Write n held-back images (the validation split) into the inbox, one sub-folder per class;
     one tick of the inbox sensor (the real daemon iteration) requests their ingest run, which
     runs here. Returns the batch's record."""
-    from fct_assets import storage
-    from fct_assets.dagster_internals import tick_sensors
-    from fct_assets.ingest import folder_name, inbox_dir
-    from fct_assets.io_managers import recorded_record
-    from fct_assets.records import DatasetRecord
+    from fct_assets.ingest.ingest import folder_name, inbox_dir
+    from fct_assets.lib import storage
+    from fct_assets.lib.dagster_internals import tick_sensors
+    from fct_assets.lib.io_managers import recorded_record
+    from fct_assets.lib.records import DatasetRecord
     from fct_ml.pipeline import validation_split
 
     dataset = recorded_record(instance, DatasetRecord, "dataset")
@@ -175,8 +175,8 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
 def _chained_upgrade(instance, defs, fct, version: str) -> bool:
     """Register `version`, upgrade it (its h maps from the deployed version's space), promote it
     (catching up first if promotion says items are missing)."""
-    from fct_assets.deployment import PromotionError, promote
-    from fct_assets.partitions import add_model_version
+    from fct_assets.lib.partitions import add_model_version
+    from fct_assets.serving.deployment import PromotionError, promote
 
     add_model_version(instance, version)
     # A better model than the first upgrade's, as a real next version is: twice the epochs and
@@ -208,11 +208,11 @@ def _chained_upgrade(instance, defs, fct, version: str) -> bool:
 
 def _show_life(instance, fct, version: str, batch: IngestBatch) -> None:
     """The evaluation of the chained version, a search for an ingested item, lineage."""
-    from fct_assets.io_managers import recorded_record
-    from fct_assets.lineage import format_lineage, format_row_lineage, lineage, row_lineage
-    from fct_assets.records import EvalReport
-    from fct_assets.report import markdown_table
-    from fct_assets.search import search_command
+    from fct_assets.lib.io_managers import recorded_record
+    from fct_assets.lib.records import EvalReport
+    from fct_assets.lineage.trace import format_lineage, format_row_lineage, lineage, row_lineage
+    from fct_assets.serving.search import search_command
+    from fct_assets.upgrade.report import markdown_table
 
     report = recorded_record(instance, EvalReport, "eval_report", version, within="json")
     print(markdown_table(report, include_plot=False))

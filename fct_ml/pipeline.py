@@ -1,8 +1,9 @@
 """The stages that train and connect the models, defined once.
 
 `fct reproduce` (fct_ml.reproduce) runs every stage in one process; the Dagster assets
-(fct_assets.assets) run one stage per asset, on checkpoints loaded from the previous ones. Both
-call these functions with the run's seed, so the same config and seed give the same models.
+(fct_assets.base.assets, fct_assets.upgrade.assets) run one stage per asset, on checkpoints
+loaded from the previous ones. Both call these functions with the run's seed, so the same
+config and seed give the same models.
 
     old model (old classes, labels remapped) ─┐
     side-info model (old classes, no labels) ─┼─> training features ─> transformation h (variants)

@@ -17,7 +17,7 @@ from fct_ml.datasets import DATASETS, dataset_names, default_old_classes, entry,
 def test_registries_load_without_torch():
     # What a Dagster code location reads to describe its launchpad fields.
     code = (
-        "import sys, fct_ml.backbones, fct_ml.datasets, fct_assets.config;"
+        "import sys, fct_ml.backbones, fct_ml.datasets, fct_assets.lib.config;"
         " print('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -47,8 +47,8 @@ def test_augmentation_policies_per_kind_of_data():
 
 
 def test_cli_help_and_launchpad_come_from_the_registries():
-    from fct_assets.config import DatasetConfig, ModelTrainingConfig
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.config import DatasetConfig, ModelTrainingConfig
+    from fct_assets.lib.resources import FctResource
     from fct_ml.cli import build_parser
     from fct_ml.presets import PRESETS
 
@@ -68,9 +68,9 @@ def test_cli_help_and_launchpad_come_from_the_registries():
 def test_the_dataset_asset_takes_the_registered_split_when_none_is_given(tmp_path):
     import dagster as dg
 
-    from fct_assets.assets import dataset
-    from fct_assets.io_managers import RecordIOManager
-    from fct_assets.resources import FctResource
+    from fct_assets.base.assets import dataset
+    from fct_assets.lib.io_managers import RecordIOManager
+    from fct_assets.lib.resources import FctResource
 
     result = dg.materialize(
         [dataset],

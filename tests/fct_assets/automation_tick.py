@@ -28,7 +28,7 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
 from dagster._daemon.asset_daemon import AssetDaemon
 
-from fct_assets.partitions import add_model_version
+from fct_assets.lib.partitions import add_model_version
 
 
 def _tick(instance: dg.DagsterInstance, workspace) -> list[dict]:

@@ -7,13 +7,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from fct_assets.assets import ALL_ASSETS
-from fct_assets.checks import ALL_CHECKS
-from fct_assets.definitions import build_defs
-from fct_assets.io_managers import CheckpointIOManager, RecordIOManager
-from fct_assets.partitions import add_model_version
-from fct_assets.records import GalleryStore
-from fct_assets.resources import FctResource
+from fct_assets.definitions import asset_graph, build_defs
+from fct_assets.lib.io_managers import CheckpointIOManager, RecordIOManager
+from fct_assets.lib.partitions import add_model_version
+from fct_assets.lib.records import GalleryStore
+from fct_assets.lib.resources import FctResource
 
 DATASET_CONFIG = {"ops": {"dataset": {"config": {"dataset": "digits", "old_classes": "0-4"}}}}
 
@@ -83,9 +81,10 @@ class Env:
             "table_only",
             selection=selection if checks else selection.without_checks(),
         )
+        assets, checks = asset_graph()
         defs = dg.Definitions(
-            assets=ALL_ASSETS,
-            asset_checks=ALL_CHECKS,
+            assets=assets,
+            asset_checks=checks,
             jobs=[job],
             resources=self.resources(),
         )

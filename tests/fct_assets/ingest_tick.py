@@ -17,8 +17,8 @@ import time
 
 import dagster as dg
 
-from fct_assets.dagster_internals import tick_sensors
-from fct_assets.ingest_assets import inbox_interval
+from fct_assets.ingest.assets import inbox_interval
+from fct_assets.lib.dagster_internals import tick_sensors
 
 
 def main(ticks: int) -> None:

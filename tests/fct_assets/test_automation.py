@@ -10,10 +10,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from fct_assets import storage
-from fct_assets.automation import auto_upgrade_status
-from fct_assets.deployment import current, promote, rollback
-from fct_assets.resources import FctResource
+from fct_assets.lib import storage
+from fct_assets.lib.resources import FctResource
+from fct_assets.serving.deployment import current, promote, rollback
+from fct_assets.upgrade.automation import auto_upgrade_status
 
 
 @pytest.mark.parametrize(

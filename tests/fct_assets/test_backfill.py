@@ -1,13 +1,13 @@
-"""fct_assets/backfill.py's per-row columns, worked out by hand: each row's chain of spaces."""
+"""fct_assets/upgrade/backfill.py's per-row columns, worked out by hand: each row's chain of spaces."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from fct_assets import storage
-from fct_assets.backfill import _chains
-from fct_assets.records import SourceTable
+from fct_assets.lib import storage
+from fct_assets.lib.records import SourceTable
+from fct_assets.upgrade.backfill import _chains
 
 OLD, V2, V3 = "old_model@aaa", "new_model:v2@bbb", "new_model:v3@ccc"
 

@@ -15,13 +15,13 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from fct_assets import storage
-from fct_assets.deployment import PromotionError, current, promote
-from fct_assets.event_log import plain_metadata
-from fct_assets.ingest import content_id
-from fct_assets.io_managers import load_recorded_checkpoint
-from fct_assets.lineage import format_row_lineage, lineage, row_lineage
-from fct_assets.search import search_command
+from fct_assets.ingest.ingest import content_id
+from fct_assets.lib import storage
+from fct_assets.lib.event_log import plain_metadata
+from fct_assets.lib.io_managers import load_recorded_checkpoint
+from fct_assets.lineage.trace import format_row_lineage, lineage, row_lineage
+from fct_assets.serving.deployment import PromotionError, current, promote
+from fct_assets.serving.search import search_command
 from fct_ml.backfill import apply_transformation
 from tests.fct_assets.test_ingest import REPO, deploy, held_back, run_ingest, write_png
 

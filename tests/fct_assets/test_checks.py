@@ -7,18 +7,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fct_assets import storage
-from fct_assets.checks import (
+from fct_assets.base.checks import gallery_store_schema
+from fct_assets.lib import storage
+from fct_assets.lib.records import BackfilledTable, DatasetRecord, EvalReport, GalleryStore
+from fct_assets.lib.resources import FctResource
+from fct_assets.lib.table_checks import validate_table, vector_table_schema
+from fct_assets.upgrade.checks import (
     backfilled_gallery_schema,
     eval_report_expectations,
-    gallery_store_schema,
     report_frame,
     run_report_suite,
-    validate_table,
-    vector_table_schema,
 )
-from fct_assets.records import BackfilledTable, DatasetRecord, EvalReport, GalleryStore
-from fct_assets.resources import FctResource
 
 SPACE = "new_model:v2@0123456789ab"
 COLUMNS = ["item_id", "label", "embedding", "space_id"]

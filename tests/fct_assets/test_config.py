@@ -7,15 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from fct_assets import config as cfg
-from fct_assets.assets import _overrides
+from fct_assets.lib import config as cfg
+from fct_assets.lib.asset_factory import preset_overrides
 from fct_ml.presets import preset
 from fct_ml.transformation import transformation_macs
 
 
 def _h_config(**launch):
     chosen = cfg.validated(cfg.TransformationTrainingConfig, launch, "transformation")
-    exp = _overrides(preset("cpu"), chosen, "transformation", "transformation_train")
+    exp = preset_overrides(preset("cpu"), chosen, "transformation", "transformation_train")
     return exp.transformation
 
 

@@ -1,4 +1,4 @@
-"""What a step costs (fct_assets.cost), and that every asset of an upgrade records it."""
+"""What a step costs (fct_assets.lib.cost), and that every asset of an upgrade records it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from fct_assets.cost import measure, measured
-from fct_assets.event_log import recorded_metadata
-from fct_assets.lineage import count_rows_by_source, lineage
+from fct_assets.lib.cost import measure, measured
+from fct_assets.lib.event_log import recorded_metadata
+from fct_assets.lineage.trace import count_rows_by_source, lineage
 
 
 def test_peak_rss_is_the_steps_own_not_the_process_high_water_mark():

@@ -1,10 +1,10 @@
-"""fct_assets/dagster_internals.py, Dagster's private API in one place: each function on a tiny
+"""fct_assets/lib/dagster_internals.py, Dagster's private API in one place: each function on a tiny
 real Dagster instance, so a Dagster upgrade that moves one fails here."""
 
 import dagster as dg
 import pytest
 
-from fct_assets.dagster_internals import (
+from fct_assets.lib.dagster_internals import (
     executor_config,
     instance_config,
     latest_check_execution,

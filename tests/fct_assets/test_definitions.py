@@ -31,7 +31,8 @@ def test_dg_check_defs_and_dagster_load_from_pyproject(tmp_path):
 def test_importing_the_definitions_builds_nothing():
     code = (
         "import sys, dagster as dg, fct_assets.definitions as d;"
-        "assert 'fct_assets.assets' not in sys.modules, 'assets imported at import time';"
+        "assert 'fct_assets.base.assets' not in sys.modules, 'assets imported at import time';"
+        "assert 'fct_assets.upgrade.assets' not in sys.modules, 'assets imported at import time';"
         "defs = d.defs();"
         "assert isinstance(defs, dg.Definitions);"
         "print(len(list(defs.resolve_all_asset_specs())))"

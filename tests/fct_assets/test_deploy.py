@@ -12,7 +12,7 @@ import pytest
 import yaml
 from dagster import DagsterInvalidConfigError
 
-from fct_assets.dagster_internals import executor_config, instance_config, validate_config
+from fct_assets.lib.dagster_internals import executor_config, instance_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -150,7 +150,7 @@ def test_deploy_instance_yaml_has_postgres_storage_and_the_k8s_run_launcher(tmp_
 
 def test_the_image_stamps_the_commit_it_was_built_from(monkeypatch):
     # An image has no .git: deploy/Dockerfile passes the commit as FCT_CODE_VERSION, which wins.
-    from fct_assets.provenance import code_version
+    from fct_assets.lib.provenance import code_version
 
     assert "FCT_CODE_VERSION" in (DEPLOY / "Dockerfile").read_text()
     monkeypatch.setenv("FCT_CODE_VERSION", "0.1.0+gabcdef123456")

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from fct_assets import deployment, storage
-from fct_assets.deployment import PromotionError, check_results, current, promote
+from fct_assets.lib import storage
+from fct_assets.serving import deployment
+from fct_assets.serving.deployment import PromotionError, check_results, current, promote
 
 SCHEMA_CHECK = "backfilled_gallery:backfilled_gallery_schema"
 REPORT_CHECK = "eval_report:eval_report_expectations"

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fct_assets import storage
-from fct_assets.event_log import plain_metadata
-from fct_assets.io_managers import load_recorded_checkpoint
+from fct_assets.lib import storage
+from fct_assets.lib.event_log import plain_metadata
+from fct_assets.lib.io_managers import load_recorded_checkpoint
 from fct_ml.checkpoint import save_checkpoint, sha256_file
 from fct_ml.models import EmbeddingModel, ModelConfig
 

@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fct_assets import storage
 from fct_assets.cli import main as fct_main
-from fct_assets.dagster_internals import stale_status
-from fct_assets.deployment import PromotionError, current, promote, rollback
-from fct_assets.lineage import lineage
+from fct_assets.lib import storage
+from fct_assets.lib.dagster_internals import stale_status
+from fct_assets.lineage.trace import lineage
+from fct_assets.serving.deployment import PromotionError, current, promote, rollback
 from fct_ml.checkpoint import sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -348,7 +348,7 @@ def test_tampered_checkpoint_is_refused(env):
 
 
 def test_estimate_uses_the_costs_measured_on_the_versions_runs(env, monkeypatch, capsys):
-    from fct_assets.estimate import estimate
+    from fct_assets.upgrade.estimate import estimate
 
     e = estimate(env.instance, "v2")
     backfill = json.loads((env.root / "records" / "backfilled_gallery" / "v2.json").read_text())

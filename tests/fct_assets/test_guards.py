@@ -1,4 +1,4 @@
-"""Single writer per table (fct_assets.guards): the folder's OS lock, the conditional commit,
+"""Single writer per table (fct_assets.lib.guards): the folder's OS lock, the conditional commit,
 leases; real LanceDB folders, real processes where the point is another process."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import lancedb
 import pyarrow as pa
 import pytest
 
-from fct_assets import deployment, guards, storage
-from fct_assets.records import VersionTable
+from fct_assets.lib import guards, storage
+from fct_assets.lib.records import VersionTable
+from fct_assets.serving import deployment
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,8 +11,9 @@ import lancedb
 import pyarrow as pa
 from upath import UPath
 
-from fct_assets import deployment, housekeeping
-from fct_assets.records import VersionTable
+from fct_assets.lib.records import VersionTable
+from fct_assets.ops import housekeeping
+from fct_assets.serving import deployment
 
 
 def test_old_versions_go_and_the_deployed_ones_stay(tmp_path):
@@ -53,7 +54,7 @@ def test_records_of_finished_runs_go_and_a_live_runs_stay(tmp_path):
 
 def test_the_housekeeping_job_runs_on_the_code_location(tmp_path, monkeypatch):
     from fct_assets.definitions import build_defs, resources
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.resources import FctResource
 
     monkeypatch.setenv("FCT_STORAGE_URI", str(tmp_path / "storage"))
     leftover = tmp_path / "storage" / "records" / str(uuid.uuid4())

@@ -11,11 +11,11 @@ import dagster as dg
 import numpy as np
 import pyarrow.compute as pc
 
-from fct_assets import storage
 from fct_assets.cli import main as fct_main
-from fct_assets.deployment import current, promote
-from fct_assets.event_log import plain_metadata
-from fct_assets.ingest import content_id, decode_image, label_of
+from fct_assets.ingest.ingest import content_id, decode_image, label_of
+from fct_assets.lib import storage
+from fct_assets.lib.event_log import plain_metadata
+from fct_assets.serving.deployment import current, promote
 
 REPO = Path(__file__).resolve().parents[2]
 

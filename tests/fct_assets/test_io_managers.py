@@ -11,8 +11,8 @@ import pytest
 import torch
 from upath import UPath
 
-from fct_assets.io_managers import CheckpointIOManager, RecordIOManager, storage_uri
-from fct_assets.records import Checkpoint, RecordError, VersionTable
+from fct_assets.lib.io_managers import CheckpointIOManager, RecordIOManager, storage_uri
+from fct_assets.lib.records import Checkpoint, RecordError, VersionTable
 from fct_ml.checkpoint import CheckpointError, content_digest
 from fct_ml.models import EmbeddingModel, ModelConfig
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fct_assets.partitions import VersionError, check_version
-from fct_assets.storage import version_table
+from fct_assets.lib.partitions import VersionError, check_version
+from fct_assets.lib.storage import version_table
 
 
 @pytest.mark.parametrize("name", ["v2", "v10", "exp_3-b", "V"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from fct_assets.event_log import recorded_metadata
+from fct_assets.lib.event_log import recorded_metadata
 from fct_ml.data import load_dataset, parse_class_list
 from fct_ml.presets import preset
 from fct_ml.reproduce import run_experiment

@@ -16,9 +16,10 @@ import pytest
 from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.utils import make_new_run_id
 
-from fct_assets import deployment, guards, storage
-from fct_assets.deployment import PromotionError, check_results, current, promote, rollback
-from fct_assets.records import BackfilledTable, VersionTable
+from fct_assets.lib import guards, storage
+from fct_assets.lib.records import BackfilledTable, VersionTable
+from fct_assets.serving import deployment
+from fct_assets.serving.deployment import PromotionError, check_results, current, promote, rollback
 from tests.fct_assets.check_events import report_materialization, report_planned_check
 
 SPACE = "new_model:v2@0123456789ab"
@@ -225,7 +226,7 @@ def test_a_check_at_the_time_of_its_materialisation_is_fresh(instance, db):
 def test_no_guarding_check_promotes_nothing(instance, db, monkeypatch):
     # Promotion needs at least one passed blocking check: were no guarded asset to have any,
     # nothing would be promoted, and the refusal says so.
-    monkeypatch.setattr(deployment, "GUARDED", ())
+    monkeypatch.setattr(deployment, "PROMOTION_CHECKS", ())
     _promotable(instance, db, "v2")
     assert check_results(instance, "v2") == {}
     with pytest.raises(PromotionError) as refused:
@@ -458,8 +459,8 @@ def _row(seq: int, version: str, action: str = "promote", table_version: int = 1
 
 
 def test_a_lost_race_is_decided_again_on_the_new_history(db):
-    from fct_assets import guards
-    from fct_assets.records import VersionTable
+    from fct_assets.lib import guards
+    from fct_assets.lib.records import VersionTable
 
     seen: list[list[str]] = []
 
@@ -476,8 +477,8 @@ def test_a_lost_race_is_decided_again_on_the_new_history(db):
 
 
 def test_a_record_that_keeps_losing_gives_up_saying_so(db, monkeypatch):
-    from fct_assets import guards
-    from fct_assets.records import VersionTable
+    from fct_assets.lib import guards
+    from fct_assets.lib.records import VersionTable
 
     monkeypatch.setattr(deployment, "RECORD_ATTEMPTS", 2)
     calls = []
@@ -523,7 +524,7 @@ def test_a_lost_race_waits_a_random_share_of_a_doubling_back_off(db, monkeypatch
 
 
 def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, tmp_path):
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.resources import FctResource
 
     fct = FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
     v2 = _promotable(instance, db, "v2")
@@ -563,7 +564,7 @@ def test_a_check_planned_but_never_evaluated_is_reported_by_its_status(instance,
     # A run that planned the check and stopped before it ran (a crash, a cancelled run, a
     # backfill refused by another's lease). With no evaluation before it, the execution record
     # has none, and its status says what became of it.
-    from fct_assets.partitions import model_version
+    from fct_assets.lib.partitions import model_version
 
     def planned() -> None:
         report_planned_check(

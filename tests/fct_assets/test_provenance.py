@@ -7,7 +7,7 @@ import textwrap
 import dagster as dg
 import pytest
 
-from fct_assets.provenance import _module_source, code_version, source_units, source_version
+from fct_assets.lib.provenance import _module_source, code_version, source_units, source_version
 
 PACKAGES = ("pkg_core", "pkg_assets")
 
@@ -94,7 +94,9 @@ def test_an_edit_changes_only_the_versions_of_code_that_reaches_it(project):
 
 
 def test_each_asset_has_its_own_code_version_and_the_git_commit_as_metadata():
-    from fct_assets.assets import ALL_ASSETS
+    from fct_assets.definitions import asset_graph
+
+    ALL_ASSETS = asset_graph()[0]
 
     versions = {a.key.to_user_string(): next(iter(a.specs)).code_version for a in ALL_ASSETS}
     assert len(set(versions.values())) == len(versions), versions
@@ -107,9 +109,14 @@ def test_each_asset_has_its_own_code_version_and_the_git_commit_as_metadata():
         a.key.to_user_string(): a for a in ALL_ASSETS if isinstance(a.node_def, dg.OpDefinition)
     }
     assert "fct_ml.transformation" in units(by_key["transformation"])
-    assert "fct_assets.report" in units(by_key["eval_report"])
+    assert "fct_assets.upgrade.report" in units(by_key["eval_report"])
     # The report, the backfill and other assets' bodies are not the dataset's code.
     dataset = units(by_key["dataset"])
     assert (
-        not {"fct_assets.report", "fct_assets.backfill", "fct_assets.assets:eval_report"} & dataset
+        not {
+            "fct_assets.upgrade.report",
+            "fct_assets.upgrade.backfill",
+            "fct_assets.upgrade.assets:eval_report",
+        }
+        & dataset
     )

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from fct_assets.backfill import read_ahead
+from fct_assets.upgrade.backfill import read_ahead
 
 
 def test_items_come_in_order_whatever_the_depth():

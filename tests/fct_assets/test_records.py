@@ -8,8 +8,8 @@ import json
 import pydantic
 import pytest
 
-from fct_assets import records
-from fct_assets.records import RecordError
+from fct_assets.lib import records
+from fct_assets.lib.records import RecordError
 
 SHARD = records.ShardRange(index=1, count=2, start=5, stop=10)
 EXAMPLES = [

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fct_assets.records import EvalReport
-from fct_assets.report import markdown_table
+from fct_assets.lib.records import EvalReport
+from fct_assets.upgrade.report import markdown_table
 
 CASES = ["old/old", "new/new", "new/h(old)", "new/gallery_v2", "new/old"]
 ORDERS = ["random", "sigma", "true_error"]

@@ -8,16 +8,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_assets import storage
-from fct_assets.records import (
+from fct_assets.lib import storage
+from fct_assets.lib.records import (
     BackfilledTable,
     Checkpoint,
     DatasetRecord,
     EvalReport,
     GalleryStore,
 )
-from fct_assets.report import evaluate_version, markdown_table
-from fct_assets.resources import FctResource
+from fct_assets.lib.resources import FctResource
+from fct_assets.upgrade.report import evaluate_version, markdown_table
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation
 from fct_ml.models import ModelConfig, build_model
@@ -266,7 +266,7 @@ def _backfilled_table(db, name, ids, labels, vectors, space, sources):
 def _deployed_v1(g, **source):
     """v1 deployed: the items stored in its space (table gallery_v1), with the SourceTable that
     names that table's version (and `source`'s other fields); (db, stored vectors, SourceTable)."""
-    from fct_assets.records import SourceTable
+    from fct_assets.lib.records import SourceTable
 
     db = g["fct"].connect()
     stored = np.random.default_rng(5).normal(size=(N, 4)).astype(np.float32)
@@ -464,7 +464,7 @@ def test_the_plot_is_a_png_of_the_figure_size():
     import matplotlib
     from PIL import Image
 
-    from fct_assets.report import curve_plot_png
+    from fct_assets.upgrade.report import curve_plot_png
 
     curves = {"sigma": {"fractions": [0.0, 0.5, 1.0], "mAP": [1.0, 2.0, 3.0], "top1": [1, 2, 3]}}
     # A PNG whatever format a matplotlibrc makes the default: the markdown embeds image/png.
@@ -516,7 +516,7 @@ def _plotted(fig) -> dict:
 
 
 def test_the_plot_draws_each_order_on_a_map_and_a_top1_panel():
-    from fct_assets.report import curve_plot_png
+    from fct_assets.upgrade.report import curve_plot_png
 
     curves = {
         "sigma": {"fractions": [0.0, 0.5, 1.0], "mAP": [10.0, 20.0, 30.0], "top1": [1, 2, 3]},
@@ -645,7 +645,7 @@ def _cosine(query, gallery, labels) -> dict[str, float]:
 def test_the_experiments_metric_ranks_the_cases_and_the_curves(gallery, monkeypatch):
     import dataclasses
 
-    from fct_assets.resources import FctResource
+    from fct_assets.lib.resources import FctResource
     from fct_ml import presets
 
     # A preset like tiny but ranking by cosine distance (every built-in preset uses l2, the

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from fct_assets import storage
+from fct_assets.lib import storage
 from tests.reference import brute_force_retrieval as brute_force
 
 VERSION = "vnum"

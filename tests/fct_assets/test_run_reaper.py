@@ -1,4 +1,4 @@
-"""fct_assets.run_reaper: a started run whose worker process is gone is marked failed, once, with
+"""fct_assets.ops.run_reaper: a started run whose worker process is gone is marked failed, once, with
 a reason run retries accept; a live worker, a run executed in process and a reused pid are told
 apart. Real instance, real processes."""
 
@@ -12,7 +12,13 @@ import time
 import dagster as dg
 import pytest
 
-from fct_assets.run_reaper import process_start_time, reap, reaper_interval, run_worker, worker_gone
+from fct_assets.ops.run_reaper import (
+    process_start_time,
+    reap,
+    reaper_interval,
+    run_worker,
+    worker_gone,
+)
 from tests.fct_assets.check_events import report_run_worker
 
 

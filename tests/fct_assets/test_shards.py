@@ -12,12 +12,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from fct_assets import records, storage
-from fct_assets.backfill import STAGING_PREFIX
 from fct_assets.definitions import build_defs
-from fct_assets.event_log import recorded_metadata
-from fct_assets.io_managers import CheckpointIOManager, RecordIOManager, load_recorded_checkpoint
-from fct_assets.resources import FctResource
+from fct_assets.lib import records, storage
+from fct_assets.lib.event_log import recorded_metadata
+from fct_assets.lib.io_managers import (
+    CheckpointIOManager,
+    RecordIOManager,
+    load_recorded_checkpoint,
+)
+from fct_assets.lib.resources import FctResource
+from fct_assets.upgrade.backfill import STAGING_PREFIX
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation
 from fct_ml.checkpoint import save_checkpoint
@@ -186,7 +190,7 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
         "refine_factor": 10,
     }
     assert storage.ann_index_exists(db.open_table(f"gallery_{version}"))
-    from fct_assets.search import search_command
+    from fct_assets.serving.search import search_command
 
     item = sorted(chosen)[0]
     hits = search_command(env.instance, env.fct, image=None, item_id=item, version=version, k=3)

@@ -1,8 +1,8 @@
-"""fct_assets.storage.ann_params against the parameters the backfill benchmark measured."""
+"""fct_assets.lib.storage.ann_params against the parameters the backfill benchmark measured."""
 
 from __future__ import annotations
 
-from fct_assets import storage
+from fct_assets.lib import storage
 
 
 def test_ann_params_at_benchmark_scale_are_the_measured_ones() -> None:

@@ -10,9 +10,10 @@ import dagster as dg
 import lancedb
 import pytest
 
-from fct_assets import deployment
-from fct_assets.deployment import UPGRADE_ASSETS, upgrade_is_current
-from fct_assets.records import VersionTable
+from fct_assets.lib.keys import UPGRADE_ASSETS
+from fct_assets.lib.records import VersionTable
+from fct_assets.serving import deployment
+from fct_assets.upgrade.freshness import upgrade_is_current
 from tests.fct_assets.check_events import report_materialization
 
 VERSIONS = dg.StaticPartitionsDefinition(["v1", "v2", "v3"])

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from fct_assets import records
-from fct_assets.backfill import backfill_version
-from fct_assets.io_managers import load_recorded_checkpoint
-from fct_assets.resources import FctResource
+from fct_assets.lib import records
+from fct_assets.lib.io_managers import load_recorded_checkpoint
+from fct_assets.lib.resources import FctResource
+from fct_assets.upgrade.backfill import backfill_version
 
 
 def main() -> None:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import lancedb
 
-from fct_assets import deployment, guards
-from fct_assets.records import VersionTable
+from fct_assets.lib import guards
+from fct_assets.lib.records import VersionTable
+from fct_assets.serving import deployment
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import lancedb
 
-from fct_assets import storage
-from fct_assets.deployment import current, search
+from fct_assets.lib import storage
+from fct_assets.serving.deployment import current, search
 
 
 def main() -> None:

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from fct_assets import records, storage
-from fct_assets.backfill import backfill_version
 from fct_assets.cli import main as fct_main
-from fct_assets.partitions import VersionError, check_version
-from fct_assets.resources import FctResource
+from fct_assets.lib import records, storage
+from fct_assets.lib.partitions import VersionError, check_version
+from fct_assets.lib.resources import FctResource
+from fct_assets.upgrade.backfill import backfill_version
 from fct_ml.backfill import apply_transformation
 from fct_ml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from fct_ml.config import ConfigError, from_dict

@@ -17,8 +17,8 @@ import random
 import dagster as dg
 import pytest
 
-from fct_assets import config as cfg
 from fct_assets.definitions import build_defs
+from fct_assets.lib import config as cfg
 
 # field -> (the op that owns it, its config class, values that cannot be right)
 NAN, INF = float("nan"), float("inf")

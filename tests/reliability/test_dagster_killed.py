@@ -21,12 +21,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from fct_assets import storage
-from fct_assets.assets import NO_OP_TAG
-from fct_assets.deployment import current, promote
-from fct_assets.io_managers import recorded_record
-from fct_assets.partitions import add_model_version
-from fct_assets.records import BackfilledTable
+from fct_assets.lib import storage
+from fct_assets.lib.io_managers import recorded_record
+from fct_assets.lib.keys import NO_OP_TAG
+from fct_assets.lib.partitions import add_model_version
+from fct_assets.lib.records import BackfilledTable
+from fct_assets.serving.deployment import current, promote
 from tests.fct_assets.env import build_env
 from tests.ui.server import DagsterDev
 

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fct_assets import storage
-from fct_assets.deployment import _append, current, search
-from fct_assets.records import VersionTable
+from fct_assets.lib import storage
+from fct_assets.lib.records import VersionTable
+from fct_assets.serving.deployment import _append, current, search
 
 SPACE = "new@000000000002"
 DIM = 64

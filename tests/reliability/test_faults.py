@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from fct_assets import storage
-from fct_assets.deployment import current, promote, search
-from fct_assets.records import Deployment
+from fct_assets.lib import storage
+from fct_assets.lib.records import Deployment
+from fct_assets.serving.deployment import current, promote, search
 from fct_ml.backfill import apply_transformation
 from fct_ml.checkpoint import load_checkpoint
 from tests.fct_assets.env import build_env
@@ -154,7 +154,7 @@ def test_a_second_backfill_of_the_version_is_refused_naming_the_first(env, relia
         )
         refusal = second.stderr.strip().splitlines()[-1]
         assert second.returncode != 0 and "DONE" not in second.stdout
-        assert refusal.startswith("fct_assets.guards.TableBusyError: gallery_v3: process")
+        assert refusal.startswith("fct_assets.lib.guards.TableBusyError: gallery_v3: process")
         assert f"process {first.pid} on" in refusal
         assert db.open_table("gallery_v3").version == before  # nothing written by the second
         first.send_signal(signal.SIGCONT)
@@ -204,7 +204,7 @@ def test_a_run_for_an_unregistered_version_is_refused_before_anything_trains(env
 def _recorded(env, asset: str, partition: str) -> dict:
     import dagster as dg
 
-    from fct_assets.event_log import recorded_metadata
+    from fct_assets.lib.event_log import recorded_metadata
 
     return recorded_metadata(env.instance, dg.AssetKey(asset), partition)
 

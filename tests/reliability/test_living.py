@@ -21,10 +21,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from fct_assets import guards, storage
-from fct_assets.backfill import claim_table, release_table
-from fct_assets.deployment import current, history, promote
-from fct_assets.ingest import content_id
+from fct_assets.ingest.ingest import content_id
+from fct_assets.lib import guards, storage
+from fct_assets.serving.deployment import current, history, promote
+from fct_assets.upgrade.backfill import claim_table, release_table
 from tests.fct_assets.env import build_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,8 +190,8 @@ def test_a_backfill_waits_for_an_ingest_but_not_for_a_backfill(env, reliability)
 def test_a_second_run_of_a_current_version_is_a_no_op_that_says_so(env, reliability):
     import dagster as dg
 
-    from fct_assets.assets import NO_OP_TAG
-    from fct_assets.event_log import latest_materialization
+    from fct_assets.lib.event_log import latest_materialization
+    from fct_assets.lib.keys import NO_OP_TAG
 
     checkpoint = env.root / "checkpoints" / "new_model" / "v2.safetensors"
     before_bytes, before_mtime = checkpoint.read_bytes(), checkpoint.stat().st_mtime_ns
@@ -231,7 +231,7 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def test_hostile_files_are_quarantined_and_the_rest_lands(env, tmp_path, reliability):
-    from fct_assets.ingest import MAX_FILE_BYTES, QUARANTINE
+    from fct_assets.ingest.ingest import MAX_FILE_BYTES, QUARANTINE
 
     inbox = tmp_path / "inbox"
     good = held_back(env, 5, start=20)

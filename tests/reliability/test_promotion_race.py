@@ -15,7 +15,8 @@ from pathlib import Path
 import lancedb
 import pytest
 
-from fct_assets import deployment, guards, storage
+from fct_assets.lib import guards, storage
+from fct_assets.serving import deployment
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("promotion_worker.py")

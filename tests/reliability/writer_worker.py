@@ -17,8 +17,8 @@ from pathlib import Path
 import dagster as dg
 
 from fct_assets.definitions import build_defs
-from fct_assets.deployment import promote
-from fct_assets.resources import FctResource
+from fct_assets.lib.resources import FctResource
+from fct_assets.serving.deployment import promote
 
 
 def _failure_line(result: dg.ExecuteInProcessResult) -> str:

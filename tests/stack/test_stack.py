@@ -20,13 +20,13 @@ import pyarrow as pa
 import pytest
 
 from deploy.local_stack import LocalStack, Relay, postgres_missing_reason
-from fct_assets import storage
 from fct_assets.definitions import build_defs
-from fct_assets.event_log import recorded_metadata
-from fct_assets.io_managers import store_path
-from fct_assets.lineage import lineage
-from fct_assets.partitions import add_model_version
-from fct_assets.resources import FctResource, lancedb_storage_options
+from fct_assets.lib import storage
+from fct_assets.lib.event_log import recorded_metadata
+from fct_assets.lib.io_managers import store_path
+from fct_assets.lib.partitions import add_model_version
+from fct_assets.lib.resources import FctResource, lancedb_storage_options
+from fct_assets.lineage.trace import lineage
 
 pytestmark = pytest.mark.skipif(
     postgres_missing_reason() is not None, reason=postgres_missing_reason() or ""
@@ -200,7 +200,7 @@ def test_wrong_credentials_are_a_one_line_error_naming_the_endpoint(stack, monke
 
     # A checkpoint write through the IO managers' path (s3fs): the same one line, no object.
     path = store_path("s3://fct-bucket/fct/checkpoints/wrong.safetensors")
-    from fct_assets.io_managers import _write_atomically
+    from fct_assets.lib.io_managers import _write_atomically
 
     with pytest.raises(OSError) as err:
         _write_atomically(path, b"weights")

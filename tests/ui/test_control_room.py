@@ -135,8 +135,8 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
 
 def _held_back_pngs(n: int) -> list[bytes]:
     """n PNG files of digits' validation split: never trained on, not in the gallery."""
-    from fct_assets import storage
-    from fct_assets.resources import FctResource
+    from fct_assets.lib import storage
+    from fct_assets.lib.resources import FctResource
     from fct_ml.pipeline import validation_split
 
     fct = FctResource(lancedb_uri="unused", preset="tiny", device="cpu", data_dir=None)

@@ -15,11 +15,13 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from fct_assets import guards, storage
-from fct_assets.config import PromotionConfig
-from fct_assets.partitions import check_version
-from fct_assets.records import BackfilledTable, Deployment, VersionTable
-from fct_assets.resources import FctResource
+from fct_assets.lib import guards, storage
+from fct_assets.lib.dagster_internals import latest_check_execution
+from fct_assets.lib.event_log import latest_materialization
+from fct_assets.lib.io_managers import recorded_record
+from fct_assets.lib.keys import PROMOTION_CHECKS
+from fct_assets.lib.partitions import check_version
+from fct_assets.lib.records import BackfilledTable, Deployment, VersionTable
 
 DEPLOYMENT_SCHEMA = pa.schema(
     [
@@ -33,7 +35,6 @@ DEPLOYMENT_SCHEMA = pa.schema(
         pa.field("at", pa.string()),
     ]
 )
-GUARDED = ("backfilled_gallery", "eval_report")  # assets whose blocking checks guard promotion
 
 
 class PromotionError(ValueError):
@@ -95,14 +96,8 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
     why not ("never ran", "failed", "stale: ran before the latest materialisation", "status X"),
     whether it ran after that asset partition's latest materialisation, and the LanceDB table
     version it checked (None if its metadata names none)."""
-    from fct_assets.checks import ALL_CHECKS
-    from fct_assets.dagster_internals import latest_check_execution
-    from fct_assets.event_log import latest_materialization
-
     out: dict[str, dict[str, Any]] = {}
-    for check_key in (key for check in ALL_CHECKS for key in check.check_keys):
-        if check_key.asset_key.to_user_string() not in GUARDED:
-            continue
+    for check_key in PROMOTION_CHECKS:
         record = latest_check_execution(instance, check_key, version)
         latest = latest_materialization(instance, check_key.asset_key, version)
         name = f"{check_key.asset_key.to_user_string()}:{check_key.name}"
@@ -141,8 +136,6 @@ def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[
 
 def recorded_table(instance: dg.DagsterInstance, version: str) -> VersionTable:
     """The table a version's latest backfilled_gallery materialisation published."""
-    from fct_assets.io_managers import recorded_record
-
     table = recorded_record(instance, BackfilledTable, "backfilled_gallery", check_version(version))
     return VersionTable(
         version=version, table=table.table, table_version=table.version, space_id=table.space_id
@@ -287,123 +280,3 @@ def search(db, query, *, version: VersionTable, k: int = 10) -> list[dict[str, A
         }
         for h in hits
     ]
-
-
-# ---------------------------------------------------------------- the same, as jobs for the UI
-# Promotion and rollback are actions, not artifacts: ops in two small jobs, so the UI's
-# launchpad offers them (a typed `version` field) next to the upgrade, with the same guards as
-# `fct promote` / `fct rollback`. Each run's output metadata records the deployment row.
-
-
-def _deployment_output(row: Deployment) -> dg.Output:
-    return dg.Output(row, metadata=row.model_dump())
-
-
-@dg.op(
-    description=(
-        "Serve a model version if its blocking checks passed (the deployment record gets one row)."
-    ),
-    tags={"fct/action": "promote"},
-)
-def promote_version(
-    context: dg.OpExecutionContext, config: PromotionConfig, fct: FctResource
-) -> dg.Output:
-    row = promote(context.instance, fct.connect(), config.version)
-    context.log.info(
-        f"promoted {row.version}: serving {row.table} @ LanceDB version {row.table_version}"
-    )
-    return _deployment_output(row)
-
-
-@dg.op(
-    description="Serve again the deployment before the current one.",
-    tags={"fct/action": "rollback"},
-)
-def rollback_deployment(context: dg.OpExecutionContext, fct: FctResource) -> dg.Output:
-    row = rollback(fct.connect())
-    context.log.info(
-        f"rolled back: serving {row.version} ({row.table} @ LanceDB version {row.table_version})"
-    )
-    return _deployment_output(row)
-
-
-@dg.job(
-    name="promote",
-    description=(
-        "Promote a model version: set `version` in the launchpad. Refused unless its blocking"
-        " checks passed."
-    ),
-    tags={"fct/action": "promote"},
-)
-def promote_job():
-    promote_version()
-
-
-@dg.job(
-    name="rollback",
-    description="Roll back to the deployment before the current one (no config).",
-    tags={"fct/action": "rollback"},
-)
-def rollback_job():
-    rollback_deployment()
-
-
-# ---------------------------------------------------------------- a second run of a current version
-
-UPGRADE_ASSETS = ("new_model", "transformation", "backfilled_gallery", "eval_report")
-BASE_ASSETS = ("dataset", "old_model", "side_info_model", "gallery_store")
-
-
-def _op_config(run_config: dict, op: str) -> dict:
-    return dict((run_config or {}).get("ops", {}).get(op, {}).get("config", {}) or {})
-
-
-def upgrade_is_current(context: dg.AssetExecutionContext, db) -> str | None:
-    """Why this run of a model version has nothing to do (one line), or None when it has: every
-    upgrade asset of the version was materialised, in order, after the base assets, by runs with
-    the same launchpad config for it as this run, by the same code version, and h maps from the
-    space it would map from now. A second run of a version (the automation sensor's and a
-    launchpad run, queued one behind the other) then retrains nothing and overwrites nothing."""
-    from fct_assets.event_log import latest_materialization, plain_metadata
-
-    version = context.partition_key
-    latest = {
-        name: latest_materialization(context.instance, dg.AssetKey(name), version)
-        for name in UPGRADE_ASSETS
-    }
-    if any(record is None for record in latest.values()):
-        return None
-    stamps = [latest[name].timestamp for name in UPGRADE_ASSETS]
-    if stamps != sorted(stamps):
-        return None  # an input was re-materialised after what depends on it: that is stale
-    for name in BASE_ASSETS:
-        base = latest_materialization(context.instance, dg.AssetKey(name), None)
-        if base is not None and base.timestamp > stamps[0]:
-            return None
-    mine = context.run.run_config
-    graph = context.job_def.asset_layer.asset_graph
-    for name, record in latest.items():
-        run = context.instance.get_run_by_id(record.run_id)
-        if run is None or _op_config(run.run_config, name) != _op_config(mine, name):
-            return None
-        key = dg.AssetKey(name)
-        recorded = record.asset_materialization.tags.get("dagster/code_version")
-        if recorded != graph.get(key).code_version:
-            return None
-    # h maps from the deployed version's space (chained upgrades): a promotion since changes it.
-    h = plain_metadata(latest["transformation"])
-    if _op_config(mine, "transformation").get("source", "deployed") == "deployed":
-        serving = current(db)
-        now = (
-            serving.space_id
-            if serving is not None and serving.version != version
-            else h.get("old_space_id")
-        )
-        if h.get("source_space_id") != now:
-            return None
-    return (
-        f"{version} is current: new_model, transformation, backfilled_gallery and eval_report were"
-        f" materialised with this config by run {latest['eval_report'].run_id[:8]}; nothing"
-        " retrained or overwritten (change the config, or re-materialise an asset alone, to"
-        " redo it)"
-    )

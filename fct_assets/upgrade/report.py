@@ -12,8 +12,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fct_assets import storage
-from fct_assets.records import BackfilledTable, Checkpoint, DatasetRecord, EvalReport, GalleryStore
+from fct_assets.lib import storage
+from fct_assets.lib.records import (
+    BackfilledTable,
+    Checkpoint,
+    DatasetRecord,
+    EvalReport,
+    GalleryStore,
+)
 
 
 def _read(db, name: str, version: int, columns: list[str]):

@@ -1,24 +1,25 @@
 """The ops behind the graph-backed asset `backfilled_gallery`: plan -> N shards (fan-out) -> publish.
 
-Each op is a thin wrapper of one function of `fct_assets.backfill`. Shards are a dynamic fan-out
+Each op is a thin wrapper of one function of `fct_assets.upgrade.backfill`. Shards are a dynamic fan-out
 inside ONE asset partition (not a version x shard multi-partition): the version's table exists
 only as one commit, so a shard is never an asset of its own that could be materialised, seen or
 promoted alone. The ops that run models (plan: sigma, shards: h and re-embedding) are in the
 `gpu` concurrency pool, so a machine with one accelerator runs one of them at a time
 (dagster_home/dagster.yaml: pools default_limit 1); op outputs are small JSON records
-(typed records, fct_assets.records), never pickles.
+(typed records, fct_assets.lib.records), never pickles.
 """
 
 import time
 
 import dagster as dg
 
-from fct_assets import storage
-from fct_assets.config import BackfillConfig, validated
-from fct_assets.cost import cost_metadata, measure
-from fct_assets.partitions import require_registered
-from fct_assets.provenance import code_version
-from fct_assets.records import (
+from fct_assets.lib import storage
+from fct_assets.lib.config import BackfillConfig, validated
+from fct_assets.lib.cost import cost_metadata, measure
+from fct_assets.lib.keys import GPU_POOL
+from fct_assets.lib.partitions import require_registered
+from fct_assets.lib.provenance import code_version
+from fct_assets.lib.records import (
     BackfilledTable,
     BackfillPlan,
     Checkpoint,
@@ -27,9 +28,8 @@ from fct_assets.records import (
     ShardResult,
     StepCost,
 )
-from fct_assets.resources import FctResource
+from fct_assets.lib.resources import FctResource
 
-GPU_POOL = "gpu"
 RECORDS = "record_io_manager"
 
 
@@ -82,8 +82,8 @@ def plan_backfill(
     gallery_store: GalleryStore,
     transformation: Checkpoint,
 ):
-    from fct_assets.backfill import claim_table, drop_staging, resolve_source
-    from fct_assets.backfill import plan_backfill as plan_fn
+    from fct_assets.upgrade.backfill import claim_table, drop_staging, resolve_source
+    from fct_assets.upgrade.backfill import plan_backfill as plan_fn
 
     version = require_registered(context.instance, context.partition_key)
     h_meta = transformation.recorded  # the record of the checkpoint loaded here
@@ -147,7 +147,7 @@ def backfill_shard(
 ) -> ShardResult:
     import os
 
-    from fct_assets.backfill import write_shard
+    from fct_assets.upgrade.backfill import write_shard
 
     with measure() as cost:
         result = write_shard(
@@ -179,9 +179,9 @@ def publish_backfill(
     plan: BackfillPlan,
     shards: list[ShardResult],
 ) -> dg.Output[BackfilledTable]:
-    from fct_assets import guards
-    from fct_assets.backfill import publish_shards, release_table
-    from fct_assets.lineage import count_rows_by_source
+    from fct_assets.lib import guards
+    from fct_assets.lineage.trace import count_rows_by_source
+    from fct_assets.upgrade.backfill import publish_shards, release_table
 
     for key in ("transformation_sha256", "new_model_sha256"):
         used = {getattr(s, key) for s in shards}

@@ -20,7 +20,7 @@ Pass 1 stays in the plan, in one process: the global choice of the most uncertai
 every sigma first; it reads vectors only and runs h (no image, no write), so it costs about one
 transform pass. Sharding it too would take a second fan-out (sigma shards -> choose -> shards).
 
-The plan, shard results and the published table are typed records (fct_assets.records), plain
+The plan, shard results and the published table are typed records (fct_assets.lib.records), plain
 JSON on disk, so they travel between processes (Dagster ops) without pickling.
 `backfill_version` runs the three steps in one process (benchmarks, crash tests). Every read
 sees the same gallery_store version, pinned by `checkout`.
@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from fct_assets import guards, storage
-from fct_assets.records import (
+from fct_assets.lib import guards, storage
+from fct_assets.lib.records import (
     BackfilledTable,
     BackfillPlan,
     Checkpoint,
@@ -192,7 +192,7 @@ def resolve_source(instance, db, gallery_store: GalleryStore, h_meta, version: s
     """The table holding the vectors h maps from (`h_meta`: the transformation's recorded
     metadata): gallery_store when h maps from the old model, else the table of the model version
     h maps from, at the table version its deployment serves (ingest runs advance it), pinned."""
-    from fct_assets.deployment import history
+    from fct_assets.serving.deployment import history
 
     source_version = h_meta.get("source_version") or None
     if source_version is None:

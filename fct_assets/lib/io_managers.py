@@ -1,9 +1,9 @@
 """IO managers: checkpoints (safetensors, sha256 verified against the event log) and typed
-records (flat JSON, fct_assets.records), under FCT_STORAGE_URI.
+records (flat JSON, fct_assets.lib.records), under FCT_STORAGE_URI.
 
 Both store files through universal-pathlib (Dagster's UPathIOManager): a local folder by
 default, an object store such as `s3://bucket/fct` in deploy/ (s3fs; endpoint and credentials
-from the AWS environment, fct_assets.resources), any fsspec filesystem in tests (`memory://`).
+from the AWS environment, fct_assets.lib.resources), any fsspec filesystem in tests (`memory://`).
 Neither pickles anything. A checkpoint is loaded only if its sha256 equals the one recorded in
 the materialisation that wrote it, so a file swapped or edited in storage is refused, and so is
 one whose materialisation recorded no sha256.
@@ -23,10 +23,10 @@ import dagster as dg
 from pydantic import Field
 from upath import UPath
 
-from fct_assets import records
-from fct_assets.event_log import _where, recorded_metadata
-from fct_assets.partitions import check_version
-from fct_assets.resources import (
+from fct_assets.lib import records
+from fct_assets.lib.event_log import _where, recorded_metadata
+from fct_assets.lib.partitions import check_version
+from fct_assets.lib.resources import (
     DATA_ROOT,
     fsspec_storage_options,
     is_object_store,
@@ -44,7 +44,7 @@ def storage_uri(*parts: str) -> str:
 
 def store_path(uri: str | UPath) -> UPath:
     """`uri` as a UPath; an s3:// one with the endpoint and credentials of the AWS environment
-    (fct_assets.resources.fsspec_storage_options)."""
+    (fct_assets.lib.resources.fsspec_storage_options)."""
     if isinstance(uri, UPath):
         return uri
     return UPath(uri, **fsspec_storage_options(str(uri)))
@@ -203,7 +203,7 @@ class CheckpointIOManager(dg.ConfigurableIOManagerFactory):
 
 
 class RecordIOManager(dg.ConfigurableIOManagerFactory):
-    """Typed records (fct_assets.records) as flat JSON, one file per asset and partition."""
+    """Typed records (fct_assets.lib.records) as flat JSON, one file per asset and partition."""
 
     uri: str = Field(
         default_factory=lambda: storage_uri("records"),

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from fct_assets.partitions import check_version
-from fct_assets.resources import is_object_store, object_store_cause, object_store_error
+from fct_assets.lib.partitions import check_version
+from fct_assets.lib.resources import is_object_store, object_store_cause, object_store_error
 
 GALLERY_STORE = "gallery_store"
 DEPLOYMENTS = "deployments"

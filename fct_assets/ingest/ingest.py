@@ -1,7 +1,7 @@
 """Ingestion: items that arrive between upgrades, embedded by the *deployed* model.
 
     inbox (FCT_INBOX, default data/inbox)   image files, optionally one sub-folder per label
-      │  sensor `fct_inbox` (fct_assets/ingest_assets.py): new files -> one batch -> one run
+      │  sensor `fct_inbox` (fct_assets/ingest/assets.py): new files -> one batch -> one run
       ▼
     ingest_files   decode + validate each file (a corrupt one is quarantined with a one-line
                    reason, the rest lands); content-derived item ids; embed with the deployed
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from fct_assets import guards, storage
-from fct_assets.records import Checkpoint, DatasetRecord, IngestBatch, Quarantined
-from fct_assets.resources import DATA_ROOT
+from fct_assets.lib import guards, storage
+from fct_assets.lib.records import Checkpoint, DatasetRecord, IngestBatch, Quarantined
+from fct_assets.lib.resources import DATA_ROOT
 
 INBOX_ENV = "FCT_INBOX"
 WAIT_ENV = "FCT_INGEST_WAIT_S"  # how long a batch waits for another writer of its tables
@@ -302,8 +302,8 @@ def ingest_files(
     """Ingest (path, label) files as batch `batch` into gallery_store and the target's table.
 
     `advance_deployment(table_version)` is called after the deployed table's commit and returns
-    the deployments row that serves the new table version (fct_assets.deployment.advance).
-    The tables are written under their leases (fct_assets.guards), held by Dagster run `run_id`
+    the deployments row that serves the new table version (fct_assets.serving.deployment.advance).
+    The tables are written under their leases (fct_assets.lib.guards), held by Dagster run `run_id`
     of `instance` when given, else by this process; raises guards.TableBusyError naming the
     holder when one is still writing after `FCT_INGEST_WAIT_S` seconds (nothing written).
     With `inbox`, a file that resolves outside it is quarantined unread (read_item)."""

@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from fct_assets.resources import is_object_store
+from fct_assets.lib.resources import is_object_store
 
 # Lance's marker of an unenforced primary key (position 1: a one-column key), as
 # `Table.set_unenforced_primary_key` writes it.

@@ -1,7 +1,7 @@
 """The records that cross an asset, op or process boundary, typed.
 
 Each is a frozen pydantic model that refuses unknown fields. The record IO manager
-(fct_assets.io_managers) writes one as flat JSON, its fields plus two header keys naming the
+(fct_assets.lib.io_managers) writes one as flat JSON, its fields plus two header keys naming the
 record type and its schema version; loading checks both, so a record written by an older fct
 (a renamed or dropped field, another schema version) or of an unknown type fails with one line
 naming the file, instead of a KeyError in another process later.
@@ -19,7 +19,7 @@ embedding space and the metadata of the materialisation that wrote it.
     Deployment         the deployments table   one promote/rollback row
     EvalReport         eval_report             the version's metrics
     IngestBatch        ingested_batch          one batch of items that arrived (inbox, `fct ingest`)
-    StepCost           every asset, backfill op  wall time, CPU time, peak RSS (fct_assets.cost)
+    StepCost           every asset, backfill op  wall time, CPU time, peak RSS (fct_assets.lib.cost)
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class ShardRange(Record):
 
 
 class StepCost(Record):
-    """What one step cost (fct_assets.cost.measure): wall and CPU seconds, peak RSS in MB, and
+    """What one step cost (fct_assets.lib.cost.measure): wall and CPU seconds, peak RSS in MB, and
     whether that peak is the step's own ("step") or its process's since it started."""
 
     wall_s: float
@@ -142,7 +142,7 @@ class BackfillPlan(Record):
     # Where the stored vectors come from (chained upgrades): gallery_store's old_embedding, or
     # the deployed version's table, pinned at the LanceDB version read.
     source: SourceTable | None = None
-    cost: StepCost | None = None  # of the plan op (fct_assets.cost)
+    cost: StepCost | None = None  # of the plan op (fct_assets.lib.cost)
 
 
 class ShardResult(TableRecord):

@@ -7,8 +7,8 @@ from typing import Any
 
 import dagster as dg
 
-from fct_assets.event_log import latest_materialization, plain_metadata
-from fct_assets.partitions import check_version
+from fct_assets.lib.event_log import latest_materialization, plain_metadata
+from fct_assets.lib.partitions import check_version
 
 # (asset, partitioned?) in graph order
 _ASSETS = (
@@ -92,7 +92,7 @@ def lineage(instance: dg.DagsterInstance, version: str, db=None) -> dict[str, An
     recorded = assets["backfilled_gallery"].pop("rows_by_source", None)
     rows_by_source: dict[str, int] = dict(recorded) if isinstance(recorded, dict) else {}
     if not isinstance(recorded, dict) and db is not None:
-        from fct_assets import storage
+        from fct_assets.lib import storage
 
         table = storage.open_pinned(
             db() if callable(db) else db,
@@ -198,8 +198,8 @@ def row_lineage(
 ) -> dict[str, Any]:
     """How one row of a version's table got there: its chain of spaces with each checkpoint's
     sha256, transformed / re-embedded / ingested, and the ingest batch that brought the item."""
-    from fct_assets import storage
-    from fct_assets.deployment import recorded_table
+    from fct_assets.lib import storage
+    from fct_assets.serving.deployment import recorded_table
 
     row_table = recorded_table(instance, version)
     table = storage.open_pinned(

@@ -1,122 +1,20 @@
-"""Asset checks that guard publication: pandera schemas on every LanceDB table and a
-great-expectations 1.x suite on the eval report. All blocking: a failure stops downstream
+"""Asset checks that guard a version's publication: a pandera schema on its gallery table and a
+great-expectations 1.x suite on its eval report. All blocking: a failure stops downstream
 assets in the run and keeps the version from being promoted. Failing cases go into the
 check's metadata."""
 
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import numpy as np
 
-from fct_assets import storage
-from fct_assets.assets import backfilled_gallery, eval_report, gallery_store
-from fct_assets.partitions import model_version
-from fct_assets.records import BackfilledTable, DatasetRecord, EvalReport, GalleryStore
-from fct_assets.resources import FctResource
+from fct_assets.lib.partitions import model_version
+from fct_assets.lib.records import BackfilledTable, EvalReport
+from fct_assets.lib.resources import FctResource
+from fct_assets.lib.table_checks import validate_table, vector_table_schema
+from fct_assets.upgrade.assets import backfilled_gallery, eval_report
 
 if TYPE_CHECKING:
     import pandas as pd
-
-MAX_FAILING_CASES = 20
-
-
-def vector_table_schema(expected_rows: int, dims: dict[str, int], spaces: dict[str, str]):
-    """A pandera schema: unique ids, the gallery's row count, vector dims, all finite, one space_id.
-
-    `dims` are the dims the producing asset recorded (its models' outputs), not read from the
-    table: a table rewritten with vectors of another width fails."""
-    import pandera.pandas as pa
-
-    columns: dict[str, Any] = {
-        "item_id": pa.Column(np.int64, unique=True),
-        # -1: an ingested item whose label is unknown (retrieval never reads labels).
-        "label": pa.Column(np.int32, pa.Check.ge(-1)),
-    }
-    for name, dim in dims.items():
-        columns[name] = pa.Column(
-            object,
-            [
-                pa.Check(lambda s, d=dim: s.map(len) == d, name=f"dim == {dim}"),
-                pa.Check(lambda s: s.map(lambda v: bool(np.isfinite(v).all())), name="all finite"),
-            ],
-        )
-    for name, space in spaces.items():
-        # No name=: pandera reports a built-in check by its own text, isin([...]), never its name.
-        columns[name] = pa.Column(str, pa.Check.isin([space]))
-    return pa.DataFrameSchema(
-        columns,
-        checks=[pa.Check(lambda df: len(df) == expected_rows, name=f"rows == {expected_rows}")],
-        strict=False,
-    )
-
-
-def validate_table(
-    fct: FctResource, table: str, recorded_version: int, schema, columns: list[str]
-) -> dg.AssetCheckResult:
-    """Run `schema` over the table as it is now; failing cases go into the metadata.
-
-    The table must also still be at the version its asset recorded: a write after the
-    materialisation (another writer, a hand edit) fails the check, so the version cannot be
-    promoted before it is re-materialised.
-    """
-    import pandera.errors
-
-    t = fct.connect().open_table(table)
-    version = t.version
-    frame = t.search().select(columns).limit(None).to_arrow().to_pandas()
-    meta: dict[str, Any] = {
-        "table": table,
-        "table_version": version,
-        "recorded_version": recorded_version,
-        "rows": len(frame),
-    }
-    failures: list[str] = []
-    try:
-        schema.validate(frame, lazy=True)
-    except pandera.errors.SchemaErrors as err:
-        cases = err.failure_cases.head(MAX_FAILING_CASES)
-        # A frame-wide rule (the row count) has no column: named by itself, not as "None: ...".
-        failures = sorted(
-            {
-                f"{c}: {k}" if c is not None else str(k)
-                for c, k in zip(err.failure_cases["column"], err.failure_cases["check"])
-            }
-        )
-        meta["failing_cases"] = dg.MetadataValue.json(cases.astype(str).to_dict(orient="records"))
-        meta["num_failing_cases"] = len(err.failure_cases)
-    if version != recorded_version:
-        failures.append(
-            f"table changed after materialisation (recorded version {recorded_version}, found"
-            f" {version})"
-        )
-    if failures:
-        meta["failed_checks"] = "; ".join(map(str, failures))
-    return dg.AssetCheckResult(passed=not failures, metadata=meta)
-
-
-@dg.asset_check(
-    asset=gallery_store,
-    blocking=True,
-    additional_ins={"dataset": dg.AssetIn("dataset")},
-    description=(
-        "pandera: ids unique, one row per gallery item, dims, finite, one space_id per column"
-    ),
-)
-def gallery_store_schema(
-    fct: FctResource, dataset: DatasetRecord, gallery_store: GalleryStore
-) -> dg.AssetCheckResult:
-    dims = {"old_embedding": gallery_store.old_dim, "side_info": gallery_store.side_info_dim}
-    spaces = {
-        "old_space_id": gallery_store.old_space_id,
-        "side_info_space_id": gallery_store.side_info_space_id,
-    }
-    return validate_table(
-        fct,
-        storage.GALLERY_STORE,
-        gallery_store.version,
-        vector_table_schema(dataset.gallery_items, dims, spaces),
-        ["item_id", "label", "old_embedding", "side_info", "old_space_id", "side_info_space_id"],
-    )
 
 
 @dg.asset_check(
@@ -243,4 +141,4 @@ def eval_report_expectations(eval_report: EvalReport) -> dg.AssetCheckResult:
     )
 
 
-ALL_CHECKS = [gallery_store_schema, backfilled_gallery_schema, eval_report_expectations]
+CHECKS = [backfilled_gallery_schema, eval_report_expectations]

@@ -7,9 +7,9 @@ from typing import Any
 
 import dagster as dg
 
-from fct_assets.io_managers import recorded_record
-from fct_assets.partitions import check_version
-from fct_assets.records import BackfilledTable, EvalReport
+from fct_assets.lib.io_managers import recorded_record
+from fct_assets.lib.partitions import check_version
+from fct_assets.lib.records import BackfilledTable, EvalReport
 
 
 def estimate(

@@ -5,7 +5,7 @@ code server. If it dies without reporting (killed with `dagster dev`, OOM-killed
 restarted), the run stays "started" in the run storage forever. Dagster's run monitoring cannot
 see it: `DefaultRunLauncher.supports_check_run_worker_health` is False, so monitoring only times
 out runs stuck in "starting". A run that stays "started" holds its backfill lease
-(fct_assets/guards.py decides a lease's holder by its run's status) and its partition's slot in
+(fct_assets/lib/guards.py decides a lease's holder by its run's status) and its partition's slot in
 the run queue (`tag_concurrency_limits` on `dagster/partition`), so every later run of that
 version would wait or be refused for good.
 
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from fct_assets.config import seconds_from_env
-from fct_assets.dagster_internals import report_run_worker_lost
+from fct_assets.lib.config import seconds_from_env
+from fct_assets.lib.dagster_internals import report_run_worker_lost
 
 STARTED_PROCESS = "Started process for run (pid: "
 # A process that started this long after the worker's event is another process with the same pid

@@ -1,7 +1,7 @@
 """What the Dagster event log recorded: the latest materialisation of an asset (partition) and
 its metadata as plain values.
 
-Apart from the IO managers (fct_assets.io_managers) so that the commands that only read the
+Apart from the IO managers (fct_assets.lib.io_managers) so that the commands that only read the
 record (`fct lineage`) do not import the IO managers' filesystem layer (upath, fsspec: about a
 tenth of a second of a cold start)."""
 

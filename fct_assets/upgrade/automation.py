@@ -1,11 +1,11 @@
-"""Automation: upgrades materialise when a model version is added; the deployed version is
-re-evaluated daily."""
+"""Automation of upgrades: the jobs an upgrade runs as, the sensor that materialises a model
+version when it is added, and the daily re-evaluation of the deployed version."""
 
 import os
 
 import dagster as dg
 
-from fct_assets.resources import FctResource
+from fct_assets.lib.resources import FctResource
 
 
 def auto_upgrade_status() -> dg.DefaultSensorStatus:
@@ -34,11 +34,7 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     ),
 )
 
-base_job = dg.define_asset_job(
-    "base",
-    selection=dg.AssetSelection.groups("base"),
-    description="Dataset, old model, side-info model and the stored gallery (once per old model).",
-)
+
 upgrade_job = dg.define_asset_job(
     "upgrade",
     selection=dg.AssetSelection.groups("upgrade"),
@@ -47,6 +43,8 @@ upgrade_job = dg.define_asset_job(
         " launch."
     ),
 )
+
+
 catch_up_job = dg.define_asset_job(
     "catch_up",
     selection=dg.AssetSelection.assets("backfilled_gallery", "eval_report"),
@@ -55,6 +53,8 @@ catch_up_job = dg.define_asset_job(
         " backfill included) and re-evaluate it: what promotion asks for when items are missing."
     ),
 )
+
+
 verify_job = dg.define_asset_job(
     "verify",
     selection=dg.AssetSelection.checks_for_assets("backfilled_gallery", "eval_report"),
@@ -63,6 +63,8 @@ verify_job = dg.define_asset_job(
         " writing)."
     ),
 )
+
+
 scheduled_evaluation_job = dg.define_asset_job(
     "scheduled_evaluation",
     selection=dg.AssetSelection.assets("eval_report"),
@@ -80,7 +82,7 @@ scheduled_evaluation_job = dg.define_asset_job(
     description="Daily evaluation of the deployed version's pinned table.",
 )
 def daily_evaluation(context: dg.ScheduleEvaluationContext, fct: FctResource):
-    from fct_assets.deployment import current
+    from fct_assets.serving.deployment import current
 
     deployed = current(fct.connect())
     if deployed is None:

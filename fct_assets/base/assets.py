@@ -1,0 +1,210 @@
+"""The base assets, built once when the old model is deployed.
+
+    dataset ──┬─> old_model ────────┐
+              ├─> side_info_model ──┼─> gallery_store
+              └─> (new_model[v], fct_assets.upgrade)
+
+Each asset loads its inputs, calls fct_ml, and returns the value with its provenance as
+metadata. Models carry a data version equal to their content digest, so re-training with
+another config makes everything downstream stale, and nothing upstream.
+"""
+
+import json
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+
+from fct_assets.lib import guards, storage
+from fct_assets.lib.asset_factory import (
+    CODE_VERSION,
+    base_asset,
+    external_output,
+    model_output,
+    preset_overrides,
+)
+from fct_assets.lib.config import (
+    DatasetConfig,
+    ModelTrainingConfig,
+)
+from fct_assets.lib.provenance import epoch_logger
+from fct_assets.lib.records import (
+    Checkpoint,
+    DatasetRecord,
+    GalleryStore,
+)
+from fct_assets.lib.resources import FctResource
+
+
+def _old_class_data(fct: FctResource, dataset: DatasetRecord):
+    """(the dataset, the old classes, how many of the items trained on they hold)."""
+    from fct_ml.pipeline import fit_split
+
+    data = fct.load_dataset(dataset.spec, dataset.fingerprint)
+    fit = fit_split(data, fct.experiment())
+    return data, dataset.old_classes, len(fit.with_classes(dataset.old_classes))
+
+
+@base_asset(kind="python", io_manager_key="record_io_manager")
+def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[DatasetRecord]:
+    """Images and labels with their class split and content fingerprint; the test split is the gallery."""
+    from fct_ml.data import parse_class_list
+    from fct_ml.datasets import default_old_classes
+
+    data = fct.load_dataset(config.dataset)
+    split = config.old_classes or default_old_classes(config.dataset, data.num_classes)
+    old_classes = parse_class_list(split, data.num_classes, what="old_classes")
+    fingerprint = data.fingerprint()
+    record = DatasetRecord(
+        spec=config.dataset,
+        name=data.name,
+        fingerprint=fingerprint,
+        old_classes=old_classes,
+        class_names=tuple(data.class_names),
+        num_classes=data.num_classes,
+        channels=data.channels,
+        image_size=tuple(data.image_size),
+        train_items=len(data.train),
+        gallery_items=len(data.test),
+    )
+    version = dg.DataVersion(f"{fingerprint[:12]}-{'.'.join(map(str, old_classes))}")
+    return dg.Output(
+        record,
+        data_version=version,
+        # The record's own fields, unchanged (class_names as a JSON list): metadata must read
+        # back as a DatasetRecord (`recorded_record`), which a joined string did not.
+        metadata=record.model_dump(mode="json"),
+    )
+
+
+# old_model and side_info_model read alike on purpose: each is one pipeline stage with its own
+# overrides and epoch log, side by side as in the paper; a shared helper would hide which
+# stage and which config fields each asset trains.
+@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
+def old_model(
+    context: dg.AssetExecutionContext,
+    config: ModelTrainingConfig,
+    fct: FctResource,
+    dataset: DatasetRecord,
+) -> dg.Output:
+    """The deployed embedding model phi_old, trained on the old classes only."""
+    from fct_ml import pipeline
+
+    data, old, items = _old_class_data(fct, dataset)
+    if config.source != "train":
+        return external_output(context, config, data, classes=json.dumps(list(old)))
+    exp = preset_overrides(fct.experiment(), config, "old_model", "old_train")
+    on_epoch = epoch_logger(context, "old_model", exp.old_train.epochs, items)
+    model, history = pipeline.train_old_model(
+        data, old, exp, fct.run(config.seed), on_epoch=on_epoch
+    )
+    return model_output(model, history, context, classes=json.dumps(list(old)), items=items)
+
+
+@base_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
+def side_info_model(
+    context: dg.AssetExecutionContext,
+    config: ModelTrainingConfig,
+    fct: FctResource,
+    dataset: DatasetRecord,
+) -> dg.Output:
+    """The side-info model psi: SimCLR without labels on the old classes' images."""
+    from fct_ml import pipeline
+
+    if config.source != "train":
+        raise ValueError(
+            f"side_info_model: source {config.source!r}; the side-info model is trained here"
+            " (source: train)"
+        )
+    data, old, items = _old_class_data(fct, dataset)
+    exp = preset_overrides(fct.experiment(), config, "side_info__model", "side_info_train")
+    on_epoch = epoch_logger(context, "side_info_model", exp.side_info_train.epochs, items)
+    model, history = pipeline.train_side_info(
+        data, old, exp, fct.run(config.seed), on_epoch=on_epoch
+    )
+    return model_output(model, history, context, items=items)
+
+
+@base_asset(kind="lancedb", io_manager_key="record_io_manager", runs_model=True)
+def gallery_store(
+    context: dg.AssetExecutionContext,
+    fct: FctResource,
+    dataset: DatasetRecord,
+    old_model: Checkpoint,
+    side_info_model: Checkpoint,
+) -> dg.Output[GalleryStore]:
+    """The stored gallery in LanceDB: image, old embedding and side-info of every item."""
+    from fct_ml.pipeline import embed
+
+    data = fct.load_dataset(dataset.spec, dataset.fingerprint)
+    gallery = data.test
+    exp, device = fct.experiment(), fct.torch_device()
+    old = embed(old_model.model.to(device), gallery.images, exp).numpy()  # (N, old_dim)
+    side = embed(side_info_model.model.to(device), gallery.images, exp).numpy()  # (N, side_dim)
+    for name, array in (("old_embedding", old), ("side_info", side)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"gallery_store: {name} holds NaN or Inf; nothing was written")
+    old_space, side_space = old_model.space_id, side_info_model.space_id
+    schema = storage.gallery_store_schema(
+        old.shape[1], side.shape[1], old_space, side_space, living=True
+    )
+    images = gallery.images.numpy()
+    labels = gallery.labels.numpy()
+
+    def batches(size: int = 2048):
+        for start in range(0, len(labels), size):
+            stop = min(start + size, len(labels))
+            n = stop - start
+            yield pa.record_batch(
+                [
+                    pa.array(np.arange(start, stop, dtype=np.int64)),
+                    pa.array(labels[start:stop].astype(np.int32)),
+                    pa.array(
+                        [storage.encode_png(img) for img in images[start:stop]], type=pa.binary()
+                    ),
+                    pa.FixedSizeListArray.from_arrays(
+                        pa.array(old[start:stop].reshape(-1)), old.shape[1]
+                    ),
+                    pa.FixedSizeListArray.from_arrays(
+                        pa.array(side[start:stop].reshape(-1)), side.shape[1]
+                    ),
+                    pa.array([old_space] * n),
+                    pa.array([side_space] * n),
+                    pa.nulls(n, pa.string()),  # ingest_batch: the base gallery came with no batch
+                ],
+                schema=schema,
+            )
+            context.log.info(f"gallery_store: {stop}/{len(labels)} items written")
+
+    db = fct.connect()
+    # Ingest runs append to gallery_store: the rebuild waits for one in flight (guards.leased).
+    me = guards.Writer.me(run_id=context.run.run_id, purpose="gallery_store")
+    ended = guards.ended_check(context.instance)
+    with guards.leased(db, [storage.GALLERY_STORE], me, ended=ended, wait_s=300.0):
+        info = storage.publish(
+            db, storage.GALLERY_STORE, schema, batches(), tag=f"run-{context.run.run_id[:8]}"
+        )
+    record = GalleryStore(
+        **info,
+        old_space_id=old_space,
+        old_dim=int(old.shape[1]),
+        side_info_dim=int(side.shape[1]),
+        side_info_space_id=side_space,
+        old_model_sha256=old_model.sha256,
+        side_info_model_sha256=side_info_model.sha256,
+        dataset_fingerprint=dataset.fingerprint,
+    )
+    return dg.Output(
+        record,
+        data_version=dg.DataVersion(f"v{record.version}-{old_space}-{side_space}"),
+        metadata={
+            **record.model_dump(),
+            "dagster/row_count": record.rows,
+            "lancedb_uri": fct.lancedb_uri,
+            "code_version": CODE_VERSION,
+            **storage.table_metadata(fct.lancedb_uri, storage.GALLERY_STORE, schema),
+        },
+    )
+
+
+ASSETS = [dataset, old_model, side_info_model, gallery_store]

@@ -1,0 +1,9 @@
+"""The job that builds the base assets (once per old model)."""
+
+import dagster as dg
+
+base_job = dg.define_asset_job(
+    "base",
+    selection=dg.AssetSelection.groups("base"),
+    description="Dataset, old model, side-info model and the stored gallery (once per old model).",
+)

@@ -1,0 +1,1 @@
+"""Operations that keep the instance healthy: housekeeping and the run reaper."""

@@ -1,0 +1,1 @@
+"""What is served: the deployment record, promotion, rollback and search."""

@@ -1,0 +1,237 @@
+"""The four assets of each upgrade, partitioned by model version.
+
+    dataset ──> new_model[v] ──> transformation[v] ──> backfilled_gallery[v] ──> eval_report[v]
+    (old_model, side_info_model, gallery_store: fct_assets.base)
+
+Each asset loads its inputs, calls fct_ml, and returns the value with its provenance as
+metadata. Models carry a data version equal to their content digest, so re-training with
+another config makes everything downstream stale, and nothing upstream.
+"""
+
+import time
+from collections.abc import Iterator
+
+import dagster as dg
+
+from fct_assets.lib import storage
+from fct_assets.lib.asset_factory import (
+    ARTIFACT,
+    CODE_VERSION,
+    OWNERS,
+    external_output,
+    model_output,
+    preset_overrides,
+    upgrade_asset,
+    versioned,
+)
+from fct_assets.lib.config import (
+    EvalReportConfig,
+    ModelTrainingConfig,
+    TransformationTrainingConfig,
+)
+from fct_assets.lib.keys import NO_OP_TAG, UPGRADE_KEYS
+from fct_assets.lib.partitions import model_version, require_registered
+from fct_assets.lib.provenance import epoch_logger
+from fct_assets.lib.records import (
+    BackfilledTable,
+    Checkpoint,
+    DatasetRecord,
+    EvalReport,
+    GalleryStore,
+)
+from fct_assets.lib.resources import FctResource
+from fct_assets.upgrade.backfill_ops import (
+    backfill_config,
+    backfill_shard,
+    plan_backfill,
+    publish_backfill,
+)
+
+
+# Not required: a run of a version that is current yields nothing, and the run's other steps skip.
+@upgrade_asset(
+    kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True, output_required=False
+)
+def new_model(
+    context: dg.AssetExecutionContext,
+    config: ModelTrainingConfig,
+    fct: FctResource,
+    dataset: DatasetRecord,
+) -> Iterator[dg.Output]:
+    """The new embedding model phi_new of this version, trained on all classes."""
+    from fct_assets.upgrade.freshness import upgrade_is_current
+    from fct_ml import pipeline
+
+    require_registered(context.instance, context.partition_key)  # before anything trains
+    # The run's selection (empty: the whole job's), not this asset's own.
+    selected = context.run.asset_selection or context.job_def.asset_layer.executable_asset_keys
+    if context.has_partition_key and set(selected) >= UPGRADE_KEYS:
+        why = upgrade_is_current(context, fct.connect())
+        if why is not None:  # a second run of the version: no-op, and it says so
+            context.log.warning(why)
+            context.instance.add_run_tags(context.run.run_id, {NO_OP_TAG: why})
+            return
+    data = fct.load_dataset(dataset.spec, dataset.fingerprint)
+    if config.source != "train":
+        yield external_output(context, config, data)
+        return
+    exp = preset_overrides(fct.experiment(), config, "new_model", "new_train")
+    stage = f"new_model[{context.partition_key}]"
+    model, history = pipeline.train_new_model(
+        data,
+        exp,
+        fct.run(config.seed),
+        desc="new_model",
+        on_epoch=epoch_logger(
+            context, stage, exp.new_train.epochs, len(pipeline.fit_split(data, exp))
+        ),
+    )
+    yield model_output(
+        model, history, context, arch=model.config.arch, embed_dim=model.config.embed_dim
+    )
+
+
+@upgrade_asset(kind="pytorch", io_manager_key="checkpoint_io_manager", runs_model=True)
+def transformation(
+    context: dg.AssetExecutionContext,
+    config: TransformationTrainingConfig,
+    fct: FctResource,
+    dataset: DatasetRecord,
+    old_model: Checkpoint,
+    side_info_model: Checkpoint,
+    new_model: Checkpoint,
+) -> dg.Output:
+    """h(stored embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
+    from fct_ml import pipeline
+
+    require_registered(context.instance, context.partition_key)  # before anything trains
+    data = fct.load_dataset(dataset.spec, dataset.fingerprint)
+    exp = preset_overrides(fct.experiment(), config, "transformation", "transformation_train")
+    run = fct.run(config.seed)
+    # Chained upgrades: h maps from the space the gallery is stored in now, the deployed
+    # version's (every item is in its table: transformed there, or ingested since); before any
+    # promotion, the old model's.
+    source, source_version = _source_model(context, fct, config, old_model)
+    models = (source.model, side_info_model.model, new_model.model)
+    features = pipeline.training_features(data, *models, exp, run)
+    stage = f"transformation[{context.partition_key}]"
+    # FastFill's sigma trains through the new model's classifier; an external new model without
+    # one (or with another class set) gets the plain h, sigma 0.
+    classifier = getattr(new_model.model, "classifier", None)
+    fastfill = classifier is not None and classifier.weight.shape[0] == data.num_classes
+    h, history = pipeline.train_h(
+        features,
+        new_model.model,
+        exp,
+        run,
+        side_info=config.side_info,
+        uncertainty=fastfill,
+        desc=stage,
+        on_epoch=epoch_logger(
+            context, stage, exp.transformation_train.epochs, len(features.labels)
+        ),
+    )
+    return model_output(
+        h,
+        history,
+        context,
+        old_space_id=old_model.space_id,
+        side_info_space_id=side_info_model.space_id,
+        new_space_id=new_model.space_id,
+        old_model_sha256=old_model.sha256,
+        side_info_model_sha256=side_info_model.sha256,
+        new_model_sha256=new_model.sha256,
+        side_info=config.side_info,
+        source_version=source_version or "",
+        source_space_id=source.space_id,
+        source_model_sha256=source.sha256,
+    )
+
+
+def _source_model(
+    context: dg.AssetExecutionContext,
+    fct: FctResource,
+    config: TransformationTrainingConfig,
+    old_model: Checkpoint,
+) -> tuple[Checkpoint, str | None]:
+    """(the model whose space h maps from, its model version or None for the old model)."""
+    from fct_assets.lib.io_managers import load_recorded_checkpoint
+    from fct_assets.serving.deployment import current
+
+    serving = current(fct.connect()) if config.source == "deployed" else None
+    if serving is None or serving.version == context.partition_key:
+        return old_model, None
+    model = load_recorded_checkpoint(context.instance, "new_model", serving.version)
+    if model.space_id != serving.space_id:
+        raise storage.SpaceMismatchError(
+            f"{serving.table} serves space {serving.space_id}, but new_model[{serving.version}]"
+            f" is now {model.space_id}; promote a version again"
+        )
+    context.log.info(
+        f"transformation[{context.partition_key}]: maps from the deployed {serving.version}"
+        f" ({model.space_id})"
+    )
+    return model, serving.version
+
+
+@versioned(
+    dg.graph_asset,
+    group_name="upgrade",
+    kinds={"lancedb"},
+    partitions_def=model_version,
+    automation_condition=dg.AutomationCondition.eager(),
+    config=backfill_config,
+    owners=OWNERS,
+    tags={"fct/artifact": ARTIFACT["lancedb"]},
+)
+def backfilled_gallery(gallery_store, transformation, new_model):
+    """The gallery in this version's space, from the stored vectors (no image read) plus an optional
+    re-embedded share, most uncertain first; in parallel shards, published in one commit."""
+    # A graph of ops (fct_assets/backfill_ops.py), so that shards run in separate processes; its
+    # config mapping keeps the launchpad config {"reembed_fraction", "rows_per_batch", "shards", ...}.
+    plan, shards = plan_backfill(gallery_store, transformation)
+    done = shards.map(lambda shard: backfill_shard(plan, shard, transformation, new_model))
+    return publish_backfill(plan, done.collect())
+
+
+@upgrade_asset(kind="python", io_manager_key="record_io_manager", runs_model=True)
+def eval_report(
+    config: EvalReportConfig,
+    fct: FctResource,
+    dataset: DatasetRecord,
+    gallery_store: GalleryStore,
+    backfilled_gallery: BackfilledTable,
+    transformation: Checkpoint,
+    new_model: Checkpoint,
+) -> dg.Output[EvalReport]:
+    """The paper's cases for this version and its backfilling curve (markdown, plot, JSON)."""
+    from fct_assets.upgrade.report import evaluate_version, markdown_table
+
+    started = time.perf_counter()
+    report = evaluate_version(
+        fct,
+        dataset,
+        gallery_store,
+        backfilled_gallery,
+        transformation,
+        new_model,
+        table_version=config.table_version,
+    )
+    report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
+    cases = report.cases
+    return dg.Output(
+        report,
+        metadata={
+            "report": dg.MetadataValue.md(markdown_table(report)),
+            "json": dg.MetadataValue.json(report.model_dump(exclude={"plot_png_base64"})),
+            "new/h(old) top1": cases["new/h(old)"]["top1"],
+            "new/h(old) mAP": cases["new/h(old)"]["mAP"],
+            "old/old mAP": cases["old/old"]["mAP"],
+            "new/new mAP": cases["new/new"]["mAP"],
+            "gap closed mAP (%)": report.gap_closed["mAP"],
+            "code_version": CODE_VERSION,
+        },
+    )
+
+
+ASSETS = [new_model, transformation, backfilled_gallery, eval_report]
