@@ -156,10 +156,11 @@ def _ingest(args) -> int:
 
 def _catch_up(args) -> int:
     from fct_assets.definitions import build_defs
-    from fct_assets.lib.partitions import check_version
+    from fct_assets.lib.partitions import require_registered
 
     instance = _instance()
-    version = check_version(args.version)
+    # Before the definitions run anything: an unknown version is one line, not a traceback.
+    version = require_registered(instance, args.version)
     result = (
         build_defs()
         .resolve_job_def("catch_up")

@@ -78,16 +78,18 @@ def test_every_command_that_prints_a_result_takes_json(empty, capsys):
 
 
 def test_the_program_shows_its_own_output_not_library_warnings(empty):
-    # `fct promote` imports the asset checks, whose partitioned specs raise Dagster's
-    # PreviewWarning; with warnings shown (PYTHONWARNINGS) the same command prints it.
+    # `fct ingest` loads the definitions, whose partitioned check specs raise Dagster's
+    # PreviewWarning; with warnings shown (PYTHONWARNINGS) the same command prints it. The path
+    # does not exist: the command fails before any run, and says so in one line.
+    missing = str(Path(empty["FCT_LANCEDB_URI"]).parent / "no-such-folder")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     quiet = subprocess.run(
-        [str(FCT), "promote", "v9"], env=env, capture_output=True, text=True, timeout=300
+        [str(FCT), "ingest", missing], env=env, capture_output=True, text=True, timeout=300
     )
     assert quiet.returncode == 1
-    assert "v9 not promoted" in _one_error_line(quiet.stderr)
+    assert f"{missing}: no such file or folder" in _one_error_line(quiet.stderr)
     loud = subprocess.run(
-        [str(FCT), "promote", "v9"],
+        [str(FCT), "ingest", missing],
         env={**env, "PYTHONWARNINGS": "default"},
         capture_output=True,
         text=True,
