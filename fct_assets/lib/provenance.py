@@ -145,7 +145,7 @@ def code_version() -> str:
     if os.environ.get("FCT_CODE_VERSION"):
         return os.environ["FCT_CODE_VERSION"]
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout
     try:
         # A fixed argv, no shell and no user input.
         sha = subprocess.run(

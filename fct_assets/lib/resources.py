@@ -18,7 +18,7 @@ from pydantic import Field
 
 # Generated state lives under the checkout's data/ (git-ignored) unless the environment says
 # otherwise.
-DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
+DATA_ROOT = Path(__file__).resolve().parents[2] / "data"  # the checkout's data/
 
 # Seconds and attempts before a request to an unreachable object store gives up: the clients'
 # defaults retry for minutes (LanceDB: 10 retries over up to 180 s), which turns an endpoint that is

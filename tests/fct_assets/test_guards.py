@@ -54,7 +54,7 @@ def test_rollback_decides_on_the_history_it_commits_after(tmp_path):
 
 HOLD = """
 import sys, time, lancedb
-from fct_assets import guards
+from fct_assets.lib import guards
 with guards.local_lock(lancedb.connect(sys.argv[1]), "deployments"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

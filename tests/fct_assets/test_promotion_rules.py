@@ -18,7 +18,7 @@ from dagster._core.utils import make_new_run_id
 
 from fct_assets.lib import guards, storage
 from fct_assets.lib.records import BackfilledTable, VersionTable
-from fct_assets.serving import deployment
+from fct_assets.serving import deployment, jobs
 from fct_assets.serving.deployment import PromotionError, check_results, current, promote, rollback
 from tests.fct_assets.check_events import report_materialization, report_planned_check
 
@@ -530,7 +530,7 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
     v2 = _promotable(instance, db, "v2")
     v3 = _promotable(instance, db, "v3")
     for version in ("v2", "v3"):
-        result = deployment.promote_job.execute_in_process(
+        result = jobs.promote_job.execute_in_process(
             instance=instance,
             run_config={"ops": {"promote_version": {"config": {"version": version}}}},
             resources={"fct": fct},
@@ -539,7 +539,7 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
     row = result.output_for_node("promote_version")
     assert (row.seq, row.action, row.version, row.table_version) == (2, "promote", "v3", v3)
     assert current(db) == row
-    result = deployment.rollback_job.execute_in_process(instance=instance, resources={"fct": fct})
+    result = jobs.rollback_job.execute_in_process(instance=instance, resources={"fct": fct})
     assert result.success
     row = result.output_for_node("rollback_deployment")
     assert (row.seq, row.action, row.version, row.table_version) == (3, "rollback", "v2", v2)
@@ -551,7 +551,7 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
     ]
     metadata = {k: v.value for k, v in materialized.step_output_data.metadata.items()}
     assert metadata == row.model_dump()
-    refused = deployment.promote_job.execute_in_process(
+    refused = jobs.promote_job.execute_in_process(
         instance=instance,
         run_config={"ops": {"promote_version": {"config": {"version": "v4"}}}},
         resources={"fct": fct},
