@@ -167,7 +167,6 @@ def _print_report(instance, version: str) -> None:
     print(
         "\n".join(line for line in markdown_table(report, include_plot=False).splitlines() if line)
     )
-    print()
 
 
 def _detail(term: Terminal, text: str) -> None:
@@ -305,18 +304,19 @@ def _show_life(term: Terminal, instance, fct, version: str, batch: IngestBatch) 
         .limit(1)
         .to_list()[0]["item_id"]
     )
-    info = lineage(instance, version, db)
-    _detail(term, format_lineage(info))
+    _detail(term, format_lineage(lineage(instance, version, db)))
     for item in (original, ingested):
         _detail(term, format_row_lineage(row_lineage(instance, db, version, item)))
     if term.log is not None:
-        first = "itself" if hits and hits[0]["item_id"] == ingested else f"{hits[0]['item_id']}"
+        top = hits[0]["item_id"] if hits else None
+        first = "itself" if top == ingested else f"item {top}" if hits else "nothing"
+        print()
         print(
             format_stage(f"search {version}: ingested item {ingested} finds {first} first", seconds)
         )
         print(
-            f"lineage of {version} and of rows {original} (original), {ingested} (ingested) in the"
-            f" log; `fct lineage {version} --item-id {ingested}` prints one"
+            f"lineage of {version}, of original row {original} and of the ingested row: in the log"
+            f" (`fct lineage {version} --item-id {ingested}`)"
         )
 
 

@@ -157,7 +157,7 @@ def format_stage(label: str, seconds: float) -> str:
     """`label` and its time, one line: `base assets .......... 42 s`."""
     from fct_ml.progress import format_seconds
 
-    return f"{label} {'.' * max(2, 46 - len(label))} {format_seconds(seconds)}"
+    return f"{label} {'.' * max(2, 62 - len(label))} {format_seconds(seconds)}"
 
 
 def run_job(

@@ -103,7 +103,7 @@ def test_verbose_is_the_flag_or_the_environment(monkeypatch, flag, env, expected
 
 
 def test_a_stage_line_has_the_label_and_its_time():
-    assert format_stage("base assets", 42.4) == "base assets " + "." * 35 + " 42 s"
+    assert format_stage("base assets", 42.4) == "base assets " + "." * 51 + " 42 s"
     assert format_stage("x" * 60, 75).endswith("x .. 1 min 15 s")
 
 
