@@ -29,28 +29,20 @@ if TYPE_CHECKING:
 VERBOSE_ENV = "FCT_VERBOSE"
 
 # Dagster warnings about APIs we use on purpose, each matched by its message (a regular
-# expression matched at the start), with the reason we accept it. pyproject's pytest
-# filterwarnings accepts the same ones for the tests.
-ACCEPTED_WARNINGS: tuple[tuple[str, str, str], ...] = (
+# expression matched at the start), with the reason we accept it: the two a demo run raises.
+# pyproject's pytest filterwarnings accepts them too.
+ACCEPTED_WARNINGS: tuple[tuple[str, str], ...] = (
     (
         "BetaWarning",
         r"Parameter `data_version` of initializer `Output.__init__` is currently in beta",
         # The models' data version is their content digest, which is how a re-trained model
         # makes what is downstream stale (docs/design.md).
-        "data versions on Output",
     ),
     (
         "PreviewWarning",
         r"Specifying a partitions_def on an AssetCheckSpec is currently in preview",
-        # Checks of a partitioned asset need partitions_def, or each run loads every partition.
-        "partitioned asset checks",
-    ),
-    (
-        "BetaWarning",
-        r"Parameter `include_sources` of function `AssetSelection.all` is currently in beta",
-        # Raised inside Dagster's own sensor machinery (the inbox sensor's tick), not a call of
-        # ours.
-        "Dagster's own selection of source assets",
+        # Checks of a partitioned asset need partitions_def, or each run loads every partition
+        # (raised when the definitions load).
     ),
 )
 
@@ -67,7 +59,7 @@ def ignore_accepted_warnings() -> None:
         return
     import dagster as dg
 
-    for category, message, _reason in ACCEPTED_WARNINGS:
+    for category, message in ACCEPTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=getattr(dg, category))
 
 
@@ -168,8 +160,8 @@ def run_job(
     **execute_kwargs,
 ) -> tuple[dg.ExecuteInProcessResult, float]:
     """`job.execute_in_process(instance=instance, **execute_kwargs)` with a progress bar over its
-    steps on `term.err` when that is a terminal (gone when the run ends). Returns the result and
-    the seconds it took."""
+    steps on `term.err` when the output is quiet and that is a terminal (gone when the run ends).
+    Returns the result and the seconds it took."""
     import dagster as dg
     from tqdm.auto import tqdm
 
@@ -184,7 +176,8 @@ def run_job(
         unit="step",
         file=term.err,
         leave=False,
-        disable=not term.err.isatty(),
+        # Verbose (nothing redirected): the run log itself shows the progress.
+        disable=term.log is None or not term.err.isatty(),
         dynamic_ncols=True,
         bar_format="{desc}: {bar} {n_fmt}/{total_fmt} steps, {elapsed} {postfix}",
     )

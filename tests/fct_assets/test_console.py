@@ -64,7 +64,7 @@ def test_accepted_warnings_are_hidden_and_others_are_not(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ignore_accepted_warnings()
-        for category, message, _ in ACCEPTED_WARNINGS:
+        for category, message in ACCEPTED_WARNINGS:
             warnings.warn(
                 message.replace("\\", "") + " and more", getattr(dg, category), stacklevel=1
             )
@@ -74,7 +74,7 @@ def test_accepted_warnings_are_hidden_and_others_are_not(monkeypatch):
 
 def test_warning_options_of_the_user_win(monkeypatch):
     monkeypatch.setattr(sys, "warnoptions", ["default"])
-    category, message, _ = ACCEPTED_WARNINGS[0]
+    category, message = ACCEPTED_WARNINGS[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ignore_accepted_warnings()
@@ -112,7 +112,7 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_run_job_runs_the_job_and_shows_each_step_on_a_terminal(tmp_path):
+def test_run_job_runs_the_job_and_shows_each_step_on_a_quiet_terminal(tmp_path):
     @dg.op
     def one() -> int:
         return 1
@@ -125,14 +125,16 @@ def test_run_job_runs_the_job_and_shows_each_step_on_a_terminal(tmp_path):
     def chain():
         plus(one())
 
-    err, plain = _Tty(), io.StringIO()
+    err, plain, loud = _Tty(), io.StringIO(), _Tty()
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        result, seconds = run_job(Terminal(io.StringIO(), err), instance, chain, "chain")
+        quiet = Terminal(io.StringIO(), err, tmp_path / "run.log")
+        result, seconds = run_job(quiet, instance, chain, "chain")
         assert result.success and result.output_for_node("plus") == 2
         assert instance.get_run_by_id(result.run_id) is not None
-        # Not a terminal: no bar at all.
-        assert run_job(Terminal(io.StringIO(), plain), instance, chain, "chain")[0].success
+        # Not a terminal, or verbose (the run log shows the steps): no bar at all.
+        for term in (Terminal(io.StringIO(), plain, tmp_path / "run.log"), Terminal(plain, loud)):
+            assert run_job(term, instance, chain, "chain")[0].success
     assert seconds > 0
     shown = err.getvalue()
     assert "chain:" in shown and "one" in shown and "plus" in shown
-    assert plain.getvalue() == ""
+    assert plain.getvalue() == loud.getvalue() == ""
