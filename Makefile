@@ -10,14 +10,24 @@ LOCK := requirements.lock
 .PHONY: venv lock data browser postgres stack-check demo ui lint format test screenshots reproduce reproduce-benchmark reliability mutation clean
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
+# Setup steps (venv, apt-get) print one line each; their output goes to runs/setup/NAME.log and
+# is shown only when the step fails. FCT_VERBOSE=1 shows it as it comes (and the demo's full
+# output). Usage in a recipe line: `$(LOGGED); logged NAME command args...` (appends to the log).
+SETUP_LOGS := runs/setup
+LOGGED = logged() { log=$(SETUP_LOGS)/$$1.log; shift; mkdir -p $(SETUP_LOGS); \
+	if [ -n "$$FCT_VERBOSE" ]; then "$$@"; \
+	else "$$@" >>$$log 2>&1 || { status=$$?; cat $$log >&2; echo "failed: $$* (log: $$log)" >&2; return $$status; }; fi; }
+
 # The stamp is remade when the dependencies or the lock change. Every package comes from
 # requirements.lock (pyproject holds ranges; the lock pins torch 2.14.1 + torchvision 0.29.1 and
 # everything else, as the tests ran). `make lock` regenerates it.
 $(VENV)/.installed: pyproject.toml $(LOCK)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c $(LOCK) --upgrade pip
-	$(PY) -m pip install --quiet -c $(LOCK) -e '.[test]'
-	touch $@
+	@echo "venv: installing fct and $(LOCK) into $(VENV) (a few minutes the first time; log: $(SETUP_LOGS)/venv.log)"
+	@rm -f $(SETUP_LOGS)/venv.log; $(LOGGED); \
+	{ test -x $(PY) || logged venv $(PYTHON) -m venv $(VENV); } \
+	&& logged venv $(PY) -m pip install -c $(LOCK) --upgrade pip \
+	&& logged venv $(PY) -m pip install -c $(LOCK) -e '.[test]'
+	@touch $@
 
 venv: $(VENV)/.installed
 
@@ -35,18 +45,20 @@ lock:
 # Fashion-MNIST comes from Debian's package; on other systems set FCT_DATA_DIR to a folder
 # holding the four IDX files.
 data:
-	@if [ -z "$$FCT_DATA_DIR" ] && [ ! -f $(FASHION_MNIST) ]; then \
+	@$(LOGGED); if [ -z "$$FCT_DATA_DIR" ] && [ ! -f $(FASHION_MNIST) ]; then \
 		if command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+			echo "data: apt-get install dataset-fashion-mnist (log: $(SETUP_LOGS)/data.log)"; \
+			rm -f $(SETUP_LOGS)/data.log; logged data apt-get update && logged data env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist; \
 		else echo "Fashion-MNIST missing: install dataset-fashion-mnist or set FCT_DATA_DIR" >&2; exit 1; fi; \
 	fi
 
 # Chromium for the browser test (tests/ui), from Debian's package; on other systems install
 # Chromium and run `make test CHROMIUM=/path/to/chromium`.
 browser:
-	@if [ ! -x $(CHROMIUM) ]; then \
+	@$(LOGGED); if [ ! -x $(CHROMIUM) ]; then \
 		if command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+			echo "browser: apt-get install chromium (log: $(SETUP_LOGS)/browser.log)"; \
+			rm -f $(SETUP_LOGS)/browser.log; logged browser apt-get update && logged browser env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 		else echo "Chromium missing: install it and pass CHROMIUM=/path/to/chromium" >&2; exit 1; fi; \
 	fi
 
@@ -56,9 +68,10 @@ browser:
 # private cluster of its own on a free port and stops it. Where it cannot be installed, tests/stack
 # is skipped (saying so) and `make stack-check` fails saying why.
 postgres:
-	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v postgres >/dev/null; then \
+	@$(LOGGED); if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v postgres >/dev/null; then \
 		if command -v apt-get >/dev/null; then \
-			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
+			echo "postgres: apt-get install postgresql (log: $(SETUP_LOGS)/postgres.log)"; \
+			rm -f $(SETUP_LOGS)/postgres.log; { logged postgres apt-get update && logged postgres env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; } \
 			|| echo "could not install postgresql: tests/stack will be skipped" >&2; \
 		else echo "PostgreSQL missing (install it so that postgres and initdb are on PATH): tests/stack will be skipped" >&2; fi; \
 	fi
@@ -73,9 +86,10 @@ stack-check: venv postgres
 # The main job, the life of a gallery: base assets + model version v2 on Fashion-MNIST from an
 # empty instance and LanceDB folder (deletes dagster_home's run storage and data/), promotion,
 # 300 held-back images through the inbox (sensor tick + ingest run), v3 chained from v2,
-# promotion, a search for an ingested item, eval tables and lineage.
+# promotion, a search for an ingested item, eval tables and lineage. The terminal shows the story
+# (about 60 lines); the full log is runs/demo.log. FCT_VERBOSE=1 prints everything.
 demo: venv data
-	$(PY) -m fct_assets.demo --fresh
+	@$(PY) -m fct_assets.demo --fresh
 
 # The Dagster UI on 127.0.0.1:3000 (the code location is workspace.yaml).
 ui: venv data

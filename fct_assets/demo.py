@@ -4,8 +4,13 @@ Materialises the base assets (dataset, old model, side-info model, gallery store
 version v2 on Fashion-MNIST (preset `demo` unless FCT_PRESET says otherwise) and promotes it;
 drops a few hundred held-back images (the validation split, never trained on) into the inbox,
 where one tick of the inbox sensor launches their ingest run; upgrades to v3, chained from v2's
-space, and promotes it; searches for an ingested item; and prints the evaluation table,
-`fct lineage v3` and the lineage of one original and one ingested row.
+space, and promotes it; searches for an ingested item; and prints the evaluation tables, the
+search and the lineage of v3 and of one original and one ingested row.
+
+By default the terminal shows the story only (one line per stage with its time, a progress bar
+on a terminal, the evaluation tables, a line each for the search and the lineage); everything
+else (Dagster's run log, the search hits, the full lineage) goes to the log file, runs/demo.log.
+`--verbose` (or FCT_VERBOSE=1) prints it all instead.
 """
 
 from __future__ import annotations
@@ -18,14 +23,27 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fct_assets.lib.console import (
+    Terminal,
+    format_stage,
+    ignore_accepted_warnings,
+    loud,
+    quiet,
+    run_job,
+    verbose,
+)
+
 if TYPE_CHECKING:
     from fct_assets.lib.records import IngestBatch
 
 REPO = Path(__file__).resolve().parent.parent
+LOG = REPO / "runs" / "demo.log"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--fresh",
         action="store_true",
@@ -36,8 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="v2")
     parser.add_argument("--next-version", default="v3", help="the chained upgrade after ingestion")
     parser.add_argument("--ingest", type=int, default=300, help="held-back images to ingest")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print everything (Dagster's run log, warnings) instead of the story; env FCT_VERBOSE",
+    )
+    parser.add_argument(
+        "--log", type=Path, default=LOG, help=f"the full log, when not verbose (default {LOG})"
+    )
     args = parser.parse_args(argv)
+    ignore_accepted_warnings()
+    with loud() if verbose(args.verbose) else quiet(args.log) as term:
+        return _demo(args, term)
 
+
+def _demo(args, term: Terminal) -> int:
+    started = time.perf_counter()
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO / "dagster_home")))
     if args.fresh:
         from fct_assets.lib.resources import DATA_ROOT
@@ -60,62 +93,89 @@ def main(argv: list[str] | None = None) -> int:
     from fct_assets.lib.resources import FctResource
     from fct_assets.lineage.trace import format_lineage, lineage
     from fct_assets.serving.deployment import PromotionError, promote
-    from fct_assets.upgrade.report import markdown_table
 
     instance = dg.DagsterInstance.get()
     defs = build_defs()
     fct = FctResource()
     print(
-        f"fct demo: DAGSTER_HOME={home}, LanceDB {fct.lancedb_uri}, preset {fct.preset}", flush=True
+        f"fct demo: preset {fct.preset}, {args.dataset}; DAGSTER_HOME={home},"
+        f" LanceDB {fct.lancedb_uri}" + (f"; full log {term.log}" if term.log else ""),
+        flush=True,
     )
-    started = time.perf_counter()
     config = {
         "ops": {"dataset": {"config": {"dataset": args.dataset, "old_classes": args.old_classes}}}
     }
-    base = defs.resolve_job_def("base").execute_in_process(
-        instance=instance, run_config=config, raise_on_error=False
+    base, seconds = run_job(
+        term,
+        instance,
+        defs.resolve_job_def("base"),
+        "base assets",
+        run_config=config,
+        raise_on_error=False,
     )
     if not base.success:
-        print("fct demo: the base assets failed; see the run log above", file=sys.stderr)
+        term.fail("fct demo: the base assets failed")
         return 1
+    print(format_stage("base assets (dataset, old and side-info models, gallery)", seconds))
     add_model_version(instance, args.version)
-    upgrade = defs.resolve_job_def("upgrade").execute_in_process(
-        instance=instance, partition_key=args.version, raise_on_error=False
+    upgrade, seconds = run_job(
+        term,
+        instance,
+        defs.resolve_job_def("upgrade"),
+        f"upgrade {args.version}",
+        partition_key=args.version,
+        raise_on_error=False,
     )
     if not upgrade.success:
-        print(f"fct demo: upgrade {args.version} failed; see the run log above", file=sys.stderr)
+        term.fail(f"fct demo: upgrade {args.version} failed")
         return 1
-    print(
-        f"\nfct demo: base + {args.version} materialised in {time.perf_counter() - started:.0f} s\n"
-    )
+    print(format_stage(f"upgrade {args.version} (new model, h, backfill, evaluation)", seconds))
     try:
         row = promote(instance, fct.connect(), args.version)
-        print(
-            f"promoted {args.version}: serving {row.table} @ LanceDB version {row.table_version}\n"
-        )
+        print(f"promoted {args.version}: serving {row.table} @ LanceDB version {row.table_version}")
     except PromotionError as err:
-        print(f"not promoted: {err}\n")
-    from fct_assets.lib.io_managers import recorded_record
-    from fct_assets.lib.records import EvalReport
-
-    report = recorded_record(instance, EvalReport, "eval_report", args.version, within="json")
-    print(markdown_table(report, include_plot=False))
+        print(f"not promoted: {err}")
+    _print_report(instance, args.version)
     if args.ingest:
         batch = _ingest_through_inbox(instance, defs, fct, args.ingest)
         if batch is None:
+            term.fail("fct demo: the ingest failed")
             return 1
-        if not _chained_upgrade(instance, defs, fct, args.next_version):
+        if not _chained_upgrade(term, instance, defs, fct, args.next_version):
             return 1
-        _show_life(instance, fct, args.next_version, batch)
+        _show_life(term, instance, fct, args.next_version, batch)
     else:
-        print()
-        print(format_lineage(lineage(instance, args.version, fct.connect())))
+        _detail(term, format_lineage(lineage(instance, args.version, fct.connect())))
     print(f"\nfct demo: done in {time.perf_counter() - started:.0f} s")
     print(
-        "\nOpen the UI with `make ui` (http://127.0.0.1:3000): asset graph, launchpad, eval report,"
+        "Open the UI with `make ui` (http://127.0.0.1:3000): asset graph, launchpad, eval report,"
         " checks, the ingest run."
     )
+    if term.log:
+        print(f"Full log (Dagster's run log, search hits, lineage): {term.log}")
     return 0
+
+
+def _print_report(instance, version: str) -> None:
+    """The version's evaluation report as markdown, without its blank lines."""
+    from fct_assets.lib.io_managers import recorded_record
+    from fct_assets.lib.records import EvalReport
+    from fct_assets.upgrade.report import markdown_table
+
+    report = recorded_record(instance, EvalReport, "eval_report", version, within="json")
+    print()
+    print(
+        "\n".join(line for line in markdown_table(report, include_plot=False).splitlines() if line)
+    )
+
+
+def _detail(term: Terminal, text: str) -> None:
+    """Text for the log (and the terminal when verbose): the search hits, the lineage."""
+    if term.log is None:
+        print(f"\n{text}")
+    else:
+        sys.stderr.write(f"\n{text}\n")
+        sys.stderr.flush()
 
 
 def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
@@ -172,7 +232,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
     return record
 
 
-def _chained_upgrade(instance, defs, fct, version: str) -> bool:
+def _chained_upgrade(term: Terminal, instance, defs, fct, version: str) -> bool:
     """Register `version`, upgrade it (its h maps from the deployed version's space), promote it
     (catching up first if promotion says items are missing)."""
     from fct_assets.lib.partitions import add_model_version
@@ -183,49 +243,58 @@ def _chained_upgrade(instance, defs, fct, version: str) -> bool:
     # its own seed. With v2's recipe and seed it would be v2 retrained bit for bit, and h would
     # map a space onto itself.
     epochs = 2 * fct.experiment().new_train.epochs
-    upgrade = defs.resolve_job_def("upgrade").execute_in_process(
-        instance=instance,
+    upgrade, seconds = run_job(
+        term,
+        instance,
+        defs.resolve_job_def("upgrade"),
+        f"upgrade {version}",
         partition_key=version,
         run_config={"ops": {"new_model": {"config": {"seed": 1, "epochs": epochs}}}},
         raise_on_error=False,
     )
     if not upgrade.success:
-        print(f"fct demo: upgrade {version} failed; see the run log above", file=sys.stderr)
+        term.fail(f"fct demo: upgrade {version} failed")
         return False
+    print(format_stage(f"upgrade {version}, chained from the deployed space", seconds))
     try:
         row = promote(instance, fct.connect(), version)
     except PromotionError as err:
         print(f"not promoted: {err}")
         if "catch up" not in str(err):
             return False
-        defs.resolve_job_def("catch_up").execute_in_process(
-            instance=instance, partition_key=version
+        _, seconds = run_job(
+            term,
+            instance,
+            defs.resolve_job_def("catch_up"),
+            f"catch up {version}",
+            partition_key=version,
         )
+        print(format_stage(f"catch up {version}", seconds))
         row = promote(instance, fct.connect(), version)
-    print(f"\npromoted {version}: serving {row.table} @ LanceDB version {row.table_version}\n")
+    print(f"promoted {version}: serving {row.table} @ LanceDB version {row.table_version}")
     return True
 
 
-def _show_life(instance, fct, version: str, batch: IngestBatch) -> None:
-    """The evaluation of the chained version, a search for an ingested item, lineage."""
-    from fct_assets.lib.io_managers import recorded_record
-    from fct_assets.lib.records import EvalReport
+def _show_life(term: Terminal, instance, fct, version: str, batch: IngestBatch) -> None:
+    """The evaluation of the chained version, a search for an ingested item, lineage: in full
+    when verbose, else a line each for the search and the lineage (in full in the log)."""
     from fct_assets.lineage.trace import format_lineage, format_row_lineage, lineage, row_lineage
     from fct_assets.serving.search import search_command
-    from fct_assets.upgrade.report import markdown_table
 
-    report = recorded_record(instance, EvalReport, "eval_report", version, within="json")
-    print(markdown_table(report, include_plot=False))
+    _print_report(instance, version)
     ingested = batch.ingested[0]
+    started = time.perf_counter()
     hits = search_command(instance, fct, image=None, item_id=ingested, version=None, k=5)
-    print(
-        f"\nfct search --item-id {ingested} (an item of batch {batch.batch}), deployed {version}:"
-    )
-    print(f"{'rank':>4} {'item_id':>20} {'label':>5} {'distance':>10}  source")
-    for rank, h in enumerate(hits, 1):
-        print(f"{rank:>4} {h['item_id']:>20} {h['label']:>5} {h['distance']:>10.4f}  {h['source']}")
-    print()
-    print(format_lineage(lineage(instance, version, fct.connect())))
+    seconds = time.perf_counter() - started
+    table = [
+        f"fct search --item-id {ingested} (an item of batch {batch.batch}), deployed {version}:",
+        f"{'rank':>4} {'item_id':>20} {'label':>5} {'distance':>10}  source",
+        *(
+            f"{rank:>4} {h['item_id']:>20} {h['label']:>5} {h['distance']:>10.4f}  {h['source']}"
+            for rank, h in enumerate(hits, 1)
+        ),
+    ]
+    _detail(term, "\n".join(table))
     db = fct.connect()
     original = (
         db.open_table(f"gallery_{version}")
@@ -235,9 +304,20 @@ def _show_life(instance, fct, version: str, batch: IngestBatch) -> None:
         .limit(1)
         .to_list()[0]["item_id"]
     )
+    _detail(term, format_lineage(lineage(instance, version, db)))
     for item in (original, ingested):
+        _detail(term, format_row_lineage(row_lineage(instance, db, version, item)))
+    if term.log is not None:
+        top = hits[0]["item_id"] if hits else None
+        first = "itself" if top == ingested else f"item {top}" if hits else "nothing"
         print()
-        print(format_row_lineage(row_lineage(instance, db, version, item)))
+        print(
+            format_stage(f"search {version}: ingested item {ingested} finds {first} first", seconds)
+        )
+        print(
+            f"lineage of {version}, of original row {original} and of the ingested row: in the log"
+            f" (`fct lineage {version} --item-id {ingested}`)"
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 through the inbox (a real sensor tick), the chained v3, promote, search, lineage.
 
 It runs as a user runs it, in a process of its own, pointed at a temporary instance and
-storage by the same environment variables `make ui` and the CLI read."""
+storage by the same environment variables `make ui` and the CLI read. At default verbosity the
+terminal shows the story within its line budget; the search hits and the lineage are in the
+log with Dagster's run log."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 INGEST = 12
+# The terminal's budget at default verbosity: `make demo` on a fresh clone prints at most about
+# 60 lines, of which the Makefile's install steps take up to 3.
+LINES = 57
 
 
 def test_demo_lives_the_whole_life(tmp_path):
@@ -30,7 +35,17 @@ def test_demo_lives_the_whole_life(tmp_path):
         "FCT_PRESET": "tiny",
         "FCT_DEVICE": "cpu",
     }
-    argv = ["--dataset", "digits", "--old-classes", "0-4", "--ingest", str(INGEST)]
+    log = tmp_path / "demo.log"
+    argv = [
+        "--dataset",
+        "digits",
+        "--old-classes",
+        "0-4",
+        "--ingest",
+        str(INGEST),
+        "--log",
+        str(log),
+    ]
     proc = subprocess.run(
         [sys.executable, "-m", "fct_assets.demo", *argv],
         env=env,
@@ -40,6 +55,13 @@ def test_demo_lives_the_whole_life(tmp_path):
     )
     out = proc.stdout
     assert proc.returncode == 0, (out[-2000:], proc.stderr[-3000:])
+    assert len(out.splitlines()) <= LINES, out
+    # Dagster's run log, its warnings and lance's are in the log, not on the terminal.
+    assert proc.stderr == ""
+    for noise in ("DEBUG", "STEP_SUCCESS", "Warning", "WARN"):
+        assert noise not in out, noise
+    full = log.read_text()
+    assert "STEP_SUCCESS" in full
 
     assert "promoted v2: serving gallery_v2" in out
     assert "promoted v3: serving gallery_v3" in out
@@ -53,17 +75,18 @@ def test_demo_lives_the_whole_life(tmp_path):
     # The search for an ingested item, in v3's table, which it reached through v2's space only
     # (it has no old embedding): v3's embedding of its image finds the item itself first.
     searched = re.search(
-        rf"fct search --item-id (\d+) \(an item of batch {batch}\), deployed v3", out
+        rf"fct search --item-id (\d+) \(an item of batch {batch}\), deployed v3", full
     )
-    assert searched, out[-3000:]
-    first = out[searched.end() :].splitlines()[2].split()
+    assert searched, full[-3000:]
+    first = full[searched.end() :].splitlines()[2].split()
     assert first[:2] == ["1", searched.group(1)]
+    assert f"search v3: ingested item {searched.group(1)} finds itself first" in out
 
     # Lineage: v3's chain, then one original row (old -> v2 -> v3) and the ingested row, which
     # arrived with its batch in v2's space (v2 -> v3).
-    assert "upgrade chain    old_model -> v2 -> v3" in out
-    assert "arrived          with the base gallery" in out
-    row = out[out.index(f"item {searched.group(1)} in gallery_v3") :]
+    assert "upgrade chain    old_model -> v2 -> v3" in full
+    assert "arrived          with the base gallery" in full
+    row = full[full.index(f"item {searched.group(1)} in gallery_v3") :]
     assert f"arrived          ingest batch {batch}" in row
     assert "space           new_model:v2@" in row
     assert "fct demo: done in" in out
