@@ -20,7 +20,7 @@ from fct_assets.lib import guards, storage
 from fct_assets.lib.records import BackfilledTable, VersionTable
 from fct_assets.serving import deployment
 from fct_assets.serving.deployment import PromotionError, check_results, current, promote, rollback
-from tests.fct_assets.check_events import report_materialization, report_planned_check
+from tests.support.check_events import report_materialization, report_planned_check
 
 SPACE = "new_model:v2@0123456789ab"
 
