@@ -112,7 +112,7 @@ def _base(instance, name: str = "dataset", timestamp: float | None = None) -> No
 
 def _served(db, version: str, space: str) -> None:
     """The deployment record serves `version`, in `space`, from now on."""
-    deployment._append(
+    deployment.append(
         db,
         "promote",
         VersionTable(version=version, table=f"gallery_{version}", table_version=1, space_id=space),
