@@ -461,7 +461,7 @@ def _shard_rows(
                 pa.array(sigma.numpy().astype(np.float32, copy=False)),
                 pc.if_else(pa.array(pick, pa.bool_()), "re-embedded", "transformed"),
                 pa.repeat(space_id, len(item_ids)),
-                _chains(batch, source, space_id, pick),
+                chains(batch, source, space_id, pick),
                 _column_or_nulls(batch, "ingest_batch"),
             ],
             schema=schema,
@@ -474,7 +474,7 @@ def _column_or_nulls(batch: pa.RecordBatch, name: str) -> pa.Array:
     return pa.nulls(batch.num_rows, pa.string())
 
 
-def _chains(
+def chains(
     batch: pa.RecordBatch, source: SourceTable, space_id: str, reembedded: np.ndarray
 ) -> pa.Array:
     """Each row's chain of spaces: the source row's chain (its space, when the source has no
