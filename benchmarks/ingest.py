@@ -39,7 +39,7 @@ def _setup(root: Path, items: int):
     from fct_assets.lib import storage
     from fct_assets.lib.records import Checkpoint, DatasetRecord, VersionTable
     from fct_assets.lib.resources import FctResource
-    from fct_assets.serving.deployment import _append
+    from fct_assets.serving.deployment import append
     from fct_ml.checkpoint import checkpoint_bytes, space_id
     from fct_ml.data import parse_class_list
     from fct_ml.datasets import default_old_classes
@@ -101,7 +101,7 @@ def _setup(root: Path, items: int):
         schema=table_schema,
     )
     info = storage.publish(db, "gallery_v2", table_schema, table_rows.to_batches())
-    _append(
+    append(
         db,
         "promote",
         VersionTable(

@@ -252,13 +252,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ): RELU_INPLACE,
     (
         "fct_ml/transformation.py",
-        "self.old_branch = _mlp([config.old_dim, w, w], plain_last=False)",
-        "self.old_branch = _mlp([config.old_dim, w, w], plain_last=None)",
+        "self.old_branch = mlp([config.old_dim, w, w], plain_last=False)",
+        "self.old_branch = mlp([config.old_dim, w, w], plain_last=None)",
     ): PLAIN_NONE,
     (
         "fct_ml/transformation.py",
-        "self.side_branch = _mlp([side_in, w, w], plain_last=False)",
-        "self.side_branch = _mlp([side_in, w, w], plain_last=None)",
+        "self.side_branch = mlp([side_in, w, w], plain_last=False)",
+        "self.side_branch = mlp([side_in, w, w], plain_last=None)",
     ): PLAIN_NONE,
     (
         "fct_ml/transformation.py",

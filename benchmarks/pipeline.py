@@ -5,7 +5,7 @@
 
 overlap: for each pair of benchmarks/backfill.py (random weights, timing only), a gallery_store
 of N random vectors, then rounds of (a) the transform backfill (`backfill_version`: LanceDB read
--> h -> one LanceDB commit) with fct_assets.upgrade.backfill.READ_AHEAD = 0 (each page read after h
+-> h -> one LanceDB commit) with `pages_ahead=0` (each page read after h
 finished the previous one: the pipeline before read-ahead), (b) the same with read-ahead on (the
 default), (c) h alone over the vectors in memory; the three alternate within each round, so that
 they share whatever load the machine has. Reports the median of the rounds.
@@ -49,15 +49,11 @@ TARGET_TRANSFORM_OVER_H = 0.85
 def _time_transform(fct, store, h, checkpoint, batch_size: int, read_ahead: int) -> float:
     from fct_assets.upgrade import backfill
 
-    backfill.READ_AHEAD = read_ahead
-    try:
-        t0 = time.perf_counter()
-        out = backfill.backfill_version(
-            fct, "v2", store, h, checkpoint, 0.0, batch_size, log=lambda _: None
-        )
-        seconds = time.perf_counter() - t0
-    finally:
-        backfill.READ_AHEAD = 2
+    t0 = time.perf_counter()
+    out = backfill.backfill_version(
+        fct, "v2", store, h, checkpoint, 0.0, batch_size, log=lambda _: None, pages_ahead=read_ahead
+    )
+    seconds = time.perf_counter() - t0
     assert out.rows == store.rows, out
     return seconds
 

@@ -180,11 +180,13 @@ def _detail(term: Terminal, text: str) -> None:
 
 def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
     """Write n held-back images (the validation split) into the inbox, one sub-folder per class;
-    one tick of the inbox sensor (the real daemon iteration) requests their ingest run, which
-    runs here. Returns the batch's record."""
+    one evaluation of the inbox sensor (`fct_inbox`, through Dagster's public
+    `build_sensor_context`) decides their batch, and the ingest run it requests runs here.
+    Returns the batch's record."""
+    import dagster as dg
+
     from fct_assets.ingest.ingest import folder_name, inbox_dir
     from fct_assets.lib import storage
-    from fct_assets.lib.dagster_internals import tick_sensors
     from fct_assets.lib.io_managers import recorded_record
     from fct_assets.lib.records import DatasetRecord
     from fct_ml.pipeline import validation_split
@@ -198,31 +200,40 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"held_{i:04d}.png").write_bytes(storage.encode_png(held.images[i].numpy()))
     print(f"\nfct demo: {min(n, len(held))} held-back images dropped into {inbox}", flush=True)
-    before = {run.run_id for run in instance.get_runs()}
     started = time.perf_counter()
-    tick_sensors(instance, "fct_assets.definitions")
-    requested = [run for run in instance.get_runs() if run.run_id not in before]
-    if len(requested) != 1:
-        print(f"fct demo: the inbox sensor requested {len(requested)} runs", file=sys.stderr)
+    sensor = defs.resolve_sensor_def("fct_inbox")
+    # No cursor: every file in the inbox is new to this evaluation. The run moves its files out
+    # of the inbox, so the daemon (under `make ui`), with a cursor of its own, never sees them.
+    result = sensor(dg.build_sensor_context(instance=instance, definitions=defs, cursor=None))
+    requests = result.run_requests if isinstance(result, dg.SensorResult) else []
+    if len(requests or []) != 1:
+        reason = result.skip_message if isinstance(result, dg.SkipReason) else None
+        print(
+            f"fct demo: the inbox sensor requested {len(requests or [])} runs"
+            + (f" ({reason})" if reason else ""),
+            file=sys.stderr,
+        )
         return None
-    run = requested[0]
-    # The daemon queued the run; without a running daemon it would wait for `make ui`. It runs
-    # here instead, exactly as requested (partition, config, tags).
-    instance.delete_run(run.run_id)
-    batch = run.tags["dagster/partition"]
-    result = defs.resolve_job_def("ingest").execute_in_process(
+    # What the daemon does with a tick's result, done here: add the batch partitions it
+    # requests, then run the requested run (partition, config, tags) in this process rather
+    # than queue it for a daemon that is not running.
+    for add in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    request = requests[0]
+    batch = request.partition_key
+    run = defs.resolve_job_def(request.job_name or sensor.job_name).execute_in_process(
         instance=instance,
         partition_key=batch,
-        run_config=run.run_config,
-        tags={k: v for k, v in run.tags.items() if not k.startswith("dagster/")},
+        run_config=request.run_config,
+        tags=request.tags,
         raise_on_error=False,
     )
-    if not result.success:
+    if not run.success:
         print(f"fct demo: ingest batch {batch} failed", file=sys.stderr)
         return None
     # The record itself (its metadata leaves out the per-item ids, so it does not read back as an
     # IngestBatch from there).
-    record: IngestBatch = result.asset_value("ingested_batch")
+    record: IngestBatch = run.asset_value("ingested_batch")
     print(
         f"ingest batch {batch}: {record.added_to_store} items in gallery_store,"
         f" {record.added_to_table} in {record.table} ({record.space_id}),"

@@ -63,7 +63,7 @@ class TransformationConfig:
             )
 
 
-def _mlp(
+def mlp(
     dims: list[int], plain_last: bool, rank: int = 0, low_rank: Sequence[int] = ()
 ) -> nn.Sequential:
     """Linear-BN-ReLU per step of `dims`, the last Linear plain (with bias) if `plain_last`.
@@ -120,9 +120,9 @@ class Transformation(nn.Module):
         self.config = config
         side_in = config.side_info_dim if config.side_info else config.old_dim
         w = config.branch_width
-        self.old_branch = _mlp([config.old_dim, w, w], plain_last=False)
-        self.side_branch = _mlp([side_in, w, w], plain_last=False)
-        self.inner = _mlp(
+        self.old_branch = mlp([config.old_dim, w, w], plain_last=False)
+        self.side_branch = mlp([side_in, w, w], plain_last=False)
+        self.inner = mlp(
             _inner_dims(config),
             plain_last=True,
             rank=config.inner_rank,

@@ -1,10 +1,11 @@
-"""The one module that uses Dagster's private API (`dagster._core`, `dagster._config`).
+"""The one product module that uses Dagster's private API (`dagster._core`).
 
 Each function here does something the public API does not offer (as of dagster 1.13); the
 reason is beside it. Keeping them in one place, each with a test
 (tests/fct_assets/test_dagster_internals.py), means a Dagster upgrade that moves one of them
 breaks one test here and no code elsewhere. `make lint` (ruff TID251, pyproject) refuses a
-private import in any other file.
+private import in any other product file; what only tests need is in
+tests/support/dagster_internals.py.
 """
 
 from __future__ import annotations
@@ -12,26 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
-from dagster._config import process_config
-from dagster._core.definitions.data_version import CachingStaleStatusResolver
 from dagster._core.event_api import PartitionKeyFilter
 from dagster._core.events import JobFailureData, RunFailureReason
-from dagster._core.instance.config import dagster_instance_config
-from dagster._core.loader import LoadingContextForTest
 from dagster._core.storage.asset_check_execution_record import (
     COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
 )
-from dagster._core.system_config.objects import ResolvedRunConfig
 
-__all__ = [
-    "tick_sensors",
-    "executor_config",
-    "instance_config",
-    "latest_check_execution",
-    "report_run_worker_lost",
-    "stale_status",
-    "validate_config",
-]
+__all__ = ["latest_check_execution", "report_run_worker_lost"]
 
 
 def latest_check_execution(
@@ -85,69 +73,3 @@ def report_run_worker_lost(instance: dg.DagsterInstance, run: dg.DagsterRun, mes
         )
     storage.free_concurrency_slots_for_run(run.run_id)
     return held
-
-
-def executor_config(job: dg.JobDefinition, run_config: dict | None = None) -> dict[str, Any]:
-    """The executor config Dagster resolves for `job` at launch (defaults filled, validated).
-
-    No public call resolves run config without launching a run; deploy/ is checked with it
-    without a cluster. Raises dg.DagsterInvalidConfigError on a key the executor does not know."""
-    return ResolvedRunConfig.build(job, run_config or {}).execution.execution_engine_config
-
-
-def instance_config(folder: str, filename: str = "dagster.yaml") -> dict[str, Any]:
-    """A dagster.yaml as Dagster's instance loader reads it (env vars resolved, schema checked).
-
-    The public DagsterInstance would also connect to its storage; deploy/'s Postgres is not here.
-    Raises dg.DagsterInvalidConfigError on a key the schema does not know."""
-    config, _ = dagster_instance_config(folder, filename)
-    return config
-
-
-def validate_config(config_type: Any, value: Any) -> tuple[bool, Any]:
-    """(True, value with defaults) if `value` fits `config_type`, else (False, the errors).
-
-    Used on the config schemas of integration classes (K8sRunLauncher, Postgres storage) that
-    have no public validator."""
-    result = process_config(config_type, value)
-    return (True, result.value) if result.success else (False, result.errors)
-
-
-def stale_status(
-    instance: dg.DagsterInstance,
-    defs: dg.Definitions,
-    asset_key: dg.AssetKey,
-    partition: str | None = None,
-) -> str:
-    """ "FRESH", "STALE" or "MISSING": what the UI shows for (asset, partition).
-
-    The public API exposes data versions but not the staleness Dagster derives from them."""
-    resolver = CachingStaleStatusResolver(
-        instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
-    )
-    return resolver.get_status(asset_key, partition).value
-
-
-def tick_sensors(instance: dg.DagsterInstance, module_name: str, attribute: str = "defs") -> None:
-    """One iteration of the sensor daemon (`dagster-daemon`'s SENSOR loop) over the code location
-    `module_name:attribute`: every running sensor that is due is evaluated, its cursor and
-    dynamic-partition requests are applied and its runs submitted, as in a deployment.
-
-    The public API evaluates a sensor function alone (`build_sensor_context`), without the
-    daemon's cursor storage, partition requests and run submission; tests and benchmarks tick the
-    real thing."""
-    import logging
-
-    from dagster._core.remote_origin import InProcessCodeLocationOrigin
-    from dagster._core.test_utils import create_test_daemon_workspace_context
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
-    from dagster._daemon.sensor import execute_sensor_iteration
-
-    origin = InProcessCodeLocationOrigin(
-        LoadableTargetOrigin(module_name=module_name, attribute=attribute)
-    )
-    with create_test_daemon_workspace_context(
-        InProcessWorkspaceLoadTarget(origin), instance
-    ) as workspace:
-        list(execute_sensor_iteration(workspace, logging.getLogger("fct.sensor"), None, None))

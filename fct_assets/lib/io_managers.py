@@ -78,7 +78,7 @@ def recorded_record(
     return records.from_metadata(cls, meta, where)
 
 
-def _write_atomically(path: UPath, blob: bytes) -> None:
+def write_atomically(path: UPath, blob: bytes) -> None:
     """Write `blob` so that readers see the old file or the whole new one, never a part.
 
     On a local filesystem: a temporary file renamed over the target. An object store's put is
@@ -160,7 +160,7 @@ class _CheckpointStore(_FctUPathIOManager):
             name = f"{name}:{context.asset_partition_key}"
         provenance = {"run_id": context.run_id, "asset": name}
         blob, _ = checkpoint_bytes(obj, name=name, metadata=provenance)
-        _write_atomically(path, blob)
+        write_atomically(path, blob)
         sha256 = hashlib.sha256(blob).hexdigest()
         context.add_output_metadata({"sha256": sha256, "space_id": space_id(name, sha256)})
 
@@ -175,7 +175,7 @@ class _RecordStore(_FctUPathIOManager):
     extension = ".json"
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
-        _write_atomically(path, records.dumps(obj).encode())
+        write_atomically(path, records.dumps(obj).encode())
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> records.Record:
         try:

@@ -87,7 +87,7 @@ def _referenced(fn: Callable, tree: ast.AST, packages: tuple[str, ...]):
 
 
 @cache
-def _module_source(name: str, packages: tuple[str, ...]) -> tuple[str, list[str]]:
+def module_source(name: str, packages: tuple[str, ...]) -> tuple[str, list[str]]:
     """A project module's source and the project modules it imports (read once per process)."""
     path = _module_file(name)
     if path is None:
@@ -121,7 +121,7 @@ def source_units(fn: Callable, packages: tuple[str, ...] = PROJECT_PACKAGES) -> 
             module_name = pending_modules.pop()
             if module_name in units:
                 continue
-            units[module_name], imported = _module_source(module_name, packages)
+            units[module_name], imported = module_source(module_name, packages)
             pending_modules += imported
     return units
 

@@ -6,10 +6,11 @@ pinned snapshot, and history supports rollback. A version is promoted only when 
 runs of its blocking checks passed after its latest materialisation.
 """
 
+import contextlib
 import datetime as _dt
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dagster as dg
@@ -55,24 +56,44 @@ def current(db) -> Deployment | None:
     return rows[-1] if rows else None
 
 
-def _append(db, action: str, table: VersionTable) -> Deployment:
-    return _record(db, action, lambda rows: table)
+def append(db, action: str, table: VersionTable, **options: Any) -> Deployment:
+    """Record that `table` serves from now on (`action`: promote | rollback | ingest), with no
+    rule deciding it: `promote` calls it once its checks passed; tests, benchmarks and repair
+    scripts call it to set a deployment directly. The row is committed as `record` commits it
+    (`options`: record's keyword options)."""
+    return record(db, action, lambda rows: table, **options)
 
 
 # Promotions are rare; a conditional commit that keeps losing races is a bug, not load.
 RECORD_ATTEMPTS = 200
 
 
-def _record(db, action: str, choose: Callable[[list[Deployment]], VersionTable]) -> Deployment:
+def record(
+    db,
+    action: str,
+    choose: Callable[[list[Deployment]], VersionTable],
+    *,
+    attempts: int = RECORD_ATTEMPTS,
+    sleep: Callable[[float], object] = time.sleep,
+    rng: random.Random | None = None,
+    file_lock: bool = True,
+) -> Deployment:
     """Append the row `choose(history)` names, with the seq after the last one, as a conditional
     commit: read the history, decide, insert the row unless its seq exists; on a lost race read
     again and decide again. Seqs are therefore distinct and gap-free, and the row with the highest
     seq is the latest commit, which is what `current` serves.
 
+    After lost race i it calls `sleep(rng.uniform(0, min(0.5, 0.01 * 2**i)))` (seconds; `rng`
+    defaults to the `random` module) and gives up with PromotionError after `attempts` lost
+    races. `choose` raises PromotionError when nothing may be recorded.
+
     On a folder the OS lock of the table (guards.local_lock) also queues writers of this machine,
-    so they rarely race at all; on an object store the conditional commit alone decides."""
-    with guards.local_lock(db, storage.DEPLOYMENTS):
-        for attempt in range(RECORD_ATTEMPTS):
+    so they rarely race at all; on an object store the conditional commit alone decides, as it
+    does on a folder with `file_lock=False`."""
+    uniform = (rng or random).uniform
+    lock = guards.local_lock(db, storage.DEPLOYMENTS) if file_lock else contextlib.nullcontext()
+    with lock:
+        for attempt in range(attempts):
             rows = history(db)
             table = choose(rows)  # raises PromotionError when nothing may be recorded
             row = Deployment(
@@ -84,20 +105,26 @@ def _record(db, action: str, choose: Callable[[list[Deployment]], VersionTable])
             data = pa.Table.from_pylist([row.model_dump()], schema=DEPLOYMENT_SCHEMA)
             if guards.insert_if_absent(db, storage.DEPLOYMENTS, data, "seq"):
                 return row
-            time.sleep(random.uniform(0.0, min(0.5, 0.01 * 2**attempt)))
+            sleep(uniform(0.0, min(0.5, 0.01 * 2**attempt)))
     raise PromotionError(
         f"{action} of {table.version} not recorded: seq {row.seq} was taken by a concurrent"
-        f" writer {RECORD_ATTEMPTS} times in a row; retry"
+        f" writer {attempts} times in a row; retry"
     )
 
 
-def check_results(instance: dg.DagsterInstance, version: str) -> dict[str, dict[str, Any]]:
-    """Latest result of every blocking check on the version's guarded assets: whether it passed,
-    why not ("never ran", "failed", "stale: ran before the latest materialisation", "status X"),
-    whether it ran after that asset partition's latest materialisation, and the LanceDB table
-    version it checked (None if its metadata names none)."""
+def check_results(
+    instance: dg.DagsterInstance,
+    version: str,
+    *,
+    checks: Sequence[dg.AssetCheckKey] = PROMOTION_CHECKS,
+) -> dict[str, dict[str, Any]]:
+    """Latest result of every blocking check on the version's guarded assets (`checks`, default
+    the ones promotion requires): whether it passed, why not ("never ran", "failed", "stale: ran
+    before the latest materialisation", "status X"), whether it ran after that asset partition's
+    latest materialisation, and the LanceDB table version it checked (None if its metadata names
+    none)."""
     out: dict[str, dict[str, Any]] = {}
-    for check_key in PROMOTION_CHECKS:
+    for check_key in checks:
         record = latest_check_execution(instance, check_key, version)
         latest = latest_materialization(instance, check_key.asset_key, version)
         name = f"{check_key.asset_key.to_user_string()}:{check_key.name}"
@@ -142,11 +169,22 @@ def recorded_table(instance: dg.DagsterInstance, version: str) -> VersionTable:
     )
 
 
-def promote(instance: dg.DagsterInstance, db, version: str) -> Deployment:
+def promote(
+    instance: dg.DagsterInstance,
+    db,
+    version: str,
+    *,
+    results: dict[str, dict[str, Any]] | None = None,
+) -> Deployment:
     """Serve `version`, if its blocking checks passed on its latest materialisations; the row
-    records the very table version those checks ran on."""
+    records the very table version those checks ran on.
+
+    `results`: the `check_results` to decide on, read earlier by the caller (one that showed
+    them to a user promotes on what was shown); by default they are read now. Either way the
+    table's record is read after them, and a re-materialisation since is refused."""
     check_version(version)
-    results = check_results(instance, version)
+    if results is None:
+        results = check_results(instance, version)
     failed = {k: v["why"] for k, v in results.items() if not v["passed"]}
     if not results or failed:
         raise PromotionError(
@@ -170,7 +208,7 @@ def promote(instance: dg.DagsterInstance, db, version: str) -> Deployment:
             f" while it was backfilled); catch up first: `fct catch-up {version}` or the"
             " `catch_up` job"
         )
-    return _append(db, "promote", row)
+    return append(db, "promote", row)
 
 
 def missing_items(db, table: str, table_version: int) -> tuple[list[int], int | None]:
@@ -200,7 +238,7 @@ def advance(db, version: str, table_version: int) -> Deployment:
     to the deployed table, and the deployment pins table versions. Refused if `version` is no
     longer the one deployed (promoted or rolled back meanwhile): the run fails, and its retry
     embeds the items with the model deployed then (ingestion is idempotent). Decided on the
-    history the row is committed after (`_record`), so a promotion in between is seen."""
+    history the row is committed after (`record`), so a promotion in between is seen."""
     serving = current(db)
     if serving is not None and serving.version == version:
         if table_version == serving.table_version:
@@ -217,13 +255,13 @@ def advance(db, version: str, table_version: int) -> Deployment:
         row = serving.model_copy(update={"table_version": table_version})
         return VersionTable(**{f: getattr(row, f) for f in VersionTable.model_fields})
 
-    return _record(db, "ingest", choose)
+    return record(db, "ingest", choose)
 
 
 def rollback(db) -> Deployment:
     """Serve again the deployment before the current one (the table version it served then;
     for a version that ingest runs advanced, its latest table version)."""
-    return _record(db, "rollback", _rollback_target)
+    return record(db, "rollback", _rollback_target)
 
 
 def _rollback_target(rows: list[Deployment]) -> VersionTable:

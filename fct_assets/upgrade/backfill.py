@@ -52,7 +52,8 @@ from fct_assets.lib.records import (
 
 STAGING_PREFIX = "_staging_"
 # Source pages read ahead of h: the next page's LanceDB read overlaps h on the current one (both
-# release the GIL). Two pages of 8,192 rows are ~10 MB of vectors.
+# release the GIL). Two pages of 8,192 rows are ~10 MB of vectors. The default of the
+# `pages_ahead` parameters below; 0 reads each page after h is done with the last one.
 READ_AHEAD = 2
 _END = object()
 
@@ -293,10 +294,12 @@ def source_pages(
     rows_per_batch: int,
     start: int = 0,
     stop: int | None = None,
+    *,
+    pages_ahead: int = READ_AHEAD,
 ) -> Iterator[pa.RecordBatch]:
     """Rows [start, stop) of the pinned source as batches with `item_id`, `stored` (the source's
     vectors), `side_info` and whichever of `columns` the source holds (label, chain,
-    ingest_batch, image, ...)."""
+    ingest_batch, image, ...), `pages_ahead` pages read ahead by a background thread (0: none)."""
     names = set(db.open_table(source.table).schema.names)
     wanted = ["item_id", source.column] + [
         c for c in columns if c in names and c not in ("item_id", source.column, "side_info")
@@ -306,7 +309,7 @@ def source_pages(
     pages = storage.pinned_pages(
         db, source.table, source.version, wanted, rows_per_batch, start, stop
     )
-    for batch in read_ahead(pages, READ_AHEAD):  # read at call time: benchmarks set 0 (off)
+    for batch in read_ahead(pages, pages_ahead):
         arrays = {name: batch.column(name) for name in batch.schema.names}
         arrays["stored"] = arrays.pop(source.column)
         if side is not None:
@@ -331,9 +334,10 @@ def plan_backfill(
     ann_min_rows: int | None = None,
     run_id: str = "",
     source: SourceTable | None = None,
+    pages_ahead: int = READ_AHEAD,
 ) -> BackfillPlan:
     """Pass 1 and the split of the source (default: gallery_store at its latest version) into
-    contiguous row ranges of near-equal size."""
+    contiguous row ranges of near-equal size. `pages_ahead`: source pages read ahead of h."""
     if shards < 1:
         raise ValueError(f"shards: {shards}; expected at least 1")
     db = fct.connect()
@@ -351,7 +355,7 @@ def plan_backfill(
         h = h.to(fct.torch_device())
         transform = _transformer(h, rows_per_batch, source)
         ids, sigmas = [], []
-        for batch in source_pages(db, source, side, [], rows_per_batch):
+        for batch in source_pages(db, source, side, [], rows_per_batch, pages_ahead=pages_ahead):
             ids.append(batch.column("item_id").to_numpy())
             sigmas.append(transform(batch)[1].numpy())
         ids_all, sigma_all = np.concatenate(ids), np.concatenate(sigmas)
@@ -377,7 +381,14 @@ def plan_backfill(
 
 
 def _shard_rows(
-    db, plan: BackfillPlan, shard: ShardRange, h, new_model: Checkpoint, done: dict, log
+    db,
+    plan: BackfillPlan,
+    shard: ShardRange,
+    h,
+    new_model: Checkpoint,
+    done: dict,
+    log,
+    pages_ahead: int,
 ) -> Iterator[pa.RecordBatch]:
     """Pass 2 over one shard's rows: h for all, the new model for the chosen ones."""
     from fct_ml.augment import to_float
@@ -398,7 +409,17 @@ def _shard_rows(
         ["image"] if reembed.size and in_store else []
     )
     started = time.perf_counter()
-    for batch in source_pages(db, source, side, cols, plan.rows_per_batch, shard.start, shard.stop):
+    pages = source_pages(
+        db,
+        source,
+        side,
+        cols,
+        plan.rows_per_batch,
+        shard.start,
+        shard.stop,
+        pages_ahead=pages_ahead,
+    )
+    for batch in pages:
         emb, sigma = transform(batch)
         emb = emb.numpy()
         item_ids = batch.column("item_id").to_numpy()
@@ -440,7 +461,7 @@ def _shard_rows(
                 pa.array(sigma.numpy().astype(np.float32, copy=False)),
                 pc.if_else(pa.array(pick, pa.bool_()), "re-embedded", "transformed"),
                 pa.repeat(space_id, len(item_ids)),
-                _chains(batch, source, space_id, pick),
+                chains(batch, source, space_id, pick),
                 _column_or_nulls(batch, "ingest_batch"),
             ],
             schema=schema,
@@ -453,7 +474,7 @@ def _column_or_nulls(batch: pa.RecordBatch, name: str) -> pa.Array:
     return pa.nulls(batch.num_rows, pa.string())
 
 
-def _chains(
+def chains(
     batch: pa.RecordBatch, source: SourceTable, space_id: str, reembedded: np.ndarray
 ) -> pa.Array:
     """Each row's chain of spaces: the source row's chain (its space, when the source has no
@@ -483,8 +504,10 @@ def write_shard(
     new_model: Checkpoint,
     *,
     log: Callable[[str], None] = print,
+    pages_ahead: int = READ_AHEAD,
 ) -> ShardResult:
-    """Backfill one shard into its staging table (or, for a single shard, the version's table)."""
+    """Backfill one shard into its staging table (or, for a single shard, the version's table),
+    reading `pages_ahead` source pages ahead of h."""
     db, device = fct.connect(), fct.torch_device()
     h = h.to(device)
     new_model.model.to(device)
@@ -500,7 +523,9 @@ def write_shard(
     # without
     # this process's fixed start-up (connection, moving the models).
     started = time.perf_counter()
-    info = storage.publish(db, name, schema, _shard_rows(db, plan, shard, h, new_model, done, log))
+    info = storage.publish(
+        db, name, schema, _shard_rows(db, plan, shard, h, new_model, done, log, pages_ahead)
+    )
     # offset/limit pages must tile the range exactly
     if info["rows"] != shard.stop - shard.start:
         raise RuntimeError(
@@ -603,10 +628,12 @@ def backfill_version(
     log: Callable[[str], None] = print,
     run_id: str = "",
     source: SourceTable | None = None,
+    pages_ahead: int = READ_AHEAD,
 ) -> BackfilledTable:
     """Plan, write the shards one after another, publish `gallery_<version>`, in this process,
     holding the version's lease throughout (released at the end, failed or not). The Dagster
-    asset runs the same three steps as ops, the shards in parallel."""
+    asset runs the same three steps as ops, the shards in parallel. `pages_ahead`: source pages
+    read ahead of h (0: none; benchmarks/pipeline.py measures both)."""
     db = fct.connect()
     me = claim_table(db, version)
     try:
@@ -621,10 +648,14 @@ def backfill_version(
             ann_min_rows=ann_min_rows,
             run_id=run_id,
             source=source,
+            pages_ahead=pages_ahead,
         )
         if shards > 1:
             drop_staging(db, version, keep_run=run_id)
-        results = [write_shard(fct, plan, shard, h, new_model, log=log) for shard in plan.shards]
+        results = [
+            write_shard(fct, plan, shard, h, new_model, log=log, pages_ahead=pages_ahead)
+            for shard in plan.shards
+        ]
         return publish_shards(fct, plan, results, log=log)
     finally:
         release_table(db, version, me)

@@ -1,9 +1,9 @@
-"""The asset-graph tests share one environment (see env.py): materialised once per session
+"""The asset-graph tests share one environment (see tests/support/env.py): materialised once per session
 (base assets + v2); each test that changes state works on its own model version."""
 
 import pytest
 
-from tests.fct_assets.env import Env, build_env
+from tests.support.env import Env, build_env
 
 
 @pytest.fixture(scope="session")

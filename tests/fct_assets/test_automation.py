@@ -111,11 +111,11 @@ UPGRADE = ("backfilled_gallery", "eval_report", "new_model", "transformation")
 
 def _tick_sensor(env, version: str, auto_upgrade: str) -> dict:
     """Register `version`, then one daemon tick of the real sensor in a fresh process started
-    with FCT_AUTO_UPGRADE=`auto_upgrade` (tests/fct_assets/automation_tick.py): {"running",
+    with FCT_AUTO_UPGRADE=`auto_upgrade` (tests/support/automation_tick.py): {"running",
     "submitted"}. The version is unregistered afterwards (nothing of it was materialised)."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "tests.fct_assets.automation_tick", version],
+            [sys.executable, "-m", "tests.support.automation_tick", version],
             cwd=REPO,
             env={**os.environ, **env.environ(), "FCT_AUTO_UPGRADE": auto_upgrade},
             capture_output=True,

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from fct_assets.lib import storage
 from fct_assets.lib.records import SourceTable
-from fct_assets.upgrade.backfill import _chains
+from fct_assets.upgrade.backfill import chains
 
 OLD, V2, V3 = "old_model@aaa", "new_model:v2@bbb", "new_model:v3@ccc"
 
@@ -17,7 +17,7 @@ def test_a_first_upgrade_chains_the_old_space_unless_the_row_was_re_embedded():
         table=storage.GALLERY_STORE, version=1, column="old_embedding", space_id=OLD
     )
     batch = pa.record_batch({"item_id": pa.array([1, 2, 3], pa.int64())})
-    got = _chains(batch, store, V2, np.array([False, True, False]))
+    got = chains(batch, store, V2, np.array([False, True, False]))
     assert got.to_pylist() == [f"{OLD} > {V2}", V2, f"{OLD} > {V2}"]
 
 
@@ -33,7 +33,7 @@ def test_a_chained_upgrade_extends_each_rows_own_chain():
             "chain": pa.array([f"{OLD} > {V2}", V2, None, "", f"{OLD} > {V2}"]),
         }
     )
-    got = _chains(batch, v2, V3, np.array([False, False, False, False, True]))
+    got = chains(batch, v2, V3, np.array([False, False, False, False, True]))
     assert got.to_pylist() == [
         f"{OLD} > {V2} > {V3}",
         f"{V2} > {V3}",

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from dagster import DagsterInvalidConfigError
 
-from fct_assets.lib.dagster_internals import executor_config, instance_config, validate_config
+from tests.support.dagster_internals import executor_config, instance_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -108,7 +108,7 @@ def test_the_old_model_from_a_checkpoint(env, tmp_path):
     theirs = EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=8, in_channels=1, num_classes=5))
     info = save_checkpoint(tmp_path / "old.safetensors", theirs, name="their_old_model")
     # Its own instance and storage: the shared env's base assets stay as they are.
-    from tests.fct_assets.env import DATASET_CONFIG
+    from tests.support.env import DATASET_CONFIG
 
     home = tmp_path / "home"
     home.mkdir()

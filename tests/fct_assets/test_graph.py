@@ -15,10 +15,10 @@ import pytest
 
 from fct_assets.cli import main as fct_main
 from fct_assets.lib import storage
-from fct_assets.lib.dagster_internals import stale_status
 from fct_assets.lineage.trace import lineage
 from fct_assets.serving.deployment import PromotionError, current, promote, rollback
 from fct_ml.checkpoint import sha256_file
+from tests.support.dagster_internals import stale_status
 
 REPO = Path(__file__).resolve().parents[2]
 UPGRADE = ("new_model", "transformation", "backfilled_gallery", "eval_report")

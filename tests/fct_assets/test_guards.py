@@ -33,7 +33,7 @@ def test_a_deployments_table_written_before_seq_was_a_key_is_migrated(tmp_path):
     first = {"seq": 1, "action": "promote", "version": "v2", "table": "gallery_v2"}
     first |= {"table_version": 3, "space_id": "s@0", "at": "2026-01-01T00:00:00+00:00"}
     db.create_table(storage.DEPLOYMENTS, data=pa.Table.from_pylist([first], old_schema))
-    row = deployment._append(db, "promote", _table("v3", 5))
+    row = deployment.append(db, "promote", _table("v3", 5))
     assert row.seq == 2
     assert guards.has_primary_key(db.open_table(storage.DEPLOYMENTS).schema, "seq")
     # The key refuses a second row with a seq that exists: nothing is inserted.
@@ -44,8 +44,8 @@ def test_a_deployments_table_written_before_seq_was_a_key_is_migrated(tmp_path):
 
 def test_rollback_decides_on_the_history_it_commits_after(tmp_path):
     db = lancedb.connect(str(tmp_path))
-    deployment._append(db, "promote", _table("v2", 1))
-    deployment._append(db, "promote", _table("v3", 1))
+    deployment.append(db, "promote", _table("v2", 1))
+    deployment.append(db, "promote", _table("v3", 1))
     row = deployment.rollback(db)
     assert (row.seq, row.action, row.version) == (3, "rollback", "v2")
     with pytest.raises(deployment.PromotionError, match="nothing is deployed"):
@@ -81,7 +81,7 @@ def test_the_folder_lock_names_its_holder_when_a_writer_gives_up(tmp_path):
         # Promotion waits on it too, and records nothing while it cannot take it.
         with pytest.raises(guards.TableBusyError):
             with guards.local_lock(db, storage.DEPLOYMENTS, wait_s=0.2):
-                deployment._append(db, "promote", _table("v2", 1))
+                deployment.append(db, "promote", _table("v2", 1))
         assert deployment.history(db) == []
     finally:
         holder.kill()

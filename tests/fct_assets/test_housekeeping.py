@@ -24,7 +24,7 @@ def test_old_versions_go_and_the_deployed_ones_stay(tmp_path):
     for i in range(1, 5):  # versions 2..5
         table.add(pa.Table.from_pylist([{"item_id": i}], schema))
     served = VersionTable(version="v2", table="gallery_v2", table_version=2, space_id="s@0")
-    deployment._append(db, "promote", served)
+    deployment.append(db, "promote", served)
     time.sleep(0.05)  # every version older than the retention below
     left = housekeeping.clean_table_versions(db, _dt.timedelta(milliseconds=20))
     versions = {v["version"] for v in db.open_table("gallery_v2").list_versions()}

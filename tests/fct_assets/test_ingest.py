@@ -99,7 +99,7 @@ def test_the_inbox_sensor_launches_one_ingest_run_per_batch(living, tmp_path):
     (inbox / ".partial.png").write_bytes(b"being written")  # a dot-name is not picked up
 
     done = subprocess.run(
-        [sys.executable, "-m", "tests.fct_assets.ingest_tick", "2"],
+        [sys.executable, "-m", "tests.support.ingest_tick", "2"],
         cwd=REPO,
         env={
             **os.environ,

@@ -9,7 +9,7 @@ from fct_assets.lib.event_log import recorded_metadata
 from fct_ml.data import load_dataset, parse_class_list
 from fct_ml.presets import preset
 from fct_ml.reproduce import run_experiment
-from tests.fct_assets.env import DATASET_CONFIG
+from tests.support.env import DATASET_CONFIG
 
 
 def test_reproduce_and_assets_train_the_same_models(env):

@@ -20,7 +20,7 @@ from fct_assets.lib import guards, storage
 from fct_assets.lib.records import BackfilledTable, VersionTable
 from fct_assets.serving import deployment, jobs
 from fct_assets.serving.deployment import PromotionError, check_results, current, promote, rollback
-from tests.fct_assets.check_events import report_materialization, report_planned_check
+from tests.support.check_events import report_materialization, report_planned_check
 
 SPACE = "new_model:v2@0123456789ab"
 
@@ -165,7 +165,7 @@ def test_the_record_is_decided_under_the_deployments_lock(db):
         refused.append(True)
         return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
 
-    assert deployment._record(db, "promote", choose).seq == 1
+    assert deployment.record(db, "promote", choose).seq == 1
     assert refused == [True]
     with guards.local_lock(db, storage.DEPLOYMENTS, wait_s=0):  # released after the commit
         pass
@@ -223,14 +223,14 @@ def test_a_check_at_the_time_of_its_materialisation_is_fresh(instance, db):
     assert promote(instance, db, "v2").table_version == table_version
 
 
-def test_no_guarding_check_promotes_nothing(instance, db, monkeypatch):
+def test_no_guarding_check_promotes_nothing(instance, db):
     # Promotion needs at least one passed blocking check: were no guarded asset to have any,
     # nothing would be promoted, and the refusal says so.
-    monkeypatch.setattr(deployment, "PROMOTION_CHECKS", ())
     _promotable(instance, db, "v2")
-    assert check_results(instance, "v2") == {}
+    results = check_results(instance, "v2", checks=())
+    assert results == {}
     with pytest.raises(PromotionError) as refused:
-        promote(instance, db, "v2")
+        promote(instance, db, "v2", results=results)
     assert (
         str(refused.value) == "version v2 not promoted: blocking checks not passed (no checks ran)"
     )
@@ -470,17 +470,16 @@ def test_a_lost_race_is_decided_again_on_the_new_history(db):
             assert guards.insert_if_absent(db, storage.DEPLOYMENTS, _row(1, "v9"), "seq")
         return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
 
-    row = deployment._record(db, "promote", choose)
+    row = deployment.record(db, "promote", choose)
     assert seen == [[], ["v9"]]
     assert (row.seq, row.version, row.table_version) == (2, "v2", 3)
     assert [r.version for r in deployment.history(db)] == ["v9", "v2"]
 
 
-def test_a_record_that_keeps_losing_gives_up_saying_so(db, monkeypatch):
+def test_a_record_that_keeps_losing_gives_up_saying_so(db):
     from fct_assets.lib import guards
     from fct_assets.lib.records import VersionTable
 
-    monkeypatch.setattr(deployment, "RECORD_ATTEMPTS", 2)
     calls = []
 
     def choose(rows):
@@ -489,32 +488,32 @@ def test_a_record_that_keeps_losing_gives_up_saying_so(db, monkeypatch):
         return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
 
     with pytest.raises(PromotionError) as refused:
-        deployment._record(db, "promote", choose)
+        deployment.record(db, "promote", choose, attempts=2)
     assert str(refused.value) == (
         "promote of v2 not recorded: seq 2 was taken by a concurrent writer 2 times in a row; retry"
     )
     assert calls == [0, 1]
 
 
-def test_a_lost_race_waits_a_random_share_of_a_doubling_back_off(db, monkeypatch):
+def test_a_lost_race_waits_a_random_share_of_a_doubling_back_off(db):
     # After lost race i the writer waits uniform(0, min(0.5, 0.01 * 2**i)) s: 10 ms doubling,
     # at most 0.5 s. The draws come from a seeded generator, so the waits are known; they are
     # recorded, not slept, to keep the test fast.
-    monkeypatch.setattr(deployment, "RECORD_ATTEMPTS", 8)
     waits: list[float] = []
-    monkeypatch.setattr(deployment.time, "sleep", waits.append)
 
     def choose(rows):
         assert guards.insert_if_absent(db, storage.DEPLOYMENTS, _row(len(rows) + 1, "v9"), "seq")
         return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
 
-    state = random.getstate()
-    random.seed(20260101)
-    try:
-        with pytest.raises(PromotionError, match="taken by a concurrent writer 8 times"):
-            deployment._record(db, "promote", choose)
-    finally:
-        random.setstate(state)
+    with pytest.raises(PromotionError, match="taken by a concurrent writer 8 times"):
+        deployment.record(
+            db,
+            "promote",
+            choose,
+            attempts=8,
+            sleep=waits.append,
+            rng=random.Random(20260101),
+        )
     draws = random.Random(20260101)
     bounds = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.5, 0.5]
     assert waits == [draws.uniform(0.0, bound) for bound in bounds]

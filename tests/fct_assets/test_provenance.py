@@ -7,7 +7,7 @@ import textwrap
 import dagster as dg
 import pytest
 
-from fct_assets.lib.provenance import _module_source, code_version, source_units, source_version
+from fct_assets.lib.provenance import code_version, module_source, source_units, source_version
 
 PACKAGES = ("pkg_core", "pkg_assets")
 
@@ -52,13 +52,13 @@ def project(tmp_path, monkeypatch):
         },
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    _module_source.cache_clear()
+    module_source.cache_clear()
     import pkg_assets.assets
 
     yield tmp_path, pkg_assets.assets
     for name in [m for m in sys.modules if m.split(".")[0] in PACKAGES]:
         del sys.modules[name]
-    _module_source.cache_clear()
+    module_source.cache_clear()
 
 
 def test_source_units_follow_calls_and_imports(project):
@@ -87,7 +87,7 @@ def test_an_edit_changes_only_the_versions_of_code_that_reaches_it(project):
 
     (root / "pkg_core/layers.py").write_text("def width():\n    return 8\n")  # reached by fit
     (root / "README.md").write_text("an edit outside the code\n")
-    _module_source.cache_clear()
+    module_source.cache_clear()
     after = {f: source_version(f, PACKAGES) for f in before}
     assert after[assets.model_asset] != before[assets.model_asset]
     assert after[assets.report_asset] == before[assets.report_asset]

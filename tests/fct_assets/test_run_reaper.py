@@ -19,7 +19,7 @@ from fct_assets.ops.run_reaper import (
     run_worker,
     worker_gone,
 )
-from tests.fct_assets.check_events import report_run_worker
+from tests.support.check_events import report_run_worker
 
 
 @dg.op

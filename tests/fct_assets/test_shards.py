@@ -28,7 +28,7 @@ from fct_ml.checkpoint import save_checkpoint
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.training import encode
 from fct_ml.transformation import Transformation, TransformationConfig
-from tests.fct_assets.env import synthetic_store
+from tests.support.env import synthetic_store
 
 BACKFILL = dg.AssetKey("backfilled_gallery")
 

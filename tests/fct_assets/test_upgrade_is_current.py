@@ -14,7 +14,7 @@ from fct_assets.lib.keys import UPGRADE_ASSETS
 from fct_assets.lib.records import VersionTable
 from fct_assets.serving import deployment
 from fct_assets.upgrade.freshness import upgrade_is_current
-from tests.fct_assets.check_events import report_materialization
+from tests.support.check_events import report_materialization
 
 VERSIONS = dg.StaticPartitionsDefinition(["v1", "v2", "v3"])
 OLD_SPACE = "old_model@0123456789ab"
@@ -112,7 +112,7 @@ def _base(instance, name: str = "dataset", timestamp: float | None = None) -> No
 
 def _served(db, version: str, space: str) -> None:
     """The deployment record serves `version`, in `space`, from now on."""
-    deployment._append(
+    deployment.append(
         db,
         "promote",
         VersionTable(version=version, table=f"gallery_{version}", table_version=1, space_id=space),

@@ -20,8 +20,8 @@ from fct_ml.training import TrainConfig, fit, seed_everything
 from fct_ml.transformation import (
     Transformation,
     TransformationConfig,
-    _mlp,
     calibrate_sigma,
+    mlp,
     train_transformation,
     training_features,
     transformation_macs,
@@ -468,9 +468,9 @@ def test_a_rank_with_no_square_layer_to_factorise_is_refused(rank):
 def test_mlp_without_a_rank_keeps_the_listed_steps_full():
     # low_rank only lists the steps a rank would factorise; with no rank given (0: full) every
     # step is one Linear, as in the branches, which are built without a rank.
-    mlp = _mlp([2, 3, 3], plain_last=True, low_rank=[1])
-    assert [type(m).__name__ for m in mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
-    assert (mlp[3].in_features, mlp[3].out_features) == (3, 3) and mlp[3].bias is not None
+    full = mlp([2, 3, 3], plain_last=True, low_rank=[1])
+    assert [type(m).__name__ for m in full] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert (full[3].in_features, full[3].out_features) == (3, 3) and full[3].bias is not None
     # The same step with a rank given is the pair 3 -> 1 -> 3.
-    low = _mlp([2, 3, 3], plain_last=True, rank=1, low_rank=[1])
+    low = mlp([2, 3, 3], plain_last=True, rank=1, low_rank=[1])
     assert [(m.in_features, m.out_features) for m in low[3]] == [(3, 1), (1, 3)]

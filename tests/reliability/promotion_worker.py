@@ -10,7 +10,6 @@ serving `gallery_w<index>` at table version <k>, and prints one JSON line per ro
 the conditional commit alone keeps the seqs apart.
 """
 
-import contextlib
 import json
 import sys
 import time
@@ -18,15 +17,13 @@ from pathlib import Path
 
 import lancedb
 
-from fct_assets.lib import guards
 from fct_assets.lib.records import VersionTable
 from fct_assets.serving import deployment
 
 
 def main() -> None:
     uri, index, promotions, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-    if sys.argv[5:] == ["no-file-lock"]:
-        guards.local_lock = lambda db, name, **kwargs: contextlib.nullcontext()
+    file_lock = sys.argv[5:] != ["no-file-lock"]
     db = lancedb.connect(uri)
     print("ready", flush=True)
     while not go.exists():
@@ -35,7 +32,7 @@ def main() -> None:
         table = VersionTable(
             version=f"w{index}", table=f"gallery_w{index}", table_version=k, space_id="s@0"
         )
-        row = deployment._append(db, "promote", table)
+        row = deployment.append(db, "promote", table, file_lock=file_lock)
         served = deployment.current(db)
         print(json.dumps({"seq": row.seq, "worker": index, "k": k, "served_seq": served.seq}))
         sys.stdout.flush()

@@ -33,7 +33,7 @@ from fct_ml.presets import preset
 from fct_ml.retrieval import retrieve
 from fct_ml.training import TrainConfig
 from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
-from tests.fct_assets.env import synthetic_store
+from tests.support.env import synthetic_store
 
 CATEGORY = "bad input"
 

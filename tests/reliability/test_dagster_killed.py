@@ -27,7 +27,7 @@ from fct_assets.lib.keys import NO_OP_TAG
 from fct_assets.lib.partitions import add_model_version
 from fct_assets.lib.records import BackfilledTable
 from fct_assets.serving.deployment import current, promote
-from tests.fct_assets.env import build_env
+from tests.support.env import build_env
 from tests.ui.server import DagsterDev
 
 REPO = Path(__file__).resolve().parents[2]

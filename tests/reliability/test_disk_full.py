@@ -14,7 +14,7 @@ import pytest
 
 from fct_assets.lib import storage
 from fct_assets.lib.records import VersionTable
-from fct_assets.serving.deployment import _append, current, search
+from fct_assets.serving.deployment import append, current, search
 
 SPACE = "new@000000000002"
 DIM = 64
@@ -78,7 +78,7 @@ def test_disk_full_during_publish_publishes_nothing(small_disk, reliability):
 
     db = lancedb.connect(str(small_disk / "lancedb"))
     first = storage.publish(db, "gallery_v2", _schema(), _rows(2000, 0))
-    served = _append(
+    served = append(
         db,
         "promote",
         VersionTable(

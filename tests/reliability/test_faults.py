@@ -25,7 +25,7 @@ from fct_assets.lib.records import Deployment
 from fct_assets.serving.deployment import current, promote, search
 from fct_ml.backfill import apply_transformation
 from fct_ml.checkpoint import load_checkpoint
-from tests.fct_assets.env import build_env
+from tests.support.env import build_env
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("backfill_worker.py")

@@ -25,7 +25,7 @@ from fct_assets.ingest.ingest import content_id
 from fct_assets.lib import guards, storage
 from fct_assets.serving.deployment import current, history, promote
 from fct_assets.upgrade.backfill import claim_table, release_table
-from tests.fct_assets.env import build_env
+from tests.support.env import build_env
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("backfill_worker.py")

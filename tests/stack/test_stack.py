@@ -200,10 +200,10 @@ def test_wrong_credentials_are_a_one_line_error_naming_the_endpoint(stack, monke
 
     # A checkpoint write through the IO managers' path (s3fs): the same one line, no object.
     path = store_path("s3://fct-bucket/fct/checkpoints/wrong.safetensors")
-    from fct_assets.lib.io_managers import _write_atomically
+    from fct_assets.lib.io_managers import write_atomically
 
     with pytest.raises(OSError) as err:
-        _write_atomically(path, b"weights")
+        write_atomically(path, b"weights")
     message = str(err.value)
     assert "\n" not in message and stack.s3.endpoint in message
     assert "refused the credentials" in message

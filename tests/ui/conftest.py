@@ -46,7 +46,7 @@ def ui_root(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         from fct_assets.definitions import build_defs
 
         instance = dg.DagsterInstance.get()
-        from tests.fct_assets.env import DATASET_CONFIG
+        from tests.support.env import DATASET_CONFIG
 
         assert (
             build_defs()

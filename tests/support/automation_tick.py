@@ -3,7 +3,7 @@ loaded from `fct_assets.definitions` in this fresh process (so FCT_AUTO_UPGRADE 
 deployment's start), and one asset-daemon iteration evaluates the automation sensors that are
 running.
 
-    python -m tests.fct_assets.automation_tick VERSION
+    python -m tests.support.automation_tick VERSION
 
 Ticks once (a baseline: the sensor's first evaluation only records the state it starts from),
 registers model version VERSION, ticks again once the sensor's minimum interval (30 s) has
@@ -11,7 +11,7 @@ passed, and prints as JSON whether the daemon found the sensor running and what 
 submitted: {"running": bool, "submitted": [{"assets": [...], "partition": ...} | {"backfill":
 id}]}. Runs are queued (the instance's default run coordinator, with no daemon dequeuing) and
 deleted afterwards, backfills cancelled, so nothing executes. The instance and storage come from
-the environment (tests/fct_assets/env.py: Env.environ()).
+the environment (tests/support/env.py: Env.environ()).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Ticks of the real inbox sensor, as the Dagster sensor daemon runs them, in a fresh process
 (the code location loaded from `fct_assets.definitions`, FCT_INBOX read from the environment).
 
-    python -m tests.fct_assets.ingest_tick TICKS
+    python -m tests.support.ingest_tick TICKS
 
 Ticks TICKS times, waiting out the sensor's minimum interval between ticks, and prints as JSON
 what each tick submitted: [[{"partition", "run_config", "tags"}, ...], ...]. Runs are queued
@@ -18,7 +18,7 @@ import time
 import dagster as dg
 
 from fct_assets.ingest.assets import inbox_interval
-from fct_assets.lib.dagster_internals import tick_sensors
+from tests.support.dagster_internals import tick_sensors
 
 
 def main(ticks: int) -> None:
