@@ -13,6 +13,7 @@ safetensors, tqdm). One file per concept:
     bct.py             the BCT baseline
     losses.py          every loss, returning named parts
     training.py        the one training loop, device policy, seeding, frozen encoders
+    trainers.py        one trainer per model: its objective through the one training loop
     retrieval.py       CMC top-k and mAP in bounded memory
     backfill.py        applying h to stored vectors; backfilling curves and their area
     evaluation.py      the paper's cases (query/gallery pairs) and the gap closed

@@ -31,8 +31,9 @@ from fct_ml.data import DataError, load_dataset, parse_class_list
 from fct_ml.models import EmbeddingModel, ModelConfig, build_model
 from fct_ml.presets import preset
 from fct_ml.retrieval import retrieve
+from fct_ml.trainers import train_transformation
 from fct_ml.training import TrainConfig
-from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
+from fct_ml.transformation import Transformation, TransformationConfig
 from tests.fct_assets.env import synthetic_store
 
 CATEGORY = "bad input"
