@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fct_ml.chain import run_chain
-    from fct_ml.data import load_dataset, parse_class_list
-    from fct_ml.datasets import default_old_classes
+    from fct_ml.data import parse_class_list
+    from fct_ml.datasets import default_old_classes, load_dataset
     from fct_ml.presets import preset
 
     torch.set_num_threads(2)

@@ -19,7 +19,8 @@ import torch
 
 from fct_ml.augment import AugmentConfig
 from fct_ml.backfill import apply_transformation
-from fct_ml.models import ModelConfig, train_embedding_model
+from fct_ml.models import ModelConfig
+from fct_ml.trainers import train_embedding_model
 from fct_ml.training import TrainConfig, encode, resolve_device
 from fct_ml.transformation import Transformation, TransformationConfig
 

@@ -55,8 +55,8 @@ from fct_ml import pipeline
 from fct_ml.backfill import apply_transformation, backfill_summary
 from fct_ml.checkpoint import load_checkpoint, save_checkpoint
 from fct_ml.config import replace
-from fct_ml.data import Dataset, load_dataset, parse_class_list
-from fct_ml.datasets import default_old_classes
+from fct_ml.data import Dataset, parse_class_list
+from fct_ml.datasets import default_old_classes, load_dataset
 from fct_ml.evaluation import evaluate_cases
 from fct_ml.models import EmbeddingModel
 from fct_ml.presets import ExperimentConfig, preset

@@ -13,13 +13,18 @@ safetensors, tqdm). One file per concept:
     bct.py             the BCT baseline
     losses.py          every loss, returning named parts
     training.py        the one training loop, device policy, seeding, frozen encoders
+    trainers.py        one trainer per model: its objective through the one training loop
     retrieval.py       CMC top-k and mAP in bounded memory
     backfill.py        applying h to stored vectors; backfilling curves and their area
     evaluation.py      the paper's cases (query/gallery pairs) and the gap closed
     checkpoint.py      safetensors checkpoints with sha256, content digests, space ids
+    external.py        models from outside: checkpoint and TorchScript files, checked on a probe
+    torchscript.py     a TorchScript embedding model kept as its archive's bytes and preprocessing
     presets.py         the experiment configurations (tiny, demo, cpu, ..., paper)
     pipeline.py        the stages that train and connect the models (reproduce and the assets)
     reproduce.py       the paper's experiment end to end
+    chain.py           two upgrades in a row (old -> v2 -> v3) with the pipeline's stages
+    progress.py        stage progress and an overall ETA for `fct reproduce`
     cli.py             `fct reproduce`
     config.py          typed, closed configuration from dicts
 """

@@ -7,16 +7,15 @@ old gallery, at the price of the new model's quality.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fct_ml.augment import AugmentConfig, to_float
-from fct_ml.losses import BCTObjective
-from fct_ml.models import EmbeddingModel, ModelConfig
+from fct_ml.augment import to_float
+from fct_ml.models import EmbeddingModel
 from fct_ml.retrieval import Metric
-from fct_ml.training import EpochRecord, TrainConfig, encode, fit, prepare_model, seed_everything
+from fct_ml.training import encode
 
 
 @dataclass(frozen=True)
@@ -66,53 +65,3 @@ def extended_old_classifier(
     for c, i in seen.items():
         rows[c] = weight[i]
     return rows
-
-
-def train_bct_model(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    config: ModelConfig,
-    train: TrainConfig,
-    bct: BCTConfig,
-    old_classifier: torch.Tensor,
-    aug: AugmentConfig,
-    *,
-    device: torch.device,
-    seed: int,
-    old_config: ModelConfig | None = None,
-    old_model: EmbeddingModel | None = None,
-    progress: bool = True,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
-) -> tuple[EmbeddingModel, list[EpochRecord]]:
-    """Train a BCT model on all classes; `old_classifier` (num_classes, D) from
-    `extended_old_classifier`, scored as the old model (`old_config`) scores it. `old_model`
-    (frozen) is needed when `bct.alignment_weight > 0`."""
-    if old_classifier.shape[1] != config.embed_dim:
-        raise ValueError(
-            f"BCT: the new embed_dim ({config.embed_dim}) must equal the old one"
-            f" ({old_classifier.shape[1]})"
-        )
-    generator = seed_everything(seed)
-    model = prepare_model(EmbeddingModel(config), device)
-    objective = BCTObjective(
-        model,
-        old_classifier.to(device),
-        aug,
-        train.label_smoothing,
-        bct.influence_weight,
-        generator,
-        old_config=old_config,
-        alignment_weight=bct.alignment_weight,
-        old_model=prepare_model(old_model, device) if old_model is not None else None,
-    )
-    history = fit(
-        model,
-        objective,
-        (images, labels),
-        train,
-        generator=generator,
-        desc="bct_model",
-        progress=progress,
-        on_epoch=on_epoch,
-    )
-    return model, history

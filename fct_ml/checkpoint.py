@@ -23,8 +23,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fct_ml.config import ConfigError, from_dict
-from fct_ml.external import TorchScriptConfig, TorchScriptModel
 from fct_ml.models import EmbeddingModel, ModelConfig
+from fct_ml.torchscript import TorchScriptConfig, TorchScriptModel
 from fct_ml.transformation import Transformation, TransformationConfig
 
 
@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 MODEL_KINDS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
     "embedding_model": (ModelConfig, EmbeddingModel),
     "transformation": (TransformationConfig, Transformation),
-    # An external TorchScript model: its archive as a uint8 tensor (fct_ml/external.py).
+    # An external TorchScript model: its archive as a uint8 tensor (fct_ml/torchscript.py).
     "torchscript": (TorchScriptConfig, TorchScriptModel),
 }
 

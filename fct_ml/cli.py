@@ -10,8 +10,8 @@ from pathlib import Path
 
 def _reproduce(args: argparse.Namespace) -> int:
     # Imports here keep `fct --help` fast (torch takes seconds to import).
-    from fct_ml.data import load_dataset, parse_class_list
-    from fct_ml.datasets import default_old_classes
+    from fct_ml.data import parse_class_list
+    from fct_ml.datasets import default_old_classes, load_dataset
     from fct_ml.presets import preset
     from fct_ml.progress import StageProgress, reproduce_stages
     from fct_ml.reproduce import dumps, format_table, run_experiment

@@ -6,7 +6,7 @@ anything: data comes from local files (or, for ``digits``, from the copy that
 ships inside scikit-learn). Bad input raises :class:`DataError` with a single
 line naming the culprit, so callers can show it to a user unchanged.
 
-Supported specs (see :func:`load_dataset`):
+Supported specs (loaded by spec with :func:`fct_ml.datasets.load_dataset`):
 
 * ``fashion-mnist`` -- IDX files (plain or ``.gz``), 10 classes, 1x28x28.
 * ``digits``        -- scikit-learn's 8x8 digits, 10 classes, 1x8x8.
@@ -37,7 +37,6 @@ __all__ = [
     "DataError",
     "Dataset",
     "ImageSet",
-    "load_dataset",
     "load_imagefolder",
     "parse_class_list",
     "read_idx",
@@ -658,28 +657,8 @@ def load_imagefolder(path: str | os.PathLike[str], image_size: int = 32) -> Data
 
 
 # --------------------------------------------------------------------------- #
-# Registry and entry points
+# Class lists
 # --------------------------------------------------------------------------- #
-
-
-def load_dataset(spec: str, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
-    """Load a dataset by spec: a key of fct_ml.datasets.DATASETS, or KEY:PATH for a dataset that
-    takes a path (``imagefolder:PATH``, loaded at 32x32; call load_imagefolder for another size).
-
-    ``data_dir`` is passed to the other loaders; relative paths are resolved against the working
-    directory.
-    """
-    from fct_ml.datasets import entry
-
-    found = entry(spec)
-    key, _, path = spec.partition(":")
-    if found.takes_path:
-        if not path.strip():
-            raise DataError(f"dataset spec {spec!r}: expected {key}:PATH with a non-empty PATH")
-        return found.load(path)
-    if path:
-        raise DataError(f"dataset spec {spec!r}: {key} takes no path; pass a data folder instead")
-    return found.load(str(data_dir) if data_dir is not None else None)
 
 
 _CLASS_ITEM = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")

@@ -9,31 +9,25 @@
 Every external file is read once, its sha256 computed (and compared with the one given, if
 any), and the model is refused with one line naming the problem when it cannot load, gives
 another dim than declared, or gives NaN/Inf (or no (N, D) matrix) for the probe batch. A
-TorchScript model is kept as a `TorchScriptModel`: the archive's bytes as a uint8 tensor plus
-its preprocessing, so it is checkpointed (safetensors, sha256 verified on load) like any model.
+TorchScript model is kept as a `fct_ml.torchscript.TorchScriptModel`: the archive's bytes as a
+uint8 tensor plus its preprocessing, so it is checkpointed (safetensors, sha256 verified on load)
+like any model.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from fct_ml.checkpoint import CheckpointError, load_checkpoint_bytes
+from fct_ml.models import EmbeddingModel
+from fct_ml.torchscript import TorchScriptConfig, TorchScriptModel, load_scripted
 
 KINDS = ("train", "checkpoint", "torchscript")
-
-
-def _jit_load(blob: bytes, device) -> torch.jit.ScriptModule:
-    # torch 2.14 marks TorchScript deprecated in favour of torch.export; teams still ship
-    # TorchScript files, which is what this source reads, so its FutureWarning is not news here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(io.BytesIO(blob), map_location=device)
 
 
 class ModelSourceError(ValueError):
@@ -73,59 +67,6 @@ class Preprocessing:
     std: float = 1.0
 
 
-@dataclass(frozen=True)
-class TorchScriptConfig:
-    """A TorchScript embedding model: its archive's size, dims and preprocessing."""
-
-    embed_dim: int
-    in_channels: int  # channels of the images fed to it (the gallery's)
-    archive_bytes: int
-    size: int = 0
-    channels: int = 0
-    mean: float = 0.0
-    std: float = 1.0
-    source_sha256: str = ""  # sha256 of the TorchScript file it was read from
-    num_classes: int = 0  # no classifier: h trains without FastFill's cross-entropy
-
-
-class TorchScriptModel(nn.Module):
-    """x (N, C, H, W) floats in [0, 1] -> (N, embed_dim): preprocessing, then the scripted module."""
-
-    def __init__(self, config: TorchScriptConfig):
-        super().__init__()
-        self.config = config
-        self.classifier = None
-        self.register_buffer("archive", torch.zeros(config.archive_bytes, dtype=torch.uint8))
-        # Frozen/encode find the device through the parameters; a TorchScript module's own
-        # weights live inside the archive, so an empty parameter anchors the device.
-        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
-        self._scripted: torch.jit.ScriptModule | None = None
-        self._loaded_from: int | None = None
-
-    def scripted(self) -> torch.jit.ScriptModule:
-        key = int(self.archive.data_ptr()) if self.archive.numel() else 0
-        if self._scripted is None or self._loaded_from != key:
-            blob = self.archive.detach().cpu().numpy().tobytes()
-            self._scripted = _jit_load(blob, self.anchor.device)
-            self._scripted.eval()
-            self._loaded_from = key
-        return self._scripted
-
-    def _apply(self, fn, *args, **kwargs):
-        self._scripted = None  # moved to another device: reload next time, there
-        return super()._apply(fn, *args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        x = x.float()
-        if c.channels and x.shape[1] != c.channels:
-            x = x.mean(1, keepdim=True) if c.channels == 1 else x.expand(-1, c.channels, -1, -1)
-        if c.size and tuple(x.shape[2:]) != (c.size, c.size):
-            x = F.interpolate(x, size=(c.size, c.size), mode="bilinear", align_corners=False)
-        x = (x - c.mean) / c.std
-        return self.scripted()(x)
-
-
 def _sha256(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
@@ -158,9 +99,6 @@ def load_external(
     """(the model, the file's sha256) of a `checkpoint:` or `torchscript:` source, checked on
     `probe` ((N, C, H, W) uint8 images of the gallery): refused unless it gives finite (N, D)
     embeddings with D == `embed_dim` (when declared)."""
-    from fct_ml.checkpoint import CheckpointError, load_checkpoint_bytes
-    from fct_ml.models import EmbeddingModel
-
     blob, digest = _read(source, expected_sha256)
     if source.kind == "checkpoint":
         try:
@@ -178,7 +116,7 @@ def load_external(
             )
     elif source.kind == "torchscript":
         try:
-            scripted = _jit_load(blob, "cpu")
+            scripted = load_scripted(blob, "cpu")
         except Exception as err:  # RuntimeError, ValueError: the archive is not TorchScript
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ModelSourceError(f"{source}: not a TorchScript archive ({reason})") from None
@@ -203,8 +141,6 @@ def load_external(
         raise ModelSourceError(f"{source}: not an external model source")
     dim = _probe(model.eval(), probe, str(source), embed_dim)
     if isinstance(model, TorchScriptModel) and model.config.embed_dim != dim:
-        from dataclasses import replace
-
         fixed = TorchScriptModel(replace(model.config, embed_dim=dim))
         fixed.archive.copy_(model.archive)
         model = fixed.eval()

@@ -8,19 +8,14 @@ L2-normalised: retrieval uses raw L2 distance.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fct_ml.backbones import BACKBONES
-
-if TYPE_CHECKING:  # annotations only; training.py is imported lazily where a model is trained
-    from fct_ml.augment import AugmentConfig
-    from fct_ml.training import EpochRecord, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -86,42 +81,3 @@ def classifier_logits(
 
 def build_model(config: ModelConfig) -> EmbeddingModel:
     return EmbeddingModel(config)
-
-
-def train_embedding_model(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    config: ModelConfig,
-    train: TrainConfig,
-    aug: AugmentConfig,
-    *,
-    device: torch.device,
-    seed: int,
-    progress: bool = True,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
-    desc: str = "model",
-) -> tuple[EmbeddingModel, list[EpochRecord]]:
-    """Supervised training (cross-entropy, label smoothing) on images (N, C, H, W) uint8, labels (N,)
-    in [0, config.num_classes). Used for the old and the new model."""
-    from fct_ml.losses import ClassificationObjective
-    from fct_ml.training import fit, prepare_model, seed_everything
-
-    if labels.numel() and (labels.min() < 0 or labels.max() >= config.num_classes):
-        raise ValueError(
-            f"{desc}: labels must lie in [0, {config.num_classes}), got"
-            f" {labels.min()}..{labels.max()}"
-        )
-    generator = seed_everything(seed)
-    model = prepare_model(EmbeddingModel(config), device)
-    objective = ClassificationObjective(model, aug, train.label_smoothing, generator)
-    history = fit(
-        model,
-        objective,
-        (images, labels),
-        train,
-        generator=generator,
-        desc=desc,
-        progress=progress,
-        on_epoch=on_epoch,
-    )
-    return model, history

@@ -23,15 +23,20 @@ from dataclasses import dataclass
 import torch
 
 from fct_ml.augment import to_float
-from fct_ml.bct import extended_old_classifier, train_bct_model
+from fct_ml.bct import extended_old_classifier
 from fct_ml.config import replace
 from fct_ml.data import DataError, Dataset, ImageSet, split_validation
 from fct_ml.datasets import policy_for
-from fct_ml.models import EmbeddingModel, ModelConfig, train_embedding_model
+from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.presets import ExperimentConfig
-from fct_ml.side_info import train_side_info_model
+from fct_ml.trainers import (
+    train_bct_model,
+    train_embedding_model,
+    train_side_info_model,
+    train_transformation,
+)
 from fct_ml.training import EpochRecord, encode
-from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
+from fct_ml.transformation import Transformation, TransformationConfig
 from fct_ml.transformation import training_features as _features_of
 
 OnEpoch = Callable[[EpochRecord], None] | None

@@ -6,16 +6,12 @@ the old model is deployed, and stored beside every gallery item's old embedding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from fct_ml.augment import AugmentConfig
-from fct_ml.losses import SimCLRObjective
 from fct_ml.models import EmbeddingModel, ModelConfig
-from fct_ml.training import EpochRecord, TrainConfig, fit, prepare_model, seed_everything
 
 
 @dataclass(frozen=True)
@@ -40,35 +36,3 @@ class SimCLRModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(x))
-
-
-def train_side_info_model(
-    images: torch.Tensor,
-    config: SideInfoConfig,
-    train: TrainConfig,
-    aug: AugmentConfig,
-    *,
-    device: torch.device,
-    seed: int,
-    progress: bool = True,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
-) -> tuple[EmbeddingModel, list[EpochRecord]]:
-    """Train psi on (N, C, H, W) uint8 images, no labels; returns the encoder (side-info model)."""
-    if config.model.num_classes != 0:
-        raise ValueError(
-            "side-info model: model.num_classes must be 0 (it is trained without labels)"
-        )
-    generator = seed_everything(seed)
-    model = prepare_model(SimCLRModel(config), device)
-    objective = SimCLRObjective(model, aug, config.temperature, generator)
-    history = fit(
-        model,
-        objective,
-        (images,),
-        train,
-        generator=generator,
-        desc="side_info_model",
-        progress=progress,
-        on_epoch=on_epoch,
-    )
-    return model.encoder.eval(), history

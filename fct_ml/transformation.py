@@ -13,7 +13,7 @@ a low-rank variant (`inner_rank`) exist for the quality-cost frontier of h
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +21,8 @@ import torch.nn as nn
 
 from fct_ml.augment import AugmentConfig, augment, to_float
 from fct_ml.config import ConfigError
-from fct_ml.losses import FastFillObjective, TransformationObjective
-from fct_ml.models import EmbeddingModel, ModelConfig
-from fct_ml.training import EpochRecord, Frozen, TrainConfig, fit, seed_everything
+from fct_ml.models import EmbeddingModel
+from fct_ml.training import Frozen, seed_everything
 
 
 @dataclass(frozen=True)
@@ -154,69 +153,6 @@ class Transformation(nn.Module):
         # loss would otherwise shift every output along the head's weight, off the new model's
         # distribution.
         return pred, self.sigma_head(pred.detach()).squeeze(1) + self.sigma_offset
-
-
-def train_transformation(
-    old_embedding: torch.Tensor,
-    side_info: torch.Tensor,
-    new_embedding: torch.Tensor,
-    labels: torch.Tensor,
-    config: TransformationConfig,
-    train: TrainConfig,
-    *,
-    device: torch.device,
-    seed: int,
-    new_classifier: torch.Tensor | None = None,
-    new_config: ModelConfig | None = None,
-    progress: bool = True,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
-    desc: str = "transformation",
-) -> tuple[Transformation, list[EpochRecord]]:
-    """Fit h on aligned features of the training set (each (N, dim), labels (N,)).
-
-    With `config.uncertainty` the FastFill loss is used, which needs the frozen new model's
-    classifier weight `new_classifier` (num_classes, new_dim), scored as `new_config` says.
-    """
-    for name, t in (
-        ("old_embedding", old_embedding),
-        ("side_info", side_info),
-        ("new_embedding", new_embedding),
-    ):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name}: contains NaN or Inf; cannot train the transformation on it")
-    if old_embedding.shape[1] != config.old_dim or new_embedding.shape[1] != config.new_dim:
-        raise ValueError(
-            f"transformation dims: expected old {config.old_dim} and new {config.new_dim}, "
-            f"got old {old_embedding.shape[1]} and new {new_embedding.shape[1]}"
-        )
-    if config.side_info and side_info.shape[1] != config.side_info_dim:
-        raise ValueError(
-            f"side_info: expected dim {config.side_info_dim}, got {side_info.shape[1]}"
-        )
-    generator = seed_everything(seed)
-    h = Transformation(config).to(device)
-    if config.uncertainty:
-        if new_classifier is None:
-            raise ValueError("FastFill needs the new model's classifier weight")
-        objective = FastFillObjective(
-            h, new_classifier.to(device), new_config, ce_weight=config.ce_weight
-        )
-    else:
-        objective = TransformationObjective(h)
-    data = (old_embedding.float(), side_info.float(), new_embedding.float(), labels)
-    history = fit(
-        h,
-        objective,
-        data,
-        train,
-        generator=generator,
-        desc=desc,
-        progress=progress,
-        on_epoch=on_epoch,
-    )
-    if config.uncertainty:
-        calibrate_sigma(h, data[0], data[1], data[2])
-    return h, history
 
 
 @torch.no_grad()

@@ -17,15 +17,19 @@ from pathlib import Path
 import torch
 
 from fct_ml.augment import to_float
-from fct_ml.bct import extended_old_classifier, train_bct_model
+from fct_ml.bct import extended_old_classifier
 from fct_ml.config import replace
 from fct_ml.data import load_fashion_mnist, split_validation
 from fct_ml.datasets import policy_for
-from fct_ml.models import train_embedding_model
 from fct_ml.presets import preset
-from fct_ml.side_info import train_side_info_model
+from fct_ml.trainers import (
+    train_bct_model,
+    train_embedding_model,
+    train_side_info_model,
+    train_transformation,
+)
 from fct_ml.training import encode
-from fct_ml.transformation import TransformationConfig, train_transformation, training_features
+from fct_ml.transformation import TransformationConfig, training_features
 
 CACHE = Path("runs/cache")
 VAL_FRACTION = 0.1

@@ -213,6 +213,6 @@ class FctResource(dg.ConfigurableResource):
 
 @lru_cache(maxsize=2)
 def _load_dataset_cached(spec: str, data_dir: str | None):
-    from fct_ml.data import load_dataset
+    from fct_ml.datasets import load_dataset
 
     return load_dataset(spec, data_dir)

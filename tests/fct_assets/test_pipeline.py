@@ -6,7 +6,8 @@ from __future__ import annotations
 import dagster as dg
 
 from fct_assets.lib.event_log import recorded_metadata
-from fct_ml.data import load_dataset, parse_class_list
+from fct_ml.data import parse_class_list
+from fct_ml.datasets import load_dataset
 from fct_ml.presets import preset
 from fct_ml.reproduce import run_experiment
 from tests.support.env import DATASET_CONFIG

@@ -18,8 +18,9 @@ from fct_ml.backfill import (
     with_expected_error,
 )
 from fct_ml.retrieval import pairwise_distance
+from fct_ml.trainers import train_transformation
 from fct_ml.training import TrainConfig
-from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
+from fct_ml.transformation import Transformation, TransformationConfig
 
 # --------------------------------------------------------------------------- #
 # backfill_order

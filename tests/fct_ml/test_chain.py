@@ -4,7 +4,7 @@ gap closed is computed from the cases as gap_closed says."""
 import pytest
 
 from fct_ml.chain import run_chain
-from fct_ml.data import load_dataset
+from fct_ml.datasets import load_dataset
 from fct_ml.evaluation import gap_closed
 from fct_ml.presets import preset
 

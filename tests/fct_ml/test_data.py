@@ -17,13 +17,12 @@ from fct_ml.data import (
     DataError,
     Dataset,
     ImageSet,
-    load_dataset,
     load_imagefolder,
     parse_class_list,
     read_idx,
     split_validation,
 )
-from fct_ml.datasets import DATASETS
+from fct_ml.datasets import DATASETS, load_dataset
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

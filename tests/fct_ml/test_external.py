@@ -11,11 +11,11 @@ from fct_ml.external import (
     ModelSource,
     ModelSourceError,
     Preprocessing,
-    TorchScriptModel,
     load_external,
     parse_source,
 )
 from fct_ml.models import EmbeddingModel, ModelConfig
+from fct_ml.torchscript import TorchScriptModel
 from fct_ml.transformation import Transformation, TransformationConfig
 
 PROBE = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)

@@ -1,7 +1,7 @@
-"""Tests for fct_ml.transformation, fast: training h on sixteen vectors (two epochs), sigma's
-calibration and the training features worked out by hand, and the refusals of bad input;
-h's inner depth, low-rank variant, parameter count and multiply-accumulates by hand.
-tests/fct_ml/test_models.py checks h's layout and shapes."""
+"""Tests for fct_ml.transformation, fast: sigma's calibration and the training features worked
+out by hand; h's inner depth, low-rank variant, parameter count and multiply-accumulates by hand.
+tests/fct_ml/test_models.py checks h's layout and shapes, tests/fct_ml/test_trainers.py training
+h and its refusals of bad input."""
 
 from __future__ import annotations
 
@@ -14,24 +14,17 @@ import torch.nn as nn
 
 from fct_ml.augment import AugmentConfig, augment, to_float
 from fct_ml.config import ConfigError, from_dict, replace
-from fct_ml.losses import FastFillObjective, TransformationObjective
-from fct_ml.models import ModelConfig
-from fct_ml.training import TrainConfig, fit, seed_everything
+from fct_ml.training import seed_everything
 from fct_ml.transformation import (
     Transformation,
     TransformationConfig,
     calibrate_sigma,
     mlp,
-    train_transformation,
     training_features,
     transformation_macs,
 )
 
 TINY = dict(old_dim=3, side_info_dim=2, new_dim=2, branch_width=4, inner_width=4)
-TRAIN = TrainConfig(
-    epochs=2, batch_size=8, optimizer="adam", lr=1e-2, weight_decay=0.0, warmup_epochs=0.0
-)
-CPU = torch.device("cpu")
 
 
 def test_the_defaults_are_the_official_recipe():
@@ -61,152 +54,6 @@ def _features(n: int = 16):
     new = torch.randn(n, 2, generator=g)
     labels = torch.arange(n) % 3
     return old, side, new, labels
-
-
-def _same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_training_h_is_fit_of_the_l2_objective_from_the_seed():
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY)
-    h, history = train_transformation(
-        old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=False
-    )
-    # The same training spelled out: seed, h, FCT's L2 objective, the one training loop.
-    generator = seed_everything(5)
-    expected = Transformation(config)
-    expected_history = fit(
-        expected,
-        TransformationObjective(expected),
-        (old, side, new, labels),
-        TRAIN,
-        generator=generator,
-        progress=False,
-    )
-    assert _same_weights(h, expected)
-    assert [r.parts for r in history] == [r.parts for r in expected_history]
-    assert set(history[0].parts) == {"loss", "sq_error"}
-    assert len(history) == 2 and not h.training
-    assert float(h.sigma_offset) == 0.0  # no sigma head, nothing calibrated
-    # Another seed trains another h.
-    other, _ = train_transformation(
-        old, side, new, labels, config, TRAIN, device=CPU, seed=6, progress=False
-    )
-    assert not _same_weights(h, other)
-
-
-def test_fastfill_training_uses_the_new_classifier_as_scored_and_calibrates_sigma():
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY, uncertainty=True, ce_weight=0.5)
-    classifier = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
-    cosine = ModelConfig(classifier="cosine")
-    records = []
-    h, history = train_transformation(
-        old,
-        side,
-        new,
-        labels,
-        config,
-        TRAIN,
-        device=CPU,
-        seed=5,
-        new_classifier=classifier,
-        new_config=cosine,
-        progress=False,
-        on_epoch=records.append,
-    )
-    generator = seed_everything(5)
-    expected = Transformation(config)
-    fit(
-        expected,
-        FastFillObjective(expected, classifier, cosine, ce_weight=0.5),
-        (old, side, new, labels),
-        TRAIN,
-        generator=generator,
-        progress=False,
-    )
-    expected_offset = calibrate_sigma(expected, old, side, new)
-    assert _same_weights(h, expected)
-    assert float(h.sigma_offset) == pytest.approx(expected_offset, abs=1e-6)
-    assert set(history[0].parts) == {"loss", "sq_error", "ce", "sigma"}
-    assert records == history  # on_epoch saw every epoch's record
-    # After calibration exp(sigma) is, on average, h's squared error on its training features.
-    with torch.no_grad():
-        pred, sigma = h.eval().forward_with_sigma(old, side)
-    sq = (pred - new).pow(2).sum(1)
-    assert float(sigma.exp().mean()) == pytest.approx(float(sq.mean()), rel=1e-4)
-
-
-def test_training_h_shows_a_progress_bar_only_when_asked(capsys):
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY)
-    train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=False)
-    assert capsys.readouterr().err == ""
-    train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=True)
-    # tqdm's bar on stderr, named after the stage: 2 epochs of 16 // 8 = 2 steps each.
-    assert "transformation: 100%" in capsys.readouterr().err
-
-
-def test_fastfill_needs_the_new_classifier():
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY, uncertainty=True)
-    with pytest.raises(ValueError, match="^FastFill needs the new model's classifier weight$"):
-        train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=0)
-
-
-@pytest.mark.parametrize("bad", ["old_embedding", "side_info", "new_embedding"])
-def test_a_nan_input_is_refused_naming_it(bad):
-    old, side, new, labels = _features()
-    inputs = {"old_embedding": old, "side_info": side, "new_embedding": new}
-    inputs[bad] = inputs[bad].clone()
-    inputs[bad][3, 1] = float("inf") if bad == "side_info" else float("nan")
-    with pytest.raises(
-        ValueError, match=f"^{bad}: contains NaN or Inf; cannot train the transformation on it$"
-    ):
-        train_transformation(
-            inputs["old_embedding"],
-            inputs["side_info"],
-            inputs["new_embedding"],
-            labels,
-            TransformationConfig(**TINY),
-            TRAIN,
-            device=CPU,
-            seed=0,
-        )
-
-
-def test_wrong_dims_are_refused_naming_both():
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY)
-    message = r"^transformation dims: expected old 3 and new 2, got old 4 and new 2$"
-    with pytest.raises(ValueError, match=message):
-        train_transformation(
-            torch.zeros(16, 4), side, new, labels, config, TRAIN, device=CPU, seed=0
-        )
-    message = r"^transformation dims: expected old 3 and new 2, got old 3 and new 5$"
-    with pytest.raises(ValueError, match=message):
-        train_transformation(
-            old, side, torch.zeros(16, 5), labels, config, TRAIN, device=CPU, seed=0
-        )
-    with pytest.raises(ValueError, match=r"^side_info: expected dim 2, got 4$"):
-        train_transformation(
-            old, torch.zeros(16, 4), new, labels, config, TRAIN, device=CPU, seed=0
-        )
-    # Without side-info its width is not checked (h reads the old embedding twice).
-    h, _ = train_transformation(
-        old,
-        torch.zeros(16, 4),
-        new,
-        labels,
-        TransformationConfig(**TINY, side_info=False),
-        TRAIN,
-        device=CPU,
-        seed=0,
-        progress=False,
-    )
-    assert h.side_branch[0].in_features == 3
 
 
 # ---------------------------------------------------------------- sigma and its calibration
@@ -315,14 +162,6 @@ def test_training_features_draw_augmentations_from_their_generator_not_the_globa
     after = torch.rand(4)
     seed_everything(7)
     assert torch.equal(after, torch.rand(4))
-
-
-def test_no_training_data_is_refused_naming_the_stage():
-    old, side, new, labels = (t[:0] for t in _features())
-    with pytest.raises(ValueError, match="^transformation: no training data$"):
-        train_transformation(
-            old, side, new, labels, TransformationConfig(**TINY), TRAIN, device=CPU, seed=0
-        )
 
 
 # ---------------------------------------------------------------- depth, rank and cost

@@ -27,12 +27,14 @@ from fct_assets.upgrade.backfill import backfill_version
 from fct_ml.backfill import apply_transformation
 from fct_ml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from fct_ml.config import ConfigError, from_dict
-from fct_ml.data import DataError, load_dataset, parse_class_list
+from fct_ml.data import DataError, parse_class_list
+from fct_ml.datasets import load_dataset
 from fct_ml.models import EmbeddingModel, ModelConfig, build_model
 from fct_ml.presets import preset
 from fct_ml.retrieval import retrieve
+from fct_ml.trainers import train_transformation
 from fct_ml.training import TrainConfig
-from fct_ml.transformation import Transformation, TransformationConfig, train_transformation
+from fct_ml.transformation import Transformation, TransformationConfig
 from tests.support.env import synthetic_store
 
 CATEGORY = "bad input"
