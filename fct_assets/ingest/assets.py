@@ -7,12 +7,18 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from fct_assets.ingest import ingest
+from fct_assets.ingest.ingest import Target
+from fct_assets.lib import storage
 from fct_assets.lib.asset_factory import CODE_VERSION, OWNERS, versioned
 from fct_assets.lib.config import seconds_from_env
+from fct_assets.lib.event_log import latest_materialization
+from fct_assets.lib.io_managers import load_recorded_checkpoint
 from fct_assets.lib.keys import INGEST_POOL
 from fct_assets.lib.partitions import ingest_batch
 from fct_assets.lib.records import DatasetRecord, IngestBatch
 from fct_assets.lib.resources import FctResource
+from fct_assets.serving.deployment import advance, current
 
 INTERVAL_ENV = "FCT_INBOX_INTERVAL_S"
 MAX_FILES = 10_000  # files per batch; a bigger drop is split over several batches
@@ -42,10 +48,6 @@ class IngestConfig(dg.Config):
 
 def deployed_target(instance: dg.DagsterInstance, db):
     """The deployed model and its table; the old model and gallery_store before any promotion."""
-    from fct_assets.ingest.ingest import Target
-    from fct_assets.lib import storage
-    from fct_assets.lib.io_managers import load_recorded_checkpoint
-    from fct_assets.serving.deployment import current
 
     serving = current(db)
     if serving is None:
@@ -77,9 +79,6 @@ def ingested_batch(
     dataset: DatasetRecord,
 ) -> dg.Output[IngestBatch]:
     """One batch of arriving items, embedded by the deployed model, appended to the store and table."""
-    from fct_assets.ingest import ingest
-    from fct_assets.lib.io_managers import load_recorded_checkpoint
-    from fct_assets.serving.deployment import advance
 
     batch = context.partition_key
     db = fct.connect()
@@ -158,8 +157,6 @@ def inbox_interval() -> int:
     ),
 )
 def fct_inbox(context: dg.SensorEvaluationContext):
-    from fct_assets.ingest import ingest
-    from fct_assets.lib.event_log import latest_materialization
 
     inbox = ingest.inbox_dir()
     # cursor: {relpath: stamp} of files already launched and still in the inbox (their run moves
@@ -206,7 +203,6 @@ def ingest_paths(
     instance: dg.DagsterInstance, defs: dg.Definitions, paths: list[str], *, label: str | None
 ) -> dg.ExecuteInProcessResult:
     """`fct ingest PATH...`: the files (folders: every file below them) as one batch, run now."""
-    from fct_assets.ingest import ingest
 
     files: list[Path] = []
     for p in map(Path, paths):

@@ -19,7 +19,9 @@ import dagster as dg
 from pydantic import Field
 
 from fct_assets.lib import storage
+from fct_assets.lib.io_managers import storage_uri, store_path
 from fct_assets.lib.resources import FctResource
+from fct_assets.serving.deployment import history
 
 _RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -46,7 +48,6 @@ def clean_run_records(instance: dg.DagsterInstance, records, older_than: _dt.tim
 
 def protect_deployed_versions(db) -> list[tuple[str, int]]:
     """Tag every (table, table version) a deployment row names; returns those tagged now."""
-    from fct_assets.serving.deployment import history
 
     tagged = []
     for table_name, version in sorted({(r.table, r.table_version) for r in history(db)}):
@@ -116,7 +117,6 @@ class HousekeepingConfig(dg.Config):
 
 @dg.op(description="Removes finished runs' records and untagged old table versions.")
 def clean_up(context: dg.OpExecutionContext, config: HousekeepingConfig, fct: FctResource):
-    from fct_assets.lib.io_managers import storage_uri, store_path
 
     older = _dt.timedelta(days=config.keep_days)
     runs = clean_run_records(context.instance, store_path(storage_uri("records")), older)

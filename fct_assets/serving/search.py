@@ -10,10 +10,10 @@ import numpy as np
 from fct_assets.lib import storage
 from fct_assets.lib.io_managers import load_recorded_checkpoint
 from fct_assets.lib.records import VersionTable
+from fct_assets.serving.deployment import current, recorded_table, search
 
 
 def _served(instance: dg.DagsterInstance, db, version: str | None) -> VersionTable:
-    from fct_assets.serving.deployment import current, recorded_table
 
     if version is None:
         deployed = current(db)
@@ -58,7 +58,6 @@ def search_command(
     """The k nearest gallery items to the query, in the version's (or the deployed) table."""
     import torch
 
-    from fct_assets.serving.deployment import search
     from fct_ml.augment import to_float
     from fct_ml.training import encode
 

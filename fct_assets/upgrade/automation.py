@@ -6,6 +6,7 @@ import os
 import dagster as dg
 
 from fct_assets.lib.resources import FctResource
+from fct_assets.serving.deployment import current
 
 
 def auto_upgrade_status() -> dg.DefaultSensorStatus:
@@ -82,7 +83,6 @@ scheduled_evaluation_job = dg.define_asset_job(
     description="Daily evaluation of the deployed version's pinned table.",
 )
 def daily_evaluation(context: dg.ScheduleEvaluationContext, fct: FctResource):
-    from fct_assets.serving.deployment import current
 
     deployed = current(fct.connect())
     if deployed is None:

@@ -49,6 +49,7 @@ from fct_assets.lib.records import (
     ShardResult,
     SourceTable,
 )
+from fct_assets.serving.deployment import history
 
 STAGING_PREFIX = "_staging_"
 # Source pages read ahead of h: the next page's LanceDB read overlaps h on the current one (both
@@ -193,7 +194,6 @@ def resolve_source(instance, db, gallery_store: GalleryStore, h_meta, version: s
     """The table holding the vectors h maps from (`h_meta`: the transformation's recorded
     metadata): gallery_store when h maps from the old model, else the table of the model version
     h maps from, at the table version its deployment serves (ingest runs advance it), pinned."""
-    from fct_assets.serving.deployment import history
 
     source_version = h_meta.get("source_version") or None
     if source_version is None:

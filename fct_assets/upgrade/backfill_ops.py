@@ -13,7 +13,7 @@ import time
 
 import dagster as dg
 
-from fct_assets.lib import storage
+from fct_assets.lib import guards, storage
 from fct_assets.lib.config import BackfillConfig, validated
 from fct_assets.lib.cost import cost_metadata, measure
 from fct_assets.lib.keys import GPU_POOL
@@ -29,6 +29,16 @@ from fct_assets.lib.records import (
     StepCost,
 )
 from fct_assets.lib.resources import FctResource
+from fct_assets.lineage.trace import count_rows_by_source
+from fct_assets.upgrade.backfill import (
+    claim_table,
+    drop_staging,
+    publish_shards,
+    release_table,
+    resolve_source,
+    write_shard,
+)
+from fct_assets.upgrade.backfill import plan_backfill as plan_fn
 
 RECORDS = "record_io_manager"
 
@@ -82,8 +92,6 @@ def plan_backfill(
     gallery_store: GalleryStore,
     transformation: Checkpoint,
 ):
-    from fct_assets.upgrade.backfill import claim_table, drop_staging, resolve_source
-    from fct_assets.upgrade.backfill import plan_backfill as plan_fn
 
     version = require_registered(context.instance, context.partition_key)
     h_meta = transformation.recorded  # the record of the checkpoint loaded here
@@ -147,8 +155,6 @@ def backfill_shard(
 ) -> ShardResult:
     import os
 
-    from fct_assets.upgrade.backfill import write_shard
-
     with measure() as cost:
         result = write_shard(
             fct, plan, shard, transformation.model, new_model, log=context.log.info
@@ -179,9 +185,6 @@ def publish_backfill(
     plan: BackfillPlan,
     shards: list[ShardResult],
 ) -> dg.Output[BackfilledTable]:
-    from fct_assets.lib import guards
-    from fct_assets.lineage.trace import count_rows_by_source
-    from fct_assets.upgrade.backfill import publish_shards, release_table
 
     for key in ("transformation_sha256", "new_model_sha256"):
         used = {getattr(s, key) for s in shards}

@@ -5,6 +5,7 @@ other; the second retrains nothing and overwrites nothing when every upgrade ass
 
 import dagster as dg
 
+from fct_assets.lib.event_log import latest_materialization, plain_metadata
 from fct_assets.serving.deployment import current
 
 UPGRADE_ASSETS = ("new_model", "transformation", "backfilled_gallery", "eval_report")
@@ -23,7 +24,6 @@ def upgrade_is_current(context: dg.AssetExecutionContext, db) -> str | None:
     the same launchpad config for it as this run, by the same code version, and h maps from the
     space it would map from now. A second run of a version (the automation sensor's and a
     launchpad run, queued one behind the other) then retrains nothing and overwrites nothing."""
-    from fct_assets.lib.event_log import latest_materialization, plain_metadata
 
     version = context.partition_key
     latest = {
