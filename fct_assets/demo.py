@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     from fct_assets.definitions import build_defs
+    from fct_assets.lib.keys import DATASET, EVAL_REPORT
     from fct_assets.lib.partitions import add_model_version
     from fct_assets.lib.resources import FctResource
     from fct_assets.lineage.trace import format_lineage, lineage
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     config = {
-        "ops": {"dataset": {"config": {"dataset": args.dataset, "old_classes": args.old_classes}}}
+        "ops": {DATASET: {"config": {"dataset": args.dataset, "old_classes": args.old_classes}}}
     }
     base = defs.resolve_job_def("base").execute_in_process(
         instance=instance, run_config=config, raise_on_error=False
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from fct_assets.lib.io_managers import recorded_record
     from fct_assets.lib.records import EvalReport
 
-    report = recorded_record(instance, EvalReport, "eval_report", args.version, within="json")
+    report = recorded_record(instance, EvalReport, EVAL_REPORT, args.version, within="json")
     print(markdown_table(report, include_plot=False))
     if args.ingest:
         batch = _ingest_through_inbox(instance, defs, fct, args.ingest)
@@ -126,10 +127,11 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
     from fct_assets.lib import storage
     from fct_assets.lib.dagster_internals import tick_sensors
     from fct_assets.lib.io_managers import recorded_record
+    from fct_assets.lib.keys import DATASET, INGESTED_BATCH
     from fct_assets.lib.records import DatasetRecord
     from fct_ml.pipeline import validation_split
 
-    dataset = recorded_record(instance, DatasetRecord, "dataset")
+    dataset = recorded_record(instance, DatasetRecord, DATASET)
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     held = validation_split(data, fct.experiment())
     inbox = inbox_dir()
@@ -162,7 +164,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
         return None
     # The record itself (its metadata leaves out the per-item ids, so it does not read back as an
     # IngestBatch from there).
-    record: IngestBatch = result.asset_value("ingested_batch")
+    record: IngestBatch = result.asset_value(INGESTED_BATCH)
     print(
         f"ingest batch {batch}: {record.added_to_store} items in gallery_store,"
         f" {record.added_to_table} in {record.table} ({record.space_id}),"
@@ -175,6 +177,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
 def _chained_upgrade(instance, defs, fct, version: str) -> bool:
     """Register `version`, upgrade it (its h maps from the deployed version's space), promote it
     (catching up first if promotion says items are missing)."""
+    from fct_assets.lib.keys import NEW_MODEL
     from fct_assets.lib.partitions import add_model_version
     from fct_assets.serving.deployment import PromotionError, promote
 
@@ -186,7 +189,7 @@ def _chained_upgrade(instance, defs, fct, version: str) -> bool:
     upgrade = defs.resolve_job_def("upgrade").execute_in_process(
         instance=instance,
         partition_key=version,
-        run_config={"ops": {"new_model": {"config": {"seed": 1, "epochs": epochs}}}},
+        run_config={"ops": {NEW_MODEL: {"config": {"seed": 1, "epochs": epochs}}}},
         raise_on_error=False,
     )
     if not upgrade.success:
@@ -209,12 +212,13 @@ def _chained_upgrade(instance, defs, fct, version: str) -> bool:
 def _show_life(instance, fct, version: str, batch: IngestBatch) -> None:
     """The evaluation of the chained version, a search for an ingested item, lineage."""
     from fct_assets.lib.io_managers import recorded_record
+    from fct_assets.lib.keys import EVAL_REPORT
     from fct_assets.lib.records import EvalReport
     from fct_assets.lineage.trace import format_lineage, format_row_lineage, lineage, row_lineage
     from fct_assets.serving.search import search_command
     from fct_assets.upgrade.report import markdown_table
 
-    report = recorded_record(instance, EvalReport, "eval_report", version, within="json")
+    report = recorded_record(instance, EvalReport, EVAL_REPORT, version, within="json")
     print(markdown_table(report, include_plot=False))
     ingested = batch.ingested[0]
     hits = search_command(instance, fct, image=None, item_id=ingested, version=None, k=5)
