@@ -221,7 +221,7 @@ def measure_quality(
         unseen_mask=unseen,
         metric=config.metric,
         chunk_size=config.eval_chunk_size,
-    )
+    ).as_json()
     case = evaluated["cases"]["new/h(old)"]
     unseen_case = evaluated["cases_unseen_classes"].get("new/h(old)")
     _, areas = backfill_summary(

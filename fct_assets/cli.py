@@ -123,8 +123,10 @@ def _ingest(args) -> int:
     batch = result.dagster_run.tags.get("dagster/partition")
     import dagster as dg
 
+    from fct_assets.lib.keys import INGESTED_BATCH
+
     record = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("ingested_batch"), asset_partitions=[batch]),
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(INGESTED_BATCH), asset_partitions=[batch]),
         limit=1,
     ).records[0]
     meta = plain_metadata(record)

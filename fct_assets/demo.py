@@ -89,6 +89,7 @@ def _demo(args, term: Terminal) -> int:
     import dagster as dg
 
     from fct_assets.definitions import build_defs
+    from fct_assets.lib.keys import DATASET
     from fct_assets.lib.partitions import add_model_version
     from fct_assets.lib.resources import FctResource
     from fct_assets.lineage.trace import format_lineage, lineage
@@ -103,7 +104,7 @@ def _demo(args, term: Terminal) -> int:
         flush=True,
     )
     config = {
-        "ops": {"dataset": {"config": {"dataset": args.dataset, "old_classes": args.old_classes}}}
+        "ops": {DATASET: {"config": {"dataset": args.dataset, "old_classes": args.old_classes}}}
     }
     base, seconds = run_job(
         term,
@@ -188,10 +189,11 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
     from fct_assets.ingest.ingest import folder_name, inbox_dir
     from fct_assets.lib import storage
     from fct_assets.lib.io_managers import recorded_record
+    from fct_assets.lib.keys import DATASET, INGESTED_BATCH
     from fct_assets.lib.records import DatasetRecord
     from fct_ml.pipeline import validation_split
 
-    dataset = recorded_record(instance, DatasetRecord, "dataset")
+    dataset = recorded_record(instance, DatasetRecord, DATASET)
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     held = validation_split(data, fct.experiment())
     inbox = inbox_dir()
@@ -233,7 +235,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
         return None
     # The record itself (its metadata leaves out the per-item ids, so it does not read back as an
     # IngestBatch from there).
-    record: IngestBatch = run.asset_value("ingested_batch")
+    record: IngestBatch = run.asset_value(INGESTED_BATCH)
     print(
         f"ingest batch {batch}: {record.added_to_store} items in gallery_store,"
         f" {record.added_to_table} in {record.table} ({record.space_id}),"
@@ -246,6 +248,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
 def _chained_upgrade(term: Terminal, instance, defs, fct, version: str) -> bool:
     """Register `version`, upgrade it (its h maps from the deployed version's space), promote it
     (catching up first if promotion says items are missing)."""
+    from fct_assets.lib.keys import NEW_MODEL
     from fct_assets.lib.partitions import add_model_version
     from fct_assets.serving.deployment import PromotionError, promote
 
@@ -260,7 +263,7 @@ def _chained_upgrade(term: Terminal, instance, defs, fct, version: str) -> bool:
         defs.resolve_job_def("upgrade"),
         f"upgrade {version}",
         partition_key=version,
-        run_config={"ops": {"new_model": {"config": {"seed": 1, "epochs": epochs}}}},
+        run_config={"ops": {NEW_MODEL: {"config": {"seed": 1, "epochs": epochs}}}},
         raise_on_error=False,
     )
     if not upgrade.success:

@@ -32,7 +32,7 @@ import torch
 
 from fct_ml.backfill import apply_transformation
 from fct_ml.data import Dataset, ImageSet
-from fct_ml.evaluation import evaluate_cases, gap_closed
+from fct_ml.evaluation import Case, CaseMetrics, GapClosed, evaluate_cases, gap_closed
 from fct_ml.pipeline import (
     Run,
     embed,
@@ -46,7 +46,7 @@ from fct_ml.pipeline import (
 )
 from fct_ml.presets import ExperimentConfig
 
-CASES = ("old/old", "new/new", "chained", "chained_no_side_info", "direct")
+CASES = (Case.OLD_OLD, Case.NEW_NEW, "chained", "chained_no_side_info", "direct")
 # The v2 model's seed is the run's seed shifted: it trains with pipeline's old-model stage (a
 # class subset, labels remapped), whose stage seed would otherwise equal the old model's.
 V2_SEED_SHIFT = 500
@@ -59,14 +59,14 @@ class ChainResult:
     seed: int
     old_classes: tuple[int, ...]
     v2_classes: tuple[int, ...]
-    validation: dict[str, dict[str, float]]
-    test: dict[str, dict[str, float]]
-    gap_closed_validation: dict[str, dict[str, float]]
-    gap_closed_test: dict[str, dict[str, float]]
+    validation: dict[str, CaseMetrics]
+    test: dict[str, CaseMetrics]
+    gap_closed_validation: dict[str, GapClosed]
+    gap_closed_test: dict[str, GapClosed]
     timings_s: dict[str, float]
 
 
-def _gaps(cases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def _gaps(cases: dict[str, CaseMetrics]) -> dict[str, GapClosed]:
     return {
         f"gap_closed_{name}": gap_closed(cases, name)
         for name in ("chained", "chained_no_side_info", "direct")
@@ -119,7 +119,7 @@ def run_chain(
     h3_plain = stage("h3 no side-info", lambda: h(v2, v3, False, "h3_plain"))
     h_direct = stage("h direct old->v3", lambda: h(old, v3, True, "h_direct"))
 
-    def cases_on(images: ImageSet) -> dict[str, dict[str, float]]:
+    def cases_on(images: ImageSet) -> dict[str, CaseMetrics]:
         models = [m.to(device) for m in (old, side, v3)]
         f_old, f_side, f_v3 = (embed(m, images.images, config) for m in models)
         hs = [m.to(device) for m in (h2, h3, h2_plain, h3_plain, h_direct)]
@@ -128,8 +128,8 @@ def run_chain(
         direct = apply_transformation(hs[4], f_old, f_side)
         result = evaluate_cases(
             {
-                "old/old": (f_old, f_old),
-                "new/new": (f_v3, f_v3),
+                Case.OLD_OLD: (f_old, f_old),
+                Case.NEW_NEW: (f_v3, f_v3),
                 "chained": (f_v3, chained[0]),
                 "chained_no_side_info": (f_v3, plain[0]),
                 "direct": (f_v3, direct[0]),
@@ -138,7 +138,7 @@ def run_chain(
             metric=config.metric,
             chunk_size=config.eval_chunk_size,
         )
-        return result["cases"]
+        return result.cases
 
     validation = stage("evaluation (validation)", lambda: cases_on(validation_split(data, config)))
     test = stage("evaluation (test)", lambda: cases_on(data.test))

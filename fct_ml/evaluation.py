@@ -1,20 +1,85 @@
-"""Evaluating an upgrade: the paper's cases on one query/gallery set, in percent."""
+"""Evaluating an upgrade: the paper's cases on one query/gallery set, in percent.
+
+The case names (`Case`) and the typed results (`CaseMetrics`, `Evaluation`, `GapClosed`) are
+defined here once; the report, its checks and the CLI read them by attribute. Importing this
+module does not import torch (the record types load in a code location that must start fast).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from fct_ml.retrieval import Metric, retrieve
+    from fct_ml.retrieval import Metric
 
 
-def _percent(summary: dict[str, float]) -> dict[str, float]:
-    return {
-        "top1": 100 * summary["top1"],
-        "top5": 100 * summary["top5"],
-        "mAP": 100 * summary["mAP"],
-    }
+class Case(StrEnum):
+    """A case of the paper: query model / gallery vectors. A member is its name as a str."""
+
+    OLD_OLD = "old/old"  # the old model on its own gallery: the lower bound
+    NEW_NEW = "new/new"  # the new model on a re-embedded gallery: the upper bound
+    NEW_H_OLD = "new/h(old)"  # new queries against the transformed gallery: FCT
+    NEW_OLD = "new/old"  # new queries against the old gallery: incompatible
+    BCT_OLD = "bct/old"  # the BCT baseline's queries against the old gallery
+    BCT_BCT = "bct/bct"  # the BCT model on its own gallery
+
+
+@dataclass(frozen=True)
+class CaseMetrics:
+    """Retrieval metrics of one case, in percent."""
+
+    top1: float
+    top5: float
+    mAP: float  # noqa: N815 (the metric's usual name, and the key of the JSON written)
+
+    def as_dict(self) -> dict[str, float]:
+        """{"top1", "top5", "mAP"}: the shape written to JSON and asset metadata."""
+        return {"top1": self.top1, "top5": self.top5, "mAP": self.mAP}
+
+
+@dataclass(frozen=True)
+class GapClosed:
+    """Share (%) of the old/old -> new/new gap that a case closes (NaN when there is no gap)."""
+
+    top1: float
+    mAP: float  # noqa: N815 (as CaseMetrics.mAP)
+
+    def as_dict(self) -> dict[str, float]:
+        """{"top1", "mAP"}: the shape written to JSON and asset metadata."""
+        return {"top1": self.top1, "mAP": self.mAP}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Metrics per case: over every query, and split by whether the query's class is unseen
+    (both splits empty when there was no unseen-class query or no mask)."""
+
+    cases: dict[str, CaseMetrics] = field(default_factory=dict)
+    unseen_classes: dict[str, CaseMetrics] = field(default_factory=dict)
+    seen_classes: dict[str, CaseMetrics] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{"cases", "cases_unseen_classes", "cases_seen_classes"}: {case: {top1, top5, mAP}}."""
+        return {
+            "cases": _as_dicts(self.cases),
+            "cases_unseen_classes": _as_dicts(self.unseen_classes),
+            "cases_seen_classes": _as_dicts(self.seen_classes),
+        }
+
+
+def _as_dicts(cases: Mapping[str, CaseMetrics]) -> dict[str, dict[str, float]]:
+    return {case: m.as_dict() for case, m in cases.items()}
+
+
+def _percent(summary: dict[str, float]) -> CaseMetrics:
+    return CaseMetrics(
+        top1=100 * summary["top1"], top5=100 * summary["top5"], mAP=100 * summary["mAP"]
+    )
 
 
 def evaluate_cases(
@@ -25,18 +90,17 @@ def evaluate_cases(
     leave_one_out: bool = True,
     metric: Metric = "l2",
     chunk_size: int = 1024,
-) -> dict[str, dict[str, Any]]:
-    """{case: (query (N, D), gallery (N, D))} over the same N labelled items -> metrics.
+) -> Evaluation:
+    """{case: (query (N, D), gallery (N, D))} over the same N labelled items -> metrics in percent.
 
-    Returns {"cases": {case: {top1, top5, mAP}}, "cases_unseen_classes": ..., "cases_seen_classes": ...}
-    in percent; the split by `unseen_mask` (N,) restricts the *queries* (the gallery stays whole).
-    Cases whose query and gallery dims differ are skipped (their vectors cannot be compared).
+    The split by `unseen_mask` (N,) restricts the *queries* (the gallery stays whole). Cases
+    whose query and gallery dims differ are skipped (their vectors cannot be compared).
     """
-    out: dict[str, dict[str, Any]] = {
-        "cases": {},
-        "cases_unseen_classes": {},
-        "cases_seen_classes": {},
-    }
+    # Here, not at import: retrieval imports torch (seconds), and the record types above are
+    # imported by every Dagster code location.
+    from fct_ml.retrieval import retrieve
+
+    out = Evaluation()
     for case, (query, gallery) in cases.items():
         if query.shape[1] != gallery.shape[1]:
             continue
@@ -49,17 +113,19 @@ def evaluate_cases(
             metric=metric,
             chunk_size=chunk_size,
         )
-        out["cases"][case] = _percent(result.summary())
+        out.cases[case] = _percent(result.summary())
         if unseen_mask is not None and bool(unseen_mask.any()):
-            out["cases_unseen_classes"][case] = _percent(result.summary(unseen_mask))
-            out["cases_seen_classes"][case] = _percent(result.summary(~unseen_mask))
+            out.unseen_classes[case] = _percent(result.summary(unseen_mask))
+            out.seen_classes[case] = _percent(result.summary(~unseen_mask))
     return out
 
 
-def gap_closed(cases: dict[str, dict[str, float]], case: str = "new/h(old)") -> dict[str, float]:
+def gap_closed(cases: Mapping[str, CaseMetrics], case: str = Case.NEW_H_OLD) -> GapClosed:
     """Share (%) of the old/old -> new/new gap that `case` closes, for top-1 and mAP."""
-    out = {}
-    for metric in ("top1", "mAP"):
-        lo, hi = cases["old/old"][metric], cases["new/new"][metric]
-        out[metric] = 100 * (cases[case][metric] - lo) / (hi - lo) if hi != lo else float("nan")
-    return out
+    lo, hi, got = cases[Case.OLD_OLD], cases[Case.NEW_NEW], cases[case]
+
+    def share(metric: str) -> float:
+        low, high = getattr(lo, metric), getattr(hi, metric)
+        return 100 * (getattr(got, metric) - low) / (high - low) if high != low else float("nan")
+
+    return GapClosed(top1=share("top1"), mAP=share("mAP"))

@@ -27,7 +27,7 @@ from fct_ml.backfill import apply_transformation, backfill_summary
 from fct_ml.checkpoint import content_digest
 from fct_ml.config import from_dict
 from fct_ml.data import Dataset
-from fct_ml.evaluation import evaluate_cases, gap_closed
+from fct_ml.evaluation import Case, evaluate_cases, gap_closed
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.presets import ExperimentConfig
 from fct_ml.training import EpochRecord, prepare_model
@@ -120,13 +120,13 @@ def evaluate_split(
     old, bct = others["old"], others["bct"]
     unseen_mask = torch.isin(labels, torch.tensor(unseen_classes, dtype=labels.dtype))
     galleries = {
-        "old/old": (old, old),
-        "new/new": (new, new),
-        "new/h(old)": (new, transformed["h"][0]),
-        "new/h(old) no side-info": (new, transformed["h no side-info"][0]),
-        "new/h(old) fastfill": (new, transformed["fastfill"][0]),
-        "new/h(old) fastfill no side-info": (new, transformed["fastfill no side-info"][0]),
-        "new/old": (new, old),
+        Case.OLD_OLD: (old, old),
+        Case.NEW_NEW: (new, new),
+        Case.NEW_H_OLD: (new, transformed["h"][0]),
+        f"{Case.NEW_H_OLD} no side-info": (new, transformed["h no side-info"][0]),
+        f"{Case.NEW_H_OLD} fastfill": (new, transformed["fastfill"][0]),
+        f"{Case.NEW_H_OLD} fastfill no side-info": (new, transformed["fastfill no side-info"][0]),
+        Case.NEW_OLD: (new, old),
     }
     evaluated = evaluate_cases(
         galleries,
@@ -135,13 +135,16 @@ def evaluate_split(
         metric=config.metric,
         chunk_size=config.eval_chunk_size,
     )
-    cases = evaluated["cases"]
+    # The result is written as JSON: plain dicts from here on.
+    cases = evaluated.as_json()
     out: dict[str, Any] = {
-        "cases": cases,
-        "cases_unseen_classes": evaluated["cases_unseen_classes"] or {case: None for case in cases},
-        "cases_seen_classes": evaluated["cases_seen_classes"],
-        "gap_closed": gap_closed(cases),
-        "gap_closed_no_side_info": gap_closed(cases, "new/h(old) no side-info"),
+        "cases": cases["cases"],
+        "cases_unseen_classes": cases["cases_unseen_classes"] or dict.fromkeys(cases["cases"]),
+        "cases_seen_classes": cases["cases_seen_classes"],
+        "gap_closed": gap_closed(evaluated.cases).as_dict(),
+        "gap_closed_no_side_info": gap_closed(
+            evaluated.cases, f"{Case.NEW_H_OLD} no side-info"
+        ).as_dict(),
         "bct_comparison": bct_comparison(
             new, old, bct, transformed["h"][0], labels, unseen_mask, config
         ),
@@ -182,23 +185,23 @@ def bct_comparison(
     new/new and new/h(old) under the same metric as bct/old and bct/bct."""
     evaluated = evaluate_cases(
         {
-            "old/old": (old, old),
-            "new/new": (new, new),
-            "new/h(old)": (new, transformed),
-            "bct/old": (bct, old),
-            "bct/bct": (bct, bct),
+            Case.OLD_OLD: (old, old),
+            Case.NEW_NEW: (new, new),
+            Case.NEW_H_OLD: (new, transformed),
+            Case.BCT_OLD: (bct, old),
+            Case.BCT_BCT: (bct, bct),
         },
         labels,
         unseen_mask=unseen_mask,
         metric=config.bct.metric,
         chunk_size=config.eval_chunk_size,
     )
-    cases = evaluated["cases"]
+    cases = evaluated.as_json()  # written as JSON
     return {
         "metric": config.bct.metric,
-        "cases": cases,
-        "cases_unseen_classes": evaluated["cases_unseen_classes"] or {c: None for c in cases},
-        "cases_seen_classes": evaluated["cases_seen_classes"],
+        "cases": cases["cases"],
+        "cases_unseen_classes": cases["cases_unseen_classes"] or dict.fromkeys(cases["cases"]),
+        "cases_seen_classes": cases["cases_seen_classes"],
     }
 
 
@@ -404,7 +407,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             "seen-class queries: bct/old {0[top1]:.1f}/{0[mAP]:.1f} against old/old"
             " {1[top1]:.1f}/{1[mAP]:.1f} (top-1/mAP; BCT's criterion: bct/old >= old/old)".format(
-                seen["bct/old"], seen["old/old"]
+                seen[Case.BCT_OLD], seen[Case.OLD_OLD]
             )
         )
     g, g0 = result["gap_closed"], result["gap_closed_no_side_info"]

@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
             flush=True,
         )
         for metric in args.metrics.split(","):
-            cases = evaluate_cases(
+            evaluated = evaluate_cases(
                 {
                     "old/old": (old["val"], old["val"]),
                     "new/new": (new["val"], new["val"]),
@@ -94,8 +94,9 @@ def main(argv: list[str]) -> None:
                 },
                 labels["val"],
                 metric=metric,
-            )["cases"]
-            gap = gap_closed(cases)
+            )
+            cases = evaluated.as_json()["cases"]
+            gap = gap_closed(evaluated.cases).as_dict()
             print(
                 f"  {metric:6} old/old {cases['old/old']['top1']:.1f}/{cases['old/old']['mAP']:.1f}"
                 f" gap closed top-1 {gap['top1']:.1f}% mAP {gap['mAP']:.1f}%",

@@ -35,7 +35,7 @@ def main(keys: list[str]) -> None:
                 labels,
                 unseen_mask=unseen,
                 metric=metric,
-            )
+            ).as_json()
             row = " | ".join(
                 f"{case} seen {m['top1']:.1f}/{m['mAP']:.1f}"
                 f" all {out['cases'][case]['top1']:.1f}/{out['cases'][case]['mAP']:.1f}"

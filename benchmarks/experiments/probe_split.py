@@ -89,14 +89,15 @@ def probe(args, split: str) -> dict:
         with torch.no_grad():
             out = h(old["val"], side["val"])
         cases["new/h(old)" if side_info else "new/h(old) no side-info"] = (new["val"], out)
-    evaluated = evaluate_cases(cases, labels["val"], unseen_mask=unseen_mask)
+    typed = evaluate_cases(cases, labels["val"], unseen_mask=unseen_mask)
+    evaluated = typed.as_json()  # written as JSON
     unseen = evaluated["cases_unseen_classes"]
     with_si, without = unseen["new/h(old)"], unseen["new/h(old) no side-info"]
     return {
         "split": split,
         "cases": evaluated["cases"],
         "cases_unseen_classes": unseen,
-        "gap_closed": gap_closed(evaluated["cases"]),
+        "gap_closed": gap_closed(typed.cases).as_dict(),
         "side_info_gain_unseen": {m: round(with_si[m] - without[m], 2) for m in ("top1", "mAP")},
     }
 

@@ -7,6 +7,7 @@ import dagster as dg
 
 from fct_assets.base.assets import gallery_store
 from fct_assets.lib import storage
+from fct_assets.lib.keys import DATASET
 from fct_assets.lib.records import DatasetRecord, GalleryStore
 from fct_assets.lib.resources import FctResource
 from fct_assets.lib.table_checks import validate_table, vector_table_schema
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 @dg.asset_check(
     asset=gallery_store,
     blocking=True,
-    additional_ins={"dataset": dg.AssetIn("dataset")},
+    additional_ins={"dataset": dg.AssetIn(DATASET)},
     description=(
         "pandera: ids unique, one row per gallery item, dims, finite, one space_id per column"
     ),

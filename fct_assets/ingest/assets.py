@@ -14,7 +14,14 @@ from fct_assets.lib.asset_factory import CODE_VERSION, OWNERS, versioned
 from fct_assets.lib.config import seconds_from_env
 from fct_assets.lib.event_log import latest_materialization
 from fct_assets.lib.io_managers import load_recorded_checkpoint
-from fct_assets.lib.keys import INGEST_POOL
+from fct_assets.lib.keys import (
+    GALLERY_STORE,
+    INGEST_POOL,
+    INGESTED_BATCH,
+    NEW_MODEL,
+    OLD_MODEL,
+    SIDE_INFO_MODEL,
+)
 from fct_assets.lib.partitions import ingest_batch
 from fct_assets.lib.records import DatasetRecord, IngestBatch
 from fct_assets.lib.resources import FctResource
@@ -51,8 +58,8 @@ def deployed_target(instance: dg.DagsterInstance, db):
 
     serving = current(db)
     if serving is None:
-        return Target(None, storage.GALLERY_STORE, load_recorded_checkpoint(instance, "old_model"))
-    model = load_recorded_checkpoint(instance, "new_model", serving.version)
+        return Target(None, storage.GALLERY_STORE, load_recorded_checkpoint(instance, OLD_MODEL))
+    model = load_recorded_checkpoint(instance, NEW_MODEL, serving.version)
     if model.space_id != serving.space_id:
         raise storage.SpaceMismatchError(
             f"{serving.table} serves space {serving.space_id}, but new_model[{serving.version}] is"
@@ -70,7 +77,7 @@ def deployed_target(instance: dg.DagsterInstance, db):
     pool=INGEST_POOL,
     owners=OWNERS,
     tags={"fct/artifact": "table"},
-    deps=["gallery_store"],
+    deps=[GALLERY_STORE],
 )
 def ingested_batch(
     context: dg.AssetExecutionContext,
@@ -104,7 +111,7 @@ def ingested_batch(
         batch=batch,
         dataset=dataset,
         target=target,
-        side_info_model=load_recorded_checkpoint(context.instance, "side_info_model"),
+        side_info_model=load_recorded_checkpoint(context.instance, SIDE_INFO_MODEL),
         advance_deployment=(
             (lambda v: advance(db, target.version, v).seq) if target.version else None
         ),
@@ -168,7 +175,7 @@ def fct_inbox(context: dg.SensorEvaluationContext):
     if not fresh:
         context.update_cursor(json.dumps(still, sort_keys=True))
         return dg.SkipReason(f"no new files in {inbox}")
-    if latest_materialization(context.instance, dg.AssetKey("gallery_store"), None) is None:
+    if latest_materialization(context.instance, dg.AssetKey(GALLERY_STORE), None) is None:
         return dg.SkipReason(
             f"{len(fresh)} files wait in {inbox}: materialise the base assets first"
         )
@@ -183,7 +190,7 @@ def fct_inbox(context: dg.SensorEvaluationContext):
                 partition_key=key,
                 run_config={
                     "ops": {
-                        "ingested_batch": {
+                        INGESTED_BATCH: {
                             "config": {"files": [f.relpath for f in part], "inbox": str(inbox)}
                         }
                     }
@@ -224,6 +231,6 @@ def ingest_paths(
     return defs.resolve_job_def("ingest").execute_in_process(
         instance=instance,
         partition_key=key,
-        run_config={"ops": {"ingested_batch": {"config": config}}},
+        run_config={"ops": {INGESTED_BATCH: {"config": config}}},
         raise_on_error=False,
     )

@@ -106,7 +106,7 @@ class _FctUPathIOManager(dg.UPathIOManager):
 
 
 def checkpoint_from_record(
-    recorded: dict[str, Any], where: str, path: str | UPath | None = None
+    recorded: records.CheckpointMeta, where: str, path: str | UPath | None = None
 ) -> records.Checkpoint:
     """The checkpoint a materialisation recorded (`recorded`: its metadata; `path`: where the
     file is, default the recorded path), verified against the recorded sha256.
@@ -115,8 +115,8 @@ def checkpoint_from_record(
     refused: loading it unverified would let a swapped file through."""
     from fct_ml.checkpoint import CheckpointError, load_checkpoint_bytes, space_id
 
-    path = store_path(path if path is not None else recorded.get("path", ""))
-    sha256 = recorded.get("sha256")
+    path = store_path(path if path is not None else recorded.path)
+    sha256 = recorded.sha256
     if not sha256:
         raise CheckpointError(
             f"{where}: its materialisation recorded no sha256; refusing to load {path} unverified"
@@ -132,8 +132,18 @@ def checkpoint_from_record(
     return records.Checkpoint(
         model=model,
         sha256=meta["sha256"],
-        space_id=recorded.get("space_id") or space_id(meta["name"], sha256),
+        space_id=recorded.space_id or space_id(meta["name"], sha256),
         recorded=recorded,
+    )
+
+
+def recorded_checkpoint_meta(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None
+) -> records.CheckpointMeta:
+    """What the latest materialisation of a checkpoint (asset, partition) recorded."""
+    where = _where(key, partition)
+    return records.from_metadata(
+        records.CheckpointMeta, recorded_metadata(instance, key, partition), where
     )
 
 
@@ -143,7 +153,7 @@ def load_recorded_checkpoint(
     """The checkpoint of the latest materialisation of (asset, partition), verified."""
     key = dg.AssetKey(asset)
     return checkpoint_from_record(
-        recorded_metadata(instance, key, partition), _where(key, partition)
+        recorded_checkpoint_meta(instance, key, partition), _where(key, partition)
     )
 
 
@@ -167,7 +177,7 @@ class _CheckpointStore(_FctUPathIOManager):
     def load_from_path(self, context: dg.InputContext, path: UPath) -> records.Checkpoint:
         key = context.upstream_output.asset_key
         partition = context.asset_partition_key if context.has_asset_partitions else None
-        recorded = recorded_metadata(context.instance, key, partition)
+        recorded = recorded_checkpoint_meta(context.instance, key, partition)
         return checkpoint_from_record(recorded, _where(key, partition), path)
 
 

@@ -7,7 +7,11 @@ record type and its schema version; loading checks both, so a record written by 
 naming the file, instead of a KeyError in another process later.
 
 A loaded checkpoint is a `Checkpoint`: the model with the sha256 it was verified against, its
-embedding space and the metadata of the materialisation that wrote it.
+embedding space and the metadata of the materialisation that wrote it (a `CheckpointMeta`).
+
+An eval report's metrics are fct_ml.evaluation's `CaseMetrics` and `GapClosed` (frozen
+dataclasses, validated and written by pydantic as {"top1", "top5", "mAP"} and {"top1", "mAP"}:
+the JSON is the shape it was before they were typed, so EvalReport keeps schema 1).
 
     DatasetRecord      dataset                 what the base assets were built from
     GalleryStore       gallery_store           the stored gallery table (old space + side-info)
@@ -17,9 +21,11 @@ embedding space and the metadata of the materialisation that wrote it.
     BackfilledTable    backfilled_gallery      the version's published table
     VersionTable       promote, search         a version's table at one LanceDB version
     Deployment         the deployments table   one promote/rollback row
+    CheckResult        promote                 the latest run of one blocking check of a version
     EvalReport         eval_report             the version's metrics
     IngestBatch        ingested_batch          one batch of items that arrived (inbox, `fct ingest`)
     StepCost           every asset, backfill op  wall time, CPU time, peak RSS (fct_assets.lib.cost)
+    CheckpointMeta     a checkpoint's materialisation  its sha256, space and what it was made from
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fct_ml.evaluation import Case, CaseMetrics, GapClosed
 
 if TYPE_CHECKING:  # torch takes seconds to import; a code location should load fast
     import torch.nn as nn
@@ -51,7 +59,7 @@ class Record(BaseModel):
 
 
 R = TypeVar("R", bound=Record)
-Metrics = dict[str, float]  # {"top1", "top5", "mAP"}, percent
+Metrics = dict[str, float]  # {"top1", "mAP"}, percent (a backfilling curve's area)
 
 
 class DatasetRecord(Record):
@@ -189,6 +197,19 @@ class VersionTable(Record):
     space_id: str
 
 
+class CheckResult(Record):
+    """The latest run of one blocking check on a version's asset partition, as promotion reads
+    it: whether it passed, why not ("never ran", "failed", "stale: ran before the latest
+    materialisation", "status X"), whether it ran after that partition's latest materialisation,
+    the LanceDB table version it checked (None if its metadata names none) and its run."""
+
+    passed: bool
+    why: str
+    ran_after_latest_materialization: bool = False
+    table_version: int | None = None
+    run_id: str | None = None  # None: the check never ran
+
+
 class Deployment(VersionTable):
     """One row of the append-only deployments table."""
 
@@ -203,10 +224,10 @@ class EvalReport(Record):
 
     version: str
     items: int
-    cases: dict[str, Metrics]
-    cases_unseen_classes: dict[str, Metrics | None]
-    cases_seen_classes: dict[str, Metrics | None]
-    gap_closed: Metrics
+    cases: dict[str, CaseMetrics]  # by fct_ml.evaluation.Case (and new/gallery_<version>)
+    cases_unseen_classes: dict[str, CaseMetrics | None]
+    cases_seen_classes: dict[str, CaseMetrics | None]
+    gap_closed: GapClosed  # by new/h(old)
     backfill_curves: dict[str, dict[str, list[float]]]
     backfill_auc: dict[str, Metrics]
     reembedded: int
@@ -222,6 +243,30 @@ class EvalReport(Record):
     # any promotion; in a chained upgrade the deployed version's table (e.g. "gallery_v2 at
     # LanceDB version 3, space new_model:v2@..."). Empty in reports written before it existed.
     old_space: str = ""
+
+
+# The eval report's headline numbers, as metadata of its materialisation (the UI plots them;
+# `fct lineage` shows them): label -> value.
+HEADLINE = (
+    f"{Case.NEW_H_OLD} top1",
+    f"{Case.NEW_H_OLD} mAP",
+    f"{Case.OLD_OLD} mAP",
+    f"{Case.NEW_NEW} mAP",
+    "gap closed mAP (%)",
+)
+
+
+def headline(report: EvalReport) -> dict[str, float]:
+    """The report's headline numbers by their labels (HEADLINE, in that order)."""
+    cases = report.cases
+    values = (
+        cases[Case.NEW_H_OLD].top1,
+        cases[Case.NEW_H_OLD].mAP,
+        cases[Case.OLD_OLD].mAP,
+        cases[Case.NEW_NEW].mAP,
+        report.gap_closed.mAP,
+    )
+    return dict(zip(HEADLINE, values, strict=True))
 
 
 class Quarantined(Record):
@@ -255,6 +300,30 @@ class IngestBatch(Record):
     items_per_s: float | None = None
 
 
+class CheckpointMeta(Record):
+    """What the materialisation of a checkpoint recorded (its metadata), as read back: where the
+    file is, its sha256 and space, and for a transformation the spaces h was trained on. A field
+    the materialisation did not record is empty ("")."""
+
+    path: str = ""
+    sha256: str = ""
+    space_id: str = ""
+    content_digest: str = ""
+    code_version: str = ""
+    run_id: str = ""
+    # A transformation's: the spaces and checkpoints h was trained on.
+    old_space_id: str = ""
+    side_info_space_id: str = ""
+    new_space_id: str = ""
+    old_model_sha256: str = ""
+    side_info_model_sha256: str = ""
+    new_model_sha256: str = ""
+    # The model version h maps from ("": the old model) and its space and checkpoint.
+    source_version: str = ""
+    source_space_id: str = ""
+    source_model_sha256: str = ""
+
+
 RECORDS: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (
@@ -267,9 +336,11 @@ RECORDS: dict[str, type[Record]] = {
         BackfilledTable,
         VersionTable,
         Deployment,
+        CheckResult,
         EvalReport,
         Quarantined,
         IngestBatch,
+        CheckpointMeta,
     )
 }
 
@@ -332,4 +403,4 @@ class Checkpoint:
     space_id: str  # name@sha256[:12]: the space of the vectors it makes
     # The whole metadata of the materialisation this checkpoint came from: an asset that checks
     # it (e.g. the spaces h was trained on) reads the same record, not a later one.
-    recorded: Mapping[str, Any]
+    recorded: CheckpointMeta = CheckpointMeta()

@@ -22,7 +22,7 @@ from fct_assets.lib.event_log import latest_materialization
 from fct_assets.lib.io_managers import recorded_record
 from fct_assets.lib.keys import PROMOTION_CHECKS
 from fct_assets.lib.partitions import check_version
-from fct_assets.lib.records import BackfilledTable, Deployment, VersionTable
+from fct_assets.lib.records import BackfilledTable, CheckResult, Deployment, VersionTable
 
 DEPLOYMENT_SCHEMA = pa.schema(
     [
@@ -117,19 +117,19 @@ def check_results(
     version: str,
     *,
     checks: Sequence[dg.AssetCheckKey] = PROMOTION_CHECKS,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, CheckResult]:
     """Latest result of every blocking check on the version's guarded assets (`checks`, default
     the ones promotion requires): whether it passed, why not ("never ran", "failed", "stale: ran
     before the latest materialisation", "status X"), whether it ran after that asset partition's
     latest materialisation, and the LanceDB table version it checked (None if its metadata names
     none)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, CheckResult] = {}
     for check_key in checks:
         record = latest_check_execution(instance, check_key, version)
         latest = latest_materialization(instance, check_key.asset_key, version)
         name = f"{check_key.asset_key.to_user_string()}:{check_key.name}"
         if record is None:
-            out[name] = {"passed": False, "why": "never ran"}
+            out[name] = CheckResult(passed=False, why="never ran")
             continue
         # A check planned and not (yet) evaluated (a run in progress, or one that stopped first):
         # Dagster's record then holds the planned event, which has no `passed`.
@@ -151,13 +151,13 @@ def check_results(
         else:
             why = "passed"
         checked = evaluation.metadata.get("table_version") if evaluation else None
-        out[name] = {
-            "passed": why == "passed",
-            "why": why,
-            "ran_after_latest_materialization": fresh,
-            "table_version": None if checked is None else int(checked.value),
-            "run_id": record.run_id,
-        }
+        out[name] = CheckResult(
+            passed=why == "passed",
+            why=why,
+            ran_after_latest_materialization=fresh,
+            table_version=None if checked is None else int(checked.value),
+            run_id=record.run_id,
+        )
     return out
 
 
@@ -185,7 +185,7 @@ def promote(
     check_version(version)
     if results is None:
         results = check_results(instance, version)
-    failed = {k: v["why"] for k, v in results.items() if not v["passed"]}
+    failed = {k: v.why for k, v in results.items() if not v.passed}
     if not results or failed:
         raise PromotionError(
             f"version {version} not promoted: blocking checks not passed"
@@ -194,7 +194,7 @@ def promote(
     row = recorded_table(instance, version)
     # The checks were read before the table's record: a re-materialisation in between would
     # otherwise promote a table version no check ran on. Every check names the version it read.
-    checked = {k: v["table_version"] for k, v in results.items()}
+    checked = {k: v.table_version for k, v in results.items()}
     if set(checked.values()) != {row.table_version}:
         raise PromotionError(
             f"version {version} not promoted: its checks ran on table versions {checked}, its"

@@ -9,6 +9,7 @@ import numpy as np
 
 from fct_assets.lib import storage
 from fct_assets.lib.io_managers import load_recorded_checkpoint
+from fct_assets.lib.keys import NEW_MODEL
 from fct_assets.lib.records import VersionTable
 from fct_assets.serving.deployment import current, recorded_table, search
 
@@ -63,7 +64,7 @@ def search_command(
 
     db = fct.connect()
     served = _served(instance, db, version)
-    new_model = load_recorded_checkpoint(instance, "new_model", served.version)
+    new_model = load_recorded_checkpoint(instance, NEW_MODEL, served.version)
     model = new_model.model
     if new_model.space_id != served.space_id:
         raise storage.SpaceMismatchError(

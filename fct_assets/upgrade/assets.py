@@ -29,7 +29,7 @@ from fct_assets.lib.config import (
     ModelTrainingConfig,
     TransformationTrainingConfig,
 )
-from fct_assets.lib.keys import NO_OP_TAG, UPGRADE_KEYS
+from fct_assets.lib.keys import NEW_MODEL, NO_OP_TAG, UPGRADE_KEYS
 from fct_assets.lib.partitions import model_version, require_registered
 from fct_assets.lib.provenance import epoch_logger
 from fct_assets.lib.records import (
@@ -38,6 +38,7 @@ from fct_assets.lib.records import (
     DatasetRecord,
     EvalReport,
     GalleryStore,
+    headline,
 )
 from fct_assets.lib.resources import FctResource
 from fct_assets.upgrade.backfill_ops import (
@@ -161,7 +162,7 @@ def _source_model(
     serving = current(fct.connect()) if config.source == "deployed" else None
     if serving is None or serving.version == context.partition_key:
         return old_model, None
-    model = load_recorded_checkpoint(context.instance, "new_model", serving.version)
+    model = load_recorded_checkpoint(context.instance, NEW_MODEL, serving.version)
     if model.space_id != serving.space_id:
         raise storage.SpaceMismatchError(
             f"{serving.table} serves space {serving.space_id}, but new_model[{serving.version}]"
@@ -218,17 +219,12 @@ def eval_report(
         table_version=config.table_version,
     )
     report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
-    cases = report.cases
     return dg.Output(
         report,
         metadata={
             "report": dg.MetadataValue.md(markdown_table(report)),
             "json": dg.MetadataValue.json(report.model_dump(exclude={"plot_png_base64"})),
-            "new/h(old) top1": cases["new/h(old)"]["top1"],
-            "new/h(old) mAP": cases["new/h(old)"]["mAP"],
-            "old/old mAP": cases["old/old"]["mAP"],
-            "new/new mAP": cases["new/new"]["mAP"],
-            "gap closed mAP (%)": report.gap_closed["mAP"],
+            **headline(report),
             "code_version": CODE_VERSION,
         },
     )

@@ -5,6 +5,7 @@ import os
 
 import dagster as dg
 
+from fct_assets.lib.keys import BACKFILLED_GALLERY, EVAL_REPORT
 from fct_assets.lib.resources import FctResource
 from fct_assets.serving.deployment import current
 
@@ -48,7 +49,7 @@ upgrade_job = dg.define_asset_job(
 
 catch_up_job = dg.define_asset_job(
     "catch_up",
-    selection=dg.AssetSelection.assets("backfilled_gallery", "eval_report"),
+    selection=dg.AssetSelection.assets(BACKFILLED_GALLERY, EVAL_REPORT),
     description=(
         "Backfill a version's table again from the store as it is now (items ingested during its"
         " backfill included) and re-evaluate it: what promotion asks for when items are missing."
@@ -58,7 +59,7 @@ catch_up_job = dg.define_asset_job(
 
 verify_job = dg.define_asset_job(
     "verify",
-    selection=dg.AssetSelection.checks_for_assets("backfilled_gallery", "eval_report"),
+    selection=dg.AssetSelection.checks_for_assets(BACKFILLED_GALLERY, EVAL_REPORT),
     description=(
         "Re-runs a version's blocking checks on its tables as they are now (no training, no"
         " writing)."
@@ -68,7 +69,7 @@ verify_job = dg.define_asset_job(
 
 scheduled_evaluation_job = dg.define_asset_job(
     "scheduled_evaluation",
-    selection=dg.AssetSelection.assets("eval_report"),
+    selection=dg.AssetSelection.assets(EVAL_REPORT),
     description=(
         "Re-evaluates one version's gallery table (the schedule picks the deployed version and"
         " its pinned table version)."
@@ -92,7 +93,7 @@ def daily_evaluation(context: dg.ScheduleEvaluationContext, fct: FctResource):
     table_version = deployed.table_version
     return dg.RunRequest(
         partition_key=deployed.version,
-        run_config={"ops": {"eval_report": {"config": {"table_version": table_version}}}},
+        run_config={"ops": {EVAL_REPORT: {"config": {"table_version": table_version}}}},
         tags={
             "fct/scheduled": "daily",
             "fct/deployment_seq": str(deployed.seq),

@@ -44,6 +44,7 @@ from fct_assets.lib.records import (
     BackfilledTable,
     BackfillPlan,
     Checkpoint,
+    CheckpointMeta,
     GalleryStore,
     ShardRange,
     ShardResult,
@@ -190,17 +191,19 @@ def _transformer(
     return transform
 
 
-def resolve_source(instance, db, gallery_store: GalleryStore, h_meta, version: str) -> SourceTable:
+def resolve_source(
+    instance, db, gallery_store: GalleryStore, h_meta: CheckpointMeta, version: str
+) -> SourceTable:
     """The table holding the vectors h maps from (`h_meta`: the transformation's recorded
     metadata): gallery_store when h maps from the old model, else the table of the model version
     h maps from, at the table version its deployment serves (ingest runs advance it), pinned."""
 
-    source_version = h_meta.get("source_version") or None
+    source_version = h_meta.source_version or None
     if source_version is None:
-        if h_meta.get("old_space_id") != gallery_store.old_space_id:
+        if h_meta.old_space_id != gallery_store.old_space_id:
             raise storage.SpaceMismatchError(
                 f"gallery_store.old_space_id is {gallery_store.old_space_id} but"
-                f" transformation[{version}] was trained on {h_meta.get('old_space_id')};"
+                f" transformation[{version}] was trained on {h_meta.old_space_id};"
                 f" re-materialise transformation[{version}]"
             )
         return store_source(db, gallery_store)
@@ -210,10 +213,10 @@ def resolve_source(instance, db, gallery_store: GalleryStore, h_meta, version: s
             f"transformation[{version}] maps from {source_version}, which was never deployed"
         )
     served = rows[-1]
-    if served.space_id != h_meta.get("source_space_id"):
+    if served.space_id != h_meta.source_space_id:
         raise storage.SpaceMismatchError(
             f"{served.table} holds space {served.space_id} but transformation[{version}] maps"
-            f" from {h_meta.get('source_space_id')}; re-materialise transformation[{version}]"
+            f" from {h_meta.source_space_id}; re-materialise transformation[{version}]"
         )
     table = storage.open_pinned(db, served.table, served.table_version)
     return SourceTable(

@@ -16,7 +16,7 @@ import dagster as dg
 from fct_assets.lib import guards, storage
 from fct_assets.lib.config import BackfillConfig, validated
 from fct_assets.lib.cost import cost_metadata, measure
-from fct_assets.lib.keys import GPU_POOL
+from fct_assets.lib.keys import BACKFILLED_GALLERY, GPU_POOL
 from fct_assets.lib.partitions import require_registered
 from fct_assets.lib.provenance import code_version
 from fct_assets.lib.records import (
@@ -70,7 +70,7 @@ def backfill_config(config: dict) -> dict:
 
     Checked here, when the run is launched: a value out of range is refused before the run exists,
     with one line naming the field, the bound and the value (LaunchConfigError)."""
-    chosen = validated(BackfillConfig, config, "backfilled_gallery")
+    chosen = validated(BackfillConfig, config, BACKFILLED_GALLERY)
     return {"plan_backfill": {"config": chosen.model_dump()}}
 
 
@@ -95,10 +95,10 @@ def plan_backfill(
 
     version = require_registered(context.instance, context.partition_key)
     h_meta = transformation.recorded  # the record of the checkpoint loaded here
-    if h_meta.get("side_info_space_id") != gallery_store.side_info_space_id:
+    if h_meta.side_info_space_id != gallery_store.side_info_space_id:
         raise storage.SpaceMismatchError(
             f"gallery_store.side_info_space_id is {gallery_store.side_info_space_id} but"
-            f" transformation[{version}] was trained on {h_meta.get('side_info_space_id')};"
+            f" transformation[{version}] was trained on {h_meta.side_info_space_id};"
             f" re-materialise transformation[{version}]"
         )
     source = resolve_source(context.instance, fct.connect(), gallery_store, h_meta, version)

@@ -3,15 +3,18 @@ great-expectations 1.x suite on its eval report. All blocking: a failure stops d
 assets in the run and keeps the version from being promoted. Failing cases go into the
 check's metadata."""
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
+from fct_assets.lib.keys import EVAL_REPORT
 from fct_assets.lib.partitions import model_version
 from fct_assets.lib.records import BackfilledTable, EvalReport
 from fct_assets.lib.resources import FctResource
 from fct_assets.lib.table_checks import validate_table, vector_table_schema
 from fct_assets.upgrade.assets import backfilled_gallery, eval_report
+from fct_ml.evaluation import Case, CaseMetrics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,14 +51,21 @@ def report_frame(report: EvalReport) -> "pd.DataFrame":
     rows = [
         {"case": c, "metric": m, "value": v}
         for c, ms in report.cases.items()
-        for m, v in ms.items()
+        for m, v in dataclasses.asdict(ms).items()  # every field, so an unknown one is caught
     ]
     return pd.DataFrame(rows)
 
 
-def _map(cases: dict[str, dict[str, float]], case: str) -> float:
+# The metrics a case has: top1, top5, mAP.
+METRICS = [f.name for f in dataclasses.fields(CaseMetrics)]
+# The cases a report must hold.
+REQUIRED_CASES = (Case.OLD_OLD, Case.NEW_NEW, Case.NEW_H_OLD)
+
+
+def _map(cases: dict[str, CaseMetrics], case: str) -> float:
     """The case's mAP, NaN if the report lacks it."""
-    return float(cases.get(case, {}).get("mAP", float("nan")))
+    found = cases.get(case)
+    return float("nan") if found is None else float(found.mAP)
 
 
 def run_report_suite(report: EvalReport) -> tuple[bool, list[dict[str, Any]]]:
@@ -69,35 +79,35 @@ def run_report_suite(report: EvalReport) -> tuple[bool, list[dict[str, Any]]]:
     # equally good models, so it is reported, not gated.
     # A report without one of the two cases gets NaN here (ignored as null), and fails the
     # expectation that names the missing case rather than raising KeyError.
-    frame["fct_minus_old_mAP"] = _map(cases, "new/h(old)") - _map(cases, "old/old")
+    frame["fct_minus_old_mAP"] = _map(cases, Case.NEW_H_OLD) - _map(cases, Case.OLD_OLD)
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm bars in run logs
     batch = (
         context.data_sources.add_pandas("fct")
-        .add_dataframe_asset("eval_report")
+        .add_dataframe_asset(EVAL_REPORT)
         .add_batch_definition_whole_dataframe("all")
     )
-    suite = context.suites.add(gx.ExpectationSuite(name="eval_report"))
+    suite = context.suites.add(gx.ExpectationSuite(name=EVAL_REPORT))
     suite.add_expectation(gx.expectations.ExpectColumnValuesToNotBeNull(column="value"))
     suite.add_expectation(
         gx.expectations.ExpectColumnValuesToBeBetween(column="value", min_value=0, max_value=100)
     )
     suite.add_expectation(
-        gx.expectations.ExpectColumnValuesToBeInSet(
-            column="metric", value_set=["top1", "top5", "mAP"]
-        )
+        gx.expectations.ExpectColumnValuesToBeInSet(column="metric", value_set=METRICS)
     )
-    for case in ("old/old", "new/new", "new/h(old)"):
+    for case in REQUIRED_CASES:
         suite.add_expectation(
-            gx.expectations.ExpectColumnDistinctValuesToContainSet(column="case", value_set=[case])
+            gx.expectations.ExpectColumnDistinctValuesToContainSet(
+                column="case", value_set=[str(case)]
+            )
         )
     suite.add_expectation(
         gx.expectations.ExpectColumnValuesToBeBetween(column="fct_minus_old_mAP", min_value=0)
     )
     validation = context.validation_definitions.add(
-        gx.ValidationDefinition(name="eval_report", data=batch, suite=suite)
+        gx.ValidationDefinition(name=EVAL_REPORT, data=batch, suite=suite)
     )
     result = validation.run(batch_parameters={"dataframe": frame})
     failing = [
@@ -135,8 +145,8 @@ def eval_report_expectations(eval_report: EvalReport) -> dg.AssetCheckResult:
             # The table version the report evaluated: promotion records only a version whose
             # every check read it.
             "table_version": eval_report.table_version,
-            "new/h(old) mAP": _map(eval_report.cases, "new/h(old)"),
-            "old/old mAP": _map(eval_report.cases, "old/old"),
+            f"{Case.NEW_H_OLD} mAP": _map(eval_report.cases, Case.NEW_H_OLD),
+            f"{Case.OLD_OLD} mAP": _map(eval_report.cases, Case.OLD_OLD),
         },
     )
 

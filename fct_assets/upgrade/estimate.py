@@ -8,6 +8,7 @@ from typing import Any
 import dagster as dg
 
 from fct_assets.lib.io_managers import recorded_record
+from fct_assets.lib.keys import BACKFILLED_GALLERY, EVAL_REPORT
 from fct_assets.lib.partitions import check_version
 from fct_assets.lib.records import BackfilledTable, EvalReport
 
@@ -17,8 +18,8 @@ def estimate(
 ) -> dict[str, Any]:
     """Seconds to backfill `items` (default: the gallery) by transformation and by re-embedding."""
     check_version(version)
-    backfill = recorded_record(instance, BackfilledTable, "backfilled_gallery", version)
-    report = recorded_record(instance, EvalReport, "eval_report", version, within="json")
+    backfill = recorded_record(instance, BackfilledTable, BACKFILLED_GALLERY, version)
+    report = recorded_record(instance, EvalReport, EVAL_REPORT, version, within="json")
     transform_rate, reembed_rate = backfill.backfill_items_per_s, report.reembed_items_per_s
     if not transform_rate or not reembed_rate:
         raise LookupError(

@@ -6,12 +6,9 @@ other; the second retrains nothing and overwrites nothing when every upgrade ass
 import dagster as dg
 
 from fct_assets.lib.event_log import latest_materialization, plain_metadata
+from fct_assets.lib.keys import BASE_ASSETS, EVAL_REPORT, TRANSFORMATION, UPGRADE_ASSETS
+from fct_assets.lib.records import CheckpointMeta, from_metadata
 from fct_assets.serving.deployment import current
-
-UPGRADE_ASSETS = ("new_model", "transformation", "backfilled_gallery", "eval_report")
-
-
-BASE_ASSETS = ("dataset", "old_model", "side_info_model", "gallery_store")
 
 
 def _op_config(run_config: dict, op: str) -> dict:
@@ -50,19 +47,21 @@ def upgrade_is_current(context: dg.AssetExecutionContext, db) -> str | None:
         if recorded != graph.get(key).code_version:
             return None
     # h maps from the deployed version's space (chained upgrades): a promotion since changes it.
-    h = plain_metadata(latest["transformation"])
-    if _op_config(mine, "transformation").get("source", "deployed") == "deployed":
+    h = from_metadata(
+        CheckpointMeta, plain_metadata(latest[TRANSFORMATION]), f"{TRANSFORMATION}[{version}]"
+    )
+    if _op_config(mine, TRANSFORMATION).get("source", "deployed") == "deployed":
         serving = current(db)
         now = (
             serving.space_id
             if serving is not None and serving.version != version
-            else h.get("old_space_id")
+            else h.old_space_id
         )
-        if h.get("source_space_id") != now:
+        if h.source_space_id != now:
             return None
     return (
         f"{version} is current: new_model, transformation, backfilled_gallery and eval_report were"
-        f" materialised with this config by run {latest['eval_report'].run_id[:8]}; nothing"
+        f" materialised with this config by run {latest[EVAL_REPORT].run_id[:8]}; nothing"
         " retrained or overwritten (change the config, or re-materialise an asset alone, to"
         " redo it)"
     )

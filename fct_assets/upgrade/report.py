@@ -20,6 +20,7 @@ from fct_assets.lib.records import (
     EvalReport,
     GalleryStore,
 )
+from fct_ml.evaluation import Case
 
 
 def _read(db, name: str, version: int, columns: list[str]):
@@ -63,7 +64,7 @@ def curve_plot_png(curves: dict[str, dict[str, list[float]]], title: str) -> byt
 
 # Rows in the paper's order, whatever order a JSON round trip (Dagster metadata sorts keys) left:
 # the baselines, h, then the version's served table (new/gallery_<v>), then the incompatible pair.
-_CASE_RANK = {"old/old": 0, "new/new": 1, "new/h(old)": 2, "new/old": 4}
+_CASE_RANK = {Case.OLD_OLD: 0, Case.NEW_NEW: 1, Case.NEW_H_OLD: 2, Case.NEW_OLD: 4}
 
 
 def markdown_table(report: EvalReport, *, include_plot: bool = True) -> str:
@@ -85,12 +86,12 @@ def markdown_table(report: EvalReport, *, include_plot: bool = True) -> str:
     for case in sorted(report.cases, key=lambda c: _CASE_RANK.get(c, 3)):
         m = report.cases[case]
         unseen = report.cases_unseen_classes.get(case)
-        u = f"{unseen['mAP']:.1f}" if unseen else "–"
-        lines.append(f"| {case} | {m['top1']:.1f} | {m['top5']:.1f} | {m['mAP']:.1f} | {u} |")
+        u = f"{unseen.mAP:.1f}" if unseen else "–"
+        lines.append(f"| {case} | {m.top1:.1f} | {m.top5:.1f} | {m.mAP:.1f} | {u} |")
     g = report.gap_closed
     lines += [
         "",
-        f"Gap closed by new/h(old): top-1 {g['top1']:.1f} %, mAP {g['mAP']:.1f} %.",
+        f"Gap closed by {Case.NEW_H_OLD}: top-1 {g.top1:.1f} %, mAP {g.mAP:.1f} %.",
         "",
         "| backfill order | area top-1 | area mAP |",
         "| --- | --- | --- |",
@@ -156,7 +157,9 @@ def evaluate_version(
         gallery_store.version if source is None else db.open_table(storage.GALLERY_STORE).version
     )
     columns = ["item_id", "label", "image", "side_info"] + (["old_embedding"] if from_store else [])
-    store = _aligned(_read(db, storage.GALLERY_STORE, store_version, columns), ids, "gallery_store")
+    store = _aligned(
+        _read(db, storage.GALLERY_STORE, store_version, columns), ids, storage.GALLERY_STORE
+    )
     if from_store:
         stored = store.column(
             "old_embedding"
@@ -191,11 +194,11 @@ def evaluate_version(
     served_vectors = torch.from_numpy(storage.vectors(served.column("embedding")))
     unseen = ~torch.isin(labels, torch.tensor(dataset.old_classes, dtype=labels.dtype))
     cases = {
-        "old/old": (old, old),
-        "new/new": (new, new),
-        "new/h(old)": (new, transformed),
-        f"new/{backfilled.table}": (new, served_vectors),
-        "new/old": (new, old),
+        Case.OLD_OLD: (old, old),
+        Case.NEW_NEW: (new, new),
+        Case.NEW_H_OLD: (new, transformed),
+        f"new/{backfilled.table}": (new, served_vectors),  # the version's served table
+        Case.NEW_OLD: (new, old),
     }
     result = evaluate_cases(
         cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size
@@ -214,10 +217,10 @@ def evaluate_version(
     return EvalReport(
         version=version,
         items=len(labels),
-        cases=result["cases"],
-        cases_unseen_classes=result["cases_unseen_classes"] or {},
-        cases_seen_classes=result["cases_seen_classes"] or {},
-        gap_closed=gap_closed(result["cases"]),
+        cases=result.cases,
+        cases_unseen_classes=result.unseen_classes,
+        cases_seen_classes=result.seen_classes,
+        gap_closed=gap_closed(result.cases),
         backfill_curves=curves,
         backfill_auc=areas,
         reembedded=int(pc.sum(pc.equal(served.column("source"), "re-embedded")).as_py() or 0),

@@ -97,14 +97,14 @@ def test_a_chained_v3_reaches_items_ingested_under_v2(living, tmp_path):
     promote(living.instance, living.fct.connect(), "v3")
     # Lineage: the version's chain, and one row of each kind.
     info = lineage(living.instance, "v3", living.fct.connect())
-    assert [hop["version"] for hop in info["upgrade_chain"]] == ["old_model", "v2", "v3"]
-    assert info["rows_by_source"]["transformed/ingested"] >= 6
+    assert [hop.version for hop in info.upgrade_chain] == ["old_model", "v2", "v3"]
+    assert info.rows_by_source["transformed/ingested"] >= 6
     row = row_lineage(living.instance, living.fct.connect(), "v3", ingested[0])
-    assert row["ingest_batch"] == "bunderv2" and row["source"] == "transformed"
-    assert [hop["model"] for hop in row["chain"]] == ["new_model[v2]", "new_model[v3]"]
-    assert all(len(hop["sha256"]) == 64 for hop in row["chain"])
+    assert row.ingest_batch == "bunderv2" and row.source == "transformed"
+    assert [hop.model for hop in row.chain] == ["new_model[v2]", "new_model[v3]"]
+    assert all(len(hop.sha256) == 64 for hop in row.chain)
     original = row_lineage(living.instance, living.fct.connect(), "v3", base[0])
-    assert [hop["model"] for hop in original["chain"]] == [
+    assert [hop.model for hop in original.chain] == [
         "old_model",
         "new_model[v2]",
         "new_model[v3]",

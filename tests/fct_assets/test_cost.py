@@ -75,5 +75,5 @@ def test_the_backfill_records_each_ops_cost_and_the_row_counts(env):
     # lineage reads the recorded counts; they are the table's, counted again here.
     table = env.fct.connect().open_table("gallery_v2")
     table.checkout(meta["version"])
-    assert lineage(env.instance, "v2")["rows_by_source"] == count_rows_by_source(table)
+    assert lineage(env.instance, "v2").rows_by_source == count_rows_by_source(table)
     assert sum(count_rows_by_source(table).values()) == meta["rows"]

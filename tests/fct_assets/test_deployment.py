@@ -9,6 +9,7 @@ import json
 import pytest
 
 from fct_assets.lib import storage
+from fct_assets.lib.records import CheckResult
 from fct_assets.serving import deployment
 from fct_assets.serving.deployment import PromotionError, check_results, current, promote
 
@@ -31,12 +32,12 @@ def test_a_version_whose_checks_passed_is_promoted_at_the_checked_table_version(
     assert env.upgrade("vpass").success
     db = env.fct.connect()
     results = check_results(env.instance, "vpass")
-    assert {k: v["why"] for k, v in results.items()} == {
+    assert {k: v.why for k, v in results.items()} == {
         SCHEMA_CHECK: "passed",
         REPORT_CHECK: "passed",
     }
     table_version = db.open_table("gallery_vpass").version
-    assert {v["table_version"] for v in results.values()} == {table_version}
+    assert {v.table_version for v in results.values()} == {table_version}
     row = promote(env.instance, db, "vpass")
     assert (row.version, row.table, row.table_version) == (
         "vpass",
@@ -49,7 +50,8 @@ def test_a_version_whose_checks_passed_is_promoted_at_the_checked_table_version(
 def test_no_check_ran_is_refused_as_never_ran(env):
     # A version with no materialisation and no check at all.
     db = env.fct.connect()
-    assert {v["why"] for v in check_results(env.instance, "vnever").values()} == {"never ran"}
+    never = CheckResult(passed=False, why="never ran")  # no run, no table version, no run id
+    assert set(check_results(env.instance, "vnever").values()) == {never}
     with pytest.raises(PromotionError, match="never ran"):
         promote(env.instance, db, "vnever")
     assert "vnever" not in _served_versions(db)
@@ -66,9 +68,9 @@ def test_a_failed_check_is_refused_as_failed_not_as_never_ran(env):
     evaluations = {e.check_name: e for e in verify.get_asset_check_evaluations()}
     assert not evaluations["backfilled_gallery_schema"].passed
     results = check_results(env.instance, "vfail")
-    assert results[SCHEMA_CHECK]["why"] == "failed"
-    assert results[SCHEMA_CHECK]["ran_after_latest_materialization"]
-    assert results[REPORT_CHECK]["why"] == "passed"
+    assert results[SCHEMA_CHECK].why == "failed"
+    assert results[SCHEMA_CHECK].ran_after_latest_materialization
+    assert results[REPORT_CHECK].why == "passed"
     with pytest.raises(PromotionError) as refused:
         promote(env.instance, db, "vfail")
     message = str(refused.value)
@@ -83,8 +85,8 @@ def test_checks_older_than_the_latest_materialisation_are_refused_as_stale(env):
     # The table is re-published after its checks passed, and its check does not run again.
     assert env.materialise_table("vstale", checks=False).success
     results = check_results(env.instance, "vstale")
-    assert results[SCHEMA_CHECK]["why"] == "stale: ran before the latest materialisation"
-    assert not results[SCHEMA_CHECK]["ran_after_latest_materialization"]
+    assert results[SCHEMA_CHECK].why == "stale: ran before the latest materialisation"
+    assert not results[SCHEMA_CHECK].ran_after_latest_materialization
     with pytest.raises(PromotionError, match=f"'{SCHEMA_CHECK}': 'stale"):
         promote(env.instance, db, "vstale")
     assert "vstale" not in _served_versions(db)

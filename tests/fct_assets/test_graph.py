@@ -230,19 +230,37 @@ def test_lineage_names_every_checkpoint_and_they_match_the_files(env, monkeypatc
         "transformation": env.root / "checkpoints" / "transformation" / "v2.safetensors",
     }
     for name, path in files.items():
-        assert info["checkpoints"][name] == sha256_file(path), name
-    assert info["table"] == "gallery_v2"
-    assert info["table_version"] == db.open_table("gallery_v2").version
+        assert info.checkpoints[name] == sha256_file(path), name
+    assert list(info.checkpoints) == list(files)  # graph order
+    assert info.table == "gallery_v2"
+    assert info.table_version == db.open_table("gallery_v2").version
     assert (
-        info["dataset_fingerprint"]
+        info.dataset_fingerprint
         == json.loads((env.root / "records" / "dataset.json").read_text())["fingerprint"]
     )
-    assert info["space_id"].endswith("@" + info["checkpoints"]["new_model"][:12])
-    assert len(info["run_ids"]) >= 2 and all(info["code_versions"])
+    assert info.space_id.endswith("@" + info.checkpoints["new_model"][:12])
+    assert len(info.run_ids) >= 2 and all(info.code_versions)
+    assert [hop.version for hop in info.upgrade_chain] == ["old_model", "v2"]
+    assert info.upgrade_chain[1].transformation_sha256 == info.checkpoints["transformation"]
+    assert set(info.headline) == {
+        "new/h(old) top1",
+        "new/h(old) mAP",
+        "old/old mAP",
+        "new/new mAP",
+        "gap closed mAP (%)",
+    }
     # The CLI reads the same instance and storage from the environment.
     _cli_env(monkeypatch, env)
     assert fct_main(["lineage", "v2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["checkpoints"] == info["checkpoints"]
+    # --json writes the record's fields: the same keys as before they were typed.
+    written = json.loads(capsys.readouterr().out)
+    assert written["checkpoints"] == info.checkpoints
+    assert written["upgrade_chain"][0] == {
+        "version": "old_model",
+        "space_id": info.upgrade_chain[0].space_id,
+        "sha256": info.checkpoints["old_model"],
+        "transformation_sha256": None,
+    }
 
 
 def _cli_env(monkeypatch, env) -> None:

@@ -37,7 +37,7 @@ def reader(small_model: Checkpoint, small_table: VersionTable) -> None:
     # What crossed the boundary is typed: the model with its provenance, and the record.
     assert isinstance(small_model.model, EmbeddingModel) and not small_model.model.training
     assert small_model.space_id == small_table.space_id
-    assert small_model.recorded["sha256"] == small_model.sha256
+    assert small_model.recorded.sha256 == small_model.sha256
 
 
 ASSETS = [small_model, small_table, reader]

@@ -134,7 +134,7 @@ def _promotable(instance, db, version: str) -> int:
 def test_passed_checks_promote_the_recorded_table_version(instance, db):
     table_version = _promotable(instance, db, "v2")
     results = check_results(instance, "v2")
-    assert {k: (v["passed"], v["why"], v["table_version"]) for k, v in results.items()} == {
+    assert {k: (v.passed, v.why, v.table_version) for k, v in results.items()} == {
         "backfilled_gallery:backfilled_gallery_schema": (True, "passed", table_version),
         "eval_report:eval_report_expectations": (True, "passed", table_version),
     }
@@ -172,7 +172,7 @@ def test_the_record_is_decided_under_the_deployments_lock(db):
 
 
 def test_never_ran_failed_and_stale_are_told_apart(instance, db):
-    assert {k: v["why"] for k, v in check_results(instance, "v2").items()} == {
+    assert {k: v.why for k, v in check_results(instance, "v2").items()} == {
         "backfilled_gallery:backfilled_gallery_schema": "never ran",
         "eval_report:eval_report_expectations": "never ran",
     }
@@ -182,8 +182,8 @@ def test_never_ran_failed_and_stale_are_told_apart(instance, db):
     _materialised(instance, "v2", table_version)
     _checked(instance, "v2", table_version, passed=(False, True))
     results = check_results(instance, "v2")
-    assert results["backfilled_gallery:backfilled_gallery_schema"]["why"] == "failed"
-    assert results["eval_report:eval_report_expectations"]["why"] == "passed"
+    assert results["backfilled_gallery:backfilled_gallery_schema"].why == "failed"
+    assert results["eval_report:eval_report_expectations"].why == "passed"
     with pytest.raises(
         PromotionError, match="'backfilled_gallery:backfilled_gallery_schema': 'failed'"
     ):
@@ -193,8 +193,8 @@ def test_never_ran_failed_and_stale_are_told_apart(instance, db):
     time.sleep(0.01)  # event timestamps are compared: the materialisation comes strictly later
     _materialised(instance, "v2", table_version)
     results = check_results(instance, "v2")
-    assert {v["why"] for v in results.values()} == {"stale: ran before the latest materialisation"}
-    assert not any(v["ran_after_latest_materialization"] for v in results.values())
+    assert {v.why for v in results.values()} == {"stale: ran before the latest materialisation"}
+    assert not any(v.ran_after_latest_materialization for v in results.values())
     with pytest.raises(PromotionError, match="stale"):
         promote(instance, db, "v2")
     assert current(db) is None
@@ -216,10 +216,10 @@ def test_a_check_at_the_time_of_its_materialisation_is_fresh(instance, db):
         )
     }
     results = check_results(instance, "v2")
-    assert {k: (v["why"], v["ran_after_latest_materialization"]) for k, v in results.items()} == {
+    assert {k: (v.why, v.ran_after_latest_materialization) for k, v in results.items()} == {
         k: ("passed", True) for k in runs
     }
-    assert {k: v["run_id"] for k, v in results.items()} == runs
+    assert {k: v.run_id for k, v in results.items()} == runs
     assert promote(instance, db, "v2").table_version == table_version
 
 
@@ -256,7 +256,7 @@ def test_checks_of_another_table_version_do_not_promote(instance, db):
     second = _table(db, "v2")
     _materialised(instance, "v2", second)
     _checked(instance, "v2", first)
-    assert all(v["passed"] for v in check_results(instance, "v2").values())
+    assert all(v.passed for v in check_results(instance, "v2").values())
     with pytest.raises(PromotionError) as refused:
         promote(instance, db, "v2")
     assert str(refused.value).endswith(
@@ -577,12 +577,10 @@ def test_a_check_planned_but_never_evaluated_is_reported_by_its_status(instance,
     )
     planned()
     result = check_results(instance, "v2")["eval_report:eval_report_expectations"]
-    assert not result["passed"] and result["why"] == "status PLANNED"
-    assert result["table_version"] is None
+    assert not result.passed and result.why == "status PLANNED"
+    assert result.table_version is None
     assert (
-        check_results(instance, "v2")["backfilled_gallery:backfilled_gallery_schema"][
-            "table_version"
-        ]
+        check_results(instance, "v2")["backfilled_gallery:backfilled_gallery_schema"].table_version
         == table_version
     )
     with pytest.raises(PromotionError, match="'eval_report:eval_report_expectations': 'status "):
@@ -593,5 +591,5 @@ def test_a_check_planned_but_never_evaluated_is_reported_by_its_status(instance,
         instance, "eval_report", "eval_report_expectations", "v2", True, table_version
     )
     planned()
-    assert check_results(instance, "v2")["eval_report:eval_report_expectations"]["why"] == "passed"
+    assert check_results(instance, "v2")["eval_report:eval_report_expectations"].why == "passed"
     assert promote(instance, db, "v2").table_version == table_version

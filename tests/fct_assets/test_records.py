@@ -10,6 +10,7 @@ import pytest
 
 from fct_assets.lib import records
 from fct_assets.lib.records import RecordError
+from fct_ml.evaluation import Case, CaseMetrics, GapClosed
 
 SHARD = records.ShardRange(index=1, count=2, start=5, stop=10)
 EXAMPLES = [
@@ -138,6 +139,24 @@ EXAMPLES = [
         seconds=0.5,
         items_per_s=6.0,
     ),
+    records.CheckpointMeta(
+        path="/data/checkpoints/transformation/v3.safetensors",
+        sha256="d" * 64,
+        space_id="transformation:v3@dddddddddddd",
+        old_space_id="old_model@aaaaaaaaaaaa",
+        side_info_space_id="side_info_model@bbbbbbbbbbbb",
+        new_space_id="new_model:v3@eeeeeeeeeeee",
+        source_version="v2",
+        source_space_id="new_model:v2@cccccccccccc",
+        source_model_sha256="c" * 64,
+    ),
+    records.CheckResult(
+        passed=True,
+        why="passed",
+        ran_after_latest_materialization=True,
+        table_version=2,
+        run_id="r" * 36,
+    ),
 ]
 
 
@@ -211,3 +230,77 @@ def test_from_metadata_takes_the_record_fields_and_ignores_the_rest():
     del metadata["space_id"]
     with pytest.raises(RecordError, match=r"^m: metadata is not a BackfilledTable \(space_id"):
         records.from_metadata(records.BackfilledTable, metadata, "m")
+
+
+EVAL = EXAMPLES[8]
+
+
+def _report(**changes) -> records.EvalReport:
+    return EVAL.model_copy(update=changes)
+
+
+def test_the_eval_report_is_typed_and_its_json_keeps_the_keys():
+    report = records.loads(records.dumps(EVAL), "x.json", records.EvalReport)
+    assert report.cases["old/old"] == CaseMetrics(top1=50.0, top5=90.0, mAP=40.0)
+    assert report.cases_unseen_classes["old/old"] is None
+    assert report.gap_closed == GapClosed(top1=75.0, mAP=70.0)
+    # The file (and the metadata "json" entry users and the UI read) has the same shape as the
+    # dicts the report held before its metrics were typed; the schema stays 1.
+    data = json.loads(records.dumps(report))
+    assert data[records.SCHEMA_KEY] == 1
+    assert data["cases"] == {"old/old": {"top1": 50.0, "top5": 90.0, "mAP": 40.0}}
+    assert data["cases_seen_classes"] == {"old/old": {"top1": 60.0, "top5": 95.0, "mAP": 45.0}}
+    assert data["gap_closed"] == {"top1": 75.0, "mAP": 70.0}
+    assert report.model_dump()["cases"] == data["cases"]
+
+
+def test_an_eval_report_with_an_unknown_metric_is_refused():
+    data = json.loads(records.dumps(EVAL))
+    data["cases"]["old/old"]["top10"] = 99.0
+    with pytest.raises(RecordError, match="stale or invalid EvalReport record"):
+        records.loads(json.dumps(data), "x.json")
+
+
+def test_headline_by_hand():
+    report = _report(
+        cases={
+            Case.OLD_OLD: CaseMetrics(top1=50.0, top5=90.0, mAP=40.0),
+            Case.NEW_NEW: CaseMetrics(top1=80.0, top5=95.0, mAP=70.0),
+            Case.NEW_H_OLD: CaseMetrics(top1=71.0, top5=93.0, mAP=61.0),
+        },
+        gap_closed=GapClosed(top1=70.0, mAP=70.0),
+    )
+    assert records.headline(report) == {
+        "new/h(old) top1": 71.0,
+        "new/h(old) mAP": 61.0,
+        "old/old mAP": 40.0,
+        "new/new mAP": 70.0,
+        "gap closed mAP (%)": 70.0,
+    }
+    assert tuple(records.headline(report)) == records.HEADLINE
+
+
+def test_checkpoint_meta_from_a_transformations_metadata():
+    # What model_output and the checkpoint IO manager record, with keys the record leaves out.
+    metadata = {
+        "path": "/data/checkpoints/transformation/v3.safetensors",
+        "sha256": "d" * 64,
+        "space_id": "transformation:v3@dddddddddddd",
+        "content_digest": "9" * 64,
+        "code_version": "abc123",
+        "run_id": "r" * 36,
+        "epochs": 3,
+        "final_loss": 0.25,
+        "side_info": True,
+        "source_version": "",
+        "old_space_id": "old_model@aaaaaaaaaaaa",
+    }
+    meta = records.from_metadata(records.CheckpointMeta, metadata, "transformation[v3]")
+    assert (meta.sha256, meta.code_version, meta.old_space_id) == (
+        "d" * 64,
+        "abc123",
+        "old_model@aaaaaaaaaaaa",
+    )
+    # Not recorded: empty; a source_version of "" is the old model.
+    assert meta.source_space_id == "" and meta.source_version == ""
+    assert records.CheckpointMeta() == records.Checkpoint(None, "", "").recorded

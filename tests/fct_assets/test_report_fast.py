@@ -148,8 +148,8 @@ def _evaluate(g, table_version=None, **backfilled):
         dataset,
         store,
         record,
-        Checkpoint(model=g["h"], sha256="1" * 64, space_id="h@1", recorded={}),
-        Checkpoint(model=g["new_model"], sha256="2" * 64, space_id=g["space"], recorded={}),
+        Checkpoint(model=g["h"], sha256="1" * 64, space_id="h@1"),
+        Checkpoint(model=g["new_model"], sha256="2" * 64, space_id=g["space"]),
         table_version=table_version,
     ).model_dump()
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fct_ml.evaluation import evaluate_cases, gap_closed
+from fct_ml.evaluation import Case, CaseMetrics, Evaluation, GapClosed, evaluate_cases, gap_closed
 
 
 def test_evaluate_cases_by_hand():
@@ -26,27 +26,50 @@ def test_evaluate_cases_by_hand():
     bad = torch.tensor([[0.0], [10.0], [1.0], [11.0]])
     unseen = torch.tensor([False, False, True, True])
     out = evaluate_cases({"good": (good, good), "bad": (bad, bad)}, labels, unseen_mask=unseen)
-    assert out["cases"]["good"] == pytest.approx({"top1": 100.0, "top5": 100.0, "mAP": 100.0})
-    assert out["cases"]["bad"]["top1"] == 0.0
-    assert out["cases"]["bad"]["mAP"] == pytest.approx(100 * 5 / 12)
+    assert out.cases["good"] == CaseMetrics(top1=100.0, top5=100.0, mAP=100.0)
+    assert out.cases["bad"].top1 == 0.0
+    assert out.cases["bad"].mAP == pytest.approx(100 * 5 / 12)
     # Unseen-class queries are items 2 and 3: mAP = (1/3 + 1/2) / 2 = 5/12 as well.
-    assert out["cases_unseen_classes"]["bad"]["mAP"] == pytest.approx(100 * 5 / 12)
-    assert out["cases_seen_classes"]["bad"]["mAP"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
+    assert out.unseen_classes["bad"].mAP == pytest.approx(100 * 5 / 12)
+    assert out.seen_classes["bad"].mAP == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
 
 
 def test_cases_of_different_dims_are_skipped():
     labels = torch.tensor([0, 0])
     out = evaluate_cases({"x": (torch.zeros(2, 3), torch.zeros(2, 4))}, labels)
-    assert out["cases"] == {}
+    assert out == Evaluation()
 
 
 def test_gap_closed_by_hand():
     cases = {
-        "old/old": {"top1": 40.0, "mAP": 20.0},
-        "new/new": {"top1": 80.0, "mAP": 60.0},
-        "new/h(old)": {"top1": 70.0, "mAP": 50.0},
+        Case.OLD_OLD: CaseMetrics(top1=40.0, top5=50.0, mAP=20.0),
+        Case.NEW_NEW: CaseMetrics(top1=80.0, top5=90.0, mAP=60.0),
+        Case.NEW_H_OLD: CaseMetrics(top1=70.0, top5=85.0, mAP=50.0),
+        "other": CaseMetrics(top1=50.0, top5=60.0, mAP=30.0),
     }
     # (70 - 40) / (80 - 40) = 75 %; (50 - 20) / (60 - 20) = 75 %
-    assert gap_closed(cases) == pytest.approx({"top1": 75.0, "mAP": 75.0})
-    cases["new/new"] = cases["old/old"]
-    assert all(math.isnan(v) for v in gap_closed(cases).values())
+    assert gap_closed(cases) == GapClosed(top1=75.0, mAP=75.0)
+    # (50 - 40) / 40 = 25 %; (30 - 20) / 40 = 25 %
+    assert gap_closed(cases, "other") == GapClosed(top1=25.0, mAP=25.0)
+    cases[Case.NEW_NEW] = cases[Case.OLD_OLD]
+    assert all(math.isnan(v) for v in gap_closed(cases).as_dict().values())
+
+
+def test_case_names_and_the_json_shape():
+    # The names are the ones the report, the UI and the written JSON use.
+    assert [str(c) for c in Case] == [
+        "old/old",
+        "new/new",
+        "new/h(old)",
+        "new/old",
+        "bct/old",
+        "bct/bct",
+    ]
+    m = CaseMetrics(top1=1.0, top5=2.0, mAP=3.0)
+    out = Evaluation(cases={Case.OLD_OLD: m}, unseen_classes={}, seen_classes={Case.OLD_OLD: m})
+    assert out.as_json() == {
+        "cases": {"old/old": {"top1": 1.0, "top5": 2.0, "mAP": 3.0}},
+        "cases_unseen_classes": {},
+        "cases_seen_classes": {"old/old": {"top1": 1.0, "top5": 2.0, "mAP": 3.0}},
+    }
+    assert GapClosed(top1=4.0, mAP=5.0).as_dict() == {"top1": 4.0, "mAP": 5.0}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fct_ml.evaluation import evaluate_cases
+from fct_ml.evaluation import CaseMetrics, evaluate_cases
 
 # Nine items on a line. Items 0 (x=0) and 6 (x=100) share label 0; items 1-5 (x=1..5) have labels
 # of their own (no match: left out as queries); items 7, 8 (x=50, 51) share label 6.
@@ -21,25 +21,21 @@ UNSEEN = LABELS == 6
 
 def test_metrics_and_the_class_splits_by_hand():
     out = evaluate_cases({"x/x": (X, X)}, LABELS, unseen_mask=UNSEEN)
-    assert out["cases"]["x/x"] == pytest.approx({"top1": 50.0, "top5": 50.0, "mAP": 56.25})
-    assert out["cases_unseen_classes"]["x/x"] == pytest.approx(
-        {"top1": 100.0, "top5": 100.0, "mAP": 100.0}
-    )
-    assert out["cases_seen_classes"]["x/x"] == pytest.approx(
-        {"top1": 0.0, "top5": 0.0, "mAP": 12.5}
-    )
+    assert out.cases["x/x"] == CaseMetrics(top1=50.0, top5=50.0, mAP=56.25)
+    assert out.unseen_classes["x/x"] == CaseMetrics(top1=100.0, top5=100.0, mAP=100.0)
+    assert out.seen_classes["x/x"] == CaseMetrics(top1=0.0, top5=0.0, mAP=12.5)
 
 
 def test_no_split_without_a_mask_or_without_unseen_queries():
     for mask in (None, torch.zeros(9, dtype=torch.bool)):
         out = evaluate_cases({"x/x": (X, X)}, LABELS, unseen_mask=mask)
-        assert out["cases_unseen_classes"] == {} and out["cases_seen_classes"] == {}
-        assert out["cases"]["x/x"]["mAP"] == pytest.approx(56.25)
+        assert out.unseen_classes == {} and out.seen_classes == {}
+        assert out.cases["x/x"].mAP == pytest.approx(56.25)
 
 
 def test_a_case_of_other_dims_is_skipped_and_the_next_still_evaluated():
     cases = {"a/b": (torch.zeros(9, 2), torch.zeros(9, 3)), "x/x": (X, X)}
-    assert list(evaluate_cases(cases, LABELS)["cases"]) == ["x/x"]
+    assert list(evaluate_cases(cases, LABELS).cases) == ["x/x"]
 
 
 def test_the_metric_is_passed_on():
@@ -48,6 +44,6 @@ def test_the_metric_is_passed_on():
     # is b (almost the same direction): a hit -> 100 %.
     v = torch.tensor([[1.0, 0.0], [10.0, 0.5], [0.9, 0.9]])
     labels = torch.tensor([0, 0, 1])
-    l2 = evaluate_cases({"v/v": (v, v)}, labels)["cases"]["v/v"]
-    cosine = evaluate_cases({"v/v": (v, v)}, labels, metric="cosine")["cases"]["v/v"]
-    assert (l2["top1"], cosine["top1"]) == (50.0, 100.0)
+    l2 = evaluate_cases({"v/v": (v, v)}, labels).cases["v/v"]
+    cosine = evaluate_cases({"v/v": (v, v)}, labels, metric="cosine").cases["v/v"]
+    assert (l2.top1, cosine.top1) == (50.0, 100.0)

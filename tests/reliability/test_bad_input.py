@@ -173,7 +173,7 @@ def served(tmp_path_factory):
     info = save_checkpoint(
         root / "checkpoints" / "new_model" / "v2.safetensors", model, name="new_model:v2"
     )
-    new_model = records.Checkpoint(model, info.sha256, info.space_id, recorded={})
+    new_model = records.Checkpoint(model, info.sha256, info.space_id)
     h = small_h()
     # reembed_fraction=0: no stored image is read, so gallery_v2 is published despite item 3.
     table = backfill_version(fct, "v2", store, h, new_model, 0.0, 4, log=lambda _: None)

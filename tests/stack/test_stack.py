@@ -110,8 +110,8 @@ def test_an_upgrade_on_postgres_and_s3_reads_back_as_a_user_would(stack, upgrade
         assert hashlib.sha256(blob).hexdigest() == meta["sha256"], asset
 
     info = lineage(instance, "v2")
-    assert info["table"] == "gallery_v2" and all(info["checkpoints"].values())
-    assert info["table_version"] == db.open_table("gallery_v2").version
+    assert info.table == "gallery_v2" and all(info.checkpoints.values())
+    assert info.table_version == db.open_table("gallery_v2").version
 
 
 @pytest.mark.slow
