@@ -13,7 +13,7 @@ A survivor is kept only when judged equivalent (no test can tell it apart from t
 EQUIVALENT below says why, keyed by file and the changed line before and after. Any other
 survivor is printed with "why kept": null and must be killed by a test or judged.
 
-    python benchmarks/mutation.py [--modules fct_ml/retrieval.py ...] [--max-children 2]
+    python tools/mutation.py [--modules fct_ml/retrieval.py ...] [--max-children 2]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ EMPTY_MEAN = (
 CPU_DEVICE = (
     "CPU-only test machine: .to(None) (prepare_model(m, None): channels_last, no move) leaves it"
     " where it is, on the CPU the tests ask for; only a CUDA run could tell, and"
-    " benchmarks/gpu_check.py does not reach this line"
+    " benchmarks/system/gpu_check.py does not reach this line"
 )
 FEATURES_DEVICE = (
     "the images stay on the CPU, where augment draws its numbers anyway, and Frozen moves each"
@@ -625,7 +625,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         ],
         "CPU-only test machine: Module.to(None) moves nothing, so the models stay on the CPU the"
         " tests load them on and the tests ask for (device='cpu'); only a CUDA run could tell,"
-        " and benchmarks/gpu_check.py does not reach evaluate_version",
+        " and benchmarks/system/gpu_check.py does not reach evaluate_version",
     ),
     (
         "fct_assets/upgrade/report.py",
@@ -927,7 +927,7 @@ def markdown(result: dict) -> str:
         " mutant looped). Not checked: the run was cut short before mutmut ran them; they are"
         " left out of the score and listed per module, never counted as killed. No mutant is"
         " excluded: a survivor is kept only when judged equivalent (`EQUIVALENT` in"
-        " benchmarks/mutation.py, the reason below); the others say `not judged`.",
+        " tools/mutation.py, the reason below); the others say `not judged`.",
         "",
         "## Runs",
         "",

@@ -1,7 +1,7 @@
 """The chain experiment (fct_ml/chain.py): old -> v2 -> v3 on Fashion-MNIST, one run per seed.
 
-    python benchmarks/chain.py                      # demo preset, seeds 0 1 2
-    python benchmarks/chain.py --preset tiny --dataset digits --seeds 0 --out /tmp/x   # a check
+    python benchmarks/studies/chain.py                      # demo preset, seeds 0 1 2
+    python benchmarks/studies/chain.py --preset tiny --dataset digits --seeds 0 --out /tmp/x   # a check
 
 The old model sees the dataset's default old classes (Fashion-MNIST: 5,6,7,8,9), the v2 model
 those plus --v2-extra (default 0,2: T-shirt and Pullover), v3 every class. Writes
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 GAPS = ("gap_closed_chained", "gap_closed_chained_no_side_info", "gap_closed_direct")
 
 

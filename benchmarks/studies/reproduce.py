@@ -1,6 +1,6 @@
 """Reproduce the paper's experiment over several seeds and settings; write the committed results.
 
-    python benchmarks/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
+    python benchmarks/studies/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
 
 Each (seed, setting) runs `fct reproduce` in its own process (wall time measured around it);
 settings share trained stages through `--cache-dir`. Writes
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 AGGREGATED = (
     "cases",
     "cases_unseen_classes",
@@ -505,7 +505,7 @@ def main() -> int:
     result = {
         "dataset": runs[0]["dataset"],
         # the note is printed on its own below, not repeated in the command
-        "command": "python benchmarks/reproduce.py "
+        "command": "python benchmarks/studies/reproduce.py "
         + " ".join(sys.argv[1 : sys.argv.index("--note") if "--note" in sys.argv else None]),
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} CPUs, device {runs[0].get('device', '?')}"

@@ -1,6 +1,6 @@
 """`make stack-check`: deploy/'s production storage run for real on this machine.
 
-    python benchmarks/stack_check.py [--preset tiny] [--dataset digits]
+    python benchmarks/system/stack_check.py [--preset tiny] [--dataset digits]
 
 Starts a private Postgres cluster and moto's S3 server on free loopback ports
 (deploy/local_stack.py), points Dagster's run, event and schedule storage at that Postgres
@@ -30,7 +30,7 @@ import time
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: deploy/ and fct_assets from this checkout
     sys.path.insert(0, str(REPO))
 
@@ -338,7 +338,7 @@ def write_results(result: dict) -> None:
     lines = [
         "# Stack check: Dagster on Postgres, LanceDB and checkpoints on S3, one machine",
         "",
-        f"Produced by `make stack-check` (benchmarks/stack_check.py) on {result['date']}:"
+        f"Produced by `make stack-check` (benchmarks/system/stack_check.py) on {result['date']}:"
         f" preset {result['preset']}, dataset {result['dataset']}, {SHARDS} shards, multiprocess"
         " executor. Postgres: a private cluster on a loopback port; S3: moto's server.",
         "",

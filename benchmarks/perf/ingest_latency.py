@@ -1,7 +1,7 @@
 """Inbox -> searchable latency while `make ui`'s stack runs.
 
-    python benchmarks/ingest_latency.py                      # 5 trials, tiny preset on digits
-    python benchmarks/ingest_latency.py --trials 8 --preset demo --dataset fashion-mnist
+    python benchmarks/perf/ingest_latency.py                      # 5 trials, tiny preset on digits
+    python benchmarks/perf/ingest_latency.py --trials 8 --preset demo --dataset fashion-mnist
 
 Materialises the base assets and model version v2 in-process under a temporary folder, promotes
 v2, then starts `dagster dev` (webserver, daemon, code server; the same command as `make ui`, on
@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.ui.server: the browser test's `dagster dev` wrapper
 os.environ.setdefault("LANCE_LOG", "error")
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_S = 60.0
 POLL_S = 0.5
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args, Path(tmp))
     end_load = os.getloadavg()
     result["command"] = (
-        f"python benchmarks/ingest_latency.py --trials {args.trials} --preset {args.preset}"
+        f"python benchmarks/perf/ingest_latency.py --trials {args.trials} --preset {args.preset}"
         f" --dataset {args.dataset}"
     )
     result["machine"] = (

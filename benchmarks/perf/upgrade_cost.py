@@ -1,7 +1,7 @@
 """An upgrade's cost, broken down by asset: wall time, CPU time and peak RSS.
 
-    python benchmarks/upgrade_cost.py                        # demo preset, Fashion-MNIST
-    python benchmarks/upgrade_cost.py --preset tiny          # what fits a loaded 2-core machine
+    python benchmarks/perf/upgrade_cost.py                        # demo preset, Fashion-MNIST
+    python benchmarks/perf/upgrade_cost.py --preset tiny          # what fits a loaded 2-core machine
 
 Materialises the base assets, then ONE upgrade (v2) as `make demo` runs it (the `upgrade` job,
 in process), on a fresh instance and storage in a temporary folder. What each asset cost is
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 UPGRADE = ("new_model", "transformation", "backfilled_gallery", "eval_report")
 
 
@@ -147,7 +147,7 @@ def _markdown(result: dict) -> str:
         "## Command",
         "",
         "```",
-        f"python benchmarks/upgrade_cost.py --preset {result['preset']}",
+        f"python benchmarks/perf/upgrade_cost.py --preset {result['preset']}",
         "```",
     ]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """A quick GPU check of fct_ml (14 s on the H200 it last ran on): mixed-precision training steps of the
 CPU and paper backbones, and the per-item cost of h against a new-model forward pass.
 
-    bash benchmarks/gpu_check.sh        # on a machine with CUDA; needs torch + torchvision only
+    bash benchmarks/system/gpu_check.sh        # on a machine with CUDA; needs torch + torchvision only
 
 Prints a table and writes benchmarks/results/gpu_check.json (or to $OUT when set); the committed
 result of its last run is renamed after its device, benchmarks/results/gpu_check_h200.json.
@@ -102,7 +102,7 @@ def main() -> int:
         "  h per item is cheaper than a new-model forward by: "
         + ", ".join(f"{k} {v:.0f}x" for k, v in out["reembed_over_h"].items())
     )
-    dest = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    dest = Path(os.environ.get("OUT") or Path(__file__).resolve().parents[1] / "results")
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "gpu_check.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0 if all(r.get("loss_finite", True) for r in rows) else 1

@@ -1,7 +1,7 @@
 """Cold start of the `fct` serving commands: `search --item-id`, `lineage`, `promote`.
 
-    python benchmarks/cli_startup.py                    # this checkout, 5 runs each
-    python benchmarks/cli_startup.py --baseline b41e128 # and the code of that commit, same run
+    python benchmarks/perf/cli_startup.py                    # this checkout, 5 runs each
+    python benchmarks/perf/cli_startup.py --baseline b41e128 # and the code of that commit, same run
 
 Each run is a fresh `python -m fct_assets.cli ...` process (imports, instance, LanceDB, model
 loading: everything a user's call pays) against a tiny instance built once in a temporary
@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 # (name in the JSON, arguments); the targets are issue 15's.
 COMMANDS = {
@@ -224,7 +224,14 @@ def _markdown(result: dict, runs: int) -> str:
         got = result[name]["median_s"]
         met = "yes" if got <= goal else "no"
         lines.append(f"| `fct {name}` wall, median of {runs} | <= {goal} s | {got} s | {met} |")
-    lines += ["", "## Command", "", "```", "python benchmarks/cli_startup.py --baseline REF", "```"]
+    lines += [
+        "",
+        "## Command",
+        "",
+        "```",
+        "python benchmarks/perf/cli_startup.py --baseline REF",
+        "```",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """The quality-cost frontier of h (the transformation), chosen on the validation split.
 
-    python benchmarks/h_frontier.py --cache-dir /work/main/runs/stage-cache --require-cached
-    python benchmarks/h_frontier.py --smoke      # tiny preset on digits, seed 0: a quick check
+    python benchmarks/studies/h_frontier.py --cache-dir /work/main/runs/stage-cache --require-cached
+    python benchmarks/studies/h_frontier.py --smoke      # tiny preset on digits, seed 0: a quick check
 
 Quality. For each seed the old, side-info and new models come from the stage cache that `fct
 reproduce --cache-dir` fills (keyed as fct_ml.reproduce.StageCache keys them: stage, configs,
@@ -69,7 +69,7 @@ from fct_ml.transformation import Transformation, TransformationConfig, transfor
 os.environ.setdefault("LANCE_LOG", "error")
 os.environ.setdefault("LANCEDB_LOG", "error")
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 CPU = torch.device("cpu")
 Precision = Literal["fp32", "bf16", "int8"]
 # At equal MACs the knee prefers the precision the product runs now (see choose_default).
@@ -915,7 +915,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()},"
             f" torch {torch.__version__}"
         ),
-        "command": " ".join(["python", "benchmarks/h_frontier.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "benchmarks/studies/h_frontier.py", *(argv or sys.argv[1:])]
+        ),
         "wall_s": round(time.perf_counter() - started, 1),
         "notes": [args.note] if args.note else [],
     }

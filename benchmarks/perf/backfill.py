@@ -1,7 +1,7 @@
 """Backfill throughput and memory: transforming stored vectors vs re-embedding stored images.
 
-    python benchmarks/backfill.py                 # the full run (~2.5 min on 2 CPU cores)
-    python benchmarks/backfill.py --quick         # small sizes, to check that it runs
+    python benchmarks/perf/backfill.py                 # the full run (~2.5 min on 2 CPU cores)
+    python benchmarks/perf/backfill.py --quick         # small sizes, to check that it runs
 
 Measures, in one run, with random weights (timing only) and torch.set_num_threads(2):
 
@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 os.environ.setdefault("LANCE_LOG", "error")  # lance's per-query deprecation warnings
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 DIM = 128
 OLD_SPACE, SIDE_SPACE, NEW_SPACE = "old_model:v1@bench", "side_info:v1@bench", "new_model:v2@bench"
 
@@ -489,7 +489,7 @@ def markdown(result: dict) -> str:
 
 
 def stream_10m_targets(s10: dict | None) -> list[dict]:
-    """Issue 15's scale targets for benchmarks/pipeline.py's 10M-item stream (none if not run):
+    """Issue 15's scale targets for benchmarks/perf/pipeline.py's 10M-item stream (none if not run):
     peak RSS, and the time per million items at 10M against that at 1M (cost stays linear)."""
     if not s10:
         return []
@@ -665,7 +665,7 @@ def main() -> None:
         f" python {platform.python_version()}, torch {torch.__version__}, lancedb"
         f" {__import__('lancedb').__version__}"
     )
-    result["command"] = " ".join(["python", "benchmarks/backfill.py", *sys.argv[1:]])
+    result["command"] = " ".join(["python", "benchmarks/perf/backfill.py", *sys.argv[1:]])
     if args.n_stream < 1_000_000:
         result["notes"].append(f"stream_1m used {args.n_stream:,} items, not 1,000,000.")
     result["notes"].append(
@@ -673,7 +673,7 @@ def main() -> None:
         " re-embedded item costs); transform_over_h_only = transform items/s / h-only items/s"
         " (share of h's in-memory speed the LanceDB pipeline keeps)."
     )
-    # The 10M-item stream is benchmarks/pipeline.py's (minutes, a separate command): keep it.
+    # The 10M-item stream is benchmarks/perf/pipeline.py's (minutes, a separate command): keep it.
     earlier = RESULTS / "backfill.json"
     if not args.quick and earlier.exists():
         stream_10m = json.loads(earlier.read_text()).get("stream_10m")

@@ -1,7 +1,7 @@
 """Ingest throughput.
 
-    python benchmarks/ingest.py                 # 2,000 Fashion-MNIST images (28x28), demo preset
-    python benchmarks/ingest.py --items 200     # a quick check
+    python benchmarks/perf/ingest.py                 # 2,000 Fashion-MNIST images (28x28), demo preset
+    python benchmarks/perf/ingest.py --items 200     # a quick check
 
 throughput: `fct_assets.ingest.ingest.ingest_files` over N PNG files of the validation split (never in
 the gallery), with the demo preset's models (random weights: timing only) as the deployed model
@@ -9,7 +9,7 @@ and the side-info model: read + decode + content id + both embeddings + one Lanc
 gallery_store and one to the deployed table + the deployment row. Items/s = N / wall time.
 
 The inbox -> searchable latency with the sensor, the daemon and `dagster dev` running is
-benchmarks/ingest_latency.py's.
+benchmarks/perf/ingest_latency.py's.
 
 Writes benchmarks/results/ingest.{json,md}.
 """
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _setup(root: Path, items: int):
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             "# Ingest benchmark",
             "",
-            f"`python benchmarks/ingest.py --items {args.items}` on {result['machine']}.",
+            f"`python benchmarks/perf/ingest.py --items {args.items}` on {result['machine']}.",
             "",
             "| measure | value |",
             "| --- | --- |",
