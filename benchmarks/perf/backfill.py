@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -36,6 +35,11 @@ import numpy as np
 import pyarrow as pa
 
 os.environ.setdefault("LANCE_LOG", "error")  # lance's per-query deprecation warnings
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 DIM = 128
 OLD_SPACE, SIDE_SPACE, NEW_SPACE = "old_model:v1@bench", "side_info:v1@bench", "new_model:v2@bench"
@@ -657,14 +661,9 @@ def main() -> None:
     }
     print(f"  {result['ann']}", flush=True)
 
-    import torch
 
     result["total_seconds"] = round(time.perf_counter() - started, 1)
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.system()},"
-        f" python {platform.python_version()}, torch {torch.__version__}, lancedb"
-        f" {__import__('lancedb').__version__}"
-    )
+    result["machine"] = machine(f"lancedb {__import__('lancedb').__version__}")
     result["command"] = " ".join(["python", "benchmarks/perf/backfill.py", *sys.argv[1:]])
     if args.n_stream < 1_000_000:
         result["notes"].append(f"stream_1m used {args.n_stream:,} items, not 1,000,000.")
@@ -696,11 +695,8 @@ def main() -> None:
         f" ~{result['eval_100k']['peak_rss_mb_before_retrieve']:.0f} MB of a process that has only"
         " imported torch/fct and built its tensors (the eval child's reading before retrieve)."
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "backfill_quick" if args.quick else "backfill"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    (RESULTS / f"{stem}.md").write_text(md)
+    write_results("backfill_quick" if args.quick else "backfill", result, md, RESULTS)
     print(md)
 
 

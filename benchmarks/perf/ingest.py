@@ -17,15 +17,18 @@ Writes benchmarks/results/ingest.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
@@ -197,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "throughput": measured,
         "load_average": {"start": [round(x, 2) for x in start], "end": [round(x, 2) for x in end]},
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} cores, load average (1, 5, 15 min)"
+        "machine": machine(
+            "load average (1, 5, 15 min)"
             f" {' '.join(f'{x:.1f}' for x in start)} at start,"
             f" {' '.join(f'{x:.1f}' for x in end)} at end"
         ),
@@ -223,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "ingest.md").write_text(md)
+    write_results("ingest", result, md, args.out)
     print(md)
     return 0
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -41,6 +40,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import backfill as bench  # noqa: E402  (benchmarks/perf/backfill.py: the pairs and their helpers)
 
 os.environ.setdefault("LANCE_LOG", "error")
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 MARKS = (1_000_000, 5_000_000, 10_000_000)
 TARGET_TRANSFORM_OVER_H = 0.85
@@ -313,10 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     out = Path(args.out)
     result = _load(out.with_suffix(".json"))
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()},"
-        f" torch {torch.__version__}, lancedb {__import__('lancedb').__version__}"
-    )
+    result["machine"] = machine(f"lancedb {__import__('lancedb').__version__}")
     command = f"python benchmarks/perf/pipeline.py {' '.join(argv or sys.argv[1:])}"
     if args.part == "overlap":
         pairs = {}
@@ -366,12 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             if "pairs" in data:  # the targets table there gains the stream's rows
                 data["targets"] = bench.check_targets(data)
-                (RESULTS / "backfill.md").write_text(bench.markdown(data))
-            backfill_json.write_text(json.dumps(data, indent=2) + "\n")
+            write_results("backfill", data, bench.markdown(data) if "pairs" in data else None)
     result["commands"] = sorted({*result.get("commands", []), command})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_results(out.name, result, markdown(result), out.parent)
     print(markdown(result))
     return 0
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -68,6 +67,11 @@ from fct_ml.transformation import Transformation, TransformationConfig, transfor
 # a backfill creates) would flood the output. lancedb's own binding reads LANCEDB_LOG.
 os.environ.setdefault("LANCE_LOG", "error")
 os.environ.setdefault("LANCEDB_LOG", "error")
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 CPU = torch.device("cpu")
@@ -911,10 +915,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for r in records
         },
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()},"
-            f" torch {torch.__version__}"
-        ),
+        "machine": machine(),
         "command": " ".join(
             ["python", "benchmarks/studies/h_frontier.py", *(argv or sys.argv[1:])]
         ),
@@ -924,9 +925,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     png = args.out_dir / "h_frontier.png"
     drawn = plot(result, png)
-    _write_json(args.out_dir / "h_frontier.json", result)
     md = markdown(result, png.name if drawn else None)
-    (args.out_dir / "h_frontier.md").write_text(md)
+    # NaN/Inf as null: strict JSON readers refuse them
+    write_results("h_frontier", result, md, args.out_dir, dumps=dumps)
     print(table(result))
     print(
         f"default (knee): {summary['default']}; baseline mAP {summary['baseline_mAP']:.2f};"

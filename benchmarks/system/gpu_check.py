@@ -9,7 +9,6 @@ result of its last run is renamed after its device, benchmarks/results/gpu_check
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.common
+from benchmarks.common import RESULTS, write_results  # noqa: E402
 from fct_ml.augment import AugmentConfig
 from fct_ml.backfill import apply_transformation
 from fct_ml.models import ModelConfig, train_embedding_model
@@ -102,9 +103,7 @@ def main() -> int:
         "  h per item is cheaper than a new-model forward by: "
         + ", ".join(f"{k} {v:.0f}x" for k, v in out["reembed_over_h"].items())
     )
-    dest = Path(os.environ.get("OUT") or Path(__file__).resolve().parents[1] / "results")
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "gpu_check.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_results("gpu_check", out, None, os.environ.get("OUT") or RESULTS)
     return 0 if all(r.get("loss_finite", True) for r in rows) else 1
 
 

@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))  # benchmarks.common, run as a script
+from benchmarks.common import write_results  # noqa: E402
+
 LOG = REPO / "runs" / "reliability" / "pytest.log"  # git-ignored, as runs/ is
 
 
@@ -109,14 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['category']} | {r['case'].replace('|', '/')} | {outcome} |"
             f" `{r['test'].split('::')[-1]}` |"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "reliability.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "reliability.json").write_text(
-        json.dumps(
-            {"pytest": summary, "wall_seconds": round(wall), **figures, "records": records},
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        "reliability",
+        {"pytest": summary, "wall_seconds": round(wall), **figures, "records": records},
+        "\n".join(lines),
+        RESULTS,
     )
     print("\n".join(lines))
     if done.returncode != 0:  # which tests failed, and why, in pytest's own short summary

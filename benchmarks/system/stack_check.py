@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: deploy/ and fct_assets from this checkout
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import write_results as write_files  # noqa: E402
 from deploy.local_stack import LocalStack, StackError, postgres_bindir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -333,8 +335,6 @@ def _alive(pid: int | None) -> bool:
 
 
 def write_results(result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stack_check.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Stack check: Dagster on Postgres, LanceDB and checkpoints on S3, one machine",
         "",
@@ -361,7 +361,7 @@ def write_results(result: dict) -> None:
             "",
             "Failed steps: " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items()),
         ]
-    (RESULTS / "stack_check.md").write_text("\n".join(lines) + "\n")
+    write_files("stack_check", result, "\n".join(lines), RESULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "failed": steps.failed,
         "notes": notes,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
     }
     write_results(result)
     print((RESULTS / "stack_check.md").read_text())

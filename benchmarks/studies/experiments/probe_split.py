@@ -14,7 +14,6 @@ Writes benchmarks/results/split_choice.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import cache  # noqa: E402  (benchmarks/studies/experiments/cache.py, beside this file)
 
 RESULTS = Path(__file__).resolve().parents[2] / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks.common
+from benchmarks.common import write_results  # noqa: E402
 
 
 def _keys(args, split: str) -> tuple[str, str, str]:
@@ -131,8 +132,6 @@ def main(argv: list[str]) -> None:
         "splits": rows,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "split_choice.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Which classes the old model sees: the split chosen on validation",
         "",
@@ -156,7 +155,7 @@ def main(argv: list[str]) -> None:
             f" | {unseen[0]:.1f} / {unseen[1]:.1f} | {g['mAP']:+.2f} | {g['top1']:+.2f} |"
         )
     lines += ["", f"Criterion: {result['criterion']}. Chosen: **{chosen}**.", ""]
-    (RESULTS / "split_choice.md").write_text("\n".join(lines))
+    write_results("split_choice", result, "\n".join(lines), RESULTS)
     print("\n".join(lines))
 
 
