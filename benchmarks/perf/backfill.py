@@ -661,7 +661,6 @@ def main() -> None:
     }
     print(f"  {result['ann']}", flush=True)
 
-
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     result["machine"] = machine(f"lancedb {__import__('lancedb').__version__}")
     result["command"] = " ".join(["python", "benchmarks/perf/backfill.py", *sys.argv[1:]])
