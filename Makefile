@@ -81,7 +81,7 @@ postgres:
 # lineage, the scheduled evaluation, a Postgres restart mid-upgrade; both servers stopped by PID.
 # Writes benchmarks/results/stack_check.{json,md}.
 stack-check: venv postgres
-	$(PY) benchmarks/stack_check.py
+	$(PY) benchmarks/system/stack_check.py
 
 # The main job, the life of a gallery: base assets + model version v2 on Fashion-MNIST from an
 # empty instance and LanceDB folder (deletes dagster_home's run storage and data/), promotion,
@@ -120,17 +120,17 @@ screenshots: venv browser
 # The committed reproduction results: three seeds x two settings (cpu, cpu-hard), their mean
 # and spread; the settings share the new and side-info models through runs/stage-cache.
 reproduce-benchmark: venv data
-	$(PY) benchmarks/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
+	$(PY) benchmarks/studies/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
 
 # Bad inputs, injected faults, the promotion race (100 from 4 processes) and the config fuzz,
 # and the report of what happened (benchmarks/results/reliability.{json,md}, with its wall time).
 reliability: venv data
-	$(PY) benchmarks/reliability.py
+	$(PY) benchmarks/system/reliability.py
 
 # Mutation testing (mutmut) of the modules that compute what users read, with the fast tests
 # only; writes benchmarks/results/mutation.{json,md} and prints its wall time. Not part of CI.
 mutation: venv
-	nice -n 19 $(PY) benchmarks/mutation.py
+	nice -n 19 $(PY) tools/mutation.py
 
 clean:
 	rm -rf runs .pytest_cache data test-artifacts

@@ -1,4 +1,4 @@
-"""benchmarks/h_frontier.py's bookkeeping on hand-made numbers: the variants it sweeps, the
+"""benchmarks/studies/h_frontier.py's bookkeeping on hand-made numbers: the variants it sweeps, the
 mean and std over seeds, and the knee it marks as the default. No model is trained."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.h_frontier import (
+from benchmarks.studies.h_frontier import (
     Variant,
     aggregate,
     baseline_h,

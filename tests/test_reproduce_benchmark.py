@@ -1,11 +1,11 @@
-"""benchmarks/reproduce.py's wall-time bookkeeping on hand-made runs: a stage read from the
+"""benchmarks/studies/reproduce.py's wall-time bookkeeping on hand-made runs: a stage read from the
 stage cache is charged the training time it took where it was trained."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.reproduce import cached_stages, charge_cached_stages
+from benchmarks.studies.reproduce import cached_stages, charge_cached_stages
 
 
 def _run(setting, seed, timings, digests, wall):

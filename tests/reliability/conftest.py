@@ -1,4 +1,4 @@
-"""Reliability tests record what they tried and what happened; `benchmarks/reliability.py`
+"""Reliability tests record what they tried and what happened; `benchmarks/system/reliability.py`
 runs them with FCT_RELIABILITY_RECORDS set and turns the records into
 benchmarks/results/reliability.md."""
 

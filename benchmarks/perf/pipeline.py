@@ -1,9 +1,9 @@
 """The transform pipeline against h alone, with and without read-ahead; a 10M-item stream.
 
-    python benchmarks/pipeline.py overlap            # transform / h-only, read-ahead off vs on
-    python benchmarks/pipeline.py stream --items 10000000 --dim 32
+    python benchmarks/perf/pipeline.py overlap            # transform / h-only, read-ahead off vs on
+    python benchmarks/perf/pipeline.py stream --items 10000000 --dim 32
 
-overlap: for each pair of benchmarks/backfill.py (random weights, timing only), a gallery_store
+overlap: for each pair of benchmarks/perf/backfill.py (random weights, timing only), a gallery_store
 of N random vectors, then rounds of (a) the transform backfill (`backfill_version`: LanceDB read
 -> h -> one LanceDB commit) with `pages_ahead=0` (each page read after h
 finished the previous one: the pipeline before read-ahead), (b) the same with read-ahead on (the
@@ -14,7 +14,7 @@ stream: a gallery_store of `--items` random vectors of `--dim` dimensions (old a
 written in one streamed commit, then ONE transform backfill of it in a subprocess, which records
 the time and its peak RSS (VmHWM) when it has passed 1M, 5M and 10M items. `--dim` below 128
 keeps the 10M-item tables within the disk (at 128-d they take ~16 GB); h's inner MLP, which
-dominates its cost, is the cpu preset's (benchmarks/backfill.py's default pair).
+dominates its cost, is the cpu preset's (benchmarks/perf/backfill.py's default pair).
 
 Writes benchmarks/results/pipeline.{json,md} (each part its own key; a part not run keeps its
 earlier result) and, for a 10M stream, `stream_10m` in benchmarks/results/backfill.json.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -38,10 +37,15 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).parent))
-import backfill as bench  # noqa: E402  (benchmarks/backfill.py: the pairs and their helpers)
+import backfill as bench  # noqa: E402  (benchmarks/perf/backfill.py: the pairs and their helpers)
 
 os.environ.setdefault("LANCE_LOG", "error")
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 MARKS = (1_000_000, 5_000_000, 10_000_000)
 TARGET_TRANSFORM_OVER_H = 0.85
 
@@ -309,11 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     out = Path(args.out)
     result = _load(out.with_suffix(".json"))
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()},"
-        f" torch {torch.__version__}, lancedb {__import__('lancedb').__version__}"
-    )
-    command = f"python benchmarks/pipeline.py {' '.join(argv or sys.argv[1:])}"
+    result["machine"] = machine(f"lancedb {__import__('lancedb').__version__}")
+    command = f"python benchmarks/perf/pipeline.py {' '.join(argv or sys.argv[1:])}"
     if args.part == "overlap":
         pairs = {}
         for name, n in (("cpu_default", args.n_cpu), ("resnet50-128_vs_h2048", args.n_resnet)):
@@ -362,12 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             if "pairs" in data:  # the targets table there gains the stream's rows
                 data["targets"] = bench.check_targets(data)
-                (RESULTS / "backfill.md").write_text(bench.markdown(data))
-            backfill_json.write_text(json.dumps(data, indent=2) + "\n")
+            write_results("backfill", data, bench.markdown(data) if "pairs" in data else None)
     result["commands"] = sorted({*result.get("commands", []), command})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_results(out.name, result, markdown(result), out.parent)
     print(markdown(result))
     return 0
 

@@ -1,9 +1,9 @@
 """Which old-class split? Side-info's gain on the validation split, one candidate split at a time.
 
-    python benchmarks/experiments/probe_split.py --splits 1,3,5,7,9 0,1,2,3,4 5,6,7,8,9 0,2,4,6,8
+    python benchmarks/studies/experiments/probe_split.py --splits 1,3,5,7,9 0,1,2,3,4 5,6,7,8,9 0,2,4,6,8
 
 For each split of Fashion-MNIST's ten classes into five the old model sees and five it does
-not, trains (or reads from runs/cache/, benchmarks/experiments/cache.py) the old and side-info
+not, trains (or reads from runs/cache/, benchmarks/studies/experiments/cache.py) the old and side-info
 models on the split's classes and the new model once, then the product's h (FastFill, with and
 without side-info), and reports on the VALIDATION split only: gap closed by new/h(old) and the
 side-info gain on unseen-class queries (mAP, top-1). The split the study uses is the one with the
@@ -14,7 +14,6 @@ Writes benchmarks/results/split_choice.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,9 +24,11 @@ from fct_ml.evaluation import evaluate_cases, gap_closed
 from fct_ml.presets import preset
 
 sys.path.insert(0, str(Path(__file__).parent))
-import cache  # noqa: E402  (benchmarks/experiments/cache.py, beside this file)
+import cache  # noqa: E402  (benchmarks/studies/experiments/cache.py, beside this file)
 
-RESULTS = Path(__file__).parent.parent / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks.common
+from benchmarks.common import write_results  # noqa: E402
 
 
 def _keys(args, split: str) -> tuple[str, str, str]:
@@ -123,7 +124,7 @@ def main(argv: list[str]) -> None:
         )
     chosen = max(rows, key=lambda r: r["side_info_gain_unseen"]["mAP"])["split"]
     result = {
-        "command": "python benchmarks/experiments/probe_split.py " + " ".join(argv),
+        "command": "python benchmarks/studies/experiments/probe_split.py " + " ".join(argv),
         "split_evaluated_on": "validation",
         "preset": args.preset,
         "seed": args.seed,
@@ -132,8 +133,6 @@ def main(argv: list[str]) -> None:
         "splits": rows,
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "split_choice.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Which classes the old model sees: the split chosen on validation",
         "",
@@ -157,7 +156,7 @@ def main(argv: list[str]) -> None:
             f" | {unseen[0]:.1f} / {unseen[1]:.1f} | {g['mAP']:+.2f} | {g['top1']:+.2f} |"
         )
     lines += ["", f"Criterion: {result['criterion']}. Chosen: **{chosen}**.", ""]
-    (RESULTS / "split_choice.md").write_text("\n".join(lines))
+    write_results("split_choice", result, "\n".join(lines), RESULTS)
     print("\n".join(lines))
 
 

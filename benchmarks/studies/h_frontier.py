@@ -1,7 +1,7 @@
 """The quality-cost frontier of h (the transformation), chosen on the validation split.
 
-    python benchmarks/h_frontier.py --cache-dir /work/main/runs/stage-cache --require-cached
-    python benchmarks/h_frontier.py --smoke      # tiny preset on digits, seed 0: a quick check
+    python benchmarks/studies/h_frontier.py --cache-dir /work/main/runs/stage-cache --require-cached
+    python benchmarks/studies/h_frontier.py --smoke      # tiny preset on digits, seed 0: a quick check
 
 Quality. For each seed the old, side-info and new models come from the stage cache that `fct
 reproduce --cache-dir` fills (keyed as fct_ml.reproduce.StageCache keys them: stage, configs,
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -69,7 +68,12 @@ from fct_ml.transformation import Transformation, TransformationConfig, transfor
 os.environ.setdefault("LANCE_LOG", "error")
 os.environ.setdefault("LANCEDB_LOG", "error")
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 CPU = torch.device("cpu")
 Precision = Literal["fp32", "bf16", "int8"]
 # At equal MACs the knee prefers the precision the product runs now (see choose_default).
@@ -911,20 +915,19 @@ def main(argv: list[str] | None = None) -> int:
             }
             for r in records
         },
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()},"
-            f" torch {torch.__version__}"
+        "machine": machine(),
+        "command": " ".join(
+            ["python", "benchmarks/studies/h_frontier.py", *(argv or sys.argv[1:])]
         ),
-        "command": " ".join(["python", "benchmarks/h_frontier.py", *(argv or sys.argv[1:])]),
         "wall_s": round(time.perf_counter() - started, 1),
         "notes": [args.note] if args.note else [],
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     png = args.out_dir / "h_frontier.png"
     drawn = plot(result, png)
-    _write_json(args.out_dir / "h_frontier.json", result)
     md = markdown(result, png.name if drawn else None)
-    (args.out_dir / "h_frontier.md").write_text(md)
+    # NaN/Inf as null: strict JSON readers refuse them
+    write_results("h_frontier", result, md, args.out_dir, dumps=dumps)
     print(table(result))
     print(
         f"default (knee): {summary['default']}; baseline mAP {summary['baseline_mAP']:.2f};"

@@ -1,7 +1,7 @@
 """The chain experiment (fct_ml/chain.py): old -> v2 -> v3 on Fashion-MNIST, one run per seed.
 
-    python benchmarks/chain.py                      # demo preset, seeds 0 1 2
-    python benchmarks/chain.py --preset tiny --dataset digits --seeds 0 --out /tmp/x   # a check
+    python benchmarks/studies/chain.py                      # demo preset, seeds 0 1 2
+    python benchmarks/studies/chain.py --preset tiny --dataset digits --seeds 0 --out /tmp/x   # a check
 
 The old model sees the dataset's default old classes (Fashion-MNIST: 5,6,7,8,9), the v2 model
 those plus --v2-extra (default 0,2: T-shirt and Pullover), v3 every class. Writes
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +23,12 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 GAPS = ("gap_closed_chained", "gap_closed_chained_no_side_info", "gap_closed_direct")
 
 
@@ -158,13 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         # each seed's own run, also when it was read back from --runs-dir
         "wall_s": round(sum(r.get("wall_s", 0.0) for r in runs), 1),
         "wall_s_per_seed": [r.get("wall_s") for r in runs],
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": machine(f"{torch.get_num_threads()} torch threads"),
     }
-    out = args.out or RESULTS
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"chain_{args.dataset.replace('-', '_')}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_results(stem, result, markdown(result), args.out or RESULTS)
     print(markdown(result))
     return 0
 

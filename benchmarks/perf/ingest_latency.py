@@ -1,7 +1,7 @@
 """Inbox -> searchable latency while `make ui`'s stack runs.
 
-    python benchmarks/ingest_latency.py                      # 5 trials, tiny preset on digits
-    python benchmarks/ingest_latency.py --trials 8 --preset demo --dataset fashion-mnist
+    python benchmarks/perf/ingest_latency.py                      # 5 trials, tiny preset on digits
+    python benchmarks/perf/ingest_latency.py --trials 8 --preset demo --dataset fashion-mnist
 
 Materialises the base assets and model version v2 in-process under a temporary folder, promotes
 v2, then starts `dagster dev` (webserver, daemon, code server; the same command as `make ui`, on
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -31,10 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tests.ui.server: the browser test's `dagster dev` wrapper
 os.environ.setdefault("LANCE_LOG", "error")
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGET_S = 60.0
 POLL_S = 0.5
 
@@ -255,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(args, Path(tmp))
     end_load = os.getloadavg()
     result["command"] = (
-        f"python benchmarks/ingest_latency.py --trials {args.trials} --preset {args.preset}"
+        f"python benchmarks/perf/ingest_latency.py --trials {args.trials} --preset {args.preset}"
         f" --dataset {args.dataset}"
     )
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} cores; load average (1, 5, 15 min)"
+    result["machine"] = machine(
+        "load average (1, 5, 15 min)"
         f" {' '.join(f'{x:.1f}' for x in start_load)} at start,"
         f" {' '.join(f'{x:.1f}' for x in end_load)} at end"
     )
@@ -302,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ingest_latency.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "ingest_latency.md").write_text(md)
+    write_results("ingest_latency", result, md, args.out)
     print(md)
     return 0 if result["found"] == len(trials) else 1
 

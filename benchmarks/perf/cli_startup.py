@@ -1,7 +1,7 @@
 """Cold start of the `fct` serving commands: `search --item-id`, `lineage`, `promote`.
 
-    python benchmarks/cli_startup.py                    # this checkout, 5 runs each
-    python benchmarks/cli_startup.py --baseline b41e128 # and the code of that commit, same run
+    python benchmarks/perf/cli_startup.py                    # this checkout, 5 runs each
+    python benchmarks/perf/cli_startup.py --baseline b41e128 # and the code of that commit, same run
 
 Each run is a fresh `python -m fct_assets.cli ...` process (imports, instance, LanceDB, model
 loading: everything a user's call pays) against a tiny instance built once in a temporary
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -30,8 +29,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 # (name in the JSON, arguments); the targets are issue 15's.
 COMMANDS = {
@@ -183,15 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             "ref": baseline_sha,
             **{name: _summary(*timings["baseline"][name]) for name in COMMANDS},
         }
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
-    )
+    result["machine"] = machine()
     result["load_average_1m"] = round(os.getloadavg()[0], 2)
     result["seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(_markdown(result, args.runs))
+    write_results(out.name, result, _markdown(result, args.runs), out.parent)
     print(f"wrote {out.with_suffix('.json')} and .md", file=sys.stderr)
     return 0
 
@@ -224,7 +224,14 @@ def _markdown(result: dict, runs: int) -> str:
         got = result[name]["median_s"]
         met = "yes" if got <= goal else "no"
         lines.append(f"| `fct {name}` wall, median of {runs} | <= {goal} s | {got} s | {met} |")
-    lines += ["", "## Command", "", "```", "python benchmarks/cli_startup.py --baseline REF", "```"]
+    lines += [
+        "",
+        "## Command",
+        "",
+        "```",
+        "python benchmarks/perf/cli_startup.py --baseline REF",
+        "```",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """An upgrade's cost, broken down by asset: wall time, CPU time and peak RSS.
 
-    python benchmarks/upgrade_cost.py                        # demo preset, Fashion-MNIST
-    python benchmarks/upgrade_cost.py --preset tiny          # what fits a loaded 2-core machine
+    python benchmarks/perf/upgrade_cost.py                        # demo preset, Fashion-MNIST
+    python benchmarks/perf/upgrade_cost.py --preset tiny          # what fits a loaded 2-core machine
 
 Materialises the base assets, then ONE upgrade (v2) as `make demo` runs it (the `upgrade` job,
 in process), on a fresh instance and storage in a temporary folder. What each asset cost is
@@ -18,16 +18,19 @@ Writes benchmarks/results/upgrade_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 UPGRADE = ("new_model", "transformation", "backfilled_gallery", "eval_report")
 
 
@@ -147,7 +150,7 @@ def _markdown(result: dict) -> str:
         "## Command",
         "",
         "```",
-        f"python benchmarks/upgrade_cost.py --preset {result['preset']}",
+        f"python benchmarks/perf/upgrade_cost.py --preset {result['preset']}",
         "```",
     ]
     return "\n".join(lines) + "\n"
@@ -165,15 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="fct-upgrade-cost-") as tmp:
         result = run(args.preset, args.dataset, args.old_classes, Path(tmp))
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()},"
-        f" torch {torch.__version__}, torch threads {torch.get_num_threads()}"
-    )
+    result["machine"] = machine(f"torch threads {torch.get_num_threads()}")
     result["load_average_1m"] = round(os.getloadavg()[0], 2)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(_markdown(result))
+    write_results(out.name, result, _markdown(result), out.parent)
     print(_markdown(result))
     return 0
 

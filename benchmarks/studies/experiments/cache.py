@@ -1,6 +1,6 @@
 """Train the expensive models of one setting once and cache their features (runs/cache/).
 
-    python benchmarks/experiments/cache.py --preset demo --classifier cosine --seed 0
+    python benchmarks/studies/experiments/cache.py --preset demo --classifier cosine --seed 0
 
 Everything is trained on the training set minus the validation split and evaluated on the
 validation split only. Caches: old, side-info, new and BCT models' features of the train

@@ -1,6 +1,6 @@
 """Run the reliability tests and write what they tried and what happened.
 
-    python benchmarks/reliability.py
+    python benchmarks/system/reliability.py
 
 Runs `pytest tests/reliability` with FCT_RELIABILITY_RECORDS set; each test records its bad
 input or injected fault and the outcome it observed. Writes benchmarks/results/reliability.md
@@ -23,8 +23,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))  # benchmarks.common, run as a script
+from benchmarks.common import write_results  # noqa: E402
+
 LOG = REPO / "runs" / "reliability" / "pytest.log"  # git-ignored, as runs/ is
 
 
@@ -34,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     only = argv[1:] if argv[:1] == ["--only"] else []
     if argv and not only:
-        print("usage: python benchmarks/reliability.py [--only TEST_FILE...]", file=sys.stderr)
+        print(
+            "usage: python benchmarks/system/reliability.py [--only TEST_FILE...]", file=sys.stderr
+        )
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         records_path = Path(tmp) / "records.json"
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Reliability: bad inputs tried, faults injected, outcomes",
         "",
         (
-            "Produced by `python benchmarks/reliability.py` from the records of"
+            "Produced by `python benchmarks/system/reliability.py` from the records of"
             f" `tests/reliability` (pytest: {summary}; wall time {wall / 60:.1f} min). Each row is"
             " one check a test made; the outcome is what the test observed." + kept_note
         ),
@@ -107,14 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['category']} | {r['case'].replace('|', '/')} | {outcome} |"
             f" `{r['test'].split('::')[-1]}` |"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "reliability.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "reliability.json").write_text(
-        json.dumps(
-            {"pytest": summary, "wall_seconds": round(wall), **figures, "records": records},
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        "reliability",
+        {"pytest": summary, "wall_seconds": round(wall), **figures, "records": records},
+        "\n".join(lines),
+        RESULTS,
     )
     print("\n".join(lines))
     if done.returncode != 0:  # which tests failed, and why, in pytest's own short summary

@@ -1,7 +1,7 @@
 """Ingest throughput.
 
-    python benchmarks/ingest.py                 # 2,000 Fashion-MNIST images (28x28), demo preset
-    python benchmarks/ingest.py --items 200     # a quick check
+    python benchmarks/perf/ingest.py                 # 2,000 Fashion-MNIST images (28x28), demo preset
+    python benchmarks/perf/ingest.py --items 200     # a quick check
 
 throughput: `fct_assets.ingest.ingest.ingest_files` over N PNG files of the validation split (never in
 the gallery), with the demo preset's models (random weights: timing only) as the deployed model
@@ -9,7 +9,7 @@ and the side-info model: read + decode + content id + both embeddings + one Lanc
 gallery_store and one to the deployed table + the deployment row. Items/s = N / wall time.
 
 The inbox -> searchable latency with the sensor, the daemon and `dagster dev` running is
-benchmarks/ingest_latency.py's.
+benchmarks/perf/ingest_latency.py's.
 
 Writes benchmarks/results/ingest.{json,md}.
 """
@@ -17,16 +17,19 @@ Writes benchmarks/results/ingest.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("LANCE_LOG", "error")
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _setup(root: Path, items: int):
@@ -197,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "throughput": measured,
         "load_average": {"start": [round(x, 2) for x in start], "end": [round(x, 2) for x in end]},
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} cores, load average (1, 5, 15 min)"
+        "machine": machine(
+            "load average (1, 5, 15 min)"
             f" {' '.join(f'{x:.1f}' for x in start)} at start,"
             f" {' '.join(f'{x:.1f}' for x in end)} at end"
         ),
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             "# Ingest benchmark",
             "",
-            f"`python benchmarks/ingest.py --items {args.items}` on {result['machine']}.",
+            f"`python benchmarks/perf/ingest.py --items {args.items}` on {result['machine']}.",
             "",
             "| measure | value |",
             "| --- | --- |",
@@ -223,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "ingest.md").write_text(md)
+    write_results("ingest", result, md, args.out)
     print(md)
     return 0
 

@@ -1,6 +1,6 @@
 """Reproduce the paper's experiment over several seeds and settings; write the committed results.
 
-    python benchmarks/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
+    python benchmarks/studies/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
 
 Each (seed, setting) runs `fct reproduce` in its own process (wall time measured around it);
 settings share trained stages through `--cache-dir`. Writes
@@ -20,7 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 AGGREGATED = (
     "cases",
     "cases_unseen_classes",
@@ -477,8 +482,6 @@ def main() -> int:
         earlier = [json.loads(Path(p).read_text()) for p in args.stage_times_from]
         for run in runs:
             charge_cached_stages(run, earlier)
-    import os
-    import platform
 
     settings: dict[str, Any] = {}
     for run in runs:
@@ -505,22 +508,19 @@ def main() -> int:
     result = {
         "dataset": runs[0]["dataset"],
         # the note is printed on its own below, not repeated in the command
-        "command": "python benchmarks/reproduce.py "
+        "command": "python benchmarks/studies/reproduce.py "
         + " ".join(sys.argv[1 : sys.argv.index("--note") if "--note" in sys.argv else None]),
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} CPUs, device {runs[0].get('device', '?')}"
-        ),
+        "machine": machine(f"device {runs[0].get('device', '?')}"),
         "runs": runs,
         "settings": {k: {kk: v for kk, v in b.items() if kk != "runs"} for k, b in blocks.items()},
         "wall_s": [r["wall_s"] for r in runs],
         "note": args.note,
     }
     result["claims"] = relative_claims(blocks)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+
     stem = f"reproduce_{result['dataset'].replace('-', '_').split(':')[0]}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown({**result, "settings": blocks})
-    (RESULTS / f"{stem}.md").write_text(md)
+    write_results(stem, result, md)
     print(md)
     return 0
 

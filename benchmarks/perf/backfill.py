@@ -1,7 +1,7 @@
 """Backfill throughput and memory: transforming stored vectors vs re-embedding stored images.
 
-    python benchmarks/backfill.py                 # the full run (~2.5 min on 2 CPU cores)
-    python benchmarks/backfill.py --quick         # small sizes, to check that it runs
+    python benchmarks/perf/backfill.py                 # the full run (~2.5 min on 2 CPU cores)
+    python benchmarks/perf/backfill.py --quick         # small sizes, to check that it runs
 
 Measures, in one run, with random weights (timing only) and torch.set_num_threads(2):
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -36,7 +35,12 @@ import numpy as np
 import pyarrow as pa
 
 os.environ.setdefault("LANCE_LOG", "error")  # lance's per-query deprecation warnings
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[2])
+)  # the repository root: benchmarks.common
+from benchmarks.common import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 DIM = 128
 OLD_SPACE, SIDE_SPACE, NEW_SPACE = "old_model:v1@bench", "side_info:v1@bench", "new_model:v2@bench"
 
@@ -489,7 +493,7 @@ def markdown(result: dict) -> str:
 
 
 def stream_10m_targets(s10: dict | None) -> list[dict]:
-    """Issue 15's scale targets for benchmarks/pipeline.py's 10M-item stream (none if not run):
+    """Issue 15's scale targets for benchmarks/perf/pipeline.py's 10M-item stream (none if not run):
     peak RSS, and the time per million items at 10M against that at 1M (cost stays linear)."""
     if not s10:
         return []
@@ -657,15 +661,9 @@ def main() -> None:
     }
     print(f"  {result['ann']}", flush=True)
 
-    import torch
-
     result["total_seconds"] = round(time.perf_counter() - started, 1)
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.system()},"
-        f" python {platform.python_version()}, torch {torch.__version__}, lancedb"
-        f" {__import__('lancedb').__version__}"
-    )
-    result["command"] = " ".join(["python", "benchmarks/backfill.py", *sys.argv[1:]])
+    result["machine"] = machine(f"lancedb {__import__('lancedb').__version__}")
+    result["command"] = " ".join(["python", "benchmarks/perf/backfill.py", *sys.argv[1:]])
     if args.n_stream < 1_000_000:
         result["notes"].append(f"stream_1m used {args.n_stream:,} items, not 1,000,000.")
     result["notes"].append(
@@ -673,7 +671,7 @@ def main() -> None:
         " re-embedded item costs); transform_over_h_only = transform items/s / h-only items/s"
         " (share of h's in-memory speed the LanceDB pipeline keeps)."
     )
-    # The 10M-item stream is benchmarks/pipeline.py's (minutes, a separate command): keep it.
+    # The 10M-item stream is benchmarks/perf/pipeline.py's (minutes, a separate command): keep it.
     earlier = RESULTS / "backfill.json"
     if not args.quick and earlier.exists():
         stream_10m = json.loads(earlier.read_text()).get("stream_10m")
@@ -696,11 +694,8 @@ def main() -> None:
         f" ~{result['eval_100k']['peak_rss_mb_before_retrieve']:.0f} MB of a process that has only"
         " imported torch/fct and built its tensors (the eval child's reading before retrieve)."
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "backfill_quick" if args.quick else "backfill"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    (RESULTS / f"{stem}.md").write_text(md)
+    write_results("backfill_quick" if args.quick else "backfill", result, md, RESULTS)
     print(md)
 
 

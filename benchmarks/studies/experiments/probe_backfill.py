@@ -1,7 +1,7 @@
 """Transformation variants and their backfilling curves on the validation split, from cached
-features (benchmarks/experiments/cache.py).
+features (benchmarks/studies/experiments/cache.py).
 
-    python benchmarks/experiments/probe_backfill.py --old demo_s0_old_13579_cosine_cnn-s128 \
+    python benchmarks/studies/experiments/probe_backfill.py --old demo_s0_old_13579_cosine_cnn-s128 \
         --side demo_s0_side_13579 --new demo_s0_new_cosine --variants sum,ce128,ce0,mse
 
 Variants: `mse` plain h (FCT), `sum` FastFill with the squared error summed over dims and CE
@@ -28,7 +28,7 @@ from fct_ml.presets import preset
 from fct_ml.transformation import Transformation
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cache import train_h  # noqa: E402  (benchmarks/experiments/cache.py, beside this file)
+from cache import train_h  # noqa: E402  (benchmarks/studies/experiments/cache.py, beside this file)
 
 DETACHED = Transformation.forward_with_sigma
 

@@ -1,6 +1,6 @@
 """`make stack-check`: deploy/'s production storage run for real on this machine.
 
-    python benchmarks/stack_check.py [--preset tiny] [--dataset digits]
+    python benchmarks/system/stack_check.py [--preset tiny] [--dataset digits]
 
 Starts a private Postgres cluster and moto's S3 server on free loopback ports
 (deploy/local_stack.py), points Dagster's run, event and schedule storage at that Postgres
@@ -30,10 +30,12 @@ import time
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script: deploy/ and fct_assets from this checkout
     sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import write_results as write_files  # noqa: E402
 from deploy.local_stack import LocalStack, StackError, postgres_bindir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -333,12 +335,10 @@ def _alive(pid: int | None) -> bool:
 
 
 def write_results(result: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "stack_check.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Stack check: Dagster on Postgres, LanceDB and checkpoints on S3, one machine",
         "",
-        f"Produced by `make stack-check` (benchmarks/stack_check.py) on {result['date']}:"
+        f"Produced by `make stack-check` (benchmarks/system/stack_check.py) on {result['date']}:"
         f" preset {result['preset']}, dataset {result['dataset']}, {SHARDS} shards, multiprocess"
         " executor. Postgres: a private cluster on a loopback port; S3: moto's server.",
         "",
@@ -361,7 +361,7 @@ def write_results(result: dict) -> None:
             "",
             "Failed steps: " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items()),
         ]
-    (RESULTS / "stack_check.md").write_text("\n".join(lines) + "\n")
+    write_files("stack_check", result, "\n".join(lines), RESULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "failed": steps.failed,
         "notes": notes,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
     }
     write_results(result)
     print((RESULTS / "stack_check.md").read_text())

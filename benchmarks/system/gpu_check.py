@@ -1,7 +1,7 @@
 """A quick GPU check of fct_ml (14 s on the H200 it last ran on): mixed-precision training steps of the
 CPU and paper backbones, and the per-item cost of h against a new-model forward pass.
 
-    bash benchmarks/gpu_check.sh        # on a machine with CUDA; needs torch + torchvision only
+    bash benchmarks/system/gpu_check.sh        # on a machine with CUDA; needs torch + torchvision only
 
 Prints a table and writes benchmarks/results/gpu_check.json (or to $OUT when set); the committed
 result of its last run is renamed after its device, benchmarks/results/gpu_check_h200.json.
@@ -9,7 +9,6 @@ result of its last run is renamed after its device, benchmarks/results/gpu_check
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.common
+from benchmarks.common import RESULTS, write_results  # noqa: E402
 from fct_ml.augment import AugmentConfig
 from fct_ml.backfill import apply_transformation
 from fct_ml.models import ModelConfig
@@ -103,9 +104,7 @@ def main() -> int:
         "  h per item is cheaper than a new-model forward by: "
         + ", ".join(f"{k} {v:.0f}x" for k, v in out["reembed_over_h"].items())
     )
-    dest = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "gpu_check.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_results("gpu_check", out, None, os.environ.get("OUT") or RESULTS)
     return 0 if all(r.get("loss_finite", True) for r in rows) else 1
 
 
