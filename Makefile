@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM ?= /usr/bin/chromium
 LOCK := requirements.lock
 
-.PHONY: venv lock data browser postgres stack-check demo ui lint format test screenshots reproduce reproduce-benchmark reliability mutation clean
+.PHONY: venv lock data browser postgres stack-check demo ui lint format test test-fast screenshots reproduce reproduce-benchmark reliability mutation clean
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 # Setup steps (venv, apt-get) print one line each; their output goes to runs/setup/NAME.log and
@@ -110,6 +110,11 @@ format: venv
 
 test: lint venv data browser postgres
 	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+
+# The inner loop, under 3 minutes: the unit tests and the asset tests that run no graph end to end
+# (tests/conftest.py marks the rest `slow`); no browser, no Postgres, no reliability harness.
+test-fast: lint venv data
+	$(PY) -m pytest -q -m "not slow" tests/fct_ml tests/fct_assets tests/support tests/test_*.py
 
 # The README's UI screenshots (docs/ui), from the instance `make demo` left (Fashion-MNIST, demo
 # preset, v2 and v3, an ingested batch): a `dagster dev` over it, Chromium, five pictures (asset

@@ -1,5 +1,9 @@
 """The fct code location: `defs`, loaded lazily by `dagster dev`, `dg check defs`, `dg dev` (from
-pyproject's [tool.dagster] / [tool.dg]) and workspace.yaml."""
+pyproject's [tool.dagster] / [tool.dg]) and workspace.yaml.
+
+Deferred imports: the domains' definitions are imported when `defs` is built, so importing
+this module (the CLI does, for the executor) builds nothing; dagster-k8s only when chosen.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,9 @@
 Per-image PIL transforms cost more than the small CPU models they feed, so every
 augmentation here acts on a whole (N, C, H, W) float batch at once: one affine grid
 (random resized crop, shift, flip) and per-sample photometric jitter.
+
+Deferred imports: torch loads when a batch is augmented, not when the policies are read, so
+the registries load without torch (tests/test_registries.py).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ backbone is built, so a Dagster code location can list the backbones without loa
 
 Adding a backbone: one entry below (a description and a function in_channels -> (feature-map
 module, its channel count)), and tests/fct_ml/test_models.py's expected output size.
+
+Deferred imports: torch and torchvision load when a backbone is built, not when the registry
+is read, so `fct --help` and the launchpad load without them (tests/test_registries.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """`fct reproduce`: the paper's experiment from the command line (fct_ml only; the full `fct`
-command, with the serving commands, is fct_assets.cli)."""
+command, with the serving commands, is fct_assets.cli).
+
+Deferred imports: each command imports what it runs, so `fct --help` starts without torch.
+"""
 
 from __future__ import annotations
 

@@ -390,6 +390,7 @@ def load_digits_dataset(data_dir: Path | None = None) -> Dataset:
     ``data_dir`` is ignored: the data ships inside scikit-learn (no download).
     """
     try:
+        # Deferred: scikit-learn (~1 s) only for the digits dataset.
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:  # an extra since the core does not need it

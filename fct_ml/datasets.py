@@ -11,6 +11,9 @@ why the imports of fct_ml.data below sit inside the functions that load.
 
 Adding a dataset: a loader (e.g. in fct_ml/data.py) returning a `Dataset`, one entry below, and
 a test of the loader on a small file of the same format (tests/fct_ml/test_data.py).
+
+Deferred imports: each loader imports fct_ml.data (torch, ~1.5 s) when it loads, so the
+registry is read without torch (tests/test_registries.py).
 """
 
 from __future__ import annotations

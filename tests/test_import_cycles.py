@@ -136,3 +136,59 @@ def test_a_circle_added_on_purpose_is_found(tmp_path):
     assert cycles(import_graph(tmp_path)) == []
     _write(tmp_path, {"fct_ml/c.py": "def h():\n    import fct_ml.a\n"})
     assert cycles(import_graph(tmp_path)) == [["fct_ml.a", "fct_ml.b", "fct_ml.c"]]
+
+
+def deferred_imports_without_a_reason(root: Path, packages=PACKAGES) -> list[str]:
+    """`path:line` of every import inside a function that says nothing of why it is there: no
+    comment on its line, none on the line above its block of imports, and no module docstring
+    that states the module's policy on deferred imports."""
+    missing = []
+    for path in module_files(root, packages).values():
+        source = path.read_text()
+        tree = ast.parse(source)
+        if "deferred import" in (ast.get_docstring(tree) or "").lower():
+            continue
+        lines = source.splitlines()
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Import | ast.ImportFrom):
+                    continue
+                row = node.lineno - 1
+                if "#" in lines[row]:
+                    continue
+                # Up over the block of imports (and blank lines) this one belongs to.
+                above = row - 1
+                while above >= 0 and (
+                    not lines[above].strip()
+                    or lines[above].lstrip().startswith(("import ", "from "))
+                    or lines[above].strip().startswith(")")
+                    or lines[above].startswith(" " * 8)
+                    and lines[above].strip().endswith(",")
+                ):
+                    above -= 1
+                if above < 0 or not lines[above].strip().startswith("#"):
+                    missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    return missing
+
+
+def test_every_deferred_import_says_why():
+    # An import inside a function stays only where it is a measured start-up cost, and says so.
+    assert deferred_imports_without_a_reason(REPO) == []
+
+
+def test_a_deferred_import_without_a_reason_is_found(tmp_path):
+    _write(
+        tmp_path,
+        {
+            "fct_ml/__init__.py": "",
+            "fct_ml/a.py": (
+                "def f():\n    # Deferred: torch, 1.6 s.\n    import torch\n    import numpy\n\n"
+                "def g():\n    x = 1\n    import torch\n"
+            ),
+            "fct_ml/b.py": '"""Deferred imports: every command imports what it uses."""\n'
+            "def h():\n    import torch\n",
+        },
+    )
+    assert deferred_imports_without_a_reason(tmp_path) == ["fct_ml/a.py:8"]

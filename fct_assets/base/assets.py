@@ -38,6 +38,7 @@ from fct_assets.lib.resources import FctResource
 
 def _old_class_data(fct: FctResource, dataset: DatasetRecord):
     """(the dataset, the old classes, how many of the items trained on they hold)."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.pipeline import fit_split
 
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
@@ -48,6 +49,7 @@ def _old_class_data(fct: FctResource, dataset: DatasetRecord):
 @base_asset(kind="python", io_manager_key="record_io_manager")
 def dataset(config: DatasetConfig, fct: FctResource) -> dg.Output[DatasetRecord]:
     """Images and labels with their class split and content fingerprint; the test split is the gallery."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.data import parse_class_list
     from fct_ml.datasets import default_old_classes
 
@@ -88,6 +90,7 @@ def old_model(
     dataset: DatasetRecord,
 ) -> dg.Output:
     """The deployed embedding model phi_old, trained on the old classes only."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml import pipeline
 
     data, old, items = _old_class_data(fct, dataset)
@@ -109,6 +112,7 @@ def side_info_model(
     dataset: DatasetRecord,
 ) -> dg.Output:
     """The side-info model psi: SimCLR without labels on the old classes' images."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml import pipeline
 
     if config.source != "train":
@@ -134,6 +138,7 @@ def gallery_store(
     side_info_model: Checkpoint,
 ) -> dg.Output[GalleryStore]:
     """The stored gallery in LanceDB: image, old embedding and side-info of every item."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.pipeline import embed
 
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from fct_assets.lib import guards, storage
 from fct_assets.lib.records import Checkpoint, DatasetRecord, IngestBatch, Quarantined
@@ -131,7 +132,6 @@ def inbox_label(relpath: str, class_names: Sequence[str]) -> int:
 def decode_image(blob: bytes, channels: int, size: tuple[int, int]) -> np.ndarray:
     """Image file bytes -> (C, H, W) uint8 at the gallery's size and channels (resized bilinearly
     when it differs, as a query image is); raises ValueError with a one-line reason."""
-    from PIL import Image
 
     if not blob:
         raise ValueError("empty file")
@@ -307,6 +307,7 @@ def ingest_files(
     of `instance` when given, else by this process; raises guards.TableBusyError naming the
     holder when one is still writing after `FCT_INGEST_WAIT_S` seconds (nothing written).
     With `inbox`, a file that resolves outside it is quarantined unread (read_item)."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     import torch
 
     from fct_ml.pipeline import embed

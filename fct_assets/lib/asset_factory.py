@@ -75,6 +75,7 @@ def upgrade_asset(
 def preset_overrides(exp, config, model: str, train: str):
     """The preset `exp` with the launchpad's choices for one model (`model`, `train`: the
     ExperimentConfig fields, nested as `a__b`); fields left unset keep the preset's."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.config import replace
 
     chosen = {
@@ -89,6 +90,7 @@ def preset_overrides(exp, config, model: str, train: str):
 
 
 def model_output(model, history, context: dg.AssetExecutionContext, **metadata: Any) -> dg.Output:
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.checkpoint import content_digest
 
     digest = content_digest(model)
@@ -111,6 +113,7 @@ def external_output(
     """A model from outside (config.source checkpoint:PATH | torchscript:PATH), checked on a probe
     batch of the gallery's images; refused with one line, publishing nothing, when it cannot be
     used."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.external import Preprocessing, load_external, parse_source
 
     source = parse_source(config.source)

@@ -57,6 +57,7 @@ def ignore_accepted_warnings() -> None:
     """Hide ACCEPTED_WARNINGS, unless the user chose warning filters (-W, PYTHONWARNINGS)."""
     if sys.warnoptions:
         return
+    # Deferred: the filters go in before anything imports dagster, so its import-time warnings are caught.
     import dagster as dg
 
     for category, message in ACCEPTED_WARNINGS:
@@ -147,6 +148,7 @@ def quiet(log_path: Path) -> Iterator[Terminal]:
 
 def format_stage(label: str, seconds: float) -> str:
     """`label` and its time, one line: `base assets .......... 42 s`."""
+    # Deferred: fct_ml loads torch (~1.6 s); the console serves commands that never train.
     from fct_ml.progress import format_seconds
 
     return f"{label} {'.' * max(2, 62 - len(label))} {format_seconds(seconds)}"
@@ -162,6 +164,7 @@ def run_job(
     """`job.execute_in_process(instance=instance, **execute_kwargs)` with a progress bar over its
     steps on `term.err` when the output is quiet and that is a terminal (gone when the run ends).
     Returns the result and the seconds it took."""
+    # Deferred, as above: this module is loaded before dagster is.
     import dagster as dg
     from tqdm.auto import tqdm
 

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
+
 from fct_assets.lib.records import StepCost
 
 _STATUS = Path("/proc/self/status")
@@ -84,7 +86,6 @@ def cost_metadata(cost: StepCost, prefix: str = "cost/") -> dict[str, Any]:
 
 def _with_cost(out, spent: StepCost):
     """A dg.Output with the cost added to its metadata; anything else unchanged."""
-    import dagster as dg
 
     if not isinstance(out, dg.Output):
         return out

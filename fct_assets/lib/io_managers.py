@@ -15,6 +15,7 @@ shard results) at `records/<run_id>/<step>/<output>[/<mapping key>].json`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from typing import Any
@@ -113,6 +114,7 @@ def checkpoint_from_record(
 
     `where` names the materialisation in errors. A checkpoint without a recorded sha256 is
     refused: loading it unverified would let a swapped file through."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.checkpoint import CheckpointError, load_checkpoint_bytes, space_id
 
     path = store_path(path if path is not None else recorded.path)
@@ -161,8 +163,8 @@ class _CheckpointStore(_FctUPathIOManager):
     extension = ".safetensors"
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
-        import hashlib
 
+        # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
         from fct_ml.checkpoint import checkpoint_bytes, space_id
 
         name = context.asset_key.to_user_string()

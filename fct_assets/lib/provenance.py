@@ -140,6 +140,7 @@ def code_version() -> str:
 
     FCT_CODE_VERSION, when set, wins: an image has no .git (deploy/Dockerfile bakes the commit in
     at build time), and without it every build would stamp the same bare package version."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml import __version__
 
     if os.environ.get("FCT_CODE_VERSION"):

@@ -162,6 +162,7 @@ class FctResource(dg.ConfigurableResource):
 
     def connect(self):
         """The LanceDB connection (imported lazily: a code location should load fast)."""
+        # Deferred: lancedb costs ~2 s of CPU; `fct lineage` and the code location open no table.
         import lancedb
 
         try:
@@ -182,18 +183,21 @@ class FctResource(dg.ConfigurableResource):
             ) from err
 
     def torch_device(self):
+        # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
         from fct_ml.training import resolve_device
 
         return resolve_device(self.device)
 
     def run(self, seed: int):
         """How fct_ml.pipeline's stages run here: the run's seed on this resource's device."""
+        # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
         from fct_ml.pipeline import Run
 
         return Run(seed=seed, device=self.torch_device())
 
     def experiment(self):
         """The preset's ExperimentConfig: defaults for every asset config field left unset."""
+        # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
         from fct_ml.presets import preset
 
         return preset(self.preset)
@@ -202,7 +206,7 @@ class FctResource(dg.ConfigurableResource):
         """The dataset behind `spec`, refusing one whose content changed since `fingerprint`."""
         data = _load_dataset_cached(spec, self.data_dir)
         if fingerprint is not None and data.fingerprint() != fingerprint:
-            from fct_ml.data import DataError
+            from fct_ml.data import DataError  # deferred: fct_ml loads torch (~1.6 s)
 
             raise DataError(
                 f"dataset {spec}: content fingerprint changed since it was materialised;"
@@ -213,6 +217,7 @@ class FctResource(dg.ConfigurableResource):
 
 @lru_cache(maxsize=2)
 def _load_dataset_cached(spec: str, data_dir: str | None):
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.datasets import load_dataset
 
     return load_dataset(spec, data_dir)

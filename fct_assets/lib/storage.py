@@ -20,8 +20,11 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import dagster as dg
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image, UnidentifiedImageError
 
 from fct_assets.lib.partitions import check_version
 from fct_assets.lib.resources import is_object_store, object_store_cause, object_store_error
@@ -152,7 +155,6 @@ COLUMN_DOCS = {
 
 def table_metadata(db_uri: str, name: str, schema: pa.Schema) -> dict:
     """Dagster metadata describing a published table: its columns (typed, described) and URI."""
-    import dagster as dg
 
     columns = [
         dg.TableColumn(f.name, str(f.type), description=COLUMN_DOCS.get(f.name)) for f in schema
@@ -165,7 +167,6 @@ def table_metadata(db_uri: str, name: str, schema: pa.Schema) -> dict:
 
 def encode_png(image: np.ndarray) -> bytes:
     """(C, H, W) uint8 -> PNG bytes (lossless, so re-embedding from the store is exact)."""
-    from PIL import Image
 
     array = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
     buf = io.BytesIO()
@@ -175,7 +176,6 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def decode_png(blob: bytes, channels: int) -> np.ndarray:
     """PNG bytes -> (C, H, W) uint8; a corrupt image raises ValueError."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         img = Image.open(io.BytesIO(blob))
@@ -212,7 +212,6 @@ def _refuse_foreign_space(
     name: str, column: str, values: pa.Array | pa.ChunkedArray, expected: str
 ) -> None:
     """Every value of a space-id column must be the table's own space."""
-    import pyarrow.compute as pc
 
     # A null is no vector of any space (an item ingested after a promotion has no old embedding);
     # the schema's nullability decides whether it is allowed.
@@ -318,6 +317,7 @@ def ann_index_exists(table) -> bool:
 
 def build_ann_index(table, dim: int) -> dict[str, Any]:
     """Build the IVF_PQ index on `embedding` (a new table version); returns its parameters."""
+    # Deferred: lancedb (~2 s of CPU) only where an index is built.
     from lancedb.index import IvfPq
 
     params = ann_params(table.count_rows(), dim)

@@ -20,6 +20,7 @@ def vector_table_schema(expected_rows: int, dims: dict[str, int], spaces: dict[s
 
     `dims` are the dims the producing asset recorded (its models' outputs), not read from the
     table: a table rewritten with vectors of another width fails."""
+    # Deferred: pandera and pandas (~0.8 s) only in the step that runs a check.
     import pandera.pandas as pa
 
     columns: dict[str, Any] = {
@@ -54,6 +55,7 @@ def validate_table(
     materialisation (another writer, a hand edit) fails the check, so the version cannot be
     promoted before it is re-materialised.
     """
+    # Deferred: pandera only in the step that runs a check.
     import pandera.errors
 
     t = fct.connect().open_table(table)

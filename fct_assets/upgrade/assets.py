@@ -29,6 +29,7 @@ from fct_assets.lib.config import (
     ModelTrainingConfig,
     TransformationTrainingConfig,
 )
+from fct_assets.lib.io_managers import load_recorded_checkpoint
 from fct_assets.lib.keys import NEW_MODEL, NO_OP_TAG, UPGRADE_KEYS
 from fct_assets.lib.partitions import model_version, require_registered
 from fct_assets.lib.provenance import epoch_logger
@@ -41,12 +42,15 @@ from fct_assets.lib.records import (
     headline,
 )
 from fct_assets.lib.resources import FctResource
+from fct_assets.serving.deployment import current
 from fct_assets.upgrade.backfill_ops import (
     backfill_config,
     backfill_shard,
     plan_backfill,
     publish_backfill,
 )
+from fct_assets.upgrade.freshness import upgrade_is_current
+from fct_assets.upgrade.report import evaluate_version, markdown_table
 
 
 # Not required: a run of a version that is current yields nothing, and the run's other steps skip.
@@ -60,7 +64,7 @@ def new_model(
     dataset: DatasetRecord,
 ) -> Iterator[dg.Output]:
     """The new embedding model phi_new of this version, trained on all classes."""
-    from fct_assets.upgrade.freshness import upgrade_is_current
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml import pipeline
 
     require_registered(context.instance, context.partition_key)  # before anything trains
@@ -103,6 +107,7 @@ def transformation(
     new_model: Checkpoint,
 ) -> dg.Output:
     """h(stored embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml import pipeline
 
     require_registered(context.instance, context.partition_key)  # before anything trains
@@ -156,8 +161,6 @@ def _source_model(
     old_model: Checkpoint,
 ) -> tuple[Checkpoint, str | None]:
     """(the model whose space h maps from, its model version or None for the old model)."""
-    from fct_assets.lib.io_managers import load_recorded_checkpoint
-    from fct_assets.serving.deployment import current
 
     serving = current(fct.connect()) if config.source == "deployed" else None
     if serving is None or serving.version == context.partition_key:
@@ -206,7 +209,6 @@ def eval_report(
     new_model: Checkpoint,
 ) -> dg.Output[EvalReport]:
     """The paper's cases for this version and its backfilling curve (markdown, plot, JSON)."""
-    from fct_assets.upgrade.report import evaluate_version, markdown_table
 
     started = time.perf_counter()
     report = evaluate_version(

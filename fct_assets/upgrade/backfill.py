@@ -165,6 +165,7 @@ def _transformer(
     embeddings (B, new_dim), sigma (B,)).
 
     Refuses non-finite, missing or mis-sized input."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.backfill import all_finite, apply_transformation
 
     use_side = h.config.side_info
@@ -394,6 +395,7 @@ def _shard_rows(
     pages_ahead: int,
 ) -> Iterator[pa.RecordBatch]:
     """Pass 2 over one shard's rows: h for all, the new model for the chosen ones."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.augment import to_float
     from fct_ml.training import encode
 

@@ -9,6 +9,7 @@ promoted alone. The ops that run models (plan: sigma, shards: h and re-embedding
 (typed records, fct_assets.lib.records), never pickles.
 """
 
+import os
 import time
 
 import dagster as dg
@@ -153,7 +154,6 @@ def backfill_shard(
     transformation: Checkpoint,
     new_model: Checkpoint,
 ) -> ShardResult:
-    import os
 
     with measure() as cost:
         result = write_shard(
