@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
-def _reproduce(args: argparse.Namespace) -> int:
+def _reproduce(args: argparse.Namespace, evaluate: Callable[..., Any] | None = None) -> int:
     # Imports here keep `fct --help` fast (torch takes seconds to import).
     from fct_ml.data import parse_class_list
     from fct_ml.datasets import default_old_classes, load_dataset
     from fct_ml.presets import preset
     from fct_ml.progress import StageProgress, reproduce_stages
-    from fct_ml.reproduce import dumps, format_table, run_experiment
+    from fct_ml.reproduce import dumps, evaluate_split, format_table, run_experiment
     from fct_ml.training import resolve_device
 
     dataset = load_dataset(args.dataset, args.data_dir)
@@ -37,6 +39,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         log=log,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        evaluate=evaluate or evaluate_split,
     )
     # The setting of a study is its preset (benchmarks/reproduce.py groups runs by it).
     result = {"dataset": result["dataset"], "preset": args.preset, "setting": args.preset, **result}
@@ -107,10 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, evaluate: Callable[..., Any] | None = None) -> int:
+    """Run `fct reproduce` with `argv` (default: the program's arguments); returns the exit code.
+
+    `evaluate`: scores each split in place of fct_ml.reproduce.evaluate_split (run_experiment's
+    `evaluate`), e.g. a wrapper of it that records its inputs; default evaluate_split."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return args.func(args, evaluate=evaluate)
     except ValueError as err:  # DataError, ConfigError and friends: one clear line, no traceback
         print(f"fct: error: {err}", file=sys.stderr)
         return 1  # refused; 2 is argparse's, for a command line that does not parse
