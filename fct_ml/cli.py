@@ -10,6 +10,29 @@ from pathlib import Path
 from typing import Any
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser that lists what it takes: `commands` (subcommand name -> its parser) and
+    `options` (dest -> argparse.Action). The parsers of its subcommands are of its class too."""
+
+    _subcommands: argparse.Action | None = None
+
+    def add_subparsers(self, **kwargs):
+        """argparse's add_subparsers, remembered for `commands`."""
+        self._subcommands = super().add_subparsers(**kwargs)
+        return self._subcommands
+
+    @property
+    def commands(self) -> dict[str, CommandParser]:
+        """Subcommand name -> its parser, in the order they were added (empty: none)."""
+        return dict(self._subcommands.choices) if self._subcommands is not None else {}
+
+    @property
+    def options(self) -> dict[str, argparse.Action]:
+        """Every argument this parser takes (in any group), by dest, in the order added."""
+        # argparse keeps every action, whatever group it was added to, in this one list.
+        return {action.dest: action for action in self._actions}
+
+
 def _reproduce(args: argparse.Namespace, evaluate: Callable[..., Any] | None = None) -> int:
     # Imports here keep `fct --help` fast (torch takes seconds to import).
     from fct_ml.data import parse_class_list
@@ -102,10 +125,9 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     return rep
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fct", description="Forward-compatible embedding upgrades."
-    )
+def build_parser() -> CommandParser:
+    """`fct` with the one command of fct_ml, `reproduce` (fct_assets.cli adds the others)."""
+    parser = CommandParser(prog="fct", description="Forward-compatible embedding upgrades.")
     add_reproduce_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
