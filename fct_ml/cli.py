@@ -64,7 +64,7 @@ def _reproduce(args: argparse.Namespace, evaluate: Callable[..., Any] | None = N
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         evaluate=evaluate or evaluate_split,
     )
-    # The setting of a study is its preset (benchmarks/reproduce.py groups runs by it).
+    # The setting of a study is its preset (benchmarks/studies/reproduce.py groups runs by it).
     result = {"dataset": result["dataset"], "preset": args.preset, "setting": args.preset, **result}
     print(dumps(result) if args.json else format_table(result))
     if args.out:
