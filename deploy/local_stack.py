@@ -15,7 +15,7 @@ concurrency pools and settings, without the Kubernetes run launcher.
 
 Every server is a child process started here and stopped here by its PID (SIGINT/SIGTERM, then
 SIGKILL), on exit of the `with` block whatever happened inside, and at interpreter exit.
-Used by benchmarks/stack_check.py (`make stack-check`) and tests/stack.
+Used by benchmarks/system/stack_check.py (`make stack-check`) and tests/stack.
 """
 
 from __future__ import annotations

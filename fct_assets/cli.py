@@ -1,5 +1,5 @@
 """`fct` command line: `reproduce` (fct_ml), and the serving commands over the Dagster instance
-and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`, `ingest`.
+and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`, `catch-up`, `ingest`.
 
 Every command that prints a result takes `--json` (the result as one JSON document on stdout).
 Exit codes: 0 done; 1 the operation was refused or failed; 2 the command line is wrong. Either
@@ -19,7 +19,7 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 
 from fct_ml import __version__
-from fct_ml.cli import add_reproduce_parser
+from fct_ml.cli import CommandParser, add_reproduce_parser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,8 +193,9 @@ def _search(args) -> int:
     return 0
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with a usage error as one line (argparse prints the usage block too), exit 2."""
+class Parser(CommandParser):
+    """argparse with a usage error as one line (argparse prints the usage block too), exit 2;
+    `commands` and `options` list what it takes (fct_ml.cli.CommandParser)."""
 
     def error(self, message: str):
         self.exit(2, f"fct: error: {self.prog}: {message} (see {self.prog} --help)\n")
@@ -210,7 +211,8 @@ def _versions() -> str:
     return f"fct {__version__} (dagster {of('dagster')}, torch {of('torch')})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
+    """The `fct` command line: every command, each a subparser (`build_parser().commands`)."""
     parser = Parser(prog="fct", description="Forward-compatible embedding upgrades.")
     parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True)

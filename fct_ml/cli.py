@@ -8,16 +8,41 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
-def _reproduce(args: argparse.Namespace) -> int:
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser that lists what it takes: `commands` (subcommand name -> its parser) and
+    `options` (dest -> argparse.Action). The parsers of its subcommands are of its class too."""
+
+    _subcommands: argparse.Action | None = None
+
+    def add_subparsers(self, **kwargs):
+        """argparse's add_subparsers, remembered for `commands`."""
+        self._subcommands = super().add_subparsers(**kwargs)
+        return self._subcommands
+
+    @property
+    def commands(self) -> dict[str, CommandParser]:
+        """Subcommand name -> its parser, in the order they were added (empty: none)."""
+        return dict(self._subcommands.choices) if self._subcommands is not None else {}
+
+    @property
+    def options(self) -> dict[str, argparse.Action]:
+        """Every argument this parser takes (in any group), by dest, in the order added."""
+        # argparse keeps every action, whatever group it was added to, in this one list.
+        return {action.dest: action for action in self._actions}
+
+
+def _reproduce(args: argparse.Namespace, evaluate: Callable[..., Any] | None = None) -> int:
     # Imports here keep `fct --help` fast (torch takes seconds to import).
     from fct_ml.data import parse_class_list
     from fct_ml.datasets import default_old_classes, load_dataset
     from fct_ml.presets import preset
     from fct_ml.progress import StageProgress, reproduce_stages
-    from fct_ml.reproduce import dumps, format_table, run_experiment
+    from fct_ml.reproduce import dumps, evaluate_split, format_table, run_experiment
     from fct_ml.training import resolve_device
 
     dataset = load_dataset(args.dataset, args.data_dir)
@@ -40,8 +65,9 @@ def _reproduce(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         log=log,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        evaluate=evaluate or evaluate_split,
     )
-    # The setting of a study is its preset (benchmarks/reproduce.py groups runs by it).
+    # The setting of a study is its preset (benchmarks/studies/reproduce.py groups runs by it).
     result = {"dataset": result["dataset"], "preset": args.preset, "setting": args.preset, **result}
     print(dumps(result) if args.json else format_table(result))
     if args.out:
@@ -102,18 +128,21 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     return rep
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fct", description="Forward-compatible embedding upgrades."
-    )
+def build_parser() -> CommandParser:
+    """`fct` with the one command of fct_ml, `reproduce` (fct_assets.cli adds the others)."""
+    parser = CommandParser(prog="fct", description="Forward-compatible embedding upgrades.")
     add_reproduce_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, evaluate: Callable[..., Any] | None = None) -> int:
+    """Run `fct reproduce` with `argv` (default: the program's arguments); returns the exit code.
+
+    `evaluate`: scores each split in place of fct_ml.reproduce.evaluate_split (run_experiment's
+    `evaluate`), e.g. a wrapper of it that records its inputs; default evaluate_split."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return args.func(args, evaluate=evaluate)
     except ValueError as err:  # DataError, ConfigError and friends: one clear line, no traceback
         print(f"fct: error: {err}", file=sys.stderr)
         return 1  # refused; 2 is argparse's, for a command line that does not parse

@@ -84,7 +84,7 @@ def _cpu() -> ExperimentConfig:
             projection_dim=64,
             temperature=0.2,
         ),
-        # h's inner MLP at the knee of its quality-cost frontier (benchmarks/h_frontier.py, on
+        # h's inner MLP at the knee of its quality-cost frontier (benchmarks/studies/h_frontier.py, on
         # the validation split, 3 seeds): width 128 keeps new/h(old) mAP within 0.17 points and
         # the sigma-order backfill area within 0.03 of width 1024, at 0.16x the MACs per item.
         transformation=TransformationConfig(branch_width=256, inner_width=128),

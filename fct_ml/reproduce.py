@@ -215,12 +215,15 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
     cache_dir: Path | None = None,
+    evaluate: Callable[..., dict[str, Any]] = evaluate_split,
 ) -> dict[str, Any]:
     """Train the old, side-info, new and BCT models and four transformations (fct_ml.pipeline);
     evaluate the paper's cases, query/gallery (also restricted to queries of classes the old model
     never saw) and the backfilling curves on the test set, and the same on the validation split
     ("validation"). Returns the `fct reproduce` JSON (metrics in percent). With `cache_dir`,
-    trained models are reused when their stage's configs, seed and data match."""
+    trained models are reused when their stage's configs, seed and data match. `evaluate` scores
+    each split, the test split first (default evaluate_split, whose arguments it takes; a
+    wrapper of it can record the embeddings each split is scored on)."""
     old_classes = pipeline.old_class_tuple(old_classes)
     # Every stage trains on the training set minus the validation split (pipeline.fit_split).
     val = pipeline.validation_split(dataset, config)
@@ -350,7 +353,7 @@ def run_experiment(
     results = {}
     for split, images in splits.items():
         with timed(f"evaluation ({split})"):
-            results[split] = evaluate_split(
+            results[split] = evaluate(
                 emb[split]["new"],
                 {"old": emb[split]["old"], "bct": emb[split]["bct"]},
                 transformed[split],

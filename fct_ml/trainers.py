@@ -165,11 +165,13 @@ def train_transformation(
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     desc: str = "transformation",
+    transformation: type[Transformation] = Transformation,
 ) -> tuple[Transformation, list[EpochRecord]]:
     """Fit h on aligned features of the training set (each (N, dim), labels (N,)).
 
     With `config.uncertainty` the FastFill loss is used, which needs the frozen new model's
     classifier weight `new_classifier` (num_classes, new_dim), scored as `new_config` says.
+    `transformation`: h's class (a subclass may change its forward, as a study's variant does).
     """
     for name, t in (
         ("old_embedding", old_embedding),
@@ -188,7 +190,7 @@ def train_transformation(
             f"side_info: expected dim {config.side_info_dim}, got {side_info.shape[1]}"
         )
     generator = seed_everything(seed)
-    h = Transformation(config).to(device)
+    h = transformation(config).to(device)
     if config.uncertainty:
         if new_classifier is None:
             raise ValueError("FastFill needs the new model's classifier weight")

@@ -7,7 +7,7 @@ a linear head new_dim->1 on h's output that predicts the log of the sample's err
 
 The inner MLP's depth (`inner_depth` hidden layers of `inner_width`, 2 as the official code) and
 a low-rank variant (`inner_rank`) exist for the quality-cost frontier of h
-(benchmarks/h_frontier.py); `transformation_macs` is h's cost per item.
+(benchmarks/studies/h_frontier.py); `transformation_macs` is h's cost per item.
 """
 
 from __future__ import annotations

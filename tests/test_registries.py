@@ -52,8 +52,7 @@ def test_cli_help_and_launchpad_come_from_the_registries():
     from fct_ml.cli import build_parser
     from fct_ml.presets import PRESETS
 
-    reproduce = build_parser()._subparsers._group_actions[0].choices["reproduce"]
-    options = {a.dest: a for a in reproduce._actions}
+    options = build_parser().commands["reproduce"].options
     assert options["dataset"].help == dataset_names()
     assert "fashion-mnist 5,6,7,8,9; digits 0-4; cifar100 0-49" in options["old_classes"].help
     assert list(options["preset"].choices) == list(PRESETS)

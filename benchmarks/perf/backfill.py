@@ -91,19 +91,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
 
 
-def _vec(a: np.ndarray) -> pa.FixedSizeListArray:
+def vec_array(a: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, D) float array -> Arrow fixed-size-list column of float32 (a LanceDB vector column)."""
     return pa.FixedSizeListArray.from_arrays(pa.array(a.astype(np.float32).reshape(-1)), a.shape[1])
 
 
-def _store_schema() -> pa.Schema:
+def store_schema() -> pa.Schema:
+    """Schema of the benchmark's gallery_store table (DIM-wide old and side-info vectors)."""
     from fct_assets.lib import storage
 
     return storage.gallery_store_schema(DIM, DIM, OLD_SPACE, SIDE_SPACE)
 
 
-def _store_batch(
+def store_batch(
     start: int, m: int, rng: np.random.Generator, blobs: list[bytes] | None
 ) -> pa.RecordBatch:
+    """`m` random gallery_store rows, item ids from `start` (`blobs`: their images, or empty)."""
     old = rng.random((m, DIM), dtype=np.float32)  # non-negative, as the ReLU embeddings are
     side = rng.random((m, DIM), dtype=np.float32)
     return pa.record_batch(
@@ -111,16 +114,17 @@ def _store_batch(
             pa.array(np.arange(start, start + m, dtype=np.int64)),
             pa.array(rng.integers(0, 10, m, dtype=np.int32)),
             pa.array(blobs if blobs is not None else [b""] * m, type=pa.binary()),
-            _vec(old),
-            _vec(side),
+            vec_array(old),
+            vec_array(side),
             pa.array([OLD_SPACE] * m),
             pa.array([SIDE_SPACE] * m),
         ],
-        schema=_store_schema(),
+        schema=store_schema(),
     )
 
 
-def _h(inner_width: int):
+def make_h(inner_width: int):
+    """A FastFill transformation h (DIM -> DIM, uncertainty on) of this inner width, in eval mode."""
     from fct_ml.transformation import Transformation, TransformationConfig
 
     cfg = TransformationConfig(
@@ -134,13 +138,14 @@ def _h(inner_width: int):
     return Transformation(cfg).eval()
 
 
-def _new_model(kwargs: dict):
+def make_new_model(kwargs: dict):
+    """An untrained new model (EmbeddingModel of ModelConfig(**kwargs)), in eval mode."""
     from fct_ml.models import EmbeddingModel, ModelConfig
 
     return EmbeddingModel(ModelConfig(**kwargs)).eval()
 
 
-def _records(version: int, rows: int, model):
+def store_records(version: int, rows: int, model):
     """The typed gallery_store record and new-model checkpoint that backfill_version takes."""
     from fct_assets.lib.records import Checkpoint, GalleryStore
 
@@ -159,7 +164,8 @@ def _records(version: int, rows: int, model):
     return store, Checkpoint(model, sha256="", space_id=NEW_SPACE, recorded={})
 
 
-def _fct(uri: str):
+def fct_resource(uri: str):
+    """The FctResource the benchmark runs with: LanceDB at `uri`, cpu preset, CPU."""
     from fct_assets.lib.resources import FctResource
 
     return FctResource(lancedb_uri=uri, preset="cpu", device="cpu")
@@ -197,7 +203,7 @@ def reembed_version(db, store, model, batch_size: int, name: str) -> dict:
                 [
                     batch.column("item_id"),
                     batch.column("label"),
-                    _vec(emb),
+                    vec_array(emb),
                     pa.array(np.zeros(m, np.float32)),
                     pa.array(["re-embedded"] * m),
                     pa.array([NEW_SPACE] * m),
@@ -221,13 +227,13 @@ def bench_pair(name: str, n: int, batch_size: int, seed: int = 0) -> dict:
     channels = model_kwargs["in_channels"]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    h, model = _h(inner), _new_model(model_kwargs)
+    h, model = make_h(inner), make_new_model(model_kwargs)
     with tempfile.TemporaryDirectory(prefix="fct-bench-") as tmp:
-        fct = _fct(tmp)
+        fct = fct_resource(tmp)
         db = fct.connect()
         images = rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8)
         batches = [
-            _store_batch(
+            store_batch(
                 s,
                 min(batch_size, n - s),
                 rng,
@@ -235,8 +241,8 @@ def bench_pair(name: str, n: int, batch_size: int, seed: int = 0) -> dict:
             )
             for s in range(0, n, batch_size)
         ]
-        info = storage.publish(db, storage.GALLERY_STORE, _store_schema(), iter(batches))
-        store, checkpoint = _records(info["version"], n, model)
+        info = storage.publish(db, storage.GALLERY_STORE, store_schema(), iter(batches))
+        store, checkpoint = store_records(info["version"], n, model)
         old = torch.from_numpy(
             np.concatenate([storage.vectors(b.column("old_embedding")) for b in batches])
         )
@@ -293,9 +299,9 @@ def write_stream_store(uri: str, n: int, batch: int = 65536, seed: int = 1) -> d
     from fct_assets.lib import storage
 
     rng = np.random.default_rng(seed)
-    db = _fct(uri).connect()
-    gen = (_store_batch(s, min(batch, n - s), rng, None) for s in range(0, n, batch))
-    return storage.publish(db, storage.GALLERY_STORE, _store_schema(), gen)
+    db = fct_resource(uri).connect()
+    gen = (store_batch(s, min(batch, n - s), rng, None) for s in range(0, n, batch))
+    return storage.publish(db, storage.GALLERY_STORE, store_schema(), gen)
 
 
 def _run_child(args: list[str]) -> dict:
@@ -316,9 +322,9 @@ def child_stream(uri: str, version: int, rows: int, batch_size: int) -> dict:
     _threads()
     from fct_assets.upgrade.backfill import backfill_version
 
-    h, model = _h(PAIRS["cpu_default"][2]), _new_model(PAIRS["cpu_default"][0])
-    store, checkpoint = _records(version, rows, model)
-    fct = _fct(uri)
+    h, model = make_h(PAIRS["cpu_default"][2]), make_new_model(PAIRS["cpu_default"][0])
+    store, checkpoint = store_records(version, rows, model)
+    fct = fct_resource(uri)
     t0 = time.perf_counter()
     out = backfill_version(fct, "v2", store, h, checkpoint, 0.0, batch_size, log=lambda _: None)
     seconds = time.perf_counter() - t0
@@ -385,7 +391,7 @@ def ann_recall(kind: str, n: int, n_queries: int, params: dict, seed: int = 3) -
         table = db.create_table(
             "ann",
             data=pa.table(
-                {"item_id": pa.array(np.arange(n, dtype=np.int64)), "embedding": _vec(data)}
+                {"item_id": pa.array(np.arange(n, dtype=np.int64)), "embedding": vec_array(data)}
             ),
         )
         t0 = time.perf_counter()
@@ -685,7 +691,7 @@ def main() -> None:
     width = PAIRS["cpu_default"][2]
     result["notes"].append(
         f"cpu_default: h is the cpu preset's (inner width {width},"
-        f" {transformation_macs(_h(width).config):,} MACs/item); a pipeline as fast as h alone"
+        f" {transformation_macs(make_h(width).config):,} MACs/item); a pipeline as fast as h alone"
         f" would give re-embed/transform = {ceiling:.1f}x here."
     )
     s = result["stream_1m"]

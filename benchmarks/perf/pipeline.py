@@ -71,17 +71,16 @@ def overlap_pair(name: str, n: int, batch_size: int, rounds: int, seed: int = 0)
     model_kwargs, _, inner = bench.PAIRS[name]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    h, model = bench._h(inner), bench._new_model(model_kwargs)
+    h, model = bench.make_h(inner), bench.make_new_model(model_kwargs)
     times: dict[str, list[float]] = {"no_read_ahead": [], "read_ahead": [], "h_only": []}
     with tempfile.TemporaryDirectory(prefix="fct-pipeline-") as tmp:
-        fct = bench._fct(tmp)
+        fct = bench.fct_resource(tmp)
         db = fct.connect()
         batches = [
-            bench._store_batch(s, min(batch_size, n - s), rng, None)
-            for s in range(0, n, batch_size)
+            bench.store_batch(s, min(batch_size, n - s), rng, None) for s in range(0, n, batch_size)
         ]
-        info = storage.publish(db, storage.GALLERY_STORE, bench._store_schema(), iter(batches))
-        store, checkpoint = bench._records(info["version"], n, model)
+        info = storage.publish(db, storage.GALLERY_STORE, bench.store_schema(), iter(batches))
+        store, checkpoint = bench.store_records(info["version"], n, model)
         old = torch.from_numpy(
             np.concatenate([storage.vectors(b.column("old_embedding")) for b in batches])
         )
@@ -131,15 +130,17 @@ def write_store(uri: str, n: int, dim: int, batch: int = 65536, seed: int = 1) -
                     pa.array(np.arange(s, s + m, dtype=np.int64)),
                     pa.array(rng.integers(0, 10, m, dtype=np.int32)),
                     pa.array([b""] * m, type=pa.binary()),
-                    bench._vec(rng.random((m, dim), dtype=np.float32)),
-                    bench._vec(rng.random((m, dim), dtype=np.float32)),
+                    bench.vec_array(rng.random((m, dim), dtype=np.float32)),
+                    bench.vec_array(rng.random((m, dim), dtype=np.float32)),
                     pa.array([bench.OLD_SPACE] * m),
                     pa.array([bench.SIDE_SPACE] * m),
                 ],
                 schema=schema,
             )
 
-    return storage.publish(bench._fct(uri).connect(), storage.GALLERY_STORE, schema, batches())
+    return storage.publish(
+        bench.fct_resource(uri).connect(), storage.GALLERY_STORE, schema, batches()
+    )
 
 
 def _rss_mb(key: str) -> float:
@@ -178,7 +179,7 @@ def child_stream(uri: str, version: int, n: int, dim: int, batch_size: int) -> d
         side_info_model_sha256="",
         dataset_fingerprint="random",
     )
-    model = bench._new_model({**bench.PAIRS["cpu_default"][0], "embed_dim": dim})
+    model = bench.make_new_model({**bench.PAIRS["cpu_default"][0], "embed_dim": dim})
     checkpoint = Checkpoint(model, sha256="", space_id=bench.NEW_SPACE, recorded={})
     marks = [m for m in MARKS if m <= n] or [n]
     seen: dict[int, dict] = {}
@@ -200,7 +201,7 @@ def child_stream(uri: str, version: int, n: int, dim: int, batch_size: int) -> d
                 print(f"  {m:,}: {seen[m]}", file=sys.stderr, flush=True)
 
     out = backfill_version(
-        fct := bench._fct(uri), "v2", store, h, checkpoint, 0.0, batch_size, log=log
+        fct := bench.fct_resource(uri), "v2", store, h, checkpoint, 0.0, batch_size, log=log
     )
     seconds = time.perf_counter() - t0
     assert out.rows == n, out

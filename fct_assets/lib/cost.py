@@ -2,7 +2,7 @@
 
 Numeric metadata under stable keys (`cost/wall_s`, `cost/cpu_s`, `cost/peak_rss_mb`) is what the
 Dagster UI plots across an asset's materialisations, so an upgrade's cost can be followed version
-after version. benchmarks/upgrade_cost.py reads the same entries.
+after version. benchmarks/perf/upgrade_cost.py reads the same entries.
 
 Peak RSS is the step's own: on Linux the process's high-water mark is reset when the step starts
 (/proc/self/clear_refs, "5"), so a step that runs in a process after another (the in-process

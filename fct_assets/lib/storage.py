@@ -295,7 +295,7 @@ def _drop_after_failure(db, name: str) -> None:
 
 
 def ann_params(rows: int, dim: int) -> dict[str, Any]:
-    """IVF_PQ parameters for a table of `rows` vectors of `dim`, as measured in benchmarks/backfill.py
+    """IVF_PQ parameters for a table of `rows` vectors of `dim`, as measured in benchmarks/perf/backfill.py
     (256 partitions, dim/4 sub-vectors, 1/8 of the partitions probed, refine x10: recall@10 reported there).
     At least 256 rows per partition: k-means trains poorly on fewer."""
     partitions = max(1, min(256, rows // 256))

@@ -303,7 +303,7 @@ def search(db, query, *, version: VersionTable, k: int = 10) -> list[dict[str, A
     ).distance_type("l2")
     if storage.ann_index_exists(table):
         # The IVF_PQ index answers approximately: probe the share of partitions and re-rank exactly
-        # (refine) as measured in benchmarks/backfill.py; without an index the search is exact.
+        # (refine) as measured in benchmarks/perf/backfill.py; without an index the search is exact.
         params = storage.ann_params(
             table.count_rows(), table.schema.field("embedding").type.list_size
         )

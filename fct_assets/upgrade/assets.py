@@ -191,7 +191,7 @@ def _source_model(
 def backfilled_gallery(gallery_store, transformation, new_model):
     """The gallery in this version's space, from the stored vectors (no image read) plus an optional
     re-embedded share, most uncertain first; in parallel shards, published in one commit."""
-    # A graph of ops (fct_assets/backfill_ops.py), so that shards run in separate processes; its
+    # A graph of ops (fct_assets/upgrade/backfill_ops.py), so that shards run in separate processes; its
     # config mapping keeps the launchpad config {"reembed_fraction", "rows_per_batch", "shards", ...}.
     plan, shards = plan_backfill(gallery_store, transformation)
     done = shards.map(lambda shard: backfill_shard(plan, shard, transformation, new_model))

@@ -638,7 +638,7 @@ def backfill_version(
     """Plan, write the shards one after another, publish `gallery_<version>`, in this process,
     holding the version's lease throughout (released at the end, failed or not). The Dagster
     asset runs the same three steps as ops, the shards in parallel. `pages_ahead`: source pages
-    read ahead of h (0: none; benchmarks/pipeline.py measures both)."""
+    read ahead of h (0: none; benchmarks/perf/pipeline.py measures both)."""
     db = fct.connect()
     me = claim_table(db, version)
     try:

@@ -69,10 +69,20 @@ def test_refused_operations_exit_1_with_one_line(empty, capsys):
 
 
 def test_every_command_that_prints_a_result_takes_json(empty, capsys):
-    parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # argparse's own registry
+    commands = build_parser().commands
+    assert list(commands) == [
+        "reproduce",
+        "promote",
+        "rollback",
+        "lineage",
+        "add-version",
+        "estimate",
+        "catch-up",
+        "ingest",
+        "search",
+    ]
     for name, sub in commands.items():
-        assert any("--json" in a.option_strings for a in sub._actions), name
+        assert any("--json" in a.option_strings for a in sub.options.values()), name
     assert main(["add-version", "v7", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"version": "v7", "added": True}
 

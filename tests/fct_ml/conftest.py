@@ -18,8 +18,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """{code, stdout, stderr, result, out, test_split} of `fct reproduce --preset tiny`.
 
     `test_split`: what reproduce.evaluate_split received for the test split (the real function,
-    wrapped to record its inputs): {"new", "old", "bct", "labels", "h": {variant: (gallery,
-    sigma)}} as numpy arrays (sigma None for variants without one)."""
+    wrapped to record its inputs and given to the CLI as `evaluate`): {"new", "old", "bct",
+    "labels", "h": {variant: (gallery, sigma)}} as numpy arrays (sigma None for variants
+    without one)."""
     calls: list[tuple] = []
     real = reproduce.evaluate_split
 
@@ -30,10 +31,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out_path = tmp_path_factory.mktemp("run") / "sub" / "result.json"
     argv = ["reproduce", "--dataset", "digits", "--preset", "tiny", "--seed", "0"]
     stdout, stderr = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reproduce, "evaluate_split", evaluate_split)
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main([*argv, "--out", str(out_path), "--quiet"])
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([*argv, "--out", str(out_path), "--quiet"], evaluate=evaluate_split)
     test_split = None
     if calls:
         new, others, transformed, labels = calls[0]  # the test split is evaluated first

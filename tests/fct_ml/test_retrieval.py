@@ -9,7 +9,6 @@ import re
 import pytest
 import torch
 
-from fct_ml import retrieval
 from fct_ml.retrieval import (
     RetrievalResult,
     evaluate_retrieval,
@@ -335,17 +334,15 @@ def test_chunking_does_not_change_results_l2_with_exact_ties(leave_one_out: bool
     _assert_all_equal(runs)
 
 
-@pytest.fixture
-def batches(monkeypatch) -> list[torch.Tensor]:
-    """The query chunks retrieval ranks, in order: pairwise_distance, spied on, still computes."""
-    seen: list[torch.Tensor] = []
+class ChunkSpy:
+    """pairwise_distance that records the query chunks it is given, in order, and still computes."""
 
-    def spy(query, gallery, metric="l2"):
-        seen.append(query.clone())
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+
+    def __call__(self, query, gallery, metric="l2"):
+        self.batches.append(query.clone())
         return pairwise_distance(query, gallery, metric)
-
-    monkeypatch.setattr(retrieval, "pairwise_distance", spy)
-    return seen
 
 
 @pytest.mark.parametrize(
@@ -358,12 +355,12 @@ def batches(monkeypatch) -> list[torch.Tensor]:
     ],
 )
 def test_queries_are_ranked_once_each_in_the_largest_chunks_that_fit(
-    batches, n_gallery: int, chunk_size: int, max_chunk_elements: int, sizes: list[int]
+    n_gallery: int, chunk_size: int, max_chunk_elements: int, sizes: list[int]
 ):
     # Results do not depend on the chunking (tests above), so the chunks themselves are
     # checked: a chunk of distances holds at most max_chunk_elements once one query fits, and
     # no query is ranked twice.
-    query = col(*range(7))
+    query, spy = col(*range(7)), ChunkSpy()
     retrieve(
         query,
         labels(*[0] * 7),
@@ -371,7 +368,9 @@ def test_queries_are_ranked_once_each_in_the_largest_chunks_that_fit(
         labels(*[0] * n_gallery),
         chunk_size=chunk_size,
         max_chunk_elements=max_chunk_elements,
+        distance=spy,
     )
+    batches = spy.batches
     assert [len(b) for b in batches] == sizes
     assert torch.equal(torch.cat(batches), query)
 
@@ -700,14 +699,14 @@ def test_retrieve_mixed_ap_is_summed_in_float64():
     ],
 )
 def test_retrieve_mixed_ranks_queries_once_each_in_the_largest_chunks_that_fit(
-    batches, gallery_labels, n_points: int, max_chunk_elements: int, sizes: list[int]
+    gallery_labels, n_points: int, max_chunk_elements: int, sizes: list[int]
 ):
     # Results do not depend on the chunking (test_retrieve_mixed_equals_retrieve_... runs
     # several chunks), so the chunks themselves are checked against the rule in retrieve_mixed:
     # a query costs max(2G sort keys, (2 * largest class + 1) * (points + 1) counts), as many
     # queries as fit max_chunk_elements go together (at least one), and each chunk ranks both
     # gallery versions once, no query twice.
-    query = col(*range(7))
+    query, spy = col(*range(7)), ChunkSpy()
     n = len(gallery_labels)
     retrieve_mixed(
         query,
@@ -718,8 +717,9 @@ def test_retrieve_mixed_ranks_queries_once_each_in_the_largest_chunks_that_fit(
         torch.zeros(1, n, dtype=torch.long),
         n_points,
         max_chunk_elements=max_chunk_elements,
+        distance=spy,
     )
-    firsts, seconds = batches[0::2], batches[1::2]
+    firsts, seconds = spy.batches[0::2], spy.batches[1::2]
     assert [len(b) for b in firsts] == sizes
     assert all(torch.equal(a, b) for a, b in zip(firsts, seconds, strict=True))
     assert torch.equal(torch.cat(firsts), query)

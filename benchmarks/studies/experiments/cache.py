@@ -29,7 +29,7 @@ from fct_ml.trainers import (
     train_transformation,
 )
 from fct_ml.training import encode
-from fct_ml.transformation import TransformationConfig, training_features
+from fct_ml.transformation import Transformation, TransformationConfig, training_features
 
 CACHE = Path("runs/cache")
 VAL_FRACTION = 0.1
@@ -39,9 +39,22 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
 
 
-def train_h(old, side, new, labels, new_model, cfg, *, side_info, uncertainty, ce_weight):
+def train_h(
+    old,
+    side,
+    new,
+    labels,
+    new_model,
+    cfg,
+    *,
+    side_info,
+    uncertainty,
+    ce_weight,
+    transformation=Transformation,
+):
     """h trained on cached features ({"train", "val"} dicts as saved here), as the probes share it:
-    the preset's widths and schedule, seed 6, on CPU. Returns (h in eval mode, history)."""
+    the preset's widths and schedule, seed 6, on CPU. `transformation`: h's class (default
+    fct_ml's Transformation). Returns (h in eval mode, history)."""
     h_cfg = TransformationConfig(
         old_dim=old["train"].shape[1],
         side_info_dim=side["train"].shape[1],
@@ -64,6 +77,7 @@ def train_h(old, side, new, labels, new_model, cfg, *, side_info, uncertainty, c
         new_classifier=new_model.classifier.weight.detach(),
         new_config=new_model.config,
         progress=False,
+        transformation=transformation,
     )
     return h.eval(), history
 

@@ -30,13 +30,14 @@ from fct_ml.transformation import Transformation
 sys.path.insert(0, str(Path(__file__).parent))
 from cache import train_h  # noqa: E402  (benchmarks/studies/experiments/cache.py, beside this file)
 
-DETACHED = Transformation.forward_with_sigma
 
+class SigmaWithGrad(Transformation):
+    """h as before the fix: sigma's gradient reaches h's output (the `+grad` variants)."""
 
-def _with_grad(self, old, side=None):
-    """forward_with_sigma as before the fix: sigma's gradient reaches h's output."""
-    pred = self(old, side)
-    return pred, self.sigma_head(pred).squeeze(1) + self.sigma_offset
+    def forward_with_sigma(self, old, side=None):
+        """-> (prediction (N, new_dim), sigma (N,)), sigma read from the undetached prediction."""
+        pred = self(old, side)
+        return pred, self.sigma_head(pred).squeeze(1) + self.sigma_offset
 
 
 CACHE = "runs/cache"
@@ -59,7 +60,6 @@ def main(argv: list[str]) -> None:
     cfg = preset(args.preset)
     for variant in args.variants.split(","):
         base, _, grad = variant.partition("+")
-        Transformation.forward_with_sigma = _with_grad if grad else DETACHED
         name, _, noside = base.partition("-")
         fastfill = name != "mse"
         ce_weight = 1.0 if name in ("sum", "mse") else float(name[2:])
@@ -73,6 +73,7 @@ def main(argv: list[str]) -> None:
             side_info=not noside,
             uncertainty=fastfill,
             ce_weight=ce_weight,
+            transformation=SigmaWithGrad if grad else Transformation,
         )
         with torch.no_grad():
             if fastfill:
