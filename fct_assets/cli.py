@@ -96,10 +96,10 @@ def _add_version(args) -> int:
 def _estimate(args) -> int:
     from fct_assets.upgrade.estimate import estimate, format_estimate
 
-    info = estimate(_instance(), args.version, args.items)
+    found = estimate(_instance(), args.version, args.items)
     if args.json:
-        return _print_json(info)
-    print(format_estimate(info))
+        return _print_json(found.as_json())
+    print(format_estimate(found))
     return 0
 
 

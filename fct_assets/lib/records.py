@@ -9,9 +9,10 @@ naming the file, instead of a KeyError in another process later.
 A loaded checkpoint is a `Checkpoint`: the model with the sha256 it was verified against, its
 embedding space and the metadata of the materialisation that wrote it (a `CheckpointMeta`).
 
-An eval report's metrics are fct_ml.evaluation's `CaseMetrics` and `GapClosed` (frozen
-dataclasses, validated and written by pydantic as {"top1", "top5", "mAP"} and {"top1", "mAP"}:
-the JSON is the shape it was before they were typed, so EvalReport keeps schema 1).
+An eval report's metrics are fct_ml.evaluation's `CaseMetrics`, `GapClosed`, `BackfillCurve` and
+`CurveArea` (frozen dataclasses, validated and written by pydantic as {"top1", "top5", "mAP"},
+{"top1", "mAP"}, {"fractions", "top1", "mAP"} and {"top1", "mAP"}: the JSON is the shape it was
+before they were typed, so EvalReport keeps schema 1).
 
     DatasetRecord      dataset                 what the base assets were built from
     GalleryStore       gallery_store           the stored gallery table (old space + side-info)
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fct_ml.evaluation import Case, CaseMetrics, GapClosed
+from fct_ml.evaluation import BackfillCurve, Case, CaseMetrics, CurveArea, GapClosed
 
 if TYPE_CHECKING:  # torch takes seconds to import; a code location should load fast
     import torch.nn as nn
@@ -59,7 +60,6 @@ class Record(BaseModel):
 
 
 R = TypeVar("R", bound=Record)
-Metrics = dict[str, float]  # {"top1", "mAP"}, percent (a backfilling curve's area)
 
 
 class DatasetRecord(Record):
@@ -228,8 +228,8 @@ class EvalReport(Record):
     cases_unseen_classes: dict[str, CaseMetrics | None]
     cases_seen_classes: dict[str, CaseMetrics | None]
     gap_closed: GapClosed  # by new/h(old)
-    backfill_curves: dict[str, dict[str, list[float]]]
-    backfill_auc: dict[str, Metrics]
+    backfill_curves: dict[str, BackfillCurve]  # by order (fct_ml.backfill.ORDERS)
+    backfill_auc: dict[str, CurveArea]
     reembedded: int
     table: str
     table_version: int
