@@ -21,6 +21,7 @@ before they were typed, so EvalReport keeps schema 1).
     ShardResult        backfill_shard          one shard's staged (or final) table
     BackfilledTable    backfilled_gallery      the version's published table
     VersionTable       promote, search         a version's table at one LanceDB version
+    Hit                search                  one nearest gallery item (`fct search`)
     Deployment         the deployments table   one promote/rollback row
     CheckResult        promote                 the latest run of one blocking check of a version
     EvalReport         eval_report             the version's metrics
@@ -197,6 +198,16 @@ class VersionTable(Record):
     space_id: str
 
 
+class Hit(Record):
+    """One gallery item a search found: its row of the version's table and its L2 distance
+    (squared, as LanceDB reports it) to the query."""
+
+    item_id: int
+    label: int  # -1: ingested without a label
+    distance: float
+    source: str  # "transformed", "re-embedded" or "ingested"
+
+
 class CheckResult(Record):
     """The latest run of one blocking check on a version's asset partition, as promotion reads
     it: whether it passed, why not ("never ran", "failed", "stale: ran before the latest
@@ -335,6 +346,7 @@ RECORDS: dict[str, type[Record]] = {
         ShardResult,
         BackfilledTable,
         VersionTable,
+        Hit,
         Deployment,
         CheckResult,
         EvalReport,
