@@ -85,7 +85,6 @@ EXAMPLES = [
     records.VersionTable(
         version="v2", table="gallery_v2", table_version=2, space_id="new_model:v2@cccccccccccc"
     ),
-    records.Hit(item_id=7, label=3, distance=0.25, source="re-embedded"),
     records.Deployment(
         version="v2",
         table="gallery_v2",
@@ -160,6 +159,7 @@ EXAMPLES = [
         table_version=2,
         run_id="r" * 36,
     ),
+    records.Hit(item_id=7, label=3, distance=0.25, source="re-embedded"),
 ]
 
 
