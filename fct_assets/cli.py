@@ -96,17 +96,16 @@ def _add_version(args) -> int:
 def _estimate(args) -> int:
     from fct_assets.upgrade.estimate import estimate, format_estimate
 
-    info = estimate(_instance(), args.version, args.items)
+    found = estimate(_instance(), args.version, args.items)
     if args.json:
-        return _print_json(info)
-    print(format_estimate(info))
+        return _print_json(found.as_json())
+    print(format_estimate(found))
     return 0
 
 
 def _ingest(args) -> int:
     from fct_assets.definitions import build_defs
     from fct_assets.ingest.assets import ingest_paths
-    from fct_assets.lib.event_log import plain_metadata
 
     instance = _instance()
     result = ingest_paths(instance, build_defs(), args.paths, label=args.label)
@@ -120,39 +119,32 @@ def _ingest(args) -> int:
             error = error.cause
         why = error.message.strip().splitlines()[-1] if error else ""
         raise ValueError(f"ingest run {result.run_id[:8]} failed: {why}")
-    batch = result.dagster_run.tags.get("dagster/partition")
-    import dagster as dg
-
     from fct_assets.lib.keys import INGESTED_BATCH
+    from fct_assets.lib.records import IngestBatch
 
-    record = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(INGESTED_BATCH), asset_partitions=[batch]),
-        limit=1,
-    ).records[0]
-    meta = plain_metadata(record)
-    info = {
-        k: meta[k]
-        for k in (
-            "batch",
-            "files",
-            "added_to_store",
-            "added_to_table",
-            "duplicates",
-            "table",
-            "space_id",
-            "deployed_version",
-            "quarantined",
-        )
-    }
+    # The record itself, as the run returned it (its metadata leaves out the per-item ids).
+    record: IngestBatch = result.asset_value(INGESTED_BATCH)
     if args.json:
-        return _print_json(info)
+        return _print_json(
+            {
+                "batch": record.batch,
+                "files": record.files,
+                "added_to_store": record.added_to_store,
+                "added_to_table": record.added_to_table,
+                "duplicates": record.duplicates,
+                "table": record.table,
+                "space_id": record.space_id,
+                "deployed_version": record.deployed_version,
+                "quarantined": [q.model_dump() for q in record.quarantined],
+            }
+        )
     print(
-        f"ingested batch {batch}: {info['files']} files, {info['added_to_store']} new items in"
-        f" gallery_store, {info['added_to_table']} in {info['table']} ({info['space_id']}),"
-        f" {info['duplicates']} already stored, {len(info['quarantined'])} quarantined"
+        f"ingested batch {record.batch}: {record.files} files, {record.added_to_store} new items"
+        f" in gallery_store, {record.added_to_table} in {record.table} ({record.space_id}),"
+        f" {record.duplicates} already stored, {len(record.quarantined)} quarantined"
     )
-    for q in info["quarantined"]:
-        print(f"  quarantined {q['file']}: {q['reason']}")
+    for q in record.quarantined:
+        print(f"  quarantined {q.file}: {q.reason}")
     return 0
 
 
@@ -189,7 +181,7 @@ def _search(args) -> int:
         return _print_json(hits)
     print(f"{'rank':>4} {'item_id':>8} {'label':>5} {'distance':>10}  source")
     for rank, h in enumerate(hits, 1):
-        print(f"{rank:>4} {h['item_id']:>8} {h['label']:>5} {h['distance']:>10.4f}  {h['source']}")
+        print(f"{rank:>4} {h.item_id:>8} {h.label:>5} {h.distance:>10.4f}  {h.source}")
     return 0
 
 

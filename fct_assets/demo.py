@@ -304,7 +304,7 @@ def _show_life(term: Terminal, instance, fct, version: str, batch: IngestBatch) 
         f"fct search --item-id {ingested} (an item of batch {batch.batch}), deployed {version}:",
         f"{'rank':>4} {'item_id':>20} {'label':>5} {'distance':>10}  source",
         *(
-            f"{rank:>4} {h['item_id']:>20} {h['label']:>5} {h['distance']:>10.4f}  {h['source']}"
+            f"{rank:>4} {h.item_id:>20} {h.label:>5} {h.distance:>10.4f}  {h.source}"
             for rank, h in enumerate(hits, 1)
         ),
     ]
@@ -322,7 +322,7 @@ def _show_life(term: Terminal, instance, fct, version: str, batch: IngestBatch) 
     for item in (original, ingested):
         _detail(term, format_row_lineage(row_lineage(instance, db, version, item)))
     if term.log is not None:
-        top = hits[0]["item_id"] if hits else None
+        top = hits[0].item_id if hits else None
         first = "itself" if top == ingested else f"item {top}" if hits else "nothing"
         print()
         print(

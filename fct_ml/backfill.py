@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fct_ml.evaluation import BackfillCurve, BackfillSummary
 from fct_ml.retrieval import Metric, retrieve_mixed
 from fct_ml.training import Frozen
 
@@ -190,13 +191,6 @@ def backfill_curves(
     }
 
 
-def curve_area(values: Sequence[float]) -> float:
-    """Area under a backfilling curve sampled at evenly spaced fractions: the mean of its points."""
-    if len(values) == 0:
-        raise ValueError("curve_area: empty curve")
-    return float(sum(values) / len(values))
-
-
 def backfill_summary(
     new_embedding: torch.Tensor,
     labels: torch.Tensor,
@@ -207,13 +201,13 @@ def backfill_summary(
     generator: torch.Generator,
     metric: Metric = "l2",
     expected_error: bool = False,
-) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, float]]]:
+) -> BackfillSummary:
     """FastFill's backfilling curves for the three orders, and their areas, in percent.
 
     The gallery starts as `transformed` (h's vectors) and items are re-embedded (-> `new_embedding`)
     in the order of each strategy; queries are the new embeddings, leave-one-out. The
-    `true_error` order knows each item's true error. Returns (curves {order: {"fractions", "top1", "mAP"}},
-    areas {order: {"top1", "mAP"}}). With `expected_error`, each transformed item carries its
+    `true_error` order knows each item's true error. Returns the curves and their areas by order
+    (`random`, `sigma`, `true_error`). With `expected_error`, each transformed item carries its
     expected squared error exp(sigma) as an extra coordinate (`with_expected_error`)."""
     fractions = [i / (points - 1) for i in range(points)]
     error = (transformed - new_embedding).pow(2).sum(1)
@@ -237,15 +231,11 @@ def backfill_summary(
         metric=metric,
     )
     curves = {
-        order: {
-            "fractions": fractions,
-            "top1": [100 * p["top1"] for p in pts],
-            "mAP": [100 * p["mAP"] for p in pts],
-        }
+        order: BackfillCurve(
+            fractions=tuple(fractions),
+            top1=tuple(100 * p["top1"] for p in pts),
+            mAP=tuple(100 * p["mAP"] for p in pts),
+        )
         for order, pts in measured.items()
     }
-    areas = {
-        order: {"top1": curve_area(c["top1"]), "mAP": curve_area(c["mAP"])}
-        for order, c in curves.items()
-    }
-    return curves, areas
+    return BackfillSummary(curves=curves, areas={o: c.area() for o, c in curves.items()})

@@ -1,13 +1,14 @@
 """Evaluating an upgrade: the paper's cases on one query/gallery set, in percent.
 
-The case names (`Case`) and the typed results (`CaseMetrics`, `Evaluation`, `GapClosed`) are
-defined here once; the report, its checks and the CLI read them by attribute. Importing this
+The case names (`Case`) and the typed results (`CaseMetrics`, `Evaluation`, `GapClosed`, and the
+backfilling curves of fct_ml.backfill: `BackfillCurve`, `CurveArea`, `BackfillSummary`) are defined
+here once; the report, its checks and the CLI read them by attribute. Importing this
 module does not import torch (the record types load in a code location that must start fast).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -70,6 +71,66 @@ class Evaluation:
             "cases_unseen_classes": _as_dicts(self.unseen_classes),
             "cases_seen_classes": _as_dicts(self.seen_classes),
         }
+
+
+@dataclass(frozen=True)
+class CurveArea:
+    """Area under one order's backfilling curve, in percent: the mean of its points."""
+
+    top1: float
+    mAP: float  # noqa: N815 (as CaseMetrics.mAP)
+
+    def as_dict(self) -> dict[str, float]:
+        """{"top1", "mAP"}: the shape written to JSON and asset metadata."""
+        return {"top1": self.top1, "mAP": self.mAP}
+
+
+@dataclass(frozen=True)
+class BackfillCurve:
+    """One order's backfilling curve, in percent: the metrics with `fractions[i]` of the gallery
+    re-embedded (FastFill's grid i/(points-1)). The three tuples have one length."""
+
+    fractions: tuple[float, ...]
+    top1: tuple[float, ...]
+    mAP: tuple[float, ...]  # noqa: N815 (as CaseMetrics.mAP)
+
+    def __post_init__(self) -> None:
+        if not len(self.fractions) == len(self.top1) == len(self.mAP):
+            raise ValueError(
+                f"backfill curve: {len(self.fractions)} fractions, {len(self.top1)} top-1 and"
+                f" {len(self.mAP)} mAP points"
+            )
+
+    def area(self) -> CurveArea:
+        """The curve's area for both metrics (`curve_area`)."""
+        return CurveArea(top1=curve_area(self.top1), mAP=curve_area(self.mAP))
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """{"fractions", "top1", "mAP"}: the shape written to JSON and asset metadata."""
+        return {"fractions": list(self.fractions), "top1": list(self.top1), "mAP": list(self.mAP)}
+
+
+@dataclass(frozen=True)
+class BackfillSummary:
+    """FastFill's backfilling curves and their areas, by order (random, sigma, true_error)."""
+
+    curves: dict[str, BackfillCurve]
+    areas: dict[str, CurveArea]
+
+    def curves_as_dicts(self) -> dict[str, dict[str, list[float]]]:
+        """{order: {"fractions", "top1", "mAP"}}: the JSON shape of the curves."""
+        return {order: c.as_dict() for order, c in self.curves.items()}
+
+    def areas_as_dicts(self) -> dict[str, dict[str, float]]:
+        """{order: {"top1", "mAP"}}: the JSON shape of the areas."""
+        return {order: a.as_dict() for order, a in self.areas.items()}
+
+
+def curve_area(values: Sequence[float]) -> float:
+    """Area under a backfilling curve sampled at evenly spaced fractions: the mean of its points."""
+    if len(values) == 0:
+        raise ValueError("curve_area: empty curve")
+    return float(sum(values) / len(values))
 
 
 def _as_dicts(cases: Mapping[str, CaseMetrics]) -> dict[str, dict[str, float]]:

@@ -155,7 +155,7 @@ def evaluate_split(
         ("fastfill no side-info", "backfill_auc_no_side_info"),
     ):
         gallery_h, sigma = transformed[variant]
-        out["backfill_curves"][variant], out[key] = backfill_summary(
+        summary = backfill_summary(
             new,
             labels,
             gallery_h,
@@ -164,6 +164,8 @@ def evaluate_split(
             generator=torch.Generator().manual_seed(backfill_seed),
             metric=config.metric,
         )
+        out["backfill_curves"][variant] = summary.curves_as_dicts()
+        out[key] = summary.areas_as_dicts()
     return out
 
 

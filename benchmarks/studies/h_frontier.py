@@ -228,7 +228,7 @@ def measure_quality(
     ).as_json()
     case = evaluated["cases"]["new/h(old)"]
     unseen_case = evaluated["cases_unseen_classes"].get("new/h(old)")
-    _, areas = backfill_summary(
+    areas = backfill_summary(
         emb["new"],
         labels,
         gallery,
@@ -236,17 +236,17 @@ def measure_quality(
         config.backfill_points,
         generator=torch.Generator().manual_seed(backfill_seed),
         metric=config.metric,
-    )
+    ).areas
     return {
         "mAP": case["mAP"],
         "top1": case["top1"],
         "top5": case["top5"],
         "mAP_unseen_classes": None if unseen_case is None else unseen_case["mAP"],
         # The product re-embeds the most uncertain items first: sigma is its order.
-        "backfill_area_mAP": areas["sigma"]["mAP"],
-        "backfill_area_top1": areas["sigma"]["top1"],
-        "backfill_area_random_mAP": areas["random"]["mAP"],
-        "backfill_areas": areas,
+        "backfill_area_mAP": areas["sigma"].mAP,
+        "backfill_area_top1": areas["sigma"].top1,
+        "backfill_area_random_mAP": areas["random"].mAP,
+        "backfill_areas": {order: a.as_dict() for order, a in areas.items()},
     }
 
 

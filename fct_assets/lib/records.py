@@ -9,9 +9,10 @@ naming the file, instead of a KeyError in another process later.
 A loaded checkpoint is a `Checkpoint`: the model with the sha256 it was verified against, its
 embedding space and the metadata of the materialisation that wrote it (a `CheckpointMeta`).
 
-An eval report's metrics are fct_ml.evaluation's `CaseMetrics` and `GapClosed` (frozen
-dataclasses, validated and written by pydantic as {"top1", "top5", "mAP"} and {"top1", "mAP"}:
-the JSON is the shape it was before they were typed, so EvalReport keeps schema 1).
+An eval report's metrics are fct_ml.evaluation's `CaseMetrics`, `GapClosed`, `BackfillCurve` and
+`CurveArea` (frozen dataclasses, validated and written by pydantic as {"top1", "top5", "mAP"},
+{"top1", "mAP"}, {"fractions", "top1", "mAP"} and {"top1", "mAP"}: the JSON is the shape it was
+before they were typed, so EvalReport keeps schema 1).
 
     DatasetRecord      dataset                 what the base assets were built from
     GalleryStore       gallery_store           the stored gallery table (old space + side-info)
@@ -20,6 +21,7 @@ the JSON is the shape it was before they were typed, so EvalReport keeps schema 
     ShardResult        backfill_shard          one shard's staged (or final) table
     BackfilledTable    backfilled_gallery      the version's published table
     VersionTable       promote, search         a version's table at one LanceDB version
+    Hit                search                  one nearest gallery item (`fct search`)
     Deployment         the deployments table   one promote/rollback row
     CheckResult        promote                 the latest run of one blocking check of a version
     EvalReport         eval_report             the version's metrics
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fct_ml.evaluation import Case, CaseMetrics, GapClosed
+from fct_ml.evaluation import BackfillCurve, Case, CaseMetrics, CurveArea, GapClosed
 
 if TYPE_CHECKING:  # torch takes seconds to import; a code location should load fast
     import torch.nn as nn
@@ -59,7 +61,6 @@ class Record(BaseModel):
 
 
 R = TypeVar("R", bound=Record)
-Metrics = dict[str, float]  # {"top1", "mAP"}, percent (a backfilling curve's area)
 
 
 class DatasetRecord(Record):
@@ -197,6 +198,16 @@ class VersionTable(Record):
     space_id: str
 
 
+class Hit(Record):
+    """One gallery item a search found: its row of the version's table and its L2 distance
+    (squared, as LanceDB reports it) to the query."""
+
+    item_id: int
+    label: int  # -1: ingested without a label
+    distance: float
+    source: str  # "transformed", "re-embedded" or "ingested"
+
+
 class CheckResult(Record):
     """The latest run of one blocking check on a version's asset partition, as promotion reads
     it: whether it passed, why not ("never ran", "failed", "stale: ran before the latest
@@ -228,8 +239,8 @@ class EvalReport(Record):
     cases_unseen_classes: dict[str, CaseMetrics | None]
     cases_seen_classes: dict[str, CaseMetrics | None]
     gap_closed: GapClosed  # by new/h(old)
-    backfill_curves: dict[str, dict[str, list[float]]]
-    backfill_auc: dict[str, Metrics]
+    backfill_curves: dict[str, BackfillCurve]  # by order (fct_ml.backfill.ORDERS)
+    backfill_auc: dict[str, CurveArea]
     reembedded: int
     table: str
     table_version: int
@@ -335,6 +346,7 @@ RECORDS: dict[str, type[Record]] = {
         ShardResult,
         BackfilledTable,
         VersionTable,
+        Hit,
         Deployment,
         CheckResult,
         EvalReport,

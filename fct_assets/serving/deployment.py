@@ -22,7 +22,7 @@ from fct_assets.lib.event_log import latest_materialization
 from fct_assets.lib.io_managers import recorded_record
 from fct_assets.lib.keys import PROMOTION_CHECKS
 from fct_assets.lib.partitions import check_version
-from fct_assets.lib.records import BackfilledTable, CheckResult, Deployment, VersionTable
+from fct_assets.lib.records import BackfilledTable, CheckResult, Deployment, Hit, VersionTable
 
 DEPLOYMENT_SCHEMA = pa.schema(
     [
@@ -288,7 +288,7 @@ def _rollback_target(rows: list[Deployment]) -> VersionTable:
     return earlier[-1]
 
 
-def search(db, query, *, version: VersionTable, k: int = 10) -> list[dict[str, Any]]:
+def search(db, query, *, version: VersionTable, k: int = 10) -> list[Hit]:
     """The k nearest items (L2) to `query` (D,) in a version's pinned table."""
     import numpy as np
 
@@ -309,12 +309,13 @@ def search(db, query, *, version: VersionTable, k: int = 10) -> list[dict[str, A
         )
         search = search.nprobes(params["nprobes"]).refine_factor(params["refine_factor"])
     hits = search.select(["item_id", "label", "source", "_distance"]).limit(k).to_list()
+    # LanceDB's rows, read here at the one place they come in, become typed hits.
     return [
-        {
-            "item_id": h["item_id"],
-            "label": h["label"],
-            "distance": float(h["_distance"]),
-            "source": h["source"],
-        }
+        Hit(
+            item_id=h["item_id"],
+            label=h["label"],
+            distance=float(h["_distance"]),
+            source=h["source"],
+        )
         for h in hits
     ]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import dagster as dg
 import numpy as np
 
 from fct_assets.lib import storage
 from fct_assets.lib.io_managers import load_recorded_checkpoint
 from fct_assets.lib.keys import NEW_MODEL
-from fct_assets.lib.records import VersionTable
+from fct_assets.lib.records import Hit, VersionTable
 from fct_assets.serving.deployment import current, recorded_table, search
 
 
@@ -55,7 +53,7 @@ def search_command(
     item_id: int | None,
     version: str | None,
     k: int = 10,
-) -> list[dict[str, Any]]:
+) -> list[Hit]:
     """The k nearest gallery items to the query, in the version's (or the deployed) table."""
     import torch
 

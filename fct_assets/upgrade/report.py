@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,7 @@ from fct_assets.lib.records import (
     EvalReport,
     GalleryStore,
 )
-from fct_ml.evaluation import Case
+from fct_ml.evaluation import BackfillCurve, Case
 
 
 def _read(db, name: str, version: int, columns: list[str]):
@@ -39,7 +40,7 @@ def _aligned(table, ids: np.ndarray, name: str):
     return table.take(pa.array(pos))
 
 
-def curve_plot_png(curves: dict[str, dict[str, list[float]]], title: str) -> bytes:
+def curve_plot_png(curves: Mapping[str, BackfillCurve], title: str) -> bytes:
     """mAP and top-1 against the fraction re-embedded, one line per order; PNG bytes."""
     import matplotlib
 
@@ -49,7 +50,7 @@ def curve_plot_png(curves: dict[str, dict[str, list[float]]], title: str) -> byt
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=80)
     for ax, metric in zip(axes, ("mAP", "top1")):
         for order, curve in curves.items():
-            ax.plot(curve["fractions"], curve[metric], marker="o", label=order)
+            ax.plot(curve.fractions, getattr(curve, metric), marker="o", label=order)
         ax.set_xlabel("fraction of gallery re-embedded")
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)
@@ -100,7 +101,7 @@ def markdown_table(report: EvalReport, *, include_plot: bool = True) -> str:
         report.backfill_auc, key=lambda o: ORDERS.index(o) if o in ORDERS else len(ORDERS)
     ):
         a = report.backfill_auc[order]
-        lines.append(f"| {order} | {a['top1']:.1f} | {a['mAP']:.1f} |")
+        lines.append(f"| {order} | {a.top1:.1f} | {a.mAP:.1f} |")
     if report.backfill_items_per_s:
         lines += [
             "",
@@ -203,7 +204,7 @@ def evaluate_version(
     result = evaluate_cases(
         cases, labels, unseen_mask=unseen, metric=exp.metric, chunk_size=exp.eval_chunk_size
     )
-    curves, areas = backfill_summary(
+    backfill = backfill_summary(
         new,
         labels,
         transformed,
@@ -213,7 +214,7 @@ def evaluate_version(
         metric=exp.metric,
     )
     version = backfilled.table.removeprefix("gallery_")
-    png = curve_plot_png(curves, f"backfilling curve, {version}")
+    png = curve_plot_png(backfill.curves, f"backfilling curve, {version}")
     return EvalReport(
         version=version,
         items=len(labels),
@@ -221,8 +222,8 @@ def evaluate_version(
         cases_unseen_classes=result.unseen_classes,
         cases_seen_classes=result.seen_classes,
         gap_closed=gap_closed(result.cases),
-        backfill_curves=curves,
-        backfill_auc=areas,
+        backfill_curves=backfill.curves,
+        backfill_auc=backfill.areas,
         reembedded=int(pc.sum(pc.equal(served.column("source"), "re-embedded")).as_py() or 0),
         table=backfilled.table,
         table_version=pinned,

@@ -53,8 +53,8 @@ def test_a_chained_v3_reaches_items_ingested_under_v2(living, tmp_path):
     hits = search_command(
         living.instance, living.fct, image=None, item_id=ingested[0], version=None, k=3
     )
-    assert hits[0]["item_id"] == ingested[0] and hits[0]["source"] == "ingested"
-    assert hits[0]["distance"] < 1e-3
+    assert hits[0].item_id == ingested[0] and hits[0].source == "ingested"
+    assert hits[0].distance < 1e-3
 
     assert living.upgrade("v3").success
     h_meta = plain_metadata(

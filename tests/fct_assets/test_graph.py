@@ -372,25 +372,27 @@ def test_estimate_uses_the_costs_measured_on_the_versions_runs(env, monkeypatch,
     backfill = json.loads((env.root / "records" / "backfilled_gallery" / "v2.json").read_text())
     report = json.loads((env.root / "records" / "eval_report" / "v2.json").read_text())
     assert (
-        e["items"] == backfill["rows"]
-        and e["transform_items_per_s"] == backfill["backfill_items_per_s"]
+        e.items == backfill["rows"] and e.transform_items_per_s == backfill["backfill_items_per_s"]
     )
-    assert e["reembed_items_per_s"] == report["reembed_items_per_s"]
-    assert e["reembed_seconds"] == pytest.approx(e["items"] / e["reembed_items_per_s"])
+    assert e.reembed_items_per_s == report["reembed_items_per_s"]
+    assert e.reembed_seconds == pytest.approx(e.items / e.reembed_items_per_s)
     # The report's sigma curve, priced: fraction f costs f*n/reembed + (1-f)*n/transform.
     sigma_curve = report["backfill_curves"]["sigma"]
-    assert [p["fraction"] for p in e["curve"]] == sigma_curve["fractions"]
-    assert [p["mAP"] for p in e["curve"]] == sigma_curve["mAP"]
-    assert e["curve"][0]["seconds"] == pytest.approx(e["transform_seconds"])
-    assert e["curve"][-1]["seconds"] == pytest.approx(e["reembed_seconds"])
+    assert [p.fraction for p in e.curve] == sigma_curve["fractions"]
+    assert [p.mAP for p in e.curve] == sigma_curve["mAP"]
+    assert e.curve[0].seconds == pytest.approx(e.transform_seconds)
+    assert e.curve[-1].seconds == pytest.approx(e.reembed_seconds)
     f = sigma_curve["fractions"][1]
-    assert e["curve"][1]["seconds"] == pytest.approx(
-        f * e["items"] / e["reembed_items_per_s"]
-        + (1 - f) * e["items"] / e["transform_items_per_s"]
+    assert e.curve[1].seconds == pytest.approx(
+        f * e.items / e.reembed_items_per_s + (1 - f) * e.items / e.transform_items_per_s
     )
     big = estimate(env.instance, "v2", items=10**9)
-    assert big["transform_seconds"] == pytest.approx(10**9 / backfill["backfill_items_per_s"])
+    assert big.transform_seconds == pytest.approx(10**9 / backfill["backfill_items_per_s"])
     _cli_env(monkeypatch, env)
+    assert fct_main(["estimate", "v2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(e.as_json()))
+    assert [p["fraction"] for p in printed["curve"]] == sigma_curve["fractions"]
     assert fct_main(["estimate", "v2", "--items", "1000000000"]) == 0
     out = capsys.readouterr().out
     assert "1,000,000,000 items" in out and "full re-embedding" in out

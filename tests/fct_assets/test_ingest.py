@@ -177,6 +177,21 @@ def test_reingest_is_idempotent(living, tmp_path, capsys):
         for key in env:
             os.environ.pop(key, None)
     assert (first["added_to_store"], first["added_to_table"], first["duplicates"]) == (3, 3, 0)
+    # `--json` prints the batch's record with the keys and values of its materialisation's
+    # metadata (which the command read before it read the record).
+    assert list(first) == [
+        "batch",
+        "files",
+        "added_to_store",
+        "added_to_table",
+        "duplicates",
+        "table",
+        "space_id",
+        "deployed_version",
+        "quarantined",
+    ]
+    recorded = batch_metadata(living, first["batch"])
+    assert first == {key: recorded[key] for key in first}
     assert (second["added_to_store"], second["added_to_table"]) == (0, 0)
     assert second["duplicates"] == 4  # three stored already, and the BMP copy of one of them
     ids = [content_id(image) for image, _ in items]

@@ -304,9 +304,9 @@ def test_search_reads_the_pinned_table_in_its_space(instance, db):
     row = promote(instance, db, "v2")
     _table(db, "v2", rows=6)  # a later write: the deployment still reads its own version
     hits = deployment.search(db, [2.2, 0.0], version=row, k=3)
-    assert [h["item_id"] for h in hits] == [2, 3, 1]
-    assert hits[0]["distance"] == pytest.approx(0.2**2, abs=1e-5)
-    assert hits[0]["label"] == 0 and hits[0]["source"] == "transformed"
+    assert [h.item_id for h in hits] == [2, 3, 1]
+    assert hits[0].distance == pytest.approx(0.2**2, abs=1e-5)
+    assert hits[0].label == 0 and hits[0].source == "transformed"
     assert db.open_table("gallery_v2").count_rows() == 6 and served == row.table_version
     with pytest.raises(storage.SpaceMismatchError, match="holds space new_model:v2@0123456789ab"):
         deployment.search(
@@ -334,8 +334,8 @@ def test_search_with_an_ann_index_probes_its_share_of_partitions_and_refines(db)
     for query in rng.uniform(size=(20, 2)):
         hits = deployment.search(db, query, version=row, k=100)
         exact = ((vectors - query.astype(np.float32)) ** 2).sum(1)
-        found = [h["item_id"] for h in hits]
-        assert [h["distance"] for h in hits] == pytest.approx(exact[found].tolist(), abs=1e-6)
+        found = [h.item_id for h in hits]
+        assert [h.distance for h in hits] == pytest.approx(exact[found].tolist(), abs=1e-6)
         missed += len(set(np.argsort(exact)[:100].tolist()) - set(found))
     assert 0 < missed < 2000 * 0.2  # of 20 x 100 exact neighbours: approximate, not random
     assert len(deployment.search(db, [0.5, 0.5], version=row)) == 10  # k = 10 by default

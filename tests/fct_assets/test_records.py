@@ -10,7 +10,7 @@ import pytest
 
 from fct_assets.lib import records
 from fct_assets.lib.records import RecordError
-from fct_ml.evaluation import Case, CaseMetrics, GapClosed
+from fct_ml.evaluation import BackfillCurve, Case, CaseMetrics, CurveArea, GapClosed
 
 SHARD = records.ShardRange(index=1, count=2, start=5, stop=10)
 EXAMPLES = [
@@ -101,7 +101,9 @@ EXAMPLES = [
         cases_unseen_classes={"old/old": None},
         cases_seen_classes={"old/old": {"top1": 60.0, "top5": 95.0, "mAP": 45.0}},
         gap_closed={"top1": 75.0, "mAP": 70.0},
-        backfill_curves={"sigma": {"fractions": [0.0, 1.0], "mAP": [40.0, 50.0]}},
+        backfill_curves={
+            "sigma": {"fractions": [0.0, 1.0], "top1": [50.0, 60.0], "mAP": [40.0, 50.0]}
+        },
         backfill_auc={"sigma": {"top1": 55.0, "mAP": 45.0}},
         reembedded=0,
         table="gallery_v2",
@@ -157,6 +159,7 @@ EXAMPLES = [
         table_version=2,
         run_id="r" * 36,
     ),
+    records.Hit(item_id=7, label=3, distance=0.25, source="re-embedded"),
 ]
 
 
@@ -244,6 +247,10 @@ def test_the_eval_report_is_typed_and_its_json_keeps_the_keys():
     assert report.cases["old/old"] == CaseMetrics(top1=50.0, top5=90.0, mAP=40.0)
     assert report.cases_unseen_classes["old/old"] is None
     assert report.gap_closed == GapClosed(top1=75.0, mAP=70.0)
+    assert report.backfill_curves["sigma"] == BackfillCurve(
+        fractions=(0.0, 1.0), top1=(50.0, 60.0), mAP=(40.0, 50.0)
+    )
+    assert report.backfill_auc["sigma"] == CurveArea(top1=55.0, mAP=45.0)
     # The file (and the metadata "json" entry users and the UI read) has the same shape as the
     # dicts the report held before its metrics were typed; the schema stays 1.
     data = json.loads(records.dumps(report))
@@ -251,7 +258,18 @@ def test_the_eval_report_is_typed_and_its_json_keeps_the_keys():
     assert data["cases"] == {"old/old": {"top1": 50.0, "top5": 90.0, "mAP": 40.0}}
     assert data["cases_seen_classes"] == {"old/old": {"top1": 60.0, "top5": 95.0, "mAP": 45.0}}
     assert data["gap_closed"] == {"top1": 75.0, "mAP": 70.0}
+    assert data["backfill_curves"] == {
+        "sigma": {"fractions": [0.0, 1.0], "top1": [50.0, 60.0], "mAP": [40.0, 50.0]}
+    }
+    assert data["backfill_auc"] == {"sigma": {"top1": 55.0, "mAP": 45.0}}
     assert report.model_dump()["cases"] == data["cases"]
+
+
+def test_an_eval_report_whose_curve_lacks_a_metric_is_refused():
+    data = json.loads(records.dumps(EVAL))
+    del data["backfill_curves"]["sigma"]["top1"]
+    with pytest.raises(RecordError, match="stale or invalid EvalReport record"):
+        records.loads(json.dumps(data), "x.json")
 
 
 def test_an_eval_report_with_an_unknown_metric_is_refused():

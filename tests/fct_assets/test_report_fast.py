@@ -20,6 +20,7 @@ from fct_assets.lib.resources import FctResource
 from fct_assets.upgrade.report import evaluate_version, markdown_table
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation
+from fct_ml.evaluation import BackfillCurve
 from fct_ml.models import ModelConfig, build_model
 from fct_ml.training import encode
 from fct_ml.transformation import Transformation, TransformationConfig
@@ -378,18 +379,18 @@ def test_a_plain_h_has_no_sigma_order_to_follow(gallery):
     transformed, _ = apply_transformation(
         g["h"], torch.from_numpy(g["old"]), torch.from_numpy(_side(g))
     )
-    curves, _ = backfill_summary(
+    curves = backfill_summary(
         torch.from_numpy(g["new"]),
         torch.from_numpy(g["labels"]),
         transformed,
         torch.zeros(N),
         g["fct"].experiment().backfill_points,
         generator=torch.Generator().manual_seed(0),
-    )
+    ).curves
     for order in ("sigma", "random"):
         for metric in ("fractions", "top1", "mAP"):
             got = report["backfill_curves"][order][metric]
-            assert got == pytest.approx(curves[order][metric]), (order, metric)
+            assert got == pytest.approx(getattr(curves[order], metric)), (order, metric)
 
 
 def _side(g) -> np.ndarray:
@@ -466,7 +467,9 @@ def test_the_plot_is_a_png_of_the_figure_size():
 
     from fct_assets.upgrade.report import curve_plot_png
 
-    curves = {"sigma": {"fractions": [0.0, 0.5, 1.0], "mAP": [1.0, 2.0, 3.0], "top1": [1, 2, 3]}}
+    curves = {
+        "sigma": BackfillCurve(fractions=(0.0, 0.5, 1.0), mAP=(1.0, 2.0, 3.0), top1=(1, 2, 3))
+    }
     # A PNG whatever format a matplotlibrc makes the default: the markdown embeds image/png.
     with matplotlib.rc_context({"savefig.format": "svg"}):
         png = curve_plot_png(curves, "backfilling curve, v2")
@@ -519,8 +522,8 @@ def test_the_plot_draws_each_order_on_a_map_and_a_top1_panel():
     from fct_assets.upgrade.report import curve_plot_png
 
     curves = {
-        "sigma": {"fractions": [0.0, 0.5, 1.0], "mAP": [10.0, 20.0, 30.0], "top1": [1, 2, 3]},
-        "random": {"fractions": [0.0, 0.5, 1.0], "mAP": [10.0, 15.0, 30.0], "top1": [1, 4, 3]},
+        "sigma": BackfillCurve(fractions=(0.0, 0.5, 1.0), mAP=(10.0, 20.0, 30.0), top1=(1, 2, 3)),
+        "random": BackfillCurve(fractions=(0.0, 0.5, 1.0), mAP=(10.0, 15.0, 30.0), top1=(1, 4, 3)),
     }
     with _drawn_figures():
         curve_plot_png(curves, "backfilling curve, v2")
@@ -690,7 +693,7 @@ def test_the_report_plots_its_own_curves(gallery):
     curves = report["backfill_curves"]
     for panel, metric in zip(plotted["panels"], ("mAP", "top1")):
         assert panel["lines"] == [
-            (order, curve["fractions"], pytest.approx(curve[metric]))
+            (order, list(curve["fractions"]), pytest.approx(curve[metric]))
             for order, curve in curves.items()
         ]
 

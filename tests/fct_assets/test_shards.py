@@ -194,7 +194,7 @@ def test_sharded_backfill_in_separate_processes_publishes_every_item_once(env, m
 
     item = sorted(chosen)[0]
     hits = search_command(env.instance, env.fct, image=None, item_id=item, version=version, k=3)
-    assert hits[0]["item_id"] == item and hits[0]["distance"] == pytest.approx(0.0, abs=1e-4)
+    assert hits[0].item_id == item and hits[0].distance == pytest.approx(0.0, abs=1e-4)
 
 
 def test_below_ann_min_rows_no_index(env):

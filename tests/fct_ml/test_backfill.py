@@ -14,9 +14,9 @@ from fct_ml.backfill import (
     backfill_curves,
     backfill_order,
     backfill_summary,
-    curve_area,
     with_expected_error,
 )
+from fct_ml.evaluation import curve_area
 from fct_ml.retrieval import pairwise_distance
 from fct_ml.trainers import train_transformation
 from fct_ml.training import TrainConfig
@@ -472,15 +472,15 @@ def test_mixed_gallery_never_below_its_ends_synthetic():
             6,
             generator=torch.Generator().manual_seed(0),
             expected_error=expected_error,
-        )[0]
+        ).curves
 
     for order, curve in curves(True).items():
-        points = curve["mAP"]
+        points = curve.mAP
         # within 0.1 points: sigma is calibrated on h's training features, a little optimistic
         assert min(points) >= min(points[0], points[-1]) - 0.1, (order, points)
     # Without the expected error, h's outputs (its conditional means) sit closer to every
     # query than re-embedded items: the mixed gallery ranks worse than both of its ends.
-    points = curves(False)["random"]["mAP"]
+    points = curves(False)["random"].mAP
     assert min(points) < min(points[0], points[-1]) - 0.5, points
 
 

@@ -3,10 +3,13 @@ sigma equal to the true error (so the sigma order is the true-error order) and r
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from fct_ml.backfill import backfill_curves, backfill_summary
+from fct_ml.backfill import ORDERS, backfill_curves, backfill_summary
+from fct_ml.evaluation import BackfillCurve, CurveArea
 
 # Four items in 1-D, two classes. The new model puts each class in its own cluster; h maps item 0
 # (class 0) into class 1's cluster and every other item exactly where the new model does.
@@ -37,25 +40,29 @@ def _summary(sigma: torch.Tensor):
 
 
 def test_sigma_equal_to_the_error_re_embeds_the_wrong_item_first():
-    curves, areas = _summary(ERROR)
-    assert curves["sigma"]["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    summary = _summary(ERROR)
+    curves, areas = summary.curves, summary.areas
+    assert curves["sigma"].fractions == (0.0, 0.25, 0.5, 0.75, 1.0)
     for metric in ("top1", "mAP"):
         expected = [WRONG[metric]] + [RIGHT[metric]] * 4
-        assert curves["sigma"][metric] == pytest.approx(expected)
-        assert curves["true_error"][metric] == pytest.approx(expected)
-        assert areas["sigma"][metric] == pytest.approx(sum(expected) / 5)
-    assert areas["sigma"] == pytest.approx({"top1": 85.0, "mAP": 92.5})
+        assert getattr(curves["sigma"], metric) == pytest.approx(expected)
+        assert getattr(curves["true_error"], metric) == pytest.approx(expected)
+        assert getattr(areas["sigma"], metric) == pytest.approx(sum(expected) / 5)
+    assert areas["sigma"].as_dict() == pytest.approx({"top1": 85.0, "mAP": 92.5})
 
 
 def test_the_reversed_order_re_embeds_the_wrong_item_last():
     # sigma = -error: the least uncertain first. The three exact items change nothing; the curve
     # stays at its start until the last point.
-    curves, areas = _summary(-ERROR)
+    summary = _summary(-ERROR)
+    curves, areas = summary.curves, summary.areas
     for metric in ("top1", "mAP"):
-        assert curves["sigma"][metric] == pytest.approx([WRONG[metric]] * 4 + [RIGHT[metric]])
-    assert areas["sigma"] == pytest.approx({"top1": 40.0, "mAP": 70.0})
+        assert getattr(curves["sigma"], metric) == pytest.approx(
+            [WRONG[metric]] * 4 + [RIGHT[metric]]
+        )
+    assert areas["sigma"].as_dict() == pytest.approx({"top1": 40.0, "mAP": 70.0})
     # The true-error order does not read sigma.
-    assert curves["true_error"]["top1"] == pytest.approx([25.0, 100.0, 100.0, 100.0, 100.0])
+    assert curves["true_error"].top1 == pytest.approx([25.0, 100.0, 100.0, 100.0, 100.0])
 
 
 def _larger_gallery():
@@ -86,14 +93,18 @@ def test_sigma_as_the_true_error_dominates_the_reversed_order_on_a_larger_galler
             expected_error=False,
         )
 
-    curves, areas = run(error)
-    reversed_curves, reversed_areas = run(-error)
+    ordered_run, reversed_run = run(error), run(-error)
+    curves, areas = ordered_run.curves, ordered_run.areas
+    reversed_curves, reversed_areas = reversed_run.curves, reversed_run.areas
     for metric in ("top1", "mAP"):
-        assert curves["sigma"][metric] == curves["true_error"][metric]
-        ordered, backwards = curves["sigma"][metric], reversed_curves["sigma"][metric]
+        assert getattr(curves["sigma"], metric) == getattr(curves["true_error"], metric)
+        ordered, backwards = (
+            getattr(curves["sigma"], metric),
+            getattr(reversed_curves["sigma"], metric),
+        )
         assert ordered[0] == backwards[0] and ordered[-1] == backwards[-1]
         assert all(a >= b for a, b in zip(ordered, backwards)), (ordered, backwards)
-        assert areas["sigma"][metric] > reversed_areas["sigma"][metric] + 2.0
+        assert getattr(areas["sigma"], metric) > getattr(reversed_areas["sigma"], metric) + 2.0
 
 
 def test_the_expected_error_coordinate_moves_only_transformed_items():
@@ -104,7 +115,7 @@ def test_the_expected_error_coordinate_moves_only_transformed_items():
     # 2 and 3 find their class-mate (0.1) before item 0 (sqrt(0.05^2 + 4)): AP 1. Top-1 75 %,
     # mAP 83.3 %.
     sigma = torch.log(torch.tensor([4.0, 1e-12, 1e-12, 1e-12]))
-    curves, _ = backfill_summary(
+    curves = backfill_summary(
         NEW,
         LABELS,
         TRANSFORMED,
@@ -112,19 +123,47 @@ def test_the_expected_error_coordinate_moves_only_transformed_items():
         5,
         generator=torch.Generator().manual_seed(0),
         expected_error=True,
-    )
-    assert curves["sigma"]["top1"][0] == pytest.approx(75.0)
-    assert curves["sigma"]["mAP"][0] == pytest.approx((1 + 1 / 3 + 1 + 1) / 4 * 100)
-    assert curves["sigma"]["top1"][1:] == pytest.approx([100.0] * 4)
+    ).curves
+    assert curves["sigma"].top1[0] == pytest.approx(75.0)
+    assert curves["sigma"].mAP[0] == pytest.approx((1 + 1 / 3 + 1 + 1) / 4 * 100)
+    assert curves["sigma"].top1[1:] == pytest.approx([100.0] * 4)
 
 
 def test_summary_names_the_three_orders_and_their_fields():
-    curves, areas = _summary(ERROR)
-    assert list(curves) == ["random", "sigma", "true_error"]
-    assert list(areas) == ["random", "sigma", "true_error"]
-    for order in curves:
+    summary = _summary(ERROR)
+    assert list(summary.curves) == ["random", "sigma", "true_error"]
+    assert list(summary.areas) == ["random", "sigma", "true_error"]
+    # Its JSON: the shape reproduce's results and the eval report were written in before it was
+    # typed. The sigma order at this sigma: the curve and area of the first test.
+    curves, areas = summary.curves_as_dicts(), summary.areas_as_dicts()
+    for order in ORDERS:
         assert set(curves[order]) == {"fractions", "top1", "mAP"}
         assert set(areas[order]) == {"top1", "mAP"}
+    assert curves["sigma"]["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert curves["sigma"]["top1"] == pytest.approx([25.0, 100.0, 100.0, 100.0, 100.0])
+    assert curves["sigma"]["mAP"] == pytest.approx([62.5, 100.0, 100.0, 100.0, 100.0])
+    assert areas["sigma"] == pytest.approx({"top1": 85.0, "mAP": 92.5})
+    assert json.loads(json.dumps(curves)) == curves  # plain lists and floats
+
+
+def test_an_area_is_the_mean_of_each_metric_s_points():
+    # top-1 (10 + 20 + 60) / 3 = 30; mAP (0 + 50 + 100) / 3 = 50.
+    curve = BackfillCurve(
+        fractions=(0.0, 0.5, 1.0), top1=(10.0, 20.0, 60.0), mAP=(0.0, 50.0, 100.0)
+    )
+    assert curve.area() == CurveArea(top1=30.0, mAP=50.0)
+    assert curve.as_dict() == {
+        "fractions": [0.0, 0.5, 1.0],
+        "top1": [10.0, 20.0, 60.0],
+        "mAP": [0.0, 50.0, 100.0],
+    }
+
+
+def test_a_curve_refuses_metrics_of_another_length_than_its_fractions():
+    with pytest.raises(
+        ValueError, match=r"^backfill curve: 2 fractions, 3 top-1 and 2 mAP points$"
+    ):
+        BackfillCurve(fractions=(0.0, 1.0), top1=(1.0, 2.0, 3.0), mAP=(1.0, 2.0))
 
 
 def test_random_curve_follows_the_generator():
@@ -133,11 +172,14 @@ def test_random_curve_follows_the_generator():
     # seed gives another curve: on this gallery the curve tells the orders apart).
     new, labels, transformed, error = _larger_gallery()
 
-    def random_curve(seed: int) -> list[float]:
-        curves, _ = backfill_summary(
-            new, labels, transformed, error, 11, generator=torch.Generator().manual_seed(seed)
+    def random_curve(seed: int) -> tuple[float, ...]:
+        return (
+            backfill_summary(
+                new, labels, transformed, error, 11, generator=torch.Generator().manual_seed(seed)
+            )
+            .curves["random"]
+            .mAP
         )
-        return curves["random"]["mAP"]
 
     order = torch.randperm(300, generator=torch.Generator().manual_seed(5))
     by_hand = backfill_curves(
@@ -150,7 +192,7 @@ def test_random_curve_follows_the_generator():
         [i / 10 for i in range(11)],
         leave_one_out=True,
     )["random"]
-    assert random_curve(5) == random_curve(5) == [100 * p["mAP"] for p in by_hand]
+    assert random_curve(5) == random_curve(5) == tuple(100 * p["mAP"] for p in by_hand)
     assert random_curve(6) != random_curve(5)
 
 
@@ -166,8 +208,8 @@ def test_expected_error_is_off_by_default():
 
     default = summary()
     assert default == summary(expected_error=False)
-    assert default[0]["sigma"]["top1"][0] == pytest.approx(WRONG["top1"])
-    assert summary(expected_error=True)[0]["sigma"]["top1"][0] == pytest.approx(75.0)
+    assert default.curves["sigma"].top1[0] == pytest.approx(WRONG["top1"])
+    assert summary(expected_error=True).curves["sigma"].top1[0] == pytest.approx(75.0)
 
 
 def test_summary_ranks_by_the_metric_asked_for():
@@ -183,9 +225,9 @@ def test_summary_ranks_by_the_metric_asked_for():
     def areas(**kwargs):
         return backfill_summary(
             new, labels, new, sigma, 3, generator=torch.Generator().manual_seed(0), **kwargs
-        )[1]
+        ).areas
 
     for area in areas(metric="cosine").values():
-        assert area == pytest.approx({"top1": 100.0, "mAP": 100.0})
+        assert area.as_dict() == pytest.approx({"top1": 100.0, "mAP": 100.0})
     for area in areas(metric="l2").values():
-        assert area == pytest.approx({"top1": 50.0, "mAP": 75.0})
+        assert area.as_dict() == pytest.approx({"top1": 50.0, "mAP": 75.0})

@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
                 flush=True,
             )
             for corrected in (False, True) if fastfill else (False,):
-                curves, areas = backfill_summary(
+                summary = backfill_summary(
                     new["val"],
                     labels["val"],
                     out,
@@ -119,12 +119,10 @@ def main(argv: list[str]) -> None:
                     line.append(
                         f"{m}: new/new {cases['new/new'][m]:.1f} h {cases['new/h(old)'][m]:.1f}"
                     )
-                    for order, c in curves.items():
-                        lo = min(c[m][0], c[m][-1])
-                        dip = min(c[m]) - lo
-                        line.append(
-                            f"{order} 0% {c[m][0]:.1f} area {areas[order][m]:.2f} dip {dip:+.2f}"
-                        )
+                    for order, curve in summary.curves.items():
+                        points, area = getattr(curve, m), getattr(summary.areas[order], m)
+                        dip = min(points) - min(points[0], points[-1])
+                        line.append(f"{order} 0% {points[0]:.1f} area {area:.2f} dip {dip:+.2f}")
                 print(" | ".join(line), flush=True)
 
 
