@@ -11,6 +11,10 @@ By default the terminal shows the story only (one line per stage with its time, 
 on a terminal, the evaluation tables, a line each for the search and the lineage); everything
 else (Dagster's run log, the search hits, the full lineage) goes to the log file, runs/demo.log.
 `--verbose` (or FCT_VERBOSE=1) prints it all instead.
+
+Deferred imports: the demo installs its warning filters and sends output to the log before
+it imports dagster and the graph, whose import-time warnings and logs would otherwise reach
+the terminal.
 """
 
 from __future__ import annotations

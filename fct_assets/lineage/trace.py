@@ -174,7 +174,7 @@ def lineage(instance: dg.DagsterInstance, version: str, db=None) -> Lineage:
     recorded = assets[BACKFILLED_GALLERY].pop("rows_by_source", None)
     rows_by_source: dict[str, int] = dict(recorded) if isinstance(recorded, dict) else {}
     if not isinstance(recorded, dict) and db is not None:
-        from fct_assets.lib import storage
+        from fct_assets.lib import storage  # deferred: lancedb, as said above
 
         pinned = storage.open_pinned(db() if callable(db) else db, table.table, table.version)
         rows_by_source = count_rows_by_source(pinned)
@@ -269,6 +269,7 @@ def row_lineage(
 ) -> RowLineage:
     """How one row of a version's table got there: its chain of spaces with each checkpoint's
     sha256, transformed / re-embedded / ingested, and the ingest batch that brought the item."""
+    # Deferred: storage loads lancedb (~2 s of CPU), which `fct lineage` of a version never needs.
     from fct_assets.lib import storage
     from fct_assets.serving.deployment import recorded_table
 

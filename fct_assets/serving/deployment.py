@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fct_assets.lib import guards, storage
 from fct_assets.lib.dagster_internals import latest_check_execution
@@ -215,7 +217,6 @@ def missing_items(db, table: str, table_version: int) -> tuple[list[int], int | 
     """(ids of the store of record that `table` at `table_version` lacks, gallery_store's version
     read): a version is promoted only once it holds every stored item. No gallery_store: ([],
     None)."""
-    import pyarrow.compute as pc
 
     if not storage.table_exists(db, storage.GALLERY_STORE):
         return [], None
@@ -290,7 +291,6 @@ def _rollback_target(rows: list[Deployment]) -> VersionTable:
 
 def search(db, query, *, version: VersionTable, k: int = 10) -> list[Hit]:
     """The k nearest items (L2) to `query` (D,) in a version's pinned table."""
-    import numpy as np
 
     table = storage.open_pinned(db, version.table, version.table_version)
     declared = storage.table_space_ids(table).get("space_id")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from fct_assets.lib import storage
 from fct_assets.lib.io_managers import load_recorded_checkpoint
@@ -32,7 +33,6 @@ def _query_image(db, *, image: str | None, item_id: int | None, channels: int) -
         if not rows:
             raise LookupError(f"item_id {item_id}: not in gallery_store")
         return storage.decode_png(rows[0]["image"], channels)
-    from PIL import Image, UnidentifiedImageError
 
     first = store.search().select(["image"]).limit(1).to_list()[0]["image"]
     _, h, w = storage.decode_png(first, channels).shape
@@ -55,6 +55,7 @@ def search_command(
     k: int = 10,
 ) -> list[Hit]:
     """The k nearest gallery items to the query, in the version's (or the deployed) table."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     import torch
 
     from fct_ml.augment import to_float

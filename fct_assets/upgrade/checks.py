@@ -80,6 +80,7 @@ def run_report_suite(report: EvalReport) -> tuple[bool, list[dict[str, Any]]]:
     # A report without one of the two cases gets NaN here (ignored as null), and fails the
     # expectation that names the missing case rather than raising KeyError.
     frame["fct_minus_old_mAP"] = _map(cases, Case.NEW_H_OLD) - _map(cases, Case.OLD_OLD)
+    # Deferred with great_expectations itself (above): only in the step that runs the suite.
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")

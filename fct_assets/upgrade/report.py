@@ -42,10 +42,11 @@ def _aligned(table, ids: np.ndarray, name: str):
 
 def curve_plot_png(curves: Mapping[str, BackfillCurve], title: str) -> bytes:
     """mAP and top-1 against the fraction re-embedded, one line per order; PNG bytes."""
+    # Deferred: matplotlib (~0.6 s) only in the step that draws the plot.
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display backend on a server
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=80)
     for ax, metric in zip(axes, ("mAP", "top1")):
@@ -69,6 +70,7 @@ _CASE_RANK = {Case.OLD_OLD: 0, Case.NEW_NEW: 1, Case.NEW_H_OLD: 2, Case.NEW_OLD:
 
 
 def markdown_table(report: EvalReport, *, include_plot: bool = True) -> str:
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.backfill import ORDERS
 
     lines = [
@@ -130,6 +132,7 @@ def evaluate_version(
 
     `table_version`: the LanceDB version of the version's table to evaluate (the deployed,
     pinned one); None: the one the latest backfilled_gallery materialisation published."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.augment import to_float
     from fct_ml.backfill import apply_transformation, backfill_summary
     from fct_ml.evaluation import evaluate_cases, gap_closed
