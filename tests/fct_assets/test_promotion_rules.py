@@ -171,6 +171,24 @@ def test_the_record_is_decided_under_the_deployments_lock(db):
         pass
 
 
+def test_without_the_file_lock_only_the_conditional_commit_decides(db):
+    # file_lock=False (an object store's way): record holds no OS lock while it decides, and
+    # append passes the option on, so a writer holding the lock does not hold them up.
+    taken = []
+
+    def choose(rows):
+        with guards.local_lock(db, storage.DEPLOYMENTS, wait_s=0):
+            taken.append(True)
+        return VersionTable(version="v2", table="gallery_v2", table_version=3, space_id=SPACE)
+
+    assert deployment.record(db, "promote", choose, file_lock=False).seq == 1
+    assert taken == [True]
+    table = VersionTable(version="v3", table="gallery_v3", table_version=1, space_id=SPACE)
+    with guards.local_lock(db, storage.DEPLOYMENTS, wait_s=0):
+        assert deployment.append(db, "promote", table, file_lock=False).seq == 2
+    assert [row.version for row in deployment.history(db)] == ["v2", "v3"]
+
+
 def test_never_ran_failed_and_stale_are_told_apart(instance, db):
     assert {k: v.why for k, v in check_results(instance, "v2").items()} == {
         "backfilled_gallery:backfilled_gallery_schema": "never ran",
