@@ -138,7 +138,7 @@ def trial(instance, fct, inbox: Path, queries: Path, k: int, image, timeout: flo
     while time.monotonic() - dropped < timeout:
         hits = search_command(instance, fct, image=str(query), item_id=None, version=None, k=1)
         polls += 1
-        if hits and hits[0]["item_id"] == item:
+        if hits and hits[0].item_id == item:
             break
         time.sleep(POLL_S)
     else:

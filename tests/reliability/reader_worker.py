@@ -37,11 +37,11 @@ def main() -> None:
             row = table.search().select(["item_id", "embedding"]).offset(rng.randrange(rows))
             row = row.limit(1).to_list()[0]
             hits = search(db, row["embedding"], version=served, k=5)
-            if len(hits) != min(5, rows) or hits[0]["distance"] > 1e-6:
+            if len(hits) != min(5, rows) or hits[0].distance > 1e-6:
                 raise AssertionError(f"asked for item {row['item_id']}, got {hits[:1]}")
-            if hits[0]["item_id"] != row["item_id"]:
+            if hits[0].item_id != row["item_id"]:
                 # Another item with the very same vector (a duplicate picture) is also right.
-                if hits[0]["distance"] != 0.0:
+                if hits[0].distance != 0.0:
                     raise AssertionError(f"asked for item {row['item_id']}, got {hits[:1]}")
             seen.add((served.version, served.table_version))
             queries += 1

@@ -231,7 +231,7 @@ def test_searches_during_backfill_and_promotion_see_one_version(env, reliability
                     {
                         "version": deployed.version,
                         "table_version": deployed.table_version,
-                        "hits": [(h["item_id"], h["distance"]) for h in hits],
+                        "hits": [(h.item_id, h.distance) for h in hits],
                     }
                 )
             except Exception as err:  # any failure is a finding
