@@ -32,9 +32,8 @@ GALLERY_STORE_SCHEMA = "gallery_store_schema"
 BACKFILLED_GALLERY_SCHEMA = "backfilled_gallery_schema"
 EVAL_REPORT_EXPECTATIONS = "eval_report_expectations"
 
-# The assets whose blocking checks guard promotion, and those checks: a version is served only
-# when each passed on its latest materialisation.
-GUARDED = (BACKFILLED_GALLERY, EVAL_REPORT)
+# The blocking checks that guard promotion: a version is served only when each passed on its
+# latest materialisation.
 PROMOTION_CHECKS = (
     dg.AssetCheckKey(dg.AssetKey(BACKFILLED_GALLERY), BACKFILLED_GALLERY_SCHEMA),
     dg.AssetCheckKey(dg.AssetKey(EVAL_REPORT), EVAL_REPORT_EXPECTATIONS),
