@@ -20,6 +20,7 @@ from fct_ml.evaluation import CaseMetrics, evaluate_cases
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.trainers import train_bct_model, train_embedding_model
 from fct_ml.training import TrainConfig, encode
+from tests.fct_ml.tiny import tiny_images
 
 OLD_CLASSES = (0, 1, 2, 3, 4)
 CPU = torch.device("cpu")
@@ -88,12 +89,6 @@ def test_the_defaults_are_aligned_bct_scored_under_cosine():
     assert BCTConfig() == BCTConfig(influence_weight=1.0, alignment_weight=1.0, metric="cosine")
 
 
-def _tiny_images(n: int = 12):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    return images, torch.arange(n) % 3
-
-
 def test_extended_old_classifier_with_a_cosine_classifier_averages_directions():
     # A cosine classifier compares directions only: an unseen class's row is the mean of its
     # items' *normalised* old embeddings.
@@ -101,7 +96,7 @@ def test_extended_old_classifier_with_a_cosine_classifier_averages_directions():
     old = EmbeddingModel(
         ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=1, classifier="cosine")
     ).eval()
-    images, _ = _tiny_images(6)
+    images, _ = tiny_images(6)
     labels = torch.tensor([0, 1, 1, 2, 2, 2])
     with torch.no_grad():
         emb = old(to_float(images))

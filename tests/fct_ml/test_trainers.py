@@ -16,6 +16,7 @@ from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.trainers import train_bct_model, train_transformation
 from fct_ml.training import TrainConfig, fit, prepare_model, seed_everything
 from fct_ml.transformation import Transformation, TransformationConfig, calibrate_sigma
+from tests.fct_ml.tiny import TINY_H, tiny_features, tiny_images
 
 CPU = torch.device("cpu")
 
@@ -28,14 +29,8 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
 # ---------------------------------------------------------------- train_bct_model
 
 
-def _tiny_images(n: int = 12):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
-    return images, torch.arange(n) % 3
-
-
 def test_train_bct_model_is_fit_of_the_bct_objective_from_the_seed():
-    images, labels = _tiny_images()
+    images, labels = tiny_images()
     config = ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3)
     old_config = ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, classifier="cosine")
     torch.manual_seed(2)
@@ -99,7 +94,7 @@ def _small_bct_args(images, labels, old_dim: int = 4) -> tuple:
 
 
 def test_train_bct_model_refuses_another_embedding_width():
-    images, labels = _tiny_images()
+    images, labels = tiny_images()
     with pytest.raises(
         ValueError, match=r"^BCT: the new embed_dim \(4\) must equal the old one \(5\)$"
     ):
@@ -107,13 +102,13 @@ def test_train_bct_model_refuses_another_embedding_width():
 
 
 def test_bct_without_training_data_is_refused_naming_the_stage():
-    images, labels = _tiny_images()
+    images, labels = tiny_images()
     with pytest.raises(ValueError, match="^bct_model: no training data$"):
         train_bct_model(*_small_bct_args(images[:0], labels[:0]), device=CPU, seed=0)
 
 
 def test_train_bct_model_shows_a_progress_bar_only_when_asked(capsys):
-    images, labels = _tiny_images()
+    images, labels = tiny_images()
     args = _small_bct_args(images, labels)
     train_bct_model(*args, device=CPU, seed=0, progress=False)
     assert capsys.readouterr().err == ""
@@ -124,24 +119,14 @@ def test_train_bct_model_shows_a_progress_bar_only_when_asked(capsys):
 
 # ---------------------------------------------------------------- train_transformation
 
-TINY = dict(old_dim=3, side_info_dim=2, new_dim=2, branch_width=4, inner_width=4)
 TRAIN = TrainConfig(
     epochs=2, batch_size=8, optimizer="adam", lr=1e-2, weight_decay=0.0, warmup_epochs=0.0
 )
 
 
-def _features(n: int = 16):
-    g = torch.Generator().manual_seed(3)
-    old = torch.randn(n, 3, generator=g)
-    side = torch.randn(n, 2, generator=g)
-    new = torch.randn(n, 2, generator=g)
-    labels = torch.arange(n) % 3
-    return old, side, new, labels
-
-
 def test_training_h_is_fit_of_the_l2_objective_from_the_seed():
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY)
+    old, side, new, labels = tiny_features()
+    config = TransformationConfig(**TINY_H)
     h, history = train_transformation(
         old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=False
     )
@@ -169,8 +154,8 @@ def test_training_h_is_fit_of_the_l2_objective_from_the_seed():
 
 
 def test_fastfill_training_uses_the_new_classifier_as_scored_and_calibrates_sigma():
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY, uncertainty=True, ce_weight=0.5)
+    old, side, new, labels = tiny_features()
+    config = TransformationConfig(**TINY_H, uncertainty=True, ce_weight=0.5)
     classifier = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
     cosine = ModelConfig(classifier="cosine")
     records = []
@@ -211,8 +196,8 @@ def test_fastfill_training_uses_the_new_classifier_as_scored_and_calibrates_sigm
 
 
 def test_training_h_shows_a_progress_bar_only_when_asked(capsys):
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY)
+    old, side, new, labels = tiny_features()
+    config = TransformationConfig(**TINY_H)
     train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=False)
     assert capsys.readouterr().err == ""
     train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=5, progress=True)
@@ -221,15 +206,15 @@ def test_training_h_shows_a_progress_bar_only_when_asked(capsys):
 
 
 def test_fastfill_needs_the_new_classifier():
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY, uncertainty=True)
+    old, side, new, labels = tiny_features()
+    config = TransformationConfig(**TINY_H, uncertainty=True)
     with pytest.raises(ValueError, match="^FastFill needs the new model's classifier weight$"):
         train_transformation(old, side, new, labels, config, TRAIN, device=CPU, seed=0)
 
 
 @pytest.mark.parametrize("bad", ["old_embedding", "side_info", "new_embedding"])
 def test_a_nan_input_is_refused_naming_it(bad):
-    old, side, new, labels = _features()
+    old, side, new, labels = tiny_features()
     inputs = {"old_embedding": old, "side_info": side, "new_embedding": new}
     inputs[bad] = inputs[bad].clone()
     inputs[bad][3, 1] = float("inf") if bad == "side_info" else float("nan")
@@ -241,7 +226,7 @@ def test_a_nan_input_is_refused_naming_it(bad):
             inputs["side_info"],
             inputs["new_embedding"],
             labels,
-            TransformationConfig(**TINY),
+            TransformationConfig(**TINY_H),
             TRAIN,
             device=CPU,
             seed=0,
@@ -249,8 +234,8 @@ def test_a_nan_input_is_refused_naming_it(bad):
 
 
 def test_wrong_dims_are_refused_naming_both():
-    old, side, new, labels = _features()
-    config = TransformationConfig(**TINY)
+    old, side, new, labels = tiny_features()
+    config = TransformationConfig(**TINY_H)
     message = r"^transformation dims: expected old 3 and new 2, got old 4 and new 2$"
     with pytest.raises(ValueError, match=message):
         train_transformation(
@@ -271,7 +256,7 @@ def test_wrong_dims_are_refused_naming_both():
         torch.zeros(16, 4),
         new,
         labels,
-        TransformationConfig(**TINY, side_info=False),
+        TransformationConfig(**TINY_H, side_info=False),
         TRAIN,
         device=CPU,
         seed=0,
@@ -281,8 +266,8 @@ def test_wrong_dims_are_refused_naming_both():
 
 
 def test_h_without_training_data_is_refused_naming_the_stage():
-    old, side, new, labels = (t[:0] for t in _features())
+    old, side, new, labels = (t[:0] for t in tiny_features())
     with pytest.raises(ValueError, match="^transformation: no training data$"):
         train_transformation(
-            old, side, new, labels, TransformationConfig(**TINY), TRAIN, device=CPU, seed=0
+            old, side, new, labels, TransformationConfig(**TINY_H), TRAIN, device=CPU, seed=0
         )

@@ -23,8 +23,7 @@ from fct_ml.transformation import (
     training_features,
     transformation_macs,
 )
-
-TINY = dict(old_dim=3, side_info_dim=2, new_dim=2, branch_width=4, inner_width=4)
+from tests.fct_ml.tiny import TINY_H, tiny_features
 
 
 def test_the_defaults_are_the_official_recipe():
@@ -47,22 +46,13 @@ def test_the_defaults_are_the_official_recipe():
     assert float(h.sigma_offset) == 0.0
 
 
-def _features(n: int = 16):
-    g = torch.Generator().manual_seed(3)
-    old = torch.randn(n, 3, generator=g)
-    side = torch.randn(n, 2, generator=g)
-    new = torch.randn(n, 2, generator=g)
-    labels = torch.arange(n) % 3
-    return old, side, new, labels
-
-
 # ---------------------------------------------------------------- sigma and its calibration
 
 
 def _h_with_constant_sigma(bias: float) -> Transformation:
     """A tiny h whose sigma head outputs `bias` for every item (zero weight)."""
     torch.manual_seed(0)
-    h = Transformation(TransformationConfig(**TINY, uncertainty=True)).eval()
+    h = Transformation(TransformationConfig(**TINY_H, uncertainty=True)).eval()
     with torch.no_grad():
         h.sigma_head.weight.zero_()
         h.sigma_head.bias.fill_(bias)
@@ -71,7 +61,7 @@ def _h_with_constant_sigma(bias: float) -> Transformation:
 
 def test_sigma_is_the_head_on_the_detached_output_plus_the_offset():
     h = _h_with_constant_sigma(0.25)
-    old, side, _, _ = _features(4)
+    old, side, _, _ = tiny_features(4)
     with torch.no_grad():
         h.sigma_offset.fill_(1.5)
     pred, sigma = h.forward_with_sigma(old, side)
@@ -87,7 +77,7 @@ def test_sigma_is_the_head_on_the_detached_output_plus_the_offset():
 
 def test_calibrate_sigma_by_hand():
     h = _h_with_constant_sigma(0.0)  # raw sigma 0: exp(sigma) = 1 per item
-    old, side, _, _ = _features(4)
+    old, side, _, _ = tiny_features(4)
     with torch.no_grad():
         pred = h(old, side)
     # Errors of squared norms 1, 4, 0 and 3: their sum is 8, over 4 items whose exp(sigma)
