@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -374,7 +374,19 @@ def run_experiment(
         **results["test"],
         "validation": results["validation"],
         "timings_s": timings,
-        "config": asdict(config),
+        # The config that ran: h's dims come from the features (the preset holds placeholders,
+        # e.g. old_dim 128 where `cpu-hard`'s old model is 8-d).
+        "config": asdict(
+            replace(
+                config,
+                transformation=replace(
+                    config.transformation,
+                    old_dim=features.old.shape[1],
+                    side_info_dim=features.side_info.shape[1],
+                    new_dim=features.new.shape[1],
+                ),
+            )
+        ),
         "history": histories,
         # Content digests of every trained model (config + weights): the assets record the same
         # digest for the same config and seed.

@@ -40,7 +40,7 @@ def summarise(runs: list[dict], split: str) -> tuple[dict, dict]:
         for metric in ("top1", "mAP"):
             values = [r[key][gap][metric] for r in runs]
             mean[gap][metric] = round(statistics.fmean(values), 2)
-            std[gap][metric] = round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0
+            std[gap][metric] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
     return mean, std
 
 

@@ -84,3 +84,13 @@ def test_the_papers_ordering_holds_by_a_wide_margin(tiny):
     assert abs(cases["new/old"]["top1"] - chance) < 5  # two independent models: near chance
     assert cases["new/old"]["mAP"] < cases["old/old"]["mAP"] - 15
     assert cases["old/old"]["mAP"] + 2 < cases["new/h(old)"]["mAP"]
+
+
+def test_the_recorded_config_is_the_one_that_ran(tiny):
+    # h's dims in the preset are placeholders; the record must carry the dims h was built
+    # with: the old, side-info and new vectors the run evaluated.
+    h = tiny["result"]["config"]["transformation"]
+    v = tiny["test_split"]
+    assert h["old_dim"] == tiny["result"]["config"]["old_model"]["embed_dim"]
+    assert h["new_dim"] == tiny["result"]["config"]["new_model"]["embed_dim"]
+    assert h["old_dim"] == v["old"].shape[1]
