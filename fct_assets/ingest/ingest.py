@@ -64,29 +64,26 @@ class IngestError(ValueError):
     """A batch that cannot be ingested at all (one line saying why); nothing was written."""
 
 
-def lease_wait_s() -> float:
-    """FCT_INGEST_WAIT_S (default 300): seconds an ingest batch waits for a backfill or another
-    writer of gallery_store or the deployed table before it is refused."""
-    value = os.environ.get(WAIT_ENV, str(DEFAULT_WAIT_S))
+def _seconds_from_env(name: str, default: float) -> float:
+    value = os.environ.get(name, str(default))
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not 0 <= seconds < float("inf"):
-        raise IngestError(f"{WAIT_ENV}={value!r}: expected seconds >= 0")
+        raise IngestError(f"{name}={value!r}: expected seconds >= 0")
     return seconds
+
+
+def lease_wait_s() -> float:
+    """FCT_INGEST_WAIT_S (default 300): seconds an ingest batch waits for a backfill or another
+    writer of gallery_store or the deployed table before it is refused."""
+    return _seconds_from_env(WAIT_ENV, DEFAULT_WAIT_S)
 
 
 def inbox_settle_s() -> float:
     """FCT_INBOX_SETTLE_S (default 2): seconds a file must be unchanged before it is taken."""
-    value = os.environ.get(SETTLE_ENV, str(DEFAULT_SETTLE_S))
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise IngestError(f"{SETTLE_ENV}={value!r}: expected seconds >= 0")
-    return seconds
+    return _seconds_from_env(SETTLE_ENV, DEFAULT_SETTLE_S)
 
 
 @dataclass(frozen=True)
@@ -141,6 +138,7 @@ def scan_inbox(inbox: Path, settle_s: float | None = None) -> list[InboxFile]:
         return []
     settle_ns = (inbox_settle_s() if settle_s is None else settle_s) * 1e9
     now_ns = time.time_ns()
+    markers = (inbox / RETRY).is_dir()
     found = []
     for root, dirs, names in os.walk(inbox):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -155,7 +153,7 @@ def scan_inbox(inbox: Path, settle_s: float | None = None) -> list[InboxFile]:
             if 0 <= now_ns - st.st_mtime_ns < settle_ns:
                 continue  # written to within the settle time: maybe still being written
             relpath = str(path.relative_to(inbox))
-            retry = read_retry(inbox, relpath) if (inbox / RETRY).is_dir() else None
+            retry = read_retry(inbox, relpath) if markers else None
             found.append(
                 InboxFile(relpath, st.st_size, st.st_mtime_ns, retry.batch if retry else "")
             )
@@ -498,15 +496,8 @@ def retry_or_give_up(
             given_up.append(Quarantined(file=q.file, reason=f"{q.reason}; still being written?"))
             continue
         before = read_retry(inbox, relpath)
-        if (
-            before is None
-            or before.batch == batch
-            or (before.size, before.mtime_ns)
-            != (
-                info.st_size,
-                info.st_mtime_ns,
-            )
-        ):
+        stamp = (info.st_size, info.st_mtime_ns)
+        if before is None or before.batch == batch or (before.size, before.mtime_ns) != stamp:
             retry = Retry(batch, info.st_size, info.st_mtime_ns, q.reason)
             why = f"{q.reason}; still being written? left in the inbox for a retry on a later tick"
             retrying.append((Quarantined(file=q.file, reason=why), relpath, retry))

@@ -19,7 +19,7 @@ shapes on black, and black is what the models saw around every training item.
                                   -> v * 255 / max; a negative value is refused
     F                             v in 0..1 -> v * 255; a value outside 0..1 (or NaN) is refused
     P                             palette expanded to RGB
-    LA, RGBA, PA, P/L/RGB/I;16    alpha composited onto the background: c * a / 255 + bg *
+    LA, RGBA, PA; 1/P/L/RGB/I;16  alpha composited onto the background: c * a / 255 + bg *
       with a transparent colour   (255 - a) / 255 (the transparent colour has a = 0)
     CMYK                          R = (255 - C) (255 - K) / 255, G and B likewise with M and Y
     YCbCr                         JPEG's (ITU-R BT.601, full range): R = Y + 1.402 (Cr - 128),
@@ -140,13 +140,13 @@ def to_gallery_mode(img: Image.Image, channels: int) -> Image.Image:
     docstring's table says; raises ImageError naming a mode that has no faithful conversion."""
     mode = img.mode
     transparent = "transparency" in img.info
-    if mode == "1":
+    if mode == "PA" or (mode in ("1", "P", "L", "RGB") and transparent):
+        img = img.convert("RGBA")  # PIL turns the transparent colour or index into alpha 0
+    elif mode == "1":
         img = img.convert("L")
     elif mode in SIXTEEN_BIT or mode in ("I", "F"):
         grey, alpha = _scaled(img)
         img = Image.fromarray(_composite(grey, alpha) if alpha is not None else grey)
-    elif mode == "PA" or (mode in ("P", "L", "RGB") and transparent):
-        img = img.convert("RGBA")  # PIL turns the transparent colour or index into alpha 0
     elif mode == "P":
         img = img.convert("RGB")
     elif mode == "RGBX":

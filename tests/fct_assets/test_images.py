@@ -43,6 +43,8 @@ def colour(blob: bytes) -> list[list[list[int]]]:
 def test_bilevel_and_grey_images():
     bits = Image.frombytes("1", (2, 2), bytes([0b01000000, 0b10000000]))  # 0 1 / 1 0
     assert grey(encoded(bits, "PNG")) == [[0, 255], [255, 0]]
+    # White transparent (PNG tRNS): composited onto black like any alpha.
+    assert grey(encoded(bits, "PNG", transparency=1)) == [[0, 0], [0, 0]]
     plain = Image.frombytes("L", (2, 2), bytes([0, 50, 100, 200]))
     assert grey(encoded(plain, "PNG")) == [[0, 50], [100, 200]]
     # A grey item in a colour gallery: the grey value in each channel.
