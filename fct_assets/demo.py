@@ -190,7 +190,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
     Returns the batch's record."""
     import dagster as dg
 
-    from fct_assets.ingest.ingest import folder_name, inbox_dir
+    from fct_assets.ingest.ingest import folder_name, inbox_dir, inbox_settle_s
     from fct_assets.lib import storage
     from fct_assets.lib.io_managers import recorded_record
     from fct_assets.lib.keys import DATASET, INGESTED_BATCH
@@ -206,6 +206,7 @@ def _ingest_through_inbox(instance, defs, fct, n: int) -> IngestBatch | None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"held_{i:04d}.png").write_bytes(storage.encode_png(held.images[i].numpy()))
     print(f"\nfct demo: {min(n, len(held))} held-back images dropped into {inbox}", flush=True)
+    time.sleep(inbox_settle_s())  # the sensor takes a file once it is unchanged this long
     started = time.perf_counter()
     sensor = defs.resolve_sensor_def("fct_inbox")
     # No cursor: every file in the inbox is new to this evaluation. The run moves its files out

@@ -127,8 +127,9 @@ def ingested_batch(
     return dg.Output(
         record,
         metadata={
-            **record.model_dump(exclude={"ingested", "quarantined"}),
+            **record.model_dump(exclude={"ingested", "quarantined", "retrying"}),
             "quarantined": dg.MetadataValue.json([q.model_dump() for q in record.quarantined]),
+            "retrying": dg.MetadataValue.json([q.model_dump() for q in record.retrying]),
             "quarantine_reasons": "\n".join(
                 f"{ingest.shown(q.file)}: {q.reason}" for q in record.quarantined
             )

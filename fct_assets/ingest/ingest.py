@@ -1,95 +1,144 @@
 """Ingestion: items that arrive between upgrades, embedded by the *deployed* model.
 
     inbox (FCT_INBOX, default data/inbox)   image files, optionally one sub-folder per label
-      │  sensor `fct_inbox` (fct_assets/ingest/assets.py): new files -> one batch -> one run
+      │  sensor `fct_inbox` (fct_assets/ingest/assets.py): new files, unchanged for
+      │  FCT_INBOX_SETTLE_S -> one batch -> one run
       ▼
-    ingest_files   decode + validate each file (a corrupt one is quarantined with a one-line
-                   reason, the rest lands); content-derived item ids; embed with the deployed
-                   model (the old model before any promotion) and the side-info model; then
-                   ONE commit to gallery_store (image, label, side_info, and the old embedding
-                   while the old model is deployed), ONE commit to the deployed version's table
-                   (the vector, source "ingested", its space_id, chain, ingest batch), and one
-                   deployments row that serves that new table version.
+    ingest_files   decode + validate each file (fct_assets/lib/images.py: limits, the mode
+                   conversions; a corrupt one is quarantined with a one-line reason, one that may
+                   still be being written is left for a retry on a later tick, the rest lands);
+                   content-derived item ids; embed with the deployed model (the old model before
+                   any promotion) and the side-info model; then ONE commit to gallery_store
+                   (image, label, side_info, and the old embedding while the old model is
+                   deployed), ONE commit to the deployed version's table (the vector, source
+                   "ingested", its space_id, chain, ingest batch), and one deployments row that
+                   serves that new table version.
 
 Idempotent: an item's id is derived from its decoded pixels, and each table receives only the
 ids it does not hold yet. The same picture dropped twice, or a run retried after it wrote one
 table but not the other, gives one row per table.
+
+A file still being written: the sensor takes only files whose mtime is FCT_INBOX_SETTLE_S old
+(a write moves it). One that is still caught incomplete (empty, or it starts like an image but
+does not decode) stays in the inbox with a retry marker (fct_assets/lib/inbox.py); the marker
+changes its stamp, so the sensor's next tick launches it again. That try ingests it if it is
+complete now, tries once more if it changed meanwhile (its writer is still going), and
+quarantines it if it is the same incomplete file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import os
-import stat
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from fct_assets.lib import guards, storage
+from fct_assets.lib.images import FORMATS as FORMATS
+from fct_assets.lib.images import MAX_FILE_BYTES as MAX_FILE_BYTES
+from fct_assets.lib.images import MAX_PIXELS as MAX_PIXELS
+from fct_assets.lib.images import IncompleteImage, decode_image, read_image_file
+from fct_assets.lib.inbox import INBOX_ENV as INBOX_ENV
+from fct_assets.lib.inbox import PROCESSED, QUARANTINE, RETRY, retry_marker
+from fct_assets.lib.inbox import inbox_dir as inbox_dir
 from fct_assets.lib.records import Checkpoint, DatasetRecord, IngestBatch, Quarantined
-from fct_assets.lib.resources import DATA_ROOT
 
-INBOX_ENV = "FCT_INBOX"
 WAIT_ENV = "FCT_INGEST_WAIT_S"  # how long a batch waits for another writer of its tables
 DEFAULT_WAIT_S = 300
-PROCESSED = ".processed"  # <inbox>/.processed/<batch>/<file>: landed
-QUARANTINE = ".quarantine"  # <inbox>/.quarantine/<batch>/<file> + <file>.reason.txt
+# Seconds a file's mtime must be old before the sensor takes it. Every write moves the mtime, so
+# a file being copied is left alone; a local copy of a photo writes in well under a second, and
+# each second here delays a tenth of the drops by one sensor tick (10 s). A writer that pauses
+# longer is caught by the retry of incomplete files.
+SETTLE_ENV = "FCT_INBOX_SETTLE_S"
+DEFAULT_SETTLE_S = 2.0
 UNKNOWN_LABEL = -1
-# PIL refuses images above ~89 MP (decompression bombs); an item is a photo, not a poster.
-MAX_PIXELS = 40_000_000
-MAX_FILE_BYTES = 64 * 2**20  # a bigger file is refused unread (a 2 GB "image" is not a photo)
-# Decoders PIL may use: raster formats parsed in Python or libpng/libjpeg/libtiff/libwebp. Never
-# EPS/PS (they run Ghostscript) nor the long tail of rare parsers.
-FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
 class IngestError(ValueError):
     """A batch that cannot be ingested at all (one line saying why); nothing was written."""
 
 
-def lease_wait_s() -> float:
-    """FCT_INGEST_WAIT_S (default 300): seconds an ingest batch waits for a backfill or another
-    writer of gallery_store or the deployed table before it is refused."""
-    value = os.environ.get(WAIT_ENV, str(DEFAULT_WAIT_S))
+def _seconds_from_env(name: str, default: float) -> float:
+    value = os.environ.get(name, str(default))
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not 0 <= seconds < float("inf"):
-        raise IngestError(f"{WAIT_ENV}={value!r}: expected seconds >= 0")
+        raise IngestError(f"{name}={value!r}: expected seconds >= 0")
     return seconds
 
 
-def inbox_dir() -> Path:
-    """FCT_INBOX, default the checkout's data/inbox."""
-    return Path(os.environ.get(INBOX_ENV) or DATA_ROOT / "inbox")
+def lease_wait_s() -> float:
+    """FCT_INGEST_WAIT_S (default 300): seconds an ingest batch waits for a backfill or another
+    writer of gallery_store or the deployed table before it is refused."""
+    return _seconds_from_env(WAIT_ENV, DEFAULT_WAIT_S)
+
+
+def inbox_settle_s() -> float:
+    """FCT_INBOX_SETTLE_S (default 2): seconds a file must be unchanged before it is taken."""
+    return _seconds_from_env(SETTLE_ENV, DEFAULT_SETTLE_S)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The retry marker of an inbox file: the batch that found it incomplete, its size and mtime
+    then, and why it did not decode."""
+
+    batch: str
+    size: int
+    mtime_ns: int
+    reason: str
+
+
+def read_retry(inbox: Path, relpath: str) -> Retry | None:
+    """The file's retry marker, or None (none, or unreadable: the file is simply tried again)."""
+    try:
+        return Retry(**json.loads(retry_marker(inbox, relpath).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_retry(inbox: Path, relpath: str, retry: Retry) -> None:
+    marker = retry_marker(inbox, relpath)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    partial = marker.with_name(f".{marker.name}.tmp")
+    partial.write_text(json.dumps(asdict(retry)))
+    os.replace(partial, marker)  # the sensor never reads half a marker
 
 
 @dataclass(frozen=True)
 class InboxFile:
-    """A file waiting in the inbox: its path relative to the inbox, size and mtime (its stamp)."""
+    """A file waiting in the inbox: its path relative to the inbox, size and mtime, and the batch
+    that left it for a retry (if one did). Its stamp changes with any of them, so the sensor
+    launches a file again once it changed or was left for a retry."""
 
     relpath: str
     size: int
     mtime_ns: int
+    retry: str = ""
 
     @property
     def stamp(self) -> str:
-        return f"{self.size}:{self.mtime_ns}"
+        return f"{self.size}:{self.mtime_ns}" + (f":retry:{self.retry}" if self.retry else "")
 
 
-def scan_inbox(inbox: Path) -> list[InboxFile]:
-    """Files under `inbox`, sorted; names starting with '.' (the processed and quarantine folders,
-    files being written under a temporary dot-name) are skipped at every level."""
+def scan_inbox(inbox: Path, settle_s: float | None = None) -> list[InboxFile]:
+    """Files under `inbox` whose mtime is at least `settle_s` (default FCT_INBOX_SETTLE_S) old,
+    sorted; names starting with '.' (the processed, quarantine and retry folders, files being
+    written under a temporary dot-name) are skipped at every level. A future mtime (a copy that
+    kept its source's) counts as settled: no write of this machine made it."""
     if not inbox.is_dir():
         return []
+    settle_ns = (inbox_settle_s() if settle_s is None else settle_s) * 1e9
+    now_ns = time.time_ns()
+    markers = (inbox / RETRY).is_dir()
     found = []
     for root, dirs, names in os.walk(inbox):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -101,7 +150,13 @@ def scan_inbox(inbox: Path) -> list[InboxFile]:
                 st = path.stat()
             except FileNotFoundError:  # moved away meanwhile
                 continue
-            found.append(InboxFile(str(path.relative_to(inbox)), st.st_size, st.st_mtime_ns))
+            if 0 <= now_ns - st.st_mtime_ns < settle_ns:
+                continue  # written to within the settle time: maybe still being written
+            relpath = str(path.relative_to(inbox))
+            retry = read_retry(inbox, relpath) if markers else None
+            found.append(
+                InboxFile(relpath, st.st_size, st.st_mtime_ns, retry.batch if retry else "")
+            )
     return sorted(found, key=lambda f: f.relpath)
 
 
@@ -129,37 +184,6 @@ def inbox_label(relpath: str, class_names: Sequence[str]) -> int:
     return label_of(parts[0] if len(parts) > 1 else None, class_names)
 
 
-def decode_image(blob: bytes, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Image file bytes -> (C, H, W) uint8 at the gallery's size and channels (resized bilinearly
-    when it differs, as a query image is); raises ValueError with a one-line reason."""
-
-    if not blob:
-        raise ValueError("empty file")
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between its limit and twice it: refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(blob), formats=FORMATS)
-            if img.width * img.height > MAX_PIXELS:
-                raise ValueError(f"{img.width}x{img.height} pixels, more than {MAX_PIXELS:,}")
-            img.load()
-    except ValueError:
-        raise
-    except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        if "cannot identify image file" in reason:
-            reason = f"not an image of {'/'.join(FORMATS)} (starts with {bytes(blob[:8])!r})"
-        elif "truncated" in reason or "broken data stream" in reason:
-            reason += "; still being written?"
-        raise ValueError(f"unreadable image ({reason})") from None
-    img = img.convert("L" if channels == 1 else "RGB")
-    h, w = size
-    if (img.height, img.width) != (h, w):
-        img = img.resize((w, h), Image.BILINEAR)
-    array = np.asarray(img)
-    return array[None] if channels == 1 else np.transpose(array, (2, 0, 1)).copy()
-
-
 def shown(path: str) -> str:
     """A file name as one printable line: names with a newline or other control character are
     shown quoted and escaped (repr), so a log or error line stays one line."""
@@ -169,23 +193,14 @@ def shown(path: str) -> str:
 def read_item(path: str, inbox: Path | None = None) -> bytes:
     """The bytes of one arriving file; raises ValueError with a one-line reason, reading nothing,
     for a path that leaves the inbox (`..`, a symlink pointing out), something that is not a
-    regular file (a FIFO would block, a device never end) or a file above MAX_FILE_BYTES."""
+    regular file or a file above MAX_FILE_BYTES (fct_assets.lib.images.read_image_file)."""
     where = Path(path)
     if inbox is not None:
         real, root = where.resolve(), inbox.resolve()
         if not real.is_relative_to(root):
             link = " (a symlink)" if where.is_symlink() else ""
             raise ValueError(f"outside the inbox{link}: resolves to {shown(str(real))}")
-    info = where.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError("not a regular file")
-    if info.st_size > MAX_FILE_BYTES:
-        raise ValueError(f"{info.st_size:,} bytes, more than {MAX_FILE_BYTES:,}; not read")
-    with open(where, "rb") as handle:
-        blob = handle.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
-    if len(blob) > MAX_FILE_BYTES:
-        raise ValueError(f"more than {MAX_FILE_BYTES:,} bytes (growing); not read")
-    return blob
+    return read_image_file(where)
 
 
 def content_id(image: np.ndarray) -> int:
@@ -243,6 +258,7 @@ class Decoded:
     labels: np.ndarray  # (N,) int32
     ids: np.ndarray  # (N,) int64
     quarantined: list[Quarantined]
+    incomplete: list[Quarantined]  # empty, or an image's start that does not decode (yet)
     duplicates_in_batch: int
 
 
@@ -250,9 +266,10 @@ def decode_files(
     files: Sequence[tuple[str, int]], channels: int, size: tuple[int, int], read=None
 ) -> Decoded:
     """Decode (path, label) pairs; a file that cannot be read or decoded is quarantined with its
-    reason; a picture twice in the batch is kept once."""
+    reason, one that may still be being written is set apart (incomplete); a picture twice in
+    the batch is kept once."""
     read = read or read_item
-    kept_files, images, labels, ids, quarantined = [], [], [], [], []
+    kept_files, images, labels, ids, quarantined, incomplete = [], [], [], [], [], []
     seen: set[int] = set()
     duplicates = 0
     for path, label in files:
@@ -261,6 +278,9 @@ def decode_files(
         except OSError as err:
             why = err.strerror or type(err).__name__
             quarantined.append(Quarantined(file=path, reason=f"cannot read ({why})"))
+            continue
+        except IncompleteImage as err:
+            incomplete.append(Quarantined(file=path, reason=str(err)))
             continue
         except ValueError as err:
             quarantined.append(Quarantined(file=path, reason=str(err)))
@@ -281,6 +301,7 @@ def decode_files(
         labels=np.asarray(labels, dtype=np.int32),
         ids=np.asarray(ids, dtype=np.int64),
         quarantined=quarantined,
+        incomplete=incomplete,
         duplicates_in_batch=duplicates,
     )
 
@@ -306,7 +327,9 @@ def ingest_files(
     The tables are written under their leases (fct_assets.lib.guards), held by Dagster run `run_id`
     of `instance` when given, else by this process; raises guards.TableBusyError naming the
     holder when one is still writing after `FCT_INGEST_WAIT_S` seconds (nothing written).
-    With `inbox`, a file that resolves outside it is quarantined unread (read_item)."""
+    With `inbox`, a file that resolves outside it is quarantined unread (read_item), and an
+    incomplete one is left in the inbox for a retry (`retry_or_give_up`; its marker is written
+    once the batch's commits are done)."""
     # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     import torch
 
@@ -317,8 +340,11 @@ def ingest_files(
     decoded = decode_files(
         files, dataset.channels, tuple(dataset.image_size), read=lambda p: read_item(p, inbox)
     )
-    for q in decoded.quarantined:
+    retrying, given_up = retry_or_give_up(decoded.incomplete, inbox, batch)
+    for q in [*decoded.quarantined, *given_up]:
         log(f"ingest {batch}: quarantined {shown(q.file)}: {q.reason}")
+    for q, _, _ in retrying:
+        log(f"ingest {batch}: left {shown(q.file)} in the inbox: {q.reason}")
     # One writer per table: gallery_store and the deployed version's table are leased for the
     # read-decide-append below, so a backfill republishing the deployed table (or gallery_store
     # being rebuilt) never interleaves with it: this waits, bounded, and is refused naming it.
@@ -351,7 +377,7 @@ def ingest_files(
         emb = embed(target.model.model.to(device), images, exp).numpy()  # (M, deployed_dim)
         side = embed(side_info_model.model.to(device), images, exp).numpy()  # (M, side_dim)
         bad = ~(np.isfinite(emb).all(axis=1) & np.isfinite(side).all(axis=1)) if len(emb) else []
-        quarantined = list(decoded.quarantined)
+        quarantined = [*decoded.quarantined, *given_up]
         embedded_files = [f for f, n in zip(decoded.files, need) if n]
         for i in np.nonzero(bad)[0]:
             quarantined.append(
@@ -424,6 +450,7 @@ def ingest_files(
                 log(f"ingest {batch}: {n} items added to {target.table} (version {table_version})")
             if advance_deployment is not None:
                 seq = advance_deployment(table_version)
+    _mark_retries(inbox, files, batch, retrying)
     seconds = time.perf_counter() - started
     return IngestBatch(
         batch=batch,
@@ -433,6 +460,7 @@ def ingest_files(
         added_to_table=added_table,
         duplicates=decoded.duplicates_in_batch + len(already) + (len(ids) - n_store),
         quarantined=tuple(quarantined),
+        retrying=tuple(q for q, _, _ in retrying),
         deployed_version=target.version,
         table=target.table,
         space_id=target.model.space_id,
@@ -445,6 +473,65 @@ def ingest_files(
     )
 
 
+def retry_or_give_up(
+    incomplete: Sequence[Quarantined], inbox: Path | None, batch: str
+) -> tuple[list[tuple[Quarantined, str, Retry]], list[Quarantined]]:
+    """Which incomplete files stay in the inbox for a retry on a later tick (each with its path
+    relative to the inbox and the marker to write), and which are quarantined.
+
+    Left for a retry: a file of the inbox's top (not one a retried run finds in .processed) with
+    no marker, or whose marker this batch wrote (a re-run of the batch decides the same), or that
+    changed since the batch that marked it (its writer is still going). Quarantined: the same
+    incomplete file a later batch found unchanged, and, without an inbox, every one."""
+    retrying, given_up = [], []
+    for q in incomplete:
+        relpath, info = None, None
+        if inbox is not None:
+            try:
+                relpath = Path(q.file).relative_to(inbox).as_posix()
+                info = Path(q.file).stat()
+            except (ValueError, OSError):
+                relpath = None
+        if relpath is None or info is None or relpath.startswith("."):
+            given_up.append(Quarantined(file=q.file, reason=f"{q.reason}; still being written?"))
+            continue
+        before = read_retry(inbox, relpath)
+        stamp = (info.st_size, info.st_mtime_ns)
+        if before is None or before.batch == batch or (before.size, before.mtime_ns) != stamp:
+            retry = Retry(batch, info.st_size, info.st_mtime_ns, q.reason)
+            why = f"{q.reason}; still being written? left in the inbox for a retry on a later tick"
+            retrying.append((Quarantined(file=q.file, reason=why), relpath, retry))
+        else:
+            why = f"{q.reason}; the same on a retry, unchanged since batch {before.batch} tried it"
+            given_up.append(Quarantined(file=q.file, reason=why))
+    return retrying, given_up
+
+
+def _mark_retries(
+    inbox: Path | None,
+    files: Sequence[tuple[str, int]],
+    batch: str,
+    retrying: Sequence[tuple[Quarantined, str, Retry]],
+) -> None:
+    """Write the markers of the files left for a retry; drop the markers this batch wrote on an
+    earlier attempt for files that decode now, so that `settle` moves those."""
+    if inbox is None:
+        return
+    for _, relpath, retry in retrying:
+        _write_retry(inbox, relpath, retry)
+    if not (inbox / RETRY).is_dir():
+        return
+    left = {relpath for _, relpath, _ in retrying}
+    for path, _ in files:
+        try:
+            relpath = Path(path).relative_to(inbox).as_posix()
+        except ValueError:
+            continue
+        marked = read_retry(inbox, relpath) if relpath not in left else None
+        if marked is not None and marked.batch == batch:
+            retry_marker(inbox, relpath).unlink(missing_ok=True)
+
+
 def batch_key(files: Sequence[InboxFile], now: float | None = None) -> str:
     """A new batch's partition key: `b<UTC time>-<digest of its files' names and stamps>`."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now if now is not None else time.time()))
@@ -453,19 +540,29 @@ def batch_key(files: Sequence[InboxFile], now: float | None = None) -> str:
 
 
 def settle(inbox: Path, relpath: str, batch: str, reason: str | None) -> None:
-    """Move an inbox file out of the way once its batch landed: into .processed/<batch>/, or into
-    .quarantine/<batch>/ with `<name>.reason.txt` holding its one-line reason."""
+    """Move an inbox file out of the way once its batch landed: into .processed/<batch>/ (its
+    mtime set to now, so housekeeping keeps it `processed_keep_days` from landing), or into
+    .quarantine/<batch>/ with `<name>.reason.txt` holding its one-line reason. A file this batch
+    left for a retry (its marker, written by this batch, matches the file) stays where it is;
+    otherwise its marker goes with it."""
     rel = os.path.normpath(relpath)
     if os.path.isabs(rel) or rel.split(os.sep)[0] == "..":
         return  # named outside the inbox (refused unread): never moved
     src = inbox / rel
     if not src.exists() and not src.is_symlink():
         return  # a retried run: moved the first time
+    marked = read_retry(inbox, Path(rel).as_posix())
+    if marked is not None and reason is None and marked.batch == batch:
+        return  # left for a retry on a later tick (even if its writer went on meanwhile)
     dest = inbox / (QUARANTINE if reason else PROCESSED) / batch / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest)
     if reason:
         dest.with_name(dest.name + ".reason.txt").write_text(reason + "\n")
+    else:
+        os.utime(dest, follow_symlinks=False)
+    if marked is not None:
+        retry_marker(inbox, Path(rel).as_posix()).unlink(missing_ok=True)
 
 
 def locate(inbox: Path | None, relpath_or_path: str, batch: str) -> str:

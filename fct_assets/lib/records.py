@@ -293,6 +293,8 @@ class IngestBatch(Record):
     Each table got at most one LanceDB commit; an item already present (same content) is not
     written again, so a re-dropped file or a retried run adds nothing."""
 
+    SCHEMA: ClassVar[int] = 2  # 2: retrying added
+
     batch: str
     files: int
     ingested: tuple[int, ...]  # item_ids of the batch that decoded (new or already stored)
@@ -300,6 +302,8 @@ class IngestBatch(Record):
     added_to_table: int
     duplicates: int  # items already in the store before this batch, or twice in it
     quarantined: tuple[Quarantined, ...]
+    # Files that may still be being written, left in the inbox for a retry on a later tick.
+    retrying: tuple[Quarantined, ...] = ()
     deployed_version: str | None  # None: the old model is deployed (no promotion yet)
     table: str  # the deployed table the items were appended to (gallery_store if none)
     space_id: str  # space of the embedding stored for them

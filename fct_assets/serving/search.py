@@ -1,12 +1,18 @@
-"""`fct search`: embed a query image with a version's new model and search that version's table."""
+"""`fct search`: embed a query image with a version's new model and search that version's table.
+
+A query file is held to ingest's limits and converted as an arriving item is
+(fct_assets/lib/images.py): a file above 64 MiB is not read, an image above 40 MP is refused from
+its header before any pixel is decoded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from fct_assets.lib import storage
+from fct_assets.lib.images import decode_image, read_image_file
 from fct_assets.lib.io_managers import load_recorded_checkpoint
 from fct_assets.lib.keys import NEW_MODEL
 from fct_assets.lib.records import Hit, VersionTable
@@ -24,7 +30,9 @@ def _served(instance: dg.DagsterInstance, db, version: str | None) -> VersionTab
 
 
 def _query_image(db, *, image: str | None, item_id: int | None, channels: int) -> np.ndarray:
-    """(C, H, W) uint8: a gallery item's stored image, or an image file resized like the gallery's."""
+    """(C, H, W) uint8: a gallery item's stored image, or an image file decoded as an arriving
+    item is (the same limits and conversions, resized to the gallery's size); a file that is
+    refused raises ValueError naming it."""
     store = db.open_table(storage.GALLERY_STORE)
     if item_id is not None:
         rows = (
@@ -37,12 +45,11 @@ def _query_image(db, *, image: str | None, item_id: int | None, channels: int) -
     first = store.search().select(["image"]).limit(1).to_list()[0]["image"]
     _, h, w = storage.decode_png(first, channels).shape
     try:
-        img = Image.open(image)
-        img.load()
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"{image}: not a readable image ({err})") from None
-    array = np.asarray(img.convert("L" if channels == 1 else "RGB").resize((w, h), Image.BILINEAR))
-    return array[None] if channels == 1 else np.transpose(array, (2, 0, 1))
+        return decode_image(read_image_file(Path(image)), channels, (h, w))
+    except OSError as err:
+        raise ValueError(f"{image}: cannot read ({err.strerror or type(err).__name__})") from None
+    except ValueError as err:
+        raise ValueError(f"{image}: {err}") from None
 
 
 def search_command(

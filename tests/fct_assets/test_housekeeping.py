@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 import uuid
+from pathlib import Path
 
 import dagster as dg
 import lancedb
@@ -52,13 +54,49 @@ def test_records_of_finished_runs_go_and_a_live_runs_stay(tmp_path):
     assert (records / live.run_id).exists() and (records / "gallery_store.json").exists()
 
 
+def aged(path: Path, days: float, data: bytes = b"") -> Path:
+    """`path` with its mtime `days` in the past: written with `data` first unless it exists
+    (a folder made by the files in it)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+    return path
+
+
+def test_processed_inbox_files_go_after_their_age_and_the_rest_stays(tmp_path):
+    inbox = tmp_path / "inbox"
+    processed = inbox / ".processed"
+    old = aged(processed / "b1" / "3" / "a.png", 2, b"x" * 1000)
+    old_top = aged(processed / "b1" / "b.png", 1.5, b"y" * 24)
+    recent = aged(processed / "b2" / "c.png", 0.5, b"z" * 10)
+    waiting = aged(inbox / "d.png", 30, b"w")  # not landed yet: never housekeeping's
+    quarantined = aged(inbox / ".quarantine" / "b1" / "e.png", 30, b"q")
+    live_marker = aged(inbox / ".retry" / "d.png.json", 30, b"{}")
+    orphan_marker = aged(inbox / ".retry" / "3" / "gone.png.json", 0, b"{}")
+    for folder in (processed / "b1" / "3", processed / "b1", processed / "b2"):
+        aged(folder, 2)  # made when their batch landed; b2's last file came later
+
+    removed, freed = housekeeping.clean_inbox(inbox, _dt.timedelta(days=1))
+    assert (removed, freed) == (2, 1024)
+    assert not old.exists() and not old_top.exists()
+    assert not (processed / "b1").exists()  # left empty, and old: gone
+    assert recent.exists() and (processed / "b2").exists()
+    assert waiting.exists() and quarantined.exists() and live_marker.exists()
+    assert not orphan_marker.exists()  # its file is no longer in the inbox
+    assert housekeeping.clean_inbox(tmp_path / "no_inbox", _dt.timedelta(days=1)) == (0, 0)
+
+
 def test_the_housekeeping_job_runs_on_the_code_location(tmp_path, monkeypatch):
     from fct_assets.definitions import build_defs, resources
     from fct_assets.lib.resources import FctResource
 
     monkeypatch.setenv("FCT_STORAGE_URI", str(tmp_path / "storage"))
+    monkeypatch.setenv("FCT_INBOX", str(tmp_path / "inbox"))
     leftover = tmp_path / "storage" / "records" / str(uuid.uuid4())
     leftover.mkdir(parents=True)
+    landed = aged(tmp_path / "inbox" / ".processed" / "b1" / "a.png", 1.1, b"x")
     defs = build_defs(
         {**resources(), "fct": FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny")}
     )
@@ -67,3 +105,4 @@ def test_the_housekeeping_job_runs_on_the_code_location(tmp_path, monkeypatch):
         run_config={"ops": {"clean_up": {"config": {"keep_days": 0.0}}}},
     )
     assert result.success and not leftover.exists()
+    assert not landed.exists()  # processed_keep_days: 1 by default

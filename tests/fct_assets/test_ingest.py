@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -106,6 +107,7 @@ def test_the_inbox_sensor_launches_one_ingest_run_per_batch(living, tmp_path):
             **living.environ(),
             "FCT_INBOX": str(inbox),
             "FCT_INBOX_INTERVAL_S": "1",
+            "FCT_INBOX_SETTLE_S": "0",  # just written, and complete (test_ingest_inbox.py)
         },
         capture_output=True,
         text=True,
@@ -228,11 +230,15 @@ def test_a_corrupt_file_is_quarantined_and_the_rest_lands(living, tmp_path):
     assert result.success
     meta = batch_metadata(living, "bcorrupt")
     reasons = {q["file"].rsplit("/", 1)[-1]: q["reason"] for q in meta["quarantined"]}
-    assert sorted(reasons) == ["empty.jpg", "noise.png", "truncated.png"]
-    assert reasons["empty.jpg"] == "empty file"
+    assert sorted(reasons) == ["noise.png"]
     assert reasons["noise.png"].startswith("unreadable image (not an image")
-    assert reasons["truncated.png"].startswith("unreadable image (")
-    assert all("\n" not in r for r in reasons.values())
+    # Empty or truncated: maybe still being written, left in the inbox for a later tick.
+    left = {q["file"].rsplit("/", 1)[-1]: q["reason"] for q in meta["retrying"]}
+    assert sorted(left) == ["empty.jpg", "truncated.png"]
+    assert left["empty.jpg"].startswith("empty file; still being written? left in the inbox")
+    assert left["truncated.png"].startswith("unreadable image (")
+    assert all("\n" not in r for r in [*reasons.values(), *left.values()])
+    assert (inbox / "empty.jpg").exists() and (inbox / "truncated.png").exists()
     assert meta["added_to_store"] == 2
     assert living.fct.connect().open_table("gallery_store").count_rows() == store_rows + 2
     # Each quarantined file sits in .quarantine/<batch>/ beside its reason; the good ones landed.
@@ -243,3 +249,86 @@ def test_a_corrupt_file_is_quarantined_and_the_rest_lands(living, tmp_path):
     assert sorted(p.name for p in (inbox / ".processed" / "bcorrupt").iterdir()) == [
         p.name for p in good
     ]
+
+
+def aged(path: Path, seconds: float) -> Path:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_file_being_written_waits_and_a_truncated_one_is_retried(living, tmp_path, monkeypatch):
+    """Through the real inbox sensor (evaluated by Dagster's build_sensor_context, as the demo
+    does) and ingest runs: a half-written PNG is not taken until it has settled, then lands
+    whole; a truncated PNG whose writer died is left for one retry, then quarantined."""
+    deploy(living)
+    inbox = tmp_path / "inbox"
+    (good, _), (dead, _), (slow, _) = held_back(living, 3, start=30)
+    aged(write_png(inbox / "good.png", good), 60)
+    dead_png, slow_png = storage.encode_png(dead), storage.encode_png(slow)
+    half = len(dead_png) // 2
+    (inbox / "dead.png").write_bytes(dead_png[:half])  # its writer died
+    aged(inbox / "dead.png", 60)
+    (inbox / "slow.png").write_bytes(slow_png[: len(slow_png) // 2])  # its writer goes on
+    monkeypatch.setenv("FCT_INBOX", str(inbox))
+    monkeypatch.setenv("FCT_INBOX_SETTLE_S", "30")
+    sensor = living.defs.resolve_sensor_def("fct_inbox")
+    cursor = None
+
+    def tick() -> list[dg.RunRequest]:
+        nonlocal cursor
+        context = dg.build_sensor_context(
+            instance=living.instance, definitions=living.defs, cursor=cursor
+        )
+        result = sensor(context)
+        cursor = context.cursor
+        if isinstance(result, dg.SkipReason):
+            return []
+        for add in result.dynamic_partitions_requests or []:
+            living.instance.add_dynamic_partitions(
+                add.partitions_def_name, list(add.partition_keys)
+            )
+        return list(result.run_requests)
+
+    def run(request: dg.RunRequest):
+        config = request.run_config["ops"]["ingested_batch"]["config"]
+        result = living.defs.resolve_job_def("ingest").execute_in_process(
+            instance=living.instance,
+            partition_key=request.partition_key,
+            run_config=request.run_config,
+        )
+        assert result.success
+        return sorted(config["files"]), result.asset_value("ingested_batch")
+
+    # Tick 1: slow.png was written just now, so only good.png and dead.png are taken.
+    (request,) = tick()
+    files, first = run(request)
+    assert files == ["dead.png", "good.png"]
+    assert first.quarantined == () and [Path(q.file).name for q in first.retrying] == ["dead.png"]
+    assert sorted(first.ingested) == [content_id(good)]
+    assert (inbox / "dead.png").exists() and not (inbox / "good.png").exists()
+
+    # Its writer finishes slow.png; tick 2 takes it with dead.png's retry.
+    with open(inbox / "slow.png", "ab") as writer:
+        writer.write(slow_png[len(slow_png) // 2 :])
+    aged(inbox / "slow.png", 31)
+    (request,) = tick()
+    files, second = run(request)
+    assert files == ["dead.png", "slow.png"]
+    assert sorted(second.ingested) == [content_id(slow)] and second.retrying == ()
+    (q,) = second.quarantined
+    assert Path(q.file).name == "dead.png" and "\n" not in q.reason
+    assert q.reason.startswith("unreadable image (")
+    assert q.reason.endswith(f"; the same on a retry, unchanged since batch {first.batch} tried it")
+    moved = inbox / ".quarantine" / second.batch / "dead.png"
+    assert moved.read_bytes() == dead_png[:half]
+    assert (moved.parent / "dead.png.reason.txt").read_text() == q.reason + "\n"
+    # slow.png landed whole: its stored image is the picture, once in each table.
+    for table in (storage.GALLERY_STORE, "gallery_v2"):
+        assert list(rows_of(living, table, [content_id(slow)])) == [content_id(slow)]
+    stored = rows_of(living, storage.GALLERY_STORE, [content_id(slow)])[content_id(slow)]
+    assert np.array_equal(storage.decode_png(stored["image"], 1), slow)
+
+    # Tick 3: nothing is left in the inbox, and nothing waits for a hand.
+    assert tick() == []
+    assert [p for p in inbox.iterdir() if not p.name.startswith(".")] == []

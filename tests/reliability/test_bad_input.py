@@ -275,7 +275,7 @@ def test_search_unreadable_query_image(served, tmp_path, monkeypatch, capsys, re
     code = fct_main(["search", "--image", str(bad), "--version", "v2"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("fct: error: ") and "\n" not in err, err
-    assert str(bad) in err and "not a readable image" in err
+    assert str(bad) in err and "unreadable image (not an image" in err
     assert (tree(served["root"] / "lancedb"), tree(tmp_path)) == before
     reliability(CATEGORY, "fct search --image with an unreadable file", f"refused: {err}")
 

@@ -240,10 +240,13 @@ def test_hostile_files_are_quarantined_and_the_rest_lands(env, tmp_path, reliabi
     outside = tmp_path / "outside.png"
     outside.write_bytes(storage.encode_png(good[4][0]))
     hostile: dict[str, str] = {}  # relpath -> what the reason must say
+    # Files that may still be being written: left in the inbox for a retry on a later tick
+    # (tests/fct_assets/test_ingest.py follows one to its quarantine).
+    incomplete: dict[str, str] = {}
 
-    def put(name: str, data: bytes, expect: str) -> None:
+    def put(name: str, data: bytes, expect: str, into: dict[str, str] = hostile) -> None:
         (inbox / name).write_bytes(data)
-        hostile[name] = expect
+        into[name] = expect
 
     put("bomb.png", png_header(100_000, 100_000), "decompression bomb")
     put("bomb_warned.png", png_header(10_000, 9_000), "could be decompression bomb")
@@ -258,14 +261,14 @@ def test_hostile_files_are_quarantined_and_the_rest_lands(env, tmp_path, reliabi
     (inbox / "dangling.png").symlink_to(inbox / "gone.png")
     hostile["dangling.png"] = "cannot read (No such file or directory)"
     hostile["../outside.png"] = "outside the inbox: resolves to"
-    put("truncated.png", png[: len(png) // 2], "still being written?")
-    put("empty.png", b"", "empty file")
+    put("truncated.png", png[: len(png) // 2], "still being written?", incomplete)
+    put("empty.png", b"", "empty file", incomplete)
     put("text.png", b"hello, not a picture\n", "not an image")
     put("ghost.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not an image")
     put("page.png", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not an image")
     put("pickle.png", b"\x80\x04\x95cos\nsystem\n.", "not an image")
     put("zipped.png", gzip.compress(b"\0" * 10**6), "not an image")
-    put("broken.jpg", b"\xff\xd8\xff\xe0" + os.urandom(200), "unreadable image")
+    put("broken.jpg", b"\xff\xd8\xff\xe0" + os.urandom(200), "unreadable image", incomplete)
     os.mkfifo(inbox / "fifo.png")  # reading it would block for ever
     hostile["fifo.png"] = "not a regular file"
     # Odd names, harmless contents: they land; their names never reach a shell.
@@ -276,7 +279,7 @@ def test_hostile_files_are_quarantined_and_the_rest_lands(env, tmp_path, reliabi
     }
     for name, image in landing.items():
         (inbox / name).write_bytes(storage.encode_png(image))
-    files = ["3/item0.png", "3/item1.png", *hostile, *landing]
+    files = ["3/item0.png", "3/item1.png", *hostile, *incomplete, *landing]
     batch = "bhostile"
     env.instance.add_dynamic_partitions("ingest_batch", [batch])
     run = env.defs.resolve_job_def("ingest").execute_in_process(
@@ -298,6 +301,11 @@ def test_hostile_files_are_quarantined_and_the_rest_lands(env, tmp_path, reliabi
         else:
             assert moved.is_symlink() or moved.exists(), name
             assert (moved.parent / (moved.name + ".reason.txt")).read_text() == reason + "\n"
+    left = {Path(q.file).name: q.reason for q in record.retrying}
+    assert set(left) == set(incomplete), sorted(left)
+    for name, expect in incomplete.items():
+        assert expect in left[name] and "\n" not in left[name], (name, left[name])
+        assert (inbox / name).exists()  # not moved
     landed = [*good[:2], *((image, -1) for image in landing.values())]
     ids = [content_id(image) for image, _ in landed]
     assert sorted(record.ingested) == sorted(ids)
@@ -310,6 +318,8 @@ def test_hostile_files_are_quarantined_and_the_rest_lands(env, tmp_path, reliabi
         reliability(
             "hostile file", name.encode("unicode_escape").decode(), f"quarantined: {reason}"
         )
+    for name, reason in sorted(left.items()):
+        reliability("hostile file", name, f"left in the inbox for a retry: {reason}")
     for name in landing:
         reliability(
             "hostile file",
@@ -319,8 +329,15 @@ def test_hostile_files_are_quarantined_and_the_rest_lands(env, tmp_path, reliabi
     reliability(
         "hostile file",
         f"the batch: {len(files)} files",
-        f"{len(ids)} landed, {len(reasons)} quarantined, each with one line",
-        json.dumps({"cases": len(hostile) + len(landing), "refused_with_one_line": len(reasons)}),
+        f"{len(ids)} landed, {len(reasons)} quarantined and {len(left)} left for a retry, each"
+        " with one line",
+        json.dumps(
+            {
+                "cases": len(hostile) + len(incomplete) + len(landing),
+                "refused_with_one_line": len(reasons),
+                "left_for_a_retry": len(left),
+            }
+        ),
     )
 
 
