@@ -1,39 +1,48 @@
 """One inbox writer of the churn harness (tests/reliability/test_churn.py), as a user's copy job:
 
-    python churn_writer.py INBOX WRITER FILES SECONDS BASE_NPZ MANIFEST
+    python churn_writer.py INBOX WRITER FILES SECONDS BASE_NPZ GATES MANIFEST
 
 Drops FILES files into INBOX/<label>/w<WRITER>_<k>.png, evenly spread over SECONDS. Each picture
 is one of BASE_NPZ's images (`images` (N, C, H, W) uint8, `labels` (N,)) with noise of its own,
 at the gallery's size, so its content id is known before ingest decodes it and no two files
-(nor a file and a stored item) share one. Every SLOW_EVERY-th file is written slowly, in
-PIECES pieces with pauses between them (its final size arrives up to a minute later, as from a
-slow copy); every BAD_EVERY-th is no image at all (text under .png) and must be quarantined.
+(nor a file and a stored item) share one. Every BAD_EVERY-th file is no image at all (text under
+.png) and must be quarantined. Every SLOW_EVERY-th is a slow copy (`copy_slowly`): a few KB (a
+PNG comment before its pixels) that grow a little every 0.5-2 s for 10 s to over a minute.
+
+A slow copy is still growing when an ingest step reaches it: the test opens the gate
+GATES/<relpath with '/' as '__'> once an ingest step that lists the file logged that it is
+about to read its files, and the copy goes on growing for GRACE_S more before it completes.
+A reader that waits for a stable size and mtime therefore sees a growing file and waits; one
+that reads at once reads a truncated file. Without a gate (no step listed it) the copy completes
+after HOLD_S.
 
 Writes MANIFEST (JSON: one entry per file: relpath, kind "whole" | "slow" | "bad", content_id
-or null) once every file is complete, and prints "done N".
+or null, and for a slow copy whether a step reached it while it grew, "met_a_reader") once
+every file is complete, and prints "done N".
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, PngImagePlugin
 
 from fct_assets.ingest.ingest import content_id, decode_image
-from fct_assets.lib.storage import encode_png
 
-SLOW_EVERY = 5  # files k with k % SLOW_EVERY == 1 are written in pieces
+SLOW_EVERY = 5  # files k with k % SLOW_EVERY == 1 are slow copies
 BAD_EVERY = 20  # files k with k % BAD_EVERY == 7 are not images
-# A slow copy: 8-20 pieces, 1-3 s apart, so the file grows for 8-60 s and its size and mtime
-# change every few seconds (what a reader waiting for a stable file can see), long enough to
-# meet an inbox sensor tick (every 10 s) and often the ingest run it launches, which reads the
-# file 10-60 s after the tick (its worker has to start first; seen on this project's machine).
-PIECES = (8, 20)
-PAUSE_S = (1.0, 3.0)
+PAUSE_S = (0.5, 2.0)  # between two pieces of a slow copy: its mtime changes this often
+NOMINAL_S = (8.0, 30.0)  # a slow copy's duration when nothing holds it
+PADDING = (2000, 4000)  # bytes of PNG comment a slow copy carries before its pixels
+GRACE_S = 10.0  # growth after its gate opened, before the copy completes
+HOLD_S = 60.0  # growth at most while waiting for its gate
 
 
 def picture(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -42,18 +51,48 @@ def picture(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(base.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
-def write_slowly(path: Path, data: bytes, pauses: list[float]) -> None:
-    """`data` into `path` in len(pauses) + 1 pieces, flushed, a pause after each but the last."""
-    cut = np.linspace(0, len(data), len(pauses) + 2).astype(int)
+def png(image: np.ndarray, padding: int = 0) -> bytes:
+    """(C, H, W) uint8 -> PNG bytes, with a `padding`-byte comment (a tEXt chunk, written before
+    the pixels) when > 0: a file big enough to grow for a minute a few bytes at a time."""
+    array = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+    info = PngImagePlugin.PngInfo()
+    if padding:
+        info.add_text("Comment", "slow copy " * (padding // 10))
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def copy_slowly(path: Path, data: bytes, gate: Path, rng: np.random.Generator, met: dict) -> None:
+    """Write `data` to `path` as a slow copy: pieces every PAUSE_S; 80% of it at the nominal pace,
+    then a byte at a time until GRACE_S after `gate` appeared (or HOLD_S passed), then the rest.
+    Sets met["met_a_reader"] to whether the gate opened while the copy grew."""
+    pauses = iter(rng.uniform(*PAUSE_S, size=1000).tolist())
+    nominal = rng.uniform(*NOMINAL_S)
+    piece = math.ceil(len(data) / (nominal / np.mean(PAUSE_S)))
+    held_from, opened, done = None, None, 0
     with open(path, "wb") as handle:
-        for i in range(len(pauses) + 1):
-            handle.write(data[cut[i] : cut[i + 1]])
+        while done < len(data):
+            if done < 0.8 * len(data) or (opened and time.monotonic() - opened >= GRACE_S):
+                step = piece
+            elif held_from is not None and time.monotonic() - held_from >= HOLD_S:
+                step = piece
+            else:
+                held_from = held_from or time.monotonic()
+                step = 1
+            handle.write(data[done : done + step])
             handle.flush()
-            if i < len(pauses):
-                time.sleep(pauses[i])
+            done += step
+            if opened is None and gate.exists():
+                opened = time.monotonic()
+                met["met_a_reader"] = done < len(data)
+            if done < len(data):
+                time.sleep(next(pauses))
 
 
-def main(inbox: Path, writer: int, files: int, seconds: float, base: Path, manifest: Path) -> None:
+def main(
+    inbox: Path, writer: int, files: int, seconds: float, base: Path, gates: Path, manifest: Path
+) -> None:
     stored = np.load(base)
     images, labels = stored["images"], stored["labels"]
     channels, height, width = images.shape[1:]
@@ -72,20 +111,21 @@ def main(inbox: Path, writer: int, files: int, seconds: float, base: Path, manif
             entries.append({"relpath": relpath, "kind": "bad", "content_id": None})
             continue
         image = picture(images[n], rng)
-        data = encode_png(image)
+        is_slow = k % SLOW_EVERY == 1
+        data = png(image, int(rng.integers(*PADDING)) if is_slow else 0)
         # What ingest will decode: the same pixels, hence the same content id.
         assert np.array_equal(decode_image(data, channels, (height, width)), image), relpath
-        if k % SLOW_EVERY == 1:
-            pieces = int(rng.integers(PIECES[0], PIECES[1] + 1))
-            pauses = rng.uniform(*PAUSE_S, size=pieces - 1).tolist()
-            thread = threading.Thread(target=write_slowly, args=(path, data, pauses))
-            thread.start()
-            slow.append(thread)
-            kind = "slow"
+        entry = {"relpath": relpath, "kind": "slow" if is_slow else "whole"}
+        entries.append(entry | {"content_id": content_id(image)})
+        if is_slow:
+            entries[-1]["met_a_reader"] = False
+            gate = gates / relpath.replace("/", "__")
+            own = np.random.default_rng(rng.integers(2**32))
+            args = (path, data, gate, own, entries[-1])
+            slow.append(threading.Thread(target=copy_slowly, args=args))
+            slow[-1].start()
         else:
             path.write_bytes(data)
-            kind = "whole"
-        entries.append({"relpath": relpath, "kind": kind, "content_id": content_id(image)})
     for thread in slow:
         thread.join()
     manifest.write_text(json.dumps(entries))
@@ -93,5 +133,13 @@ def main(inbox: Path, writer: int, files: int, seconds: float, base: Path, manif
 
 
 if __name__ == "__main__":
-    inbox, writer, files, seconds, base, manifest = sys.argv[1:7]
-    main(Path(inbox), int(writer), int(files), float(seconds), Path(base), Path(manifest))
+    inbox, writer, files, seconds, base, gates, manifest = sys.argv[1:8]
+    main(
+        Path(inbox),
+        int(writer),
+        int(files),
+        float(seconds),
+        Path(base),
+        Path(gates),
+        Path(manifest),
+    )

@@ -6,8 +6,10 @@ runs in their own worker processes) over an instance with base assets and two pr
 (v2, then v3; tiny preset, digits), configured as `make ui` configures it. Then, at once:
 
 - W writer processes drop F files each into the inbox over S seconds (class sub-folders, as
-  ingest expects): most written whole, every 5th slowly in pieces (it grows for up to a
-  minute, as a slow copy does), every 20th no image at all (tests/reliability/churn_writer.py);
+  ingest expects): most written whole, every 20th no image at all, every 5th a slow copy that
+  grows a little every 0.5-2 s and is still growing when an ingest step reaches it (the test
+  opens its gate when a step that lists it is about to read; it completes 10 s later), as a
+  copy over a slow link would be (tests/reliability/churn_writer.py);
 - every T seconds a `fct rollback` or a `fct promote` of the version not served, alternately;
   `fct catch-up` runs once (when a promotion says to catch up first, or half-way);
 - one ingest step, seen starting in the event log, is killed with SIGKILL.
@@ -44,6 +46,7 @@ import pytest
 from fct_assets.ingest.ingest import scan_inbox
 from fct_assets.lib.keys import INGESTED_BATCH
 from fct_assets.serving.deployment import current, promote
+from fct_ml.pipeline import validation_split
 from tests.reliability.churn_audit import audit
 from tests.support.env import build_env
 
@@ -231,6 +234,31 @@ class Killer(threading.Thread):
             time.sleep(0.1)
 
 
+class Gatekeeper(threading.Thread):
+    """Opens the gate of every file an ingest step is about to read (the step logged "N files,
+    embedded by"): GATES/<relpath with '/' as '__'>, which a slow copy waits for
+    (churn_writer.py)."""
+
+    def __init__(self, instance: dg.DagsterInstance, gates: Path):
+        super().__init__(daemon=True)
+        self.instance, self.gates = instance, gates
+        self.seen: set[str] = set()
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        running = dg.RunsFilter(job_name="ingest", statuses=[dg.DagsterRunStatus.STARTED])
+        while not self.halt.is_set():
+            for run in self.instance.get_runs(running):
+                if run.run_id in self.seen:
+                    continue
+                events = self.instance.all_logs(run.run_id)
+                if any("files, embedded by" in (e.user_message or "") for e in events):
+                    self.seen.add(run.run_id)
+                    for f in run.run_config["ops"][INGESTED_BATCH]["config"]["files"]:
+                        (self.gates / f.replace("/", "__")).touch()
+            time.sleep(0.2)
+
+
 def wait_for_daemon(instance: dg.DagsterInstance, daemon: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 300
     while "SENSOR" not in instance.get_daemon_heartbeats():
@@ -246,9 +274,11 @@ def ingest_runs(instance: dg.DagsterInstance, statuses=None) -> list[dg.DagsterR
 def drain(instance: dg.DagsterInstance, inbox: Path, timeout: float) -> str:
     """Wait until the inbox is empty and no ingest run is in flight: "drained"; "stalled" when
     files wait, no ingest run is in flight and nothing changed for STALL_S seconds; else "timed
-    out" after `timeout` seconds."""
+    out, ..." after `timeout` seconds, saying what was left."""
     deadline = time.monotonic() + timeout
     last, changed = None, time.monotonic()
+    waiting: list[str] = []
+    flying: list[str] = []
     while time.monotonic() < deadline:
         waiting = [f.relpath for f in scan_inbox(inbox)]
         flying = [r.run_id for r in ingest_runs(instance, IN_FLIGHT)]
@@ -260,7 +290,11 @@ def drain(instance: dg.DagsterInstance, inbox: Path, timeout: float) -> str:
         elif not flying and time.monotonic() - changed > STALL_S:
             return "stalled"
         time.sleep(2)
-    return "timed out"
+    if waiting:
+        return f"timed out, {len(waiting)} files in the inbox"
+    # Runs of batches whose files earlier runs moved (a slow copy's stamp changed, so the sensor
+    # launched it again): waiting for them would change no file's place.
+    return f"timed out, inbox empty, {len(flying)} ingest runs of moved files still queued"
 
 
 def reexecute_stranded(env, inbox: Path) -> list[str]:
@@ -329,8 +363,6 @@ def test_churn(tmp_path, reliability):
     promote(env.instance, db, "v3")
     # The instance as `make ui` configures it: run queue, pools, run retries, run monitoring.
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", tmp_path / "dagster_home" / "dagster.yaml")
-    from fct_ml.pipeline import validation_split
-
     held = validation_split(env.fct.load_dataset("digits"), env.fct.experiment())
     base = tmp_path / "base.npz"  # pictures the gallery does not hold, with their labels
     np.savez(base, images=held.images.numpy(), labels=held.labels.numpy())
@@ -343,8 +375,9 @@ def test_churn(tmp_path, reliability):
         "FCT_REAPER_INTERVAL": str(REAPER_INTERVAL_S),
         "PYTHONPATH": str(REPO),
     }
-    logs = tmp_path / "logs"
+    logs, gates = tmp_path / "logs", tmp_path / "gates"
     logs.mkdir()
+    gates.mkdir()
     setup_s = time.monotonic() - setup
 
     daemon = spawn(
@@ -361,11 +394,14 @@ def test_churn(tmp_path, reliability):
         return any(w.poll() is None for w in writers) or len(ended) < MET_RUNS
 
     switcher = Switcher(environ, env.fct.lancedb_uri, size, logs / "catch_up.log", more)
+    watchers: list[Killer | Gatekeeper] = []
     try:
         wait_for_daemon(env.instance, daemon, logs / "daemon.log")
         started = time.monotonic()
         killer = Killer(env.instance, daemon.pid, not_before=started + size.seconds / 4)
-        killer.start()
+        watchers = [killer, Gatekeeper(env.instance, gates)]
+        for thread in watchers:
+            thread.start()
         writers = [
             spawn(
                 environ,
@@ -377,6 +413,7 @@ def test_churn(tmp_path, reliability):
                     str(size.files),
                     str(size.seconds),
                     str(base),
+                    str(gates),
                     str(tmp_path / f"manifest{w}.json"),
                 ],
                 logs / f"writer{w}.log",
@@ -397,10 +434,11 @@ def test_churn(tmp_path, reliability):
             manual = reexecute_stranded(env, inbox)
             if manual:
                 drained = drain(env.instance, inbox, size.drain_s) + " after manual steps"
-        killer.halt.set()
-        killer.join(timeout=30)
         wall_s = time.monotonic() - started
     finally:
+        for thread in watchers:
+            thread.halt.set()
+            thread.join(timeout=30)
         for proc in [*writers, *([switcher.catch_up] if switcher.catch_up else []), daemon]:
             stop(proc)
     manifest = [
@@ -418,6 +456,8 @@ def test_churn(tmp_path, reliability):
         "switch_every_s": size.switch_s,
         **{k: verdict.pop(k) for k in ("files", "searchable", "quarantined", "lost", "duplicated")},
         "manual_steps": len(manual),
+        "slow_copies": sum(e["kind"] == "slow" for e in manifest),
+        "slow_copies_met_by_an_ingest_step": sum(e.get("met_a_reader", False) for e in manifest),
         "wall_seconds": round(wall_s),
         "churn_seconds": round(churn_s),
         "setup_seconds": round(setup_s),
