@@ -127,8 +127,10 @@ screenshots: venv browser
 reproduce-benchmark: venv data
 	$(PY) benchmarks/studies/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
 
-# Bad inputs, injected faults, the promotion race (100 from 4 processes) and the config fuzz,
-# and the report of what happened (benchmarks/results/reliability.{json,md}, with its wall time).
+# Bad inputs, injected faults, the promotion race (100 from 4 processes), the config fuzz and
+# the churn harness (4 inbox writers x 1,000 files over 3 minutes under dagster-daemon while
+# promotions and rollbacks alternate every 10 s; FCT_CHURN=W,F,S,T sets another size), and the
+# report of what happened (benchmarks/results/reliability.{json,md}, with its wall time).
 reliability: venv data
 	$(PY) benchmarks/system/reliability.py
 

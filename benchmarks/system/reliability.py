@@ -7,8 +7,10 @@ input or injected fault and the outcome it observed. Writes benchmarks/results/r
 and reliability.json from those records, and prints the table. The promotion race runs at full
 size here (100 promotions from 4 processes; `make test` runs 12 from 3), and the concurrency
 harness with 4 reader processes for at least 60 s and 4 ingest batches (FCT_CONCURRENCY=R,S,B;
-`make test`: 2,10,2). The JSON gets their figures as "promotion_race", "concurrency",
-"hostile_files", "faults" and "config_fuzz".
+`make test`: 2,10,2), and the churn harness with 4 inbox writers x 1,000 files over 180 s and a
+promotion or rollback every 10 s (FCT_CHURN=W,F,S,T; `make test`: 2,40,30,4). The JSON gets
+their figures as "promotion_race", "concurrency", "churn", "hostile_files", "faults" and
+"config_fuzz".
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             "FCT_CONFIG_FUZZ": "200",
             # readers, seconds at least, ingest batches (FCT_CONCURRENCY overrides)
             "FCT_CONCURRENCY": os.environ.get("FCT_CONCURRENCY", "4,60,4"),
+            # writers, files per writer, seconds, seconds between switches (FCT_CHURN overrides)
+            "FCT_CHURN": os.environ.get("FCT_CHURN", "4,1000,180,10"),
         }
         started = time.monotonic()
         done = subprocess.run(
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _figures(records: list[dict]) -> dict:
     """The scenario figures tests record as JSON in `detail`: the promotion race (with the file
-    lock as "promotion_race", without it as its "without_file_lock") and the config fuzz."""
+    lock as "promotion_race", without it as its "without_file_lock"), the concurrency and churn
+    harnesses, hostile files, faults and the config fuzz."""
     out: dict = {}
     for r in records:
         if r["category"] == "promotion race" and r["detail"]:
@@ -137,6 +142,8 @@ def _figures(records: list[dict]) -> dict:
                 out.setdefault("promotion_race", {}).update(race)
         elif r["category"] == "concurrency" and r["detail"]:
             out["concurrency"] = json.loads(r["detail"])
+        elif r["category"] == "churn" and r["detail"]:
+            out["churn"] = json.loads(r["detail"])
         elif r["category"] == "hostile file" and r["detail"]:
             out["hostile_files"] = json.loads(r["detail"])
         elif r["category"] == "fault" and r["detail"]:
