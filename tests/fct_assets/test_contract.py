@@ -10,94 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from fct_assets.cli import main as fct_main
 from fct_assets.lib import records, storage
-from fct_assets.lib.records import CheckpointMeta, VersionTable
 from fct_assets.serving import contract, deployment
 from fct_assets.serving.contract import ContractError
-from fct_ml.augment import to_float
-from fct_ml.checkpoint import save_checkpoint
-from fct_ml.models import EmbeddingModel, ModelConfig
-from fct_ml.training import encode
+from tests.support.served import ITEMS, Served
 
 REPO = Path(__file__).resolve().parents[2]
-ITEMS = 12
-
-
-class Served:
-    """A LanceDB folder serving `gallery_<version>`: the stored images' embeddings by a real
-    checkpoint of each version, v2 promoted with its contract written."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.db = lancedb.connect(str(root / "lancedb"))
-        rng = np.random.default_rng(0)
-        self.images = rng.integers(0, 256, (ITEMS, 1, 8, 8), dtype=np.uint8)  # (N, C, H, W)
-        blobs = [storage.encode_png(image) for image in self.images]
-        store = pa.table({"item_id": pa.array(range(ITEMS), pa.int64()), "image": blobs})
-        self.db.create_table(storage.GALLERY_STORE, data=store)
-        self.models, self.checkpoints, self.tables = {}, {}, {}
-        for seed, version in enumerate(("v2", "v3")):
-            torch.manual_seed(seed)
-            model = EmbeddingModel(ModelConfig(arch="cnn-xs", embed_dim=8, num_classes=0)).eval()
-            info = save_checkpoint(
-                root / "checkpoints" / "new_model" / f"{version}.safetensors",
-                model,
-                name=f"new_model:{version}",
-            )
-            self.models[version] = model
-            self.checkpoints[version] = CheckpointMeta(
-                path=info.path, sha256=info.sha256, space_id=info.space_id
-            )
-            vectors = self.embed(version, self.images)
-            table = storage.publish(
-                self.db,
-                f"gallery_{version}",
-                storage.backfilled_schema(8, info.space_id),
-                [self.rows(range(ITEMS), vectors, info.space_id)],
-            )
-            self.tables[version] = VersionTable(
-                version=version,
-                table=f"gallery_{version}",
-                table_version=table["version"],
-                space_id=info.space_id,
-            )
-
-    def embed(self, version: str, images: np.ndarray) -> np.ndarray:
-        return encode(self.models[version], [torch.tensor(images)], transform=to_float).numpy()
-
-    @staticmethod
-    def rows(ids, vectors: np.ndarray, space_id: str) -> pa.RecordBatch:
-        n = len(vectors)
-        return pa.RecordBatch.from_pydict(
-            {
-                "item_id": pa.array(list(ids), pa.int64()),
-                "label": pa.array(np.arange(n) % 3, pa.int32()),
-                "embedding": pa.FixedSizeListArray.from_arrays(
-                    pa.array(vectors.reshape(-1).astype(np.float32)), 8
-                ),
-                "sigma": pa.array(np.zeros(n, np.float32)),
-                "source": ["re-embedded"] * n,
-                "space_id": [space_id] * n,
-            },
-            schema=storage.backfilled_schema(8, space_id),
-        )
-
-    def promote(self, version: str):
-        """What deployment.promote records, without the checks: the row, then the contract."""
-        row = deployment.append(self.db, "promote", self.tables[version])
-        contract.write(self.db, row, checkpoint=self.checkpoints[version])
-        return row
-
-    @property
-    def uri(self) -> str:
-        return str(self.root / "lancedb")
 
 
 @pytest.fixture
