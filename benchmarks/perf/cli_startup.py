@@ -295,7 +295,7 @@ def _markdown(result: dict, runs: int, commands: dict[str, list[str]]) -> str:
         "## Command",
         "",
         "```",
-        "python benchmarks/perf/cli_startup.py --baseline REF",
+        "python benchmarks/perf/cli_startup.py" + (f" --baseline {base['ref']}" if base else ""),
         "```",
     ]
     return "\n".join(lines) + "\n"
