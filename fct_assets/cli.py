@@ -7,7 +7,8 @@ error is one line on stderr, `fct: error: ...`. Run as a program, `fct` shows it
 only: libraries' warnings are silenced (`-W` or PYTHONWARNINGS bring them back).
 
 Deferred imports: each command imports what it runs, so `fct lineage` starts without loading
-the asset graph, lancedb or torch (1.4 s; benchmarks/perf/cli_startup.py).
+the asset graph, lancedb or torch, and `fct search` (the deployed version) without Dagster,
+through the serving contract (fct_assets/serving/contract.py; benchmarks/perf/cli_startup.py).
 """
 
 from __future__ import annotations
@@ -175,11 +176,28 @@ def _catch_up(args) -> int:
 
 
 def _search(args) -> int:
-    from fct_assets.serving.search import search_command
+    if args.version is None:
+        # Deferred, as every command's imports: the deployed version is searched through its
+        # serving contract, which loads neither Dagster nor the asset graph (cold start:
+        # benchmarks/perf/cli_startup.py); lancedb and torch load when the searcher opens.
+        from fct_assets.serving.contract import open_searcher
 
-    hits = search_command(
-        _instance(), _fct(), image=args.image, item_id=args.item_id, version=args.version, k=args.k
-    )
+        searcher = open_searcher()
+        query = searcher.stored_image(args.item_id) if args.item_id is not None else args.image
+        hits = searcher.search(query, k=args.k)
+    else:
+        # Deferred: another version than the deployed one is found through the Dagster
+        # instance (its recorded table and checkpoint), which costs ~1 s more to import.
+        from fct_assets.serving.search import search_command
+
+        hits = search_command(
+            _instance(),
+            _fct(),
+            image=args.image,
+            item_id=args.item_id,
+            version=args.version,
+            k=args.k,
+        )
     if args.json:
         return _print_json(hits)
     print(f"{'rank':>4} {'item_id':>8} {'label':>5} {'distance':>10}  source")
@@ -265,7 +283,11 @@ def build_parser() -> Parser:
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--image", help="an image file")
     query.add_argument("--item-id", type=int, help="a gallery item's stored image")
-    p.add_argument("--version", default=None, help="default: the deployed version")
+    p.add_argument(
+        "--version",
+        default=None,
+        help="default: the deployed version, through its serving contract (no Dagster)",
+    )
     p.add_argument("-k", type=int, default=10)
     _json_flag(p)
     p.set_defaults(func=_search)

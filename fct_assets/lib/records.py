@@ -28,6 +28,8 @@ before they were typed, so EvalReport keeps schema 1).
     IngestBatch        ingested_batch          one batch of items that arrived (inbox, `fct ingest`)
     StepCost           every asset, backfill op  wall time, CPU time, peak RSS (fct_assets.lib.cost)
     CheckpointMeta     a checkpoint's materialisation  its sha256, space and what it was made from
+    QueryModel         the serving contract    the checkpoint that embeds queries, its sha256
+    ServingContract    beside deployments      what a serving process needs (serving/contract.py)
 """
 
 from __future__ import annotations
@@ -339,6 +341,43 @@ class CheckpointMeta(Record):
     source_model_sha256: str = ""
 
 
+class QueryModel(Record):
+    """The model that embeds a deployment's queries: its checkpoint file, the sha256 that file
+    must hash to (as its materialisation recorded it), and the space its vectors are in."""
+
+    path: str
+    sha256: str
+    space_id: str
+
+
+class ServingContract(Record):
+    """What a process that answers queries needs, written beside the deployments table at each
+    row (fct_assets/serving/contract.py): the row, its pinned table, how to search it, the query
+    model, and how query images are prepared."""
+
+    seq: int  # the deployments row this contract describes
+    action: str  # promote | rollback | ingest
+    version: str
+    table: str
+    table_uri: str
+    table_version: int
+    space_id: str
+    metric: str  # LanceDB's distance type: "l2"
+    # The IVF_PQ index's search parameters at this table version; None: no index, exact search.
+    nprobes: int | None = None
+    refine_factor: int | None = None
+    # The gallery's images (its first stored one): query images are converted to its channels
+    # (1 grey, 3 RGB) and resized to its size. None: no gallery_store when it was written.
+    image_channels: int | None = None
+    image_height: int | None = None
+    image_width: int | None = None
+    # None: no query model is known for this space (a row written without `fct promote`, e.g.
+    # by deployment.append): a searcher refuses the contract.
+    model: QueryModel | None = None
+    # Every query model a contract has named, so that a rollback or an ingest row finds its own.
+    models: tuple[QueryModel, ...] = ()
+
+
 RECORDS: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (
@@ -357,6 +396,8 @@ RECORDS: dict[str, type[Record]] = {
         Quarantined,
         IngestBatch,
         CheckpointMeta,
+        QueryModel,
+        ServingContract,
     )
 }
 

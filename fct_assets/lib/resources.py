@@ -1,141 +1,39 @@
-"""Resources: where fct keeps its state, which preset sizes the models, which device trains.
+"""Resources: where fct keeps its state, which preset sizes the models, which device trains,
+and how many threads each run's torch may take.
 
-Object storage (`s3://` in FCT_LANCEDB_URI or FCT_STORAGE_URI) is configured by the standard AWS
-variables, read here once for both clients (LanceDB's and fsspec's): AWS_ENDPOINT_URL_S3 or
-AWS_ENDPOINT_URL (an S3-compatible endpoint such as MinIO or moto; plain http allowed),
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION or AWS_DEFAULT_REGION.
+Object-store options and errors (the AWS environment) live in fct_assets/lib/object_store.py,
+which a serving process imports without Dagster; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from functools import lru_cache
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-# Generated state lives under the checkout's data/ (git-ignored) unless the environment says
-# otherwise.
-DATA_ROOT = Path(__file__).resolve().parents[2] / "data"  # the checkout's data/
-
-# Seconds and attempts before a request to an unreachable object store gives up: the clients'
-# defaults retry for minutes (LanceDB: 10 retries over up to 180 s), which turns an endpoint that is
-# down into a run that hangs instead of a one-line error.
-OBJECT_STORE_TIMEOUT_S = 10
-OBJECT_STORE_RETRIES = 2
-
-
-def is_object_store(uri: str) -> bool:
-    """Whether `uri` names an S3 bucket (s3://, s3a://) rather than a folder."""
-    return uri.split("://", 1)[0].lower() in ("s3", "s3a") if "://" in uri else False
-
-
-def s3_endpoint() -> str | None:
-    """The S3 endpoint the environment names (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL), or None
-    for AWS itself."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def _s3_region() -> str | None:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-
-
-def lancedb_storage_options(uri: str) -> dict[str, str]:
-    """LanceDB's `storage_options` for `uri` from the AWS environment ({} for a folder)."""
-    if not is_object_store(uri):
-        return {}
-    options = {
-        "connect_timeout": f"{OBJECT_STORE_TIMEOUT_S}s",
-        "timeout": f"{6 * OBJECT_STORE_TIMEOUT_S}s",
-        "client_max_retries": str(OBJECT_STORE_RETRIES),
-        "client_retry_timeout": str(3 * OBJECT_STORE_TIMEOUT_S),
-    }
-    endpoint = s3_endpoint()
-    if endpoint:
-        options["endpoint"] = endpoint
-        if endpoint.startswith("http://"):
-            options["allow_http"] = "true"
-    if _s3_region():
-        options["region"] = _s3_region()
-    for env, key in (
-        ("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
-        ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
-        ("AWS_SESSION_TOKEN", "aws_session_token"),
-    ):
-        if os.environ.get(env):
-            options[key] = os.environ[env]
-    return options
-
-
-def fsspec_storage_options(uri: str) -> dict:
-    """s3fs's options for `uri` (UPath(uri, **options)) from the AWS environment ({} otherwise)."""
-    if not is_object_store(uri):
-        return {}
-    options: dict = {
-        "config_kwargs": {
-            "connect_timeout": OBJECT_STORE_TIMEOUT_S,
-            "read_timeout": 6 * OBJECT_STORE_TIMEOUT_S,
-            "retries": {"max_attempts": OBJECT_STORE_RETRIES, "mode": "standard"},
-        },
-    }
-    if s3_endpoint():
-        options["endpoint_url"] = s3_endpoint()
-    if _s3_region():
-        options["client_kwargs"] = {"region_name": _s3_region()}
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            options["token"] = os.environ["AWS_SESSION_TOKEN"]
-    return options
-
-
-_REFUSED = re.compile(
-    r"invalidaccesskeyid|signaturedoesnotmatch|signature we calculated does not match"
-    r"|access key id you provided|accessdenied|access denied|forbidden|\b403\b|credential",
-    re.I,
+from fct_assets.lib.object_store import (  # noqa: F401 (re-exported: the resources' API)
+    DATA_ROOT,
+    OBJECT_STORE_RETRIES,
+    OBJECT_STORE_TIMEOUT_S,
+    connect_lancedb,
+    default_lancedb_uri,
+    fsspec_storage_options,
+    is_object_store,
+    lancedb_storage_options,
+    object_store_cause,
+    object_store_error,
+    s3_endpoint,
 )
-_UNREACHABLE = re.compile(
-    # Not a bare "timeout": LanceDB's every error chain prints its retry_timeout setting.
-    r"connection ?refused|could not connect|connecterror|tcp connect error|kind: connect\b"
-    r"|timed ?out|unreachable|name or service not known|connection reset|broken pipe"
-    r"|error sending request",  # reqwest's (LanceDB's HTTP client) when no response came back
-    re.I,
-)
-
-
-def object_store_cause(err: BaseException) -> str | None:
-    """Why a request to an object store failed, when the error says it: the endpoint refused the
-    credentials, or could not be reached; None for any other error."""
-    text = str(err)
-    # s3fs turns a 403 into PermissionError with S3's message and no code.
-    if isinstance(err, PermissionError) or _REFUSED.search(text):
-        return (
-            "the endpoint refused the credentials (check AWS_ACCESS_KEY_ID and"
-            " AWS_SECRET_ACCESS_KEY)"
-        )
-    if _UNREACHABLE.search(text) or type(err).__name__ == "EndpointConnectionError":
-        return "the endpoint is unreachable (is it running? AWS_ENDPOINT_URL names it)"
-    return None
-
-
-def object_store_error(uri: str, err: BaseException, doing: str) -> OSError:
-    """One line for a failed request to the object store behind `uri`: what was being done, the
-    endpoint, and why (unreachable, credentials refused, or the error's first line)."""
-    why = object_store_cause(err)
-    if why is None:
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        why = " ".join(lines[0].split())[:300]
-    return OSError(f"{doing} {uri}: object store {s3_endpoint() or 'AWS S3'}: {why}")
 
 
 class FctResource(dg.ConfigurableResource):
-    """Storage locations, the training preset and the device, for every fct asset."""
+    """Storage locations, the training preset, the device and the thread budget, for every fct
+    asset."""
 
     lancedb_uri: str = Field(
-        default_factory=lambda: os.environ.get("FCT_LANCEDB_URI", str(DATA_ROOT / "lancedb")),
+        default_factory=default_lancedb_uri,
         description=(
             "LanceDB database: a folder, or an object-store URI such as s3://bucket/fct. Env"
             " FCT_LANCEDB_URI."
@@ -160,29 +58,40 @@ class FctResource(dg.ConfigurableResource):
         ),
     )
 
+    concurrent_runs: int = Field(
+        default_factory=lambda: int(os.environ.get("FCT_CONCURRENT_RUNS", "2")),
+        ge=1,
+        description=(
+            # 2: dagster_home/dagster.yaml's run queue (max_concurrent_runs), so that an ingest
+            # runs beside an upgrade (tests/fct_assets/test_resources.py holds the two equal).
+            "Runs that may execute at once (the run queue's max_concurrent_runs): each run's"
+            " torch gets cores // this threads, so two runs share the cores instead of each"
+            " taking a thread per core and thrashing. Env FCT_CONCURRENT_RUNS."
+        ),
+    )
+    torch_threads: int = Field(
+        default_factory=lambda: int(os.environ.get("FCT_TORCH_THREADS", "0")),
+        ge=0,
+        description=(
+            "Threads of torch in each step that runs a model (intra-op and inter-op); 0: the"
+            " run's share of the cores, cores // concurrent_runs and at least 1. Env"
+            " FCT_TORCH_THREADS."
+        ),
+    )
+
     def connect(self):
         """The LanceDB connection (imported lazily: a code location should load fast)."""
-        # Deferred: lancedb costs ~2 s of CPU; `fct lineage` and the code location open no table.
-        import lancedb
+        return connect_lancedb(self.lancedb_uri)
 
-        try:
-            if "://" not in self.lancedb_uri:
-                Path(self.lancedb_uri).mkdir(parents=True, exist_ok=True)
-            return lancedb.connect(
-                self.lancedb_uri, storage_options=lancedb_storage_options(self.lancedb_uri) or None
-            )
-        except (
-            Exception
-        ) as err:  # OSError, lancedb's ValueError (multi-line), ...: one line naming the URI
-            if is_object_store(self.lancedb_uri):
-                raise object_store_error(self.lancedb_uri, err, "cannot open LanceDB") from err
-            cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(
-                f"lancedb_uri {self.lancedb_uri!r}: cannot open ({cause}); "
-                "expected a writable folder or an object-store URI such as s3://bucket/fct"
-            ) from err
+    def thread_budget(self) -> int:
+        """The threads torch may take in one step of a run: `torch_threads`, or this process's
+        cores divided among `concurrent_runs` (at least 1)."""
+        return self.torch_threads or thread_budget(usable_cores(), self.concurrent_runs)
 
     def torch_device(self):
+        """The device models run on. Every step that runs a model asks for it before anything
+        else, so the run's thread budget is applied here (`apply_thread_budget`)."""
+        apply_thread_budget(self.thread_budget())
         # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
         from fct_ml.training import resolve_device
 
@@ -221,3 +130,34 @@ def _load_dataset_cached(spec: str, data_dir: str | None):
     from fct_ml.datasets import load_dataset
 
     return load_dataset(spec, data_dir)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's share),
+    else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def thread_budget(cores: int, concurrent_runs: int) -> int:
+    """Threads for one run when `concurrent_runs` runs share `cores`: cores // concurrent_runs,
+    at least 1."""
+    return max(1, cores // max(1, concurrent_runs))
+
+
+def apply_thread_budget(threads: int) -> int:
+    """Let torch use `threads` threads in this process (intra-op, and inter-op where torch still
+    allows it); returns the intra-op threads torch now reports."""
+    # Deferred: torch costs ~1.6 s to import, which the code location and `fct` load without.
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        # Torch fixes its inter-op pool once it has run parallel work (or at the first call): a
+        # later step of the same process keeps the size the first one set.
+        pass
+    return torch.get_num_threads()

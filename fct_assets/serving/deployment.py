@@ -21,10 +21,11 @@ import pyarrow.compute as pc
 from fct_assets.lib import guards, storage
 from fct_assets.lib.dagster_internals import latest_check_execution
 from fct_assets.lib.event_log import latest_materialization
-from fct_assets.lib.io_managers import recorded_record
-from fct_assets.lib.keys import PROMOTION_CHECKS
+from fct_assets.lib.io_managers import recorded_checkpoint_meta, recorded_record
+from fct_assets.lib.keys import NEW_MODEL, PROMOTION_CHECKS
 from fct_assets.lib.partitions import check_version
 from fct_assets.lib.records import BackfilledTable, CheckResult, Deployment, Hit, VersionTable
+from fct_assets.serving import contract
 
 DEPLOYMENT_SCHEMA = pa.schema(
     [
@@ -210,7 +211,12 @@ def promote(
             f" while it was backfilled); catch up first: `fct catch-up {version}` or the"
             " `catch_up` job"
         )
-    return append(db, "promote", row)
+    deployed = append(db, "promote", row)
+    # The serving contract names the query model as its materialisation recorded it.
+    contract.write(
+        db, deployed, checkpoint=recorded_checkpoint_meta(instance, dg.AssetKey(NEW_MODEL), version)
+    )
+    return deployed
 
 
 def missing_items(db, table: str, table_version: int) -> tuple[list[int], int | None]:
@@ -256,13 +262,17 @@ def advance(db, version: str, table_version: int) -> Deployment:
         row = serving.model_copy(update={"table_version": table_version})
         return VersionTable(**{f: getattr(row, f) for f in VersionTable.model_fields})
 
-    return record(db, "ingest", choose)
+    row = record(db, "ingest", choose)
+    contract.write(db, row)
+    return row
 
 
 def rollback(db) -> Deployment:
     """Serve again the deployment before the current one (the table version it served then;
     for a version that ingest runs advanced, its latest table version)."""
-    return record(db, "rollback", _rollback_target)
+    row = record(db, "rollback", _rollback_target)
+    contract.write(db, row)
+    return row
 
 
 def _rollback_target(rows: list[Deployment]) -> VersionTable:

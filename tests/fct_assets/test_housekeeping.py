@@ -10,7 +10,9 @@ from pathlib import Path
 
 import dagster as dg
 import lancedb
+import numpy as np
 import pyarrow as pa
+import pytest
 from upath import UPath
 
 from fct_assets.lib.records import VersionTable
@@ -106,3 +108,48 @@ def test_the_housekeeping_job_runs_on_the_code_location(tmp_path, monkeypatch):
     )
     assert result.success and not leftover.exists()
     assert not landed.exists()  # processed_keep_days: 1 by default
+
+
+def _files(table_dir) -> set:
+    """The files a reader of the table's versions opens: data, indices, manifests (not the
+    transaction log, nor the latest-version hint)."""
+    return {
+        p
+        for p in table_dir.rglob("*")
+        if p.is_file() and "_transactions" not in p.parts and p.name != "latest_version_hint.json"
+    }
+
+
+def test_the_served_and_the_rollback_versions_files_stay(tmp_path):
+    from fct_assets.serving import contract
+    from tests.support.served import ITEMS, Served
+
+    served = Served(tmp_path)  # gallery_v2 and gallery_v3, version 1 each
+    v2_dir, v3_dir = (Path(served.uri) / f"gallery_{v}.lance" for v in ("v2", "v3"))
+    served.promote("v2")  # v2 @ 1: the rollback target once v3 is promoted
+    v2_files = _files(v2_dir)
+    # v2's table re-materialised twice (new data files each time, v2 @ 1's no longer used by
+    # the latest version), never served.
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        served.publish("v2", rng.random((ITEMS, 8), dtype=np.float32))
+    v3_first = _files(v3_dir)
+    time.sleep(1.5)  # the cleanup keeps 1 s before the oldest deployed version as a margin
+    served.publish("v3", served.embed("v3", served.images))  # v3 @ 2, served; v3 @ 1 never was
+    served.promote("v3")
+    v3_files = _files(v3_dir) - v3_first
+    time.sleep(0.05)  # every version older than the retention below
+
+    housekeeping.clean_table_versions(served.db, _dt.timedelta(milliseconds=20))
+
+    assert v2_files <= _files(v2_dir), sorted(map(str, v2_files - _files(v2_dir)))
+    assert v3_files <= _files(v3_dir)
+    assert not v3_first & _files(v3_dir)  # housekeeping does remove what nothing serves
+    assert {v["version"] for v in served.db.open_table("gallery_v3").list_versions()} >= {2}
+    # Both still answer through their serving contracts (checkpoints verified, tables pinned).
+    searcher = contract.open_searcher(served.uri)
+    assert searcher.search(searcher.stored_image(4), k=1)[0].item_id == 4
+    assert deployment.rollback(served.db).version == "v2"
+    searcher = contract.open_searcher(served.uri)
+    assert searcher.contract.table_version == 1 and searcher.table.count_rows() == ITEMS
+    assert searcher.search(searcher.stored_image(4), k=1)[0].distance == pytest.approx(0, abs=1e-6)

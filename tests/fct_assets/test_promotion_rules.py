@@ -78,7 +78,12 @@ def _materialised(instance, version: str, table_version: int, *, at=None) -> Non
         gallery_rows=4,
         ann_index="none",
     )
+    # The query model the serving contract names (promote reads it; no file is opened).
+    checkpoint = {"path": f"checkpoints/new_model/{version}.safetensors", "sha256": "0" * 64}
     events = [
+        dg.AssetMaterialization(
+            asset_key="new_model", partition=version, metadata={**checkpoint, "space_id": SPACE}
+        ),
         dg.AssetMaterialization(
             asset_key="backfilled_gallery", partition=version, metadata=record.model_dump()
         ),

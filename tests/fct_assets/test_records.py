@@ -13,6 +13,11 @@ from fct_assets.lib.records import RecordError
 from fct_ml.evaluation import BackfillCurve, Case, CaseMetrics, CurveArea, GapClosed
 
 SHARD = records.ShardRange(index=1, count=2, start=5, stop=10)
+QUERY_MODEL = records.QueryModel(
+    path="s3://fct-bucket/fct/checkpoints/new_model/v2.safetensors",
+    sha256="c" * 64,
+    space_id="new_model:v2@cccccccccccc",
+)
 EXAMPLES = [
     records.DatasetRecord(
         spec="digits",
@@ -160,6 +165,24 @@ EXAMPLES = [
         run_id="r" * 36,
     ),
     records.Hit(item_id=7, label=3, distance=0.25, source="re-embedded"),
+    QUERY_MODEL,
+    records.ServingContract(
+        seq=3,
+        action="rollback",
+        version="v2",
+        table="gallery_v2",
+        table_uri="s3://fct-bucket/lancedb/gallery_v2.lance",
+        table_version=2,
+        space_id="new_model:v2@cccccccccccc",
+        metric="l2",
+        nprobes=32,
+        refine_factor=10,
+        image_channels=1,
+        image_height=28,
+        image_width=28,
+        model=QUERY_MODEL,
+        models=(QUERY_MODEL,),
+    ),
 ]
 
 
