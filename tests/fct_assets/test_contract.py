@@ -104,6 +104,27 @@ def test_an_image_file_a_stored_image_and_a_vector_give_the_same_answer(served, 
         searcher.stored_image(99)
 
 
+def test_a_query_file_is_held_to_ingests_limits_and_conversions(served, tmp_path):
+    # The contract's searcher reads query files through lib/images, as ingest does: a 16-bit
+    # PNG keeps its levels (v * 255 / 65535), and a picture above ingest's 40 MP is refused
+    # from its header with one line naming the file.
+    from PIL import Image
+
+    searcher = contract.open_searcher(served.uri)
+    h, w = served.images.shape[2:]
+    deep = np.full((h, w), 32896, dtype=np.uint16)  # 128 * 257 -> 128
+    deep[0, 0] = 0
+    path = tmp_path / "deep.png"
+    Image.fromarray(deep).save(path)
+    expected = np.full((1, h, w), 128, np.uint8)
+    expected[0, 0, 0] = 0
+    assert np.array_equal(searcher.image_file(path), expected)
+    wide = tmp_path / "wide.png"
+    Image.new("L", (8_000, 6_000)).save(wide)
+    with pytest.raises(ValueError, match=r"wide\.png: 8000x6000 pixels, more than 40,000,000$"):
+        searcher.search(str(wide))
+
+
 def test_the_stored_images_decode_as_storage_decodes_them():
     rng = np.random.default_rng(1)
     for image in (
