@@ -15,9 +15,9 @@ import time
 import dagster as dg
 
 from fct_assets.lib import guards, storage
-from fct_assets.lib.config import BackfillConfig, validated
+from fct_assets.lib.config import BackfillConfig
 from fct_assets.lib.cost import cost_metadata, measure
-from fct_assets.lib.keys import BACKFILLED_GALLERY, GPU_POOL
+from fct_assets.lib.keys import GPU_POOL
 from fct_assets.lib.partitions import require_registered
 from fct_assets.lib.provenance import code_version
 from fct_assets.lib.records import (
@@ -36,6 +36,7 @@ from fct_assets.upgrade.backfill import (
     drop_staging,
     publish_shards,
     release_table,
+    require_bound,
     resolve_source,
     write_shard,
 )
@@ -69,10 +70,10 @@ def backfill_config(config: dict) -> dict:
     which carries it to the shards and the publish: run config keeps the shape
     {"ops": {"backfilled_gallery": {"config": {...}}}}.
 
-    Checked here, when the run is launched: a value out of range is refused before the run exists,
-    with one line naming the field, the bound and the value (LaunchConfigError)."""
-    chosen = validated(BackfillConfig, config, BACKFILLED_GALLERY)
-    return {"plan_backfill": {"config": chosen.model_dump()}}
+    Passed through unchecked: a value out of range is refused at submission, with every other
+    step's (fct_assets/lib/submission.py), and else by BackfillConfig as the plan starts. An
+    error raised here, in the code location, would reach the UI as a stack trace."""
+    return {"plan_backfill": {"config": dict(config)}}
 
 
 @dg.op(
@@ -92,6 +93,7 @@ def plan_backfill(
     fct: FctResource,
     gallery_store: GalleryStore,
     transformation: Checkpoint,
+    new_model: Checkpoint,
 ):
 
     version = require_registered(context.instance, context.partition_key)
@@ -103,6 +105,16 @@ def plan_backfill(
             f" re-materialise transformation[{version}]"
         )
     source = resolve_source(context.instance, fct.connect(), gallery_store, h_meta, version)
+    # Before anything is written: h must have been trained for this new model, whose space the
+    # rows will be labelled with (one line naming both, else).
+    require_bound(
+        transformation.model,
+        version,
+        new_model,
+        source,
+        gallery_store.side_info_space_id,
+        recorded=h_meta,
+    )
     context.log.info(
         f"backfill {version}: from {source.table}@{source.version} ({source.column},"
         f" {source.space_id}, {source.rows} items)"
