@@ -15,9 +15,9 @@ import time
 import dagster as dg
 
 from fct_assets.lib import guards, storage
-from fct_assets.lib.config import BackfillConfig
+from fct_assets.lib.config import BackfillConfig, validated
 from fct_assets.lib.cost import cost_metadata, measure
-from fct_assets.lib.keys import GPU_POOL
+from fct_assets.lib.keys import BACKFILLED_GALLERY, GPU_POOL
 from fct_assets.lib.partitions import require_registered
 from fct_assets.lib.provenance import code_version
 from fct_assets.lib.records import (
@@ -71,8 +71,8 @@ def backfill_config(config: dict) -> dict:
     {"ops": {"backfilled_gallery": {"config": {...}}}}.
 
     Passed through unchecked: a value out of range is refused at submission, with every other
-    step's (fct_assets/lib/submission.py), and else by BackfillConfig as the plan starts. An
-    error raised here, in the code location, would reach the UI as a stack trace."""
+    step's (fct_assets/lib/submission.py), and else by the plan as it starts. An error raised
+    here, in the code location, would reach the UI as a stack trace."""
     return {"plan_backfill": {"config": dict(config)}}
 
 
@@ -82,6 +82,9 @@ def backfill_config(config: dict) -> dict:
         "shard": dg.DynamicOut(ShardRange, io_manager_key=RECORDS),
     },
     pool=GPU_POOL,
+    # The schema, not a `config: BackfillConfig` parameter: Dagster would build the class itself
+    # and a value out of range would fail the step with pydantic's multi-line error.
+    config_schema=BackfillConfig.to_config_schema(),
     description=(
         "Pass 1 (sigma of every item when re-embedding), the items to re-embed, the shards' row"
         " ranges."
@@ -89,13 +92,15 @@ def backfill_config(config: dict) -> dict:
 )
 def plan_backfill(
     context: dg.OpExecutionContext,
-    config: BackfillConfig,
     fct: FctResource,
     gallery_store: GalleryStore,
     transformation: Checkpoint,
     new_model: Checkpoint,
 ):
 
+    # Refused at submission already (lib/submission.py); here for runs no coordinator saw
+    # (execute_in_process, `fct catch-up`): one line naming the field, before anything is read.
+    config = validated(BackfillConfig, dict(context.op_config), BACKFILLED_GALLERY)
     version = require_registered(context.instance, context.partition_key)
     h_meta = transformation.recorded  # the record of the checkpoint loaded here
     if h_meta.side_info_space_id != gallery_store.side_info_space_id:

@@ -221,3 +221,16 @@ def test_items_the_source_table_lacks_are_embedded_from_their_images(tmp_path):
         _, embedded = _by_hand(world, [10, 11])
         np.testing.assert_allclose(got[:10], mapped.numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[10:], embedded, rtol=1e-4, atol=1e-4)
+
+
+def test_a_backfill_value_out_of_range_is_refused_in_one_line_before_anything_is_read(tmp_path):
+    # A run no run coordinator saw (execute_in_process, `fct catch-up`): the plan refuses its
+    # config as it starts, naming the field, the bound and the value.
+    world = build_small_world(tmp_path)
+    world.upgrade_models()
+    result = world.backfill(shards=0)
+    assert not result.success
+    assert _failure(result).endswith(
+        "LaunchConfigError: backfilled_gallery.shards: 0 refused: expected shards >= 1"
+    )
+    assert "gallery_v2" not in world.fct.connect().list_tables().tables
