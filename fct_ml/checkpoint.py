@@ -25,7 +25,13 @@ from safetensors.torch import save as save_safetensors
 from fct_ml.config import ConfigError, from_dict
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.torchscript import TorchScriptConfig, TorchScriptModel
-from fct_ml.transformation import Transformation, TransformationConfig
+from fct_ml.transformation import (
+    TrainedFor,
+    Transformation,
+    TransformationConfig,
+    bind,
+    trained_for,
+)
 
 
 class CheckpointError(ValueError):
@@ -94,6 +100,9 @@ def checkpoint_bytes(
         "config": json.dumps(asdict(model.config)),
         "provenance": json.dumps(metadata or {}),
     }
+    bound = trained_for(model)
+    if bound is not None:  # an h: the checkpoints it was trained for travel with it
+        meta["trained_for"] = json.dumps(asdict(bound))
     return save_safetensors(tensors, metadata=meta), kind
 
 
@@ -185,6 +194,12 @@ def load_checkpoint_bytes(
             f" {unexpected[:3]}, other shape {mismatched[:3]})"
         )
     model.load_state_dict(tensors)
+    if "trained_for" in meta:
+        try:
+            meta["trained_for"] = from_dict(TrainedFor, json.loads(meta["trained_for"]))
+        except (ConfigError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{where}: bad trained_for in metadata ({err})") from None
+        bind(model, meta["trained_for"])
     meta["config"] = config_data
     meta["provenance"] = json.loads(meta.get("provenance", "{}"))
     meta["sha256"] = found

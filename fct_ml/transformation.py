@@ -62,6 +62,63 @@ class TransformationConfig:
             )
 
 
+@dataclass(frozen=True)
+class TrainedFor:
+    """The checkpoints an h was trained for, by space id (`name@sha256[:12]`,
+    fct_ml.checkpoint.space_id): the space it maps from, the side-info's, and the space it maps
+    into. h's output is in `target_space_id` only when its inputs are in the other two, and only
+    as long as that checkpoint is the target model: a new model retrained after h (an upgrade
+    that failed half-way) makes a new space that h never saw. Stored in h's checkpoint."""
+
+    source_space_id: str
+    side_info_space_id: str
+    target_space_id: str
+
+
+class BindingError(ValueError):
+    """An h applied to other checkpoints than it was trained for (one line naming both)."""
+
+
+def bind(h: nn.Module, trained_for: TrainedFor) -> nn.Module:
+    """`h`, marked as trained for these checkpoints (any kind of h: an attribute, not a tensor,
+    so its weights and content digest are unchanged); returns h."""
+    h.trained_for = trained_for
+    return h
+
+
+def trained_for(h: nn.Module) -> TrainedFor | None:
+    """The checkpoints `h` was trained for, or None for an h that records none."""
+    return getattr(h, "trained_for", None)
+
+
+def require_trained_for(
+    h: nn.Module,
+    where: str,
+    *,
+    source: str | None = None,
+    side_info: str | None = None,
+    target: str | None = None,
+    hint: str = "train it again",
+) -> TrainedFor:
+    """Refuse (BindingError, one line naming both spaces) an h used with another source,
+    side-info or target space than it was trained for, or one that records none; the spaces
+    given as None are not compared. Returns what h was trained for."""
+    bound = trained_for(h)
+    if bound is None:
+        raise BindingError(f"{where} records no checkpoints it was trained for; {hint}")
+    for role, was, now in (
+        ("maps from", bound.source_space_id, source),
+        ("reads side-info of", bound.side_info_space_id, side_info),
+        ("maps into", bound.target_space_id, target),
+    ):
+        if now is not None and now != was:
+            raise BindingError(
+                f"{where} was trained for {was} (the space it {role}), but {now} is there now;"
+                f" {hint}"
+            )
+    return bound
+
+
 def mlp(
     dims: list[int], plain_last: bool, rank: int = 0, low_rank: Sequence[int] = ()
 ) -> nn.Sequential:

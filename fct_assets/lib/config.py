@@ -2,19 +2,62 @@
 
 Fields left unset (None) take the preset's value (resource `fct`, setting `preset`), so the
 launchpad works with no YAML at all and every field says what it changes.
+
+What is checked where (docs/reliability.md, "Launch-time validation"):
+
+- Types, unknown keys and enumerated values (a backbone, h's source): by Dagster's own config
+  types, so the launchpad marks them as they are typed and a launch is refused before a run
+  exists. Enumerated fields are `StrEnum`s or `Literal`s, which Dagster turns into its Enum type.
+- Numeric ranges and formats (`epochs >= 1`, `inner_width >= 1`, a version name, a sha256):
+  Dagster's config types carry no bounds (its config schema has Int and Float, nothing more;
+  pydantic's ge/le stay on the Python class), so the launchpad cannot mark them. They are
+  checked on every launch by `launch_refusals`, which validates each step's config with its
+  class: by the run coordinator when a run is submitted (fct_assets/lib/submission.py: the
+  launch is refused with one line naming the field, no step runs) and, for runs that no
+  coordinator sees (`execute_in_process`, `dagster job execute`), by the first upgrade step
+  before anything trains.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from fct_ml.backbones import backbone_names
-from fct_ml.datasets import dataset_names, default_splits
+from fct_assets.lib.keys import (
+    BACKFILLED_GALLERY,
+    DATASET,
+    EVAL_REPORT,
+    NEW_MODEL,
+    OLD_MODEL,
+    SIDE_INFO_MODEL,
+    TRANSFORMATION,
+)
+from fct_assets.lib.partitions import VersionError, check_version
+from fct_ml.backbones import BACKBONES, backbone_names
+from fct_ml.datasets import DATASETS, dataset_names, default_splits
+
+# A backbone of the registry (fct_ml/backbones.py): an enumerated field, so Dagster's config type
+# is an Enum of these names and the launchpad marks any other name as it is typed. A StrEnum: its
+# members are the names themselves (str), as ModelConfig.arch expects.
+Backbone = StrEnum("Backbone", {name: name for name in BACKBONES})
+
+# The largest seed: each stage seeds torch with seed * 1000 + k, and torch takes 64 bits.
+MAX_SEED = 10**12
+# The largest width or embedding dimension accepted (a 65536 x 65536 float32 layer is 16 GiB).
+MAX_WIDTH = 65536
+MAX_EPOCHS = 100_000
+# A LanceDB table version or a row count: a signed 64-bit integer.
+MAX_INT64 = 2**63 - 1
+_CLASS_LIST = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class LaunchConfigError(dg.DagsterError):
@@ -25,19 +68,34 @@ class LaunchConfigError(dg.DagsterError):
     "config mapping function ... has thrown an unexpected error"."""
 
 
-def _one_line(err: ValidationError, where: str) -> str:
+@dataclass(frozen=True)
+class Refusal:
+    """One launchpad value refused: where it is in the run config, the value, the one line."""
+
+    path: tuple[str, ...]  # ("ops", "transformation", "config", "inner_width")
+    value: Any
+    line: str  # "transformation.inner_width: 0 refused: expected inner_width >= 1"
+
+
+def _shown(value: Any) -> str:
+    return "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
+
+
+def _refusal(err: ValidationError, where: str) -> Refusal:
     first = err.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "(config)"
     value = first.get("input")
-    shown = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
     bound = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
     limits = [f"{op} {first['ctx'][k]}" for k, op in bound.items() if k in first.get("ctx", {})]
     if limits:
         why = f"expected {field} {' and '.join(limits)}"
     else:
-        why = first["msg"][0].lower() + first["msg"][1:]
+        # pydantic's "Value error, " before a validator's own words says nothing to a user.
+        msg = first["msg"].removeprefix("Value error, ")
+        why = msg[0].lower() + msg[1:]
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{where}.{field}: {shown} refused: {why}{more}"
+    path = tuple(str(part) for part in first["loc"])
+    return Refusal(path, value, f"{where}.{field}: {_shown(value)} refused: {why}{more}")
 
 
 def seconds_from_env(name: str, default: int) -> int:
@@ -53,7 +111,7 @@ def validated(cls: type[dg.Config], values: dict[str, Any], where: str) -> dg.Co
     try:
         return cls(**values)
     except ValidationError as err:
-        raise LaunchConfigError(_one_line(err, where)) from None
+        raise LaunchConfigError(_refusal(err, where).line) from None
 
 
 class DatasetConfig(dg.Config):
@@ -71,28 +129,45 @@ class DatasetConfig(dg.Config):
         ),
     )
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, spec: str) -> str:
+        # Not an Enum: `imagefolder:PATH` carries a path. Checked at launch all the same.
+        key, sep, path = spec.partition(":")
+        found = DATASETS.get(key)
+        if found is None or found.takes_path != bool(sep and path):
+            raise ValueError(f"expected one of {dataset_names()}")
+        return spec
+
+    @field_validator("old_classes")
+    @classmethod
+    def _class_list(cls, text: str | None) -> str | None:
+        # The format only: which classes exist is the dataset's to say, when it is loaded.
+        if text is not None and not _CLASS_LIST.fullmatch(text):
+            raise ValueError("expected class numbers as ranges or lists (0-4, 1,3,5)")
+        return text
+
 
 class ModelTrainingConfig(dg.Config):
     """An embedding model and how long to train it (old, side-info and new models)."""
 
-    arch: str | None = Field(
+    arch: Backbone | None = Field(
         None,
         description=f"Backbone: {backbone_names()}. Unset: the preset's.",
     )
     embed_dim: int | None = Field(
         None,
         ge=1,
-        le=65536,
+        le=MAX_WIDTH,
         description="Embedding dimension. Unset: the preset's (128 as the paper).",
     )
     epochs: int | None = Field(
-        None, ge=1, le=100_000, description="Training epochs. Unset: the preset's."
+        None, ge=1, le=MAX_EPOCHS, description="Training epochs. Unset: the preset's."
     )
-    # At most 10**12: each stage seeds torch with seed * 1000 + k, and torch takes 64 bits.
     seed: int = Field(
         0,
         ge=0,
-        le=10**12,
+        le=MAX_SEED,
         description=(
             "The run's seed (initialisation, data order, augmentation); the model derives its own"
             " from it as `fct reproduce --seed` does, so the same seed gives the same model."
@@ -112,15 +187,52 @@ class ModelTrainingConfig(dg.Config):
         None, description="Expected sha256 of the external file; refused if it differs."
     )
     preprocess_size: int = Field(
-        0, ge=0, description="TorchScript input: resize to N x N pixels (0: the gallery's size)."
+        0,
+        ge=0,
+        le=4096,
+        description="TorchScript input: resize to N x N pixels (0: the gallery's size).",
     )
     preprocess_channels: int = Field(
         0, ge=0, le=3, description="TorchScript input channels: 1 or 3 (0: the gallery's)."
     )
     preprocess_mean: float = Field(
-        0.0, description="TorchScript input: (x - mean) / std, x in [0, 1]."
+        0.0,
+        ge=-1.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="TorchScript input: (x - mean) / std, x in [0, 1].",
     )
-    preprocess_std: float = Field(1.0, gt=0, description="TorchScript input: see preprocess_mean.")
+    preprocess_std: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="TorchScript input: see preprocess_mean.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _model_source(cls, text: str) -> str:
+        # As fct_ml.external.parse_source, which loads torch: checked at launch without it.
+        kind, sep, path = text.partition(":")
+        if text != "train" and not (kind in ("checkpoint", "torchscript") and sep and path):
+            raise ValueError("expected train, checkpoint:PATH or torchscript:PATH")
+        return text
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, digest: str | None) -> str | None:
+        if digest is not None and not _SHA256.fullmatch(digest):
+            raise ValueError("expected 64 lower-case hexadecimal digits")
+        return digest
+
+    @field_validator("preprocess_channels")
+    @classmethod
+    def _channels(cls, channels: int) -> int:
+        # Not an Enum: Dagster's Enum takes names (strings), and this is a number in the YAML.
+        if channels not in (0, 1, 3):
+            raise ValueError("expected 0 (the gallery's), 1 or 3")
+        return channels
 
 
 class TransformationTrainingConfig(dg.Config):
@@ -129,7 +241,7 @@ class TransformationTrainingConfig(dg.Config):
     inner_width: int | None = Field(
         None,
         ge=1,
-        le=65536,
+        le=MAX_WIDTH,
         description="Width of h's inner MLP (paper: 2048). Unset: the preset's.",
     )
     inner_depth: int | None = Field(
@@ -141,14 +253,14 @@ class TransformationTrainingConfig(dg.Config):
     inner_rank: int | None = Field(
         None,
         ge=0,
-        le=65536,
+        le=MAX_WIDTH,
         description=(
             "0: full rank. r > 0: each inner_width x inner_width layer factorised through rank r"
             " (needs inner_depth >= 2). Unset: the preset's."
         ),
     )
     epochs: int | None = Field(
-        None, ge=1, le=100_000, description="Training epochs (paper: 80). Unset: the preset's."
+        None, ge=1, le=MAX_EPOCHS, description="Training epochs (paper: 80). Unset: the preset's."
     )
     side_info: bool = Field(
         True,
@@ -159,13 +271,15 @@ class TransformationTrainingConfig(dg.Config):
         description=(
             "The space h maps from. deployed: the deployed version's (the old model's before any"
             " promotion), so items ingested since reach the new table (chained upgrade). old:"
-            " always the old model (direct; refused at backfill if an item has no old embedding)."
+            " always the old model (direct). Either way, an item with no vector in that space"
+            " (ingested after a promotion) is embedded from its stored image by the new model"
+            " when the table is backfilled."
         ),
     )
     seed: int = Field(
         0,
         ge=0,
-        le=10**12,  # as the new model's seed
+        le=MAX_SEED,  # as the new model's seed
         description=(
             "The run's seed (features' augmentation, initialisation, data order), as `fct"
             " reproduce --seed`."
@@ -216,7 +330,7 @@ class BackfillConfig(dg.Config):
     ann_min_rows: int = Field(
         100_000,
         ge=256,
-        le=2**63 - 1,
+        le=MAX_INT64,
         description=(
             "Build an IVF_PQ index on the published table when it holds at least this many rows;"
             " below, search is exact (brute force is fast there). IVF_PQ trains 256 codes: it needs"
@@ -231,7 +345,7 @@ class EvalReportConfig(dg.Config):
     table_version: int | None = Field(
         None,
         ge=1,
-        le=2**63 - 1,
+        le=MAX_INT64,
         description=(
             "LanceDB version of the model version's table to evaluate: the daily schedule sets the"
             " deployed, pinned one. Unset: the table the latest backfilled_gallery published."
@@ -248,3 +362,59 @@ class PromotionConfig(dg.Config):
             " materialisations."
         )
     )
+
+    @field_validator("version")
+    @classmethod
+    def _version_name(cls, version: str) -> str:
+        try:
+            return check_version(version)
+        except VersionError:
+            raise ValueError(
+                "expected a letter then up to 63 letters, digits, '_' or '-' (e.g. v2)"
+            ) from None
+
+
+# Each step's launchpad config class, by the step's name in the run config
+# (`ops: {NAME: {config: ...}}`): what `launch_refusals` checks on every launch. The steps of
+# other domains with a config of their own (the ingest batch, housekeeping) run alone in their
+# jobs: their class refuses a bad value as their one step starts, before it does anything.
+LAUNCHPAD: dict[str, type[dg.Config]] = {
+    DATASET: DatasetConfig,
+    OLD_MODEL: ModelTrainingConfig,
+    SIDE_INFO_MODEL: ModelTrainingConfig,
+    NEW_MODEL: ModelTrainingConfig,
+    TRANSFORMATION: TransformationTrainingConfig,
+    BACKFILLED_GALLERY: BackfillConfig,
+    EVAL_REPORT: EvalReportConfig,
+    "promote_version": PromotionConfig,
+}
+
+
+def launch_refusals(run_config: Mapping[str, Any] | None) -> list[Refusal]:
+    """The launchpad values of `run_config` that their step's config class refuses, one per step
+    (its first bad field), in the order of LAUNCHPAD. Types and unknown keys are Dagster's to
+    refuse first; a value of the wrong type found here is refused too."""
+    ops = (run_config or {}).get("ops") or {}
+    found = []
+    for step, cls in LAUNCHPAD.items():
+        values = (ops.get(step) or {}).get("config") if isinstance(ops, Mapping) else None
+        if not isinstance(values, Mapping):
+            continue
+        try:
+            cls(**values)
+        except ValidationError as err:
+            refusal = _refusal(err, step)
+            found.append(
+                Refusal(("ops", step, "config", *refusal.path), refusal.value, refusal.line)
+            )
+    return found
+
+
+def require_launchable(run_config: Mapping[str, Any] | None) -> None:
+    """Raise LaunchConfigError (the first refusal's line) if any step's config is refused: the
+    first step of a run calls it, so that a bad value for a later step is refused before this
+    one trains for minutes and replaces its checkpoint."""
+    found = launch_refusals(run_config)
+    if found:
+        more = f" (and {len(found) - 1} more steps)" if len(found) > 1 else ""
+        raise LaunchConfigError(found[0].line + more)

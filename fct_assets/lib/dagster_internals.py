@@ -19,7 +19,7 @@ from dagster._core.storage.asset_check_execution_record import (
     COMPLETED_ASSET_CHECK_EXECUTION_RECORD_STATUSES,
 )
 
-__all__ = ["latest_check_execution", "report_run_worker_lost"]
+__all__ = ["latest_check_execution", "launch_refused", "report_run_worker_lost"]
 
 
 def latest_check_execution(
@@ -73,3 +73,51 @@ def report_run_worker_lost(instance: dg.DagsterInstance, run: dg.DagsterRun, mes
         )
     storage.free_concurrency_slots_for_run(run.run_id)
     return held
+
+
+def launch_refused(job_name: str, refusals: list[tuple[tuple[str, ...], Any, str]]) -> Exception:
+    """The error a run coordinator raises to refuse a submission as Dagster refuses a config that
+    does not fit its types: the GraphQL launch answers `RunConfigValidationInvalid`, one error per
+    `(path in the run config, value, one line)`, and the UI shows the lines in its config-error
+    dialog, with no stack trace.
+
+    Dagster's config types carry no numeric bounds, and any other error raised while a launch is
+    handled (in the code location or in a run coordinator) reaches the UI as a Python error with
+    its stack trace. dagster-graphql returns the `error` of a `UserFacingGraphQLError` as the
+    mutation's answer; its type and the config error types live in dagster-graphql's private
+    schema modules. Outside the webserver (a sensor's submission in the daemon) the same error
+    is raised as an ordinary exception: the instance marks the run failed with its line."""
+    # Deferred: dagster-graphql's schema takes about a second to import, and only a submission
+    # that is refused needs it.
+    from dagster._config.stack import EvaluationStackRoot
+    from dagster_graphql.implementation.utils import UserFacingGraphQLError
+    from dagster_graphql.schema.pipelines.config import (
+        GrapheneEvaluationStack,
+        GrapheneRunConfigValidationInvalid,
+        GrapheneRuntimeMismatchConfigError,
+    )
+
+    errors = []
+    for path, value, line in refusals:
+        stack = EvaluationStackRoot()
+        for part in path:
+            stack = stack.for_field(part)
+        errors.append(
+            GrapheneRuntimeMismatchConfigError(
+                message=line,
+                path=[],  # deprecated in Dagster's schema; the stack holds the path
+                stack=GrapheneEvaluationStack(stack),
+                reason="RUNTIME_TYPE_MISMATCH",
+                value_rep=repr(value),
+            )
+        )
+
+    class LaunchRefused(UserFacingGraphQLError):
+        def __init__(self) -> None:
+            super().__init__(
+                GrapheneRunConfigValidationInvalid(pipeline_name=job_name, errors=errors)
+            )
+            # What the instance records on the refused run, and what a log shows: the lines.
+            self.args = ("; ".join(line for _, _, line in refusals),)
+
+    return LaunchRefused()

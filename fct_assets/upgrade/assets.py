@@ -28,6 +28,7 @@ from fct_assets.lib.config import (
     EvalReportConfig,
     ModelTrainingConfig,
     TransformationTrainingConfig,
+    require_launchable,
 )
 from fct_assets.lib.io_managers import load_recorded_checkpoint
 from fct_assets.lib.keys import NEW_MODEL, NO_OP_TAG, UPGRADE_KEYS
@@ -68,6 +69,9 @@ def new_model(
     from fct_ml import pipeline
 
     require_registered(context.instance, context.partition_key)  # before anything trains
+    # Every step's config, before this one trains for minutes and replaces its checkpoint: a run
+    # that no run coordinator checked (execute_in_process, `dagster job execute`) stops here.
+    require_launchable(context.run.run_config)
     # The run's selection (empty: the whole job's), not this asset's own.
     selected = context.run.asset_selection or context.job_def.asset_layer.executable_asset_keys
     if context.has_partition_key and set(selected) >= UPGRADE_KEYS:
@@ -109,8 +113,10 @@ def transformation(
     """h(stored embedding, side_info) -> this version's space, with FastFill's uncertainty sigma."""
     # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml import pipeline
+    from fct_ml.transformation import TrainedFor, bind
 
     require_registered(context.instance, context.partition_key)  # before anything trains
+    require_launchable(context.run.run_config)  # as new_model: the later steps' config too
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     exp = preset_overrides(fct.experiment(), config, "transformation", "transformation_train")
     run = fct.run(config.seed)
@@ -135,6 +141,16 @@ def transformation(
         desc=stage,
         on_epoch=epoch_logger(
             context, stage, exp.transformation_train.epochs, len(features.labels)
+        ),
+    )
+    # The checkpoints h was trained for travel in its own checkpoint: a backfill refuses to pair
+    # it with any other (a new model retrained after it, another source space).
+    bind(
+        h,
+        TrainedFor(
+            source_space_id=source.space_id,
+            side_info_space_id=side_info_model.space_id,
+            target_space_id=new_model.space_id,
         ),
     )
     return model_output(
@@ -193,7 +209,7 @@ def backfilled_gallery(gallery_store, transformation, new_model):
     re-embedded share, most uncertain first; in parallel shards, published in one commit."""
     # A graph of ops (fct_assets/upgrade/backfill_ops.py), so that shards run in separate processes; its
     # config mapping keeps the launchpad config {"reembed_fraction", "rows_per_batch", "shards", ...}.
-    plan, shards = plan_backfill(gallery_store, transformation)
+    plan, shards = plan_backfill(gallery_store, transformation, new_model)
     done = shards.map(lambda shard: backfill_shard(plan, shard, transformation, new_model))
     return publish_backfill(plan, done.collect())
 

@@ -160,36 +160,100 @@ def drop_staging(db, version: str, *, keep_run: str | None = None) -> list[str]:
 
 def _transformer(
     h, rows_per_batch: int, source: SourceTable | None = None
-) -> Callable[[pa.RecordBatch], tuple[torch.Tensor, torch.Tensor]]:
+) -> Callable[[pa.RecordBatch], tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
     """A batch of stored rows (the source's vector column as `stored`, and `side_info`) -> (h's
-    embeddings (B, new_dim), sigma (B,)).
+    embeddings (B, new_dim), sigma (B,), missing (B,) bool).
 
-    Refuses non-finite, missing or mis-sized input."""
+    `missing` marks the rows with no vector in the source's space: items ingested after a
+    promotion have no old embedding (the old model no longer embeds arriving items). h has
+    nothing to map for them: their embedding and sigma are zeros here, and the shard embeds them
+    from their stored images instead. Refuses non-finite or mis-sized input."""
     # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.backfill import all_finite, apply_transformation
 
     use_side = h.config.side_info
     where = f"{source.table}.{source.column}" if source else "gallery_store.old_embedding"
 
-    def transform(batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         column = batch.column("stored")
-        if column.null_count:
-            item = batch.column("item_id")[column.is_null().index(True).as_py()].as_py()
-            raise ValueError(
-                f"{where}: item {item} has no vector in this space (ingested after a promotion);"
-                " re-materialise the transformation so that it maps from the deployed version"
-            )
-        old = torch.from_numpy(storage.vectors(column))
-        side = torch.from_numpy(storage.vectors(batch.column("side_info"))) if use_side else None
+        missing = column.is_null().to_numpy(zero_copy_only=False)
+        emb = torch.zeros(batch.num_rows, h.config.new_dim)
+        sigma = torch.zeros(batch.num_rows)
+        present = ~missing
+        if not present.any():
+            return emb, sigma, missing
+        keep = pa.array(present)
+        old = torch.from_numpy(storage.vectors(column.filter(keep)))
+        side = (
+            torch.from_numpy(storage.vectors(batch.column("side_info").filter(keep)))
+            if use_side
+            else None
+        )
         for name, t in ((where, old), ("gallery_store.side_info", side)):
             if t is not None and not all_finite(t):
                 raise ValueError(f"{name}: NaN or Inf in stored vectors; nothing was published")
         if old.shape[1] != h.config.old_dim:
             raise ValueError(f"{where}: dim {old.shape[1]}, but h expects {h.config.old_dim}")
-        emb, sigma = apply_transformation(h, old, side, batch_size=rows_per_batch)
-        return emb, (sigma if sigma is not None else torch.zeros(len(emb)))
+        mapped, uncertainty = apply_transformation(h, old, side, batch_size=rows_per_batch)
+        rows = torch.from_numpy(np.nonzero(present)[0])
+        emb[rows] = mapped
+        if uncertainty is not None:
+            sigma[rows] = uncertainty
+        return emb, sigma, missing
 
     return transform
+
+
+def require_bound(
+    h,
+    version: str,
+    new_model: Checkpoint,
+    source: SourceTable,
+    side_info_space_id: str | None,
+    recorded: CheckpointMeta | None = None,
+) -> None:
+    """Refuse, with one line naming both spaces, to backfill `version` with an h trained for
+    other checkpoints than the ones here: the vectors of the table it maps from (`source`), the
+    stored side-info, and `new_model`, whose space the rows are labelled with. A version whose
+    upgrade failed after new_model was retrained (and before h was) leaves exactly that: the
+    table would be labelled with the new model's space_id and filled with vectors of the space
+    the previous one made.
+
+    The binding comes from h's checkpoint (fct_ml.transformation.TrainedFor); for an h written
+    before checkpoints carried it, from what its materialisation recorded (`recorded`). An h
+    with neither is refused when `recorded` is given (the Dagster path); outside Dagster
+    (`backfill_version`, benchmarks on random models) an unbound h is the caller's to vouch
+    for."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
+    from fct_ml.transformation import BindingError, require_trained_for, trained_for
+
+    where = f"transformation[{version}]"
+    hint = (
+        f"re-materialise {where} (an upgrade that failed after new_model[{version}] was retrained"
+        " leaves them apart)"
+    )
+    if trained_for(h) is not None:
+        require_trained_for(
+            h,
+            where,
+            source=source.space_id,
+            side_info=side_info_space_id,
+            target=new_model.space_id,
+            hint=hint,
+        )
+        return
+    if recorded is None:
+        return
+    if not recorded.new_space_id and not recorded.new_model_sha256:
+        raise BindingError(f"{where} records no new model it was trained for; {hint}")
+    was_space = recorded.new_space_id or new_model.space_id
+    was_sha = recorded.new_model_sha256 or new_model.sha256
+    if was_space != new_model.space_id or was_sha != new_model.sha256:
+        was = recorded.new_space_id or f"new_model sha256 {was_sha[:12]}"
+        raise BindingError(
+            f"{where} was trained for {was} (the space it maps into), but"
+            f" {new_model.space_id} is there now; {hint}"
+        )
 
 
 def resolve_source(
@@ -275,19 +339,45 @@ class SideInfo:
         return pos
 
     def images(self, item_ids: list[int]) -> dict[int, bytes]:
-        table = storage.open_pinned(self.db, storage.GALLERY_STORE, self.version)
-        found: dict[int, bytes] = {}
-        for start in range(0, len(item_ids), 2000):
-            part = item_ids[start : start + 2000]
-            rows = (
-                table.search()
-                .where(f"item_id IN ({', '.join(map(str, part))})")
-                .select(["item_id", "image"])
-                .limit(len(part))
-                .to_arrow()
-            )
-            found.update(zip(rows.column("item_id").to_pylist(), rows.column("image").to_pylist()))
-        return found
+        rows = stored_rows(self.db, self.version, item_ids, ["item_id", "image"])
+        return dict(zip(rows.column("item_id").to_pylist(), rows.column("image").to_pylist()))
+
+
+def stored_rows(db, store_version: int, item_ids: list[int], columns: list[str]) -> pa.Table:
+    """`columns` of the items `item_ids` in gallery_store at `store_version` (in store order)."""
+    table = storage.open_pinned(db, storage.GALLERY_STORE, store_version)
+    names = set(table.schema.names)
+    wanted = [c for c in columns if c in names]
+    parts = []
+    for start in range(0, len(item_ids), 2000):
+        part = item_ids[start : start + 2000]
+        parts.append(
+            table.search()
+            .where(f"item_id IN ({', '.join(map(str, part))})")
+            .select(wanted)
+            .limit(len(part))
+            .to_arrow()
+        )
+    if not parts:
+        return pa.table({c: pa.array([], table.schema.field(c).type) for c in wanted})
+    return pa.concat_tables(parts)
+
+
+def absent_items(db, source: SourceTable, store_version: int) -> np.ndarray:
+    """Ids of the items of gallery_store (at `store_version`) that the source table (at its pinned
+    version) does not hold, sorted: items ingested while another version was served (a later
+    promotion, then a rollback) never reached the table h maps from. Empty when the source is
+    gallery_store itself."""
+    if source.table == storage.GALLERY_STORE:
+        return np.zeros(0, np.int64)
+
+    def ids(name: str, version: int) -> np.ndarray:
+        table = storage.open_pinned(db, name, version)
+        return table.search().select(["item_id"]).limit(None).to_arrow().column("item_id")
+
+    stored = ids(storage.GALLERY_STORE, store_version).to_numpy()
+    held = ids(source.table, source.version).to_numpy()
+    return np.sort(stored[~np.isin(stored, held)]).astype(np.int64)
 
 
 def source_pages(
@@ -349,6 +439,8 @@ def plan_backfill(
     n = source.rows
     store_version = db.open_table(storage.GALLERY_STORE).version
     side = SideInfo(db, store_version) if source.table != storage.GALLERY_STORE else None
+    # Items the source table lacks: the last shard embeds them from their stored images.
+    absent = absent_items(db, source, store_version)
     started = time.perf_counter()
     # Pass 1: sigma of every item, to spend the re-embedding budget where h is least sure.
     reembed_ids: list[int] = []
@@ -361,9 +453,13 @@ def plan_backfill(
         ids, sigmas = [], []
         for batch in source_pages(db, source, side, [], rows_per_batch, pages_ahead=pages_ahead):
             ids.append(batch.column("item_id").to_numpy())
-            sigmas.append(transform(batch)[1].numpy())
+            _, sigma, missing = transform(batch)
+            # Items with no source vector are embedded from their images whatever the budget:
+            # they do not take its places.
+            sigmas.append(np.where(missing, -np.inf, sigma.numpy()))
         ids_all, sigma_all = np.concatenate(ids), np.concatenate(sigmas)
-        reembed_ids = ids_all[np.argsort(-sigma_all, kind="stable")[:budget]].tolist()
+        order = np.argsort(-sigma_all, kind="stable")[:budget]
+        reembed_ids = ids_all[order[np.isfinite(sigma_all[order])]].tolist()
     count = min(shards, max(n, 1))  # never an empty shard
     ranges = tuple(
         ShardRange(index=k, count=count, start=k * n // count, stop=(k + 1) * n // count)
@@ -372,7 +468,7 @@ def plan_backfill(
     return BackfillPlan(
         version=version,
         gallery_store_version=store_version,
-        rows=n,
+        rows=n + len(absent),
         run_id=run_id,
         reembed_fraction=reembed_fraction,
         reembed_ids=tuple(reembed_ids),
@@ -394,7 +490,9 @@ def _shard_rows(
     log,
     pages_ahead: int,
 ) -> Iterator[pa.RecordBatch]:
-    """Pass 2 over one shard's rows: h for all, the new model for the chosen ones."""
+    """Pass 2 over one shard's rows: h for all, the new model for the chosen ones and for those
+    with no vector in the source's space; the last shard then adds the items the source table
+    lacks, embedded by the new model from their stored images."""
     # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.augment import to_float
     from fct_ml.training import encode
@@ -407,13 +505,57 @@ def _shard_rows(
     schema = storage.backfilled_schema(dim, space_id, lineage=True)
     name = storage.version_table(plan.version)
     where = f" shard {shard.index + 1}/{shard.count}" if shard.count > 1 else ""
-    total = shard.stop - shard.start
+    last = shard.index == shard.count - 1
+    absent = absent_items(db, source, plan.gallery_store_version) if last else np.zeros(0)
+    total = shard.stop - shard.start + len(absent)
     in_store = source.table == storage.GALLERY_STORE
     side = None if in_store else SideInfo(db, plan.gallery_store_version)
     cols = ["label", "chain", "ingest_batch", "space_id"] + (
         ["image"] if reembed.size and in_store else []
     )
     started = time.perf_counter()
+
+    def embed_images(item_ids: np.ndarray, blobs: dict[int, bytes]) -> np.ndarray:
+        images = []
+        for i in item_ids.tolist():
+            try:
+                images.append(storage.decode_png(blobs[i], channels))
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"gallery_store item {i}: {err}") from None
+        x = torch.from_numpy(np.stack(images))
+        return encode(new_model.model, [x], transform=to_float).numpy()
+
+    def report(rows: int) -> None:
+        done["rows"] += rows
+        elapsed = time.perf_counter() - started
+        rate = done["rows"] / elapsed if elapsed > 0 else float("nan")
+        eta = (total - done["rows"]) / rate if rate > 0 else float("nan")
+        log(
+            f"backfill {plan.version}{where}: {done['rows']}/{total} items ({done['reembedded']}"
+            f" re-embedded), {rate:,.0f} items/s, ETA {eta:.0f} s"
+        )
+
+    def rows_batch(item_ids, labels, emb, sigma, pick, chain, ingest) -> pa.RecordBatch:
+        if not np.isfinite(emb).all():
+            raise ValueError(f"{name}: NaN or Inf in backfilled vectors; nothing was published")
+        # Columns built by Arrow from arrays (no Python loop over rows), vectors without a copy
+        # where they are float32 already.
+        return pa.record_batch(
+            [
+                pa.array(item_ids.astype(np.int64, copy=False)),
+                labels,
+                pa.FixedSizeListArray.from_arrays(
+                    pa.array(emb.astype(np.float32, copy=False).reshape(-1)), dim
+                ),
+                pa.array(sigma.astype(np.float32, copy=False)),
+                pc.if_else(pa.array(pick, pa.bool_()), "re-embedded", "transformed"),
+                pa.repeat(space_id, len(item_ids)),
+                chain,
+                ingest,
+            ],
+            schema=schema,
+        )
+
     pages = source_pages(
         db,
         source,
@@ -425,52 +567,63 @@ def _shard_rows(
         pages_ahead=pages_ahead,
     )
     for batch in pages:
-        emb, sigma = transform(batch)
+        emb, sigma, missing = transform(batch)
         emb = emb.numpy()
         item_ids = batch.column("item_id").to_numpy()
-        pick = np.isin(item_ids, reembed)
+        # The chosen items, and those h has no input for (no vector in the source's space).
+        pick = np.isin(item_ids, reembed) | missing
         if pick.any():
-            chosen = item_ids[pick].tolist()
-            if in_store:
+            chosen = item_ids[pick]
+            if "image" in batch.schema.names:
                 blobs = dict(zip(item_ids.tolist(), batch.column("image").to_pylist()))
+            elif side is not None:
+                blobs = side.images(chosen.tolist())
             else:
-                blobs = side.images(chosen)
-            images = []
-            for i in chosen:
-                try:
-                    images.append(storage.decode_png(blobs[i], channels))
-                except (KeyError, ValueError) as err:
-                    raise ValueError(f"gallery_store item {i}: {err}") from None
-            x = torch.from_numpy(np.stack(images))
-            emb[pick] = encode(new_model.model, [x], transform=to_float).numpy()
+                rows = stored_rows(
+                    db, plan.gallery_store_version, chosen.tolist(), ["item_id", "image"]
+                )
+                blobs = dict(
+                    zip(rows.column("item_id").to_pylist(), rows.column("image").to_pylist())
+                )
+            emb[pick] = embed_images(chosen, blobs)
             done["reembedded"] += int(pick.sum())
-        if not np.isfinite(emb).all():
-            raise ValueError(f"{name}: NaN or Inf in backfilled vectors; nothing was published")
-        done["rows"] += len(item_ids)
-        elapsed = time.perf_counter() - started
-        rate = done["rows"] / elapsed if elapsed > 0 else float("nan")
-        eta = (total - done["rows"]) / rate if rate > 0 else float("nan")
-        log(
-            f"backfill {plan.version}{where}: {done['rows']}/{total} items ({done['reembedded']}"
-            f" re-embedded), {rate:,.0f} items/s, ETA {eta:.0f} s"
+        yield rows_batch(
+            item_ids,
+            batch.column("label"),
+            emb,
+            sigma.numpy(),
+            pick,
+            chains(batch, source, space_id, pick),
+            _column_or_nulls(batch, "ingest_batch"),
         )
-        # Columns built by Arrow from arrays (no Python loop over rows), vectors without a copy
-        # where they are float32 already.
-        yield pa.record_batch(
-            [
-                pa.array(item_ids.astype(np.int64, copy=False)),
-                batch.column("label"),
-                pa.FixedSizeListArray.from_arrays(
-                    pa.array(emb.astype(np.float32, copy=False).reshape(-1)), dim
-                ),
-                pa.array(sigma.numpy().astype(np.float32, copy=False)),
-                pc.if_else(pa.array(pick, pa.bool_()), "re-embedded", "transformed"),
-                pa.repeat(space_id, len(item_ids)),
-                chains(batch, source, space_id, pick),
-                _column_or_nulls(batch, "ingest_batch"),
-            ],
-            schema=schema,
+        report(len(item_ids))
+    # The items the source table lacks (ingested while another version was served): h has
+    # nothing to map, so the new model embeds them from their stored images (sigma 0: exact).
+    for start in range(0, len(absent), plan.rows_per_batch):
+        ids = absent[start : start + plan.rows_per_batch].tolist()
+        rows = stored_rows(
+            db, plan.gallery_store_version, ids, ["item_id", "label", "image", "ingest_batch"]
+        ).sort_by("item_id")
+        item_ids = rows.column("item_id").to_numpy()
+        blobs = dict(zip(item_ids.tolist(), rows.column("image").to_pylist()))
+        emb = embed_images(item_ids, blobs)
+        done["reembedded"] += len(item_ids)
+        n = len(item_ids)
+        ingest = (
+            rows.column("ingest_batch").combine_chunks().cast(pa.string())
+            if "ingest_batch" in rows.column_names
+            else pa.nulls(n, pa.string())
         )
+        yield rows_batch(
+            item_ids,
+            rows.column("label").combine_chunks(),
+            emb,
+            np.zeros(n, np.float32),
+            np.ones(n, bool),
+            pa.repeat(space_id, n),
+            ingest,
+        )
+        report(n)
 
 
 def _column_or_nulls(batch: pa.RecordBatch, name: str) -> pa.Array:
@@ -501,6 +654,12 @@ def chains(
     return pc.if_else(pa.array(reembedded, pa.bool_()), space_id, chained)
 
 
+def _side_info_space(db, plan: BackfillPlan) -> str | None:
+    """The space of gallery_store's side-info at the plan's version (its schema metadata)."""
+    store = storage.open_pinned(db, storage.GALLERY_STORE, plan.gallery_store_version)
+    return storage.table_space_ids(store).get("side_info_space_id")
+
+
 def write_shard(
     fct,
     plan: BackfillPlan,
@@ -514,6 +673,9 @@ def write_shard(
     """Backfill one shard into its staging table (or, for a single shard, the version's table),
     reading `pages_ahead` source pages ahead of h."""
     db, device = fct.connect(), fct.torch_device()
+    # In every shard's process, which loaded its own checkpoints: h must have been trained for
+    # the new model that labels the rows (and the spaces it reads).
+    require_bound(h, plan.version, new_model, plan.source, _side_info_space(db, plan))
     h = h.to(device)
     new_model.model.to(device)
     staged = shard.count > 1
@@ -531,10 +693,16 @@ def write_shard(
     info = storage.publish(
         db, name, schema, _shard_rows(db, plan, shard, h, new_model, done, log, pages_ahead)
     )
-    # offset/limit pages must tile the range exactly
-    if info["rows"] != shard.stop - shard.start:
+    # offset/limit pages must tile the range exactly (the last shard adds the absent items)
+    absent = (
+        len(absent_items(db, plan.source, plan.gallery_store_version))
+        if shard.index == shard.count - 1
+        else 0
+    )
+    if info["rows"] != shard.stop - shard.start + absent:
         raise RuntimeError(
             f"{name}: {info['rows']} rows written for range [{shard.start}, {shard.stop})"
+            + (f" and {absent} items the source lacks" if absent else "")
         )
     return ShardResult(
         **info,

@@ -36,6 +36,7 @@ from fct_assets.upgrade.backfill import (
     drop_staging,
     publish_shards,
     release_table,
+    require_bound,
     resolve_source,
     write_shard,
 )
@@ -69,10 +70,10 @@ def backfill_config(config: dict) -> dict:
     which carries it to the shards and the publish: run config keeps the shape
     {"ops": {"backfilled_gallery": {"config": {...}}}}.
 
-    Checked here, when the run is launched: a value out of range is refused before the run exists,
-    with one line naming the field, the bound and the value (LaunchConfigError)."""
-    chosen = validated(BackfillConfig, config, BACKFILLED_GALLERY)
-    return {"plan_backfill": {"config": chosen.model_dump()}}
+    Passed through unchecked: a value out of range is refused at submission, with every other
+    step's (fct_assets/lib/submission.py), and else by the plan as it starts. An error raised
+    here, in the code location, would reach the UI as a stack trace."""
+    return {"plan_backfill": {"config": dict(config)}}
 
 
 @dg.op(
@@ -81,6 +82,9 @@ def backfill_config(config: dict) -> dict:
         "shard": dg.DynamicOut(ShardRange, io_manager_key=RECORDS),
     },
     pool=GPU_POOL,
+    # The schema, not a `config: BackfillConfig` parameter: Dagster would build the class itself
+    # and a value out of range would fail the step with pydantic's multi-line error.
+    config_schema=BackfillConfig.to_config_schema(),
     description=(
         "Pass 1 (sigma of every item when re-embedding), the items to re-embed, the shards' row"
         " ranges."
@@ -88,12 +92,15 @@ def backfill_config(config: dict) -> dict:
 )
 def plan_backfill(
     context: dg.OpExecutionContext,
-    config: BackfillConfig,
     fct: FctResource,
     gallery_store: GalleryStore,
     transformation: Checkpoint,
+    new_model: Checkpoint,
 ):
 
+    # Refused at submission already (lib/submission.py); here for runs no coordinator saw
+    # (execute_in_process, `fct catch-up`): one line naming the field, before anything is read.
+    config = validated(BackfillConfig, dict(context.op_config), BACKFILLED_GALLERY)
     version = require_registered(context.instance, context.partition_key)
     h_meta = transformation.recorded  # the record of the checkpoint loaded here
     if h_meta.side_info_space_id != gallery_store.side_info_space_id:
@@ -103,6 +110,16 @@ def plan_backfill(
             f" re-materialise transformation[{version}]"
         )
     source = resolve_source(context.instance, fct.connect(), gallery_store, h_meta, version)
+    # Before anything is written: h must have been trained for this new model, whose space the
+    # rows will be labelled with (one line naming both, else).
+    require_bound(
+        transformation.model,
+        version,
+        new_model,
+        source,
+        gallery_store.side_info_space_id,
+        recorded=h_meta,
+    )
     context.log.info(
         f"backfill {version}: from {source.table}@{source.version} ({source.column},"
         f" {source.space_id}, {source.rows} items)"

@@ -151,15 +151,28 @@ def evaluate_version(
             f" {declared.get('space_id')}, the new model's queries are in {new_model.space_id}"
         )
     served = _read(db, backfilled.table, pinned, ["item_id", "label", "embedding", "source"])
-    # The evaluation set: the items of the served table whose label is known (an ingested item
-    # may come without one), with their images and side-info from the store of record.
-    served = served.filter(pc.greater_equal(served.column("label"), 0))
-    ids = served.column("item_id").to_numpy()
     source = backfilled.source
     from_store = source is None or source.table == storage.GALLERY_STORE
     store_version = (
         gallery_store.version if source is None else db.open_table(storage.GALLERY_STORE).version
     )
+    # The evaluation set: the items of the served table whose label is known (an ingested item
+    # may come without one) and that have a vector in the space h maps from (an item ingested
+    # after a later promotion has none: the backfill embedded it from its image, and the cases
+    # of h cannot include it), with their images and side-info from the store of record.
+    # (An item the store does not hold is still refused below, naming it.)
+    served = served.filter(pc.greater_equal(served.column("label"), 0))
+    stored_ids = _read(db, storage.GALLERY_STORE, store_version, ["item_id", "old_embedding"])
+    if from_store:
+        unmapped = stored_ids.filter(pc.is_null(stored_ids.column("old_embedding")))
+        unmapped = unmapped.column("item_id").combine_chunks()
+    else:
+        held = _read(db, source.table, source.version, ["item_id"]).column("item_id")
+        everyone = stored_ids.column("item_id")
+        unmapped = everyone.filter(pc.invert(pc.is_in(everyone, held.combine_chunks())))
+        unmapped = unmapped.combine_chunks()
+    served = served.filter(pc.invert(pc.is_in(served.column("item_id"), value_set=unmapped)))
+    ids = served.column("item_id").to_numpy()
     columns = ["item_id", "label", "image", "side_info"] + (["old_embedding"] if from_store else [])
     store = _aligned(
         _read(db, storage.GALLERY_STORE, store_version, columns), ids, storage.GALLERY_STORE

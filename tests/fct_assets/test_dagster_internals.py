@@ -1,10 +1,11 @@
 """fct_assets/lib/dagster_internals.py, the product's Dagster private API in one place: each
 function on a tiny real Dagster instance, so a Dagster upgrade that moves one fails here.
-(report_run_worker_lost is tested with the run reaper, tests/fct_assets/test_run_reaper.py.)"""
+(report_run_worker_lost is tested with the run reaper, tests/fct_assets/test_run_reaper.py;
+launch_refused also through GraphQL, tests/fct_assets/test_submission.py.)"""
 
 import dagster as dg
 
-from fct_assets.lib.dagster_internals import latest_check_execution
+from fct_assets.lib.dagster_internals import latest_check_execution, launch_refused
 from tests.support.check_events import report_planned_check
 
 VERSIONS = dg.StaticPartitionsDefinition(["x", "y", "z"])
@@ -47,3 +48,18 @@ def test_latest_check_execution_skips_a_later_run_that_only_planned_the_check():
         assert history[0].run_id == planned_run  # the planned record is the latest one
         got = latest_check_execution(instance, key, "x")
         assert got.run_id == result.run_id and got.evaluation.passed
+
+
+def test_launch_refused_answers_as_a_config_error_naming_the_path():
+    path = ("ops", "new_model", "config", "epochs")
+    err = launch_refused("upgrade", [(path, -1, "new_model.epochs: -1 refused: expected >= 1")])
+    assert str(err) == "new_model.epochs: -1 refused: expected >= 1"
+    answer = err.error  # what dagster-graphql returns as the launch mutation's answer
+    assert answer.pipeline_name == "upgrade"
+    (error,) = answer.errors
+    assert (error.message, error.reason, error.value_rep) == (
+        "new_model.epochs: -1 refused: expected >= 1",
+        "RUNTIME_TYPE_MISMATCH",
+        "-1",
+    )
+    assert [entry.field_name for entry in error.stack._stack.entries] == list(path)

@@ -8,27 +8,18 @@ import os
 
 import dagster as dg
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from fct_assets.definitions import build_defs
-from fct_assets.lib import records, storage
+from fct_assets.lib import storage
 from fct_assets.lib.event_log import recorded_metadata
-from fct_assets.lib.io_managers import (
-    CheckpointIOManager,
-    RecordIOManager,
-    load_recorded_checkpoint,
-)
-from fct_assets.lib.resources import FctResource
+from fct_assets.lib.io_managers import load_recorded_checkpoint
 from fct_assets.upgrade.backfill import STAGING_PREFIX
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation
-from fct_ml.checkpoint import save_checkpoint
-from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.training import encode
-from fct_ml.transformation import Transformation, TransformationConfig
-from tests.support.env import synthetic_store
+from tests.support.small_world import build_small_world
 
 BACKFILL = dg.AssetKey("backfilled_gallery")
 
@@ -212,96 +203,13 @@ def test_below_ann_min_rows_no_index(env):
 # --------------------------------------------------------------------------- #
 
 N_ITEMS, CORRUPT_ITEM = 12, 10
-OLD_SPACE, SIDE_SPACE = "old_model@aaaaaaaaaaaa", "side_info_model@bbbbbbbbbbbb"
-
-
-def _small_world(root):
-    fct = FctResource(lancedb_uri=str(root / "lancedb"), preset="tiny", device="cpu", data_dir=None)
-    rng = np.random.default_rng(1)
-    images = [
-        storage.encode_png(rng.integers(0, 256, (1, 8, 8), dtype=np.uint8)) for _ in range(N_ITEMS)
-    ]
-    images[CORRUPT_ITEM] = b"\x89PNG\r\n\x1a\n" + b"garbage" * 4
-
-    def vec():
-        return pa.FixedSizeListArray.from_arrays(
-            pa.array(rng.random(N_ITEMS * 4).astype(np.float32)), 4
-        )
-
-    schema = storage.gallery_store_schema(4, 4, OLD_SPACE, SIDE_SPACE)
-    batch = pa.record_batch(
-        [
-            pa.array(np.arange(N_ITEMS, dtype=np.int64)),
-            pa.array((np.arange(N_ITEMS) % 10).astype(np.int32)),
-            pa.array(images, pa.binary()),
-            vec(),
-            vec(),
-            pa.array([OLD_SPACE] * N_ITEMS),
-            pa.array([SIDE_SPACE] * N_ITEMS),
-        ],
-        schema=schema,
-    )
-    info = storage.publish(fct.connect(), storage.GALLERY_STORE, schema, [batch])
-    (root / "records").mkdir()
-    store = synthetic_store(info, OLD_SPACE, SIDE_SPACE, 4)
-    (root / "records" / "gallery_store.json").write_text(records.dumps(store))
-    home = root / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    instance = dg.DagsterInstance.from_config(str(home))
-    instance.add_dynamic_partitions("model_version", ["v2"])
-    torch.manual_seed(0)
-    h = Transformation(
-        TransformationConfig(
-            old_dim=4, side_info_dim=4, new_dim=4, branch_width=4, inner_width=4, uncertainty=True
-        )
-    )
-    new_model = EmbeddingModel(
-        ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=10)
-    )
-    for name, model, extra in (
-        ("new_model", new_model, {}),
-        ("transformation", h, {"old_space_id": OLD_SPACE, "side_info_space_id": SIDE_SPACE}),
-    ):
-        saved = save_checkpoint(
-            root / "checkpoints" / name / "v2.safetensors", model.eval(), name=f"{name}:v2"
-        )
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(
-                name,
-                partition="v2",
-                metadata={
-                    "path": saved.path,
-                    "sha256": saved.sha256,
-                    "space_id": saved.space_id,
-                    **extra,
-                },
-            )
-        )
-    defs = build_defs(
-        {
-            "fct": fct,
-            "checkpoint_io_manager": CheckpointIOManager(uri=str(root / "checkpoints")),
-            "record_io_manager": RecordIOManager(uri=str(root / "records")),
-        },
-        executor=dg.in_process_executor,
-    )
-    return fct, instance, defs
 
 
 def test_a_failed_shard_publishes_nothing(tmp_path):
-    fct, instance, defs = _small_world(tmp_path)
-    db = fct.connect()
-    job = defs.resolve_implicit_global_asset_job_def()
-
-    def backfill(**config):
-        return job.execute_in_process(
-            instance=instance,
-            partition_key="v2",
-            asset_selection=[BACKFILL],
-            raise_on_error=False,
-            run_config={"ops": {"backfilled_gallery": {"config": {"rows_per_batch": 2, **config}}}},
-        )
+    world = build_small_world(tmp_path, n_items=N_ITEMS, corrupt=CORRUPT_ITEM)
+    world.upgrade_models()
+    instance, db = world.instance, world.fct.connect()
+    backfill = world.backfill
 
     first = backfill(shards=3)
     assert first.success

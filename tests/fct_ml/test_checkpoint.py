@@ -1,4 +1,5 @@
-"""Checkpoints: safetensors round trip, sha256 refusal, non-checkpoint files, content digest."""
+"""Checkpoints: safetensors round trip, sha256 refusal, non-checkpoint files, content digest, the
+checkpoints an h was trained for."""
 
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ from fct_ml.checkpoint import (
     space_id,
 )
 from fct_ml.models import EmbeddingModel, ModelConfig
-from fct_ml.transformation import Transformation, TransformationConfig
+from fct_ml.transformation import (
+    BindingError,
+    TrainedFor,
+    Transformation,
+    TransformationConfig,
+    bind,
+    require_trained_for,
+    trained_for,
+)
 
 
 def _model(seed: int = 0) -> EmbeddingModel:
@@ -143,3 +152,32 @@ def test_a_transformation_saved_before_depth_and_rank_existed_loads(tmp_path):
             h.forward_with_sigma(old, side)[1], loaded.forward_with_sigma(old, side)[1]
         )
         assert torch.equal(h(old, side), loaded(old, side))
+
+
+def test_an_h_carries_the_checkpoints_it_was_trained_for(tmp_path):
+    # The binding travels in h's checkpoint (not in its weights: the content digest is h's
+    # alone), and a loaded h refuses other spaces with one line naming both.
+    h = Transformation(
+        TransformationConfig(old_dim=3, side_info_dim=2, new_dim=4, branch_width=4, inner_width=4)
+    ).eval()
+    unbound = save_checkpoint(tmp_path / "plain.safetensors", h, name="transformation:v2")
+    assert trained_for(load_checkpoint(unbound.path, unbound.sha256)[0]) is None
+    digest = content_digest(h)
+    spaces = TrainedFor("old_model@aaa", "side_info_model@bbb", "new_model:v2@ccc")
+    info = save_checkpoint(tmp_path / "h.safetensors", bind(h, spaces), name="transformation:v2")
+    assert info.sha256 != unbound.sha256 and content_digest(h) == digest
+    loaded, meta = load_checkpoint(info.path, info.sha256)
+    assert trained_for(loaded) == spaces == meta["trained_for"]
+    assert require_trained_for(loaded, "h", target="new_model:v2@ccc") == spaces
+    with pytest.raises(BindingError) as err:
+        require_trained_for(
+            loaded, "transformation[v2]", source="old_model@aaa", target="new_model:v2@ddd"
+        )
+    assert str(err.value) == (
+        "transformation[v2] was trained for new_model:v2@ccc (the space it maps into), but"
+        " new_model:v2@ddd is there now; train it again"
+    )
+    with pytest.raises(BindingError, match=r"^h was trained for side_info_model@bbb \(the space"):
+        require_trained_for(loaded, "h", side_info="side_info_model@eee")
+    with pytest.raises(BindingError, match="^h records no checkpoints it was trained for"):
+        require_trained_for(h.__class__(h.config), "h")

@@ -82,6 +82,9 @@ def test_backfill_killed_part_way_publishes_nothing_and_rerun_is_exact(env, reli
         instance=env.instance,
         partition_key="v3",
         asset_selection=[dg.AssetKey("new_model"), dg.AssetKey("transformation")],
+        # h from the old model: the worker backfills from gallery_store's old embeddings (and
+        # refuses an h trained on another space, e.g. a version promoted by an earlier test).
+        run_config={"ops": {"transformation": {"config": {"source": "old"}}}},
     ).success
     before = _served_state(db)
     n = db.open_table(storage.GALLERY_STORE).count_rows()
