@@ -20,6 +20,7 @@ from pydantic import Field
 
 from fct_assets.lib import storage
 from fct_assets.lib.io_managers import storage_uri, store_path
+from fct_assets.lib.keys import LANE_TAG, OPS_LANE
 from fct_assets.lib.resources import FctResource
 from fct_assets.serving.deployment import history
 
@@ -125,7 +126,11 @@ def clean_up(context: dg.OpExecutionContext, config: HousekeepingConfig, fct: Fc
     return dg.Output(None, metadata={"run_records_removed": len(runs), "versions_left": left})
 
 
-@dg.job(name="housekeeping", description="Bound what runs leave behind (records, old versions).")
+@dg.job(
+    name="housekeeping",
+    description="Bound what runs leave behind (records, old versions).",
+    tags={LANE_TAG: OPS_LANE},
+)
 def housekeeping_job():
     clean_up()
 
