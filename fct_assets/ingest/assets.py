@@ -362,6 +362,9 @@ def fct_inbox(context: dg.SensorEvaluationContext):
     for start in range(0, len(fresh), MAX_FILES):
         part = fresh[start : start + MAX_FILES]
         key = ingest.batch_key([f for f, _ in part], now)
+        attempt = max(a for _, a in part)
+        if attempt:  # a new partition and run key, never the ended batch's again
+            key = f"{key}-a{attempt}"
         keys.append(key)
         requests.append(
             dg.RunRequest(

@@ -350,6 +350,8 @@ def rollback_target(db) -> tuple[VersionTable, bool]:
     """(the deployment before the current one, at the latest version of its table when that holds
     its rows plus appends; whether that is so, i.e. whether items can be appended for it)."""
     target = _rollback_target(history(db))
+    if not storage.table_exists(db, target.table):  # a hand-made record; nothing to append to
+        return _version_table(target), False
     head = db.open_table(target.table).version
     if storage.same_publish(db, target.table, target.table_version, head):
         return _version_table(target).model_copy(update={"table_version": head}), True

@@ -56,8 +56,11 @@ def rollback(
             )
         return catch_up_table(instance, fct, db, to, missing, log=log)
 
-    with guards.leased(db, tables, me, ended=ended, wait_s=wait_s):
-        return deployment.rollback(db, force=force, catch_up=catch_up)
+    try:
+        with guards.leased(db, tables, me, ended=ended, wait_s=wait_s):
+            return deployment.rollback(db, force=force, catch_up=catch_up)
+    except guards.TableBusyError as busy:  # one line, refused like any other rollback
+        raise PromotionError(f"rollback not recorded: {busy}") from None
 
 
 def catch_up_table(
