@@ -70,6 +70,7 @@ def _files(request: dg.RunRequest) -> list[str]:
     return request.run_config["ops"]["ingested_batch"]["config"]["files"]
 
 
+@pytest.mark.slow  # runs the ingest job (it fails) in process
 def test_files_a_failed_run_left_in_the_inbox_are_submitted_again(inbox, instance, tmp_path):
     first, cursor = _tick(instance)
     (request,) = first.run_requests
@@ -91,6 +92,7 @@ def test_files_a_failed_run_left_in_the_inbox_are_submitted_again(inbox, instanc
     assert {v[1] for v in json.loads(cursor).values()} == {retry.partition_key}
 
 
+@pytest.mark.slow  # runs the ingest job (it fails) in process
 def test_a_failed_run_about_to_be_retried_or_backing_off_holds_its_files(
     inbox, instance, tmp_path, monkeypatch
 ):
