@@ -126,7 +126,8 @@ def commit_guard(instance: dg.DagsterInstance, db, target: Target, run_id: str):
             )
         if serving is not None:
             head = db.open_table(serving.table).version
-            why = servable(db, serving, head, instance=instance)
+            # Whether it holds every stored item is decided once the batch is in (advance).
+            why = servable(db, serving, head, instance=instance, complete=False)
             if why is not None:
                 raise NotServableError(
                     f"ingest: {serving.table} version {head} may not serve {serving.version}:"

@@ -282,11 +282,14 @@ def missing_items(db, table: str, table_version: int) -> tuple[list[int], int | 
     return sorted(missing.to_pylist()), store.version
 
 
-def servable(db, serving: VersionTable, table_version: int, *, instance=None) -> str | None:
+def servable(
+    db, serving: VersionTable, table_version: int, *, instance=None, complete: bool = True
+) -> str | None:
     """Why version `table_version` of the served table may not serve in place of `serving`, or
     None when it may: it holds the served rows plus appends (the same publish), or, with
     `instance`, it is a publish of the served version whose blocking checks all passed on it,
-    plus appends, and lacks no item of gallery_store (`fct catch-up` of the served version)."""
+    plus appends, and (`complete`) lacks no item of gallery_store (`fct catch-up` of the served
+    version). `complete=False`: the caller is about to append the items it lacks."""
     if storage.same_publish(db, serving.table, serving.table_version, table_version):
         return None
     why = (
@@ -301,7 +304,7 @@ def servable(db, serving: VersionTable, table_version: int, *, instance=None) ->
     (at,) = checked
     if at is None or not storage.same_publish(db, serving.table, at, table_version):
         return f"{why}, and its blocking checks passed on version {at}, not on the new publish"
-    missing, _ = missing_items(db, serving.table, table_version)
+    missing, _ = missing_items(db, serving.table, table_version) if complete else ([], None)
     if missing:
         return f"{why}; its checked publish lacks {len(missing)} items of gallery_store"
     return None

@@ -619,6 +619,26 @@ def test_a_rollback_to_a_table_published_again_cannot_catch_up(instance, db):
     assert row.note.startswith("forced: 2 items")
 
 
+def test_an_ingest_appends_to_a_checked_publish_of_the_served_version_and_serves_it(instance, db):
+    # `fct catch-up v2` of the served v2 published its table again and its checks passed; an item
+    # then arrives. That publish lacks it, so it may not serve as it is, but the ingest bringing
+    # the item may append to it, and the appended version serves.
+    _store(db, [0, 1, 2, 3])
+    _promotable(instance, db, "v2")
+    row = promote(instance, db, "v2")
+    republished = _table(db, "v2")
+    _materialised(instance, "v2", republished)
+    _checked(instance, "v2", republished)
+    _store(db, [0, 1, 2, 3, 9])
+    assert deployment.servable(db, row, republished, instance=instance).endswith(
+        "; its checked publish lacks 1 items of gallery_store"
+    )
+    assert deployment.servable(db, row, republished, instance=instance, complete=False) is None
+    appended = _append(db, "v2", [9])
+    served = deployment.advance(db, "v2", appended, instance=instance)
+    assert (served.action, served.table_version) == ("ingest", appended)
+
+
 def test_a_deployments_table_without_the_note_column_reads_and_gains_it(instance, db):
     # A deployments table an older fct wrote has no `note`: it reads (note None) and gains the
     # column, null in its old rows, at the next write.
