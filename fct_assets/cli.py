@@ -56,13 +56,14 @@ def _promote(args) -> int:
 
 
 def _rollback(args) -> int:
-    from fct_assets.serving.deployment import rollback
+    from fct_assets.serving.rollback import rollback
 
-    row = rollback(_fct().connect())
+    row = rollback(_instance(), _fct(), force=args.force, log=lambda line: None)
     if args.json:
         return _print_json(row)
     print(
-        f"rolled back to {row.version}: serving {row.table} @ LanceDB version {row.table_version}"
+        f"rolled back to {row.version}: serving {row.table} @ LanceDB version"
+        f" {row.table_version} ({row.note})"
     )
     return 0
 
@@ -234,7 +235,15 @@ def build_parser() -> Parser:
     p.add_argument("version")
     _json_flag(p)
     p.set_defaults(func=_promote)
-    p = sub.add_parser("rollback", help="serve again the previously deployed version")
+    p = sub.add_parser(
+        "rollback",
+        help="serve again the previously deployed version, first adding the items ingested since",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="serve it even if items ingested since cannot be added (they stop being searchable)",
+    )
     _json_flag(p)
     p.set_defaults(func=_rollback)
     p = sub.add_parser(

@@ -319,6 +319,7 @@ def ingest_files(
     run_id: str = "",
     instance=None,
     inbox: Path | None = None,
+    before_commit: Callable[[str], None] | None = None,
 ) -> IngestBatch:
     """Ingest (path, label) files as batch `batch` into gallery_store and the target's table.
 
@@ -329,7 +330,10 @@ def ingest_files(
     holder when one is still writing after `FCT_INGEST_WAIT_S` seconds (nothing written).
     With `inbox`, a file that resolves outside it is quarantined unread (read_item), and an
     incomplete one is left in the inbox for a retry (`retry_or_give_up`; its marker is written
-    once the batch's commits are done)."""
+    once the batch's commits are done).
+    `before_commit(table)` is called under the leases right before each table's commit; what it
+    raises aborts the batch there (fct_assets/ingest/assets.py: the run still running, the
+    deployment unchanged, its table still servable)."""
     # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     import torch
 
@@ -418,6 +422,8 @@ def ingest_files(
                     "ingest_batch": pa.array([batch] * n, pa.string()),
                 }
             )
+            if before_commit is not None:
+                before_commit(storage.GALLERY_STORE)
             store_version = _append_commit(store, rows)
             log(f"ingest {batch}: {n} items added to gallery_store (version {store_version})")
 
@@ -446,6 +452,8 @@ def ingest_files(
                         "ingest_batch": pa.array([batch] * n, pa.string()),
                     }
                 )
+                if before_commit is not None:
+                    before_commit(target.table)
                 table_version = _append_commit(table, rows)
                 log(f"ingest {batch}: {n} items added to {target.table} (version {table_version})")
             if advance_deployment is not None:

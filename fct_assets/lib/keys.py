@@ -47,3 +47,12 @@ GPU_POOL = "gpu"
 INGEST_POOL = "ingest"
 # On a run of a version that is current: why it did nothing.
 NO_OP_TAG = "fct/no_op"
+
+# The run queue's lanes (dagster_home/dagster.yaml `tag_concurrency_limits` on LANE_TAG): each
+# job's runs carry one, and each lane has its own slots, so an ingest never waits behind upgrades
+# and an upgrade never waits behind ingest batches.
+LANE_TAG = "fct/lane"
+UPGRADE_LANE = "upgrade"  # base, upgrade, catch_up, verify, scheduled_evaluation, automation
+INGEST_LANE = "ingest"  # ingest batches (the inbox sensor, `fct ingest`)
+OPS_LANE = "ops"  # promote, rollback, housekeeping: short, and never behind an upgrade
+LANES = (UPGRADE_LANE, INGEST_LANE, OPS_LANE)

@@ -22,7 +22,7 @@ before they were typed, so EvalReport keeps schema 1).
     BackfilledTable    backfilled_gallery      the version's published table
     VersionTable       promote, search         a version's table at one LanceDB version
     Hit                search                  one nearest gallery item (`fct search`)
-    Deployment         the deployments table   one promote/rollback row
+    Deployment         the deployments table   one promote/rollback/ingest row
     CheckResult        promote                 the latest run of one blocking check of a version
     EvalReport         eval_report             the version's metrics
     IngestBatch        ingested_batch          one batch of items that arrived (inbox, `fct ingest`)
@@ -224,11 +224,14 @@ class CheckResult(Record):
 
 
 class Deployment(VersionTable):
-    """One row of the append-only deployments table."""
+    """One row of the append-only deployments table. `note`: what the row's action decided
+    beyond the table (a rollback: "complete", "caught up: ..." or "forced: ..."); None in rows
+    written before the column existed."""
 
     seq: int
-    action: str  # promote | rollback
+    action: str  # promote | rollback | ingest
     at: str  # ISO 8601, UTC
+    note: str | None = None
 
 
 class EvalReport(Record):

@@ -7,9 +7,12 @@ side_info_space_id. `gallery_<version>`: item_id, label, embedding, sigma, sourc
 Every table is published by ONE LanceDB commit (`create_table(mode="overwrite")` over a
 stream of record batches): readers see the previous version or the new one, never a half
 written table, and a writer that dies mid-way publishes nothing. Each table's space_ids are
-also written to its schema metadata, and vectors of another space are refused. A version's
-table of at least `ann_min_rows` rows then gets an IVF_PQ index, in a second commit that changes
-no row (`build_ann_index`); search uses it when present (`ann_params`).
+also written to its schema metadata, and vectors of another space are refused. Each publish
+also writes a fresh publish id there (`publish_id`): appends, compaction and indexing keep it,
+so two versions of a table with the same id hold the same published rows plus appends
+(`same_publish`). A version's table of at least `ann_min_rows` rows then gets an IVF_PQ index,
+in a second commit that changes no row (`build_ann_index`); search uses it when present
+(`ann_params`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import errno
 import io
 import math
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -31,6 +35,8 @@ from fct_assets.lib.resources import is_object_store, object_store_cause, object
 
 GALLERY_STORE = "gallery_store"
 DEPLOYMENTS = "deployments"
+# Schema metadata key of a table's publish id: new on every publish, kept by appends.
+PUBLISH_KEY = "fct_publish"
 
 
 class SpaceMismatchError(ValueError):
@@ -245,6 +251,8 @@ def publish(
     space_columns = {
         c: meta[c] for c in ("old_space_id", "side_info_space_id", "space_id") if c in meta
     }
+    # A fresh publish id: whoever appends later (ingest) can tell this publish from the next.
+    schema = schema.with_metadata({**meta, PUBLISH_KEY: uuid.uuid4().hex})
     failure: list[Exception] = []
 
     def produce() -> Iterator[pa.RecordBatch]:
@@ -334,7 +342,21 @@ def build_ann_index(table, dim: int) -> dict[str, Any]:
 
 def table_space_ids(table) -> dict[str, str]:
     """The space ids a table declares in its schema metadata."""
-    return _schema_meta(table.schema)
+    return {k: v for k, v in _schema_meta(table.schema).items() if k.endswith("space_id")}
+
+
+def publish_id(table) -> str | None:
+    """The id of the publish a table (at its checked-out version) descends from; None for a
+    table published before publish ids existed."""
+    return _schema_meta(table.schema).get(PUBLISH_KEY)
+
+
+def same_publish(db, name: str, version: int, later: int) -> bool:
+    """Whether `later` (>= `version`) holds what `version` held plus appends: both descend from
+    one publish (appends, compaction and index builds keep its id; a publish writes a new one)."""
+    if later < version:
+        return False
+    return publish_id(open_pinned(db, name, version)) == publish_id(open_pinned(db, name, later))
 
 
 def append_rows(db, name: str, rows: pa.Table) -> int:

@@ -29,6 +29,7 @@ from pydantic import Field
 from fct_assets.lib import storage
 from fct_assets.lib.inbox import PROCESSED, RETRY, inbox_dir
 from fct_assets.lib.io_managers import storage_uri, store_path
+from fct_assets.lib.keys import LANE_TAG, OPS_LANE
 from fct_assets.lib.resources import FctResource
 from fct_assets.serving.deployment import history
 
@@ -202,6 +203,7 @@ def clean_up(context: dg.OpExecutionContext, config: HousekeepingConfig, fct: Fc
 @dg.job(
     name="housekeeping",
     description="Bound what runs leave behind (records, old versions, processed inbox files).",
+    tags={LANE_TAG: OPS_LANE},
 )
 def housekeeping_job():
     clean_up()

@@ -4,6 +4,12 @@ The deployment record is an append-only LanceDB table (`deployments`): each row 
 version, its table and the *table version* it serves, so a query always reads one complete,
 pinned snapshot, and history supports rollback. A version is promoted only when the latest
 runs of its blocking checks passed after its latest materialisation.
+
+A served table version is always one whose blocking checks passed on it, or such a version
+plus appends (ingested items, a rollback's catch-up): the same publish (`storage.same_publish`).
+An ingest never moves the deployment onto a table a backfill published since (`servable`).
+A rollback never shrinks what is searchable silently: it serves a target that holds every item
+of gallery_store, is caught up first (`catch_up`), or is forced; its row's `note` says which.
 """
 
 import contextlib
@@ -37,12 +43,25 @@ DEPLOYMENT_SCHEMA = pa.schema(
         pa.field("table_version", pa.int64()),
         pa.field("space_id", pa.string()),
         pa.field("at", pa.string()),
+        # Added later (nullable): tables written before it read as note None, and gain the column
+        # at their next write (`_add_new_columns`).
+        pa.field("note", pa.string()),
     ]
 )
 
 
 class PromotionError(ValueError):
     """A version cannot be promoted (or rolled back to); one line saying why."""
+
+
+class DeploymentMovedError(PromotionError):
+    """The deployment an ingest embedded for is no longer the one served (a promotion or a
+    rollback came in between): embed again for the one served now."""
+
+
+class NotServableError(PromotionError):
+    """A table version that may not serve in place of the served one: not the same publish plus
+    appends, and not a checked publish of the served version either."""
 
 
 def history(db) -> list[Deployment]:
@@ -61,10 +80,26 @@ def current(db) -> Deployment | None:
 
 def append(db, action: str, table: VersionTable, **options: Any) -> Deployment:
     """Record that `table` serves from now on (`action`: promote | rollback | ingest), with no
-    rule deciding it: `promote` calls it once its checks passed; tests, benchmarks and repair
-    scripts call it to set a deployment directly. The row is committed as `record` commits it
-    (`options`: record's keyword options)."""
+    rule deciding it: tests, benchmarks and repair scripts call it to set a deployment directly.
+    The row is committed as `record` commits it (`options`: record's keyword options)."""
     return record(db, action, lambda rows: table, **options)
+
+
+def _add_new_columns(db) -> None:
+    """A deployments table written before a column of DEPLOYMENT_SCHEMA existed gains it (null in
+    its old rows), so the row about to be inserted fits; a concurrent writer may have added it."""
+    if not storage.table_exists(db, storage.DEPLOYMENTS):
+        return
+    table = db.open_table(storage.DEPLOYMENTS)
+    missing = [f for f in DEPLOYMENT_SCHEMA if f.name not in table.schema.names]
+    if not missing:
+        return
+    try:
+        table.add_columns(pa.schema(missing))
+    except (RuntimeError, OSError, ValueError):
+        names = db.open_table(storage.DEPLOYMENTS).schema.names
+        if any(f.name not in names for f in missing):
+            raise
 
 
 # Promotions are rare; a conditional commit that keeps losing races is a bug, not load.
@@ -80,6 +115,7 @@ def record(
     sleep: Callable[[float], object] = time.sleep,
     rng: random.Random | None = None,
     file_lock: bool = True,
+    note: str | None = None,
 ) -> Deployment:
     """Append the row `choose(history)` names, with the seq after the last one, as a conditional
     commit: read the history, decide, insert the row unless its seq exists; on a lost race read
@@ -88,7 +124,7 @@ def record(
 
     After lost race i it calls `sleep(rng.uniform(0, min(0.5, 0.01 * 2**i)))` (seconds; `rng`
     defaults to the `random` module) and gives up with PromotionError after `attempts` lost
-    races. `choose` raises PromotionError when nothing may be recorded.
+    races. `choose` raises PromotionError when nothing may be recorded. `note` goes into the row.
 
     On a folder the OS lock of the table (guards.local_lock) also queues writers of this machine,
     so they rarely race at all; on an object store the conditional commit alone decides, as it
@@ -96,6 +132,7 @@ def record(
     uniform = (rng or random).uniform
     lock = guards.local_lock(db, storage.DEPLOYMENTS) if file_lock else contextlib.nullcontext()
     with lock:
+        _add_new_columns(db)
         for attempt in range(attempts):
             rows = history(db)
             table = choose(rows)  # raises PromotionError when nothing may be recorded
@@ -103,6 +140,7 @@ def record(
                 seq=(rows[-1].seq + 1) if rows else 1,
                 action=action,
                 at=_dt.datetime.now(_dt.UTC).isoformat(),
+                note=note,
                 **{field: getattr(table, field) for field in VersionTable.model_fields},
             )
             data = pa.Table.from_pylist([row.model_dump()], schema=DEPLOYMENT_SCHEMA)
@@ -180,11 +218,14 @@ def promote(
     results: dict[str, dict[str, Any]] | None = None,
 ) -> Deployment:
     """Serve `version`, if its blocking checks passed on its latest materialisations; the row
-    records the very table version those checks ran on.
+    records the table version those checks ran on, or its latest version when that holds the
+    checked rows plus appends only (items ingested into it while it served before a rollback).
 
     `results`: the `check_results` to decide on, read earlier by the caller (one that showed
     them to a user promotes on what was shown); by default they are read now. Either way the
-    table's record is read after them, and a re-materialisation since is refused."""
+    table's record is read after them, and a re-materialisation since is refused. The table must
+    hold every item of gallery_store, decided on the history the row is committed after, so an
+    ingest that lands meanwhile is either in the table or sees the promotion and follows it."""
     check_version(version)
     if results is None:
         results = check_results(instance, version)
@@ -203,15 +244,22 @@ def promote(
             f"version {version} not promoted: its checks ran on table versions {checked}, its"
             f" latest materialisation published {row.table} at version {row.table_version}"
         )
-    missing, store_version = missing_items(db, row.table, row.table_version)
-    if missing:
-        raise PromotionError(
-            f"version {version} not promoted: {len(missing)} items of gallery_store (version"
-            f" {store_version}) are not in {row.table} at version {row.table_version} (ingested"
-            f" while it was backfilled); catch up first: `fct catch-up {version}` or the"
-            " `catch_up` job"
-        )
-    deployed = append(db, "promote", row)
+    head = db.open_table(row.table).version
+    if head != row.table_version and storage.same_publish(db, row.table, row.table_version, head):
+        row = row.model_copy(update={"table_version": head})
+
+    def choose(rows: list[Deployment]) -> VersionTable:
+        missing, store_version = missing_items(db, row.table, row.table_version)
+        if missing:
+            raise PromotionError(
+                f"version {version} not promoted: {len(missing)} items of gallery_store (version"
+                f" {store_version}) are not in {row.table} at version {row.table_version}"
+                f" (ingested while it was backfilled); catch up first: `fct catch-up {version}` or"
+                " the `catch_up` job"
+            )
+        return row
+
+    deployed = record(db, "promote", choose)
     # The serving contract names the query model as its materialisation recorded it.
     contract.write(
         db, deployed, checkpoint=recorded_checkpoint_meta(instance, dg.AssetKey(NEW_MODEL), version)
@@ -240,12 +288,43 @@ def missing_items(db, table: str, table_version: int) -> tuple[list[int], int | 
     return sorted(missing.to_pylist()), store.version
 
 
-def advance(db, version: str, table_version: int) -> Deployment:
+def servable(
+    db, serving: VersionTable, table_version: int, *, instance=None, complete: bool = True
+) -> str | None:
+    """Why version `table_version` of the served table may not serve in place of `serving`, or
+    None when it may: it holds the served rows plus appends (the same publish), or, with
+    `instance`, it is a publish of the served version whose blocking checks all passed on it,
+    plus appends, and (`complete`) lacks no item of gallery_store (`fct catch-up` of the served
+    version). `complete=False`: the caller is about to append the items it lacks."""
+    if storage.same_publish(db, serving.table, serving.table_version, table_version):
+        return None
+    why = (
+        f"{serving.table} was published again after version {serving.table_version} (which serves)"
+    )
+    if instance is None:
+        return why
+    results = check_results(instance, serving.version)
+    checked = {r.table_version for r in results.values()}
+    if not results or not all(r.passed for r in results.values()) or len(checked) != 1:
+        return f"{why}, and its blocking checks have not passed on the new publish"
+    (at,) = checked
+    if at is None or not storage.same_publish(db, serving.table, at, table_version):
+        return f"{why}, and its blocking checks passed on version {at}, not on the new publish"
+    missing, _ = missing_items(db, serving.table, table_version) if complete else ([], None)
+    if missing:
+        return f"{why}; its checked publish lacks {len(missing)} items of gallery_store"
+    return None
+
+
+def advance(db, version: str, table_version: int, *, instance=None) -> Deployment:
     """Serve `version` at a newer `table_version` of its own table: an ingest run appended items
-    to the deployed table, and the deployment pins table versions. Refused if `version` is no
-    longer the one deployed (promoted or rolled back meanwhile): the run fails, and its retry
-    embeds the items with the model deployed then (ingestion is idempotent). Decided on the
-    history the row is committed after (`record`), so a promotion in between is seen."""
+    to the deployed table, and the deployment pins table versions.
+
+    Refused with DeploymentMovedError if `version` is no longer the one deployed (promoted or
+    rolled back meanwhile): the ingest embeds the items again for the deployment served then
+    (ingestion is idempotent). Refused with NotServableError unless `servable` (with `instance`:
+    also onto a checked publish of the version). Decided on the history the row is committed
+    after (`record`), so a promotion in between is seen."""
     serving = current(db)
     if serving is not None and serving.version == version:
         if table_version == serving.table_version:
@@ -255,9 +334,14 @@ def advance(db, version: str, table_version: int) -> Deployment:
         serving = rows[-1] if rows else None
         if serving is None or serving.version != version:
             now = serving.version if serving else "nothing"
-            raise PromotionError(
-                f"ingest: {version} is no longer deployed ({now} is); retry the run to embed the"
-                " items with the deployed model"
+            raise DeploymentMovedError(
+                f"ingest: {version} is no longer deployed ({now} is); the items are embedded"
+                " again for the deployed version"
+            )
+        why = servable(db, serving, table_version, instance=instance)
+        if why is not None:
+            raise NotServableError(
+                f"ingest: {serving.table} version {table_version} may not serve {version}: {why}"
             )
         row = serving.model_copy(update={"table_version": table_version})
         return VersionTable(**{f: getattr(row, f) for f in VersionTable.model_fields})
@@ -267,10 +351,75 @@ def advance(db, version: str, table_version: int) -> Deployment:
     return row
 
 
-def rollback(db) -> Deployment:
-    """Serve again the deployment before the current one (the table version it served then;
-    for a version that ingest runs advanced, its latest table version)."""
-    row = record(db, "rollback", _rollback_target)
+# A catch-up: (the target at the table version to append to, the ids it lacks) -> the table
+# version that holds them. Given by the caller (fct_assets/serving/rollback.py embeds them with the
+# target's model from gallery_store's images), which also holds the tables' leases around it.
+CatchUp = Callable[[VersionTable, list[int]], int]
+
+
+def rollback_target(db) -> tuple[VersionTable, bool]:
+    """(the deployment before the current one, at the latest version of its table when that holds
+    its rows plus appends; whether that is so, i.e. whether items can be appended for it)."""
+    target = _rollback_target(history(db))
+    if not storage.table_exists(db, target.table):  # a hand-made record; nothing to append to
+        return _version_table(target), False
+    head = db.open_table(target.table).version
+    if storage.same_publish(db, target.table, target.table_version, head):
+        return _version_table(target).model_copy(update={"table_version": head}), True
+    return _version_table(target), False
+
+
+def _version_table(row: VersionTable) -> VersionTable:
+    return VersionTable(**{f: getattr(row, f) for f in VersionTable.model_fields})
+
+
+def rollback(db, *, force: bool = False, catch_up: CatchUp | None = None) -> Deployment:
+    """Serve again the deployment before the current one (its table at the version it served
+    then, plus what was appended to it since), never shrinking what is searchable silently.
+
+    Items of gallery_store its table lacks (ingested while another version served) are first
+    added by `catch_up`; without one (or when the table was published again since, so nothing
+    can be appended for it) the rollback is refused with one line giving the count, unless
+    `force`. The row's note says which: "complete", "caught up: N items ..." or "forced: ..."."""
+    target, appendable = rollback_target(db)
+    missing, store_version = missing_items(db, target.table, target.table_version)
+    note = "complete"
+    if missing and catch_up is not None and appendable:
+        caught = catch_up(target, missing)
+        target = target.model_copy(update={"table_version": caught})
+        note = (
+            f"caught up: {len(missing)} items of gallery_store embedded by {target.version}'s model"
+        )
+        missing, store_version = missing_items(db, target.table, target.table_version)
+    if missing:
+        lacks = (
+            f"{len(missing)} items of gallery_store (version {store_version}) are not in"
+            f" {target.table} at version {target.table_version}"
+        )
+        if not force:
+            how = (
+                "nothing can be appended to it (published again since)"
+                if not appendable
+                else "no catch-up was given"
+                if catch_up is None
+                else "its catch-up left them out"
+            )
+            raise PromotionError(
+                f"rollback to {target.version} refused: {lacks} and would stop being searchable;"
+                f" {how}; `fct rollback --force` serves it without them"
+            )
+        note = f"forced: {lacks}"
+
+    def choose(rows: list[Deployment]) -> VersionTable:
+        now = _rollback_target(rows)
+        if (now.version, now.table) != (target.version, target.table):
+            raise PromotionError(
+                f"rollback to {target.version} not recorded: the deployment changed meanwhile"
+                f" (the one before the current is now {now.version}); run the rollback again"
+            )
+        return target
+
+    row = record(db, "rollback", choose, note=note)
     contract.write(db, row)
     return row
 

@@ -5,7 +5,7 @@ import os
 
 import dagster as dg
 
-from fct_assets.lib.keys import BACKFILLED_GALLERY, EVAL_REPORT
+from fct_assets.lib.keys import BACKFILLED_GALLERY, EVAL_REPORT, LANE_TAG, UPGRADE_LANE
 from fct_assets.lib.resources import FctResource
 from fct_assets.serving.deployment import current
 
@@ -30,6 +30,8 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.groups("upgrade"),
     default_status=auto_upgrade_status(),
     minimum_interval_seconds=30,
+    # Its runs take the upgrade lane of the run queue, as the upgrade job's do.
+    run_tags={LANE_TAG: UPGRADE_LANE},
     description=(
         "Materialises new_model, transformation, backfilled_gallery and eval_report of each added"
         " model version."
@@ -44,6 +46,7 @@ upgrade_job = dg.define_asset_job(
         "One upgrade: pick a model version (partition), set the new model and h in the launchpad,"
         " launch."
     ),
+    tags={LANE_TAG: UPGRADE_LANE},
 )
 
 
@@ -54,6 +57,7 @@ catch_up_job = dg.define_asset_job(
         "Backfill a version's table again from the store as it is now (items ingested during its"
         " backfill included) and re-evaluate it: what promotion asks for when items are missing."
     ),
+    tags={LANE_TAG: UPGRADE_LANE},
 )
 
 
@@ -64,6 +68,7 @@ verify_job = dg.define_asset_job(
         "Re-runs a version's blocking checks on its tables as they are now (no training, no"
         " writing)."
     ),
+    tags={LANE_TAG: UPGRADE_LANE},
 )
 
 
@@ -74,6 +79,7 @@ scheduled_evaluation_job = dg.define_asset_job(
         "Re-evaluates one version's gallery table (the schedule picks the deployed version and"
         " its pinned table version)."
     ),
+    tags={LANE_TAG: UPGRADE_LANE},
 )
 
 

@@ -60,6 +60,26 @@ def _table(db, version: str, rows: int = 4, space: str = SPACE, vectors=None) ->
     return info["version"]
 
 
+def _append(db, version: str, ids: list[int], space: str = SPACE) -> int:
+    """Items `ids` (item i at (i, 0)) appended to gallery_<version>, as an ingest appends them;
+    the table's new LanceDB version."""
+    n = len(ids)
+    rows = pa.table(
+        {
+            "item_id": pa.array(ids, pa.int64()),
+            "label": pa.array(np.zeros(n, np.int32)),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.array([[i, 0.0] for i in ids], np.float32).reshape(-1)), 2
+            ),
+            "sigma": pa.array(np.zeros(n, np.float32)),
+            "source": pa.array(["ingested"] * n),
+            "space_id": pa.array([space] * n),
+        },
+        schema=storage.backfilled_schema(2, space),
+    )
+    return storage.append_rows(db, f"gallery_{version}", rows)
+
+
 def _materialised(instance, version: str, table_version: int, *, at=None) -> None:
     """backfilled_gallery and eval_report materialised for `version`, at time `at` (default:
     now, as runless reports)."""
@@ -368,48 +388,96 @@ def test_search_with_an_ann_index_probes_its_share_of_partitions_and_refines(db)
 
 
 def test_advance_pins_a_newer_table_version_of_the_deployed_version_only(instance, db):
-    with pytest.raises(PromotionError) as refused:
+    with pytest.raises(deployment.DeploymentMovedError) as refused:
         deployment.advance(db, "v2", 1)
     assert str(refused.value) == (
-        "ingest: v2 is no longer deployed (nothing is); retry the run to embed the items with the"
-        " deployed model"
+        "ingest: v2 is no longer deployed (nothing is); the items are embedded again for the"
+        " deployed version"
     )
     served = _promotable(instance, db, "v2")
     promoted = promote(instance, db, "v2")
     # The same table version: nothing to record.
     assert deployment.advance(db, "v2", served) == promoted
     assert len(deployment.history(db)) == 1
-    row = deployment.advance(db, "v2", served + 1)
+    appended = _append(db, "v2", [7])
+    row = deployment.advance(db, "v2", appended)
     assert (row.seq, row.action, row.version, row.table, row.table_version, row.space_id) == (
         2,
         "ingest",
         "v2",
         "gallery_v2",
-        served + 1,
+        appended,
         SPACE,
     )
     assert current(db) == row
-    with pytest.raises(PromotionError, match=r"^ingest: v3 is no longer deployed \(v2 is\)"):
-        deployment.advance(db, "v3", served + 2)
+    with pytest.raises(
+        deployment.DeploymentMovedError, match=r"^ingest: v3 is no longer deployed \(v2 is\)"
+    ):
+        deployment.advance(db, "v3", appended)
+
+
+def test_advance_never_serves_a_publish_whose_checks_have_not_passed(instance, db):
+    # Invariant 2. A backfill published the served version's table again (`fct catch-up v2` of
+    # the served v2) and an ingest appended to it: that table version holds rows no blocking check
+    # ran on, so the deployment stays where it is until the new publish's checks passed.
+    served = _promotable(instance, db, "v2")
+    promote(instance, db, "v2")
+    republished = _table(db, "v2", rows=5)
+    appended = _append(db, "v2", [9])
+    with pytest.raises(deployment.NotServableError) as refused:
+        deployment.advance(db, "v2", appended, instance=instance)
+    assert str(refused.value) == (
+        f"ingest: gallery_v2 version {appended} may not serve v2: gallery_v2 was published again"
+        f" after version {served} (which serves), and its blocking checks passed on version"
+        f" {served}, not on the new publish"
+    )
+    with pytest.raises(deployment.NotServableError, match="published again"):
+        deployment.advance(db, "v2", appended)  # without the instance: never
+    assert current(db).table_version == served
+    # The new publish materialised: the checks of the old one are stale, none ran on it yet.
+    _materialised(instance, "v2", republished)
+    with pytest.raises(deployment.NotServableError, match="checks have not passed on the new"):
+        deployment.advance(db, "v2", appended, instance=instance)
+    # Its checks passed on it: the appended version is that checked publish plus an append, so
+    # the ingest may serve it.
+    _checked(instance, "v2", republished)
+    row = deployment.advance(db, "v2", appended, instance=instance)
+    assert (row.action, row.table_version) == ("ingest", appended)
+
+
+def test_servable_tells_appends_from_a_new_publish(instance, db):
+    served = _promotable(instance, db, "v2")
+    row = promote(instance, db, "v2")
+    assert deployment.servable(db, row, served) is None
+    assert deployment.servable(db, row, _append(db, "v2", [5])) is None
+    assert deployment.servable(db, row, _append(db, "v2", [6])) is None
+    assert "published again" in deployment.servable(db, row, _table(db, "v2"))
 
 
 def test_rollback_skips_the_ingest_rows_of_the_current_deployment(instance, db):
     v2 = _promotable(instance, db, "v2")
     promote(instance, db, "v2")
-    deployment.advance(db, "v2", v2 + 5)  # an ingest run: v2 now serves v2 + 5
-    v3 = _promotable(instance, db, "v3")
+    v2_ingested = _append(db, "v2", [5])
+    deployment.advance(db, "v2", v2_ingested)  # an ingest run: v2 now serves v2_ingested
+    _promotable(instance, db, "v3")
     promote(instance, db, "v3")
-    deployment.advance(db, "v3", v3 + 1)
-    deployment.advance(db, "v3", v3 + 2)
+    deployment.advance(db, "v3", _append(db, "v3", [6]))
+    deployment.advance(db, "v3", _append(db, "v3", [8]))
     # Back to v2 as it was served last: at the table version its ingest run advanced it to.
     row = rollback(db)
-    assert (row.seq, row.action, row.version, row.table_version) == (6, "rollback", "v2", v2 + 5)
+    assert (row.seq, row.action, row.version, row.table_version) == (
+        6,
+        "rollback",
+        "v2",
+        v2_ingested,
+    )
+    assert v2 < v2_ingested
 
 
 def test_rollback_from_an_ingest_advanced_first_deployment_is_refused(instance, db):
-    v2 = _promotable(instance, db, "v2")
+    _promotable(instance, db, "v2")
     promote(instance, db, "v2")
-    deployment.advance(db, "v2", v2 + 1)
+    deployment.advance(db, "v2", _append(db, "v2", [5]))
     with pytest.raises(PromotionError, match="^version v2 is the only one ever deployed"):
         rollback(db)
 
@@ -463,6 +531,147 @@ def test_a_table_missing_stored_items_is_not_promoted(instance, db):
     assert current(db) is None
     _store(db, [0, 1, 2, 3])
     assert promote(instance, db, "v2").table_version == table_version
+
+
+def test_a_version_promoted_again_serves_its_checked_table_plus_its_ingested_items(instance, db):
+    # v2 served, item 4 ingested into it, then v3 promoted: promoting v2 again serves the table
+    # its checks passed on plus that append (the same publish), not the checked version without
+    # item 4, which promotion would refuse as missing an item of gallery_store.
+    _store(db, [0, 1, 2, 3])
+    v2 = _promotable(instance, db, "v2")
+    promote(instance, db, "v2")
+    _store(db, [0, 1, 2, 3, 4])
+    ingested = _append(db, "v2", [4])
+    deployment.advance(db, "v2", ingested)
+    v3 = _table(db, "v3", rows=5)
+    _materialised(instance, "v3", v3)
+    _checked(instance, "v3", v3)
+    promote(instance, db, "v3")
+    row = promote(instance, db, "v2")
+    assert (row.action, row.version, row.table_version) == ("promote", "v2", ingested)
+    assert ingested == v2 + 1
+
+
+# ---------------------------------------------------------------- rollback never shrinks silently
+
+
+def _v3_served_with_items_v2_lacks(instance, db) -> tuple[int, int]:
+    """v2 then v3 promoted over items 0..3; items 4 and 5 then ingested while v3 serves (into
+    gallery_store and gallery_v3, not gallery_v2). (v2's served table version, the store's)"""
+    _store(db, [0, 1, 2, 3])
+    v2 = _promotable(instance, db, "v2")
+    promote(instance, db, "v2")
+    _promotable(instance, db, "v3")
+    promote(instance, db, "v3")
+    store = _store(db, [0, 1, 2, 3, 4, 5])
+    deployment.advance(db, "v3", _append(db, "v3", [4, 5]))
+    return v2, store
+
+
+def test_a_rollback_that_would_drop_items_is_refused_with_their_count_unless_forced(instance, db):
+    v2, store = _v3_served_with_items_v2_lacks(instance, db)
+    before = deployment.history(db)
+    with pytest.raises(PromotionError) as refused:
+        rollback(db)
+    assert str(refused.value) == (
+        f"rollback to v2 refused: 2 items of gallery_store (version {store}) are not in"
+        f" gallery_v2 at version {v2} and would stop being searchable; no catch-up was given;"
+        " `fct rollback --force` serves it without them"
+    )
+    assert deployment.history(db) == before and current(db).version == "v3"
+    row = rollback(db, force=True)
+    assert (row.action, row.version, row.table_version) == ("rollback", "v2", v2)
+    assert row.note == (
+        f"forced: 2 items of gallery_store (version {store}) are not in gallery_v2 at version {v2}"
+    )
+    assert deployment.history(db)[-1] == row  # the note is in the deployments table
+
+
+def test_a_rollback_first_brings_the_targets_table_up_to_date(instance, db):
+    v2, store = _v3_served_with_items_v2_lacks(instance, db)
+    asked = []
+
+    def catch_up(target: VersionTable, missing: list[int]) -> int:
+        asked.append((target.version, target.table_version, missing))
+        return _append(db, "v2", missing)
+
+    row = rollback(db, catch_up=catch_up)
+    assert asked == [("v2", v2, [4, 5])]
+    assert (row.version, row.table_version) == ("v2", v2 + 1)
+    assert row.note == "caught up: 2 items of gallery_store embedded by v2's model"
+    assert deployment.missing_items(db, "gallery_v2", row.table_version) == ([], store)
+    assert [h.item_id for h in deployment.search(db, [5.1, 0.0], version=row, k=1)] == [5]
+    # Nothing missing the other way: rolling back to v3 serves it as is.
+    again = rollback(db, catch_up=catch_up)
+    assert (again.version, again.note, len(asked)) == ("v3", "complete", 1)
+
+
+def test_a_rollback_to_a_table_published_again_cannot_catch_up(instance, db):
+    # gallery_v2 was published again after it served (a backfill of v2): appending to its latest
+    # version would serve rows no check ran on, so its served version is all a rollback can serve.
+    v2, store = _v3_served_with_items_v2_lacks(instance, db)
+    _table(db, "v2")
+
+    def catch_up(target: VersionTable, missing: list[int]) -> int:
+        raise AssertionError("nothing may be appended")
+
+    with pytest.raises(PromotionError) as refused:
+        rollback(db, catch_up=catch_up)
+    assert "nothing can be appended to it (published again since)" in str(refused.value)
+    assert str(refused.value).startswith("rollback to v2 refused: 2 items of gallery_store")
+    row = rollback(db, force=True, catch_up=catch_up)
+    assert (row.version, row.table_version) == ("v2", v2)
+    assert row.note.startswith("forced: 2 items")
+
+
+def test_an_ingest_appends_to_a_checked_publish_of_the_served_version_and_serves_it(instance, db):
+    # `fct catch-up v2` of the served v2 published its table again and its checks passed; an item
+    # then arrives. That publish lacks it, so it may not serve as it is, but the ingest bringing
+    # the item may append to it, and the appended version serves.
+    _store(db, [0, 1, 2, 3])
+    _promotable(instance, db, "v2")
+    row = promote(instance, db, "v2")
+    republished = _table(db, "v2")
+    _materialised(instance, "v2", republished)
+    _checked(instance, "v2", republished)
+    _store(db, [0, 1, 2, 3, 9])
+    assert deployment.servable(db, row, republished, instance=instance).endswith(
+        "; its checked publish lacks 1 items of gallery_store"
+    )
+    assert deployment.servable(db, row, republished, instance=instance, complete=False) is None
+    appended = _append(db, "v2", [9])
+    served = deployment.advance(db, "v2", appended, instance=instance)
+    assert (served.action, served.table_version) == ("ingest", appended)
+
+
+def test_a_deployments_table_without_the_note_column_reads_and_gains_it(instance, db):
+    # A deployments table an older fct wrote has no `note`: it reads (note None) and gains the
+    # column, null in its old rows, at the next write.
+    old_schema = pa.schema([f for f in deployment.DEPLOYMENT_SCHEMA if f.name != "note"])
+    v2 = _table(db, "v2")
+    old_row = {
+        "seq": 1,
+        "action": "promote",
+        "version": "v2",
+        "table": "gallery_v2",
+        "table_version": v2,
+        "space_id": SPACE,
+        "at": "2026-01-01T00:00:00+00:00",
+    }
+    rows = pa.Table.from_pylist([old_row], schema=old_schema)
+    assert guards.insert_if_absent(db, storage.DEPLOYMENTS, rows, "seq")
+    assert "note" not in db.open_table(storage.DEPLOYMENTS).schema.names
+    assert current(db) == deployment.Deployment(**old_row, note=None)
+    _promotable(instance, db, "v3")
+    promote(instance, db, "v3")
+    row = rollback(db)
+    assert "note" in db.open_table(storage.DEPLOYMENTS).schema.names
+    assert [(r.seq, r.version, r.note) for r in deployment.history(db)] == [
+        (1, "v2", None),
+        (2, "v3", None),
+        (3, "v2", "complete"),
+    ]
+    assert row.table_version == v2
 
 
 # ---------------------------------------------------------------- the record under contention
@@ -573,6 +782,9 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
     ]
     metadata = {k: v.value for k, v in materialized.step_output_data.metadata.items()}
     assert metadata == row.model_dump()
+    assert row.note == "complete" and metadata["note"] == "complete"
+    # A refusal fails the run with its one line as the failure's description (the run page's
+    # failure line), not only inside a stack trace.
     refused = jobs.promote_job.execute_in_process(
         instance=instance,
         run_config={"ops": {"promote_version": {"config": {"version": "v4"}}}},
@@ -580,6 +792,39 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
         raise_on_error=False,
     )
     assert not refused.success
+    (failure,) = [e for e in refused.all_node_events if e.is_step_failure]
+    assert failure.step_failure_data.user_failure_data.description == (
+        "version v4 not promoted: blocking checks not passed ({'backfilled_gallery:"
+        "backfilled_gallery_schema': 'never ran', 'eval_report:eval_report_expectations': 'never"
+        " ran'})"
+    )
+
+
+def test_the_rollback_job_refuses_to_drop_items_unless_forced(instance, db, tmp_path):
+    from fct_assets.lib.resources import FctResource
+
+    fct = FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
+    v2, store = _v3_served_with_items_v2_lacks(instance, db)
+    _table(db, "v2")  # published again since: its missing items cannot be added
+    refused = jobs.rollback_job.execute_in_process(
+        instance=instance, resources={"fct": fct}, raise_on_error=False
+    )
+    assert not refused.success
+    (failure,) = [e for e in refused.all_node_events if e.is_step_failure]
+    assert failure.step_failure_data.user_failure_data.description.startswith(
+        f"rollback to v2 refused: 2 items of gallery_store (version {store}) are not in"
+        f" gallery_v2 at version {v2}"
+    )
+    assert current(db).version == "v3"
+    forced = jobs.rollback_job.execute_in_process(
+        instance=instance,
+        resources={"fct": fct},
+        run_config={"ops": {"rollback_deployment": {"config": {"force": True}}}},
+    )
+    row = forced.output_for_node("rollback_deployment")
+    assert (row.version, row.table_version) == ("v2", v2) and row.note.startswith("forced: 2")
+    assert current(db) == row
+    assert guards.holder(db, "gallery_store") is None  # the rollback's leases are released
 
 
 def test_a_check_planned_but_never_evaluated_is_reported_by_its_status(instance, db):

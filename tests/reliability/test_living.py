@@ -97,17 +97,23 @@ def counts(db, table: str, ids) -> list[int]:
 
 def test_ingest_meets_a_backfill_of_the_deployed_table(env, tmp_path, reliability):
     """While a backfill of v2 (the deployed version) holds gallery_v2: an ingest with a short wait
-    is refused with one line naming it and writes nothing; one with a longer wait lands after the
-    backfill published, so neither drops the other's rows."""
+    is refused with one line naming it and writes nothing. One with a longer wait finds, once the
+    backfill published, a table no blocking check ran on: it writes nothing and the deployment
+    stays (invariant 2). Once a publish of v2 passed its checks, the ingest lands on it."""
     db = env.fct.connect()
     items = held_back(env, 4)
     ids = [content_id(image) for image, _ in items]
     folder = drop(tmp_path / "drop", items)
-    before = (
-        db.open_table("gallery_store").version,
-        db.open_table("gallery_v2").version,
-        len(history(db)),
-    )
+
+    def state():
+        return (
+            db.open_table("gallery_store").version,
+            len(history(db)),
+            counts(db, "gallery_store", ids),
+        )
+
+    before = state()
+    served = current(db)
     backfill = start_backfill(env, "v2")
     try:
         refused = fct_cli(env, "ingest", str(folder), wait_s=1)
@@ -116,40 +122,50 @@ def test_ingest_meets_a_backfill_of_the_deployed_table(env, tmp_path, reliabilit
         assert refused.returncode != 0
         assert "gallery_v2: process" in line and f"process {backfill.pid} on" in line, line
         assert "backfill, since" in line and "refused after waiting 1 s" in line, line
-        after = (
-            db.open_table("gallery_store").version,
-            db.open_table("gallery_v2").version,
-            len(history(db)),
-        )
-        assert after == before  # nothing written, no deployment row
-        assert counts(db, "gallery_store", ids) == [0] * 4
+        assert state() == before  # nothing written, no deployment row
 
         waiting = fct_cli(env, "ingest", str(folder), "--json", wait_s=240)
         time.sleep(3.0)  # the ingest is waiting for the lease now
         assert waiting.poll() is None
         published = json.loads(finish(backfill).strip().splitlines()[-1].removeprefix("DONE "))
-        out, err = waiting.communicate(timeout=300)
-        assert waiting.returncode == 0, err[-2000:]
+        _, err = waiting.communicate(timeout=300)
     finally:
         if backfill.poll() is None:
             backfill.send_signal(signal.SIGCONT)
             backfill.kill()
+    unchecked = err.strip().splitlines()[-1]
+    assert waiting.returncode == 1, err[-2000:]
+    assert f"gallery_v2 version {published['version']} may not serve v2" in unchecked, unchecked
+    assert "published again" in unchecked, unchecked
+    assert state() == before and current(db) == served  # nothing written, nothing served
+
+    # `fct catch-up v2`'s job: v2's table published again and evaluated in Dagster, its blocking
+    # checks run on that publish. The ingest lands on it, and the deployment follows it.
+    catch_up = env.defs.resolve_job_def("catch_up").execute_in_process(
+        instance=env.instance, partition_key="v2"
+    )
+    assert catch_up.success
+    checked = db.open_table("gallery_v2").version
+    landing = fct_cli(env, "ingest", str(folder), "--json", wait_s=240)
+    out, err = landing.communicate(timeout=600)
+    assert landing.returncode == 0, err[-2000:]
     landed = json.loads(out)
     assert (landed["added_to_store"], landed["added_to_table"]) == (4, 4)
     table = db.open_table("gallery_v2")
-    # The ingest appended to the table the backfill published, after it: both kept.
-    assert table.version > published["version"] > before[1]
+    assert table.version > checked > published["version"] > served.table_version
     assert counts(db, "gallery_v2", ids) == [1] * 4
     store_ids = db.open_table("gallery_store").to_arrow().column("item_id")
     table_ids = table.to_arrow().column("item_id")
     assert sorted(table_ids.to_pylist()) == sorted(store_ids.to_pylist())  # every item once
-    assert current(db).table_version == table.version
+    assert (current(db).action, current(db).table_version) == ("ingest", table.version)
     assert guards.holder(db, "gallery_v2") is None and guards.holder(db, "gallery_store") is None
     reliability(
         "writers raced",
         "an ingest batch while a backfill of the deployed version holds its table",
         "FCT_INGEST_WAIT_S=1: refused: " + line.split(": ", 1)[1] + "; nothing written."
-        " FCT_INGEST_WAIT_S=240: waited, landed after the backfill's publish; every item once",
+        " FCT_INGEST_WAIT_S=240: waited; the backfill's publish had no checks, so it wrote"
+        " nothing and the deployment stayed; once a publish passed its checks, it landed"
+        " there; every item once",
     )
 
 
@@ -201,7 +217,7 @@ def test_a_second_run_of_a_current_version_is_a_no_op_that_says_so(env, reliabil
     assert run.success
     why = env.instance.get_run_by_id(run.run_id).tags.get(NO_OP_TAG, "")
     assert why.startswith("v2 is current:") and "\n" not in why, why
-    assert before[keys[0]][:8] in why
+    assert before[keys[-1]][:8] in why  # the run that materialised v2 last
     after = {k: latest_materialization(env.instance, dg.AssetKey(k), "v2").run_id for k in keys}
     assert after == before  # nothing materialised again
     assert not any(e.is_step_success for e in run.all_events if e.step_key != "new_model")
