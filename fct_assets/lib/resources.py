@@ -62,8 +62,10 @@ class FctResource(dg.ConfigurableResource):
         default_factory=lambda: int(os.environ.get("FCT_CONCURRENT_RUNS", "2")),
         ge=1,
         description=(
-            # 2: dagster_home/dagster.yaml's run queue (max_concurrent_runs), so that an ingest
-            # runs beside an upgrade (tests/fct_assets/test_resources.py holds the two equal).
+            # 2: the runs that run models at once under dagster_home/dagster.yaml: one model step
+            # of the `gpu` pool (every upgrade's model steps) plus one ingest run (its lane's
+            # limit), which embeds outside the pool. Other lanes run no model.
+            # tests/fct_assets/test_resources.py holds this equal to the yaml.
             "Runs that may execute at once (the run queue's max_concurrent_runs): each run's"
             " torch gets cores // this threads, so two runs share the cores instead of each"
             " taking a thread per core and thrashing. Env FCT_CONCURRENT_RUNS."

@@ -1,5 +1,6 @@
-"""`fct catch-up` where promotion tells users to run it: v2 promoted, v3 promoted, labelled items ingested under v3, then v2 promoted again. Promotion refuses ("catch up
-first"); the catch-up embeds the items v2's h cannot map (they have no old embedding) from their
+"""`fct catch-up` where promotion tells users to run it: v2 promoted, v3 promoted, labelled
+items ingested under v3, then v2 promoted again. Promotion refuses ("catch up first"); the
+catch-up embeds the items v2's h cannot map (they have no old embedding) from their
 stored images with v2's new model, and v2 is then promoted with every item, searchable."""
 
 import numpy as np

@@ -32,7 +32,16 @@ def test_the_default_concurrency_is_the_run_queues(monkeypatch):
     monkeypatch.delenv("FCT_TORCH_THREADS", raising=False)
     config = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
     fct = FctResource()
-    assert fct.concurrent_runs == config["concurrency"]["runs"]["max_concurrent_runs"] == 2
+    # The runs that run models at once: the `gpu` pool's slots (every model step of an
+    # upgrade) plus the ingest lane's (an ingest embeds outside the pool, so it never waits
+    # behind a backfill). Other runs (promote, housekeeping, the rest of an upgrade) run no model.
+    lanes = {
+        limit["value"]: limit["limit"]
+        for limit in config["concurrency"]["runs"]["tag_concurrency_limits"]
+        if limit["key"] == "fct/lane"
+    }
+    gpu = config["concurrency"]["pools"]["default_limit"]
+    assert fct.concurrent_runs == gpu + lanes["ingest"] == 2
     assert fct.torch_threads == 0
     assert (
         fct.thread_budget()
