@@ -236,7 +236,7 @@ class BackfillConfig(dg.Config):
 
 
 class EvalReportConfig(dg.Config):
-    """Which table version the evaluation reads."""
+    """Which table version the evaluation reads, and the gates promotion passes."""
 
     table_version: int | None = Field(
         None,
@@ -245,6 +245,36 @@ class EvalReportConfig(dg.Config):
         description=(
             "LanceDB version of the model version's table to evaluate: the daily schedule sets the"
             " deployed, pinned one. Unset: the table the latest backfilled_gallery published."
+        ),
+    )
+    # The defaults and their reasons: fct_assets/upgrade/gates.py (DEFAULT_MAX_NFR, ...).
+    max_nfr: float = Field(
+        10.0,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description=(
+            "Gate: the most negative flips (% of queries right under what is served, wrong under"
+            " this version at f = 0) promotion accepts. Default 10: what two models of this"
+            " project's top-1 (about 77 and 87 %) would flip with independent errors."
+        ),
+    )
+    map_tolerance: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description=(
+            "Gate: how many mAP points this version at f = 0 may lose against what is served."
+            " Default 1: beyond the bootstrap interval of a 10,000-item gallery's mAP delta."
+        ),
+    )
+    compare_closed_form: bool = Field(
+        True,
+        description=(
+            "Fit the linear and Procrustes maps on h's training features and report them beside"
+            " h (seconds to fit; the features cost one pass of the training images through the"
+            " three models)."
         ),
     )
 

@@ -39,7 +39,7 @@ from fct_assets.lib.records import (
     DatasetRecord,
     EvalReport,
     GalleryStore,
-    headline,
+    Gates,
 )
 from fct_assets.lib.resources import FctResource
 from fct_assets.serving.deployment import current
@@ -50,7 +50,13 @@ from fct_assets.upgrade.backfill_ops import (
     publish_backfill,
 )
 from fct_assets.upgrade.freshness import upgrade_is_current
-from fct_assets.upgrade.report import evaluate_version, markdown_table
+from fct_assets.upgrade.gates import restate_verdicts
+from fct_assets.upgrade.report import (
+    evaluate_version,
+    h_training_features,
+    publish_flips_png,
+    report_metadata,
+)
 
 
 # Not required: a run of a version that is current yields nothing, and the run's other steps skip.
@@ -75,6 +81,8 @@ def new_model(
         if why is not None:  # a second run of the version: no-op, and it says so
             context.log.warning(why)
             context.instance.add_run_tags(context.run.run_id, {NO_OP_TAG: why})
+            # Its checks would show "Skipped": the verdicts on what is current, stated again.
+            restate_verdicts(context)
             return
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     if config.source != "train":
@@ -153,6 +161,7 @@ def transformation(
         new_model_sha256=new_model.sha256,
         side_info=bool(h.config.side_info),
         kind=config.kind,
+        seed=config.seed,
         source_version=source_version or "",
         source_space_id=source.space_id,
         source_model_sha256=source.sha256,
@@ -205,6 +214,7 @@ def backfilled_gallery(gallery_store, transformation, new_model):
 
 @upgrade_asset(kind="python", io_manager_key="record_io_manager", runs_model=True)
 def eval_report(
+    context: dg.AssetExecutionContext,
     config: EvalReportConfig,
     fct: FctResource,
     dataset: DatasetRecord,
@@ -212,10 +222,19 @@ def eval_report(
     backfilled_gallery: BackfilledTable,
     transformation: Checkpoint,
     new_model: Checkpoint,
+    old_model: Checkpoint,
+    side_info_model: Checkpoint,
 ) -> dg.Output[EvalReport]:
-    """The paper's cases for this version and its backfilling curve (markdown, plot, JSON)."""
+    """What changes per query if this version is served, the gates, the paper's cases, curves."""
 
     started = time.perf_counter()
+    features = (
+        h_training_features(
+            context.instance, fct, dataset, transformation, old_model, side_info_model, new_model
+        )
+        if config.compare_closed_form
+        else None
+    )
     report = evaluate_version(
         fct,
         dataset,
@@ -224,17 +243,13 @@ def eval_report(
         transformation,
         new_model,
         table_version=config.table_version,
+        instance=context.instance,
+        features=features,
+        gates=Gates(max_nfr=config.max_nfr, map_tolerance=config.map_tolerance),
     )
+    report = publish_flips_png(report)
     report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
-    return dg.Output(
-        report,
-        metadata={
-            "report": dg.MetadataValue.md(markdown_table(report)),
-            "json": dg.MetadataValue.json(report.model_dump(exclude={"plot_png_base64"})),
-            **headline(report),
-            "code_version": CODE_VERSION,
-        },
-    )
+    return dg.Output(report, metadata=report_metadata(report, CODE_VERSION))
 
 
 ASSETS = [new_model, transformation, backfilled_gallery, eval_report]
