@@ -248,15 +248,16 @@ class EvalReportConfig(dg.Config):
         ),
     )
     # The defaults and their reasons: fct_assets/upgrade/gates.py (DEFAULT_MAX_NFR, ...).
-    max_nfr: float = Field(
-        10.0,
+    max_nfr: float | None = Field(
+        None,
         ge=0.0,
         le=100.0,
         allow_inf_nan=False,
         description=(
             "Gate: the most negative flips (% of queries right under what is served, wrong under"
-            " this version at f = 0) promotion accepts. Default 10: what two models of this"
-            " project's top-1 (about 77 and 87 %) would flip with independent errors."
+            " this version at f = 0) promotion accepts. Unset: the chance level (1 - err_S) x"
+            " err_P, what independent errors would flip (relative NFR 1), so regressions that"
+            " concentrate on today's right answers are refused at any accuracy."
         ),
     )
     map_tolerance: float = Field(

@@ -235,7 +235,9 @@ class Gates(Record):
     """The thresholds promotion is gated on (EvalReportConfig sets them; the defaults and their
     reasons are there)."""
 
-    max_nfr: float  # percent of queries: NFR of P(0) against S at most this
+    # Percent of queries: NFR of P(0) against S at most this; None: the chance level
+    # (1 - err_S) x err_P, relative NFR 1 (fct_assets.upgrade.gates.nfr_threshold).
+    max_nfr: float | None
     map_tolerance: float  # points: mAP of P(0) at least S's minus this
 
 
@@ -308,8 +310,7 @@ class UpgradeDecision(Record):
     class_names: tuple[str, ...]
     gates: Gates
     verdicts: tuple[GateVerdict, ...]
-    worst_flips: tuple[WorstFlip, ...]
-    flips_png_path: str = ""  # the picture of worst_flips ("": none, no negative flip)
+    worst_flips: tuple[WorstFlip, ...]  # their picture: EvalReport.flips_png_base64
 
     @property
     def passed(self) -> bool:

@@ -54,7 +54,6 @@ from fct_assets.upgrade.gates import restate_verdicts
 from fct_assets.upgrade.report import (
     evaluate_version,
     h_training_features,
-    publish_flips_png,
     report_metadata,
 )
 
@@ -247,7 +246,6 @@ def eval_report(
         features=features,
         gates=Gates(max_nfr=config.max_nfr, map_tolerance=config.map_tolerance),
     )
-    report = publish_flips_png(report)
     report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
     return dg.Output(report, metadata=report_metadata(report, CODE_VERSION))
 

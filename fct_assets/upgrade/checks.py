@@ -15,7 +15,7 @@ from fct_assets.lib.records import BackfilledTable, EvalReport
 from fct_assets.lib.resources import FctResource
 from fct_assets.lib.table_checks import validate_table, vector_table_schema
 from fct_assets.upgrade.assets import backfilled_gallery, eval_report
-from fct_assets.upgrade.gates import MAP, NFR, gate_verdicts, worst_classes
+from fct_assets.upgrade.gates import MAP, NFR, gate_verdicts, nfr_threshold, worst_classes
 from fct_ml.evaluation import Case, CaseMetrics
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def gate_result(report: EvalReport, gate: str) -> dg.AssetCheckResult:
     if gate == NFR:
         metadata |= {
             "NFR at f=0 (%)": round(a.nfr, 2),
-            "threshold (%)": decision.gates.max_nfr,
+            "threshold (%)": round(nfr_threshold(decision, decision.gates), 2),
             "relative NFR": None if a.relative_nfr is None else round(a.relative_nfr, 2),
             "worst classes": worst_classes(decision),
         }
@@ -194,7 +194,7 @@ def gate_result(report: EvalReport, gate: str) -> dg.AssetCheckResult:
     partitions_def=model_version,
     description=(
         "Gate: NFR of P(0) (queries right under what is served, wrong under this version) at most"
-        " eval_report's max_nfr (default 10 %)"
+        " eval_report's max_nfr (default: the chance level, relative NFR 1)"
     ),
 )
 def negative_flip_gate(eval_report: EvalReport) -> dg.AssetCheckResult:

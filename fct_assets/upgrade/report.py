@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -27,13 +28,9 @@ import pyarrow.compute as pc
 import torch
 
 from fct_assets.lib import storage
-from fct_assets.lib.io_managers import (
-    load_recorded_checkpoint,
-    storage_uri,
-    store_path,
-    write_atomically,
-)
-from fct_assets.lib.keys import NEW_MODEL
+from fct_assets.lib.event_log import recorded_metadata
+from fct_assets.lib.io_managers import load_recorded_checkpoint, recorded_record, store_path
+from fct_assets.lib.keys import EVAL_REPORT, NEW_MODEL
 from fct_assets.lib.partitions import check_version
 from fct_assets.lib.records import (
     BackfilledTable,
@@ -47,6 +44,7 @@ from fct_assets.lib.records import (
     UpgradeDecision,
     WorstFlip,
     headline,
+    loads,
 )
 from fct_assets.serving.deployment import current
 from fct_assets.upgrade.gates import (
@@ -244,7 +242,13 @@ def decision_markdown(report: EvalReport, *, include_images: bool = True) -> str
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for i, m in enumerate(d.maps):
-            seconds = "–" if m.train_seconds is None else f"{m.train_seconds:.1f}"
+            seconds = (
+                "–"
+                if m.train_seconds is None
+                else f"{m.train_seconds:.2f}"
+                if m.train_seconds < 10
+                else f"{m.train_seconds:.0f}"
+            )
             kind = f"{m.kind} (this version's h)" if i == 0 else m.kind
             lines.append(
                 f"| {kind} | {m.top1:.1f} | {m.mAP:.1f} | {m.nfr:.2f} | {_rel(m.relative_nfr)} |"
@@ -252,8 +256,7 @@ def decision_markdown(report: EvalReport, *, include_images: bool = True) -> str
             )
         lines.append("")
     if d.worst_flips:
-        where = f" ({d.flips_png_path})" if d.flips_png_path else ""
-        lines.append(f"Worst negative flips, largest AP drop first{where}:")
+        lines.append("Worst negative flips, largest AP drop first:")
         if include_images and report.flips_png_base64:
             lines += [
                 "",
@@ -851,22 +854,21 @@ def rounded(value: Any) -> Any:
     return value
 
 
-def publish_flips_png(report: EvalReport) -> EvalReport:
-    """Write the report's picture of the worst negative flips to the storage URI
-    (`reports/<version>/worst_negative_flips.png`, replaced whole) and name it in the decision;
-    a report without one is returned as it is."""
-    if not report.flips_png_base64 or report.decision is None:
-        return report
-    uri = storage_uri("reports", check_version(report.version), "worst_negative_flips.png")
-    write_atomically(store_path(uri), base64.b64decode(report.flips_png_base64))
-    decision = report.decision.model_copy(update={"flips_png_path": uri})
-    return report.model_copy(update={"decision": decision})
+def write_flips_png(report: EvalReport, path) -> bool:
+    """Write the report's picture of the worst negative flips to `path` (a local file); False
+    when it has none (no query flipped)."""
+    if not report.flips_png_base64:
+        return False
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(base64.b64decode(report.flips_png_base64))
+    return True
 
 
 def report_metadata(report: EvalReport, code_version: str) -> dict[str, Any]:
     """The eval report's materialisation metadata: the markdown (decision first, with both
-    pictures), the record as JSON without the pictures and rounded, the headline numbers, the
-    gates' verdict in one line and the flip picture's path."""
+    pictures), the record as JSON without the pictures and rounded, the headline numbers and
+    the gates' verdict in one line."""
     meta: dict[str, Any] = {
         "report": dg.MetadataValue.md(markdown_table(report)),
         "json": dg.MetadataValue.json(
@@ -877,7 +879,96 @@ def report_metadata(report: EvalReport, code_version: str) -> dict[str, Any]:
     if report.decision is not None:
         meta["decision"] = dg.MetadataValue.text(decision_line(report.decision))
         meta["gates passed"] = report.decision.passed
-        if report.decision.flips_png_path:
-            meta["worst negative flips"] = dg.MetadataValue.path(report.decision.flips_png_path)
     meta["code_version"] = code_version
     return meta
+
+
+def recorded_report(instance: dg.DagsterInstance, version: str) -> EvalReport:
+    """The latest eval report of `version` in full, pictures included: the record file its
+    materialisation names (metadata "path"), read back as an EvalReport."""
+    meta = recorded_metadata(instance, dg.AssetKey(EVAL_REPORT), check_version(version))
+    path = meta.get("path")
+    if not path:
+        raise LookupError(f"eval_report[{version}]: its materialisation names no record file")
+    return loads(store_path(str(path)).read_text(), str(path), EvalReport)
+
+
+# `fct diff`'s name for the old model as SERVED.
+OLD = "old"
+
+
+def served_name(decision: UpgradeDecision) -> str:
+    """S's model version, or "old" for the old model (what `fct diff` takes as SERVED)."""
+    return decision.served_version or OLD
+
+
+def diff(instance: dg.DagsterInstance, served: str, proposed: str) -> tuple[EvalReport, dict]:
+    """`fct diff SERVED PROPOSED`: the upgrade decision of PROPOSED's latest eval report, whose S
+    must be SERVED (a model version, or "old" for the old model); (the report as its metadata
+    holds it, the decision as JSON: the metadata's numbers, rounded the same way). Refused with
+    one line when the report compared against another S, or holds no decision."""
+    report = recorded_record(
+        instance, EvalReport, EVAL_REPORT, check_version(proposed), within="json"
+    )
+    if report.decision is None:
+        raise LookupError(
+            f"eval_report[{proposed}] holds no upgrade decision (written by an older fct);"
+            " re-materialise it"
+        )
+    against = served_name(report.decision)
+    if against != served:
+        raise LookupError(
+            f"eval_report[{proposed}] compares against {against} (served when it was evaluated),"
+            f" not {served}: run `fct diff {against} {proposed}`, or re-materialise"
+            f" eval_report[{proposed}] while {served} is served"
+        )
+    data = {
+        "served": served,
+        "proposed": proposed,
+        "table": report.table,
+        "table_version": report.table_version,
+        "gates_passed": report.decision.passed,
+        "verdict": decision_line(report.decision),
+        "decision": rounded(report.decision.model_dump()),
+    }
+    return report, data
+
+
+def format_diff(report: EvalReport, data: dict) -> str:
+    """`fct diff`'s text: S and P in words, S against P(0), the verdicts, the regressing classes,
+    the closed-form maps and the worst negative flips (the report's decision, without pictures)."""
+    d = report.decision
+    a, ci = d.flips.all, d.flips.ci95
+    lines = [
+        f"fct diff {data['served']} {data['proposed']}: {report.items} queries of"
+        f" {report.table} at LanceDB version {report.table_version}, leave-one-out",
+        f"  S     {d.served}",
+        f"  P(f)  {d.proposed}",
+        "",
+        f"{'':<36}{'S':>8}{'P(0)':>8}   P(0) - S (95 % CI)",
+        f"{'top-1 (%)':<36}{d.served_metrics.top1:>8.2f}{d.proposed_metrics.top1:>8.2f}"
+        f"   {_ci(ci['top1']) if ci else '-'}",
+        f"{'mAP (%)':<36}{d.served_metrics.mAP:>8.2f}{d.proposed_metrics.mAP:>8.2f}"
+        f"   {_ci(ci['mAP']) if ci else '-'}",
+        f"{'NFR (%)':<36}{'':>8}{a.nfr:>8.2f}   {_ci(ci['NFR']) if ci else '-'}",
+        f"{'relative NFR':<36}{'':>8}{_rel(a.relative_nfr):>8}",
+        f"{'positive flips (%)':<36}{'':>8}{a.pfr:>8.2f}",
+        f"{f'AP drops by more than {d.flips.ap_drop:g} (%)':<36}{'':>8}{a.ap_drop_share:>8.2f}",
+        "",
+        data["verdict"],
+    ]
+    if len(d.maps) > 1:
+        lines += ["", "h against closed-form maps (f = 0): top-1, mAP, NFR, training seconds"]
+        lines += [
+            f"  {m.kind:<12}{m.top1:>7.2f}{m.mAP:>7.2f}{m.nfr:>7.2f}"
+            + ("" if m.train_seconds is None else f"{m.train_seconds:>9.2f}")
+            for m in d.maps
+        ]
+    if d.worst_flips:
+        lines += ["", "worst negative flips (query: S's top-1 -> P(0)'s top-1):"]
+        lines += [
+            f"  item {w.item_id} ({w.label}): {w.served_item_id} ({w.served_label}) ->"
+            f" {w.proposed_item_id} ({w.proposed_label}), AP {w.ap_change:+.2f}"
+            for w in d.worst_flips
+        ]
+    return "\n".join(lines)

@@ -61,18 +61,26 @@ def test_the_launchpad_defaults_are_the_gates_defaults():
     assert (config.max_nfr, config.map_tolerance) == (DEFAULT_MAX_NFR, DEFAULT_MAP_TOLERANCE)
 
 
-def test_an_nfr_above_the_threshold_is_refused_in_one_line_naming_it():
+def test_an_nfr_above_the_chance_level_is_refused_in_one_line_naming_it():
+    # Unset, the threshold is the chance level: S right on 4/6, P wrong on 4/6, so independent
+    # errors would flip (4/6)(4/6) = 44.44 % of the queries; P flips 50 % (relative NFR 9/8).
     d = decision()
     nfr, mAP = d.verdicts
     assert not nfr.passed
     assert nfr.line == (
-        "NFR 50.00 % at f = 0 above the threshold 10.00 %; worst classes: coat 66.7 %, shirt 33.3 %"
+        "NFR 50.00 % at f = 0 above the threshold 44.44 % (chance level: independent errors);"
+        " worst classes: coat 66.7 %, shirt 33.3 %"
     )
     # mAP 70.00 against 75.83: -5.83 points, beyond the tolerance of 1.
     assert not mAP.passed
     assert mAP.line == "mAP of P(0) 70.00 against S's 75.83 (-5.83 points, tolerance 1.00)"
     assert decision_line(d) == f"Promotion is refused: {nfr.line}; {mAP.line}."
     assert not d.passed
+
+
+def test_a_fixed_threshold_is_the_number_given():
+    d = decision(Gates(max_nfr=10.0, map_tolerance=1.0))
+    assert d.verdicts[0].line.startswith("NFR 50.00 % at f = 0 above the threshold 10.00 %;")
 
 
 def test_thresholds_that_allow_it_pass_and_say_so():

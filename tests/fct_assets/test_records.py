@@ -62,7 +62,6 @@ DECISION = records.UpgradeDecision(
     gates=GATES,
     verdicts=(VERDICT,),
     worst_flips=(WORST,),
-    flips_png_path="/data/reports/v2/worst_negative_flips.png",
 )
 EXAMPLES = [
     records.DatasetRecord(
