@@ -257,17 +257,18 @@ class EvalReportConfig(dg.Config):
             "Gate: the most negative flips (% of queries right under what is served, wrong under"
             " this version at f = 0) promotion accepts. Unset: the chance level (1 - err_S) x"
             " err_P, what independent errors would flip (relative NFR 1), so regressions that"
-            " concentrate on today's right answers are refused at any accuracy."
+            " concentrate on today's right answers are refused at any accuracy (preset tiny: off)."
         ),
     )
-    map_tolerance: float = Field(
-        1.0,
+    map_tolerance: float | None = Field(
+        None,
         ge=0.0,
         le=100.0,
         allow_inf_nan=False,
         description=(
             "Gate: how many mAP points this version at f = 0 may lose against what is served."
-            " Default 1: beyond the bootstrap interval of a 10,000-item gallery's mAP delta."
+            " Unset: 1, beyond the bootstrap interval of a 10,000-item gallery's mAP delta"
+            " (preset tiny: off)."
         ),
     )
     compare_closed_form: bool = Field(

@@ -39,7 +39,6 @@ from fct_assets.lib.records import (
     DatasetRecord,
     EvalReport,
     GalleryStore,
-    Gates,
 )
 from fct_assets.lib.resources import FctResource
 from fct_assets.serving.deployment import current
@@ -50,7 +49,7 @@ from fct_assets.upgrade.backfill_ops import (
     publish_backfill,
 )
 from fct_assets.upgrade.freshness import upgrade_is_current
-from fct_assets.upgrade.gates import restate_verdicts
+from fct_assets.upgrade.gates import launch_gates, restate_verdicts
 from fct_assets.upgrade.report import (
     evaluate_version,
     h_training_features,
@@ -244,7 +243,7 @@ def eval_report(
         table_version=config.table_version,
         instance=context.instance,
         features=features,
-        gates=Gates(max_nfr=config.max_nfr, map_tolerance=config.map_tolerance),
+        gates=launch_gates(config.max_nfr, config.map_tolerance, fct.preset),
     )
     report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
     return dg.Output(report, metadata=report_metadata(report, CODE_VERSION))

@@ -29,6 +29,29 @@ DEFAULT_MAX_NFR: float | None = None
 # 10,000-item gallery spans well under a point, so a drop of more than 1 point is a real
 # regression, not noise.
 DEFAULT_MAP_TOLERANCE = 1.0
+# Per preset where the defaults do not fit. `tiny` trains each model for seconds on 1,257 digits
+# (the test preset): a retrained version moves top-1 and mAP by chance (v2 of the test
+# environment flips 15.9 % of its queries), so its gates are off; the tests that exercise the
+# gates set thresholds in the launchpad config.
+PRESET_GATES: dict[str, Gates] = {"tiny": Gates(max_nfr=100.0, map_tolerance=100.0)}
+
+
+def launch_gates(max_nfr: float | None, map_tolerance: float | None, preset: str) -> Gates:
+    """The gates of a run: the launchpad's values where set, else the preset's (PRESET_GATES),
+    else the defaults (the chance level; 1 mAP point)."""
+    preset_gates = PRESET_GATES.get(preset)
+    return Gates(
+        max_nfr=max_nfr if max_nfr is not None else preset_gates and preset_gates.max_nfr,
+        map_tolerance=(
+            map_tolerance
+            if map_tolerance is not None
+            else preset_gates.map_tolerance
+            if preset_gates
+            else DEFAULT_MAP_TOLERANCE
+        ),
+    )
+
+
 # The gates' names, as GateVerdict.gate.
 NFR, MAP = "nfr", "map"
 

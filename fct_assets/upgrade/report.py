@@ -272,11 +272,32 @@ def decision_markdown(report: EvalReport, *, include_images: bool = True) -> str
     return "\n".join(lines)
 
 
-def markdown_table(report: EvalReport, *, include_plot: bool = True) -> str:
+def decision_summary(report: EvalReport) -> list[str]:
+    """The upgrade decision in three lines (for `make demo`): S against P(0) with NFR and
+    relative NFR, and the gates' verdict; [] for a report without one."""
+    d = report.decision
+    if d is None:
+        return []
+    s, p, a = d.served_metrics, d.proposed_metrics, d.flips.all
+    against = f"{d.served_version} (served)" if d.served_version else "the old model (served)"
+    return [
+        f"{report.version} against {against}: top-1 {s.top1:.1f} -> {p.top1:.1f}, mAP"
+        f" {s.mAP:.1f} -> {p.mAP:.1f} at f = 0 ({report.items} queries)",
+        f"  negative flips: NFR {a.nfr:.2f} % ({a.negative_flips} queries), relative NFR"
+        f" {_rel(a.relative_nfr)}; positive flips {a.pfr:.2f} %",
+        f"  {decision_line(d)}",
+    ]
+
+
+def markdown_table(
+    report: EvalReport, *, include_plot: bool = True, include_decision: bool = True
+) -> str:
+    """The report as markdown: the upgrade decision (unless `include_decision` is False), then
+    the paper's cases, the backfilling areas and the costs; pictures when `include_plot`."""
     # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
     from fct_ml.backfill import ORDERS
 
-    decision = decision_markdown(report, include_images=include_plot)
+    decision = decision_markdown(report, include_images=include_plot) if include_decision else ""
     lines = ([decision, ""] if decision else []) + [
         (
             f"### Evaluation of {report.version}: {report.table} at LanceDB version"

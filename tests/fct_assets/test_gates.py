@@ -21,6 +21,7 @@ from fct_assets.upgrade.gates import (
     accept_regressions,
     decision_line,
     gate_verdicts,
+    launch_gates,
     worst_classes,
 )
 from fct_assets.upgrade.report import decision_markdown, rounded
@@ -56,9 +57,16 @@ def decision(gates: Gates = DEFAULTS) -> UpgradeDecision:
     return made.model_copy(update={"verdicts": gate_verdicts(made, gates)})
 
 
-def test_the_launchpad_defaults_are_the_gates_defaults():
+def test_the_launchpad_leaves_the_gates_to_the_defaults_and_the_preset():
     config = EvalReportConfig()
-    assert (config.max_nfr, config.map_tolerance) == (DEFAULT_MAX_NFR, DEFAULT_MAP_TOLERANCE)
+    assert (config.max_nfr, config.map_tolerance) == (None, None)
+    # Unset: the chance level and 1 point; tiny (the test preset, models trained for seconds):
+    # off; a value given wins over both.
+    assert launch_gates(None, None, "demo") == Gates(max_nfr=None, map_tolerance=1.0)
+    assert DEFAULT_MAX_NFR is None and DEFAULT_MAP_TOLERANCE == 1.0
+    assert launch_gates(None, None, "tiny") == Gates(max_nfr=100.0, map_tolerance=100.0)
+    assert launch_gates(5.0, 0.5, "tiny") == Gates(max_nfr=5.0, map_tolerance=0.5)
+    assert launch_gates(5.0, None, "cpu") == Gates(max_nfr=5.0, map_tolerance=1.0)
 
 
 def test_an_nfr_above_the_chance_level_is_refused_in_one_line_naming_it():
