@@ -52,6 +52,7 @@ from fct_assets.upgrade.freshness import upgrade_is_current
 from fct_assets.upgrade.gates import launch_gates, restate_verdicts
 from fct_assets.upgrade.report import (
     evaluate_version,
+    features_once,
     h_training_features,
     report_metadata,
 )
@@ -124,8 +125,10 @@ def transformation(
     # version's (every item is in its table: transformed there, or ingested since); before any
     # promotion, the old model's.
     source, source_version = _source_model(context, fct, config, old_model)
-    models = (source.model, side_info_model.model, new_model.model)
-    features = pipeline.training_features(data, *models, exp, run)
+    # Kept in this process for the eval report's closed-form maps (the same features).
+    features = features_once(
+        data, dataset.fingerprint, source, side_info_model, new_model, exp, run
+    )
     stage = f"transformation[{context.partition_key}]"
     # FastFill's sigma trains through the new model's classifier; an external new model without
     # one (or with another class set) gets the plain h, sigma 0.

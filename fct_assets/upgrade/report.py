@@ -443,9 +443,6 @@ def h_training_features(
     """The features h was trained on, computed again (the same models, seed and preset), for
     fitting the closed-form maps beside it: the space h maps from is the old model's or, for a
     chained h, the version it recorded (whose checkpoint must be the one h was trained on)."""
-    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
-    from fct_ml import pipeline
-
     recorded = h.recorded
     source = old_model
     if recorded.source_version:
@@ -461,14 +458,54 @@ def h_training_features(
                 f" {model.sha256[:12]}); re-materialise it before comparing closed-form maps"
             )
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
-    return pipeline.training_features(
+    return features_once(
         data,
-        source.model,
-        side_info_model.model,
-        new_model.model,
+        dataset.fingerprint,
+        source,
+        side_info_model,
+        new_model,
         fct.experiment(),
         fct.run(recorded.seed or 0),
     )
+
+
+# One entry: the features of the last (dataset, models, preset, seed, device) asked for.
+_FEATURES: dict[tuple, Features] = {}
+
+
+def features_once(
+    data,
+    fingerprint: str,
+    source: Checkpoint,
+    side_info_model: Checkpoint,
+    new_model: Checkpoint,
+    exp,
+    run,
+) -> Features:
+    """`fct_ml.pipeline.training_features` of the three checkpoints, kept for the next caller in
+    this process with the same inputs: the transformation step and the report's closed-form maps
+    ask for the same features, and in one process (`make demo`, the tests) the second gets them
+    without a second pass over the training images (about half of h's step on the demo preset)."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
+    from fct_ml import pipeline
+
+    key = (
+        fingerprint,
+        source.sha256,
+        side_info_model.sha256,
+        new_model.sha256,
+        exp.feature_views,
+        exp.encode_batch_size,
+        exp.validation_fraction,
+        run.seed,
+        str(run.device),
+    )
+    if key not in _FEATURES:
+        _FEATURES.clear()  # before computing: never two sets of features in memory
+        _FEATURES[key] = pipeline.training_features(
+            data, source.model, side_info_model.model, new_model.model, exp, run
+        )
+    return _FEATURES[key]
 
 
 def _metrics(result) -> CaseMetrics:

@@ -34,7 +34,7 @@ NFR_GATE, MAP_GATE = (f"eval_report:{k.name}" for k in GATE_CHECKS)
 # (v2 serves the MLP h's vectors), so its rankings differ from v2's on several queries in a
 # hundred, while it stays above old/old (the expectation suite); the tiny preset leaves the mAP
 # gate off. The same version shows a linear h deployed like any h.
-GATED = "vgate"
+GATED = "vflip"
 STRICT = {
     "ops": {
         "eval_report": {"config": {"max_nfr": 1.0}},
