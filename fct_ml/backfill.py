@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from fct_ml.evaluation import BackfillCurve, BackfillSummary
-from fct_ml.retrieval import Metric, retrieve_mixed
+from fct_ml.retrieval import Metric, RetrievalResult, retrieve_mixed
 from fct_ml.training import Frozen
 
 ORDERS = ("random", "sigma", "true_error")
@@ -138,7 +138,7 @@ def with_expected_error(
     return torch.cat([vectors.float(), extra.to(vectors.device)], dim=1)
 
 
-def backfill_curves(
+def backfill_results(
     query: torch.Tensor,
     query_labels: torch.Tensor,
     transformed: torch.Tensor,
@@ -149,11 +149,11 @@ def backfill_curves(
     *,
     leave_one_out: bool = False,
     metric: Metric = "l2",
-) -> dict[str, list[dict[str, float]]]:
-    """For each order, the metrics at each fraction of the gallery re-embedded.
+) -> dict[str, list[RetrievalResult]]:
+    """For each order, the per-query retrieval at each fraction of the gallery re-embedded.
 
     query (Q, D) in the new space; transformed / reembedded (G, D): the gallery through h and
-    through the new model. Returns {order: [summary at fractions[0], ...]}, each point equal
+    through the new model. Returns {order: [result at fractions[0], ...]}, each point equal
     to `retrieve` on that mixed gallery; all orders and points are ranked together by
     `retrieve_mixed` (one sort per query, not one per point).
     """
@@ -186,9 +186,36 @@ def backfill_curves(
     )
     point = {k: i for i, k in enumerate(ks)}
     return {
-        name: [results[o][point[round(f * n)]].summary() for f in fractions]
-        for o, name in enumerate(orders)
+        name: [results[o][point[round(f * n)]] for f in fractions] for o, name in enumerate(orders)
     }
+
+
+def backfill_curves(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    transformed: torch.Tensor,
+    reembedded: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    orders: dict[str, torch.Tensor],
+    fractions: Sequence[float],
+    *,
+    leave_one_out: bool = False,
+    metric: Metric = "l2",
+) -> dict[str, list[dict[str, float]]]:
+    """For each order, the metrics at each fraction of the gallery re-embedded: the summaries
+    of `backfill_results` (same arguments), {order: [summary at fractions[0], ...]}."""
+    measured = backfill_results(
+        query,
+        query_labels,
+        transformed,
+        reembedded,
+        gallery_labels,
+        orders,
+        fractions,
+        leave_one_out=leave_one_out,
+        metric=metric,
+    )
+    return {name: [r.summary() for r in points] for name, points in measured.items()}
 
 
 def backfill_summary(
@@ -202,13 +229,40 @@ def backfill_summary(
     metric: Metric = "l2",
     expected_error: bool = False,
 ) -> BackfillSummary:
-    """FastFill's backfilling curves for the three orders, and their areas, in percent.
+    """FastFill's backfilling curves for the three orders, and their areas, in percent: the
+    summary of `backfill_study` (same arguments)."""
+    return backfill_study(
+        new_embedding,
+        labels,
+        transformed,
+        sigma,
+        points,
+        generator=generator,
+        metric=metric,
+        expected_error=expected_error,
+    )[0]
+
+
+def backfill_study(
+    new_embedding: torch.Tensor,
+    labels: torch.Tensor,
+    transformed: torch.Tensor,
+    sigma: torch.Tensor,
+    points: int,
+    *,
+    generator: torch.Generator,
+    metric: Metric = "l2",
+    expected_error: bool = False,
+) -> tuple[BackfillSummary, dict[str, list[RetrievalResult]]]:
+    """FastFill's backfilling curves for the three orders, their areas in percent, and each
+    point's per-query results (for the negative flips along the curve).
 
     The gallery starts as `transformed` (h's vectors) and items are re-embedded (-> `new_embedding`)
     in the order of each strategy; queries are the new embeddings, leave-one-out. The
     `true_error` order knows each item's true error. Returns the curves and their areas by order
-    (`random`, `sigma`, `true_error`). With `expected_error`, each transformed item carries its
-    expected squared error exp(sigma) as an extra coordinate (`with_expected_error`)."""
+    (`random`, `sigma`, `true_error`), and {order: [RetrievalResult per point]}. With
+    `expected_error`, each transformed item carries its expected squared error exp(sigma) as an
+    extra coordinate (`with_expected_error`)."""
     fractions = [i / (points - 1) for i in range(points)]
     error = (transformed - new_embedding).pow(2).sum(1)
     if expected_error:
@@ -219,7 +273,7 @@ def backfill_summary(
         "sigma": backfill_order("sigma", len(labels), sigma=sigma),
         "true_error": backfill_order("true_error", len(labels), error=error),
     }
-    measured = backfill_curves(
+    results = backfill_results(
         new_embedding,
         labels,
         transformed,
@@ -230,6 +284,7 @@ def backfill_summary(
         leave_one_out=True,
         metric=metric,
     )
+    measured = {order: [r.summary() for r in pts] for order, pts in results.items()}
     curves = {
         order: BackfillCurve(
             fractions=tuple(fractions),
@@ -238,4 +293,5 @@ def backfill_summary(
         )
         for order, pts in measured.items()
     }
-    return BackfillSummary(curves=curves, areas={o: c.area() for o, c in curves.items()})
+    summary = BackfillSummary(curves=curves, areas={o: c.area() for o, c in curves.items()})
+    return summary, results
