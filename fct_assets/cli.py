@@ -53,7 +53,11 @@ def _promote(args) -> int:
 
         before = check_results(instance, args.version)
         results = accept_regressions(before, reason)
-    row = promote(instance, _fct().connect(), args.version, results=results)
+    # The deployments row records an override of failed gates, beside the observation on the
+    # version's eval_report (upgrade/gates.py record_override) that lineage shows.
+    overridden = [k for k, r in before.items() if not r.passed and results[k].passed]
+    note = f"accepted regressions: {reason.strip()}" if overridden else None
+    row = promote(instance, _fct().connect(), args.version, results=results, note=note)
     if reason is not None:
         from fct_assets.upgrade.gates import record_override
 

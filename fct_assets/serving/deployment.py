@@ -217,13 +217,15 @@ def promote(
     version: str,
     *,
     results: dict[str, dict[str, Any]] | None = None,
+    note: str | None = None,
 ) -> Deployment:
     """Serve `version`, if its blocking checks passed on its latest materialisations; the row
     records the table version those checks ran on, or its latest version when that holds the
     checked rows plus appends only (items ingested into it while it served before a rollback).
 
     `results`: the `check_results` to decide on, read earlier by the caller (one that showed
-    them to a user promotes on what was shown); by default they are read now. Either way the
+    them to a user promotes on what was shown); by default they are read now. `note` goes into
+    the row (an override: "accepted regressions: REASON"). Either way the
     table's record is read after them, and a re-materialisation since is refused. The table must
     hold every item of gallery_store, decided on the history the row is committed after, so an
     ingest that lands meanwhile is either in the table or sees the promotion and follows it."""
@@ -260,7 +262,7 @@ def promote(
             )
         return row
 
-    deployed = record(db, "promote", choose)
+    deployed = record(db, "promote", choose, note=note)
     # The serving contract names the query model as its materialisation recorded it.
     contract.write(
         db, deployed, checkpoint=recorded_checkpoint_meta(instance, dg.AssetKey(NEW_MODEL), version)

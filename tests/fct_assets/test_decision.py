@@ -181,7 +181,9 @@ def test_the_override_serves_it_and_is_recorded(chained, gated, monkeypatch, cap
     assert main(["promote", GATED, "--accept-regressions", reason, "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["version"] == GATED and row["accepted_regressions"] == reason
-    assert current(env.fct.connect()).version == GATED
+    served = current(env.fct.connect())
+    assert served.version == GATED and served.seq == row["seq"]
+    assert served.note == f"accepted regressions: {reason}"  # in the deployments row too
     observed = env.instance.fetch_observations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("eval_report"), asset_partitions=[GATED]),
         limit=1,
