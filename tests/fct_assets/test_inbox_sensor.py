@@ -27,6 +27,8 @@ def inbox(tmp_path, monkeypatch):
         path.write_bytes(storage.encode_png(np.full((1, 8, 8), 40 * k, np.uint8)))
     monkeypatch.setenv("FCT_INBOX", str(folder))
     monkeypatch.setenv("FCT_INBOX_RETRY_S", "0")
+    # The files are whole when written: no settle wait (lib/inbox.py; its own tests cover it).
+    monkeypatch.setenv("FCT_INBOX_SETTLE_S", "0")
     return folder
 
 

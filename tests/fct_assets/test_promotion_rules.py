@@ -798,7 +798,8 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
     assert failure.step_failure_data.user_failure_data.description == (
         "version v4 not promoted: blocking checks not passed ({'backfilled_gallery:"
         "backfilled_gallery_schema': 'never ran', 'eval_report:eval_report_expectations': 'never"
-        " ran'})"
+        " ran', 'eval_report:negative_flip_gate': 'never ran', 'eval_report:served_map_gate':"
+        " 'never ran'})"
     )
 
 

@@ -92,12 +92,14 @@ def test_upgrade_launched_from_the_ui(dagster_dev, ui_root, page: Page, artifact
     assert record["reembedded"] == round(REEMBED * record["gallery_rows"]) > 0
     assert record["reembed_fraction"] == REEMBED and record["shards"] == SHARDS
 
-    # 5. The eval report: its markdown table of the paper's cases and the backfilling plot.
+    # 5. The eval report: the upgrade decision first (served against proposed), then the
+    # markdown table of the paper's cases and the backfilling plot.
     page.goto(f"{base}/assets/eval_report?partition={VERSION}")
     page.get_by_text("[Show Markdown]").first.click()
     report = page.get_by_role("dialog")
     expect(report.get_by_text(f"Evaluation of {VERSION}")).to_be_visible()
-    table = report.locator("table").first
+    expect(report.get_by_text("NFR").first).to_be_visible()
+    table = report.locator("table").filter(has_text="new/h(old)").first
     for case in ("old/old", "new/new", "new/h(old)", f"new/gallery_{VERSION}"):
         expect(table.get_by_text(case, exact=True)).to_be_visible()
     plot = report.locator("img").first
