@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from fct_ml.closed_form import ClosedFormConfig, ClosedFormMap
 from fct_ml.config import ConfigError, from_dict
 from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.torchscript import TorchScriptConfig, TorchScriptModel
@@ -36,6 +37,8 @@ class CheckpointError(ValueError):
 MODEL_KINDS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
     "embedding_model": (ModelConfig, EmbeddingModel),
     "transformation": (TransformationConfig, Transformation),
+    # A closed-form h (linear, procrustes): one affine layer (fct_ml/closed_form.py).
+    "closed_form": (ClosedFormConfig, ClosedFormMap),
     # An external TorchScript model: its archive as a uint8 tensor (fct_ml/torchscript.py).
     "torchscript": (TorchScriptConfig, TorchScriptModel),
 }
@@ -78,7 +81,8 @@ def content_digest(model: nn.Module) -> str:
 def checkpoint_bytes(
     model: nn.Module, *, name: str, metadata: dict[str, Any] | None = None
 ) -> tuple[bytes, str]:
-    """`model` (an EmbeddingModel or Transformation) as safetensors bytes; returns (bytes, kind).
+    """`model` (one of MODEL_KINDS: an EmbeddingModel, a Transformation, ...) as safetensors
+    bytes; returns (bytes, kind).
 
     The file holds the state dict and, as metadata, the model kind, its config and any
     `metadata` given (JSON-able provenance)."""

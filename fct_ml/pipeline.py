@@ -24,6 +24,7 @@ import torch
 
 from fct_ml.augment import to_float
 from fct_ml.bct import extended_old_classifier
+from fct_ml.closed_form import ClosedFormMap
 from fct_ml.config import replace
 from fct_ml.data import DataError, Dataset, ImageSet, split_validation
 from fct_ml.datasets import policy_for
@@ -31,6 +32,7 @@ from fct_ml.models import EmbeddingModel, ModelConfig
 from fct_ml.presets import ExperimentConfig
 from fct_ml.trainers import (
     train_bct_model,
+    train_closed_form,
     train_embedding_model,
     train_side_info_model,
     train_transformation,
@@ -298,9 +300,21 @@ def train_h(
     uncertainty: bool,
     on_epoch: OnEpoch = None,
     desc: str = "transformation",
-) -> tuple[Transformation, list[EpochRecord]]:
+    kind: str = "mlp",
+) -> tuple[Transformation | ClosedFormMap, list[EpochRecord]]:
     """h(old_embedding, side_info) -> new space; `side_info=False` feeds h the old embedding
-    alone, `uncertainty=True` adds FastFill's sigma head (trained with the new classifier)."""
+    alone, `uncertainty=True` adds FastFill's sigma head (trained with the new classifier).
+    `kind`: "mlp" (the paper's h, trained) or a closed-form map fitted on the same features,
+    "linear" or "procrustes" (fct_ml.closed_form; no sigma, procrustes without side-info)."""
+    if kind != "mlp":
+        return train_closed_form(
+            features.old,
+            features.side_info,
+            features.new,
+            kind,
+            side_info_used=side_info,
+            on_epoch=on_epoch,
+        )
     return train_transformation(
         features.old,
         features.side_info,

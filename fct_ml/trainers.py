@@ -5,6 +5,7 @@ loop, `fct_ml.training.fit`, from its own seed.
     train_side_info_model   the side-info model psi (SimCLR, no labels)
     train_bct_model         the BCT baseline (influence loss through the old classifier)
     train_transformation    h, with FastFill's loss and sigma calibration when it has a sigma head
+    train_closed_form       a closed-form h (linear, procrustes): one solve, no loop
 
 Models hold no loss and losses hold no loop: the model files (models.py, side_info.py, bct.py,
 transformation.py) define what is trained, this module how. `fct_ml.pipeline` calls these with
@@ -13,12 +14,14 @@ each stage's data, configuration and seed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
 from fct_ml.augment import AugmentConfig
 from fct_ml.bct import BCTConfig
+from fct_ml.closed_form import RIDGE, ClosedFormMap, fit_closed_form
 from fct_ml.losses import (
     BCTObjective,
     ClassificationObjective,
@@ -212,4 +215,33 @@ def train_transformation(
     )
     if config.uncertainty:
         calibrate_sigma(h, data[0], data[1], data[2])
+    return h, history
+
+
+def train_closed_form(
+    old_embedding: torch.Tensor,
+    side_info: torch.Tensor,
+    new_embedding: torch.Tensor,
+    kind: str,
+    *,
+    side_info_used: bool = True,
+    ridge: float = RIDGE,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> tuple[ClosedFormMap, list[EpochRecord]]:
+    """Fit a closed-form h of `kind` (fct_ml.closed_form) on aligned features (each (N, dim)).
+
+    Its history is one record: the fit's wall seconds and its mean squared error on the
+    features ("sq_error", the MLP's loss part of that name), so its training time and fit are
+    recorded where the MLP's are."""
+    started = time.perf_counter()
+    h = fit_closed_form(
+        kind, old_embedding, side_info, new_embedding, side_info_used=side_info_used, ridge=ridge
+    )
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        pred = h(old_embedding.float(), side_info.float() if h.config.side_info else None)
+        sq_error = float((pred - new_embedding.float()).pow(2).sum(1).mean())
+    history = [EpochRecord(epoch=1, seconds=seconds, lr=0.0, parts={"sq_error": sq_error})]
+    if on_epoch is not None:
+        on_epoch(history[0])
     return h, history

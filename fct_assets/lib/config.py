@@ -126,6 +126,16 @@ class ModelTrainingConfig(dg.Config):
 class TransformationTrainingConfig(dg.Config):
     """The transformation h (FastFill variant: it also predicts its uncertainty sigma)."""
 
+    kind: Literal["mlp", "linear", "procrustes"] = Field(
+        "mlp",
+        description=(
+            "mlp (default): the paper's h, trained, with FastFill's sigma. linear: ridge regression"
+            " [stored embedding, side-info] -> new, fitted in closed form in seconds. procrustes:"
+            " an orthogonal map from the stored embedding alone. Neither closed form has sigma: a"
+            " partial re-embedding then goes in storage order. The eval report compares both with"
+            " the mlp."
+        ),
+    )
     inner_width: int | None = Field(
         None,
         ge=1,

@@ -134,8 +134,12 @@ def transformation(
         uncertainty=fastfill,
         desc=stage,
         on_epoch=epoch_logger(
-            context, stage, exp.transformation_train.epochs, len(features.labels)
+            context,
+            stage,
+            exp.transformation_train.epochs if config.kind == "mlp" else 1,  # one solve
+            len(features.labels),
         ),
+        kind=config.kind,
     )
     return model_output(
         h,
@@ -147,7 +151,8 @@ def transformation(
         old_model_sha256=old_model.sha256,
         side_info_model_sha256=side_info_model.sha256,
         new_model_sha256=new_model.sha256,
-        side_info=config.side_info,
+        side_info=bool(h.config.side_info),
+        kind=config.kind,
         source_version=source_version or "",
         source_space_id=source.space_id,
         source_model_sha256=source.sha256,
