@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from fct_ml.evaluation import BackfillCurve, BackfillSummary
-from fct_ml.retrieval import Metric, retrieve_mixed
+from fct_ml.retrieval import Metric, RetrievalResult, retrieve_mixed
 from fct_ml.training import Frozen
 
 ORDERS = ("random", "sigma", "true_error")
@@ -138,7 +138,7 @@ def with_expected_error(
     return torch.cat([vectors.float(), extra.to(vectors.device)], dim=1)
 
 
-def backfill_curves(
+def backfill_results(
     query: torch.Tensor,
     query_labels: torch.Tensor,
     transformed: torch.Tensor,
@@ -149,11 +149,11 @@ def backfill_curves(
     *,
     leave_one_out: bool = False,
     metric: Metric = "l2",
-) -> dict[str, list[dict[str, float]]]:
-    """For each order, the metrics at each fraction of the gallery re-embedded.
+) -> dict[str, list[RetrievalResult]]:
+    """For each order, the per-query outcomes at each fraction of the gallery re-embedded.
 
     query (Q, D) in the new space; transformed / reembedded (G, D): the gallery through h and
-    through the new model. Returns {order: [summary at fractions[0], ...]}, each point equal
+    through the new model. Returns {order: [RetrievalResult at fractions[0], ...]}, each equal
     to `retrieve` on that mixed gallery; all orders and points are ranked together by
     `retrieve_mixed` (one sort per query, not one per point).
     """
@@ -186,9 +186,46 @@ def backfill_curves(
     )
     point = {k: i for i, k in enumerate(ks)}
     return {
-        name: [results[o][point[round(f * n)]].summary() for f in fractions]
-        for o, name in enumerate(orders)
+        name: [results[o][point[round(f * n)]] for f in fractions] for o, name in enumerate(orders)
     }
+
+
+def backfill_curves(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    transformed: torch.Tensor,
+    reembedded: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    orders: dict[str, torch.Tensor],
+    fractions: Sequence[float],
+    *,
+    leave_one_out: bool = False,
+    metric: Metric = "l2",
+) -> dict[str, list[dict[str, float]]]:
+    """For each order, the metrics at each fraction of the gallery re-embedded: the summaries
+    of `backfill_results` (same arguments). Returns {order: [summary at fractions[0], ...]}."""
+    results = backfill_results(
+        query,
+        query_labels,
+        transformed,
+        reembedded,
+        gallery_labels,
+        orders,
+        fractions,
+        leave_one_out=leave_one_out,
+        metric=metric,
+    )
+    return {name: [r.summary() for r in points] for name, points in results.items()}
+
+
+def curve_of(fractions: Sequence[float], points: Sequence[RetrievalResult]) -> BackfillCurve:
+    """One order's curve, in percent, from its per-point outcomes (`backfill_results`)."""
+    summaries = [r.summary() for r in points]
+    return BackfillCurve(
+        fractions=tuple(fractions),
+        top1=tuple(100 * p["top1"] for p in summaries),
+        mAP=tuple(100 * p["mAP"] for p in summaries),
+    )
 
 
 def backfill_summary(
@@ -201,6 +238,7 @@ def backfill_summary(
     generator: torch.Generator,
     metric: Metric = "l2",
     expected_error: bool = False,
+    extra_orders: dict[str, torch.Tensor] | None = None,
 ) -> BackfillSummary:
     """FastFill's backfilling curves for the three orders, and their areas, in percent.
 
@@ -208,7 +246,9 @@ def backfill_summary(
     in the order of each strategy; queries are the new embeddings, leave-one-out. The
     `true_error` order knows each item's true error. Returns the curves and their areas by order
     (`random`, `sigma`, `true_error`). With `expected_error`, each transformed item carries its
-    expected squared error exp(sigma) as an extra coordinate (`with_expected_error`)."""
+    expected squared error exp(sigma) as an extra coordinate (`with_expected_error`).
+    `extra_orders` {name: permutation (N,)}: more orders measured on the same ranking (a study's
+    alternatives to sigma). The summary keeps each point's per-query outcomes (`results`)."""
     fractions = [i / (points - 1) for i in range(points)]
     error = (transformed - new_embedding).pow(2).sum(1)
     if expected_error:
@@ -218,8 +258,9 @@ def backfill_summary(
         "random": backfill_order("random", len(labels), generator=generator),
         "sigma": backfill_order("sigma", len(labels), sigma=sigma),
         "true_error": backfill_order("true_error", len(labels), error=error),
+        **(extra_orders or {}),
     }
-    measured = backfill_curves(
+    measured = backfill_results(
         new_embedding,
         labels,
         transformed,
@@ -230,12 +271,7 @@ def backfill_summary(
         leave_one_out=True,
         metric=metric,
     )
-    curves = {
-        order: BackfillCurve(
-            fractions=tuple(fractions),
-            top1=tuple(100 * p["top1"] for p in pts),
-            mAP=tuple(100 * p["mAP"] for p in pts),
-        )
-        for order, pts in measured.items()
-    }
-    return BackfillSummary(curves=curves, areas={o: c.area() for o, c in curves.items()})
+    curves = {order: curve_of(fractions, points) for order, points in measured.items()}
+    return BackfillSummary(
+        curves=curves, areas={o: c.area() for o, c in curves.items()}, results=measured
+    )
