@@ -23,7 +23,8 @@ CASES = (
     "new/h(old) no side-info",
     "new/old",
 )
-ORDERS = ("random", "sigma", "true_error")
+# fct_ml.backfill's orders, and the study's alternative to sigma (fct_ml.reproduce.EXTRA_ORDERS).
+ORDERS = ("random", "sigma", "true_error", "ensemble")
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
