@@ -23,8 +23,7 @@ CASES = (
     "new/h(old) no side-info",
     "new/old",
 )
-# fct_ml.backfill's orders, and the study's alternative to sigma (fct_ml.reproduce.EXTRA_ORDERS).
-ORDERS = ("random", "sigma", "true_error", "ensemble")
+ORDERS = ("random", "sigma", "true_error")
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:

@@ -101,6 +101,10 @@ def test_the_recorded_config_is_the_one_that_ran(tiny):
     assert h["old_dim"] == tiny["result"]["config"]["old_model"]["embed_dim"]
     assert h["new_dim"] == tiny["result"]["config"]["new_model"]["embed_dim"]
     assert h["old_dim"] == v["old"].shape[1]
+    # Each BCT model's own loss weights: the paper's has no alignment term.
+    bct = tiny["result"]["bct_configs"]
+    assert bct["BCT (paper)"]["alignment_weight"] == 0.0
+    assert bct["BCT + alignment"] == tiny["result"]["config"]["bct"]
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -192,7 +196,9 @@ def test_the_fct_h_in_random_order_is_fastfills_baseline(tiny):
             delta = result["ci95"][f"{variant}: sigma area - FCT h random area, {m}"]
             sigma_area = np.mean(result["backfill_curves"][variant]["sigma"][m])
             assert delta["estimate"] == pytest.approx(sigma_area - np.mean(curve[m]), abs=1e-4)
-        assert list(result["backfill_curves"][variant]) == [
+        # The alternative order is tried where orders are chosen, on validation only.
+        assert list(result["backfill_curves"][variant]) == ["random", "sigma", "true_error"]
+        assert list(result["validation"]["backfill_curves"][variant]) == [
             "random",
             "sigma",
             "true_error",
