@@ -1,5 +1,6 @@
 """`fct` command line: `reproduce` (fct_ml), and the serving commands over the Dagster instance
-and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`, `catch-up`, `ingest`.
+and LanceDB: `promote`, `rollback`, `search`, `lineage`, `add-version`, `estimate`, `catch-up`,
+`ingest`, `diff`.
 
 Every command that prints a result takes `--json` (the result as one JSON document on stdout).
 Exit codes: 0 done; 1 the operation was refused or failed; 2 the command line is wrong. Either
@@ -42,15 +43,46 @@ def _fct():
 
 
 def _promote(args) -> int:
-    from fct_assets.serving.deployment import promote
+    from fct_assets.serving.deployment import check_results, promote
 
-    row = promote(_instance(), _fct().connect(), args.version)
+    instance = _instance()
+    reason, results, before, accepted = args.accept_regressions, None, {}, []
+    if reason is not None:
+        from fct_assets.upgrade.gates import accept_regressions
+
+        before = check_results(instance, args.version)
+        results = accept_regressions(before, reason)
+    row = promote(instance, _fct().connect(), args.version, results=results)
+    if reason is not None:
+        from fct_assets.upgrade.gates import record_override
+
+        accepted = record_override(instance, row, reason.strip(), results, before)
     if args.json:
-        return _print_json(row)
+        return _print_json(
+            row.model_dump() | ({"accepted_regressions": reason.strip()} if accepted else {})
+        )
     print(
         f"promoted {row.version}: serving {row.table} @ LanceDB version"
         f" {row.table_version} ({row.space_id})"
+        + (f"; regressions accepted ({', '.join(accepted)}): {reason.strip()}" if accepted else "")
     )
+    return 0
+
+
+def _diff(args) -> int:
+    from fct_assets.upgrade.report import diff, format_diff, recorded_report, write_flips_png
+
+    instance = _instance()
+    report, data = diff(instance, args.served, args.proposed)
+    if args.png is not None:
+        if not write_flips_png(recorded_report(instance, args.proposed), args.png):
+            raise LookupError(f"eval_report[{args.proposed}]: no negative flip, no picture")
+        data["flips_png"] = str(args.png)
+    if args.json:
+        return _print_json(data)
+    print(format_diff(report, data))
+    if args.png is not None:
+        print(f"worst negative flips: {args.png}")
     return 0
 
 
@@ -214,8 +246,24 @@ def build_parser() -> Parser:
     add_reproduce_parser(sub)
     p = sub.add_parser("promote", help="serve VERSION, if its blocking checks passed")
     p.add_argument("version")
+    p.add_argument(
+        "--accept-regressions",
+        metavar="REASON",
+        default=None,
+        help="serve it although its gates (NFR, mAP against what is served) failed; recorded",
+    )
     _json_flag(p)
     p.set_defaults(func=_promote)
+    p = sub.add_parser(
+        "diff", help="what changes per query if PROPOSED replaces SERVED: flips, NFR, gates"
+    )
+    p.add_argument("served", metavar="SERVED", help='a model version, or "old" for the old model')
+    p.add_argument("proposed", metavar="PROPOSED", help="the model version whose report to read")
+    p.add_argument(
+        "--png", type=Path, default=None, help="write the worst negative flips' picture here"
+    )
+    _json_flag(p)
+    p.set_defaults(func=_diff)
     p = sub.add_parser("rollback", help="serve again the previously deployed version")
     _json_flag(p)
     p.set_defaults(func=_rollback)

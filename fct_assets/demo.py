@@ -4,8 +4,10 @@ Materialises the base assets (dataset, old model, side-info model, gallery store
 version v2 on Fashion-MNIST (preset `demo` unless FCT_PRESET says otherwise) and promotes it;
 drops a few hundred held-back images (the validation split, never trained on) into the inbox,
 where one tick of the inbox sensor launches their ingest run; upgrades to v3, chained from v2's
-space, and promotes it; searches for an ingested item; and prints the evaluation tables, the
-search and the lineage of v3 and of one original and one ingested row.
+space, and promotes it; searches for an ingested item; and prints each version's upgrade
+decision (served against proposed, negative flips, the gates, the path of the worst flips'
+picture) and evaluation table, the search and the lineage of v3 and of one original and one
+ingested row.
 
 By default the terminal shows the story only (one line per stage with its time, a progress bar
 on a terminal, the evaluation tables, a line each for the search and the lineage); everything
@@ -140,7 +142,7 @@ def _demo(args, term: Terminal) -> int:
         print(f"promoted {args.version}: serving {row.table} @ LanceDB version {row.table_version}")
     except PromotionError as err:
         print(f"not promoted: {err}")
-    _print_report(instance, args.version)
+    _print_report(term, instance, args.version)
     if args.ingest:
         batch = _ingest_through_inbox(instance, defs, fct, args.ingest)
         if batch is None:
@@ -161,17 +163,31 @@ def _demo(args, term: Terminal) -> int:
     return 0
 
 
-def _print_report(instance, version: str) -> None:
-    """The version's evaluation report as markdown, without its blank lines."""
-    from fct_assets.lib.io_managers import recorded_record
-    from fct_assets.lib.records import EvalReport
-    from fct_assets.upgrade.report import markdown_table
-
-    report = recorded_record(instance, EvalReport, "eval_report", version, within="json")
-    print()
-    print(
-        "\n".join(line for line in markdown_table(report, include_plot=False).splitlines() if line)
+def _print_report(term: Terminal, instance, version: str) -> None:
+    """The version's upgrade decision in three lines (S against P(0), NFR, the gates) with the
+    path of its worst negative flips' picture, then the paper's cases as markdown, without
+    blank lines."""
+    from fct_assets.upgrade.report import (
+        decision_summary,
+        markdown_table,
+        recorded_report,
+        write_flips_png,
     )
+
+    report = recorded_report(instance, version)
+    print()
+    for line in decision_summary(report):
+        print(line)
+    # Beside the log (runs/ by default), where the rest of what the demo writes goes.
+    folder = term.log.parent if term.log else REPO / "runs"
+    picture = folder / f"demo_{version}_worst_negative_flips.png"
+    if write_flips_png(report, picture):
+        print(f"  worst negative flips: {picture} (`fct diff` for the full comparison)")
+    # The paper's cases and the gap closed; the backfilling areas and costs stay in the report
+    # (the UI, `fct diff`), so the terminal keeps its line budget.
+    table = markdown_table(report, include_plot=False, include_decision=False).splitlines()
+    end = next((i for i, line in enumerate(table) if line.startswith("Gap closed")), len(table))
+    print("\n".join(line for line in table[: end + 1] if line))
 
 
 def _detail(term: Terminal, text: str) -> None:
@@ -299,7 +315,7 @@ def _show_life(term: Terminal, instance, fct, version: str, batch: IngestBatch) 
     from fct_assets.lineage.trace import format_lineage, format_row_lineage, lineage, row_lineage
     from fct_assets.serving.search import search_command
 
-    _print_report(instance, version)
+    _print_report(term, instance, version)
     ingested = batch.ingested[0]
     started = time.perf_counter()
     hits = search_command(instance, fct, image=None, item_id=ingested, version=None, k=5)

@@ -150,10 +150,10 @@ def backfill_results(
     leave_one_out: bool = False,
     metric: Metric = "l2",
 ) -> dict[str, list[RetrievalResult]]:
-    """For each order, the per-query outcomes at each fraction of the gallery re-embedded.
+    """For each order, the per-query retrieval at each fraction of the gallery re-embedded.
 
     query (Q, D) in the new space; transformed / reembedded (G, D): the gallery through h and
-    through the new model. Returns {order: [RetrievalResult at fractions[0], ...]}, each equal
+    through the new model. Returns {order: [result at fractions[0], ...]}, each point equal
     to `retrieve` on that mixed gallery; all orders and points are ranked together by
     `retrieve_mixed` (one sort per query, not one per point).
     """
@@ -203,8 +203,8 @@ def backfill_curves(
     metric: Metric = "l2",
 ) -> dict[str, list[dict[str, float]]]:
     """For each order, the metrics at each fraction of the gallery re-embedded: the summaries
-    of `backfill_results` (same arguments). Returns {order: [summary at fractions[0], ...]}."""
-    results = backfill_results(
+    of `backfill_results` (same arguments), {order: [summary at fractions[0], ...]}."""
+    measured = backfill_results(
         query,
         query_labels,
         transformed,
@@ -215,17 +215,7 @@ def backfill_curves(
         leave_one_out=leave_one_out,
         metric=metric,
     )
-    return {name: [r.summary() for r in points] for name, points in results.items()}
-
-
-def curve_of(fractions: Sequence[float], points: Sequence[RetrievalResult]) -> BackfillCurve:
-    """One order's curve, in percent, from its per-point outcomes (`backfill_results`)."""
-    summaries = [r.summary() for r in points]
-    return BackfillCurve(
-        fractions=tuple(fractions),
-        top1=tuple(100 * p["top1"] for p in summaries),
-        mAP=tuple(100 * p["mAP"] for p in summaries),
-    )
+    return {name: [r.summary() for r in points] for name, points in measured.items()}
 
 
 def backfill_summary(
@@ -238,17 +228,41 @@ def backfill_summary(
     generator: torch.Generator,
     metric: Metric = "l2",
     expected_error: bool = False,
-    extra_orders: dict[str, torch.Tensor] | None = None,
 ) -> BackfillSummary:
-    """FastFill's backfilling curves for the three orders, and their areas, in percent.
+    """FastFill's backfilling curves for the three orders, and their areas, in percent: the
+    summary of `backfill_study` (same arguments)."""
+    return backfill_study(
+        new_embedding,
+        labels,
+        transformed,
+        sigma,
+        points,
+        generator=generator,
+        metric=metric,
+        expected_error=expected_error,
+    )[0]
+
+
+def backfill_study(
+    new_embedding: torch.Tensor,
+    labels: torch.Tensor,
+    transformed: torch.Tensor,
+    sigma: torch.Tensor,
+    points: int,
+    *,
+    generator: torch.Generator,
+    metric: Metric = "l2",
+    expected_error: bool = False,
+) -> tuple[BackfillSummary, dict[str, list[RetrievalResult]]]:
+    """FastFill's backfilling curves for the three orders, their areas in percent, and each
+    point's per-query results (for the negative flips along the curve).
 
     The gallery starts as `transformed` (h's vectors) and items are re-embedded (-> `new_embedding`)
     in the order of each strategy; queries are the new embeddings, leave-one-out. The
     `true_error` order knows each item's true error. Returns the curves and their areas by order
-    (`random`, `sigma`, `true_error`). With `expected_error`, each transformed item carries its
-    expected squared error exp(sigma) as an extra coordinate (`with_expected_error`).
-    `extra_orders` {name: permutation (N,)}: more orders measured on the same ranking (a study's
-    alternatives to sigma). The summary keeps each point's per-query outcomes (`results`)."""
+    (`random`, `sigma`, `true_error`), and {order: [RetrievalResult per point]}. With
+    `expected_error`, each transformed item carries its expected squared error exp(sigma) as an
+    extra coordinate (`with_expected_error`)."""
     fractions = [i / (points - 1) for i in range(points)]
     error = (transformed - new_embedding).pow(2).sum(1)
     if expected_error:
@@ -258,9 +272,8 @@ def backfill_summary(
         "random": backfill_order("random", len(labels), generator=generator),
         "sigma": backfill_order("sigma", len(labels), sigma=sigma),
         "true_error": backfill_order("true_error", len(labels), error=error),
-        **(extra_orders or {}),
     }
-    measured = backfill_results(
+    results = backfill_results(
         new_embedding,
         labels,
         transformed,
@@ -271,7 +284,14 @@ def backfill_summary(
         leave_one_out=True,
         metric=metric,
     )
-    curves = {order: curve_of(fractions, points) for order, points in measured.items()}
-    return BackfillSummary(
-        curves=curves, areas={o: c.area() for o, c in curves.items()}, results=measured
-    )
+    measured = {order: [r.summary() for r in pts] for order, pts in results.items()}
+    curves = {
+        order: BackfillCurve(
+            fractions=tuple(fractions),
+            top1=tuple(100 * p["top1"] for p in pts),
+            mAP=tuple(100 * p["mAP"] for p in pts),
+        )
+        for order, pts in measured.items()
+    }
+    summary = BackfillSummary(curves=curves, areas={o: c.area() for o, c in curves.items()})
+    return summary, results

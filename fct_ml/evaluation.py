@@ -106,6 +106,19 @@ class BackfillCurve:
                 f" {len(self.mAP)} mAP points"
             )
 
+    @classmethod
+    def from_results(
+        cls, fractions: Sequence[float], points: Sequence[RetrievalResult]
+    ) -> BackfillCurve:
+        """The curve, in percent, of the per-query outcomes at each of its points
+        (fct_ml.backfill.backfill_results' list for one order)."""
+        summaries = [p.summary() for p in points]
+        return cls(
+            fractions=tuple(fractions),
+            top1=tuple(100 * s["top1"] for s in summaries),
+            mAP=tuple(100 * s["mAP"] for s in summaries),
+        )
+
     def area(self) -> CurveArea:
         """The curve's area for both metrics (`curve_area`)."""
         return CurveArea(top1=curve_area(self.top1), mAP=curve_area(self.mAP))
@@ -126,11 +139,6 @@ class BackfillSummary:
 
     curves: dict[str, BackfillCurve]
     areas: dict[str, CurveArea]
-    # Per order, the per-query outcomes at each point of its curve (fct_ml.retrieval.
-    # RetrievalResult), for the paired bootstrap of areas and the NFR along a curve.
-    results: dict[str, list[RetrievalResult]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
 
     def curves_as_dicts(self) -> dict[str, dict[str, list[float]]]:
         """{order: {"fractions", "top1", "mAP"}}: the JSON shape of the curves."""

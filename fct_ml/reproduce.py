@@ -23,17 +23,12 @@ from typing import Any
 import torch
 
 from fct_ml import pipeline
-from fct_ml.backfill import (
-    apply_transformation,
-    backfill_order,
-    backfill_results,
-    backfill_summary,
-    curve_of,
-)
+from fct_ml.backfill import apply_transformation, backfill_order, backfill_results
 from fct_ml.checkpoint import content_digest
 from fct_ml.config import from_dict
 from fct_ml.data import Dataset
 from fct_ml.evaluation import (
+    BackfillCurve,
     Case,
     Evaluation,
     error_spread,
@@ -369,54 +364,50 @@ def backfill_measures(
     diagnostics: dict[str, Any] = {}
     results: dict[str, dict[str, list[RetrievalResult]]] = {}
     areas: dict[str, dict[str, dict[str, float]]] = {}
-    for variant, partner in FCT_PARTNER.items():
-        gallery_h, sigma = transformed[variant]
-        fct_h = transformed[partner][0]
-        # The two h's disagreement: most uncertain (largest) first, as sigma.
-        disagreement = (gallery_h - fct_h).pow(2).sum(1)
-        summary = backfill_summary(
+    n = len(labels)
+
+    def measured(gallery: torch.Tensor, orders: dict[str, torch.Tensor]):
+        found = backfill_results(
             new,
             labels,
-            gallery_h,
-            sigma,
-            config.backfill_points,
-            generator=torch.Generator().manual_seed(backfill_seed),
-            metric=config.metric,
-            extra_orders={"ensemble": torch.argsort(disagreement, descending=True, stable=True)}
-            if "ensemble" in orders_to_try
-            else None,
-        )
-        # The FCT h in random order, the permutation FastFill's random order used.
-        fct_random = backfill_results(
+            gallery,
             new,
             labels,
-            fct_h,
-            new,
-            labels,
-            {
-                "random": backfill_order(
-                    "random", len(labels), generator=torch.Generator().manual_seed(backfill_seed)
-                )
-            },
+            orders,
             fractions,
             leave_one_out=True,
             metric=config.metric,
         )
-        fct_curve = curve_of(fractions, fct_random["random"])
-        curves[variant] = summary.curves_as_dicts()
-        curves[partner] = {"random": fct_curve.as_dict()}
-        areas[variant] = summary.areas_as_dicts()
-        areas[partner] = {"random": fct_curve.area().as_dict()}
-        falls[variant] = {o: c.largest_fall() for o, c in summary.curves.items()}
-        falls[partner] = {"random": fct_curve.largest_fall()}
-        results[variant] = summary.results
-        results[partner] = fct_random
-        error = (gallery_h - new).pow(2).sum(1).numpy()
+        return found, {o: BackfillCurve.from_results(fractions, pts) for o, pts in found.items()}
+
+    for variant, partner in FCT_PARTNER.items():
+        gallery_h, sigma = transformed[variant]
+        fct_h = transformed[partner][0]
+        error = (gallery_h - new).pow(2).sum(1)
+        # The two h's disagreement: most uncertain (largest) first, as sigma.
+        disagreement = (gallery_h - fct_h).pow(2).sum(1)
+        # FastFill's three orders as fct_ml.backfill.backfill_study builds them (so the curves
+        # are backfill_summary's), then the orders tried, ranked in the same pass.
+        random = backfill_order("random", n, generator=torch.Generator().manual_seed(backfill_seed))
+        orders = {
+            "random": random,
+            "sigma": backfill_order("sigma", n, sigma=sigma),
+            "true_error": backfill_order("true_error", n, error=error),
+        }
+        if "ensemble" in orders_to_try:
+            orders["ensemble"] = torch.argsort(disagreement, descending=True, stable=True)
+        results[variant], found = measured(gallery_h, orders)
+        # The FCT h in random order: the permutation FastFill's random order used.
+        results[partner], fct = measured(fct_h, {"random": random})
+        for name, by_order in ((variant, found), (partner, fct)):
+            curves[name] = {o: c.as_dict() for o, c in by_order.items()}
+            areas[name] = {o: c.area().as_dict() for o, c in by_order.items()}
+            falls[name] = {o: c.largest_fall() for o, c in by_order.items()}
         diagnostics[variant] = {
-            "error": error_spread(error),
+            "error": error_spread(error.numpy()),
             "spearman_with_error": {
-                "sigma": spearman(sigma.numpy(), error),
-                "ensemble": spearman(disagreement.numpy(), error),
+                "sigma": spearman(sigma.numpy(), error.numpy()),
+                "ensemble": spearman(disagreement.numpy(), error.numpy()),
             },
         }
     return {

@@ -26,3 +26,23 @@ def brute_force_retrieval(
         ranks = np.flatnonzero(ranked) + 1
         ap += (np.arange(1, len(ranks) + 1) / ranks).mean()
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "mAP": 100 * ap / n}
+
+
+def brute_force_per_query(
+    query: np.ndarray, gallery: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`brute_force_retrieval` per query: (top-1 right (N,) bool, AP (N,) in [0, 1])."""
+    query, gallery = np.asarray(query, np.float64), np.asarray(gallery, np.float64)
+    labels = np.asarray(labels)
+    n = len(labels)
+    right, ap = np.zeros(n, dtype=bool), np.zeros(n)
+    others = np.arange(n)
+    for i in range(n):
+        keep = others != i
+        distance = ((gallery[keep] - query[i]) ** 2).sum(1)
+        match = labels[keep] == labels[i]
+        ranked = match[np.lexsort((match, distance))]
+        right[i] = ranked[0]
+        ranks = np.flatnonzero(ranked) + 1
+        ap[i] = (np.arange(1, len(ranks) + 1) / ranks).mean()
+    return right, ap

@@ -236,7 +236,7 @@ class BackfillConfig(dg.Config):
 
 
 class EvalReportConfig(dg.Config):
-    """Which table version the evaluation reads."""
+    """Which table version the evaluation reads, and the gates promotion passes."""
 
     table_version: int | None = Field(
         None,
@@ -245,6 +245,38 @@ class EvalReportConfig(dg.Config):
         description=(
             "LanceDB version of the model version's table to evaluate: the daily schedule sets the"
             " deployed, pinned one. Unset: the table the latest backfilled_gallery published."
+        ),
+    )
+    # The defaults and their reasons: fct_assets/upgrade/gates.py (DEFAULT_MAX_NFR, ...).
+    max_nfr: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description=(
+            "Gate: the most negative flips (% of queries right under what is served, wrong under"
+            " this version at f = 0) promotion accepts. Unset: the chance level (1 - err_S) x"
+            " err_P, what independent errors would flip (relative NFR 1), so regressions that"
+            " concentrate on today's right answers are refused at any accuracy (preset tiny: off)."
+        ),
+    )
+    map_tolerance: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description=(
+            "Gate: how many mAP points this version at f = 0 may lose against what is served."
+            " Unset: 1, beyond the bootstrap interval of a 10,000-item gallery's mAP delta"
+            " (preset tiny: off)."
+        ),
+    )
+    compare_closed_form: bool = Field(
+        True,
+        description=(
+            "Fit the linear and Procrustes maps on h's training features and report them beside"
+            " h (seconds to fit; the features cost one pass of the training images through the"
+            " three models)."
         ),
     )
 

@@ -31,12 +31,21 @@ UPGRADE_KEYS = frozenset(dg.AssetKey(name) for name in UPGRADE_ASSETS)
 GALLERY_STORE_SCHEMA = "gallery_store_schema"
 BACKFILLED_GALLERY_SCHEMA = "backfilled_gallery_schema"
 EVAL_REPORT_EXPECTATIONS = "eval_report_expectations"
+# The gates on the upgrade decision (fct_assets/upgrade/gates.py): NFR of P(0) against what is
+# served, and mAP of P(0) against it.
+NFR_GATE = "negative_flip_gate"
+MAP_GATE = "served_map_gate"
+GATE_CHECKS = (
+    dg.AssetCheckKey(dg.AssetKey(EVAL_REPORT), NFR_GATE),
+    dg.AssetCheckKey(dg.AssetKey(EVAL_REPORT), MAP_GATE),
+)
 
 # The blocking checks that guard promotion: a version is served only when each passed on its
-# latest materialisation.
+# latest materialisation (the gates: unless `fct promote --accept-regressions` accepts them).
 PROMOTION_CHECKS = (
     dg.AssetCheckKey(dg.AssetKey(BACKFILLED_GALLERY), BACKFILLED_GALLERY_SCHEMA),
     dg.AssetCheckKey(dg.AssetKey(EVAL_REPORT), EVAL_REPORT_EXPECTATIONS),
+    *GATE_CHECKS,
 )
 
 # ---------------------------------------------------------------- pools and tags

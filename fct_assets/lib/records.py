@@ -11,8 +11,8 @@ embedding space and the metadata of the materialisation that wrote it (a `Checkp
 
 An eval report's metrics are fct_ml.evaluation's `CaseMetrics`, `GapClosed`, `BackfillCurve` and
 `CurveArea` (frozen dataclasses, validated and written by pydantic as {"top1", "top5", "mAP"},
-{"top1", "mAP"}, {"fractions", "top1", "mAP"} and {"top1", "mAP"}: the JSON is the shape it was
-before they were typed, so EvalReport keeps schema 1).
+{"top1", "mAP"}, {"fractions", "top1", "mAP"} and {"top1", "mAP"}), and its upgrade decision
+(`UpgradeDecision`: served against proposed per query) holds fct_ml.flips' `Flips`.
 
     DatasetRecord      dataset                 what the base assets were built from
     GalleryStore       gallery_store           the stored gallery table (old space + side-info)
@@ -25,6 +25,7 @@ before they were typed, so EvalReport keeps schema 1).
     Deployment         the deployments table   one promote/rollback row
     CheckResult        promote                 the latest run of one blocking check of a version
     EvalReport         eval_report             the version's metrics
+    UpgradeDecision    eval_report             served S against proposed P per query, gates
     IngestBatch        ingested_batch          one batch of items that arrived (inbox, `fct ingest`)
     StepCost           every asset, backfill op  wall time, CPU time, peak RSS (fct_assets.lib.cost)
     CheckpointMeta     a checkpoint's materialisation  its sha256, space and what it was made from
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fct_ml.evaluation import BackfillCurve, Case, CaseMetrics, CurveArea, GapClosed
+from fct_ml.flips import Flips
 
 if TYPE_CHECKING:  # torch takes seconds to import; a code location should load fast
     import torch.nn as nn
@@ -229,9 +231,98 @@ class Deployment(VersionTable):
     at: str  # ISO 8601, UTC
 
 
+class Gates(Record):
+    """The thresholds promotion is gated on (EvalReportConfig sets them; the defaults and their
+    reasons are there)."""
+
+    # Percent of queries: NFR of P(0) against S at most this; None: the chance level
+    # (1 - err_S) x err_P, relative NFR 1 (fct_assets.upgrade.gates.nfr_threshold).
+    max_nfr: float | None
+    map_tolerance: float  # points: mAP of P(0) at least S's minus this
+
+
+class GateVerdict(Record):
+    """One gate's verdict on a version, and why in one line."""
+
+    gate: str  # "nfr" | "map"
+    passed: bool
+    line: str
+
+
+class MapResult(Record):
+    """One h (the learned one or a closed-form map) at f = 0, against S: metrics in percent,
+    NFR in percent, relative NFR (None where undefined), and its training time (None: not
+    recorded)."""
+
+    kind: str  # mlp | linear | procrustes
+    top1: float
+    top5: float
+    mAP: float  # noqa: N815 (as CaseMetrics.mAP)
+    nfr: float
+    relative_nfr: float | None
+    train_seconds: float | None
+
+
+class WorstFlip(Record):
+    """A negative flip: the query item, S's top-1 (right) and P(0)'s top-1 (wrong), by item id
+    and class name, and the query's change in AP (P minus S, in [-1, 0])."""
+
+    item_id: int
+    label: str
+    served_item_id: int
+    served_label: str
+    proposed_item_id: int
+    proposed_label: str
+    ap_change: float
+
+
+class OrderGain(Record):
+    """The sigma order minus the random order at one re-embed fraction (`planned`: the version's
+    reembed_fraction; else the point the report chose), and over the whole curve (areas): top-1
+    and mAP in points, NFR in points (negative: sigma flips fewer queries)."""
+
+    fraction: float
+    planned: bool
+    top1: float
+    mAP: float  # noqa: N815 (as CaseMetrics.mAP)
+    nfr: float
+    area_top1: float
+    area_mAP: float  # noqa: N815 (as CaseMetrics.mAP)
+
+
+class UpgradeDecision(Record):
+    """What changes for each query if the version is promoted: S, what users get now, against
+    P(f), the version's query model against its table with a fraction f re-embedded (sigma
+    order); P(0) is the transformed table. Flips of P(0) against S over every query and per
+    class with bootstrap intervals, NFR along the backfilling curves, the closed-form maps beside
+    the learned h, the worst negative flips and the gates' verdicts."""
+
+    served: str  # S in words
+    served_version: str | None  # the model version S is; None: the old model
+    proposed: str  # P in words
+    served_metrics: CaseMetrics
+    proposed_metrics: CaseMetrics  # P(0)
+    new_metrics: CaseMetrics  # P(1): the full re-embedding
+    flips: Flips  # P(0) against S
+    nfr_curves: dict[str, tuple[float, ...]]  # order -> NFR (%) at backfill_curves' fractions
+    order_gain: OrderGain
+    maps: tuple[MapResult, ...]  # the learned h first, then the closed-form maps
+    class_names: tuple[str, ...]
+    gates: Gates
+    verdicts: tuple[GateVerdict, ...]
+    worst_flips: tuple[WorstFlip, ...]  # their picture: EvalReport.flips_png_base64
+
+    @property
+    def passed(self) -> bool:
+        """Whether every gate passed."""
+        return all(v.passed for v in self.verdicts)
+
+
 class EvalReport(Record):
     """A version's metrics in percent: cases (query/gallery), the unseen-class split, backfilling
-    curves and their areas, and the costs measured on the way."""
+    curves and their areas, the costs measured on the way, and the upgrade decision."""
+
+    SCHEMA: ClassVar[int] = 2  # 2: decision, flips_png_base64
 
     version: str
     items: int
@@ -254,30 +345,38 @@ class EvalReport(Record):
     # any promotion; in a chained upgrade the deployed version's table (e.g. "gallery_v2 at
     # LanceDB version 3, space new_model:v2@..."). Empty in reports written before it existed.
     old_space: str = ""
+    decision: UpgradeDecision | None = None
+    flips_png_base64: str = ""  # the worst negative flips; left out of the event-log copy
 
 
 # The eval report's headline numbers, as metadata of its materialisation (the UI plots them;
-# `fct lineage` shows them): label -> value.
+# `fct lineage` shows them): label -> value. "gap closed mAP (%)" only where there is a gap
+# (new/new above old/old), NFR and relative NFR only in a report with a decision.
 HEADLINE = (
     f"{Case.NEW_H_OLD} top1",
     f"{Case.NEW_H_OLD} mAP",
     f"{Case.OLD_OLD} mAP",
     f"{Case.NEW_NEW} mAP",
     "gap closed mAP (%)",
+    "NFR at f=0 (%)",
+    "relative NFR at f=0",
 )
 
 
 def headline(report: EvalReport) -> dict[str, float]:
-    """The report's headline numbers by their labels (HEADLINE, in that order)."""
+    """The report's headline numbers by their labels (HEADLINE, in that order), rounded to two
+    decimals; those that mean nothing for this report are left out."""
     cases = report.cases
-    values = (
+    values: list[float | None] = [
         cases[Case.NEW_H_OLD].top1,
         cases[Case.NEW_H_OLD].mAP,
         cases[Case.OLD_OLD].mAP,
         cases[Case.NEW_NEW].mAP,
-        report.gap_closed.mAP,
-    )
-    return dict(zip(HEADLINE, values, strict=True))
+        report.gap_closed.mAP if cases[Case.NEW_NEW].mAP > cases[Case.OLD_OLD].mAP else None,
+        report.decision.flips.all.nfr if report.decision else None,
+        report.decision.flips.all.relative_nfr if report.decision else None,
+    ]
+    return {k: round(v, 2) for k, v in zip(HEADLINE, values, strict=True) if v is not None}
 
 
 class Quarantined(Record):
@@ -333,6 +432,11 @@ class CheckpointMeta(Record):
     source_version: str = ""
     source_space_id: str = ""
     source_model_sha256: str = ""
+    # A transformation's kind (mlp | linear | procrustes; "": recorded before kinds existed),
+    # and the seconds its training (or closed-form fit) took, features excluded.
+    kind: str = ""
+    train_seconds: float | None = None
+    seed: int | None = None  # the run's seed (its features' augmentation among others)
 
 
 RECORDS: dict[str, type[Record]] = {
@@ -349,6 +453,12 @@ RECORDS: dict[str, type[Record]] = {
         Hit,
         Deployment,
         CheckResult,
+        Gates,
+        GateVerdict,
+        MapResult,
+        WorstFlip,
+        OrderGain,
+        UpgradeDecision,
         EvalReport,
         Quarantined,
         IngestBatch,

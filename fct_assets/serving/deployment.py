@@ -147,7 +147,8 @@ def check_results(
         if evaluation is None:
             why = f"status {record.status.value}"
         elif not evaluation.passed:
-            why = "failed"
+            # A gate says why in one line (NFR, threshold, worst classes): the refusal names it.
+            why = f"failed: {evaluation.description}" if evaluation.description else "failed"
         elif not fresh:
             why = "stale: ran before the latest materialisation"
         else:

@@ -39,7 +39,6 @@ from fct_assets.lib.records import (
     DatasetRecord,
     EvalReport,
     GalleryStore,
-    headline,
 )
 from fct_assets.lib.resources import FctResource
 from fct_assets.serving.deployment import current
@@ -50,7 +49,13 @@ from fct_assets.upgrade.backfill_ops import (
     publish_backfill,
 )
 from fct_assets.upgrade.freshness import upgrade_is_current
-from fct_assets.upgrade.report import evaluate_version, markdown_table
+from fct_assets.upgrade.gates import launch_gates, restate_verdicts
+from fct_assets.upgrade.report import (
+    evaluate_version,
+    features_once,
+    h_training_features,
+    report_metadata,
+)
 
 
 # Not required: a run of a version that is current yields nothing, and the run's other steps skip.
@@ -75,6 +80,8 @@ def new_model(
         if why is not None:  # a second run of the version: no-op, and it says so
             context.log.warning(why)
             context.instance.add_run_tags(context.run.run_id, {NO_OP_TAG: why})
+            # Its checks would show "Skipped": the verdicts on what is current, stated again.
+            restate_verdicts(context)
             return
     data = fct.load_dataset(dataset.spec, dataset.fingerprint)
     if config.source != "train":
@@ -118,8 +125,10 @@ def transformation(
     # version's (every item is in its table: transformed there, or ingested since); before any
     # promotion, the old model's.
     source, source_version = _source_model(context, fct, config, old_model)
-    models = (source.model, side_info_model.model, new_model.model)
-    features = pipeline.training_features(data, *models, exp, run)
+    # Kept in this process for the eval report's closed-form maps (the same features).
+    features = features_once(
+        data, dataset.fingerprint, source, side_info_model, new_model, exp, run
+    )
     stage = f"transformation[{context.partition_key}]"
     # FastFill's sigma trains through the new model's classifier; an external new model without
     # one (or with another class set) gets the plain h, sigma 0.
@@ -153,6 +162,7 @@ def transformation(
         new_model_sha256=new_model.sha256,
         side_info=bool(h.config.side_info),
         kind=config.kind,
+        seed=config.seed,
         source_version=source_version or "",
         source_space_id=source.space_id,
         source_model_sha256=source.sha256,
@@ -205,6 +215,7 @@ def backfilled_gallery(gallery_store, transformation, new_model):
 
 @upgrade_asset(kind="python", io_manager_key="record_io_manager", runs_model=True)
 def eval_report(
+    context: dg.AssetExecutionContext,
     config: EvalReportConfig,
     fct: FctResource,
     dataset: DatasetRecord,
@@ -212,10 +223,19 @@ def eval_report(
     backfilled_gallery: BackfilledTable,
     transformation: Checkpoint,
     new_model: Checkpoint,
+    old_model: Checkpoint,
+    side_info_model: Checkpoint,
 ) -> dg.Output[EvalReport]:
-    """The paper's cases for this version and its backfilling curve (markdown, plot, JSON)."""
+    """What changes per query if this version is served, the gates, the paper's cases, curves."""
 
     started = time.perf_counter()
+    features = (
+        h_training_features(
+            context.instance, fct, dataset, transformation, old_model, side_info_model, new_model
+        )
+        if config.compare_closed_form
+        else None
+    )
     report = evaluate_version(
         fct,
         dataset,
@@ -224,17 +244,12 @@ def eval_report(
         transformation,
         new_model,
         table_version=config.table_version,
+        instance=context.instance,
+        features=features,
+        gates=launch_gates(config.max_nfr, config.map_tolerance, fct.preset),
     )
     report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
-    return dg.Output(
-        report,
-        metadata={
-            "report": dg.MetadataValue.md(markdown_table(report)),
-            "json": dg.MetadataValue.json(report.model_dump(exclude={"plot_png_base64"})),
-            **headline(report),
-            "code_version": CODE_VERSION,
-        },
-    )
+    return dg.Output(report, metadata=report_metadata(report, CODE_VERSION))
 
 
 ASSETS = [new_model, transformation, backfilled_gallery, eval_report]

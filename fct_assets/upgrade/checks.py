@@ -1,19 +1,21 @@
-"""Asset checks that guard a version's publication: a pandera schema on its gallery table and a
-great-expectations 1.x suite on its eval report. All blocking: a failure stops downstream
-assets in the run and keeps the version from being promoted. Failing cases go into the
-check's metadata."""
+"""Asset checks that guard a version's publication: a pandera schema on its gallery table, a
+great-expectations 1.x suite on its eval report, and the gates on its upgrade decision (NFR and
+mAP of P(0) against what is served; fct_assets/upgrade/gates.py). All blocking: a failure stops
+downstream assets in the run and keeps the version from being promoted. Failing cases go into
+the check's metadata; a gate's verdict is its description, one line."""
 
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
-from fct_assets.lib.keys import EVAL_REPORT
+from fct_assets.lib.keys import EVAL_REPORT, MAP_GATE, NFR_GATE
 from fct_assets.lib.partitions import model_version
 from fct_assets.lib.records import BackfilledTable, EvalReport
 from fct_assets.lib.resources import FctResource
 from fct_assets.lib.table_checks import validate_table, vector_table_schema
 from fct_assets.upgrade.assets import backfilled_gallery, eval_report
+from fct_assets.upgrade.gates import MAP, NFR, gate_verdicts, nfr_threshold, worst_classes
 from fct_ml.evaluation import Case, CaseMetrics
 
 if TYPE_CHECKING:
@@ -152,4 +154,65 @@ def eval_report_expectations(eval_report: EvalReport) -> dg.AssetCheckResult:
     )
 
 
-CHECKS = [backfilled_gallery_schema, eval_report_expectations]
+def gate_result(report: EvalReport, gate: str) -> dg.AssetCheckResult:
+    """One gate's verdict on the report's decision, under the thresholds the report recorded
+    (the launchpad's, eval_report's config): its one line as the description."""
+    decision = report.decision
+    if decision is None:
+        return dg.AssetCheckResult(
+            passed=False,
+            description="the eval report holds no upgrade decision; re-materialise eval_report",
+            metadata={"table_version": report.table_version},
+        )
+    verdict = next(v for v in gate_verdicts(decision, decision.gates) if v.gate == gate)
+    a = decision.flips.all
+    metadata: dict[str, Any] = {"table_version": report.table_version, "verdict": verdict.line}
+    if gate == NFR:
+        metadata |= {
+            "NFR at f=0 (%)": round(a.nfr, 2),
+            "threshold (%)": round(nfr_threshold(decision, decision.gates), 2),
+            "relative NFR": None if a.relative_nfr is None else round(a.relative_nfr, 2),
+            "worst classes": worst_classes(decision),
+        }
+    else:
+        metadata |= {
+            "mAP of P(0)": round(decision.proposed_metrics.mAP, 2),
+            "mAP of S": round(decision.served_metrics.mAP, 2),
+            "tolerance (points)": decision.gates.map_tolerance,
+        }
+    return dg.AssetCheckResult(
+        passed=verdict.passed,
+        description=verdict.line,
+        metadata={k: v for k, v in metadata.items() if v is not None},
+    )
+
+
+@dg.asset_check(
+    asset=eval_report,
+    name=NFR_GATE,
+    blocking=True,
+    partitions_def=model_version,
+    description=(
+        "Gate: NFR of P(0) (queries right under what is served, wrong under this version) at most"
+        " eval_report's max_nfr (default: the chance level, relative NFR 1)"
+    ),
+)
+def negative_flip_gate(eval_report: EvalReport) -> dg.AssetCheckResult:
+    return gate_result(eval_report, NFR)
+
+
+@dg.asset_check(
+    asset=eval_report,
+    name=MAP_GATE,
+    blocking=True,
+    partitions_def=model_version,
+    description=(
+        "Gate: mAP of P(0) not below what is served by more than eval_report's map_tolerance"
+        " (default 1 point)"
+    ),
+)
+def served_map_gate(eval_report: EvalReport) -> dg.AssetCheckResult:
+    return gate_result(eval_report, MAP)
+
+
+CHECKS = [backfilled_gallery_schema, eval_report_expectations, negative_flip_gate, served_map_gate]

@@ -73,6 +73,7 @@ def test_every_command_that_prints_a_result_takes_json(empty, capsys):
     assert list(commands) == [
         "reproduce",
         "promote",
+        "diff",
         "rollback",
         "lineage",
         "add-version",

@@ -35,6 +35,8 @@ def test_a_version_whose_checks_passed_is_promoted_at_the_checked_table_version(
     assert {k: v.why for k, v in results.items()} == {
         SCHEMA_CHECK: "passed",
         REPORT_CHECK: "passed",
+        "eval_report:negative_flip_gate": "passed",
+        "eval_report:served_map_gate": "passed",
     }
     table_version = db.open_table("gallery_vpass").version
     assert {v.table_version for v in results.values()} == {table_version}

@@ -17,6 +17,7 @@ from dagster._core.events import DagsterEvent, DagsterEventType
 from dagster._core.utils import make_new_run_id
 
 from fct_assets.lib import guards, storage
+from fct_assets.lib.keys import PROMOTION_CHECKS
 from fct_assets.lib.records import BackfilledTable, VersionTable
 from fct_assets.serving import deployment, jobs
 from fct_assets.serving.deployment import PromotionError, check_results, current, promote, rollback
@@ -116,12 +117,12 @@ def _check_evaluation(
 
 
 def _checked(instance, version: str, table_version: int, *, passed=(True, True)) -> None:
-    checks = (
-        ("backfilled_gallery", "backfilled_gallery_schema"),
-        ("eval_report", "eval_report_expectations"),
-    )
-    for (asset, check), ok in zip(checks, passed):
-        _check_evaluation(instance, asset, check, version, ok, table_version)
+    """Every blocking check of promotion evaluated on `table_version`: the table's schema and the
+    report's expectations as `passed` says, the gates passed."""
+    for key, ok in zip(PROMOTION_CHECKS, (*passed, True, True), strict=True):
+        _check_evaluation(
+            instance, key.asset_key.to_user_string(), key.name, version, ok, table_version
+        )
 
 
 def _promotable(instance, db, version: str) -> int:
@@ -137,6 +138,8 @@ def test_passed_checks_promote_the_recorded_table_version(instance, db):
     assert {k: (v.passed, v.why, v.table_version) for k, v in results.items()} == {
         "backfilled_gallery:backfilled_gallery_schema": (True, "passed", table_version),
         "eval_report:eval_report_expectations": (True, "passed", table_version),
+        "eval_report:negative_flip_gate": (True, "passed", table_version),
+        "eval_report:served_map_gate": (True, "passed", table_version),
     }
     row = promote(instance, db, "v2")
     assert {k: getattr(row, k) for k in ("seq", "action", "version", "table", "table_version")} == {
@@ -193,6 +196,8 @@ def test_never_ran_failed_and_stale_are_told_apart(instance, db):
     assert {k: v.why for k, v in check_results(instance, "v2").items()} == {
         "backfilled_gallery:backfilled_gallery_schema": "never ran",
         "eval_report:eval_report_expectations": "never ran",
+        "eval_report:negative_flip_gate": "never ran",
+        "eval_report:served_map_gate": "never ran",
     }
     with pytest.raises(PromotionError, match=r"^version v2 not promoted: .*'never ran'"):
         promote(instance, db, "v2")
@@ -225,13 +230,10 @@ def test_a_check_at_the_time_of_its_materialisation_is_fresh(instance, db):
     at = time.time()
     _materialised(instance, "v2", table_version, at=at)
     runs = {
-        f"{asset}:{check}": _check_evaluation(
-            instance, asset, check, "v2", True, table_version, at=at
+        f"{k.asset_key.to_user_string()}:{k.name}": _check_evaluation(
+            instance, k.asset_key.to_user_string(), k.name, "v2", True, table_version, at=at
         )
-        for asset, check in (
-            ("backfilled_gallery", "backfilled_gallery_schema"),
-            ("eval_report", "eval_report_expectations"),
-        )
+        for k in PROMOTION_CHECKS
     }
     results = check_results(instance, "v2")
     assert {k: (v.why, v.ran_after_latest_materialization) for k, v in results.items()} == {
@@ -593,6 +595,8 @@ def test_a_check_planned_but_never_evaluated_is_reported_by_its_status(instance,
     _check_evaluation(
         instance, "backfilled_gallery", "backfilled_gallery_schema", "v2", True, table_version
     )
+    for gate in ("negative_flip_gate", "served_map_gate"):
+        _check_evaluation(instance, "eval_report", gate, "v2", True, table_version)
     planned()
     result = check_results(instance, "v2")["eval_report:eval_report_expectations"]
     assert not result.passed and result.why == "status PLANNED"

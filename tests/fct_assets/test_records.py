@@ -11,8 +11,58 @@ import pytest
 from fct_assets.lib import records
 from fct_assets.lib.records import RecordError
 from fct_ml.evaluation import BackfillCurve, Case, CaseMetrics, CurveArea, GapClosed
+from fct_ml.flips import FlipCounts, Flips, Interval
 
 SHARD = records.ShardRange(index=1, count=2, start=5, stop=10)
+GATES = records.Gates(max_nfr=10.0, map_tolerance=1.0)
+VERDICT = records.GateVerdict(gate="nfr", passed=True, line="NFR 2.00 % at f = 0 within ...")
+MAP_RESULT = records.MapResult(
+    kind="linear", top1=80.0, top5=90.0, mAP=70.0, nfr=3.0, relative_nfr=None, train_seconds=1.5
+)
+WORST = records.WorstFlip(
+    item_id=7,
+    label="shirt",
+    served_item_id=9,
+    served_label="shirt",
+    proposed_item_id=3,
+    proposed_label="coat",
+    ap_change=-0.5,
+)
+GAIN = records.OrderGain(
+    fraction=0.25, planned=False, top1=0.5, mAP=0.25, nfr=-0.5, area_top1=0.2, area_mAP=0.1
+)
+_COUNTS = FlipCounts(
+    queries=4,
+    right_served=2,
+    right_proposed=3,
+    negative_flips=1,
+    positive_flips=2,
+    ap_drops=1,
+    top1_served=50.0,
+    top1_proposed=75.0,
+    map_served=50.0,
+    map_proposed=60.0,
+    nfr=25.0,
+    pfr=50.0,
+    relative_nfr=2.0,
+    ap_drop_share=25.0,
+)
+DECISION = records.UpgradeDecision(
+    served="the old model",
+    served_version=None,
+    proposed="v2's new model",
+    served_metrics=CaseMetrics(top1=50.0, top5=90.0, mAP=50.0),
+    proposed_metrics=CaseMetrics(top1=75.0, top5=95.0, mAP=60.0),
+    new_metrics=CaseMetrics(top1=80.0, top5=95.0, mAP=65.0),
+    flips=Flips(all=_COUNTS, by_class={3: _COUNTS}, ci95={"NFR": Interval(25.0, 0.0, 50.0)}),
+    nfr_curves={"sigma": (25.0, 0.0)},
+    order_gain=GAIN,
+    maps=(MAP_RESULT,),
+    class_names=("shirt", "coat", "bag", "boot"),
+    gates=GATES,
+    verdicts=(VERDICT,),
+    worst_flips=(WORST,),
+)
 EXAMPLES = [
     records.DatasetRecord(
         spec="digits",
@@ -160,6 +210,12 @@ EXAMPLES = [
         run_id="r" * 36,
     ),
     records.Hit(item_id=7, label=3, distance=0.25, source="re-embedded"),
+    GATES,
+    VERDICT,
+    MAP_RESULT,
+    WORST,
+    GAIN,
+    DECISION,
 ]
 
 
@@ -252,9 +308,9 @@ def test_the_eval_report_is_typed_and_its_json_keeps_the_keys():
     )
     assert report.backfill_auc["sigma"] == CurveArea(top1=55.0, mAP=45.0)
     # The file (and the metadata "json" entry users and the UI read) has the same shape as the
-    # dicts the report held before its metrics were typed; the schema stays 1.
+    # dicts the report held before its metrics were typed; schema 2 added the decision.
     data = json.loads(records.dumps(report))
-    assert data[records.SCHEMA_KEY] == 1
+    assert data[records.SCHEMA_KEY] == 2
     assert data["cases"] == {"old/old": {"top1": 50.0, "top5": 90.0, "mAP": 40.0}}
     assert data["cases_seen_classes"] == {"old/old": {"top1": 60.0, "top5": 95.0, "mAP": 45.0}}
     assert data["gap_closed"] == {"top1": 75.0, "mAP": 70.0}
@@ -287,6 +343,7 @@ def test_headline_by_hand():
             Case.NEW_H_OLD: CaseMetrics(top1=71.0, top5=93.0, mAP=61.0),
         },
         gap_closed=GapClosed(top1=70.0, mAP=70.0),
+        decision=DECISION,
     )
     assert records.headline(report) == {
         "new/h(old) top1": 71.0,
@@ -294,8 +351,25 @@ def test_headline_by_hand():
         "old/old mAP": 40.0,
         "new/new mAP": 70.0,
         "gap closed mAP (%)": 70.0,
+        "NFR at f=0 (%)": 25.0,
+        "relative NFR at f=0": 2.0,
     }
     assert tuple(records.headline(report)) == records.HEADLINE
+    # No gap (new/new not above old/old): no share of it; no decision: no NFR. Rounded.
+    worse = _report(
+        cases={
+            Case.OLD_OLD: CaseMetrics(top1=50.0, top5=90.0, mAP=79.1),
+            Case.NEW_NEW: CaseMetrics(top1=80.0, top5=95.0, mAP=77.7),
+            Case.NEW_H_OLD: CaseMetrics(top1=71.123456, top5=93.0, mAP=79.5),
+        },
+        gap_closed=GapClosed(top1=70.0, mAP=122.4),
+    )
+    assert records.headline(worse) == {
+        "new/h(old) top1": 71.12,
+        "new/h(old) mAP": 79.5,
+        "old/old mAP": 79.1,
+        "new/new mAP": 77.7,
+    }
 
 
 def test_checkpoint_meta_from_a_transformations_metadata():

@@ -17,14 +17,14 @@ from fct_assets.lib.records import (
     GalleryStore,
 )
 from fct_assets.lib.resources import FctResource
-from fct_assets.upgrade.report import evaluate_version, markdown_table
+from fct_assets.upgrade.report import Served, evaluate_version, markdown_table
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation
 from fct_ml.evaluation import BackfillCurve
 from fct_ml.models import ModelConfig, build_model
 from fct_ml.training import encode
 from fct_ml.transformation import Transformation, TransformationConfig
-from tests.reference import brute_force_retrieval
+from tests.reference import brute_force_per_query, brute_force_retrieval
 
 SPACE = "new_model:vt@0123456789ab"
 N = 12
@@ -101,10 +101,11 @@ def gallery(tmp_path):
         "old": old,
         "new": new,
         "transformed": transformed.numpy(),
+        "images": images,
     }
 
 
-def _evaluate(g, table_version=None, **backfilled):
+def _evaluate(g, table_version=None, served=None, **backfilled):
     record = BackfilledTable(
         table="gallery_vt",
         version=g["table"]["version"],
@@ -152,6 +153,7 @@ def _evaluate(g, table_version=None, **backfilled):
         Checkpoint(model=g["h"], sha256="1" * 64, space_id="h@1"),
         Checkpoint(model=g["new_model"], sha256="2" * 64, space_id=g["space"]),
         table_version=table_version,
+        served=served,
     ).model_dump()
 
 
@@ -203,12 +205,57 @@ def test_every_case_by_brute_force(gallery):
         f"gallery_store at LanceDB version {g['store']['version']}, space old@1 (the old model)"
     )
     markdown = markdown_table(EvalReport.model_validate(report))
-    heading = markdown.splitlines()[0]
+    # The upgrade decision comes first; the paper's cases follow under their own heading.
+    assert markdown.splitlines()[0].startswith("### Upgrade decision for vt: promotion ")
+    heading = next(line for line in markdown.splitlines() if line.startswith("### Evaluation"))
     assert heading == (
         f"### Evaluation of vt: gallery_vt at LanceDB version {g['table']['version']}"
         f" ({N} gallery items, leave-one-out)"
     )
     assert report["plot_png_base64"] and "![backfilling curve]" in markdown
+
+
+def test_the_decision_before_any_promotion_is_old_old_against_new_h_old(gallery):
+    g = gallery
+    report = _evaluate(g)
+    labels, old, new, h = g["labels"], g["old"], g["new"], g["transformed"]
+    decision = report["decision"]
+    # Nothing promoted: S is the old model on gallery_store, P(0) the version's h of it.
+    assert decision["served_version"] is None
+    assert decision["served"].startswith("the old model: its queries against gallery_store")
+    assert decision["served_metrics"] == pytest.approx(report["cases"]["old/old"], abs=1e-3)
+    assert decision["proposed_metrics"] == pytest.approx(report["cases"]["new/h(old)"], abs=1e-3)
+    s_right, s_ap = brute_force_per_query(old, old, labels)
+    p_right, p_ap = brute_force_per_query(new, h, labels)
+    counts = decision["flips"]["all"]
+    negative = s_right & ~p_right
+    assert counts["negative_flips"] == int(negative.sum())
+    assert counts["nfr"] == pytest.approx(100 * negative.mean())
+    assert counts["ap_drops"] == int((p_ap - s_ap < -0.1).sum())
+    for c in range(3):
+        in_class = labels == c
+        assert decision["flips"]["by_class"][c]["negative_flips"] == int(negative[in_class].sum())
+    # f = 0 on the curve is P(0) itself; the last point is the full re-embedding P(1).
+    assert decision["nfr_curves"]["sigma"][0] == pytest.approx(counts["nfr"])
+    s_new_right, _ = brute_force_per_query(new, new, labels)
+    assert decision["nfr_curves"]["sigma"][-1] == pytest.approx(
+        100 * (s_right & ~s_new_right).mean()
+    )
+    # Each of the worst flips: S's top-1 has the query's class, P(0)'s another.
+    for w in decision["worst_flips"]:
+        assert w["served_label"] == w["label"] != w["proposed_label"]
+        assert w["ap_change"] <= 0
+    assert len(decision["worst_flips"]) == min(6, int(negative.sum()))
+    # The gates under the default thresholds, and the headline says the same.
+    nfr_ok = counts["nfr"] <= 10.0
+    map_ok = decision["proposed_metrics"]["mAP"] >= decision["served_metrics"]["mAP"] - 1.0
+    assert [v["passed"] for v in decision["verdicts"]] == [nfr_ok, map_ok]
+    markdown = markdown_table(EvalReport.model_validate(report), include_plot=False)
+    verdict = "passes the gates" if nfr_ok and map_ok else "is refused by the gates"
+    assert markdown.splitlines()[0] == f"### Upgrade decision for vt: promotion {verdict}"
+    assert markdown.splitlines()[2].startswith(
+        "Promotion passes the gates:" if nfr_ok and map_ok else "Promotion is refused:"
+    )
 
 
 def _map_of(query, gallery, labels, mask) -> float:
@@ -264,6 +311,24 @@ def _backfilled_table(db, name, ids, labels, vectors, space, sources):
     return storage.publish(db, name, schema, [batch])["version"]
 
 
+def _v1_served(source) -> Served:
+    """S when v1 serves: an untrained v1 model (seeded, wide weights) as its query model, its
+    table at the source's version as its gallery."""
+    model = build_model(ModelConfig(arch="cnn-xs", embed_dim=4, in_channels=1, num_classes=3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(9))
+    return Served(
+        version="v1",
+        table="gallery_v1",
+        table_version=source.version,
+        column="embedding",
+        space_id="new_model:v1@1",
+        model=Checkpoint(model=model.eval(), sha256="3" * 64, space_id="new_model:v1@1"),
+        words="v1, served now",
+    )
+
+
 def _deployed_v1(g, **source):
     """v1 deployed: the items stored in its space (table gallery_v1), with the SourceTable that
     names that table's version (and `source`'s other fields); (db, stored vectors, SourceTable)."""
@@ -294,7 +359,10 @@ def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(galle
     # Since the first upgrade the living store got a new version (here: other side-info): a
     # chained upgrade reads its latest, not the version the gallery_store record named then.
     _republish_store(g, side_info=np.random.default_rng(6).normal(size=(N, 4)))
-    report = _evaluate(g, source=source)
+    # S is v1, served: v1's own query model against its table (not the old model's vectors).
+    served = _v1_served(source)
+    v1_model = served.model.model
+    report = _evaluate(g, source=source, served=served)
     h_stored, _ = apply_transformation(g["h"], torch.from_numpy(stored), torch.from_numpy(_side(g)))
     labels, new = g["labels"], g["new"]
     expected = {
@@ -309,13 +377,25 @@ def test_a_chained_upgrade_is_evaluated_from_the_deployed_versions_vectors(galle
     assert report["old_space"] == (
         f"gallery_v1 at LanceDB version {source.version}, space new_model:v1@1"
     )
-    assert markdown_table(EvalReport.model_validate(report), include_plot=False).splitlines()[
-        2
-    ] == (f'"old" is the stored space h maps from: {report["old_space"]}.')
+    markdown = markdown_table(EvalReport.model_validate(report), include_plot=False)
+    assert f'"old" is the stored space h maps from: {report["old_space"]}.' in markdown.splitlines()
     # The served table is still the version's own (h of the *old* embeddings, as published).
     assert report["cases"]["new/gallery_vt"] == pytest.approx(
         brute_force_retrieval(new, g["transformed"], labels), abs=1e-3
     )
+    # S is v1's queries against v1's stored vectors, and P(0) new against h of them; taking S
+    # from the old model (old/old: the stored vectors as their own queries) would differ.
+    v1_queries = encode(v1_model, [torch.from_numpy(g["images"])], transform=to_float).numpy()
+    decision = report["decision"]
+    assert decision["served_version"] == "v1"
+    expected_s = brute_force_retrieval(v1_queries, stored, labels)
+    for metric, value in expected_s.items():
+        assert decision["served_metrics"][metric] == pytest.approx(value, abs=1e-3), metric
+    assert decision["served_metrics"] != pytest.approx(report["cases"]["old/old"], abs=1e-3)
+    s_right, _ = brute_force_per_query(v1_queries, stored, labels)
+    p_right, _ = brute_force_per_query(new, h_stored.numpy(), labels)
+    assert decision["flips"]["all"]["negative_flips"] == int((s_right & ~p_right).sum())
+    assert decision["flips"]["all"]["positive_flips"] == int((~s_right & p_right).sum())
 
 
 def test_items_without_a_label_are_left_out_and_missing_ones_refused(gallery):
@@ -614,7 +694,7 @@ def test_the_store_is_read_at_the_version_its_record_pins(gallery):
 def test_a_chained_upgrade_names_the_deployed_model_version_and_refuses_missing_vectors(gallery):
     g = gallery
     db, stored, source = _deployed_v1(g, model_version="v1")
-    report = _evaluate(g, source=source)
+    report = _evaluate(g, source=source, served=_v1_served(source))
     assert report["old_space"] == (
         f"gallery_v1 at LanceDB version {source.version}, space new_model:v1@1 (model version v1,"
         " deployed when the upgrade began)"
@@ -631,7 +711,8 @@ def test_a_chained_upgrade_names_the_deployed_model_version_and_refuses_missing_
         ["transformed"] * (N - 1),
     )
     with pytest.raises(ValueError, match=rf"^gallery_v1: item {N - 1} of the evaluated table"):
-        _evaluate(g, source=source.model_copy(update={"version": short}))
+        moved = source.model_copy(update={"version": short})
+        _evaluate(g, source=moved, served=_v1_served(moved))
 
 
 def _cosine(query, gallery, labels) -> dict[str, float]:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fct_ml.backfill import ORDERS, backfill_curves, backfill_summary, curve_of
+from fct_ml.backfill import ORDERS, backfill_curves, backfill_summary
 from fct_ml.evaluation import BackfillCurve, CurveArea
 
 # Four items in 1-D, two classes. The new model puts each class in its own cluster; h maps item 0
@@ -231,25 +231,3 @@ def test_summary_ranks_by_the_metric_asked_for():
         assert area.as_dict() == pytest.approx({"top1": 100.0, "mAP": 100.0})
     for area in areas(metric="l2").values():
         assert area.as_dict() == pytest.approx({"top1": 50.0, "mAP": 75.0})
-
-
-def test_an_extra_order_is_measured_with_the_others_and_keeps_its_per_query_outcomes():
-    # "ensemble" re-embeds item 0 last (the order of sigma = -error): its curve stays at the
-    # wrong start until the last point, as worked out above.
-    summary = backfill_summary(
-        NEW,
-        LABELS,
-        TRANSFORMED,
-        ERROR,
-        5,
-        generator=torch.Generator().manual_seed(0),
-        extra_orders={"ensemble": torch.tensor([1, 2, 3, 0])},
-    )
-    assert list(summary.curves) == [*ORDERS, "ensemble"]
-    assert summary.curves["ensemble"].mAP == pytest.approx([62.5] * 4 + [100.0])
-    # The per-query outcomes behind each point: query 1's AP 1/2 while item 0 is transformed.
-    points = summary.results["ensemble"]
-    assert len(points) == 5
-    assert points[0].average_precision.tolist() == pytest.approx([1.0, 0.5, 0.5, 0.5])
-    assert points[-1].average_precision.tolist() == pytest.approx([1.0] * 4)
-    assert curve_of(summary.curves["ensemble"].fractions, points) == summary.curves["ensemble"]

@@ -19,6 +19,7 @@ from fct_ml.evaluation import (
     largest_fall,
     spearman,
 )
+from fct_ml.retrieval import RetrievalResult
 
 
 def test_evaluate_cases_by_hand():
@@ -134,3 +135,22 @@ def test_error_spread_by_hand():
     assert s["cv"] == pytest.approx(math.sqrt(5 / 3) / 2.5)
     assert (s["p10"], s["p50"], s["p90"]) == pytest.approx((1.3, 2.5, 3.7))
     assert s["p90_over_p10"] == pytest.approx(3.7 / 1.3)
+
+
+def test_a_curve_from_the_per_query_outcomes_of_its_points():
+    # Two points of four queries: top-1 hits 1 of 4 then 4 of 4; APs averaging 0.5 then 1.
+    def point(hits: list[bool], ap: list[float]) -> RetrievalResult:
+        return RetrievalResult(
+            average_precision=torch.tensor(ap),
+            hits=torch.tensor([[h, h] for h in hits]),
+            has_match=torch.ones(4, dtype=torch.bool),
+            topk=(1, 5),
+        )
+
+    curve = BackfillCurve.from_results(
+        (0.0, 1.0),
+        [point([True, False, False, False], [1.0, 0.5, 0.25, 0.25]), point([True] * 4, [1.0] * 4)],
+    )
+    assert curve.fractions == (0.0, 1.0)
+    assert curve.top1 == pytest.approx((25.0, 100.0))
+    assert curve.mAP == pytest.approx((50.0, 100.0))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fct_ml.backfill import backfill_summary
 from fct_ml.presets import preset
 from fct_ml.reproduce import backfill_measures
 from tests.reference import brute_force_retrieval
@@ -300,6 +301,17 @@ def test_the_fct_hs_random_order_is_fastfills_permutation(tiny):
         backfill_seed=10,
     )["json"]
     assert out["backfill_curves"]["fastfill"]["random"] == out["backfill_curves"]["h"]["random"]
+    # FastFill's three curves are fct_ml.backfill's own (backfill_summary, the same seed).
+    theirs = backfill_summary(
+        torch.from_numpy(v["new"]),
+        torch.from_numpy(v["labels"]),
+        gallery,
+        sigma,
+        preset("tiny").backfill_points,
+        generator=torch.Generator().manual_seed(10),
+    ).curves_as_dicts()
+    ours = out["backfill_curves"]["fastfill"]
+    assert {o: ours[o] for o in theirs} == theirs
     # ... and the ensemble order has nothing to tell apart: every disagreement is 0, so it
     # keeps the items' own order (a stable sort), not the random one.
     assert out["sigma_diagnostics"]["fastfill"]["error"]["mean"] > 0
