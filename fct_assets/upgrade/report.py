@@ -543,16 +543,18 @@ def flips_plot_png(
     import matplotlib.pyplot as plt  # after use("Agg"): no display backend on a server
 
     fig, axes = plt.subplots(len(rows), 3, figsize=(6, 2.0 * len(rows)), dpi=80, squeeze=False)
-    titles = ("query: {}", "S top-1: {} (right)", "P(0) top-1: {} (wrong)")
+    titles = ("query: {}", "S top-1: {}", "P(0) top-1: {}")
     for r, (items, labels) in enumerate(zip(rows, names)):
         for c, (item, label) in enumerate(zip(items, labels)):
+            # Right or wrong by the labels shown, so the picture never says more than it shows.
+            verdict = "" if c == 0 else " (right)" if label == labels[0] else " (wrong)"
             image = images[item]
             ax = axes[r][c]
             if image.shape[0] == 1:
                 ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
             else:
                 ax.imshow(np.transpose(image, (1, 2, 0)))
-            ax.set_title(titles[c].format(label), fontsize=8)
+            ax.set_title(titles[c].format(label) + verdict, fontsize=8)
             ax.axis("off")
     fig.suptitle("worst negative flips: right under S, wrong under P(0)", fontsize=9)
     fig.tight_layout()
