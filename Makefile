@@ -122,10 +122,12 @@ test-fast: lint venv data
 screenshots: venv browser
 	FCT_CHROMIUM=$(CHROMIUM) $(PY) -m tests.ui.screenshots
 
-# The committed reproduction results: three seeds x two settings (cpu, cpu-hard), their mean
-# and spread; the settings share the new and side-info models through runs/stage-cache.
+# The committed reproduction results: three seeds x two settings (cpu, cpu-hard), their mean,
+# spread and paired bootstrap intervals, then two more class splits run once each (cpu, seed 0,
+# nothing re-tuned); the runs share the new and side-info models through runs/stage-cache.
 reproduce-benchmark: venv data
-	$(PY) benchmarks/studies/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2
+	$(PY) benchmarks/studies/reproduce.py --dataset fashion-mnist --presets cpu cpu-hard --seeds 0 1 2 \
+		--untuned-splits 0,2,4,6,8 0-4 --untuned-preset cpu --untuned-seed 0
 
 # Bad inputs, injected faults, the promotion race (100 from 4 processes), the config fuzz and
 # the churn harness (4 inbox writers x 1,000 files over 3 minutes under dagster-daemon while

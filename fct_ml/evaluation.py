@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
-    from fct_ml.retrieval import Metric
+    from fct_ml.retrieval import Metric, RetrievalResult
 
 
 class Case(StrEnum):
@@ -63,6 +65,9 @@ class Evaluation:
     cases: dict[str, CaseMetrics] = field(default_factory=dict)
     unseen_classes: dict[str, CaseMetrics] = field(default_factory=dict)
     seen_classes: dict[str, CaseMetrics] = field(default_factory=dict)
+    # The per-query outcomes behind `cases` (fct_ml.retrieval.RetrievalResult), for the paired
+    # bootstrap and the negative flips of a study; not part of the metrics' value or JSON.
+    results: dict[str, RetrievalResult] = field(default_factory=dict, compare=False, repr=False)
 
     def as_json(self) -> dict[str, dict[str, dict[str, float]]]:
         """{"cases", "cases_unseen_classes", "cases_seen_classes"}: {case: {top1, top5, mAP}}."""
@@ -101,9 +106,27 @@ class BackfillCurve:
                 f" {len(self.mAP)} mAP points"
             )
 
+    @classmethod
+    def from_results(
+        cls, fractions: Sequence[float], points: Sequence[RetrievalResult]
+    ) -> BackfillCurve:
+        """The curve, in percent, of the per-query outcomes at each of its points
+        (fct_ml.backfill.backfill_results' list for one order)."""
+        summaries = [p.summary() for p in points]
+        return cls(
+            fractions=tuple(fractions),
+            top1=tuple(100 * s["top1"] for s in summaries),
+            mAP=tuple(100 * s["mAP"] for s in summaries),
+        )
+
     def area(self) -> CurveArea:
         """The curve's area for both metrics (`curve_area`)."""
         return CurveArea(top1=curve_area(self.top1), mAP=curve_area(self.mAP))
+
+    def largest_fall(self) -> dict[str, float]:
+        """{"top1", "mAP"}: the curve's largest fall from its running maximum (`largest_fall`),
+        in points; 0 for a curve that never falls."""
+        return {"top1": largest_fall(self.top1), "mAP": largest_fall(self.mAP)}
 
     def as_dict(self) -> dict[str, list[float]]:
         """{"fractions", "top1", "mAP"}: the shape written to JSON and asset metadata."""
@@ -131,6 +154,64 @@ def curve_area(values: Sequence[float]) -> float:
     if len(values) == 0:
         raise ValueError("curve_area: empty curve")
     return float(sum(values) / len(values))
+
+
+def largest_fall(values: Sequence[float]) -> float:
+    """The largest fall of a curve from its running maximum: max over j of (max of values[:j+1])
+    - values[j], 0 for a curve that never falls.
+
+    A backfilling curve should only rise as items are re-embedded. Comparing the lowest point with
+    the lower end point misses a curve that rises and then falls back above both ends
+    (10, 12, 11 falls by 1 and its lowest point is an end); this counts every fall after the
+    highest point so far, including a fall from the start."""
+    if len(values) == 0:
+        raise ValueError("largest_fall: empty curve")
+    peak, fall = float("-inf"), 0.0
+    for v in values:
+        peak = max(peak, float(v))
+        fall = max(fall, peak - float(v))
+    return fall
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of two (N,) samples: the Pearson correlation of their ranks,
+    ties given their average rank. NaN when either sample is constant or N < 2."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman: expected two (N,) samples, got {x.shape} and {y.shape}")
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = float(np.sqrt((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, tied values sharing the mean of the ranks they span."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # the highest rank of each distinct value
+    return (last - (counts - 1) / 2.0)[inverse]
+
+
+def error_spread(error: Sequence[float]) -> dict[str, float]:
+    """How much h's per-item error ||h(x) - phi_new(x)||^2 varies across items: is there
+    anything for an order to predict? {"mean", "std" (sample), "cv" (std / mean), "p10",
+    "p50", "p90", "p90_over_p10"}."""
+    e = np.asarray(error, dtype=np.float64)
+    if e.ndim != 1 or len(e) < 2:
+        raise ValueError(f"error spread: expected (N,) errors with N >= 2, got {e.shape}")
+    mean, std = float(e.mean()), float(e.std(ddof=1))
+    p10, p50, p90 = (float(v) for v in np.percentile(e, [10, 50, 90]))
+    return {
+        "mean": mean,
+        "std": std,
+        "cv": std / mean if mean > 0 else float("nan"),
+        "p10": p10,
+        "p50": p50,
+        "p90": p90,
+        "p90_over_p10": p90 / p10 if p10 > 0 else float("nan"),
+    }
 
 
 def _as_dicts(cases: Mapping[str, CaseMetrics]) -> dict[str, dict[str, float]]:
@@ -175,6 +256,7 @@ def evaluate_cases(
             chunk_size=chunk_size,
         )
         out.cases[case] = _percent(result.summary())
+        out.results[case] = result
         if unseen_mask is not None and bool(unseen_mask.any()):
             out.unseen_classes[case] = _percent(result.summary(unseen_mask))
             out.seen_classes[case] = _percent(result.summary(~unseen_mask))

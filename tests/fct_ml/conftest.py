@@ -19,8 +19,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     `test_split`: what reproduce.evaluate_split received for the test split (the real function,
     wrapped to record its inputs and given to the CLI as `evaluate`): {"new", "old", "bct",
-    "labels", "h": {variant: (gallery, sigma)}} as numpy arrays (sigma None for variants
-    without one)."""
+    "bct (paper)", "labels", "h": {variant: (gallery, sigma)}} as numpy arrays (sigma None for
+    variants without one)."""
     calls: list[tuple] = []
     real = reproduce.evaluate_split
 
@@ -44,6 +44,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "new": new.numpy(),
             "old": others["old"].numpy(),
             "bct": others["bct"].numpy(),
+            "bct (paper)": others["bct (paper)"].numpy(),
             "labels": labels.numpy(),
             "h": {k: (array(g), array(s)) for k, (g, s) in transformed.items()},
         }

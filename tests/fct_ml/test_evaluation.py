@@ -7,7 +7,19 @@ import math
 import pytest
 import torch
 
-from fct_ml.evaluation import Case, CaseMetrics, Evaluation, GapClosed, evaluate_cases, gap_closed
+from fct_ml.evaluation import (
+    BackfillCurve,
+    Case,
+    CaseMetrics,
+    Evaluation,
+    GapClosed,
+    error_spread,
+    evaluate_cases,
+    gap_closed,
+    largest_fall,
+    spearman,
+)
+from fct_ml.retrieval import RetrievalResult
 
 
 def test_evaluate_cases_by_hand():
@@ -73,3 +85,72 @@ def test_case_names_and_the_json_shape():
         "cases_seen_classes": {"old/old": {"top1": 1.0, "top5": 2.0, "mAP": 3.0}},
     }
     assert GapClosed(top1=4.0, mAP=5.0).as_dict() == {"top1": 4.0, "mAP": 5.0}
+
+
+def test_evaluate_cases_keeps_each_cases_per_query_outcomes():
+    # The per-query outcomes the bootstrap and the flips read: the "bad" gallery of the first
+    # test, item by item (APs 1/2, 1/3, 1/3, 1/2; no top-1 hit).
+    labels = torch.tensor([0, 0, 1, 1])
+    bad = torch.tensor([[0.0], [10.0], [1.0], [11.0]])
+    out = evaluate_cases({"bad": (bad, bad)}, labels)
+    result = out.results["bad"]
+    assert result.average_precision.tolist() == pytest.approx([1 / 2, 1 / 3, 1 / 3, 1 / 2])
+    assert result.hits[:, 0].tolist() == [False] * 4
+    # Not part of the metrics' value: two evaluations with equal metrics are equal.
+    assert out == Evaluation(cases=dict(out.cases))
+
+
+def test_largest_fall_counts_a_fall_after_a_rise():
+    # 10, 12, 11: the lowest point is an end, so "lowest point - lower end" reads 0; the curve
+    # still fell by 1 after its peak.
+    assert largest_fall([10.0, 12.0, 11.0]) == pytest.approx(1.0)
+    assert min([10.0, 12.0, 11.0]) - min(10.0, 11.0) == 0.0
+    # Two falls, the larger counts: 12 -> 11 (1), then 13 -> 9.5 (3.5).
+    assert largest_fall([10.0, 12.0, 11.0, 13.0, 9.5, 14.0]) == pytest.approx(3.5)
+    assert largest_fall([5.0, 4.0]) == pytest.approx(1.0)  # a fall from the start counts
+    assert largest_fall([1.0, 1.0, 2.0, 3.0]) == 0.0  # never falls
+    curve = BackfillCurve(fractions=(0.0, 0.5, 1.0), top1=(10.0, 12.0, 11.0), mAP=(1.0, 2.0, 3.0))
+    assert curve.largest_fall() == {"top1": pytest.approx(1.0), "mAP": 0.0}
+    with pytest.raises(ValueError, match=r"^largest_fall: empty curve$"):
+        largest_fall([])
+
+
+def test_spearman_by_hand():
+    # Ranks of b: 1, 3, 2, 4; d^2 sums to 2: 1 - 6 * 2 / (4 * 15) = 0.8.
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ties share their average rank: a -> 1.5, 1.5, 3 (centred -.5, -.5, 1), b -> 1, 2, 3
+    # (centred -1, 0, 1): 1.5 / sqrt(1.5 * 2) = 0.866.
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(3.0))
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))  # a constant sample has no ranking
+    with pytest.raises(ValueError, match=r"^spearman: expected two \(N,\) samples"):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_error_spread_by_hand():
+    # 1, 2, 3, 4: mean 2.5, sample std sqrt(5/3) = 1.291; percentiles (linear) 1.3, 2.5, 3.7.
+    s = error_spread([1.0, 2.0, 3.0, 4.0])
+    assert s["mean"] == 2.5
+    assert s["std"] == pytest.approx(math.sqrt(5 / 3))
+    assert s["cv"] == pytest.approx(math.sqrt(5 / 3) / 2.5)
+    assert (s["p10"], s["p50"], s["p90"]) == pytest.approx((1.3, 2.5, 3.7))
+    assert s["p90_over_p10"] == pytest.approx(3.7 / 1.3)
+
+
+def test_a_curve_from_the_per_query_outcomes_of_its_points():
+    # Two points of four queries: top-1 hits 1 of 4 then 4 of 4; APs averaging 0.5 then 1.
+    def point(hits: list[bool], ap: list[float]) -> RetrievalResult:
+        return RetrievalResult(
+            average_precision=torch.tensor(ap),
+            hits=torch.tensor([[h, h] for h in hits]),
+            has_match=torch.ones(4, dtype=torch.bool),
+            topk=(1, 5),
+        )
+
+    curve = BackfillCurve.from_results(
+        (0.0, 1.0),
+        [point([True, False, False, False], [1.0, 0.5, 0.25, 0.25]), point([True] * 4, [1.0] * 4)],
+    )
+    assert curve.fractions == (0.0, 1.0)
+    assert curve.top1 == pytest.approx((25.0, 100.0))
+    assert curve.mAP == pytest.approx((50.0, 100.0))
