@@ -269,7 +269,7 @@ def setting_of(
     return json.loads(json.dumps(setting))  # tuples as lists, as read back from the file
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(dumps(data) + "\n")  # NaN/Inf as null: strict JSON readers refuse them
@@ -419,7 +419,7 @@ def run_seed(
         )
         entry["eval_s"] = round(time.perf_counter() - t, 2)
         record["variants"][variant.name] = entry
-        _write_json(path, record)
+        write_json(path, record)
         log(
             f"[seed {seed} {variant.name}] validation mAP {entry['mAP']:.2f}, backfill area"
             f" (sigma) mAP {entry['backfill_area_mAP']:.2f}; train {entry['train_s']:.1f} s,"

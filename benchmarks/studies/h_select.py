@@ -58,6 +58,7 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[2])
 )  # the repository root: benchmarks.common
 from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.studies.h_frontier import setting_of, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 CPU = torch.device("cpu")
@@ -146,32 +147,6 @@ def measure(
     }
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(dumps(data) + "\n")
-    tmp.replace(path)  # an interrupted run never leaves half a record
-
-
-def setting_of(
-    dataset: Dataset, old_classes: Sequence[int], config: ExperimentConfig, preset_name: str
-) -> dict[str, Any]:
-    """What a seed's record depends on besides the candidate: a resumed record must match it."""
-    setting = {
-        "preset": preset_name,
-        "dataset": dataset.name,
-        "dataset_fingerprint": dataset.fingerprint(),
-        "old_classes": list(old_classes),
-        "validation_fraction": config.validation_fraction,
-        "transformation": asdict(config.transformation),
-        "transformation_train": asdict(config.transformation_train),
-        "feature_views": config.feature_views,
-        "backfill_points": config.backfill_points,
-        "metric": config.metric,
-    }
-    return json.loads(json.dumps(setting))  # tuples as lists, as read back from the file
-
-
 def run_seed(
     seed: int,
     dataset: Dataset,
@@ -244,7 +219,7 @@ def run_seed(
         }
         entry.update(measure(h, emb, val.labels, exp, run.seed_of("backfill")))
         record["candidates"][candidate.name] = entry
-        _write_json(path, record)
+        write_json(path, record)
         g = entry["gap_closed"]
         log(
             f"[seed {seed} {candidate.name}] validation gap closed top-1 {g['top1']:.1f} %,"
