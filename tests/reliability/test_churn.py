@@ -494,6 +494,7 @@ def test_churn(tmp_path, reliability):
         "manual_steps": figures["manual_steps"],
         "left_in_inbox": figures["left_in_inbox"],
         "served_failing_checks": figures["served_failing_checks"],
+        "served_without_a_passed_check": figures["served_without_a_passed_check"],
         "rows_of_another_space": figures["rows_of_another_space"],
         "ingested_rows_not_in_their_space": figures["ingested_rows_not_in_their_space"],
         "silent_shrinks": figures["silent_shrinks"],
