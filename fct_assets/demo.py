@@ -4,13 +4,13 @@ Materialises the base assets (dataset, old model, side-info model, gallery store
 version v2 on Fashion-MNIST (preset `demo` unless FCT_PRESET says otherwise) and promotes it;
 drops a few hundred held-back images (the validation split, never trained on) into the inbox,
 where one tick of the inbox sensor launches their ingest run; upgrades to v3, chained from v2's
-space, and promotes it; searches for an ingested item; and prints each version's upgrade
-decision (served against proposed, negative flips, the gates, the path of the worst flips'
-picture) and evaluation table, the search and the lineage of v3 and of one original and one
-ingested row.
+space, and promotes it; searches with an ingested item's image (where its own row ranks); and
+prints each version's upgrade decision (served against proposed, negative flips, the gates, the
+path of the worst flips' picture) and evaluation table, the search and the lineage of v3 and of
+one original and one ingested row.
 
 By default the terminal shows the story only (one line per stage with its time, a progress bar
-on a terminal, the evaluation tables, a line each for the search and the lineage); everything
+on a terminal, the evaluation tables, two lines for the search, one for the lineage); everything
 else (Dagster's run log, the search hits, the full lineage) goes to the log file, runs/demo.log.
 `--verbose` (or FCT_VERBOSE=1) prints it all instead.
 
@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fct_assets.lib.console import (
     Terminal,
@@ -312,9 +314,18 @@ def _chained_upgrade(term: Terminal, instance, defs, fct, version: str) -> bool:
 
 def _show_life(term: Terminal, instance, fct, version: str, batch: IngestBatch) -> None:
     """The evaluation of the chained version, a search for an ingested item, lineage: in full
-    when verbose, else a line each for the search and the lineage (in full in the log)."""
+    when verbose, else two lines for the search and one for the lineage (in full in the log).
+
+    What the search shows is what holds whatever the draw of the training: the item's row is h
+    applied to its own v2 vector and side-info (recomputed here), and where that row ranks when
+    the item's image is the query. Whether it ranks first is how well h approximates the new
+    model on this item, which a small preset's h often does not."""
+    from fct_assets.lib.io_managers import load_recorded_checkpoint, recorded_record
+    from fct_assets.lib.keys import BACKFILLED_GALLERY, TRANSFORMATION
+    from fct_assets.lib.records import BackfilledTable
     from fct_assets.lineage.trace import format_lineage, format_row_lineage, lineage, row_lineage
     from fct_assets.serving.search import search_command
+    from fct_assets.upgrade.backfill import transformed_again
 
     _print_report(term, instance, version)
     ingested = batch.ingested[0]
@@ -331,6 +342,11 @@ def _show_life(term: Terminal, instance, fct, version: str, batch: IngestBatch) 
     ]
     _detail(term, "\n".join(table))
     db = fct.connect()
+    rank, rows, own = _rank_of_itself(instance, fct, ingested)
+    backfilled = recorded_record(instance, BackfilledTable, BACKFILLED_GALLERY, version)
+    h = load_recorded_checkpoint(instance, TRANSFORMATION, version).model
+    row, again = transformed_again(db, backfilled, h, [ingested])
+    source = backfilled.source.model_version if backfilled.source else None
     original = (
         db.open_table(f"gallery_{version}")
         .search()
@@ -343,16 +359,71 @@ def _show_life(term: Terminal, instance, fct, version: str, batch: IngestBatch) 
     for item in (original, ingested):
         _detail(term, format_row_lineage(row_lineage(instance, db, version, item)))
     if term.log is not None:
-        top = hits[0].item_id if hits else None
-        first = "itself" if top == ingested else f"item {top}" if hits else "nothing"
+        top = hits[0] if hits else None
+        first = (
+            "none"
+            if top is None
+            else "itself"
+            if top.item_id == ingested
+            else f"item {top.item_id} at {top.distance:.4f}"
+        )
         print()
         print(
-            format_stage(f"search {version}: ingested item {ingested} finds {first} first", seconds)
+            format_stage(
+                f"search {version}: ingested item {ingested} ranks {rank} of {rows} by its image",
+                seconds,
+            )
+        )
+        print(
+            f"  its row is {version}'s h of its own {source or 'old'} vector and side-info"
+            f" (recomputed: max difference {float(np.abs(row - again).max()):.1e});"
+            f" squared L2 to it {own:.4f}, first hit {first}"
         )
         print(
             f"lineage of {version}, of original row {original} and of the ingested row: in the log"
             f" (`fct lineage {version} --item-id {ingested}`)"
         )
+
+
+def _rank_of_itself(instance, fct, item_id: int) -> tuple[int, int, float]:
+    """In the deployed version's pinned table, with the item's stored image embedded by that
+    version's new model as the query: (the rank of the item's own row, ties ranked against it;
+    the rows ranked; the squared L2 distance to its row), from every row, exactly (the search
+    itself may answer through the ANN index)."""
+    # Deferred as the module's other imports are (its docstring says why).
+    import torch
+
+    from fct_assets.lib import storage
+    from fct_assets.lib.io_managers import load_recorded_checkpoint
+    from fct_assets.lib.keys import NEW_MODEL
+    from fct_assets.serving.deployment import current
+    from fct_ml.augment import to_float
+    from fct_ml.training import encode
+
+    db = fct.connect()
+    served = current(db)
+    model = load_recorded_checkpoint(instance, NEW_MODEL, served.version).model
+    stored = (
+        db.open_table(storage.GALLERY_STORE)
+        .search()
+        .where(f"item_id = {int(item_id)}")
+        .select(["image"])
+        .limit(1)
+        .to_list()
+    )
+    image = torch.tensor(storage.decode_png(stored[0]["image"], model.config.in_channels))
+    query = encode(model, [image[None]], transform=to_float)[0].numpy()
+    table = (
+        storage.open_pinned(db, served.table, served.table_version)
+        .search()
+        .select(["item_id", "embedding"])
+        .limit(None)
+        .to_arrow()
+    )
+    ids = table.column("item_id").to_numpy()
+    distance = ((storage.vectors(table.column("embedding")) - query) ** 2).sum(1)
+    own = float(distance[ids == item_id][0])
+    return 1 + int((distance[ids != item_id] <= own).sum()), len(ids), own
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -361,6 +361,53 @@ def stored_rows(db, store_version: int, item_ids: list[int], columns: list[str])
     if not parts:
         return pa.table({c: pa.array([], table.schema.field(c).type) for c in wanted})
     return pa.concat_tables(parts)
+
+
+def transformed_again(
+    db, table: BackfilledTable, h, item_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of `item_ids` (a few) in a version's published table (at `table.version`) and h applied
+    again to each item's own inputs as the backfill read them: its vector in the source
+    (`table.source` at its pinned version; gallery_store's old embedding when None) and its
+    side-info in gallery_store at `table.gallery_store_version`. Both (K, new_dim), in the order
+    of `item_ids`: equal for a transformed row, apart by h's error for a re-embedded one.
+    Refuses (ValueError, one line) an item the table or the source does not hold."""
+    # Deferred: fct_ml loads torch (~1.6 s), which the code location and `fct` load without.
+    from fct_ml.backfill import apply_transformation
+
+    ids = np.asarray(item_ids, dtype=np.int64)
+    if ids.size == 0:
+        raise ValueError("transformed_again: no item ids given; expected at least one")
+    store = table.gallery_store_version
+    source = table.source or SourceTable(
+        table=storage.GALLERY_STORE, version=store, column="old_embedding", space_id=""
+    )
+
+    def by_id(name: str, version: int, column: str) -> np.ndarray:
+        rows = (
+            storage.open_pinned(db, name, version)
+            .search()
+            .where(f"item_id IN ({', '.join(map(str, ids.tolist()))})")
+            .select(["item_id", column])
+            .limit(len(ids))
+            .to_arrow()
+        )
+        found = rows.column("item_id").to_numpy()
+        held = np.isin(ids, found)
+        if not held.all():
+            raise ValueError(f"{name} (version {version}): no item {int(ids[~held][0])}")
+        order = np.argsort(found, kind="stable")
+        values = rows.column(column).take(pa.array(order[np.searchsorted(found[order], ids)]))
+        if values.null_count:
+            first = int(ids[values.is_null().to_numpy(zero_copy_only=False)][0])
+            raise ValueError(f"{name}.{column} (version {version}): item {first} has no vector")
+        return storage.vectors(values)
+
+    rows = by_id(table.table, table.version, "embedding")
+    stored = torch.from_numpy(by_id(source.table, source.version, source.column))
+    side = torch.from_numpy(by_id(storage.GALLERY_STORE, store, "side_info"))
+    again, _ = apply_transformation(h, stored, side if h.config.side_info else None)
+    return rows, again.numpy()
 
 
 def absent_items(db, source: SourceTable, store_version: int) -> np.ndarray:

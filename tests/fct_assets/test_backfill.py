@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from fct_assets.lib import storage
-from fct_assets.lib.io_managers import load_recorded_checkpoint
-from fct_assets.lib.records import SourceTable, VersionTable
+from fct_assets.lib.io_managers import load_recorded_checkpoint, recorded_record
+from fct_assets.lib.records import BackfilledTable, SourceTable, VersionTable
 from fct_assets.serving.deployment import append
-from fct_assets.upgrade.backfill import chains
+from fct_assets.upgrade.backfill import chains, transformed_again
 from fct_ml.augment import to_float
 from fct_ml.backfill import apply_transformation
 from fct_ml.training import encode
@@ -166,10 +167,10 @@ def test_a_re_embedding_budget_goes_to_items_h_can_map(tmp_path):
     assert 3 in reembedded and len(reembedded) == 1 + 3
 
 
-def test_items_the_source_table_lacks_are_embedded_from_their_images(tmp_path):
-    # A chained h (v2 maps from the deployed v1's table) and items 10 and 11 ingested while
-    # another version was served: gallery_v1 never received them. The backfill adds them,
-    # embedded by the new model from their stored images, once, in the last shard.
+def _chained_world(tmp_path):
+    """A small world whose v2 is chained: its h maps from the deployed v1's table, which holds
+    items 0-9 (random vectors); items 10 and 11 were ingested while another version was served,
+    so gallery_v1 never received them. Returns (world, v1's vectors of items 0-9, v2's space)."""
     world = build_small_world(tmp_path)
     db = world.fct.connect()
     v1_space = "new_model:v1@cccccccccccc"
@@ -207,6 +208,16 @@ def test_items_the_source_table_lacks_are_embedded_from_their_images(tmp_path):
         ),
     )
     space = world.upgrade_models(source=v1_space, source_version="v1")
+    return world, v1_vectors, space
+
+
+def test_items_the_source_table_lacks_are_embedded_from_their_images(tmp_path):
+    # A chained h (v2 maps from the deployed v1's table) and items 10 and 11 ingested while
+    # another version was served: gallery_v1 never received them. The backfill adds them,
+    # embedded by the new model from their stored images, once, in the last shard.
+    world, v1_vectors, space = _chained_world(tmp_path)
+    held = np.arange(10)
+    v1_space = "new_model:v1@cccccccccccc"
     for shards in (1, 3):
         assert world.backfill(shards=shards).success
         table = _table(world)
@@ -221,6 +232,32 @@ def test_items_the_source_table_lacks_are_embedded_from_their_images(tmp_path):
         _, embedded = _by_hand(world, [10, 11])
         np.testing.assert_allclose(got[:10], mapped.numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got[10:], embedded, rtol=1e-4, atol=1e-4)
+
+
+def test_a_transformed_row_is_h_of_its_own_inputs_again(tmp_path):
+    # What the demo says of an ingested item's row: h applied again to the item's own row of the
+    # source table and its own side-info, looked up by id (asked in any order), gives the row
+    # the published table holds. A re-embedded row is the new model's, not h's; an item the
+    # source table never held has no inputs to apply h to, and is refused in one line.
+    world, v1_vectors, _ = _chained_world(tmp_path)
+    assert world.backfill(reembed_fraction=0.3).success  # round(0.3 * 10) of gallery_v1's rows
+    record = recorded_record(world.instance, BackfilledTable, "backfilled_gallery", "v2")
+    h = load_recorded_checkpoint(world.instance, "transformation", "v2").model
+    rows = {r["item_id"]: r for r in _table(world).to_pylist()}
+    transformed = [i for i in (7, 2, 5, 0, 9, 4, 1) if rows[i]["source"] == "transformed"]
+    reembedded = [i for i in range(10) if rows[i]["source"] == "re-embedded"]
+    assert len(transformed) >= 4 and len(reembedded) == 3
+
+    got, again = transformed_again(world.fct.connect(), record, h, transformed)
+    mapped, _ = _by_hand(world, transformed, source=v1_vectors.take(pa.array(transformed)))
+    np.testing.assert_allclose(got, mapped.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again, mapped.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, [rows[i]["embedding"] for i in transformed], rtol=1e-6)
+
+    got, again = transformed_again(world.fct.connect(), record, h, reembedded)
+    assert np.abs(got - again).max(axis=1).min() > 1e-3
+    with pytest.raises(ValueError, match=r"^gallery_v1 \(version \d+\): no item 10$"):
+        transformed_again(world.fct.connect(), record, h, [3, 10])
 
 
 def test_a_backfill_value_out_of_range_is_refused_in_one_line_before_anything_is_read(tmp_path):
