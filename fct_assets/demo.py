@@ -96,7 +96,7 @@ def _demo(args, term: Terminal) -> int:
         shutil.rmtree(DATA_ROOT, ignore_errors=True)
     import dagster as dg
 
-    from fct_assets.definitions import build_defs
+    from fct_assets.definitions import build_defs, resources
     from fct_assets.lib.keys import DATASET
     from fct_assets.lib.partitions import add_model_version
     from fct_assets.lib.resources import FctResource
@@ -104,8 +104,11 @@ def _demo(args, term: Terminal) -> int:
     from fct_assets.serving.deployment import PromotionError, promote
 
     instance = dg.DagsterInstance.get()
-    defs = build_defs()
-    fct = FctResource()
+    # The demo executes its runs one after another in this process, so nothing runs beside a
+    # model step: each may take every core (the thread budget of concurrent runs would halve
+    # them). FCT_CONCURRENT_RUNS still wins where it is set.
+    fct = FctResource(concurrent_runs=int(os.environ.get("FCT_CONCURRENT_RUNS", "1")))
+    defs = build_defs({**resources(), "fct": fct})
     print(
         f"fct demo: preset {fct.preset}, {args.dataset}; DAGSTER_HOME={home},"
         f" LanceDB {fct.lancedb_uri}" + (f"; full log {term.log}" if term.log else ""),
