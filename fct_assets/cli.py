@@ -191,6 +191,7 @@ def _ingest(args) -> int:
 
 def _catch_up(args) -> int:
     from fct_assets.definitions import build_defs
+    from fct_assets.lib.console import failure_line
     from fct_assets.lib.partitions import require_registered
 
     instance = _instance()
@@ -202,7 +203,9 @@ def _catch_up(args) -> int:
         .execute_in_process(instance=instance, partition_key=version, raise_on_error=False)
     )
     if not result.success:
-        raise ValueError(f"catch-up of {version} failed (run {result.run_id[:8]}); see its log")
+        raise ValueError(
+            f"catch-up of {version} failed (run {result.run_id[:8]}): {failure_line(result)}"
+        )
     from fct_assets.serving.deployment import recorded_table
 
     row = recorded_table(instance, version)

@@ -212,3 +212,18 @@ def run_job(
 def _short_step(step_key: str) -> str:
     # backfilled_gallery.backfill_shard[shard_3] -> backfill_shard[shard_3]
     return re.sub(r"^[^.\[]+\.", "", step_key)
+
+
+def failure_line(result) -> str:
+    """Why a run executed in process failed, in one line: the first failed step's `dg.Failure`
+    description, else its exception's first line (the step's own error, not Dagster's wrapper)."""
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        data = event.step_failure_data
+        if data.user_failure_data and data.user_failure_data.description:
+            return data.user_failure_data.description.strip().splitlines()[0]
+        error = data.error.cause or data.error
+        line = (error.message.strip().splitlines() or [error.cls_name or "error"])[0]
+        return f"{event.step_key}: {line}"
+    return "no step failed (the run itself did; see its log)"

@@ -14,6 +14,7 @@ import pytest
 from fct_assets.lib.console import (
     ACCEPTED_WARNINGS,
     Terminal,
+    failure_line,
     format_stage,
     ignore_accepted_warnings,
     run_job,
@@ -138,3 +139,26 @@ def test_run_job_runs_the_job_and_shows_each_step_on_a_quiet_terminal(tmp_path):
     shown = err.getvalue()
     assert "chain:" in shown and "one" in shown and "plus" in shown
     assert plain.getvalue() == loud.getvalue() == ""
+
+
+def test_failure_line_names_the_failed_steps_own_reason():
+    @dg.op
+    def refused():
+        raise dg.Failure(description="gallery_v3: 155 items missing\nsecond line")
+
+    @dg.op
+    def broke():
+        raise ValueError("gallery_v3: run abc is writing it\ntraceback detail")
+
+    @dg.job
+    def refusing():
+        refused()
+
+    @dg.job
+    def breaking():
+        broke()
+
+    one = refusing.execute_in_process(raise_on_error=False)
+    two = breaking.execute_in_process(raise_on_error=False)
+    assert failure_line(one) == "gallery_v3: 155 items missing"
+    assert failure_line(two) == "broke: ValueError: gallery_v3: run abc is writing it"
