@@ -5,7 +5,7 @@ measured on CUDA and on the CPU by the same code in one run.
     python benchmarks/system/gpu_check.py --cpu-only   # the CPU half alone
 
 The CUDA sizes are chosen to end within 5 minutes on one H100; no GPU has run this version yet.
-The CPU half took 66 s here (2 cores, load average 6, imports included).
+The CPU half took 23-66 s here (2 cores, load average 3-6, imports included).
 
 Figures (random weights and synthetic inputs throughout: throughput does not depend on the
 values, so no dataset and no trained model is needed):
