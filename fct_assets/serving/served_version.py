@@ -21,6 +21,7 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ HISTORY_ROWS = 20
 UNKNOWN = "not recorded"
 
 log = logging.getLogger(__name__)
+# A Dagster run id (a UUID), of which the history table shows the first 8 characters.
+_RUN_ID = re.compile(r"\b([0-9a-f]{8})-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 
 
 def spec() -> dg.AssetSpec:
@@ -124,9 +127,10 @@ def headline(row: Deployment) -> str:
 
 
 def history_markdown(rows: Sequence[Deployment]) -> str:
-    """The latest HISTORY_ROWS rows of `rows` (oldest first) as a markdown table, newest first."""
+    """The latest HISTORY_ROWS rows of `rows` (oldest first) as a markdown table, newest first;
+    run ids shortened to the 8 characters the UI shows, times to the second."""
     lines = [
-        "| seq | action | version | table @ LanceDB version | by | note | at |",
+        "| seq | action | version | table @ LanceDB version | note | by | at (UTC) |",
         "| ---: | --- | --- | --- | --- | --- | --- |",
     ]
     for row in reversed(rows[-HISTORY_ROWS:]):
@@ -135,9 +139,9 @@ def history_markdown(rows: Sequence[Deployment]) -> str:
             row.action,
             f"[{row.version}]({report_link(row.version)})",
             f"{row.table} @ {row.table_version}",
-            row.by or UNKNOWN,
             row.note or "",
-            row.at,
+            _RUN_ID.sub(lambda m: m.group(1), row.by or UNKNOWN),
+            row.at[:19].replace("T", " "),
         )
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)

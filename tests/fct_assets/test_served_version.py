@@ -96,7 +96,9 @@ def test_every_row_written_outside_a_run_is_observed_and_the_latest_is_served(in
     )
     # The history, newest first, each version linked to its eval report.
     lines = latest["history"].splitlines()
-    assert lines[0] == "| seq | action | version | table @ LanceDB version | by | note | at |"
+    assert lines[0] == (
+        "| seq | action | version | table @ LanceDB version | note | by | at (UTC) |"
+    )
     assert [line.split(" | ")[:4] for line in lines[2:]] == [
         ["| 4", "rollback", "[v2](/assets/eval_report?partition=v2)", f"gallery_v2 @ {v2}"],
         ["| 3", "ingest", "[v3](/assets/eval_report?partition=v3)", f"gallery_v3 @ {ingested}"],
@@ -207,8 +209,22 @@ def test_a_row_from_before_the_by_column_reads_as_not_recorded():
         "v2 served: gallery_v2 @ LanceDB version 3 (promote, seq 1, by not recorded)"
     )
     assert metadata["history"].splitlines()[2] == (
-        "| 1 | promote | [v2](/assets/eval_report?partition=v2) | gallery_v2 @ 3 | not recorded"
-        " |  | 2026-01-01T00:00:00+00:00 |"
+        "| 1 | promote | [v2](/assets/eval_report?partition=v2) | gallery_v2 @ 3 |  | not recorded"
+        " | 2026-01-01 00:00:00 |"
+    )
+    # A run id shortened as the UI shows it; a note in its column.
+    later = row.model_copy(
+        update={
+            "seq": 2,
+            "action": "rollback",
+            "note": "complete",
+            "by": "run 67f8fb10-0905-44dd-b502-15befe8608db (job rollback)",
+            "at": "2026-01-02T03:04:05.678901+00:00",
+        }
+    )
+    assert served_version.history_markdown([row, later]).splitlines()[2] == (
+        "| 2 | rollback | [v2](/assets/eval_report?partition=v2) | gallery_v2 @ 3 | complete"
+        " | run 67f8fb10 (job rollback) | 2026-01-02 03:04:05 |"
     )
 
 
