@@ -44,6 +44,7 @@ HISTORY_ROWS = 20
 UNKNOWN = "not recorded"
 
 log = logging.getLogger(__name__)
+_SUBCOMMAND = re.compile(r"[a-z][a-z-]{0,30}")
 # A Dagster run id (a UUID), of which the history table shows the first 8 characters.
 _RUN_ID = re.compile(r"\b([0-9a-f]{8})-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 
@@ -100,8 +101,18 @@ def caused_by() -> str:
         user = getpass.getuser()
     except (KeyError, OSError):  # a container's uid with no passwd entry nor USER
         user = f"uid {os.getuid()}"
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv else "python"
-    return f"{user} on {socket.gethostname()} ({command}, pid {os.getpid()})"
+    return f"{user} on {socket.gethostname()} ({program(sys.argv)}, pid {os.getpid()})"
+
+
+def program(argv: Sequence[str]) -> str:
+    """The command a process runs, in words: its program and subcommand (`fct promote`,
+    `demo.py`, `pytest`; `python -m PACKAGE` by the package's name, `python -c` as such)."""
+    if not argv or argv[0] in ("", "-c", "-"):
+        return "python -c"
+    path = Path(argv[0])
+    name = path.parent.name if path.name == "__main__.py" else path.name
+    # A subcommand (`promote`), never a path or an option, which may be long or private.
+    return f"{name} {argv[1]}" if len(argv) > 1 and _SUBCOMMAND.fullmatch(argv[1]) else name
 
 
 def report_link(version: str) -> str:

@@ -51,8 +51,23 @@ def _plain(record: dg.EventLogRecord) -> dict:
 
 THIS_PROCESS = (
     f"{getpass.getuser()} on {socket.gethostname()}"
-    f" ({' '.join([Path(sys.argv[0]).name, *sys.argv[1:2]])}, pid {os.getpid()})"
+    f" ({served_version.program(sys.argv)}, pid {os.getpid()})"
 )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["/usr/local/bin/fct", "promote", "v3", "--json"], "fct promote"),
+        (["/repo/fct_assets/cli.py", "rollback"], "cli.py rollback"),  # python -m fct_assets.cli
+        (["/venv/lib/site-packages/pytest/__main__.py", "-q", "tests/x.py"], "pytest"),
+        (["/repo/fct_assets/demo.py"], "demo.py"),
+        (["-c", "/tmp/world"], "python -c"),
+        (["fct", "/home/me/secret path"], "fct"),  # a path is not a subcommand
+    ],
+)
+def test_the_command_that_wrote_a_row_is_named_by_program_and_subcommand(argv, said):
+    assert served_version.program(argv) == said
 
 
 def test_every_row_written_outside_a_run_is_observed_and_the_latest_is_served(instance, db):

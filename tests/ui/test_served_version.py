@@ -9,6 +9,8 @@ control-room tests' v3 and ingested items do not change what is served here.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.ui.server import DagsterDev, ui_environment
+from tests.ui.server import REPO, DagsterDev, ui_environment
 
 RUN_TIMEOUT_S = 600
 
@@ -71,8 +73,23 @@ def build_world(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served_ui(tmp_path_factory, artifacts):
-    env = build_world(tmp_path_factory.mktemp("served"))
-    server = DagsterDev(env, artifacts / "dagster_dev_served.log")
+    root = tmp_path_factory.mktemp("served")
+    # Built in a process of its own: the session's browser runs Playwright's event loop in this
+    # one, and an in-process Dagster run inside a running loop cannot close its own loop.
+    code = (
+        "import sys, pathlib, tests.ui.test_served_version as t;"
+        " t.build_world(pathlib.Path(sys.argv[1]))"
+    )
+    with open(artifacts / "served_world.log", "wb") as log:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(root)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=1800,
+        )
+    assert done.returncode == 0, f"building the world failed; log: {artifacts / 'served_world.log'}"
+    server = DagsterDev(ui_environment(root), artifacts / "dagster_dev_served.log")
     try:
         server.wait_ready()
         yield server
@@ -136,7 +153,7 @@ def promote_and_read_the_view(page: Page, base: str, artifacts: Path) -> None:
         assert href.endswith(f"/assets/eval_report?partition={version}"), href
     expect(newest.nth(5)).to_have_text(f"run {run_id[:8]} (job promote)")
     # Tall enough for the metadata down to the history (the page scrolls inside its panes).
-    page.set_viewport_size({"width": 1280, "height": 1400})
+    page.set_viewport_size({"width": 1600, "height": 1400})
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts / "served_version.png"))
 
