@@ -44,6 +44,7 @@ HISTORY_ROWS = 20
 UNKNOWN = "not recorded"
 
 log = logging.getLogger(__name__)
+# A subcommand as fct's are spelt (`promote`, `catch-up`): what `program` names beside the program.
 _SUBCOMMAND = re.compile(r"[a-z][a-z-]{0,30}")
 # A Dagster run id (a UUID), of which the history table shows the first 8 characters.
 _RUN_ID = re.compile(r"\b([0-9a-f]{8})-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
