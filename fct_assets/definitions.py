@@ -85,6 +85,7 @@ def build_defs(
     from fct_assets.ingest.assets import fct_inbox, ingest_job, ingested_batch
     from fct_assets.ops.housekeeping import daily_housekeeping, housekeeping_job
     from fct_assets.ops.run_reaper import run_reaper
+    from fct_assets.serving import served_version
     from fct_assets.serving.jobs import promote_job, rollback_job
     from fct_assets.upgrade.automation import (
         automation_sensor,
@@ -97,7 +98,7 @@ def build_defs(
 
     assets, checks = asset_graph()
     return dg.Definitions(
-        assets=[*assets, ingested_batch],
+        assets=[*assets, ingested_batch, served_version.spec()],
         asset_checks=checks,
         jobs=[
             base_job,

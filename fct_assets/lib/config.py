@@ -8,7 +8,7 @@ What is checked where (docs/reliability.md, "Launch-time validation"):
 - Types, unknown keys and enumerated values (a backbone, h's source): by Dagster's own config
   types, so the launchpad marks them as they are typed and a launch is refused before a run
   exists. Enumerated fields are `StrEnum`s or `Literal`s, which Dagster turns into its Enum type.
-- Numeric ranges and formats (`epochs >= 1`, `inner_width >= 1`, a version name, a sha256):
+- Numeric ranges and formats (`epochs >= 1`, `inner_width >= 1`, a sha256):
   Dagster's config types carry no bounds (its config schema has Int and Float, nothing more;
   pydantic's ge/le stay on the Python class), so the launchpad cannot mark them. They are
   checked on every launch by `launch_refusals`, which validates each step's config with its
@@ -40,7 +40,6 @@ from fct_assets.lib.keys import (
     SIDE_INFO_MODEL,
     TRANSFORMATION,
 )
-from fct_assets.lib.partitions import VersionError, check_version
 from fct_ml.backbones import BACKBONES, backbone_names
 from fct_ml.datasets import DATASETS, dataset_names, default_splits
 
@@ -395,27 +394,6 @@ class EvalReportConfig(dg.Config):
     )
 
 
-class PromotionConfig(dg.Config):
-    """Which model version to serve."""
-
-    version: str = Field(
-        description=(
-            "Model version to promote, e.g. v2. Its blocking checks must have passed on its latest"
-            " materialisations."
-        )
-    )
-
-    @field_validator("version")
-    @classmethod
-    def _version_name(cls, version: str) -> str:
-        try:
-            return check_version(version)
-        except VersionError:
-            raise ValueError(
-                "expected a letter then up to 63 letters, digits, '_' or '-' (e.g. v2)"
-            ) from None
-
-
 # Each step's launchpad config class, by the step's name in the run config
 # (`ops: {NAME: {config: ...}}`): what `launch_refusals` checks on every launch. The steps of
 # other domains with a config of their own (the ingest batch, housekeeping) run alone in their
@@ -428,7 +406,6 @@ LAUNCHPAD: dict[str, type[dg.Config]] = {
     TRANSFORMATION: TransformationTrainingConfig,
     BACKFILLED_GALLERY: BackfillConfig,
     EVAL_REPORT: EvalReportConfig,
-    "promote_version": PromotionConfig,
 }
 
 

@@ -19,6 +19,8 @@ TRANSFORMATION = "transformation"
 BACKFILLED_GALLERY = "backfilled_gallery"
 EVAL_REPORT = "eval_report"
 INGESTED_BATCH = "ingested_batch"
+# Observed, never materialised: one observation per deployments row (group `serving`).
+SERVED_VERSION = "served_version"
 
 # Built once per old model (group `base`), in dependency order.
 BASE_ASSETS = (DATASET, OLD_MODEL, SIDE_INFO_MODEL, GALLERY_STORE)

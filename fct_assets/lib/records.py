@@ -227,13 +227,16 @@ class CheckResult(Record):
 
 class Deployment(VersionTable):
     """One row of the append-only deployments table. `note`: what the row's action decided
-    beyond the table (a rollback: "complete", "caught up: ..." or "forced: ..."); None in rows
-    written before the column existed."""
+    beyond the table (a rollback: "complete", "caught up: ..." or "forced: ..."; an override:
+    "accepted regressions: ..."); None in rows written before the column existed."""
 
     seq: int
     action: str  # promote | rollback | ingest
     at: str  # ISO 8601, UTC
     note: str | None = None
+    # Who or what wrote the row (a run and what launched it, or a user, host and command); None
+    # in rows written before the column existed.
+    by: str | None = None
 
 
 class Gates(Record):

@@ -10,6 +10,8 @@ plus appends (ingested items, a rollback's catch-up): the same publish (`storage
 An ingest never moves the deployment onto a table a backfill published since (`servable`).
 A rollback never shrinks what is searchable silently: it serves a target that holds every item
 of gallery_store, is caught up first (`catch_up`), or is forced; its row's `note` says which.
+Every row names who or what wrote it (`by`) and is mirrored in the Dagster UI as an observation
+of `served_version` (fct_assets/serving/served_version.py), which never decides anything.
 """
 
 import contextlib
@@ -31,7 +33,7 @@ from fct_assets.lib.io_managers import recorded_checkpoint_meta, recorded_record
 from fct_assets.lib.keys import NEW_MODEL, PROMOTION_CHECKS
 from fct_assets.lib.partitions import check_version
 from fct_assets.lib.records import BackfilledTable, CheckResult, Deployment, Hit, VersionTable
-from fct_assets.serving import contract
+from fct_assets.serving import contract, served_version
 
 DEPLOYMENT_SCHEMA = pa.schema(
     [
@@ -46,6 +48,7 @@ DEPLOYMENT_SCHEMA = pa.schema(
         # Added later (nullable): tables written before it read as note None, and gain the column
         # at their next write (`_add_new_columns`).
         pa.field("note", pa.string()),
+        pa.field("by", pa.string()),  # who or what wrote the row; added later, as `note`
     ]
 )
 
@@ -81,7 +84,8 @@ def current(db) -> Deployment | None:
 def append(db, action: str, table: VersionTable, **options: Any) -> Deployment:
     """Record that `table` serves from now on (`action`: promote | rollback | ingest), with no
     rule deciding it: tests, benchmarks and repair scripts call it to set a deployment directly.
-    The row is committed as `record` commits it (`options`: record's keyword options)."""
+    The row is committed as `record` commits it (`options`: record's keyword options; without
+    `instance`, outside a run, the UI's view gets the row at the next mirrored one)."""
     return record(db, action, lambda rows: table, **options)
 
 
@@ -116,6 +120,8 @@ def record(
     rng: random.Random | None = None,
     file_lock: bool = True,
     note: str | None = None,
+    by: str | None = None,
+    instance: dg.DagsterInstance | None = None,
 ) -> Deployment:
     """Append the row `choose(history)` names, with the seq after the last one, as a conditional
     commit: read the history, decide, insert the row unless its seq exists; on a lost race read
@@ -124,12 +130,18 @@ def record(
 
     After lost race i it calls `sleep(rng.uniform(0, min(0.5, 0.01 * 2**i)))` (seconds; `rng`
     defaults to the `random` module) and gives up with PromotionError after `attempts` lost
-    races. `choose` raises PromotionError when nothing may be recorded. `note` goes into the row.
+    races. `choose` raises PromotionError when nothing may be recorded. `note` goes into the row,
+    and `by`, who or what writes it (default: served_version.caused_by(), the run or the user).
+
+    Once committed, the row is mirrored in the UI (served_version.mirror: an event of the run this
+    runs in, else a runless event of `instance`), still under the lock so that the view gets rows
+    in seq order; a failure to write the event is logged and leaves the row standing.
 
     On a folder the OS lock of the table (guards.local_lock) also queues writers of this machine,
     so they rarely race at all; on an object store the conditional commit alone decides, as it
     does on a folder with `file_lock=False`."""
     uniform = (rng or random).uniform
+    by = by or served_version.caused_by()
     lock = guards.local_lock(db, storage.DEPLOYMENTS) if file_lock else contextlib.nullcontext()
     with lock:
         _add_new_columns(db)
@@ -141,10 +153,12 @@ def record(
                 action=action,
                 at=_dt.datetime.now(_dt.UTC).isoformat(),
                 note=note,
+                by=by,
                 **{field: getattr(table, field) for field in VersionTable.model_fields},
             )
             data = pa.Table.from_pylist([row.model_dump()], schema=DEPLOYMENT_SCHEMA)
             if guards.insert_if_absent(db, storage.DEPLOYMENTS, data, "seq"):
+                served_version.mirror(instance, [*rows, row])
                 return row
             sleep(uniform(0.0, min(0.5, 0.01 * 2**attempt)))
     raise PromotionError(
@@ -262,7 +276,7 @@ def promote(
             )
         return row
 
-    deployed = record(db, "promote", choose, note=note)
+    deployed = record(db, "promote", choose, note=note, instance=instance)
     # The serving contract names the query model as its materialisation recorded it.
     contract.write(
         db, deployed, checkpoint=recorded_checkpoint_meta(instance, dg.AssetKey(NEW_MODEL), version)
@@ -349,7 +363,7 @@ def advance(db, version: str, table_version: int, *, instance=None) -> Deploymen
         row = serving.model_copy(update={"table_version": table_version})
         return VersionTable(**{f: getattr(row, f) for f in VersionTable.model_fields})
 
-    row = record(db, "ingest", choose)
+    row = record(db, "ingest", choose, instance=instance)
     contract.write(db, row)
     return row
 
@@ -376,15 +390,31 @@ def _version_table(row: VersionTable) -> VersionTable:
     return VersionTable(**{f: getattr(row, f) for f in VersionTable.model_fields})
 
 
-def rollback(db, *, force: bool = False, catch_up: CatchUp | None = None) -> Deployment:
+def rollback(
+    db,
+    *,
+    force: bool = False,
+    catch_up: CatchUp | None = None,
+    to: str | None = None,
+    instance: dg.DagsterInstance | None = None,
+) -> Deployment:
     """Serve again the deployment before the current one (its table at the version it served
     then, plus what was appended to it since), never shrinking what is searchable silently.
+    `to`: the version the caller means to serve again (the rollback job's partition); refused
+    with one line when the deployment before the current one is another. `instance`: where the
+    row is mirrored outside a run (`record`).
 
     Items of gallery_store its table lacks (ingested while another version served) are first
     added by `catch_up`; without one (or when the table was published again since, so nothing
     can be appended for it) the rollback is refused with one line giving the count, unless
     `force`. The row's note says which: "complete", "caught up: N items ..." or "forced: ..."."""
     target, appendable = rollback_target(db)
+    if to is not None and target.version != to:
+        raise PromotionError(
+            f"rollback to {to} refused: the deployment before the current one"
+            f" ({current(db).version}) is {target.version}; a rollback serves only that one"
+            f" (`fct promote {to}` serves another version)"
+        )
     missing, store_version = missing_items(db, target.table, target.table_version)
     note = "complete"
     if missing and catch_up is not None and appendable:
@@ -422,7 +452,7 @@ def rollback(db, *, force: bool = False, catch_up: CatchUp | None = None) -> Dep
             )
         return target
 
-    row = record(db, "rollback", choose, note=note)
+    row = record(db, "rollback", choose, note=note, instance=instance)
     contract.write(db, row)
     return row
 

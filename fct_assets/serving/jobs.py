@@ -1,12 +1,15 @@
 """Promotion and rollback as Dagster jobs (launchpad and UI): one op each over
-fct_assets.serving.deployment. A refusal fails the run with its one-line reason as the failure's
-description, which the run page shows as the failure line."""
+fct_assets.serving.deployment. Both are partitioned by model version, so the launchpad offers
+the registered versions to pick from instead of a typed config document: `promote` serves the
+version picked, `rollback` serves it again when it is the deployment before the current one.
+A refusal fails the run with its one-line reason as the failure's description, which the run
+page shows as the failure line."""
 
 import dagster as dg
 from pydantic import Field
 
-from fct_assets.lib.config import PromotionConfig
 from fct_assets.lib.keys import LANE_TAG, OPS_LANE
+from fct_assets.lib.partitions import VersionError, model_version, require_registered
 from fct_assets.lib.records import Deployment
 from fct_assets.lib.resources import FctResource
 from fct_assets.serving import rollback as rolling_back
@@ -31,17 +34,38 @@ def _deployment_output(row: Deployment) -> dg.Output:
     return dg.Output(row, metadata=row.model_dump())
 
 
+def _picked_version(context: dg.OpExecutionContext, action: str) -> str:
+    """The model version picked in the launchpad (the run's partition), if registered; else
+    dg.Failure with one line saying what to pick."""
+    if not context.has_partition_key:
+        raise dg.Failure(
+            description=(
+                f"{action}: no model version picked; launch it for one registered version (the"
+                " launchpad's partition)"
+            ),
+            allow_retries=False,
+        )
+    try:
+        # A client may send any key; the launchpad offers the registered ones only.
+        return require_registered(context.instance, context.partition_key)
+    except VersionError as refused:
+        raise dg.Failure(description=f"{action}: {refused}", allow_retries=False) from None
+
+
 @dg.op(
     description=(
-        "Serve a model version if its blocking checks passed (the deployment record gets one row)."
+        "Serve the model version picked (the run's partition) if its blocking checks passed"
+        " (the deployment record gets one row)."
     ),
     tags={"fct/action": "promote"},
+    # No field, declared: an op without a schema takes any config, so a document still naming
+    # `version` (which this job took before it was partitioned) would launch with it ignored.
+    config_schema={},
 )
-def promote_version(
-    context: dg.OpExecutionContext, config: PromotionConfig, fct: FctResource
-) -> dg.Output:
+def promote_version(context: dg.OpExecutionContext, fct: FctResource) -> dg.Output:
+    version = _picked_version(context, "promote")
     try:
-        row = promote(context.instance, fct.connect(), config.version)
+        row = promote(context.instance, fct.connect(), version)
     except PromotionError as refused:
         raise dg.Failure(description=str(refused), allow_retries=False) from None
     context.log.info(
@@ -52,19 +76,21 @@ def promote_version(
 
 @dg.op(
     description=(
-        "Serve again the deployment before the current one, its table first caught up with the"
-        " items ingested since."
+        "Serve again the deployment before the current one, which must be the version picked (the"
+        " run's partition), its table first caught up with the items ingested since."
     ),
     tags={"fct/action": "rollback"},
 )
 def rollback_deployment(
     context: dg.OpExecutionContext, config: RollbackConfig, fct: FctResource
 ) -> dg.Output:
+    version = _picked_version(context, "rollback")
     try:
         row = rolling_back.rollback(
             context.instance,
             fct,
             force=config.force,
+            to=version,
             run_id=context.run.run_id,
             log=context.log.info,
         )
@@ -80,9 +106,10 @@ def rollback_deployment(
 @dg.job(
     name="promote",
     description=(
-        "Promote a model version: set `version` in the launchpad. Refused unless its blocking"
-        " checks passed."
+        "Promote a model version: pick it among the registered versions (the partition)."
+        " Refused unless its blocking checks passed."
     ),
+    partitions_def=model_version,
     tags={"fct/action": "promote", LANE_TAG: OPS_LANE},
 )
 def promote_job():
@@ -92,9 +119,11 @@ def promote_job():
 @dg.job(
     name="rollback",
     description=(
-        "Roll back to the deployment before the current one; items ingested since are embedded"
-        " by its model first, or it is refused (`force` overrides)."
+        "Roll back to the deployment before the current one: pick that version (the partition)."
+        " Items ingested since are embedded by its model first, or it is refused (`force`"
+        " overrides)."
     ),
+    partitions_def=model_version,
     tags={"fct/action": "rollback", LANE_TAG: OPS_LANE},
 )
 def rollback_job():

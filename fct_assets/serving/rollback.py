@@ -34,14 +34,16 @@ def rollback(
     fct: FctResource,
     *,
     force: bool = False,
+    to: str | None = None,
     run_id: str = "",
     log: Callable[[str], object] = print,
     wait_s: float = LEASE_WAIT_S,
 ) -> Deployment:
     """Serve again the deployment before the current one, its table first caught up with the
     items of gallery_store it lacks (embedded by its own model from their stored images); refused
-    with one line giving the count when that cannot be done, unless `force`. `run_id`: the Dagster
-    run holding the leases (none: this process)."""
+    with one line giving the count when that cannot be done, unless `force`. `to`: the version
+    the caller means (the rollback job's partition), refused when the target is another.
+    `run_id`: the Dagster run holding the leases (none: this process)."""
     db = fct.connect()
     target, _ = deployment.rollback_target(db)
     tables = sorted({storage.GALLERY_STORE, target.table})
@@ -58,7 +60,7 @@ def rollback(
 
     try:
         with guards.leased(db, tables, me, ended=ended, wait_s=wait_s):
-            return deployment.rollback(db, force=force, catch_up=catch_up)
+            return deployment.rollback(db, force=force, catch_up=catch_up, to=to, instance=instance)
     except guards.TableBusyError as busy:  # one line, refused like any other rollback
         raise PromotionError(f"rollback not recorded: {busy}") from None
 

@@ -112,6 +112,41 @@ def test_fct_diff_says_what_the_report_says(chained, monkeypatch, capsys):
     assert data["verdict"] == meta["decision"]
     assert data["gates_passed"] == meta["gates passed"]
     assert data["table_version"] == meta["json"]["table_version"]
+    # The comparisons above read the same metadata entry diff reads. Field by field, against the
+    # report as written (its record file, unrounded) and the report's own headline entries: the
+    # top-1 and mAP of S and of P(0), NFR and relative NFR. S and P(0) differ, so a diff that
+    # swapped them, or read another version's report, fails here.
+    written = recorded_report(env.instance, "v3").decision
+    ours = data["decision"]
+    assert written.served_metrics.mAP != pytest.approx(written.proposed_metrics.mAP, abs=0.05)
+    for side in ("served_metrics", "proposed_metrics"):
+        for metric in ("top1", "mAP"):
+            expected = getattr(getattr(written, side), metric)
+            assert ours[side][metric] == pytest.approx(expected, abs=0.005), (side, metric)
+    counts = written.flips.all
+    assert ours["flips"]["all"]["nfr"] == pytest.approx(counts.nfr, abs=0.005)
+    assert meta["NFR at f=0 (%)"] == pytest.approx(ours["flips"]["all"]["nfr"], abs=0.005)
+    if counts.relative_nfr is None:
+        assert ours["flips"]["all"]["relative_nfr"] is None
+        assert "relative NFR at f=0" not in meta
+    else:  # three significant digits below 1, two decimals above
+        assert ours["flips"]["all"]["relative_nfr"] == pytest.approx(
+            counts.relative_nfr, rel=5e-3, abs=5e-3
+        )
+        assert meta["relative NFR at f=0"] == pytest.approx(counts.relative_nfr, abs=0.005)
+    # And the text `fct diff` prints, S then P(0), two decimals.
+    assert main(["diff", "v2", "v3"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    rows = {line[:36].strip(): line[36:].split() for line in text if line[:36].strip()}
+    assert rows["top-1 (%)"][:2] == [
+        f"{written.served_metrics.top1:.2f}",
+        f"{written.proposed_metrics.top1:.2f}",
+    ]
+    assert rows["mAP (%)"][:2] == [
+        f"{written.served_metrics.mAP:.2f}",
+        f"{written.proposed_metrics.mAP:.2f}",
+    ]
+    assert rows["NFR (%)"][0] == f"{counts.nfr:.2f}"
     # v3's report compared against v2: another SERVED is refused in one line.
     assert main(["diff", "old", "v3"]) == 1
     err = capsys.readouterr().err.strip()

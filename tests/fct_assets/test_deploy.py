@@ -46,13 +46,8 @@ def test_definitions_load_with_the_k8s_executor(tmp_path, monkeypatch):
         assert job.executor_def.name == "k8s", job.name
         # The run config Dagster resolves at launch: the deploy file's executor config, validated
         # against k8s_job_executor's schema.
-        # (`promote` needs its version; every other job launches with no config.)
-        run_config = (
-            {"ops": {"promote_version": {"config": {"version": "v2"}}}}
-            if job.name == "promote"
-            else {}
-        )
-        execution = executor_config(job, run_config)
+        # Every job launches with no config (promote and rollback take their partition).
+        execution = executor_config(job, {})
         assert (
             execution["max_concurrent"] == expected["max_concurrent"]
             and execution["job_namespace"] == "fct"

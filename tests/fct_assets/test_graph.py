@@ -59,7 +59,7 @@ def test_definitions_load_from_workspace():
 def test_definitions_shape(env):
     graph = env.defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == set(BASE) | set(UPGRADE) | {"ingested_batch"}
+    assert keys == set(BASE) | set(UPGRADE) | {"ingested_batch", "served_version"}
     assert graph.get(dg.AssetKey("ingested_batch")).partitions_def.name == "ingest_batch"
     for name in UPGRADE:
         assert graph.get(dg.AssetKey(name)).partitions_def.name == "model_version"
@@ -310,26 +310,27 @@ def test_promote_then_rollback(env):
 
 
 def test_promotion_and_rollback_as_jobs(env):
-    # The UI's way: the `promote` job with a typed version, the `rollback` job without config.
+    # The UI's way: the `promote` and `rollback` jobs launched for a version picked among the
+    # registered ones (their partition), without config.
     env.ensure("vserve")
     db = env.fct.connect()
     promote(env.instance, db, "v2")
     promoted = env.defs.resolve_job_def("promote").execute_in_process(
-        instance=env.instance,
-        run_config={"ops": {"promote_version": {"config": {"version": "vserve"}}}},
+        instance=env.instance, partition_key="vserve"
     )
     assert promoted.success and current(db).version == "vserve"
     assert (
         promoted.output_for_node("promote_version").table_version
         == db.open_table("gallery_vserve").version
     )
-    rolled = env.defs.resolve_job_def("rollback").execute_in_process(instance=env.instance)
+    rolled = env.defs.resolve_job_def("rollback").execute_in_process(
+        instance=env.instance, partition_key="v2"
+    )
     assert rolled.success and current(db).version == "v2"
     # A version no check ever ran on: the job fails with the same one-line reason as the CLI.
+    env.instance.add_dynamic_partitions("model_version", ["vunbuilt"])
     refused = env.defs.resolve_job_def("promote").execute_in_process(
-        instance=env.instance,
-        run_config={"ops": {"promote_version": {"config": {"version": "vunbuilt"}}}},
-        raise_on_error=False,
+        instance=env.instance, partition_key="vunbuilt", raise_on_error=False
     )
     assert not refused.success and current(db).version == "v2"
     failure = next(e for e in refused.all_events if e.is_step_failure)

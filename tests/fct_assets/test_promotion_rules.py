@@ -646,10 +646,11 @@ def test_an_ingest_appends_to_a_checked_publish_of_the_served_version_and_serves
     assert (served.action, served.table_version) == ("ingest", appended)
 
 
-def test_a_deployments_table_without_the_note_column_reads_and_gains_it(instance, db):
-    # A deployments table an older fct wrote has no `note`: it reads (note None) and gains the
-    # column, null in its old rows, at the next write.
-    old_schema = pa.schema([f for f in deployment.DEPLOYMENT_SCHEMA if f.name != "note"])
+def test_a_deployments_table_without_the_later_columns_reads_and_gains_them(instance, db):
+    # A deployments table an older fct wrote has no `note` nor `by`: it reads (None) and gains the
+    # columns, null in its old rows, at the next write.
+    later = ("note", "by")
+    old_schema = pa.schema([f for f in deployment.DEPLOYMENT_SCHEMA if f.name not in later])
     v2 = _table(db, "v2")
     old_row = {
         "seq": 1,
@@ -662,17 +663,19 @@ def test_a_deployments_table_without_the_note_column_reads_and_gains_it(instance
     }
     rows = pa.Table.from_pylist([old_row], schema=old_schema)
     assert guards.insert_if_absent(db, storage.DEPLOYMENTS, rows, "seq")
-    assert "note" not in db.open_table(storage.DEPLOYMENTS).schema.names
-    assert current(db) == deployment.Deployment(**old_row, note=None)
+    assert not set(later) & set(db.open_table(storage.DEPLOYMENTS).schema.names)
+    assert current(db) == deployment.Deployment(**old_row, note=None, by=None)
     _promotable(instance, db, "v3")
     promote(instance, db, "v3")
     row = rollback(db)
-    assert "note" in db.open_table(storage.DEPLOYMENTS).schema.names
+    assert set(later) <= set(db.open_table(storage.DEPLOYMENTS).schema.names)
     assert [(r.seq, r.version, r.note) for r in deployment.history(db)] == [
         (1, "v2", None),
         (2, "v3", None),
         (3, "v2", "complete"),
     ]
+    # Who wrote each row: unknown for the old one, this process for the two written here.
+    assert [r.by is None for r in deployment.history(db)] == [True, False, False]
     assert row.table_version == v2
 
 
@@ -756,23 +759,31 @@ def test_a_lost_race_waits_a_random_share_of_a_doubling_back_off(db):
 # ---------------------------------------------------------------- the UI's jobs
 
 
+def _registered(instance, *versions: str) -> None:
+    """The versions registered, as `fct add-version` registers them: the jobs' partitions."""
+    instance.add_dynamic_partitions("model_version", list(versions))
+
+
 def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, tmp_path):
     from fct_assets.lib.resources import FctResource
 
     fct = FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
     v2 = _promotable(instance, db, "v2")
     v3 = _promotable(instance, db, "v3")
+    _registered(instance, "v2", "v3", "v4")
+    # The version is the run's partition, picked among the registered ones; no config at all.
     for version in ("v2", "v3"):
         result = jobs.promote_job.execute_in_process(
-            instance=instance,
-            run_config={"ops": {"promote_version": {"config": {"version": version}}}},
-            resources={"fct": fct},
+            instance=instance, partition_key=version, resources={"fct": fct}
         )
         assert result.success
     row = result.output_for_node("promote_version")
     assert (row.seq, row.action, row.version, row.table_version) == (2, "promote", "v3", v3)
     assert current(db) == row
-    result = jobs.rollback_job.execute_in_process(instance=instance, resources={"fct": fct})
+    assert row.by == f"run {result.run_id} (job promote)"
+    result = jobs.rollback_job.execute_in_process(
+        instance=instance, partition_key="v2", resources={"fct": fct}
+    )
     assert result.success
     row = result.output_for_node("rollback_deployment")
     assert (row.seq, row.action, row.version, row.table_version) == (3, "rollback", "v2", v2)
@@ -788,10 +799,7 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
     # A refusal fails the run with its one line as the failure's description (the run page's
     # failure line), not only inside a stack trace.
     refused = jobs.promote_job.execute_in_process(
-        instance=instance,
-        run_config={"ops": {"promote_version": {"config": {"version": "v4"}}}},
-        resources={"fct": fct},
-        raise_on_error=False,
+        instance=instance, partition_key="v4", resources={"fct": fct}, raise_on_error=False
     )
     assert not refused.success
     (failure,) = [e for e in refused.all_node_events if e.is_step_failure]
@@ -803,14 +811,72 @@ def test_the_promote_and_rollback_jobs_record_and_report_the_row(instance, db, t
     )
 
 
+def _failure_line(result) -> str:
+    (failure,) = [e for e in result.all_node_events if e.is_step_failure]
+    return failure.step_failure_data.user_failure_data.description
+
+
+def test_a_version_not_registered_or_not_picked_fails_the_job_in_one_line(instance, db, tmp_path):
+    from fct_assets.lib.resources import FctResource
+
+    fct = FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
+    _promotable(instance, db, "v2")  # promotable, but never registered as a partition
+    # A client may launch a run for any partition key (the run's tag, as a GraphQL client sends
+    # it); only registered versions are served.
+    refused = jobs.promote_job.execute_in_process(
+        instance=instance,
+        tags={"dagster/partition": "v2"},
+        resources={"fct": fct},
+        raise_on_error=False,
+    )
+    assert not refused.success and current(db) is None
+    assert _failure_line(refused) == (
+        "promote: model version 'v2' is not registered (partition of model_version); nothing was"
+        " trained or written. Register it first: `fct add-version v2`"
+    )
+    # No partition at all (a run submitted without one): refused in one line too.
+    unpicked = jobs.rollback_job.execute_in_process(
+        instance=instance, resources={"fct": fct}, raise_on_error=False
+    )
+    assert not unpicked.success
+    assert _failure_line(unpicked) == (
+        "rollback: no model version picked; launch it for one registered version (the"
+        " launchpad's partition)"
+    )
+
+
+def test_the_rollback_job_serves_only_the_deployment_before_the_current_one(instance, db, tmp_path):
+    from fct_assets.lib.resources import FctResource
+
+    fct = FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
+    for version in ("v2", "v3", "v4"):
+        _promotable(instance, db, version)
+        promote(instance, db, version)
+    _registered(instance, "v2", "v3", "v4")
+    # v4 serves, v3 before it: picking v2 is refused (promote serves another version).
+    refused = jobs.rollback_job.execute_in_process(
+        instance=instance, partition_key="v2", resources={"fct": fct}, raise_on_error=False
+    )
+    assert not refused.success and current(db).version == "v4"
+    assert _failure_line(refused) == (
+        "rollback to v2 refused: the deployment before the current one (v4) is v3; a rollback"
+        " serves only that one (`fct promote v2` serves another version)"
+    )
+    done = jobs.rollback_job.execute_in_process(
+        instance=instance, partition_key="v3", resources={"fct": fct}
+    )
+    assert done.success and current(db).version == "v3" and current(db).action == "rollback"
+
+
 def test_the_rollback_job_refuses_to_drop_items_unless_forced(instance, db, tmp_path):
     from fct_assets.lib.resources import FctResource
 
     fct = FctResource(lancedb_uri=str(tmp_path / "lancedb"), preset="tiny", device="cpu")
     v2, store = _v3_served_with_items_v2_lacks(instance, db)
     _table(db, "v2")  # published again since: its missing items cannot be added
+    _registered(instance, "v2", "v3")
     refused = jobs.rollback_job.execute_in_process(
-        instance=instance, resources={"fct": fct}, raise_on_error=False
+        instance=instance, partition_key="v2", resources={"fct": fct}, raise_on_error=False
     )
     assert not refused.success
     (failure,) = [e for e in refused.all_node_events if e.is_step_failure]
@@ -821,6 +887,7 @@ def test_the_rollback_job_refuses_to_drop_items_unless_forced(instance, db, tmp_
     assert current(db).version == "v3"
     forced = jobs.rollback_job.execute_in_process(
         instance=instance,
+        partition_key="v2",
         resources={"fct": fct},
         run_config={"ops": {"rollback_deployment": {"config": {"force": True}}}},
     )

@@ -34,7 +34,9 @@ JOB_OF = {
     "transformation": "upgrade",
     "backfilled_gallery": "upgrade",
     "eval_report": "upgrade",
+    # No launchpad field: the version is the run's partition (test_the_serving_jobs_...).
     "promote_version": "promote",
+    "rollback_deployment": "rollback",
 }
 NAN, INF = float("nan"), float("inf")
 # Values of the wrong type or format, beside the bounds (which are derived from the classes).
@@ -62,7 +64,6 @@ BAD = {
     ("eval_report", "table_version"): [-1, "latest", 1.5],
     ("dataset", "dataset"): ["mnist", "imagefolder", "digits:/x", 3],
     ("dataset", "old_classes"): ["0..4", "a,b", "1,,2", "-1"],
-    ("promote_version", "version"): [5, None, ["v2"], "../v2", "", "2v", "v 2"],
 }
 
 
@@ -255,6 +256,23 @@ def test_every_launchpad_field_refuses_what_cannot_be_right(jobs, reliability):
         f" {where['submission']} by the steps' config classes at submission",
         json.dumps(figures),
     )
+
+
+def test_the_serving_jobs_take_no_version_in_their_config(jobs):
+    # Promote and rollback took `version` as typed config; it is the run's partition now, picked
+    # among the registered versions. A config document that still names it (a saved launchpad
+    # document, a client's request) is refused by Dagster in one line, even with a good version,
+    # rather than launched with the version ignored.
+    for step in ("promote_version", "rollback_deployment"):
+        for value in ("v2", 5, "../v2", None):
+            who, line = _launch(jobs, step, {"version": value})
+            assert who == "dagster", (step, value)
+            assert line.startswith(
+                f'Received unexpected config entry "version" at path root:ops:{step}:config.'
+            ), line
+        assert _launch(jobs, step, {}) is None
+    assert _launch(jobs, "rollback_deployment", {"force": True}) is None
+    assert "promote_version" not in cfg.LAUNCHPAD
 
 
 def test_an_out_of_range_value_names_field_bound_and_value(jobs):

@@ -3,7 +3,8 @@
 Starts `dagster dev` over the checkout's dagster_home and data/ (what `make demo` left: the base
 assets on Fashion-MNIST, model versions v2 and v3, demo preset, a batch ingested through the
 inbox), opens the asset graph, the upgrade launchpad with v3's config, v3's eval report, the
-latest ingest run's page and its batch (a partition of `ingested_batch`) in Chromium, saves them
+latest ingest run's page and its batch (a partition of `ingested_batch`) and the served-version
+view (`served_version`: what serves now, and the deployments history) in Chromium, saves them
 to docs/ui/, and stops the server by its PID. Nothing is launched from here (automatic upgrades
 are off). Run `make demo` first.
 
@@ -98,6 +99,17 @@ def take(url: str, version: str, out: Path, ingest: tuple[str, str] | None = Non
                 page.wait_for_timeout(1000)
                 shots.append(out / "ingest_batch.png")
                 page.screenshot(path=str(shots[-1]))
+
+            # What is served: the latest observation of served_version and its history.
+            page.goto(f"{url}/assets/served_version")
+            # (v3 if the demo's gates let it be promoted, else what serves instead.)
+            expect(page.get_by_text(" served: gallery_").first).to_be_visible()
+            expect(
+                page.locator("table").filter(has_text="table @ LanceDB version").first
+            ).to_be_visible()
+            page.wait_for_timeout(1000)
+            shots.append(out / "served_version.png")
+            page.screenshot(path=str(shots[-1]))
 
             page.set_viewport_size({"width": 1280, "height": 800})
             page.goto(f"{url}/locations/fct/jobs/upgrade/playground")
