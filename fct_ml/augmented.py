@@ -1,7 +1,7 @@
 """The augmented gallery: a gallery of any size made from a dataset's training images by seeded
 augmentation, generated block by block and never held whole, for measuring the system at scale.
 
-    data = load_dataset("fashion-mnist-augmented:1000000")   # fct_ml.datasets' spec
+    data = load_dataset("fashion-mnist-augmented:1000000")   # fct_ml.datasets' spec (RECIPES)
     data.gallery_size                                        # 1000000
     for part in data.gallery_batches(4096):                  # ImageSets, in item order
         ...
@@ -35,18 +35,11 @@ import numpy as np
 import torch
 
 from fct_ml.augment import AugmentConfig, augment, to_float
-from fct_ml.data import DataError, Dataset, ImageSet, load_fashion_mnist
+from fct_ml.data import DataError, Dataset, ImageSet
 
 # Bumped whenever the same recipe would generate other pixels (a change here or in
 # fct_ml.augment's affine grid): a stored gallery's dataset fingerprint then changes with it.
 GENERATOR_VERSION = 1
-
-# Classes whose mirror image is still an item of the class as the dataset shows it. Fashion-MNIST
-# photographs every sandal, sneaker and ankle boot (5, 7, 9) with its toe to the left: a mirrored
-# shoe is an image the catalogue never holds, and the gallery should look like the catalogue.
-# Tops, trousers, dresses, coats, shirts and bags are left-right symmetric up to details (a
-# pocket, a zip) whose side varies among the real images anyway.
-FLIPPABLE = {"fashion-mnist": (0, 1, 2, 3, 4, 6, 8)}
 
 
 @dataclass(frozen=True)
@@ -154,8 +147,9 @@ class AugmentedGallery:
             f"{self.items:,} items from the {len(self.source):,} training images, each image used"
             f" {'at most ' if self.items % len(self.source) else ''}{uses} time(s) in a seeded"
             f" order; each item a random square crop of {r.crop_area[0]:.0%}-{r.crop_area[1]:.0%}"
-            f" of the area resized back, shifted by up to {r.shift_px} px, mirrored with p = 0.5"
-            f" only for {flips or 'no class'}, plus Gaussian noise of {r.noise_std:g} grey levels;"
+            f" of the area resized back, shifted by up to {r.shift_px} px, "
+            + (f"mirrored with p = 0.5 only for {flips}" if flips else "never mirrored")
+            + f", plus Gaussian noise of {r.noise_std:g} grey levels;"
             f" seed {r.seed}, blocks of {r.block:,} items, generated as they are stored"
         )
 
@@ -218,8 +212,15 @@ def augmented(data: Dataset, items: int, recipe: AugmentRecipe) -> AugmentedData
     )
 
 
-def load_fashion_mnist_augmented(items: int, data_dir: str | None = None) -> AugmentedDataset:
-    """Fashion-MNIST (train and test as `load_fashion_mnist`) with a gallery of `items` items
-    made from its 60,000 training images (`FLIPPABLE`'s classes mirrored)."""
-    recipe = AugmentRecipe(flip_classes=FLIPPABLE["fashion-mnist"])
-    return augmented(load_fashion_mnist(data_dir), items, recipe)
+# Each source dataset's recipe (fct_ml.datasets registers `<name>-augmented:ITEMS` for each).
+RECIPES = {
+    # Mirrored: the classes whose mirror image is still an item of the class as Fashion-MNIST
+    # shows it. It photographs every sandal, sneaker and ankle boot (5, 7, 9) with its toe to the
+    # left: a mirrored shoe is an image the catalogue never holds, and the gallery should look
+    # like the catalogue. Tops, trousers, dresses, coats, shirts and bags are left-right
+    # symmetric up to details (a pocket, a zip) whose side varies among the real images anyway.
+    "fashion-mnist": AugmentRecipe(flip_classes=(0, 1, 2, 3, 4, 6, 8)),
+    # scikit-learn's 8x8 digits (the fast tests' gallery): a pixel is an eighth of the image, and
+    # no digit is mirrored (a mirrored 2 is no digit).
+    "digits": AugmentRecipe(shift_px=1),
+}

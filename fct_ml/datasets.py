@@ -68,16 +68,25 @@ def _cifar100(data_dir: str | None) -> Dataset:
     return load_cifar100(data_dir)
 
 
-def _fashion_mnist_augmented(items: int, data_dir: str | None) -> Dataset:
-    from fct_ml.augmented import load_fashion_mnist_augmented
+def _augmented(base: str) -> Callable[[int, str | None], Dataset]:
+    """The loader of `<base>-augmented:ITEMS`: the base dataset, its gallery ITEMS items made
+    from its training images by fct_ml.augmented's recipe for it."""
 
-    return load_fashion_mnist_augmented(items, data_dir)
+    def load(items: int, data_dir: str | None) -> Dataset:
+        from fct_ml.augmented import RECIPES, augmented  # torch: see the module docstring
+
+        return augmented(DATASETS[base].load(data_dir), items, RECIPES[base])
+
+    return load
 
 
-def _needs_items(data_dir: str | None) -> Dataset:
-    from fct_ml.data import DataError  # torch: see the module docstring
+def _needs_items(base: str) -> Callable[[str | None], Dataset]:
+    def refuse(data_dir: str | None) -> Dataset:
+        from fct_ml.data import DataError  # torch: see the module docstring
 
-    raise DataError("fashion-mnist-augmented: expected fashion-mnist-augmented:ITEMS")
+        raise DataError(f"{base}-augmented: expected {base}-augmented:ITEMS")
+
+    return refuse
 
 
 def _imagefolder(path: str | None) -> Dataset:
@@ -105,6 +114,10 @@ _CLOTHES = AugmentPolicy(
         flip=True, crop_scale=(0.3, 1.0), brightness=0.4, contrast=0.4, jitter_p=0.8
     ),
 )
+_DIGITS = AugmentPolicy(
+    supervised=AugmentConfig(translate=0.1),
+    contrastive=AugmentConfig(crop_scale=(0.5, 1.0), brightness=0.3, contrast=0.3, jitter_p=0.8),
+)
 
 DATASETS: dict[str, DatasetEntry] = {
     "fashion-mnist": DatasetEntry(
@@ -122,12 +135,7 @@ DATASETS: dict[str, DatasetEntry] = {
     "digits": DatasetEntry(
         "scikit-learn's digits: 10 classes, 1x8x8, 1797 images (ships with scikit-learn)",
         _digits,
-        AugmentPolicy(
-            supervised=AugmentConfig(translate=0.1),
-            contrastive=AugmentConfig(
-                crop_scale=(0.5, 1.0), brightness=0.3, contrast=0.3, jitter_p=0.8
-            ),
-        ),
+        _DIGITS,
         old_classes="0-4",
     ),
     "cifar100": DatasetEntry(
@@ -150,10 +158,19 @@ DATASETS: dict[str, DatasetEntry] = {
     "fashion-mnist-augmented": DatasetEntry(
         "fashion-mnist-augmented:ITEMS: Fashion-MNIST, its gallery ITEMS augmented copies of the"
         " training images (generated as stored; fct_ml/augmented.py)",
-        _needs_items,
+        _needs_items("fashion-mnist"),
         _CLOTHES,
         old_classes="5,6,7,8,9",  # fashion-mnist's split (its models, its reasons)
-        load_items=_fashion_mnist_augmented,
+        load_items=_augmented("fashion-mnist"),
+    ),
+    # The same on digits, whose models train in seconds: the scale check's fast test.
+    "digits-augmented": DatasetEntry(
+        "digits-augmented:ITEMS: scikit-learn's digits, its gallery ITEMS augmented copies of the"
+        " training images",
+        _needs_items("digits"),
+        _DIGITS,
+        old_classes="0-4",
+        load_items=_augmented("digits"),
     ),
 }
 

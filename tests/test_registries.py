@@ -27,6 +27,7 @@ def test_registries_load_without_torch():
 def test_dataset_specs_and_default_splits():
     assert dataset_names() == (
         "fashion-mnist | digits | cifar100 | imagefolder:PATH | fashion-mnist-augmented:ITEMS"
+        " | digits-augmented:ITEMS"
     )
     assert default_old_classes("fashion-mnist", 10) == "5,6,7,8,9"
     assert default_old_classes("digits", 10) == "0-4"

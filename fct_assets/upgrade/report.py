@@ -67,8 +67,8 @@ COMPARE_AT = 0.25
 # The evaluation's queries (eval_report's `query_sample`): every evaluated item up to this many,
 # leave-one-out (the paper's protocol); above it a seeded sample of this many items queries the
 # whole gallery, so the cost is queries x gallery, linear in the gallery, never gallery squared.
-# 10,000 keeps Fashion-MNIST's 10,000-item test gallery (`make demo`) whole; at that many
-# queries the bootstrap interval of a mAP is about a point wide.
+# 10,000 keeps Fashion-MNIST's 10,000-item test gallery (`make demo`) whole; a sample's
+# uncertainty is in the report (each whole-gallery case's bootstrap interval).
 QUERY_SAMPLE = 10_000
 QUERY_SEED = 0
 # The key of S, on the sub-gallery, in a sampled report's `sub_gallery_cases`.

@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fct_ml.augmented import (
-    FLIPPABLE,
-    AugmentedGallery,
-    AugmentRecipe,
-    augmented,
-)
+from fct_ml.augmented import RECIPES, AugmentedGallery, AugmentRecipe, augmented
 from fct_ml.data import DataError, Dataset, ImageSet
 from fct_ml.datasets import DATASETS, dataset_names, load_dataset
 
@@ -93,7 +88,8 @@ def test_only_the_flippable_classes_are_mirrored():
             assert torch.equal(item, original)
     assert 10 < mirrored < 30  # p = 1/2 of the 40 items of class 0
     # Fashion-MNIST's shoes (sandal 5, sneaker 7, ankle boot 9) face left in every photo.
-    assert set(FLIPPABLE["fashion-mnist"]).isdisjoint({5, 7, 9})
+    assert set(RECIPES["fashion-mnist"].flip_classes).isdisjoint({5, 7, 9})
+    assert RECIPES["digits"].flip_classes == ()  # a mirrored 2 is no digit
 
 
 def test_bad_recipes_and_sizes_are_refused_in_one_line():
@@ -106,7 +102,7 @@ def test_bad_recipes_and_sizes_are_refused_in_one_line():
 
 
 def test_the_registry_names_it_and_its_spec_needs_items():
-    assert dataset_names().endswith(" | fashion-mnist-augmented:ITEMS")
+    assert dataset_names().endswith(" | fashion-mnist-augmented:ITEMS | digits-augmented:ITEMS")
     assert DATASETS["fashion-mnist-augmented"].argument == "ITEMS"
     assert DATASETS["imagefolder"].argument == "PATH" and DATASETS["digits"].argument is None
     for spec in (
@@ -117,6 +113,12 @@ def test_the_registry_names_it_and_its_spec_needs_items():
         with pytest.raises(DataError, match="fashion-mnist-augmented:ITEMS") as err:
             load_dataset(spec)
         assert "\n" not in str(err.value)
+    # digits ships with scikit-learn: the spec loads here, its gallery 8x8 like its images.
+    data = load_dataset("digits-augmented:50")
+    assert (data.name, data.gallery_size, data.num_classes) == ("digits-augmented:50", 50, 10)
+    assert data.test is not None and len(data.train) == 1257
+    first = next(data.gallery_batches(50))
+    assert first.images.shape == (50, 1, 8, 8)
 
 
 def test_a_plain_dataset_streams_its_test_split_as_the_gallery():

@@ -446,6 +446,7 @@ def test_unknown_spec_and_error_is_one_line() -> None:
         "cifar100",
         "imagefolder",
         "fashion-mnist-augmented",
+        "digits-augmented",
     }
 
 
