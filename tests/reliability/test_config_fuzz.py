@@ -60,6 +60,7 @@ BAD = {
     ("transformation", "source"): ["deploy", "new", 1],
     ("transformation", "seed"): [-2, "s", 2**64],
     ("eval_report", "table_version"): [-1, "latest", 1.5],
+    ("eval_report", "query_sample"): [0, "all", 0.5],
     ("dataset", "dataset"): ["mnist", "imagefolder", "digits:/x", 3],
     ("dataset", "old_classes"): ["0..4", "a,b", "1,,2", "-1"],
     ("promote_version", "version"): [5, None, ["v2"], "../v2", "", "2v", "v 2"],
