@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM ?= /usr/bin/chromium
 LOCK := requirements.lock
 
-.PHONY: venv lock data browser postgres stack-check demo ui lint format test test-fast screenshots reproduce reproduce-benchmark reliability mutation clean
+.PHONY: venv lock data browser postgres stack-check scale-check demo ui lint format test test-fast screenshots reproduce reproduce-benchmark reliability mutation clean
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 # Setup steps (venv, apt-get) print one line each; their output goes to runs/setup/NAME.log and
@@ -82,6 +82,15 @@ postgres:
 # Writes benchmarks/results/stack_check.{json,md}.
 stack-check: venv postgres
 	$(PY) benchmarks/system/stack_check.py
+
+# Issue 29's scale check: 1,000,000 distinct images (seeded augmentations of Fashion-MNIST's
+# training images) through the real asset graph in runs/scale_check/ (emptied first): base, v2
+# (demo preset), promote, 10,000 images through the inbox, 1,000 searches through the serving
+# contract with and without the IVF_PQ index. Writes benchmarks/results/scale_check.{json,md}
+# (costs per step, disk per table, the targets). Not part of CI: tests/test_scale_check.py runs
+# the same code on 20,000 items.
+scale-check: venv data
+	$(PY) benchmarks/system/scale_check.py --items 1000000
 
 # The main job, the life of a gallery: base assets + model version v2 on Fashion-MNIST from an
 # empty instance and LanceDB folder (deletes dagster_home's run storage and data/), promotion,

@@ -6,6 +6,7 @@ safetensors, tqdm). One file per concept:
     datasets.py        the dataset registry: loaders, default class splits, augmentation policies
     data.py            datasets, class splits, IDX/CIFAR/image-folder loaders
     augment.py         batched tensor augmentation
+    augmented.py       a generated gallery of any size from the training images (scale checks)
     backbones.py       the backbone registry
     models.py          EmbeddingModel (non-negative embedding, bias-free classifier)
     side_info.py       the SimCLR side-info model psi

@@ -24,7 +24,7 @@ import pickle
 import re
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,18 @@ class Dataset:
     def image_size(self) -> tuple[int, int]:
         """(H, W)."""
         return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+
+    @property
+    def gallery_size(self) -> int:
+        """Items of the gallery the base assets store: the test split's (a generated gallery's
+        in `fct_ml.augmented.AugmentedDataset`)."""
+        return len(self.test)
+
+    def gallery_batches(self, size: int) -> Iterator[ImageSet]:
+        """The gallery in order, as ImageSets of at most `size` items: slices of the test split
+        here; a generated gallery streams its items instead of holding them."""
+        for start in range(0, len(self.test), size):
+            yield self.test.subset(torch.arange(start, min(start + size, len(self.test))))
 
     def fingerprint(self) -> str:
         """sha256 hex digest of name, class names and the four tensors (shape, dtype, bytes).

@@ -25,7 +25,10 @@ def test_registries_load_without_torch():
 
 
 def test_dataset_specs_and_default_splits():
-    assert dataset_names() == "fashion-mnist | digits | cifar100 | imagefolder:PATH"
+    assert dataset_names() == (
+        "fashion-mnist | digits | cifar100 | imagefolder:PATH | fashion-mnist-augmented:ITEMS"
+        " | digits-augmented:ITEMS"
+    )
     assert default_old_classes("fashion-mnist", 10) == "5,6,7,8,9"
     assert default_old_classes("digits", 10) == "0-4"
     assert default_old_classes("cifar100", 100) == "0-49"
@@ -80,3 +83,14 @@ def test_the_dataset_asset_takes_the_registered_split_when_none_is_given(tmp_pat
         run_config={"ops": {"dataset": {"config": {"dataset": "digits"}}}},
     )
     assert result.output_for_node("dataset").old_classes == (0, 1, 2, 3, 4)
+
+
+def test_the_launchpad_takes_a_generated_gallery_with_its_size():
+    from pydantic import ValidationError
+
+    from fct_assets.lib.config import DatasetConfig
+
+    assert DatasetConfig(dataset="fashion-mnist-augmented:1000000").dataset.endswith(":1000000")
+    for spec in ("fashion-mnist-augmented", "fashion-mnist-augmented:0", "fashion-mnist:20"):
+        with pytest.raises(ValidationError, match="expected"):
+            DatasetConfig(dataset=spec)

@@ -118,7 +118,10 @@ class DatasetConfig(dg.Config):
 
     dataset: str = Field(
         "fashion-mnist",
-        description=f"{dataset_names()}. The test split is the gallery.",
+        description=(
+            f"{dataset_names()}. The test split is the gallery (KEY:ITEMS: a generated gallery of"
+            " ITEMS items)."
+        ),
     )
     old_classes: str | None = Field(
         None,
@@ -131,11 +134,14 @@ class DatasetConfig(dg.Config):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, spec: str) -> str:
-        # Not an Enum: `imagefolder:PATH` carries a path. Checked at launch all the same.
-        key, sep, path = spec.partition(":")
+        # Not an Enum: `imagefolder:PATH` carries a path, `KEY:ITEMS` a number. Checked at launch
+        # all the same.
+        key, sep, argument = spec.partition(":")
         found = DATASETS.get(key)
-        if found is None or found.takes_path != bool(sep and path):
+        if found is None or (found.argument is not None) != bool(sep and argument):
             raise ValueError(f"expected one of {dataset_names()}")
+        if found.argument == "ITEMS" and not (argument.isdecimal() and int(argument) > 0):
+            raise ValueError(f"expected {key}:ITEMS, ITEMS a positive whole number")
         return spec
 
     @field_validator("old_classes")
@@ -390,6 +396,20 @@ class EvalReportConfig(dg.Config):
             "Fit the linear and Procrustes maps on h's training features and report them beside"
             " h (seconds to fit; the features cost one pass of the training images through the"
             " three models)."
+        ),
+    )
+    # fct_assets/upgrade/report.py's QUERY_SAMPLE (tests/fct_assets/test_report_sample.py holds
+    # them equal), why it is 10,000 beside it.
+    query_sample: int = Field(
+        10_000,
+        ge=1,
+        le=MAX_INT64,
+        description=(
+            "Most items that query. Up to this many gallery items, every item queries the rest"
+            " (leave-one-out); above it, a seeded sample of this many queries the whole gallery"
+            " (cost: queries x gallery), and new/new, P(1), the backfilling curves and the"
+            " closed-form maps run on the sub-gallery of the sampled items. 10,000 keeps a"
+            " 10,000-item gallery whole."
         ),
     )
 

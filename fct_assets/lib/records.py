@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fct_ml.evaluation import BackfillCurve, Case, CaseMetrics, CurveArea, GapClosed
-from fct_ml.flips import Flips
+from fct_ml.flips import Flips, Interval
 
 if TYPE_CHECKING:  # torch takes seconds to import; a code location should load fast
     import torch.nn as nn
@@ -330,7 +330,9 @@ class EvalReport(Record):
     """A version's metrics in percent: cases (query/gallery), the unseen-class split, backfilling
     curves and their areas, the costs measured on the way, and the upgrade decision."""
 
-    SCHEMA: ClassVar[int] = 2  # 2: decision, flips_png_base64
+    # 2: decision, flips_png_base64; 3: queries, query_seed, sub_gallery, sub_gallery_cases,
+    # cases_ci95
+    SCHEMA: ClassVar[int] = 3
 
     version: str
     items: int
@@ -355,6 +357,17 @@ class EvalReport(Record):
     old_space: str = ""
     decision: UpgradeDecision | None = None
     flips_png_base64: str = ""  # the worst negative flips; left out of the event-log copy
+    # How many items queried: `items` (every item, leave-one-out) up to eval_report's
+    # query_sample; above it a sample of that many, drawn with `query_seed`, queried all `items`
+    # (S, P(0) and the cases in `cases_ci95`, with their bootstrap intervals over the queries).
+    queries: int | None = None  # None: a report written before sampling existed (= items)
+    query_seed: int | None = None
+    # A sampled report's sub-gallery: the sampled items, leave-one-out among them, where what
+    # needs every item re-embedded ran (new/new, new/old, P(1), the backfilling curves, the
+    # closed-form maps, the gap closed); every case there, and S ("S"). None: no sample.
+    sub_gallery: int | None = None
+    sub_gallery_cases: dict[str, CaseMetrics] = {}
+    cases_ci95: dict[str, dict[str, Interval]] = {}  # case -> {"top1", "mAP"}: 95 % bootstrap
 
 
 # The eval report's headline numbers, as metadata of its materialisation (the UI plots them;
@@ -375,12 +388,14 @@ def headline(report: EvalReport) -> dict[str, float]:
     """The report's headline numbers by their labels (HEADLINE, in that order), rounded to two
     decimals; those that mean nothing for this report are left out."""
     cases = report.cases
+    # The gap closed is measured where new/new was: the sub-gallery of a sampled report.
+    alike = report.sub_gallery_cases or cases
     values: list[float | None] = [
         cases[Case.NEW_H_OLD].top1,
         cases[Case.NEW_H_OLD].mAP,
         cases[Case.OLD_OLD].mAP,
         cases[Case.NEW_NEW].mAP,
-        report.gap_closed.mAP if cases[Case.NEW_NEW].mAP > cases[Case.OLD_OLD].mAP else None,
+        report.gap_closed.mAP if alike[Case.NEW_NEW].mAP > alike[Case.OLD_OLD].mAP else None,
         report.decision.flips.all.nfr if report.decision else None,
         report.decision.flips.all.relative_nfr if report.decision else None,
     ]

@@ -263,6 +263,7 @@ def eval_report(
         instance=context.instance,
         features=features,
         gates=launch_gates(config.max_nfr, config.map_tolerance, fct.preset),
+        query_sample=config.query_sample,
     )
     report = report.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
     return dg.Output(report, metadata=report_metadata(report, CODE_VERSION))

@@ -331,9 +331,10 @@ def test_the_eval_report_is_typed_and_its_json_keeps_the_keys():
     )
     assert report.backfill_auc["sigma"] == CurveArea(top1=55.0, mAP=45.0)
     # The file (and the metadata "json" entry users and the UI read) has the same shape as the
-    # dicts the report held before its metrics were typed; schema 2 added the decision.
+    # dicts the report held before its metrics were typed; schema 2 added the decision, 3 the
+    # query sample (queries, query_seed, sub_gallery, sub_gallery_cases, cases_ci95).
     data = json.loads(records.dumps(report))
-    assert data[records.SCHEMA_KEY] == 2
+    assert data[records.SCHEMA_KEY] == 3
     assert data["cases"] == {"old/old": {"top1": 50.0, "top5": 90.0, "mAP": 40.0}}
     assert data["cases_seen_classes"] == {"old/old": {"top1": 60.0, "top5": 95.0, "mAP": 45.0}}
     assert data["gap_closed"] == {"top1": 75.0, "mAP": 70.0}

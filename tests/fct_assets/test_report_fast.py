@@ -105,7 +105,7 @@ def gallery(tmp_path):
     }
 
 
-def _evaluate(g, table_version=None, served=None, **backfilled):
+def _evaluate(g, table_version=None, served=None, query_sample=10_000, **backfilled):
     record = BackfilledTable(
         table="gallery_vt",
         version=g["table"]["version"],
@@ -154,6 +154,7 @@ def _evaluate(g, table_version=None, served=None, **backfilled):
         Checkpoint(model=g["new_model"], sha256="2" * 64, space_id=g["space"]),
         table_version=table_version,
         served=served,
+        query_sample=query_sample,
     ).model_dump()
 
 

@@ -440,7 +440,14 @@ def test_unknown_spec_and_error_is_one_line() -> None:
     assert_one_line_naming(err, "'mnist'", "fashion-mnist", "imagefolder:PATH")
     assert isinstance(err.value, ValueError)
     assert "\n" not in str(DataError("a\nb\r\n c"))
-    assert set(DATASETS) == {"fashion-mnist", "digits", "cifar100", "imagefolder"}
+    assert set(DATASETS) == {
+        "fashion-mnist",
+        "digits",
+        "cifar100",
+        "imagefolder",
+        "fashion-mnist-augmented",
+        "digits-augmented",
+    }
 
 
 # --------------------------------------------------------------------------- #

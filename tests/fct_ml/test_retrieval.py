@@ -180,6 +180,33 @@ def test_leave_one_out_by_hand():
     assert out["mAP"] == pytest.approx(11 / 24)
 
 
+def test_exclude_ranks_sampled_queries_against_the_whole_gallery_by_hand():
+    # Items 1 and 3 of LOO_X query all five, each without its own row: item 1 (3, label 1)
+    # ranks 4(0) 0(0) 10(1) 20(2): its one match at rank 3, AP 1/3; item 3 (10, label 1) ranks
+    # 4(0) 3(1) 0(0) 20(2): AP 1/2, as leave-one-out gave them (rows 1 and 3 above).
+    rows = torch.tensor([1, 3])
+    result = retrieve(
+        LOO_X[rows], LOO_LABELS[rows], LOO_X, LOO_LABELS, exclude=rows, topk=(1, 2, 3)
+    )
+    assert result.average_precision.tolist() == pytest.approx([1 / 3, 1 / 2])
+    assert result.hits.tolist() == [[False, False, True], [False, True, True]]
+    whole = retrieve(LOO_X, LOO_LABELS, LOO_X, LOO_LABELS, leave_one_out=True, topk=(1, 2, 3))
+    assert torch.equal(result.average_precision, whole.average_precision[rows])
+    # -1 leaves nothing out: the query finds its own row first.
+    kept = retrieve(LOO_X[rows], LOO_LABELS[rows], LOO_X, LOO_LABELS, exclude=torch.tensor([-1, 3]))
+    assert kept.hits[:, 0].tolist() == [True, False]
+
+
+def test_exclude_is_checked():
+    x, y = torch.zeros(3, 2), labels(0, 1, 0)
+    with pytest.raises(ValueError, match="leave_one_out and exclude are one choice"):
+        retrieve(x, y, x, y, leave_one_out=True, exclude=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=re.escape("exclude must be (3,) gallery rows in [-1, 3)")):
+        retrieve(x, y, x, y, exclude=torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match=re.escape("exclude must be (3,) gallery rows")):
+        retrieve(x, y, x, y, exclude=torch.tensor([0, 1]))
+
+
 def test_without_leave_one_out_each_item_finds_itself():
     # Same data, self included: each query's own row is a match at distance 0 -> rank 1,
     # and i=4 now has a match (itself), so all 5 queries count and top1 = 1.

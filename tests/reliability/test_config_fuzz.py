@@ -62,6 +62,7 @@ BAD = {
     ("transformation", "source"): ["deploy", "new", 1],
     ("transformation", "seed"): [-2, "s", 2**64],
     ("eval_report", "table_version"): [-1, "latest", 1.5],
+    ("eval_report", "query_sample"): [0, "all", 0.5],
     ("dataset", "dataset"): ["mnist", "imagefolder", "digits:/x", 3],
     ("dataset", "old_classes"): ["0..4", "a,b", "1,,2", "-1"],
 }
