@@ -127,10 +127,15 @@ def cache_fingerprint(dataset: Dataset, config: ExperimentConfig) -> str:
 class StageCache:
     """Trained models kept in a folder, keyed by everything that determines them (the stage,
     its configs, the run's seed and the training data's fingerprint), so settings that share a
-    stage (the same new model, side-info model) train it once. `None` folder: no cache."""
+    stage (the same new model, side-info model) train it once. `None` folder: no cache.
+
+    Each entry keeps the seconds its training took (`train_seconds`), so that a study reading
+    it still reports what the stage costs: `read_seconds` maps each stage read from the cache to
+    that figure (None for an entry written before it was kept)."""
 
     def __init__(self, folder: Path | None, fingerprint: str, seed: int, device: torch.device):
         self.folder, self.fingerprint, self.seed, self.device = folder, fingerprint, seed, device
+        self.read_seconds: dict[str, float | None] = {}
 
     def __call__(
         self,
@@ -147,12 +152,20 @@ class StageCache:
             saved = torch.load(path, weights_only=True, map_location="cpu")
             model = EmbeddingModel(from_dict(ModelConfig, saved["config"]))
             model.load_state_dict(saved["state"])
+            self.read_seconds[stage] = saved.get("train_seconds")
             return prepare_model(model, self.device), [EpochRecord(**r) for r in saved["history"]]
+        started = time.perf_counter()
         model, history = train()
+        seconds = round(time.perf_counter() - started, 2)
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         state = {k: v.cpu() for k, v in model.state_dict().items()}
-        entry = {"config": asdict(model.config), "state": state, "history": _history(history)}
+        entry = {
+            "config": asdict(model.config),
+            "state": state,
+            "history": _history(history),
+            "train_seconds": seconds,
+        }
         torch.save(entry, tmp)
         tmp.replace(path)  # a crash never leaves a half-written entry
         return model, history
@@ -651,6 +664,10 @@ def run_experiment(
         **results["test"],
         "validation": results["validation"],
         "timings_s": timings,
+        # The stages read from the stage cache, with the seconds their training took when the
+        # entry was written (None: an entry older than that record): what the run would have
+        # spent training them (benchmarks/studies/reproduce.py charges them to its wall time).
+        "cached_train_seconds": dict(cache.read_seconds),
         # The config that ran: h's dims come from the features (the preset holds placeholders,
         # e.g. old_dim 128 where `cpu-hard`'s old model is 8-d).
         "config": asdict(

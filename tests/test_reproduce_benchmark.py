@@ -73,8 +73,21 @@ def test_a_cached_stage_is_charged_where_its_digest_was_trained():
 
 def test_a_cached_stage_no_run_trained_is_refused_by_name():
     run = _run("cpu", 1, {"old_model": 0.01}, {"old_model": "zz"}, 10.0)
+    other = _run("cpu", 0, {"old_model": 100.0}, {"old_model": "aa"}, 900.0)
     with pytest.raises(SystemExit, match=r"no run trained old_model of cpu seed 1"):
-        charge_cached_stages(run, [])
+        charge_cached_stages(run, [other])
+
+
+def test_a_cached_stage_is_charged_the_cache_entrys_own_record():
+    run = _run("cpu", 1, {"old_model": 0.01, "new_model": 0.02}, {"old_model": "zz"}, 10.0)
+    run["cached_train_seconds"] = {"old_model": 120.5, "new_model": None}
+    charge_cached_stages(run, [])
+    # By hand: 10 - 0.01 + 120.5 = 130.49 -> 130.5; new_model's cost is unknown: left out, named.
+    assert run["wall_s"] == pytest.approx(130.5, abs=0.051)
+    assert run["timings_s"]["old_model"] == 120.5
+    assert run["charged_from"] == {"old_model": "the stage cache's record: 120.5 s"}
+    assert run["uncharged_stages"] == ["new_model"]
+    assert cached_stages(run) == ["new_model"]
 
 
 def _boot(values: dict[str, list[float]], queries: int = 3) -> dict:

@@ -33,14 +33,11 @@ def inbox(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "dagster_home").mkdir()
-    with dg.DagsterInstance.local_temp(
-        str(tmp_path / "dagster_home"), overrides={"telemetry": {"enabled": False}}
-    ) as inst:
-        # The sensor waits for the base assets; only gallery_store's materialisation is asked.
-        inst.report_runless_asset_event(dg.AssetMaterialization("gallery_store"))
-        yield inst
+def instance(instance):
+    """conftest's instance, with gallery_store materialised: the sensor waits for the base
+    assets, and only gallery_store's materialisation is asked."""
+    instance.report_runless_asset_event(dg.AssetMaterialization("gallery_store"))
+    return instance
 
 
 def _tick(instance, cursor: str | None = None):

@@ -9,7 +9,6 @@ import random
 import time
 
 import dagster as dg
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -24,20 +23,6 @@ from fct_assets.serving.deployment import PromotionError, check_results, current
 from tests.support.check_events import report_materialization, report_planned_check
 
 SPACE = "new_model:v2@0123456789ab"
-
-
-@pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "dagster_home").mkdir()
-    with dg.DagsterInstance.local_temp(
-        str(tmp_path / "dagster_home"), overrides={"telemetry": {"enabled": False}}
-    ) as inst:
-        yield inst
-
-
-@pytest.fixture
-def db(tmp_path):
-    return lancedb.connect(str(tmp_path / "lancedb"))
 
 
 def _table(db, version: str, rows: int = 4, space: str = SPACE, vectors=None) -> int:

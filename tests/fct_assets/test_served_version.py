@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import lancedb
 import pytest
 
 from fct_assets.lib.records import Deployment
@@ -21,20 +20,6 @@ from fct_assets.lib.resources import FctResource
 from fct_assets.serving import deployment, jobs, served_version
 from fct_assets.serving.deployment import current, promote, rollback
 from tests.fct_assets.test_promotion_rules import SPACE, _append, _promotable
-
-
-@pytest.fixture
-def instance(tmp_path):
-    (tmp_path / "dagster_home").mkdir()
-    with dg.DagsterInstance.local_temp(
-        str(tmp_path / "dagster_home"), overrides={"telemetry": {"enabled": False}}
-    ) as inst:
-        yield inst
-
-
-@pytest.fixture
-def db(tmp_path):
-    return lancedb.connect(str(tmp_path / "lancedb"))
 
 
 def _observed(instance) -> list[dg.EventLogRecord]:
