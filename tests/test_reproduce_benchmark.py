@@ -226,3 +226,16 @@ def test_a_study_at_tiny_size_writes_every_new_section(tmp_path):
     md = (tmp_path / "out" / "reproduce_digits.md").read_text()
     assert "## Other class splits, nothing re-tuned" in md
     assert "**BCT (paper)**, every case under **l2**" in md
+
+
+def test_a_tiny_stage_trained_in_the_run_is_not_taken_for_a_cache_read():
+    # A tiny preset trains a model in 0.2 s: the run's own record of what it read decides.
+    run = _run("tiny", 0, {"old_model": 0.2, "new_model": 0.01}, {"old_model": "aa"}, 5.0)
+    run["cached_train_seconds"] = {"new_model": 0.3}
+    assert cached_stages(run) == ["new_model"]
+    charge_cached_stages(run, [])
+    # By hand: 5.0 - 0.01 + 0.3 = 5.29 -> 5.3; old_model was trained here: untouched.
+    assert run["wall_s"] == pytest.approx(5.3, abs=0.051)
+    assert run["timings_s"]["old_model"] == 0.2
+    assert cached_stages(run) == []
+    assert "uncharged_stages" not in run

@@ -269,8 +269,15 @@ def order_verdicts(heads: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str
 
 
 def cached_stages(run: dict[str, Any]) -> list[str]:
-    """The training stages a run read from the stage cache (timed at well under a second)."""
+    """The training stages a run read from the stage cache and whose training time it has not
+    yet been charged. A run records what it read itself (`cached_train_seconds` names every
+    stage read, its value None where the cache kept no time); only runs written before that
+    record are judged by their timing (well under a second), which a tiny preset's real
+    training can also be."""
     training = ("old_model", "side_info_model", "new_model", "bct_model", "bct_paper_model")
+    if "cached_train_seconds" in run:
+        charged = run.get("charged_from", {})
+        return [s for s in training if s in run["cached_train_seconds"] and s not in charged]
     return [s for s in training if s in run.get("timings_s", {}) and run["timings_s"][s] < 0.5]
 
 
