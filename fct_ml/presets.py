@@ -71,8 +71,9 @@ def _tiny() -> ExperimentConfig:
 
 
 def _cpu() -> ExperimentConfig:
-    # Sized so that one seed on Fashion-MNIST fits in about 15 minutes on 2 CPU cores (measured
-    # per stage: benchmarks/results/reproduce_fashion_mnist.json, "timings_s").
+    # Sized so that one seed of the study on Fashion-MNIST, both BCT baselines and every h
+    # included, fits in 25 minutes on 2 CPU cores (measured per stage:
+    # benchmarks/results/reproduce_fashion_mnist.json, "timings_s").
     model = ModelConfig(arch="cnn-s", embed_dim=128)
     old = TrainConfig(epochs=10, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0)
     new = TrainConfig(epochs=8, batch_size=256, lr=0.1, weight_decay=5e-4, warmup_epochs=1.0)
