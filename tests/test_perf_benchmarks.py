@@ -61,6 +61,22 @@ def test_the_slowdown_is_beside_over_alone_with_the_budget():
     assert not summary(cases)["met"]  # 2.55x
 
 
+def test_two_epochs_at_once_are_each_judged_against_their_own_budget_alone():
+    cases = {
+        "alone": _case(20.0, ingest=False),
+        "alone, all cores": _case(16.0, ingest=False),
+        "beside": _case(30.0),
+        "beside, all cores": _case(80.0),
+        "beside an epoch": _case(36.0, ingest=False),
+        "beside an epoch, all cores": _case(112.0, ingest=False),
+    }
+    s = summary(cases)
+    # By hand: 36 / 20 = 1.8 with the budget; 112 / 16 = 7.0 with a thread per core.
+    assert (s["slowdown_beside_epoch"], s["slowdown_beside_epoch_all_cores"]) == (1.8, 7.0)
+    del cases["beside an epoch"], cases["beside an epoch, all cores"]
+    assert "slowdown_beside_epoch" not in summary(cases)  # an older run's cases: left out
+
+
 TINY = gpu_check.Sizes(
     h_items=512, h_batch=256, backfill_items=600, train_items=256, train_epochs=2, repeat=1
 )
