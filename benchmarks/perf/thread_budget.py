@@ -16,6 +16,8 @@ start to its last commit. Both processes first prepare, then start together.
     alone, all cores      the epoch by itself, a thread per core (torch's default)
     beside                the epoch and the ingest together, each with the budget
     beside, all cores     the same, each taking a thread per core (as before the budget)
+    beside an epoch       two epochs together (two runs that both train), each with the budget
+    beside an epoch, all cores   the same, each taking a thread per core
 
 The slowdown is the epoch's time beside the ingest over its time alone, both with the budget;
 target: at most 2.5x, and the ingest finishes. Wall time on a shared machine moves
