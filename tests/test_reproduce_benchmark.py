@@ -15,6 +15,7 @@ from benchmarks.studies.reproduce import (
     headlines,
     main,
     order_verdicts,
+    relative_claims,
     setting_block,
     status,
     strip_bootstrap,
@@ -127,6 +128,42 @@ def test_a_target_is_met_only_when_its_interval_clears_the_goal():
     assert status("<", 80.0, 70.0, [65.0, 81.0]) == "within noise"
     assert status("<", 80.0, 70.0, None) == "met"  # no interval: by the value
     assert status("<=", 25.0, 26.0, None) == "missed"
+
+
+def test_bcts_criterion_claim_reads_the_targets_rule_not_the_seed_spread():
+    # The criterion's mean is inside its seed spread (|-0.34| < 0.42), but its query interval
+    # lies wholly below 0: the targets table says "missed", so the claim must say it fails.
+    cases = {
+        "old/old": {"top1": 70.0, "mAP": 50.0},
+        "new/h(old)": {"top1": 80.0, "mAP": 60.0},
+        "new/h(old) no side-info": {"top1": 75.0, "mAP": 55.0},
+        "bct/old": {"top1": 69.0, "mAP": 49.66},
+    }
+    heads = {
+        "BCT + alignment (l2): bct/old - old/old, seen classes, mAP": {
+            "mean": -0.34,
+            "std": 0.42,
+            "ci95": [-0.44, -0.24],
+        },
+        "BCT + alignment (l2): bct/old - old/old, all queries, mAP": {
+            "mean": 0.5,
+            "std": 0.1,
+            "ci95": [-0.1, 1.1],
+        },
+    }
+    block = {
+        "mean": {"cases": cases, "bct_variants": {"BCT + alignment": {"l2": {"cases": cases}}}},
+        "headlines": {"test": heads},
+    }
+    claims = relative_claims({"cpu": block})
+    seen = [c for c in claims if "seen classes" in c]
+    every = [c for c in claims if "all queries" in c]
+    assert seen == [
+        "- `cpu`: BCT: BCT + alignment bct/old ≥ old/old (seen classes, mAP, l2): "
+        "**does not hold** (-0.34 ± 0.42 [-0.44, -0.24])"
+    ]
+    assert every[0].endswith("within noise (0.50 ± 0.10 [-0.10, 1.10])")
+    assert status(">=", 0.0, -0.34, [-0.44, -0.24]) == "missed"
 
 
 def test_an_order_wins_only_by_more_than_its_spread_with_an_interval_above_zero():
