@@ -871,7 +871,9 @@ def relative_claims(settings: dict[str, Any]) -> list[str]:
                         checks.append(
                             (
                                 f"BCT: {name} bct/old ≥ old/old ({subset}, mAP, {metric})",
-                                _criterion_claim(h),
+                                # BCT's criterion is also a target row: the same rule
+                                # (its interval against 0), so the two never disagree.
+                                _claim(status(">=", 0.0, h["mean"], h["ci95"]), h),
                             )
                         )
         for comparison, claim in (
@@ -895,18 +897,15 @@ def relative_claims(settings: dict[str, Any]) -> list[str]:
     return out
 
 
-def _criterion_claim(h: dict[str, Any]) -> str:
-    """BCT's criterion (bct/old - old/old >= 0) is also a row of the targets table, so its
-    claim reads the same rule (`status`: the interval alone), never a verdict that could
-    call "within noise" what the table calls "missed"."""
-    state = {"met": "holds", "missed": "**does not hold**"}.get(
-        status(">=", 0.0, h["mean"], h["ci95"]), "within noise"
-    )
-    return f"{state} ({_ci(h)})"
-
-
 def _claim(v: str, h: dict[str, Any]) -> str:
-    state = {"better": "holds", "worse": "**does not hold**"}.get(v, "within noise")
+    """A claim's word from a `verdict` ("better", "worse") or a target's `status` ("met",
+    "missed"); anything else is within noise."""
+    state = {
+        "better": "holds",
+        "met": "holds",
+        "worse": "**does not hold**",
+        "missed": "**does not hold**",
+    }.get(v, "within noise")
     return f"{state} ({_ci(h)})"
 
 
